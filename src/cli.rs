@@ -1,0 +1,120 @@
+//! The command line (clap). Every command takes `--var`; exit codes: 0 success, 1 a stage or command
+//! failed, 2 an invalid plan or bad usage, 3 data differs, 130 interrupted (the next run resumes).
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pgferry",
+    version,
+    about = "Declarative, resumable online PostgreSQL-to-PostgreSQL migrations",
+    long_about = None,
+    after_help = "Exit codes: 0 ok, 1 failed, 2 invalid plan or usage, 3 data differs, 130 interrupted (run again to resume)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Only warnings and errors in the log (RUST_LOG overrides).
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GraphFormat {
+    Dot,
+    Mermaid,
+}
+
+/// Arguments every plan command shares.
+#[derive(Debug, clap::Args)]
+pub struct PlanArgs {
+    /// The plan file (TOML).
+    pub plan: String,
+    /// Set a plan variable, overriding [vars]: `--var target_host=db2`. Repeatable.
+    #[arg(long = "var", value_name = "KEY=VALUE", value_parser = parse_var)]
+    pub vars: Vec<(String, String)>,
+}
+
+fn parse_var(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+        _ => Err(format!("`{s}` is not KEY=VALUE")),
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Compile a plan and report every error in it; connects to nothing.
+    Check {
+        #[command(flatten)]
+        plan: PlanArgs,
+    },
+    /// Dry run: connect read-only, show what each stage would do, the selected tables and preflight
+    /// findings. Changes nothing anywhere.
+    Plan {
+        #[command(flatten)]
+        plan: PlanArgs,
+    },
+    /// Draw the stage DAG as Graphviz DOT or Mermaid.
+    Graph {
+        #[command(flatten)]
+        plan: PlanArgs,
+        #[arg(long, value_enum, default_value_t = GraphFormat::Dot)]
+        format: GraphFormat,
+        /// Colour each stage with its state from the checkpoint store (connects to it).
+        #[arg(long)]
+        state: bool,
+    },
+    /// Run the plan: every stage not yet done, resuming from checkpoints.
+    Run {
+        #[command(flatten)]
+        plan: PlanArgs,
+        /// Stop once this stage (and everything it needs) is done.
+        #[arg(long, value_name = "STAGE")]
+        until: Option<String>,
+        /// Run this stage again (and everything after it), even if done or its configuration changed.
+        #[arg(long, value_name = "STAGE")]
+        rerun: Vec<String>,
+    },
+    /// Show the state of the migration: stages, runner, run log.
+    Status {
+        #[command(flatten)]
+        plan: PlanArgs,
+        /// Machine-readable output (Azure DMS field names).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve the cutover of a running migration whose cutover stage has `approval = "manual"`.
+    Cutover {
+        #[command(flatten)]
+        plan: PlanArgs,
+    },
+    /// Tear down what the plan created: replication slots, publications and the checkpoint store.
+    Reset {
+        #[command(flatten)]
+        plan: PlanArgs,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Write a commented plan with every standard stage.
+    Init {
+        /// Where to write it.
+        #[arg(default_value = "pgferry.toml")]
+        path: String,
+        /// Overwrite an existing file.
+        #[arg(long)]
+        force: bool,
+    },
+}

@@ -1,0 +1,97 @@
+//! One module per command. Each returns the process exit code; messages go to stderr, results to
+//! stdout.
+
+mod check;
+mod cutover;
+mod graph;
+mod init;
+mod plan;
+mod reset;
+mod run;
+mod status;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::cli::{Cli, Command, PlanArgs};
+use crate::error::Error;
+use crate::pg::connect::ConnInfo;
+use crate::plan::diagnostic::{closest, render_all};
+use crate::plan::{CompileOptions, Plan, compile_file};
+use crate::state::postgres::PgStore;
+
+pub const EXIT_OK: u8 = 0;
+pub const EXIT_FAILED: u8 = 1;
+pub const EXIT_USAGE: u8 = 2;
+pub const EXIT_DATA_DIFFERS: u8 = 3;
+pub const EXIT_INTERRUPTED: u8 = 130;
+
+pub async fn dispatch(cli: Cli) -> u8 {
+    match cli.command {
+        Command::Check { plan } => check::run(&plan),
+        Command::Plan { plan } => plan::run(&plan).await,
+        Command::Graph {
+            plan,
+            format,
+            state,
+        } => graph::run(&plan, format, state).await,
+        Command::Run { plan, until, rerun } => run::run(&plan, until, rerun).await,
+        Command::Status { plan, json } => status::run(&plan, json).await,
+        Command::Cutover { plan } => cutover::run(&plan).await,
+        Command::Reset { plan, yes } => reset::run(&plan, yes).await,
+        Command::Init { path, force } => init::run(&path, force),
+    }
+}
+
+/// Compiles the plan; on errors prints them all and returns the exit code.
+pub fn load(args: &PlanArgs) -> Result<Arc<Plan>, u8> {
+    let opts = CompileOptions {
+        vars: args.vars.clone(),
+        env: std::env::vars().collect::<BTreeMap<_, _>>(),
+    };
+    match compile_file(&args.plan, &opts) {
+        Ok(plan) => Ok(Arc::new(plan)),
+        Err((src, diags)) => {
+            eprint!("{}", render_all(&diags, &src));
+            Err(EXIT_USAGE)
+        }
+    }
+}
+
+/// Prints an error for a person, with `error:` in front.
+pub fn report(e: &Error) {
+    eprintln!("error: {e}");
+}
+
+/// Resolves a stage id given on the command line.
+pub fn stage_arg(plan: &Plan, id: &str, flag: &str) -> Result<usize, u8> {
+    match plan.stage_index(id) {
+        Some(i) => Ok(i),
+        None => {
+            let ids: Vec<&str> = plan.stages.iter().map(|s| s.id.as_str()).collect();
+            let hint = match closest(id, ids.iter().copied()) {
+                Some(c) => format!("did you mean `{c}`?"),
+                None => format!("stages: {}", ids.join(", ")),
+            };
+            eprintln!("error: {flag} `{id}`: the plan has no such stage\n  hint: {hint}");
+            Err(EXIT_USAGE)
+        }
+    }
+}
+
+/// Where the plan's checkpoint store lives.
+pub fn store_conn(plan: &Plan) -> Result<ConnInfo, Error> {
+    ConnInfo::new(&plan.state.endpoint, plan.state.database.as_deref())
+        .map_err(|e| e.context("[state]"))
+}
+
+/// Opens the existing store of a plan; `Ok(None)` when there is none yet.
+pub async fn open_store(plan: &Plan) -> Result<Option<PgStore>, Error> {
+    let conn = store_conn(plan)?;
+    match PgStore::open(conn.clone(), &plan.state.schema, &plan.name).await {
+        Ok(s) => Ok(s),
+        // The store's database does not exist yet: nothing has run.
+        Err(e) if e.sqlstate.as_deref() == Some("3D000") => Ok(None),
+        Err(e) => Err(e),
+    }
+}

@@ -1,0 +1,189 @@
+//! `pgferry plan PLAN`: the dry run. Connects read-only, shows the stages in order with what each
+//! would do, the selected tables with row estimates and sizes, and the preflight findings. Changes
+//! nothing anywhere (no checkpoint store is created).
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use super::{EXIT_FAILED, EXIT_OK, EXIT_USAGE, load, open_store, report};
+use crate::cli::PlanArgs;
+use crate::plan::units::human_bytes;
+use crate::stages::preflight::{Level, inspect};
+use crate::stages::{self, Env};
+use crate::state::StateStore;
+
+/// What a stage kind does, for kinds this version describes without running.
+fn summary(kind: &str) -> &'static str {
+    match kind {
+        "schema_dump" => {
+            "dump the schema with pg_dump --schema-only, split into pre-data and post-data sections"
+        }
+        "provision" => {
+            "create the target databases and apply the pre-data schema in one transaction"
+        }
+        "full_load" => "copy every selected table from one consistent snapshot, in parallel",
+        "post_data" => "build indexes, then constraints, triggers and rules",
+        "cdc" => "stream changes over logical replication and apply them in commit order",
+        "validate" => "compare source and target as of the same point, chunk by chunk",
+        "cutover" => "fence the source, drain the last changes, switch over",
+        "sequence_reset" => "set every target sequence to the source's value",
+        "cleanup" => "drop the replication slot and the publication on the source",
+        _ => "",
+    }
+}
+
+pub async fn run(args: &PlanArgs) -> u8 {
+    let plan = match load(args) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let env = match Env::new(plan.clone()) {
+        Ok(e) => Arc::new(e),
+        Err(e) => {
+            report(&e);
+            return EXIT_USAGE;
+        }
+    };
+    let mut out = String::new();
+    let _ = writeln!(out, "migration {} ({})", plan.name, plan.path);
+    let _ = writeln!(out, "  source: {}", plan.source.display());
+    let _ = writeln!(out, "  target: {}", plan.target.display());
+    let _ = writeln!(
+        out,
+        "  checkpoints: {} schema {}",
+        plan.state
+            .database
+            .as_deref()
+            .map(|d| format!("target database {d},"))
+            .unwrap_or_else(|| plan.state.endpoint.display()),
+        plan.state.schema
+    );
+    for db in &plan.databases {
+        let sel = if db.tables.is_empty() {
+            "all tables".to_string()
+        } else {
+            db.tables.join(", ")
+        };
+        let ex = if db.exclude.is_empty() {
+            String::new()
+        } else {
+            format!(" except {}", db.exclude.join(", "))
+        };
+        let _ = writeln!(out, "  database {} -> {}: {sel}{ex}", db.name, db.target);
+    }
+
+    // States, if the migration has run before (read-only: the store is not created).
+    let records = match open_store(&plan).await {
+        Ok(Some(store)) => store.stages().await.unwrap_or_default(),
+        Ok(None) => Vec::new(),
+        Err(e) => {
+            let _ = writeln!(out, "  (checkpoint store not readable: {})", e.message);
+            Vec::new()
+        }
+    };
+
+    let _ = writeln!(out, "\nstages, in order:");
+    for (n, i) in plan.dag.order().into_iter().enumerate() {
+        let s = &plan.stages[i];
+        let after: Vec<&str> = s
+            .after
+            .iter()
+            .map(|&d| plan.stages[d].id.as_str())
+            .collect();
+        let state = records
+            .iter()
+            .find(|r| r.stage == s.id)
+            .map(|r| r.state.to_string())
+            .unwrap_or_else(|| "pending".into());
+        let _ = writeln!(
+            out,
+            "  {}. {} ({}) [{}]{}",
+            n + 1,
+            s.id,
+            s.kind,
+            state,
+            if after.is_empty() {
+                String::new()
+            } else {
+                format!(" after {}", after.join(", "))
+            }
+        );
+        if let Some(d) = &s.description {
+            let _ = writeln!(out, "       {d}");
+        }
+        match stages::build(&env, i) {
+            Ok(stage) => {
+                for line in stage.describe() {
+                    let _ = writeln!(out, "       {line}");
+                }
+            }
+            Err(_) => {
+                let _ = writeln!(
+                    out,
+                    "       {} (not runnable in this version)",
+                    summary(s.kind)
+                );
+            }
+        }
+    }
+
+    let online = plan.has_kind("cdc");
+    let mut errors = 0;
+    for db in &plan.databases {
+        let r = inspect(&env, db, online).await;
+        let _ = writeln!(out, "\ndatabase {} -> {}:", r.database, r.target);
+        if let (Some(s), Some(t)) = (&r.source_server, &r.target_server) {
+            let _ = writeln!(out, "  PostgreSQL {} -> {}", s.version, t.version);
+        }
+        if !r.tables.is_empty() {
+            let rows: i64 = r.tables.iter().map(|t| t.estimated_rows).sum();
+            let bytes: i64 = r.tables.iter().map(|t| t.total_bytes).sum();
+            let _ = writeln!(
+                out,
+                "  {} table(s) selected, ~{rows} rows, {}",
+                r.tables.len(),
+                human_bytes(bytes.max(0) as u64)
+            );
+            let mut by_size: Vec<_> = r.tables.iter().collect();
+            by_size.sort_by_key(|t| std::cmp::Reverse(t.total_bytes));
+            let width = by_size
+                .iter()
+                .take(25)
+                .map(|t| t.name.to_string().chars().count())
+                .max()
+                .unwrap_or(5);
+            for t in by_size.iter().take(25) {
+                let kind = if t.kind == "p" { " (partitioned)" } else { "" };
+                let _ = writeln!(
+                    out,
+                    "    {:width$}  ~{:>10} rows  {:>9}{kind}",
+                    t.name.to_string(),
+                    t.estimated_rows,
+                    human_bytes(t.total_bytes.max(0) as u64)
+                );
+            }
+            if by_size.len() > 25 {
+                let _ = writeln!(out, "    ... and {} more", by_size.len() - 25);
+            }
+        }
+        if r.findings.is_empty() {
+            let _ = writeln!(out, "  preflight: no findings");
+        } else {
+            let _ = writeln!(out, "  preflight:");
+            for f in &r.findings {
+                if f.level == Level::Error {
+                    errors += 1;
+                }
+                for line in f.to_string().lines() {
+                    let _ = writeln!(out, "    {line}");
+                }
+            }
+        }
+    }
+    print!("{out}");
+    if errors > 0 {
+        eprintln!("preflight would fail with {errors} error(s); fix them before `pgferry run`");
+        return EXIT_FAILED;
+    }
+    EXIT_OK
+}

@@ -1,0 +1,232 @@
+//! `pgferry run PLAN`: runs every stage not yet done, resuming from checkpoints, under the runner lock.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, load, report, stage_arg, store_conn,
+};
+use crate::cli::PlanArgs;
+use crate::executor::{Executor, Node, Outcome, Selection};
+use crate::stages::{self, Env};
+use crate::state::StateStore;
+use crate::state::postgres::PgStore;
+
+pub async fn run(args: &PlanArgs, until: Option<String>, rerun: Vec<String>) -> u8 {
+    let plan = match load(args) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let mut sel = Selection::default();
+    if let Some(u) = &until {
+        match stage_arg(&plan, u, "--until") {
+            Ok(i) => sel.until = Some(i),
+            Err(code) => return code,
+        }
+    }
+    for r in &rerun {
+        match stage_arg(&plan, r, "--rerun") {
+            Ok(i) => sel.rerun.push(i),
+            Err(code) => return code,
+        }
+    }
+    let env = match Env::new(plan.clone()) {
+        Ok(e) => Arc::new(e),
+        Err(e) => {
+            report(&e);
+            return EXIT_USAGE;
+        }
+    };
+    // Build the selected stages before connecting to anything: a stage that cannot run is refused now.
+    let selected = crate::executor::selection(&plan.dag, &sel);
+    let mut built = vec![None; plan.stages.len()];
+    let mut refused = Vec::new();
+    for &i in &selected {
+        match stages::build(&env, i) {
+            Ok(s) => built[i] = Some(s),
+            Err(e) => refused.push(e),
+        }
+    }
+    if !refused.is_empty() {
+        for e in &refused {
+            report(e);
+        }
+        return EXIT_USAGE;
+    }
+
+    let conn = match store_conn(&plan) {
+        Ok(c) => c,
+        Err(e) => {
+            report(&e);
+            return EXIT_USAGE;
+        }
+    };
+    let store = match PgStore::open_or_create(conn, &plan.state.schema, &plan.name).await {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            report(&e);
+            return EXIT_FAILED;
+        }
+    };
+    let _lock = match store.acquire_runner_lock().await {
+        Ok(Ok(lock)) => lock,
+        Ok(Err(holder)) => {
+            eprintln!(
+                "error: migration `{}` is already being run by {holder}\n  hint: wait for that run to finish, or stop it (Ctrl-C or SIGTERM: it stops at the next checkpoint); `pgferry status {}` shows its progress",
+                plan.name, args.plan
+            );
+            return EXIT_FAILED;
+        }
+        Err(e) => {
+            report(&e);
+            return EXIT_FAILED;
+        }
+    };
+
+    let cancel = CancellationToken::new();
+    spawn_signal_handler(cancel.clone());
+
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let run_id = match store.begin_run(&redact_args(&argv)).await {
+        Ok(id) => id,
+        Err(e) => {
+            report(&e);
+            return EXIT_FAILED;
+        }
+    };
+    let mut nodes = nodes(&plan);
+    for (i, n) in nodes.iter_mut().enumerate() {
+        n.stage = built[i].take();
+    }
+    let executor = Executor::new(nodes, store.clone() as Arc<dyn StateStore>, cancel.clone());
+    let started = Instant::now();
+    tracing::info!(migration = %plan.name, run = run_id, "run started; checkpoints in {}", store.describe());
+    let result = executor.run(&sel).await;
+    let elapsed =
+        humantime::format_duration(std::time::Duration::from_secs(started.elapsed().as_secs()));
+    let (outcome, code) = match &result {
+        Ok(Outcome::Done { ran, skipped }) => {
+            if ran.is_empty() {
+                eprintln!(
+                    "nothing to do: every selected stage is already done ({})",
+                    skipped.join(", ")
+                );
+            } else {
+                eprintln!(
+                    "done in {elapsed}: ran {}{}",
+                    ran.join(", "),
+                    if skipped.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; already done: {}", skipped.join(", "))
+                    }
+                );
+            }
+            ("done", EXIT_OK)
+        }
+        Ok(Outcome::Interrupted) => {
+            eprintln!("interrupted after {elapsed}; run the same command again to resume");
+            ("interrupted", EXIT_INTERRUPTED)
+        }
+        Ok(Outcome::Failed { error, .. }) => {
+            eprintln!("error: {error}");
+            ("failed", EXIT_FAILED)
+        }
+        Err(e) => {
+            report(e);
+            (
+                "failed",
+                if e.message.contains("configuration of stage") {
+                    EXIT_USAGE
+                } else {
+                    EXIT_FAILED
+                },
+            )
+        }
+    };
+    if let Err(e) = store.end_run(run_id, outcome).await {
+        tracing::warn!("could not record the end of the run: {e}");
+    }
+    code
+}
+
+/// The executor's view of the plan's stages.
+fn nodes(plan: &crate::plan::Plan) -> Vec<Node> {
+    plan.stages
+        .iter()
+        .map(|s| Node {
+            id: s.id.clone(),
+            kind: s.kind.to_string(),
+            fingerprint: s.fingerprint.clone(),
+            deps: s.after.clone(),
+            retries: s.retries,
+            continuous: s.is_continuous(),
+            stage: None,
+        })
+        .collect()
+}
+
+/// The command line as recorded in the store: `--var` values may be secrets, so only their keys.
+fn redact_args(argv: &[String]) -> String {
+    let mut out = Vec::new();
+    let mut next_is_var = false;
+    for a in argv {
+        if next_is_var {
+            out.push(format!("{}=***", a.split('=').next().unwrap_or("")));
+            next_is_var = false;
+        } else if a == "--var" {
+            out.push(a.clone());
+            next_is_var = true;
+        } else if let Some(v) = a.strip_prefix("--var=") {
+            out.push(format!("--var={}=***", v.split('=').next().unwrap_or("")));
+        } else {
+            out.push(a.clone());
+        }
+    }
+    out.join(" ")
+}
+
+/// Ctrl-C or SIGTERM: stop at the next checkpoint. A second one exits at once.
+fn spawn_signal_handler(cancel: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("cannot listen for SIGTERM: {e}");
+                    return;
+                }
+            };
+        for n in 0.. {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            if n == 0 {
+                eprintln!("stopping at the next checkpoint (press Ctrl-C again to exit at once)");
+                cancel.cancel();
+            } else {
+                eprintln!("exiting now; the next run resumes from the last checkpoint");
+                std::process::exit(i32::from(EXIT_INTERRUPTED));
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_args;
+
+    #[test]
+    fn var_values_are_not_recorded() {
+        let argv: Vec<String> = ["run", "p.toml", "--var", "pw=hunter2", "--var=x=y"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let r = redact_args(&argv);
+        assert_eq!(r, "run p.toml --var pw=*** --var=x=***");
+        assert!(!r.contains("hunter2"));
+    }
+}

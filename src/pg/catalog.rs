@@ -1,0 +1,218 @@
+//! What pgferry reads from a server's catalog: version and settings, tables with their sizes, keys,
+//! replica identity and persistence, extensions, large objects, replication capacity. Read-only.
+
+use tokio_postgres::Client;
+
+use crate::error::{Error, Result};
+use crate::pg::ident::QualifiedName;
+use crate::select::Selection;
+
+/// One table (ordinary or partitioned; partitions are listed under their root).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TableInfo {
+    pub name: QualifiedName,
+    /// `r` ordinary, `p` partitioned.
+    pub kind: String,
+    /// For a partition, the partitioned table at the top of its tree.
+    pub root: Option<QualifiedName>,
+    pub estimated_rows: i64,
+    pub total_bytes: i64,
+    pub has_primary_key: bool,
+    /// `d` default (primary key), `n` nothing, `f` full, `i` index.
+    pub replica_identity: String,
+    pub unlogged: bool,
+    pub can_select: bool,
+}
+
+impl TableInfo {
+    /// The name selection patterns are matched against: the partition root's for partitions.
+    pub fn selection_name(&self) -> &QualifiedName {
+        self.root.as_ref().unwrap_or(&self.name)
+    }
+
+    /// Can logical replication carry UPDATE and DELETE for this table?
+    pub fn has_usable_identity(&self) -> bool {
+        match self.replica_identity.as_str() {
+            "f" | "i" => true,
+            "d" => self.has_primary_key,
+            _ => false,
+        }
+    }
+}
+
+/// Server facts.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ServerInfo {
+    pub version_num: i32,
+    pub version: String,
+    pub is_superuser: bool,
+    pub can_replicate: bool,
+    pub can_create_db: bool,
+    pub current_user: String,
+}
+
+impl ServerInfo {
+    pub fn major(&self) -> i32 {
+        self.version_num / 10000
+    }
+}
+
+pub async fn server_info(client: &Client) -> Result<ServerInfo> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('server_version_num')::int, current_setting('server_version'), \
+                    r.rolsuper, r.rolreplication, r.rolcreatedb, current_user::text \
+             FROM pg_catalog.pg_roles r WHERE r.rolname = current_user",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::pg(&e, "reading server version and role"))?;
+    Ok(ServerInfo {
+        version_num: row.get(0),
+        version: row.get(1),
+        is_superuser: row.get(2),
+        can_replicate: row.get(3),
+        can_create_db: row.get(4),
+        current_user: row.get(5),
+    })
+}
+
+pub async fn setting(client: &Client, name: &str) -> Result<String> {
+    let row = client
+        .query_one("SELECT current_setting($1)", &[&name])
+        .await
+        .map_err(|e| Error::pg(&e, format!("reading setting {name}")))?;
+    Ok(row.get(0))
+}
+
+/// Every user table of the database, partitions included, extension-owned tables and `skip_schema`
+/// (the checkpoint store) excluded.
+pub async fn tables(client: &Client, skip_schema: &str) -> Result<Vec<TableInfo>> {
+    let rows = client
+        .query(
+            "SELECT n.nspname::text, c.relname::text, c.relkind::text, rn.nspname::text, rc.relname::text, \
+                    greatest(c.reltuples, 0)::bigint, \
+                    CASE WHEN c.relkind = 'p' THEN 0 ELSE pg_catalog.pg_total_relation_size(c.oid) END, \
+                    EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisprimary), \
+                    c.relreplident::text, c.relpersistence = 'u', \
+                    pg_catalog.has_table_privilege(c.oid, 'SELECT') \
+             FROM pg_catalog.pg_class c \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             LEFT JOIN pg_catalog.pg_class rc ON c.relispartition AND rc.oid = pg_catalog.pg_partition_root(c.oid) \
+             LEFT JOIN pg_catalog.pg_namespace rn ON rn.oid = rc.relnamespace \
+             WHERE c.relkind IN ('r', 'p') \
+               AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+               AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp\\_%' \
+               AND n.nspname <> $1 \
+               AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d \
+                               WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e') \
+             ORDER BY 1, 2",
+            &[&skip_schema],
+        )
+        .await
+        .map_err(|e| Error::pg(&e, "listing tables"))?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let root = match (r.get::<_, Option<String>>(3), r.get::<_, Option<String>>(4)) {
+                (Some(s), Some(n)) => Some(QualifiedName::new(s, n)),
+                _ => None,
+            };
+            TableInfo {
+                name: QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+                kind: r.get(2),
+                root,
+                estimated_rows: r.get(5),
+                total_bytes: r.get(6),
+                has_primary_key: r.get(7),
+                replica_identity: r.get(8),
+                unlogged: r.get(9),
+                can_select: r.get(10),
+            }
+        })
+        .collect())
+}
+
+/// The tables a database entry selects.
+pub fn select<'a>(all: &'a [TableInfo], selection: &Selection) -> Vec<&'a TableInfo> {
+    all.iter()
+        .filter(|t| {
+            let n = t.selection_name();
+            selection.selects(&n.schema, &n.name)
+        })
+        .collect()
+}
+
+/// Installed extensions (name, version), plpgsql excluded.
+pub async fn extensions(client: &Client) -> Result<Vec<(String, String)>> {
+    let rows = client
+        .query(
+            "SELECT extname::text, extversion FROM pg_catalog.pg_extension WHERE extname <> 'plpgsql' ORDER BY 1",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::pg(&e, "listing extensions"))?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Extensions the server could install.
+pub async fn available_extensions(client: &Client) -> Result<Vec<String>> {
+    let rows = client
+        .query(
+            "SELECT name::text FROM pg_catalog.pg_available_extensions",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::pg(&e, "listing available extensions"))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+pub async fn large_object_count(client: &Client) -> Result<i64> {
+    let row = client
+        .query_one(
+            "SELECT count(*) FROM pg_catalog.pg_largeobject_metadata",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::pg(&e, "counting large objects"))?;
+    Ok(row.get(0))
+}
+
+/// Replication capacity: (max_replication_slots, slots in use, max_wal_senders, senders in use).
+pub async fn replication_capacity(client: &Client) -> Result<(i64, i64, i64, i64)> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('max_replication_slots')::bigint, \
+                    (SELECT count(*) FROM pg_catalog.pg_replication_slots), \
+                    current_setting('max_wal_senders')::bigint, \
+                    (SELECT count(*) FROM pg_catalog.pg_stat_replication)",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::pg(&e, "reading replication capacity"))?;
+    Ok((row.get(0), row.get(1), row.get(2), row.get(3)))
+}
+
+pub async fn database_exists(client: &Client, name: &str) -> Result<bool> {
+    let row = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_database WHERE datname = $1)",
+            &[&name],
+        )
+        .await
+        .map_err(|e| Error::pg(&e, "looking up a database"))?;
+    Ok(row.get(0))
+}
+
+/// The system identifier and database name, which tell whether two connections reach the same
+/// database.
+pub async fn identity(client: &Client) -> Result<(String, String)> {
+    let row = client
+        .query_one(
+            "SELECT (SELECT system_identifier::text FROM pg_catalog.pg_control_system()), current_database()::text",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::pg(&e, "reading the server's identity"))?;
+    Ok((row.get(0), row.get(1)))
+}

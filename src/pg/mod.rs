@@ -1,0 +1,7 @@
+//! Everything that speaks to PostgreSQL: connections, catalog queries, identifier quoting and the
+//! names of the objects pgferry creates on servers.
+
+pub mod catalog;
+pub mod connect;
+pub mod ident;
+pub mod names;

@@ -1,0 +1,432 @@
+//! Compiling a plan: parse (keeping positions), render templates, check against the JSON Schema,
+//! resolve stage references, find cycles, type every option and build the DAG — collecting every
+//! problem in one pass, so a broken plan is reported whole. Nothing here connects to anything.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde_json::{Map, Value};
+
+use super::diagnostic::{Diagnostic, SourceFile, closest};
+use super::raw::{COMMON_STAGE_KEYS, RawPlan, StageCommon, StageOptions};
+use super::source::{Path, PlanDocument};
+use super::template::{Scope, TemplateError};
+use super::{Database, Endpoint, Plan, Stage, StateLocation, fingerprint};
+use crate::dag::Dag;
+use crate::path;
+use crate::secret::Secret;
+
+/// What the command line adds to a plan.
+#[derive(Debug, Clone, Default)]
+pub struct CompileOptions {
+    /// `--var key=value`, applied over `[vars]`.
+    pub vars: Vec<(String, String)>,
+    /// The environment templates see as `env` (the process environment in real use).
+    pub env: BTreeMap<String, String>,
+}
+
+/// Reads and compiles a plan file. Errors come back as diagnostics together with the source they
+/// point into (which is empty when the file could not be read).
+pub fn compile_file(
+    path: &str,
+    opts: &CompileOptions,
+) -> Result<Plan, (SourceFile, Vec<Diagnostic>)> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            let src = SourceFile::new(path, "");
+            let d = Diagnostic::error(format!("cannot read plan file: {e}"))
+                .hint("pass the path of a plan, e.g. `pgferry check pipelines/dvdrental.toml`");
+            return Err((src, vec![d]));
+        }
+    };
+    let src = SourceFile::new(path, text);
+    compile(&src, opts).map_err(|d| (src, d))
+}
+
+/// Compiles plan text.
+pub fn compile(src: &SourceFile, opts: &CompileOptions) -> Result<Plan, Vec<Diagnostic>> {
+    let doc = PlanDocument::parse(&src.text).map_err(|d| vec![d])?;
+    let mut diags = Diags::default();
+
+    // 1. Variables: [vars] rendered with `env` only, then `--var` overrides.
+    let mut scope = Scope::new(opts.env.clone());
+    let mut vars = Map::new();
+    if let Some(Value::Object(raw_vars)) = doc.value.get("vars") {
+        for (k, v) in raw_vars {
+            let mut p = path!["vars", k.as_str()];
+            let rendered =
+                scope.render_value(v, &mut p, &mut |p, e| diags.template(&doc, src, p, e));
+            vars.insert(k.clone(), rendered);
+        }
+    }
+    for (k, v) in &opts.vars {
+        vars.insert(k.clone(), Value::String(v.clone()));
+    }
+    scope.set_vars(vars.clone());
+
+    // 2. Everything but the stages, rendered with `env` and `vars`.
+    let mut top = Map::new();
+    if let Value::Object(map) = &doc.value {
+        for (k, v) in map {
+            let rendered = match k.as_str() {
+                "stages" => v.clone(),
+                "vars" => Value::Object(vars.clone()),
+                _ => {
+                    let mut p = path![k.as_str()];
+                    scope.render_value(v, &mut p, &mut |p, e| diags.template(&doc, src, p, e))
+                }
+            };
+            top.insert(k.clone(), rendered);
+        }
+    }
+
+    // 3. The databases, as templates see them.
+    let databases = database_entries(&top);
+
+    // 4. Stages, rendered once per database (`database` in scope), then the whole plan checked
+    //    against the schema, once per rendering.
+    let raw_stages = doc.value.get("stages").cloned().unwrap_or(Value::Null);
+    let renderings: Vec<Value> = if databases.is_empty() {
+        vec![Value::Object(Map::new())]
+    } else {
+        databases
+            .iter()
+            .map(|d| serde_json::to_value(d).unwrap_or(Value::Null))
+            .collect()
+    };
+    let mut rendered_plans = Vec::new();
+    for db in &renderings {
+        scope.set_database(Some(db.clone()));
+        let mut p = path!["stages"];
+        let stages = scope.render_value(&raw_stages, &mut p, &mut |p, e| {
+            diags.template(&doc, src, p, e)
+        });
+        let mut plan = top.clone();
+        if !stages.is_null() {
+            plan.insert("stages".into(), stages);
+        }
+        let plan = Value::Object(plan);
+        for d in super::schema::check(&plan, &doc) {
+            diags.push(d);
+        }
+        rendered_plans.push(plan);
+    }
+
+    // 5. Meaning: database names, stage references, cycles.
+    check_databases(&databases, &doc, &mut diags);
+    let first = rendered_plans.first().cloned().unwrap_or(Value::Null);
+    let stage_map = first
+        .get("stages")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    // Stages in the order they appear in the file.
+    let mut ids: Vec<String> = stage_map.keys().cloned().collect();
+    ids.sort_by_key(|id| {
+        doc.key_span(&path!["stages", id.as_str()])
+            .map(|s| s.start)
+            .unwrap_or(usize::MAX)
+    });
+    let index: HashMap<&str, usize> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (id.as_str(), i))
+        .collect();
+    let mut deps: Vec<Vec<usize>> = vec![Vec::new(); ids.len()];
+    for (i, id) in ids.iter().enumerate() {
+        let after = stage_map
+            .get(id)
+            .and_then(|s| s.get("after"))
+            .and_then(Value::as_array);
+        for (j, dep) in after.into_iter().flatten().enumerate() {
+            let Some(dep) = dep.as_str() else { continue };
+            let span = doc.value_span(&path!["stages", id.as_str(), "after", j]);
+            if dep == id {
+                diags.push(
+                    Diagnostic::error(format!("stage `{id}` runs after itself"))
+                        .at(span)
+                        .hint("remove it from its own `after` list"),
+                );
+                continue;
+            }
+            match index.get(dep) {
+                Some(&d) => deps[i].push(d),
+                None => {
+                    let hint = match closest(dep, ids.iter().map(String::as_str)) {
+                        Some(c) => format!("did you mean `{c}`?"),
+                        None => format!("stages in this plan: {}", ids.join(", ")),
+                    };
+                    diags.push(
+                        Diagnostic::error(format!(
+                            "stage `{id}` runs after `{dep}`, which is not a stage of this plan"
+                        ))
+                        .at(span)
+                        .hint(hint),
+                    );
+                }
+            }
+        }
+    }
+    let dag = Dag::new(&deps);
+    for cycle in dag.cycles() {
+        let names: Vec<&str> = cycle.iter().map(|&i| ids[i].as_str()).collect();
+        // Point at the `after` entry of the first stage that names the second.
+        let (a, b) = (cycle[0], cycle[1]);
+        let after = stage_map
+            .get(&ids[a])
+            .and_then(|s| s.get("after"))
+            .and_then(Value::as_array);
+        let pos = after
+            .and_then(|arr| arr.iter().position(|v| v.as_str() == Some(ids[b].as_str())))
+            .unwrap_or(0);
+        diags.push(
+            Diagnostic::error(format!("stages form a cycle: {}", names.join(" -> ")))
+                .at(doc.value_span(&path!["stages", ids[a].as_str(), "after", pos]))
+                .hint("read `->` as \"runs after\"; remove one of these `after` entries"),
+        );
+    }
+
+    if !diags.list.is_empty() {
+        // In file order, like a compiler; problems without a position last.
+        diags
+            .list
+            .sort_by_key(|d| d.span.as_ref().map(|s| s.start).unwrap_or(usize::MAX));
+        return Err(diags.list);
+    }
+
+    // 6. Typed values. The schema check passed, so these only fail if schema and types disagree.
+    let raw: RawPlan = serde_json::from_value(first.clone()).map_err(|e| {
+        vec![
+            Diagnostic::error(format!(
+                "internal: the plan passed its schema but not its types: {e}"
+            ))
+            .hint("please report this; the schema and the program disagree"),
+        ]
+    })?;
+    let dbs: Vec<Database> = raw
+        .databases
+        .iter()
+        .map(|d| Database {
+            name: d.name.clone(),
+            target: d.target.clone().unwrap_or_else(|| d.name.clone()),
+            tables: d.tables.clone(),
+            exclude: d.exclude.clone(),
+        })
+        .collect();
+    let source = Endpoint {
+        url: raw.source.url.clone(),
+        password: raw.source.password.clone().map(Secret::new),
+    };
+    let target = Endpoint {
+        url: raw.target.url.clone(),
+        password: raw.target.password.clone().map(Secret::new),
+    };
+    let state = match &raw.state {
+        Some(s) if s.url.is_some() => StateLocation {
+            endpoint: Endpoint {
+                url: s.url.clone().unwrap_or_default(),
+                password: s.password.clone().map(Secret::new),
+            },
+            database: None,
+            schema: s.schema.clone().unwrap_or_else(|| "pgferry".into()),
+        },
+        other => StateLocation {
+            endpoint: target.clone(),
+            database: dbs.first().map(|d| d.target.clone()),
+            schema: other
+                .as_ref()
+                .and_then(|s| s.schema.clone())
+                .unwrap_or_else(|| "pgferry".into()),
+        },
+    };
+
+    let mut stages = Vec::with_capacity(ids.len());
+    let mut errors = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let mut per_db = Vec::new();
+        let mut common = StageCommon::default();
+        for rendered in &rendered_plans {
+            let Some(Value::Object(stage)) = rendered.get("stages").and_then(|s| s.get(id)) else {
+                continue;
+            };
+            common = serde_json::from_value(Value::Object(
+                stage
+                    .iter()
+                    .filter(|(k, _)| COMMON_STAGE_KEYS.contains(&k.as_str()))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            ))
+            .unwrap_or_default();
+            let options: Map<String, Value> = stage
+                .iter()
+                .filter(|(k, _)| !COMMON_STAGE_KEYS.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            match StageOptions::from_json(&common.kind, Value::Object(options)) {
+                Ok(o) => per_db.push(o),
+                Err(e) => errors.push(
+                    Diagnostic::error(format!("stage `{id}`: {e}"))
+                        .at(doc.value_span(&path!["stages", id.as_str()])),
+                ),
+            }
+        }
+        let Some(kind) = per_db.first().map(StageOptions::kind) else {
+            continue;
+        };
+        let fp = fingerprint(kind, &per_db, &dbs, &source, &target);
+        stages.push(Stage {
+            id: id.clone(),
+            kind,
+            after: deps[i].clone(),
+            description: common.description.clone(),
+            retries: common.retries.unwrap_or(3),
+            options: per_db,
+            fingerprint: fp,
+        });
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+
+    Ok(Plan {
+        name: raw.name,
+        path: src.path.clone(),
+        description: raw.description,
+        vars,
+        source,
+        target,
+        state,
+        databases: dbs,
+        stages,
+        dag,
+    })
+}
+
+/// The `[[databases]]` entries as templates see them (`target` defaults to `name`).
+fn database_entries(top: &Map<String, Value>) -> Vec<Database> {
+    let Some(Value::Array(entries)) = top.get("databases") else {
+        return Vec::new();
+    };
+    entries
+        .iter()
+        .filter_map(|e| {
+            let name = e.get("name")?.as_str()?.to_string();
+            let strings = |k: &str| -> Vec<String> {
+                e.get(k)
+                    .and_then(Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|v| v.as_str().map(str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            Some(Database {
+                target: e
+                    .get("target")
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+                    .unwrap_or_else(|| name.clone()),
+                tables: strings("tables"),
+                exclude: strings("exclude"),
+                name,
+            })
+        })
+        .collect()
+}
+
+fn check_databases(dbs: &[Database], doc: &PlanDocument, diags: &mut Diags) {
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    let mut targets: HashMap<&str, usize> = HashMap::new();
+    for (i, db) in dbs.iter().enumerate() {
+        let name_repeated = names.insert(&db.name, i);
+        if let Some(first) = name_repeated {
+            diags.push(
+                Diagnostic::error(format!("database `{}` is listed twice", db.name))
+                    .at(doc.value_span(&path!["databases", i, "name"]))
+                    .hint(format!(
+                        "[[databases]] entry {} already migrates it; remove one",
+                        first + 1
+                    )),
+            );
+        }
+        if let Some(first) = targets
+            .insert(&db.target, i)
+            .filter(|_| name_repeated.is_none())
+        {
+            let field = if doc
+                .value
+                .get("databases")
+                .and_then(|d| d.get(i))
+                .and_then(|d| d.get("target"))
+                .is_some()
+            {
+                "target"
+            } else {
+                "name"
+            };
+            diags.push(
+                Diagnostic::error(format!(
+                    "two databases would be migrated into the same target database `{}`",
+                    db.target
+                ))
+                .at(doc.value_span(&path!["databases", i, field]))
+                .hint(format!(
+                    "[[databases]] entry {} already targets it; give this one another `target`",
+                    first + 1
+                )),
+            );
+        }
+        for (field, globs) in [("tables", &db.tables), ("exclude", &db.exclude)] {
+            for (j, g) in globs.iter().enumerate() {
+                if crate::select::Glob::parse(g).is_err() {
+                    diags.push(
+                        Diagnostic::error(format!("`{g}` is not a table pattern"))
+                            .at(doc.value_span(&path!["databases", i, field, j]))
+                            .hint("patterns are `schema.table` with `*` and `?` wildcards, e.g. `public.*` or `sales.order_?`"),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Collected diagnostics, without duplicates (a stage rendered for several databases reports a
+/// problem once).
+#[derive(Default)]
+struct Diags {
+    list: Vec<Diagnostic>,
+}
+
+impl Diags {
+    fn push(&mut self, d: Diagnostic) {
+        if !self.list.contains(&d) {
+            self.list.push(d);
+        }
+    }
+
+    fn template(&mut self, doc: &PlanDocument, src: &SourceFile, path: &Path, e: TemplateError) {
+        let value_span = doc.value_span(path);
+        // Point into the string when its source text is a plain quoted string (no escapes), so the
+        // caret lands on the variable itself.
+        let span = match (&value_span, &e.range) {
+            (Some(vs), Some(r)) => {
+                let raw = &src.text[vs.clone()];
+                let simple =
+                    (raw.starts_with('"') && !raw.contains('\\') && !raw.starts_with("\"\"\""))
+                        || (raw.starts_with('\'') && !raw.starts_with("'''"));
+                if simple && vs.start + 1 + r.end <= vs.end {
+                    Some(vs.start + 1 + r.start..vs.start + 1 + r.end)
+                } else {
+                    value_span.clone()
+                }
+            }
+            _ => value_span.clone(),
+        };
+        let mut d = Diagnostic::error(e.message).at(span);
+        if let Some(h) = e.hint {
+            d = d.hint(h);
+        }
+        self.push(d);
+    }
+}

@@ -1,0 +1,119 @@
+//! The compiled plan: every string rendered, every reference resolved to a stage index, every option
+//! typed, the DAG built. Nothing after compilation looks at TOML again.
+
+pub mod compile;
+pub mod diagnostic;
+pub mod raw;
+pub mod schema;
+pub mod source;
+pub mod template;
+pub mod units;
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::dag::Dag;
+use crate::secret::{Secret, redact_url};
+pub use compile::{CompileOptions, compile, compile_file};
+pub use raw::StageOptions;
+
+/// A server the plan connects to.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// The connection string as written (rendered); may hold a password, so print [`Endpoint::display`].
+    pub url: String,
+    pub password: Option<Secret>,
+}
+
+impl Endpoint {
+    /// The URL without any password, for messages and fingerprints.
+    pub fn display(&self) -> String {
+        redact_url(&self.url)
+    }
+}
+
+/// Where checkpoints are kept.
+#[derive(Debug, Clone)]
+pub struct StateLocation {
+    pub endpoint: Endpoint,
+    /// The database to connect to (overrides the URL's), when the store shares the target server.
+    pub database: Option<String>,
+    pub schema: String,
+}
+
+/// One source database and where it goes.
+#[derive(Debug, Clone, Serialize)]
+pub struct Database {
+    pub name: String,
+    pub target: String,
+    pub tables: Vec<String>,
+    pub exclude: Vec<String>,
+}
+
+/// A compiled stage.
+#[derive(Debug, Clone)]
+pub struct Stage {
+    pub id: String,
+    pub kind: &'static str,
+    /// Indices (into [`Plan::stages`]) of the stages this one runs after.
+    pub after: Vec<usize>,
+    pub description: Option<String>,
+    pub retries: u32,
+    /// The options rendered for each database, in the order of [`Plan::databases`].
+    pub options: Vec<StageOptions>,
+    /// A digest of everything that determines what the stage does.
+    pub fingerprint: String,
+}
+
+impl Stage {
+    /// A stage that keeps running after it has caught up (`ready`), until a later stage stops it.
+    pub fn is_continuous(&self) -> bool {
+        self.kind == "cdc"
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub name: String,
+    /// The plan file, as given on the command line.
+    pub path: String,
+    pub description: Option<String>,
+    pub vars: serde_json::Map<String, serde_json::Value>,
+    pub source: Endpoint,
+    pub target: Endpoint,
+    pub state: StateLocation,
+    pub databases: Vec<Database>,
+    pub stages: Vec<Stage>,
+    pub dag: Dag,
+}
+
+impl Plan {
+    pub fn stage_index(&self, id: &str) -> Option<usize> {
+        self.stages.iter().position(|s| s.id == id)
+    }
+
+    pub fn has_kind(&self, kind: &str) -> bool {
+        self.stages.iter().any(|s| s.kind == kind)
+    }
+}
+
+/// The fingerprint of a stage: a SHA-256 over its kind, rendered options, the databases and the
+/// servers it touches (never a password).
+pub(crate) fn fingerprint(
+    kind: &str,
+    options: &[StageOptions],
+    databases: &[Database],
+    source: &Endpoint,
+    target: &Endpoint,
+) -> String {
+    let doc = serde_json::json!({
+        "kind": kind,
+        "options": options,
+        "databases": databases,
+        "source": source.display(),
+        "target": target.display(),
+    });
+    let mut h = Sha256::new();
+    h.update(doc.to_string().as_bytes());
+    hex::encode(&h.finalize()[..16])
+}

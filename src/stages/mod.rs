@@ -1,0 +1,139 @@
+//! Stages: one module per kind, each behind the [`Stage`] trait, built from the compiled plan by
+//! [`build`]. The executor runs them without knowing what they do; what they need of PostgreSQL they
+//! get from [`Env`].
+
+pub mod preflight;
+pub mod sql;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, Result};
+use crate::pg::connect::ConnInfo;
+use crate::plan::{Database, Plan};
+use crate::state::StateStore;
+
+/// What a running stage gets from the executor.
+pub struct StageContext {
+    pub stage: String,
+    /// 1 for the first try of this run, then 2, 3 ... after transient failures.
+    pub attempt: u32,
+    pub store: Arc<dyn StateStore>,
+    pub cancel: CancellationToken,
+    ready: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+}
+
+impl StageContext {
+    pub fn new(
+        stage: &str,
+        attempt: u32,
+        store: Arc<dyn StateStore>,
+        cancel: CancellationToken,
+        ready: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+    ) -> StageContext {
+        StageContext {
+            stage: stage.to_string(),
+            attempt,
+            store,
+            cancel,
+            ready,
+        }
+    }
+
+    /// Returns `Interrupted` when the run is stopping; call it at every checkpoint.
+    pub fn check_cancelled(&self) -> Result<()> {
+        if self.cancel.is_cancelled() {
+            Err(Error::interrupted())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// A continuous stage reports that it has caught up: its dependents may start.
+    pub fn mark_ready(&self) {
+        if let Some(tx) = &self.ready {
+            let _ = tx.send(self.stage.clone());
+        }
+    }
+
+    /// Whether this stage has finished its work for `key` (a database name, an object) in an
+    /// earlier attempt or run.
+    pub async fn is_done(&self, key: &str) -> Result<bool> {
+        Ok(self
+            .store
+            .checkpoint(&self.stage, key)
+            .await?
+            .and_then(|v| v.get("done").and_then(serde_json::Value::as_bool))
+            .unwrap_or(false))
+    }
+
+    /// Records that this stage finished its work for `key`.
+    pub async fn mark_done(&self, key: &str, detail: serde_json::Value) -> Result<()> {
+        let mut value = serde_json::json!({ "done": true });
+        if let (Some(obj), serde_json::Value::Object(extra)) = (value.as_object_mut(), detail) {
+            obj.extend(extra);
+        }
+        self.store.put_checkpoint(&self.stage, key, &value).await
+    }
+}
+
+/// A unit of work in the DAG.
+#[async_trait]
+pub trait Stage: Send + Sync {
+    /// What `pgferry plan` says this stage would do, one line each.
+    fn describe(&self) -> Vec<String>;
+
+    /// Does the work, resuming from the stage's own checkpoints. Must return `Interrupted` promptly
+    /// once `cx.cancel` fires, and be safe to call again after any failure.
+    async fn run(&self, cx: &StageContext) -> Result<()>;
+}
+
+/// What stages need from the outside world: the plan and how to reach the servers.
+pub struct Env {
+    pub plan: Arc<Plan>,
+    pub source: ConnInfo,
+    pub target: ConnInfo,
+}
+
+impl Env {
+    pub fn new(plan: Arc<Plan>) -> Result<Env> {
+        let source = ConnInfo::new(&plan.source, None).map_err(|e| e.context("[source]"))?;
+        let target = ConnInfo::new(&plan.target, None).map_err(|e| e.context("[target]"))?;
+        Ok(Env {
+            plan,
+            source,
+            target,
+        })
+    }
+
+    pub fn source_for(&self, db: &Database) -> ConnInfo {
+        self.source.with_dbname(&db.name)
+    }
+
+    pub fn target_for(&self, db: &Database) -> ConnInfo {
+        self.target.with_dbname(&db.target)
+    }
+}
+
+/// Stage kinds this version of pgferry can run.
+pub const RUNNABLE_KINDS: &[&str] = &["preflight", "sql"];
+
+/// Builds the stage at `index` of the plan.
+pub fn build(env: &Arc<Env>, index: usize) -> Result<Arc<dyn Stage>> {
+    let spec = &env.plan.stages[index];
+    match spec.kind {
+        "preflight" => Ok(Arc::new(preflight::Preflight::new(env.clone(), index))),
+        "sql" => Ok(Arc::new(sql::SqlStage::new(env.clone(), index))),
+        other => Err(Error::permanent(format!(
+            "stage `{}`: kind `{other}` cannot run in pgferry {} yet (runnable kinds: {})",
+            spec.id,
+            env!("CARGO_PKG_VERSION"),
+            RUNNABLE_KINDS.join(", ")
+        ))
+        .hint(format!(
+            "run the stages before it with `--until STAGE`; `{other}` arrives in a later release (see CHANGELOG.md)"
+        ))),
+    }
+}

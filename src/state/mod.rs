@@ -1,0 +1,126 @@
+//! The checkpoint store: what the executor and the stages remember between runs. Stage states (a
+//! serde enum) with fingerprints and timestamps, per-stage checkpoints, per-table progress, counters,
+//! positions (LSNs, forward only), artifacts and a run log. The executor sees only the [`StateStore`]
+//! trait; [`postgres::PgStore`] keeps it all in a PostgreSQL schema so any machine can resume or
+//! report a migration.
+
+pub mod postgres;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+
+/// A stage's lifecycle: `pending -> running -> done | failed`; a continuous stage (cdc) is also
+/// `ready` once it has caught up, which satisfies its dependents while it keeps running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StageState {
+    Pending,
+    Running,
+    Ready,
+    Done,
+    Failed,
+}
+
+impl StageState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StageState::Pending => "pending",
+            StageState::Running => "running",
+            StageState::Ready => "ready",
+            StageState::Done => "done",
+            StageState::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<StageState> {
+        Some(match s {
+            "pending" => StageState::Pending,
+            "running" => StageState::Running,
+            "ready" => StageState::Ready,
+            "done" => StageState::Done,
+            "failed" => StageState::Failed,
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for StageState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the store remembers of one stage.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageRecord {
+    pub stage: String,
+    pub kind: String,
+    pub state: StageState,
+    pub fingerprint: Option<String>,
+    pub attempts: i32,
+    pub started_at: Option<Timestamp>,
+    pub ended_at: Option<Timestamp>,
+    pub error: Option<String>,
+    pub detail: serde_json::Value,
+}
+
+/// A point in time, kept as seconds since the epoch, shown as RFC 3339.
+#[derive(Debug, Clone, Copy, PartialEq, PartialOrd)]
+pub struct Timestamp(pub f64);
+
+impl Timestamp {
+    pub fn now() -> Timestamp {
+        Timestamp(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0),
+        )
+    }
+
+    pub fn rfc3339(&self) -> String {
+        let t = UNIX_EPOCH + Duration::from_secs_f64(self.0.max(0.0));
+        humantime::format_rfc3339_seconds(t).to_string()
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.rfc3339())
+    }
+}
+
+/// The store as the executor and stages use it.
+#[async_trait]
+pub trait StateStore: Send + Sync {
+    /// Records the start of a run; returns its id.
+    async fn begin_run(&self, args: &str) -> Result<i64>;
+    /// Records the end of a run: `done`, `failed`, `interrupted`.
+    async fn end_run(&self, run: i64, outcome: &str) -> Result<()>;
+    /// Every stage the store knows of.
+    async fn stages(&self) -> Result<Vec<StageRecord>>;
+    /// Moves a stage to `state`. `running` stamps the start and counts an attempt; `done` and
+    /// `failed` stamp the end. The fingerprint is recorded with every change.
+    async fn set_stage(
+        &self,
+        stage: &str,
+        kind: &str,
+        state: StageState,
+        fingerprint: &str,
+        error: Option<&str>,
+    ) -> Result<()>;
+    /// Forgets a stage's state and its checkpoints, so it runs again from the start.
+    async fn reset_stage(&self, stage: &str) -> Result<()>;
+    /// Replaces a stage's detail (findings, summaries) shown by `status`.
+    async fn set_stage_detail(&self, stage: &str, detail: &serde_json::Value) -> Result<()>;
+    /// A stage's own checkpoint under `key` (for example one per database).
+    async fn checkpoint(&self, stage: &str, key: &str) -> Result<Option<serde_json::Value>>;
+    async fn put_checkpoint(&self, stage: &str, key: &str, value: &serde_json::Value)
+    -> Result<()>;
+    /// Appends to the run log.
+    async fn event(&self, stage: Option<&str>, level: &str, message: &str) -> Result<()>;
+}

@@ -1,0 +1,823 @@
+//! The checkpoint store in PostgreSQL: a schema (default `pgferry`) in the first target database or
+//! wherever `[state]` says, created on first use together with its database. The schema is versioned:
+//! each release appends migration steps, applied once under an advisory lock. Every row is keyed by
+//! the migration's name, so one store can hold several migrations.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use sha2::{Digest, Sha256};
+use tokio::sync::Mutex;
+use tokio_postgres::Client;
+
+use super::{StageRecord, StageState, StateStore, Timestamp};
+use crate::error::{Error, Result};
+use crate::pg::connect::ConnInfo;
+use crate::pg::ident::{quote_ident, quote_literal};
+
+/// The store's schema, step by step. `{s}` is the quoted schema name. Never edit a released step;
+/// append a new one.
+const MIGRATIONS: &[&str] = &[
+    // 1: the first layout
+    r#"
+    CREATE TABLE {s}.runs (
+        id bigserial PRIMARY KEY,
+        migration text NOT NULL,
+        started_at timestamptz NOT NULL DEFAULT now(),
+        ended_at timestamptz,
+        host text, pid integer, version text, args text,
+        outcome text
+    );
+    CREATE TABLE {s}.stages (
+        migration text NOT NULL,
+        stage text NOT NULL,
+        kind text NOT NULL,
+        state text NOT NULL CHECK (state IN ('pending','running','ready','done','failed')),
+        fingerprint text,
+        attempts integer NOT NULL DEFAULT 0,
+        started_at timestamptz,
+        ended_at timestamptz,
+        updated_at timestamptz NOT NULL DEFAULT now(),
+        error text,
+        detail jsonb NOT NULL DEFAULT '{}',
+        PRIMARY KEY (migration, stage)
+    );
+    CREATE TABLE {s}.checkpoints (
+        migration text NOT NULL,
+        stage text NOT NULL,
+        key text NOT NULL,
+        value jsonb NOT NULL,
+        updated_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (migration, stage, key)
+    );
+    CREATE TABLE {s}.tables (
+        migration text NOT NULL,
+        stage text NOT NULL,
+        database text NOT NULL,
+        table_name text NOT NULL,
+        state text NOT NULL,
+        rows bigint NOT NULL DEFAULT 0,
+        bytes bigint NOT NULL DEFAULT 0,
+        lsn pg_lsn,
+        started_at timestamptz,
+        ended_at timestamptz,
+        error text,
+        PRIMARY KEY (migration, stage, database, table_name)
+    );
+    CREATE TABLE {s}.counters (
+        migration text NOT NULL,
+        scope text NOT NULL,
+        name text NOT NULL,
+        value bigint NOT NULL DEFAULT 0,
+        PRIMARY KEY (migration, scope, name)
+    );
+    CREATE TABLE {s}.positions (
+        migration text NOT NULL,
+        name text NOT NULL,
+        lsn pg_lsn NOT NULL,
+        updated_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (migration, name)
+    );
+    CREATE TABLE {s}.artifacts (
+        migration text NOT NULL,
+        name text NOT NULL,
+        content bytea NOT NULL,
+        sha256 text NOT NULL,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (migration, name)
+    );
+    CREATE TABLE {s}.events (
+        id bigserial PRIMARY KEY,
+        migration text NOT NULL,
+        run_id bigint,
+        at timestamptz NOT NULL DEFAULT now(),
+        stage text,
+        level text NOT NULL,
+        message text NOT NULL
+    );
+    CREATE TABLE {s}.requests (
+        migration text NOT NULL,
+        name text NOT NULL,
+        requested_at timestamptz NOT NULL DEFAULT now(),
+        requested_by text,
+        PRIMARY KEY (migration, name)
+    );
+    "#,
+];
+
+/// The store of one migration.
+pub struct PgStore {
+    conn: ConnInfo,
+    schema: String,
+    migration: String,
+    client: Mutex<Arc<Client>>,
+    run: std::sync::atomic::AtomicI64,
+}
+
+/// Who holds a migration's runner lock.
+#[derive(Debug, Clone)]
+pub struct LockHolder {
+    pub host: Option<String>,
+    pub pid: Option<i32>,
+    pub since: Option<String>,
+    pub backend_pid: i32,
+    pub application: String,
+}
+
+impl std::fmt::Display for LockHolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.host, self.pid) {
+            (Some(h), Some(p)) => write!(f, "pgferry on host {h}, pid {p}")?,
+            _ => write!(f, "session `{}`", self.application)?,
+        }
+        if let Some(s) = &self.since {
+            write!(f, ", since {s}")?;
+        }
+        write!(f, " (server backend pid {})", self.backend_pid)
+    }
+}
+
+/// The runner lock: held for as long as this value (and its dedicated session) lives. A killed runner
+/// loses it with its connection.
+pub struct RunnerLock {
+    _client: Client,
+}
+
+impl PgStore {
+    /// Connects to an existing store. Fails with a clear message when it has never been created.
+    pub async fn open(conn: ConnInfo, schema: &str, migration: &str) -> Result<Option<PgStore>> {
+        let client = conn
+            .connect("state")
+            .await
+            .map_err(|e| e.context("checkpoint store"))?;
+        let exists: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_tables WHERE schemaname = $1 AND tablename = 'schema_version')",
+                &[&schema],
+            )
+            .await
+            .map_err(|e| Error::pg(&e, "reading the checkpoint store"))?
+            .get(0);
+        if !exists {
+            return Ok(None);
+        }
+        Ok(Some(PgStore::with_client(conn, schema, migration, client)))
+    }
+
+    /// Connects to the store, creating its database and schema (and upgrading it) as needed.
+    pub async fn open_or_create(conn: ConnInfo, schema: &str, migration: &str) -> Result<PgStore> {
+        ensure_database(&conn).await?;
+        let client = conn
+            .connect("state")
+            .await
+            .map_err(|e| e.context("checkpoint store"))?;
+        migrate(&client, schema)
+            .await
+            .map_err(|e| e.context("checkpoint store"))?;
+        Ok(PgStore::with_client(conn, schema, migration, client))
+    }
+
+    fn with_client(conn: ConnInfo, schema: &str, migration: &str, client: Client) -> PgStore {
+        PgStore {
+            conn,
+            schema: schema.to_string(),
+            migration: migration.to_string(),
+            client: Mutex::new(Arc::new(client)),
+            run: std::sync::atomic::AtomicI64::new(0),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        format!("{} (schema {})", self.conn.describe(), self.schema)
+    }
+
+    pub fn conn_info(&self) -> &ConnInfo {
+        &self.conn
+    }
+
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    /// A live client, reconnecting when the previous session was lost.
+    async fn client(&self) -> Result<Arc<Client>> {
+        let mut guard = self.client.lock().await;
+        if guard.is_closed() {
+            let c = self
+                .conn
+                .connect("state")
+                .await
+                .map_err(|e| e.context("checkpoint store"))?;
+            *guard = Arc::new(c);
+        }
+        Ok(guard.clone())
+    }
+
+    fn t(&self, table: &str) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(table))
+    }
+
+    /// The advisory lock key of a migration.
+    fn lock_key(&self) -> i64 {
+        let digest = Sha256::digest(format!("pgferry runner lock: {}", self.migration).as_bytes());
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&digest[..8]);
+        i64::from_be_bytes(b)
+    }
+
+    /// Takes the runner lock on a session of its own, or says who holds it.
+    pub async fn acquire_runner_lock(&self) -> Result<std::result::Result<RunnerLock, LockHolder>> {
+        let host = hostname();
+        let pid = std::process::id();
+        let app = format!("runner {} host={host} pid={pid}", self.migration);
+        let client = self
+            .conn
+            .connect(&app)
+            .await
+            .map_err(|e| e.context("runner lock"))?;
+        let key = self.lock_key();
+        let got: bool = client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
+            .await
+            .map_err(|e| Error::pg(&e, "taking the runner lock"))?
+            .get(0);
+        if got {
+            return Ok(Ok(RunnerLock { _client: client }));
+        }
+        Ok(Err(self.lock_holder(&client, key).await?.unwrap_or(
+            LockHolder {
+                host: None,
+                pid: None,
+                since: None,
+                backend_pid: 0,
+                application: "unknown (the lock was released meanwhile; try again)".into(),
+            },
+        )))
+    }
+
+    /// Who holds the runner lock right now, if anyone.
+    pub async fn runner(&self) -> Result<Option<LockHolder>> {
+        let client = self.client().await?;
+        self.lock_holder(&client, self.lock_key()).await
+    }
+
+    async fn lock_holder(&self, client: &Client, key: i64) -> Result<Option<LockHolder>> {
+        let hi = ((key as u64) >> 32) as u32;
+        let lo = (key as u64 & 0xffff_ffff) as u32;
+        let row = client
+            .query_opt(
+                "SELECT a.pid, coalesce(a.application_name, ''), \
+                        to_char(a.backend_start AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') \
+                 FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid \
+                 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
+                   AND l.classid::text::bigint = $1 AND l.objid::text::bigint = $2 \
+                   AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())",
+                &[&i64::from(hi), &i64::from(lo)],
+            )
+            .await
+            .map_err(|e| Error::pg(&e, "looking up the runner lock's holder"))?;
+        let Some(row) = row else { return Ok(None) };
+        let application: String = row.get(1);
+        // application_name is "pgferry runner NAME host=H pid=P"
+        let field = |k: &str| {
+            application
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix(k).map(str::to_string))
+        };
+        Ok(Some(LockHolder {
+            host: field("host="),
+            pid: field("pid=").and_then(|p| p.parse().ok()),
+            since: row.get(2),
+            backend_pid: row.get(0),
+            application,
+        }))
+    }
+
+    /// Moves a position forward; a lower LSN than the stored one is ignored. Returns the stored LSN.
+    pub async fn advance_position(&self, name: &str, lsn: &str) -> Result<String> {
+        let client = self.client().await?;
+        let sql = format!(
+            "INSERT INTO {t} AS p (migration, name, lsn) VALUES ($1, $2, $3::text::pg_lsn) \
+             ON CONFLICT (migration, name) DO UPDATE SET lsn = greatest(p.lsn, excluded.lsn), \
+                updated_at = CASE WHEN excluded.lsn > p.lsn THEN now() ELSE p.updated_at END \
+             RETURNING lsn::text",
+            t = self.t("positions")
+        );
+        let row = client
+            .query_one(&sql, &[&self.migration, &name, &lsn])
+            .await
+            .map_err(|e| Error::pg(&e, format!("recording position {name}")))?;
+        Ok(row.get(0))
+    }
+
+    pub async fn position(&self, name: &str) -> Result<Option<String>> {
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT lsn::text FROM {} WHERE migration = $1 AND name = $2",
+            self.t("positions")
+        );
+        let row = client
+            .query_opt(&sql, &[&self.migration, &name])
+            .await
+            .map_err(|e| Error::pg(&e, "reading a position"))?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Stores an artifact (for example a schema dump section), replacing an older one.
+    pub async fn put_artifact(&self, name: &str, content: &[u8]) -> Result<()> {
+        let client = self.client().await?;
+        let sha = hex::encode(Sha256::digest(content));
+        let sql = format!(
+            "INSERT INTO {} (migration, name, content, sha256) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (migration, name) DO UPDATE SET content = excluded.content, sha256 = excluded.sha256, created_at = now()",
+            self.t("artifacts")
+        );
+        client
+            .execute(&sql, &[&self.migration, &name, &content, &sha])
+            .await
+            .map_err(|e| Error::pg(&e, format!("storing artifact {name}")))?;
+        Ok(())
+    }
+
+    pub async fn artifact(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT content FROM {} WHERE migration = $1 AND name = $2",
+            self.t("artifacts")
+        );
+        let row = client
+            .query_opt(&sql, &[&self.migration, &name])
+            .await
+            .map_err(|e| Error::pg(&e, format!("reading artifact {name}")))?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Adds to a counter (scope: a database or table name, or "" for the migration).
+    pub async fn add_counter(&self, scope: &str, name: &str, delta: i64) -> Result<i64> {
+        let client = self.client().await?;
+        let sql = format!(
+            "INSERT INTO {t} AS c (migration, scope, name, value) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (migration, scope, name) DO UPDATE SET value = c.value + excluded.value RETURNING value",
+            t = self.t("counters")
+        );
+        let row = client
+            .query_one(&sql, &[&self.migration, &scope, &name, &delta])
+            .await
+            .map_err(|e| Error::pg(&e, "updating a counter"))?;
+        Ok(row.get(0))
+    }
+
+    pub async fn counters(&self) -> Result<Vec<(String, String, i64)>> {
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT scope, name, value FROM {} WHERE migration = $1 ORDER BY 1, 2",
+            self.t("counters")
+        );
+        let rows = client
+            .query(&sql, &[&self.migration])
+            .await
+            .map_err(|e| Error::pg(&e, "reading counters"))?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
+    }
+
+    /// Records an operator request (such as `cutover`) for the running stage to pick up.
+    pub async fn request(&self, name: &str, by: &str) -> Result<()> {
+        let client = self.client().await?;
+        let sql = format!(
+            "INSERT INTO {} (migration, name, requested_by) VALUES ($1, $2, $3) ON CONFLICT (migration, name) DO NOTHING",
+            self.t("requests")
+        );
+        client
+            .execute(&sql, &[&self.migration, &name, &by])
+            .await
+            .map_err(|e| Error::pg(&e, format!("recording the {name} request")))?;
+        Ok(())
+    }
+
+    pub async fn requested(&self, name: &str) -> Result<Option<String>> {
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT to_char(requested_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') FROM {} WHERE migration = $1 AND name = $2",
+            self.t("requests")
+        );
+        let row = client
+            .query_opt(&sql, &[&self.migration, &name])
+            .await
+            .map_err(|e| Error::pg(&e, "reading requests"))?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// The latest runs, newest first: (id, started, ended, host, pid, outcome).
+    pub async fn runs(&self, limit: i64) -> Result<Vec<RunRecord>> {
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT id, extract(epoch FROM started_at)::float8, extract(epoch FROM ended_at)::float8, host, pid, outcome, args \
+             FROM {} WHERE migration = $1 ORDER BY id DESC LIMIT $2",
+            self.t("runs")
+        );
+        let rows = client
+            .query(&sql, &[&self.migration, &limit])
+            .await
+            .map_err(|e| Error::pg(&e, "reading runs"))?;
+        Ok(rows
+            .iter()
+            .map(|r| RunRecord {
+                id: r.get(0),
+                started_at: r.get::<_, Option<f64>>(1).map(Timestamp),
+                ended_at: r.get::<_, Option<f64>>(2).map(Timestamp),
+                host: r.get(3),
+                pid: r.get(4),
+                outcome: r.get(5),
+                args: r.get(6),
+            })
+            .collect())
+    }
+
+    /// The run log, oldest first.
+    pub async fn events(
+        &self,
+        limit: i64,
+    ) -> Result<Vec<(Timestamp, Option<String>, String, String)>> {
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT extract(epoch FROM at)::float8, stage, level, message FROM \
+               (SELECT * FROM {} WHERE migration = $1 ORDER BY id DESC LIMIT $2) e ORDER BY id",
+            self.t("events")
+        );
+        let rows = client
+            .query(&sql, &[&self.migration, &limit])
+            .await
+            .map_err(|e| Error::pg(&e, "reading the run log"))?;
+        Ok(rows
+            .iter()
+            .map(|r| (Timestamp(r.get(0)), r.get(1), r.get(2), r.get(3)))
+            .collect())
+    }
+
+    /// Removes the whole store schema (used by `reset`).
+    pub async fn drop_schema(&self) -> Result<()> {
+        let client = self.client().await?;
+        client
+            .batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS {} CASCADE",
+                quote_ident(&self.schema)
+            ))
+            .await
+            .map_err(|e| Error::pg(&e, "dropping the checkpoint schema"))?;
+        Ok(())
+    }
+
+    /// Removes only this migration's rows (the store may hold other migrations).
+    pub async fn forget_migration(&self) -> Result<()> {
+        let client = self.client().await?;
+        let mut sql = String::from("BEGIN;");
+        for t in [
+            "runs",
+            "stages",
+            "checkpoints",
+            "tables",
+            "counters",
+            "positions",
+            "artifacts",
+            "events",
+            "requests",
+        ] {
+            sql.push_str(&format!(
+                "DELETE FROM {} WHERE migration = {};",
+                self.t(t),
+                quote_literal(&self.migration)
+            ));
+        }
+        sql.push_str("COMMIT;");
+        client
+            .batch_execute(&sql)
+            .await
+            .map_err(|e| Error::pg(&e, "removing the migration's checkpoints"))?;
+        Ok(())
+    }
+
+    /// Other migrations kept in the same store.
+    pub async fn other_migrations(&self) -> Result<Vec<String>> {
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT DISTINCT migration FROM {} WHERE migration <> $1 ORDER BY 1",
+            self.t("runs")
+        );
+        let rows = client
+            .query(&sql, &[&self.migration])
+            .await
+            .map_err(|e| Error::pg(&e, "reading the checkpoint store"))?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+}
+
+/// One run of a migration.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunRecord {
+    pub id: i64,
+    pub started_at: Option<Timestamp>,
+    pub ended_at: Option<Timestamp>,
+    pub host: Option<String>,
+    pub pid: Option<i32>,
+    pub outcome: Option<String>,
+    pub args: Option<String>,
+}
+
+#[async_trait]
+impl StateStore for PgStore {
+    async fn begin_run(&self, args: &str) -> Result<i64> {
+        let client = self.client().await?;
+        let sql = format!(
+            "INSERT INTO {} (migration, host, pid, version, args) VALUES ($1, $2, $3, $4, $5) RETURNING id",
+            self.t("runs")
+        );
+        let pid = std::process::id() as i32;
+        let row = client
+            .query_one(
+                &sql,
+                &[
+                    &self.migration,
+                    &hostname(),
+                    &pid,
+                    &env!("CARGO_PKG_VERSION"),
+                    &args,
+                ],
+            )
+            .await
+            .map_err(|e| Error::pg(&e, "recording the run"))?;
+        let id: i64 = row.get(0);
+        self.run.store(id, std::sync::atomic::Ordering::Relaxed);
+        Ok(id)
+    }
+
+    async fn end_run(&self, run: i64, outcome: &str) -> Result<()> {
+        let client = self.client().await?;
+        let sql = format!(
+            "UPDATE {} SET ended_at = now(), outcome = $2 WHERE id = $1",
+            self.t("runs")
+        );
+        client
+            .execute(&sql, &[&run, &outcome])
+            .await
+            .map_err(|e| Error::pg(&e, "recording the end of the run"))?;
+        Ok(())
+    }
+
+    async fn stages(&self) -> Result<Vec<StageRecord>> {
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT stage, kind, state, fingerprint, attempts, extract(epoch FROM started_at)::float8, \
+                    extract(epoch FROM ended_at)::float8, error, detail \
+             FROM {} WHERE migration = $1 ORDER BY stage",
+            self.t("stages")
+        );
+        let rows = client
+            .query(&sql, &[&self.migration])
+            .await
+            .map_err(|e| Error::pg(&e, "reading stage states"))?;
+        Ok(rows
+            .iter()
+            .map(|r| StageRecord {
+                stage: r.get(0),
+                kind: r.get(1),
+                state: StageState::parse(r.get(2)).unwrap_or(StageState::Pending),
+                fingerprint: r.get(3),
+                attempts: r.get(4),
+                started_at: r.get::<_, Option<f64>>(5).map(Timestamp),
+                ended_at: r.get::<_, Option<f64>>(6).map(Timestamp),
+                error: r.get(7),
+                detail: r.get(8),
+            })
+            .collect())
+    }
+
+    async fn set_stage(
+        &self,
+        stage: &str,
+        kind: &str,
+        state: StageState,
+        fingerprint: &str,
+        error: Option<&str>,
+    ) -> Result<()> {
+        let client = self.client().await?;
+        let sql = format!(
+            "INSERT INTO {t} AS s (migration, stage, kind, state, fingerprint, attempts, started_at, ended_at, error) \
+             VALUES ($1, $2, $3, $4, $5, CASE WHEN $4 = 'running' THEN 1 ELSE 0 END, \
+                     CASE WHEN $4 = 'running' THEN now() END, CASE WHEN $4 IN ('done','failed') THEN now() END, $6) \
+             ON CONFLICT (migration, stage) DO UPDATE SET \
+                kind = excluded.kind, state = excluded.state, fingerprint = excluded.fingerprint, \
+                attempts = s.attempts + CASE WHEN excluded.state = 'running' AND s.state <> 'running' THEN 1 ELSE 0 END, \
+                started_at = CASE WHEN excluded.state = 'running' AND s.state NOT IN ('running', 'ready') THEN now() ELSE s.started_at END, \
+                ended_at = CASE WHEN excluded.state IN ('done','failed') THEN now() WHEN excluded.state = 'running' THEN NULL ELSE s.ended_at END, \
+                error = excluded.error, updated_at = now()",
+            t = self.t("stages")
+        );
+        client
+            .execute(
+                &sql,
+                &[
+                    &self.migration,
+                    &stage,
+                    &kind,
+                    &state.as_str(),
+                    &fingerprint,
+                    &error,
+                ],
+            )
+            .await
+            .map_err(|e| Error::pg(&e, format!("recording the state of stage `{stage}`")))?;
+        Ok(())
+    }
+
+    async fn reset_stage(&self, stage: &str) -> Result<()> {
+        let client = self.client().await?;
+        let sql = format!(
+            "BEGIN; DELETE FROM {st} WHERE migration = {m} AND stage = {s}; \
+             DELETE FROM {cp} WHERE migration = {m} AND stage = {s}; \
+             DELETE FROM {tb} WHERE migration = {m} AND stage = {s}; COMMIT;",
+            st = self.t("stages"),
+            cp = self.t("checkpoints"),
+            tb = self.t("tables"),
+            m = quote_literal(&self.migration),
+            s = quote_literal(stage)
+        );
+        client
+            .batch_execute(&sql)
+            .await
+            .map_err(|e| Error::pg(&e, format!("resetting stage `{stage}`")))?;
+        Ok(())
+    }
+
+    async fn set_stage_detail(&self, stage: &str, detail: &serde_json::Value) -> Result<()> {
+        let client = self.client().await?;
+        let sql = format!(
+            "UPDATE {} SET detail = $3, updated_at = now() WHERE migration = $1 AND stage = $2",
+            self.t("stages")
+        );
+        client
+            .execute(&sql, &[&self.migration, &stage, detail])
+            .await
+            .map_err(|e| Error::pg(&e, format!("recording the detail of stage `{stage}`")))?;
+        Ok(())
+    }
+
+    async fn checkpoint(&self, stage: &str, key: &str) -> Result<Option<serde_json::Value>> {
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT value FROM {} WHERE migration = $1 AND stage = $2 AND key = $3",
+            self.t("checkpoints")
+        );
+        let row = client
+            .query_opt(&sql, &[&self.migration, &stage, &key])
+            .await
+            .map_err(|e| Error::pg(&e, format!("reading a checkpoint of stage `{stage}`")))?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    async fn put_checkpoint(
+        &self,
+        stage: &str,
+        key: &str,
+        value: &serde_json::Value,
+    ) -> Result<()> {
+        let client = self.client().await?;
+        let sql = format!(
+            "INSERT INTO {} (migration, stage, key, value) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (migration, stage, key) DO UPDATE SET value = excluded.value, updated_at = now()",
+            self.t("checkpoints")
+        );
+        client
+            .execute(&sql, &[&self.migration, &stage, &key, value])
+            .await
+            .map_err(|e| Error::pg(&e, format!("writing a checkpoint of stage `{stage}`")))?;
+        Ok(())
+    }
+
+    async fn event(&self, stage: Option<&str>, level: &str, message: &str) -> Result<()> {
+        let client = self.client().await?;
+        let sql = format!(
+            "INSERT INTO {} (migration, run_id, stage, level, message) VALUES ($1, nullif($2, 0), $3, $4, $5)",
+            self.t("events")
+        );
+        let run = self.run.load(std::sync::atomic::Ordering::Relaxed);
+        client
+            .execute(&sql, &[&self.migration, &run, &stage, &level, &message])
+            .await
+            .map_err(|e| Error::pg(&e, "writing the run log"))?;
+        Ok(())
+    }
+}
+
+/// Creates the store's schema or brings it up to the current version, under a transaction-level
+/// advisory lock so two first runs cannot race.
+async fn migrate(client: &Client, schema: &str) -> Result<()> {
+    let s = quote_ident(schema);
+    let lock_key: i64 = 0x7067_6665_7272_7901; // "pgferry" + 1
+    let mut sql = format!(
+        "BEGIN; SELECT pg_advisory_xact_lock({lock_key}); \
+         CREATE SCHEMA IF NOT EXISTS {s}; REVOKE ALL ON SCHEMA {s} FROM PUBLIC; \
+         CREATE TABLE IF NOT EXISTS {s}.schema_version (version integer NOT NULL, applied_at timestamptz NOT NULL DEFAULT now());"
+    );
+    sql.push_str("COMMIT;");
+    client
+        .batch_execute(&sql)
+        .await
+        .map_err(|e| Error::pg(&e, format!("creating schema {schema}")))?;
+    let current: i32 = client
+        .query_one(
+            &format!("SELECT coalesce(max(version), 0) FROM {s}.schema_version"),
+            &[],
+        )
+        .await
+        .map_err(|e| Error::pg(&e, "reading the store version"))?
+        .get(0);
+    let latest = MIGRATIONS.len() as i32;
+    if current > latest {
+        return Err(Error::permanent(format!(
+            "the checkpoint store {schema} has version {current}, newer than this pgferry understands ({latest})"
+        ))
+        .hint("use the pgferry version that created it, or a newer one"));
+    }
+    if current == latest {
+        return Ok(());
+    }
+    let mut sql = format!("BEGIN; SELECT pg_advisory_xact_lock({lock_key});");
+    // Re-check under the lock: another runner may have migrated meanwhile.
+    sql.push_str(&format!(
+        "DO $$ BEGIN IF (SELECT coalesce(max(version), 0) FROM {s}.schema_version) <> {current} THEN \
+           RAISE EXCEPTION 'checkpoint store changed concurrently' USING ERRCODE = '40001'; END IF; END $$;"
+    ));
+    for (i, step) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        sql.push_str(&step.replace("{s}", &s));
+        sql.push_str(&format!(
+            "INSERT INTO {s}.schema_version (version) VALUES ({});",
+            i + 1
+        ));
+    }
+    sql.push_str("COMMIT;");
+    client.batch_execute(&sql).await.map_err(|e| {
+        Error::pg(
+            &e,
+            format!("upgrading the checkpoint store {schema} from version {current}"),
+        )
+    })?;
+    Ok(())
+}
+
+/// Creates the store's database when it does not exist, from the server's maintenance database.
+async fn ensure_database(conn: &ConnInfo) -> Result<()> {
+    let db = conn.dbname().to_string();
+    if db.is_empty() {
+        return Ok(());
+    }
+    let mut last_err = None;
+    for maintenance in ["postgres", "template1"] {
+        if maintenance == db {
+            return Ok(());
+        }
+        let client = match conn.with_dbname(maintenance).connect("state setup").await {
+            Ok(c) => c,
+            Err(e) => {
+                last_err = Some(e);
+                continue;
+            }
+        };
+        let exists: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_database WHERE datname = $1)",
+                &[&db],
+            )
+            .await
+            .map_err(|e| Error::pg(&e, "looking for the checkpoint database"))?
+            .get(0);
+        if !exists {
+            tracing::info!(database = %db, "creating the database for the checkpoint store");
+            match client.batch_execute(&format!("CREATE DATABASE {}", quote_ident(&db))).await {
+                Ok(()) => {}
+                // Created by someone else meanwhile.
+                Err(e) if e.code().map(|c| c.code()) == Some("42P04") => {}
+                Err(e) => {
+                    return Err(Error::pg(&e, format!("creating database {db} for the checkpoint store"))
+                        .hint("grant CREATEDB to the migration role, create the database by hand, or point [state] url elsewhere"))
+                }
+            }
+        }
+        return Ok(());
+    }
+    match last_err {
+        Some(e) => Err(e.context(format!("checking that database {db} exists"))),
+        None => Ok(()),
+    }
+}
+
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown".into())
+}

@@ -1,0 +1,298 @@
+//! The status model of a migration and its renderings: a compact table for people, and JSON with the
+//! field names of Azure DMS's task output (`output[]` of `MigrationLevelOutput` and
+//! `DatabaseLevelOutput` objects) so scripts written for it keep working.
+
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::plan::Plan;
+use crate::state::postgres::{LockHolder, RunRecord};
+use crate::state::{StageRecord, StageState, Timestamp};
+
+/// Everything `status` shows.
+pub struct Status<'a> {
+    pub plan: &'a Plan,
+    pub store: String,
+    pub records: Vec<StageRecord>,
+    pub runner: Option<LockHolder>,
+    pub last_run: Option<RunRecord>,
+    pub events: Vec<(Timestamp, Option<String>, String, String)>,
+}
+
+/// One stage row, in plan order.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageRow {
+    pub stage: String,
+    pub kind: String,
+    pub state: String,
+    pub attempts: i32,
+    #[serde(rename = "startedOn")]
+    pub started_on: Option<String>,
+    #[serde(rename = "endedOn")]
+    pub ended_on: Option<String>,
+    #[serde(rename = "durationSeconds")]
+    pub duration_seconds: Option<f64>,
+    pub error: Option<String>,
+    pub detail: Value,
+}
+
+impl Status<'_> {
+    pub fn rows(&self) -> Vec<StageRow> {
+        self.plan
+            .dag
+            .order()
+            .into_iter()
+            .map(|i| {
+                let s = &self.plan.stages[i];
+                match self.records.iter().find(|r| r.stage == s.id) {
+                    Some(r) => {
+                        let mut state = r.state.to_string();
+                        if matches!(r.state, StageState::Running | StageState::Ready)
+                            && self.runner.is_none()
+                        {
+                            state = format!("{state} (no runner: run again to resume)");
+                        }
+                        let end = r.ended_at.or(
+                            if matches!(r.state, StageState::Running | StageState::Ready) {
+                                Some(Timestamp::now())
+                            } else {
+                                None
+                            },
+                        );
+                        StageRow {
+                            stage: s.id.clone(),
+                            kind: s.kind.to_string(),
+                            state,
+                            attempts: r.attempts,
+                            started_on: r.started_at.map(|t| t.rfc3339()),
+                            ended_on: r.ended_at.map(|t| t.rfc3339()),
+                            duration_seconds: match (r.started_at, end) {
+                                (Some(a), Some(b)) => Some(((b.0 - a.0) * 10.0).round() / 10.0),
+                                _ => None,
+                            },
+                            error: r.error.clone(),
+                            detail: r.detail.clone(),
+                        }
+                    }
+                    None => StageRow {
+                        stage: s.id.clone(),
+                        kind: s.kind.to_string(),
+                        state: "pending".into(),
+                        attempts: 0,
+                        started_on: None,
+                        ended_on: None,
+                        duration_seconds: None,
+                        error: None,
+                        detail: Value::Null,
+                    },
+                }
+            })
+            .collect()
+    }
+
+    fn record(&self, kind: &str) -> Option<&StageRecord> {
+        let ids: Vec<&str> = self
+            .plan
+            .stages
+            .iter()
+            .filter(|s| s.kind == kind)
+            .map(|s| s.id.as_str())
+            .collect();
+        self.records
+            .iter()
+            .find(|r| ids.contains(&r.stage.as_str()))
+    }
+
+    /// `PENDING`, `FULL_LOAD`, `CATCHING_UP`, `READY_TO_COMPLETE`, `CUTTING_OVER`, `COMPLETED`, `FAILED`.
+    pub fn migration_state(&self) -> &'static str {
+        let planned: Vec<&str> = self.plan.stages.iter().map(|s| s.id.as_str()).collect();
+        let records: Vec<&StageRecord> = self
+            .records
+            .iter()
+            .filter(|r| planned.contains(&r.stage.as_str()))
+            .collect();
+        if records.iter().any(|r| r.state == StageState::Failed) {
+            return "FAILED";
+        }
+        if !self.plan.stages.is_empty()
+            && self.plan.stages.iter().all(|s| {
+                records
+                    .iter()
+                    .any(|r| r.stage == s.id && r.state == StageState::Done)
+            })
+        {
+            return "COMPLETED";
+        }
+        let is = |kind: &str, st: StageState| self.record(kind).is_some_and(|r| r.state == st);
+        if is("cutover", StageState::Running) {
+            return "CUTTING_OVER";
+        }
+        if is("cdc", StageState::Ready) {
+            return "READY_TO_COMPLETE";
+        }
+        if is("cdc", StageState::Running) {
+            return "CATCHING_UP";
+        }
+        if self.record("full_load").is_some() {
+            return "FULL_LOAD";
+        }
+        "PENDING"
+    }
+
+    fn overall(&self) -> &'static str {
+        match self.migration_state() {
+            "FAILED" => "FAILED",
+            "COMPLETED" => "SUCCEEDED",
+            _ if self.runner.is_some() => "RUNNING",
+            _ if self.records.is_empty() => "PENDING",
+            _ => "STOPPED",
+        }
+    }
+
+    pub fn to_json(&self) -> Value {
+        let rows = self.rows();
+        let started = self.records.iter().filter_map(|r| r.started_at).fold(
+            None,
+            |a: Option<Timestamp>, t| match a {
+                Some(x) if x.0 <= t.0 => Some(x),
+                _ => Some(t),
+            },
+        );
+        let ended = if self.migration_state() == "COMPLETED" {
+            self.records
+                .iter()
+                .filter_map(|r| r.ended_at)
+                .fold(None, |a: Option<Timestamp>, t| match a {
+                    Some(x) if x.0 >= t.0 => Some(x),
+                    _ => Some(t),
+                })
+        } else {
+            None
+        };
+        let mut output = vec![json!({
+            "resultType": "MigrationLevelOutput",
+            "id": self.plan.name,
+            "state": self.overall(),
+            "migrationState": self.migration_state(),
+            "sourceServer": self.plan.source.display(),
+            "targetServer": self.plan.target.display(),
+            "startedOn": started.map(|t| t.rfc3339()),
+            "endedOn": ended.map(|t| t.rfc3339()),
+            "databaseCount": self.plan.databases.len(),
+            "runner": self.runner.as_ref().map(|h| h.to_string()),
+        })];
+        for db in &self.plan.databases {
+            output.push(json!({
+                "resultType": "DatabaseLevelOutput",
+                "databaseName": db.name,
+                "targetDatabaseName": db.target,
+                "migrationState": self.migration_state(),
+                "startedOn": started.map(|t| t.rfc3339()),
+                "endedOn": ended.map(|t| t.rfc3339()),
+            }));
+        }
+        json!({
+            "migration": self.plan.name,
+            "checkpointStore": self.store,
+            "output": output,
+            "stages": rows,
+            "lastRun": self.last_run,
+        })
+    }
+
+    pub fn to_text(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let _ = writeln!(out, "migration {} ({})", self.plan.name, self.plan.path);
+        let _ = writeln!(
+            out,
+            "state:     {} / {}",
+            self.overall(),
+            self.migration_state()
+        );
+        let _ = writeln!(
+            out,
+            "runner:    {}",
+            self.runner
+                .as_ref()
+                .map(|h| h.to_string())
+                .unwrap_or_else(|| "none".into())
+        );
+        let _ = writeln!(out, "store:     {}", self.store);
+        if let Some(r) = &self.last_run {
+            let _ = writeln!(
+                out,
+                "last run:  #{} started {}{}",
+                r.id,
+                r.started_at.map(|t| t.rfc3339()).unwrap_or_default(),
+                match (&r.outcome, r.ended_at) {
+                    (Some(o), Some(t)) => format!(", {o} at {}", t.rfc3339()),
+                    _ => String::new(),
+                }
+            );
+        }
+        out.push('\n');
+        let rows = self.rows();
+        let headers = ["STAGE", "KIND", "STATE", "TRIES", "STARTED", "DURATION"];
+        let cells: Vec<[String; 6]> = rows
+            .iter()
+            .map(|r| {
+                [
+                    r.stage.clone(),
+                    r.kind.clone(),
+                    r.state.clone(),
+                    r.attempts.to_string(),
+                    r.started_on.clone().unwrap_or_else(|| "-".into()),
+                    r.duration_seconds
+                        .map(|s| {
+                            humantime::format_duration(std::time::Duration::from_secs(
+                                s.round() as u64
+                            ))
+                            .to_string()
+                        })
+                        .unwrap_or_else(|| "-".into()),
+                ]
+            })
+            .collect();
+        let mut widths = headers.map(str::len);
+        for c in &cells {
+            for (w, v) in widths.iter_mut().zip(c.iter()) {
+                *w = (*w).max(v.chars().count());
+            }
+        }
+        let line = |vals: [&str; 6]| {
+            let mut s = String::new();
+            for (i, v) in vals.iter().enumerate() {
+                if i + 1 == vals.len() {
+                    s.push_str(v);
+                } else {
+                    let _ = write!(s, "{:w$}  ", v, w = widths[i]);
+                }
+            }
+            s.trim_end().to_string()
+        };
+        let _ = writeln!(out, "{}", line(headers));
+        for (c, r) in cells.iter().zip(rows.iter()) {
+            let _ = writeln!(out, "{}", line([&c[0], &c[1], &c[2], &c[3], &c[4], &c[5]]));
+            if let Some(e) = &r.error {
+                for l in e.lines().take(6) {
+                    let _ = writeln!(out, "    {l}");
+                }
+            }
+        }
+        if !self.events.is_empty() {
+            let _ = writeln!(out, "\nrecent events:");
+            for (t, stage, level, msg) in &self.events {
+                let first = msg.lines().next().unwrap_or("");
+                let _ = writeln!(
+                    out,
+                    "  {} {:5} {}: {first}",
+                    t.rfc3339(),
+                    level,
+                    stage.as_deref().unwrap_or("-")
+                );
+            }
+        }
+        out
+    }
+}
