@@ -218,6 +218,11 @@ impl ConnInfo {
                 }
             }
         };
+        // Let the server notice a vanished client (a killed runner) and abort its statement instead
+        // of finishing and committing it (PostgreSQL 14 and later; ignored by older servers).
+        let _ = client
+            .batch_execute("SET client_connection_check_interval = '1s'")
+            .await;
         Ok(client)
     }
 

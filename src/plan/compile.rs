@@ -71,6 +71,9 @@ pub fn compile(src: &SourceFile, opts: &CompileOptions) -> Result<Plan, Vec<Diag
             let rendered = match k.as_str() {
                 "stages" => v.clone(),
                 "vars" => Value::Object(vars.clone()),
+                "databases" => {
+                    render_databases(&mut scope, v, &mut |p, e| diags.template(&doc, src, p, e))
+                }
                 _ => {
                     let mut p = path![k.as_str()];
                     scope.render_value(v, &mut p, &mut |p, e| diags.template(&doc, src, p, e))
@@ -300,6 +303,44 @@ pub fn compile(src: &SourceFile, opts: &CompileOptions) -> Result<Plan, Vec<Diag
         stages,
         dag,
     })
+}
+
+/// Renders the `[[databases]]` entries: `name` first, then the other keys with `database.name` in
+/// scope (so `target = "{{ database.name }}_copy"` works).
+fn render_databases(
+    scope: &mut Scope,
+    value: &Value,
+    on_error: &mut dyn FnMut(&Path, TemplateError),
+) -> Value {
+    let Value::Array(entries) = value else {
+        return value.clone();
+    };
+    let mut out = Vec::with_capacity(entries.len());
+    for (i, entry) in entries.iter().enumerate() {
+        let Value::Object(map) = entry else {
+            out.push(entry.clone());
+            continue;
+        };
+        let mut rendered = Map::new();
+        let name = map.get("name").map(|n| {
+            let mut p = path!["databases", i, "name"];
+            scope.render_value(n, &mut p, on_error)
+        });
+        if let Some(n) = &name {
+            rendered.insert("name".into(), n.clone());
+        }
+        scope.set_database(
+            name.as_ref()
+                .map(|n| serde_json::json!({ "name": n, "target": n })),
+        );
+        for (k, v) in map.iter().filter(|(k, _)| k.as_str() != "name") {
+            let mut p = path!["databases", i, k.as_str()];
+            rendered.insert(k.clone(), scope.render_value(v, &mut p, on_error));
+        }
+        scope.set_database(None);
+        out.push(Value::Object(rendered));
+    }
+    Value::Array(out)
 }
 
 /// The `[[databases]]` entries as templates see them (`target` defaults to `name`).

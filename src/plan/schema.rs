@@ -178,6 +178,19 @@ pub fn check(value: &Value, doc: &PlanDocument) -> Vec<Diagnostic> {
                         .hint("`pgferry init` writes a plan with every standard stage"),
                 );
             }
+            ValidationErrorKind::PropertyNames { .. } if path == [Seg::Key("stages".into())] => {
+                let ids = at
+                    .and_then(Value::as_object)
+                    .map(|m| m.keys().cloned().collect::<Vec<_>>())
+                    .unwrap_or_default();
+                for id in ids.into_iter().filter(|id| !is_stage_id(id)) {
+                    out.push(
+                        Diagnostic::error(format!("`{id}` is not a valid stage id"))
+                            .at(doc.key_span(&[Seg::Key("stages".into()), Seg::Key(id.clone())]))
+                            .hint("stage ids are letters, digits, `_` and `-`, starting with a letter or `_`, at most 63 characters"),
+                    );
+                }
+            }
             ValidationErrorKind::Pattern { .. } => {
                 let what = match path.as_slice() {
                     [Seg::Key(k)] if k == "name" => {
@@ -212,6 +225,14 @@ pub fn check(value: &Value, doc: &PlanDocument) -> Vec<Diagnostic> {
         }
     }
     out
+}
+
+/// The stage id pattern of the schema: `^[A-Za-z_][A-Za-z0-9_-]{0,62}$`.
+fn is_stage_id(id: &str) -> bool {
+    let mut chars = id.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && id.len() <= 63
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 fn quoted_list(items: &[String]) -> String {

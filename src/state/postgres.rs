@@ -609,8 +609,8 @@ impl StateStore for PgStore {
                      CASE WHEN $4 = 'running' THEN now() END, CASE WHEN $4 IN ('done','failed') THEN now() END, $6) \
              ON CONFLICT (migration, stage) DO UPDATE SET \
                 kind = excluded.kind, state = excluded.state, fingerprint = excluded.fingerprint, \
-                attempts = s.attempts + CASE WHEN excluded.state = 'running' AND s.state <> 'running' THEN 1 ELSE 0 END, \
-                started_at = CASE WHEN excluded.state = 'running' AND s.state NOT IN ('running', 'ready') THEN now() ELSE s.started_at END, \
+                attempts = s.attempts + CASE WHEN excluded.state = 'running' THEN 1 ELSE 0 END, \
+                started_at = CASE WHEN excluded.state = 'running' THEN now() ELSE s.started_at END, \
                 ended_at = CASE WHEN excluded.state IN ('done','failed') THEN now() WHEN excluded.state = 'running' THEN NULL ELSE s.ended_at END, \
                 error = excluded.error, updated_at = now()",
             t = self.t("stages")
@@ -699,7 +699,7 @@ impl StateStore for PgStore {
     async fn event(&self, stage: Option<&str>, level: &str, message: &str) -> Result<()> {
         let client = self.client().await?;
         let sql = format!(
-            "INSERT INTO {} (migration, run_id, stage, level, message) VALUES ($1, nullif($2, 0), $3, $4, $5)",
+            "INSERT INTO {} (migration, run_id, stage, level, message) VALUES ($1, nullif($2::bigint, 0), $3, $4, $5)",
             self.t("events")
         );
         let run = self.run.load(std::sync::atomic::Ordering::Relaxed);

@@ -5,7 +5,10 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod plan;
 
 // Not every test binary uses every re-export.
 #[allow(unused_imports)]
 pub use cluster::{Cluster, PASSWORD, Pair, load_pagila, pagila_dir, pair, pgferry, row_digest};
+#[allow(unused_imports)]
+pub use plan::{PASSWORD_VAR, TestPlan, show, wait_for};

@@ -1,0 +1,117 @@
+//! Writing plans that point at the test clusters, and running pgferry on them.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use super::cluster::{PASSWORD, Pair};
+
+/// The environment variable plans read the password from (`{{ env.PGFERRY_TEST_PASSWORD }}`).
+pub const PASSWORD_VAR: &str = "PGFERRY_TEST_PASSWORD";
+
+/// A plan file in a temporary directory, for one test.
+pub struct TestPlan {
+    pub dir: tempfile::TempDir,
+    pub path: PathBuf,
+    pub name: String,
+    pub source_db: String,
+    pub target_db: String,
+}
+
+impl TestPlan {
+    /// A plan migrating `source_db` to `target_db` with the given `[stages...]` TOML.
+    pub fn new(
+        pair: &Pair,
+        name: &str,
+        source_db: &str,
+        target_db: &str,
+        stages: &str,
+    ) -> TestPlan {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("plan.toml");
+        let plan = TestPlan {
+            dir,
+            path,
+            name: name.to_string(),
+            source_db: source_db.to_string(),
+            target_db: target_db.to_string(),
+        };
+        plan.write(pair, stages);
+        plan
+    }
+
+    /// Rewrites the plan with other stages (same migration, same databases).
+    pub fn write(&self, pair: &Pair, stages: &str) {
+        let text = format!(
+            r#"version = 1
+name = "{name}"
+
+[source]
+url = "postgres://postgres@127.0.0.1:{sport}/{sdb}?sslmode=disable"
+password = "{{{{ env.{var} }}}}"
+
+[target]
+url = "postgres://postgres@127.0.0.1:{tport}/{tdb}?sslmode=disable"
+password = "{{{{ env.{var} }}}}"
+
+[[databases]]
+name = "{sdb}"
+target = "{tdb}"
+
+{stages}
+"#,
+            name = self.name,
+            sport = pair.source.port,
+            tport = pair.target.port,
+            sdb = self.source_db,
+            tdb = self.target_db,
+            var = PASSWORD_VAR,
+        );
+        std::fs::write(&self.path, text).expect("write plan");
+    }
+
+    /// `pgferry <args...> PLAN`, ready to run, with the password in its environment.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = super::cluster::pgferry();
+        cmd.arg(args[0])
+            .arg(&self.path)
+            .args(&args[1..])
+            .env(PASSWORD_VAR, PASSWORD);
+        cmd
+    }
+
+    /// Runs `pgferry <args...> PLAN` to completion.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run pgferry")
+    }
+
+    /// Starts `pgferry <args...> PLAN` in the background.
+    pub fn spawn(&self, args: &[&str]) -> Child {
+        self.command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn pgferry")
+    }
+}
+
+/// stdout and stderr of a finished command, for assertion messages.
+pub fn show(out: &Output) -> String {
+    format!(
+        "exit: {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Polls `check` every 50 ms until it returns true; panics after `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
