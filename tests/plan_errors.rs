@@ -165,7 +165,6 @@ fixtures! {
     bad_template_syntax,
     many_errors,
     // Known bugs in src/plan: the `.stderr` holds the expected (fixed) output.
-    #[ignore = "src bug: a bad stage id gets the raw regex message, pointing at `stages` (schema.rs: propertyNames errors have the path [stages], the Pattern arm expects [stages, id])"]
     bad_stage_id,
     #[ignore = "src bug: `version = 2` says only \"`version`: 1 was expected\" (schema.rs: no arm for ValidationErrorKind::Constant)"]
     bad_version,
@@ -767,7 +766,7 @@ fn check_survives(plan: &str, env: &[(&str, &str)]) -> Result<(), String> {
     if run.stderr.contains("panicked") {
         return fail("panicked");
     }
-    if run.stderr.contains("internal:") {
+    if run.stderr.contains("error: internal:") {
         return fail("internal error");
     }
     match run.code {
