@@ -6,6 +6,7 @@ mod support;
 
 use std::time::Duration;
 
+use pgferry::state::StateStore;
 use support::{TestPlan, pair, show, wait_for};
 
 /// Fresh source and target databases, with a `log` table on the target that stages write to.

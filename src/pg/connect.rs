@@ -182,6 +182,81 @@ impl ConnInfo {
         self.config.get_user().unwrap_or("")
     }
 
+    /// The environment for a libpq child process (pg_dump, pg_restore, psql) that must reach the
+    /// same server: PGHOST, PGPORT, PGUSER, PGDATABASE, PGPASSWORD, PGSSLMODE, PGSSLROOTCERT,
+    /// PGAPPNAME, PGCONNECT_TIMEOUT. The password travels only in the environment, never in
+    /// arguments, so it does not show in `ps`.
+    pub fn child_env(&self, purpose: &str) -> Vec<(String, String)> {
+        let mut env = Vec::new();
+        match self.config.get_hosts().first() {
+            Some(Host::Tcp(h)) => env.push(("PGHOST".into(), h.clone())),
+            Some(Host::Unix(p)) => env.push(("PGHOST".into(), p.display().to_string())),
+            None => {}
+        }
+        let port = self.config.get_ports().first().copied().unwrap_or(5432);
+        env.push(("PGPORT".into(), port.to_string()));
+        env.push(("PGUSER".into(), self.user().to_string()));
+        env.push(("PGDATABASE".into(), self.dbname().to_string()));
+        if let Some(pw) = self.config.get_password() {
+            env.push((
+                "PGPASSWORD".into(),
+                String::from_utf8_lossy(pw).into_owned(),
+            ));
+        }
+        let mode = match self.tls {
+            TlsMode::Disable => "disable",
+            TlsMode::Allow => "allow",
+            TlsMode::Prefer => "prefer",
+            TlsMode::Require => "require",
+            TlsMode::VerifyCa => "verify-ca",
+            TlsMode::VerifyFull => "verify-full",
+        };
+        env.push(("PGSSLMODE".into(), mode.into()));
+        if let Some(root) = &self.root_cert {
+            env.push(("PGSSLROOTCERT".into(), root.display().to_string()));
+        }
+        env.push(("PGAPPNAME".into(), format!("pgferry {purpose}")));
+        env.push(("PGCONNECT_TIMEOUT".into(), "10".into()));
+        env
+    }
+
+    /// Applies [`ConnInfo::child_env`] to a command, clearing the libpq variables it does not set.
+    pub fn configure_child(&self, cmd: &mut tokio::process::Command, purpose: &str) {
+        for k in [
+            "PGHOST",
+            "PGHOSTADDR",
+            "PGPORT",
+            "PGUSER",
+            "PGDATABASE",
+            "PGPASSWORD",
+            "PGPASSFILE",
+            "PGSERVICE",
+            "PGSSLMODE",
+            "PGSSLROOTCERT",
+            "PGAPPNAME",
+            "PGOPTIONS",
+        ] {
+            cmd.env_remove(k);
+        }
+        for (k, v) in self.child_env(purpose) {
+            cmd.env(k, v);
+        }
+    }
+
+    /// The underlying tokio-postgres configuration (for the replication client).
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn tls_mode(&self) -> TlsMode {
+        self.tls
+    }
+
+    /// A TLS connector for this endpoint's `sslmode` (not for `disable`).
+    pub fn make_tls(&self) -> Result<postgres_native_tls::MakeTlsConnector> {
+        self.tls_connector(self.tls)
+    }
+
     /// Opens a connection. `purpose` becomes part of `application_name`, so a DBA can see in
     /// `pg_stat_activity` what each pgferry session does.
     pub async fn connect(&self, purpose: &str) -> Result<Client> {
@@ -227,6 +302,13 @@ impl ConnInfo {
     }
 
     fn tls_connector(&self, mode: TlsMode) -> Result<postgres_native_tls::MakeTlsConnector> {
+        Ok(postgres_native_tls::MakeTlsConnector::new(
+            self.native_tls(mode)?,
+        ))
+    }
+
+    /// The native-tls connector for `mode`, with libpq's verification rules.
+    pub fn native_tls(&self, mode: TlsMode) -> Result<native_tls::TlsConnector> {
         let mut b = native_tls::TlsConnector::builder();
         let root = self.root_cert.as_ref().filter(|p| p.exists());
         if let Some(path) = root {
@@ -252,10 +334,8 @@ impl ConnInfo {
             }
             TlsMode::VerifyFull | TlsMode::Disable => {}
         }
-        let connector = b
-            .build()
-            .map_err(|e| Error::permanent(format!("cannot set up TLS: {e}")))?;
-        Ok(postgres_native_tls::MakeTlsConnector::new(connector))
+        b.build()
+            .map_err(|e| Error::permanent(format!("cannot set up TLS: {e}")))
     }
 }
 

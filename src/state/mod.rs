@@ -123,4 +123,64 @@ pub trait StateStore: Send + Sync {
     -> Result<()>;
     /// Appends to the run log.
     async fn event(&self, stage: Option<&str>, level: &str, message: &str) -> Result<()>;
+    /// Moves a named position (an LSN such as `0/16B3748`) forward; a lower one is ignored. Returns
+    /// the stored position.
+    async fn advance_position(&self, name: &str, lsn: &str) -> Result<String>;
+    async fn position(&self, name: &str) -> Result<Option<String>>;
+    /// Stores an artifact (a schema dump section, a report), replacing an older one of that name.
+    async fn put_artifact(&self, name: &str, content: &[u8]) -> Result<()>;
+    async fn artifact(&self, name: &str) -> Result<Option<Vec<u8>>>;
+    /// Adds to a counter (scope: "" for the migration, or a database or table name).
+    async fn add_counter(&self, scope: &str, name: &str, delta: i64) -> Result<i64>;
+    /// Records the progress of one table (or one range or object) of a stage.
+    async fn upsert_table(&self, progress: &TableProgress) -> Result<()>;
+    /// The recorded progress of a stage's tables (all stages when `None`).
+    async fn tables(&self, stage: Option<&str>) -> Result<Vec<TableProgress>>;
+}
+
+/// Where one table (or range, or object) of a stage is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TableState {
+    Queued,
+    Copying,
+    Copied,
+    Failed,
+}
+
+impl TableState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TableState::Queued => "queued",
+            TableState::Copying => "copying",
+            TableState::Copied => "copied",
+            TableState::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> TableState {
+        match s {
+            "copying" => TableState::Copying,
+            "copied" => TableState::Copied,
+            "failed" => TableState::Failed,
+            _ => TableState::Queued,
+        }
+    }
+}
+
+/// The progress of one table of a stage, as `status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct TableProgress {
+    pub stage: String,
+    pub database: String,
+    /// `schema.table`, or `schema.table#range` for a part of a split table.
+    pub table: String,
+    pub state: TableState,
+    pub rows: i64,
+    pub bytes: i64,
+    /// The source position the copy is consistent with.
+    pub lsn: Option<String>,
+    pub started_at: Option<Timestamp>,
+    pub ended_at: Option<Timestamp>,
+    pub error: Option<String>,
 }

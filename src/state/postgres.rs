@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 use tokio_postgres::Client;
 
-use super::{StageRecord, StageState, StateStore, Timestamp};
+use super::{StageRecord, StageState, StateStore, TableProgress, TableState, Timestamp};
 use crate::error::{Error, Result};
 use crate::pg::connect::ConnInfo;
 use crate::pg::ident::{quote_ident, quote_literal};
@@ -293,80 +293,6 @@ impl PgStore {
         }))
     }
 
-    /// Moves a position forward; a lower LSN than the stored one is ignored. Returns the stored LSN.
-    pub async fn advance_position(&self, name: &str, lsn: &str) -> Result<String> {
-        let client = self.client().await?;
-        let sql = format!(
-            "INSERT INTO {t} AS p (migration, name, lsn) VALUES ($1, $2, $3::text::pg_lsn) \
-             ON CONFLICT (migration, name) DO UPDATE SET lsn = greatest(p.lsn, excluded.lsn), \
-                updated_at = CASE WHEN excluded.lsn > p.lsn THEN now() ELSE p.updated_at END \
-             RETURNING lsn::text",
-            t = self.t("positions")
-        );
-        let row = client
-            .query_one(&sql, &[&self.migration, &name, &lsn])
-            .await
-            .map_err(|e| Error::pg(&e, format!("recording position {name}")))?;
-        Ok(row.get(0))
-    }
-
-    pub async fn position(&self, name: &str) -> Result<Option<String>> {
-        let client = self.client().await?;
-        let sql = format!(
-            "SELECT lsn::text FROM {} WHERE migration = $1 AND name = $2",
-            self.t("positions")
-        );
-        let row = client
-            .query_opt(&sql, &[&self.migration, &name])
-            .await
-            .map_err(|e| Error::pg(&e, "reading a position"))?;
-        Ok(row.map(|r| r.get(0)))
-    }
-
-    /// Stores an artifact (for example a schema dump section), replacing an older one.
-    pub async fn put_artifact(&self, name: &str, content: &[u8]) -> Result<()> {
-        let client = self.client().await?;
-        let sha = hex::encode(Sha256::digest(content));
-        let sql = format!(
-            "INSERT INTO {} (migration, name, content, sha256) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (migration, name) DO UPDATE SET content = excluded.content, sha256 = excluded.sha256, created_at = now()",
-            self.t("artifacts")
-        );
-        client
-            .execute(&sql, &[&self.migration, &name, &content, &sha])
-            .await
-            .map_err(|e| Error::pg(&e, format!("storing artifact {name}")))?;
-        Ok(())
-    }
-
-    pub async fn artifact(&self, name: &str) -> Result<Option<Vec<u8>>> {
-        let client = self.client().await?;
-        let sql = format!(
-            "SELECT content FROM {} WHERE migration = $1 AND name = $2",
-            self.t("artifacts")
-        );
-        let row = client
-            .query_opt(&sql, &[&self.migration, &name])
-            .await
-            .map_err(|e| Error::pg(&e, format!("reading artifact {name}")))?;
-        Ok(row.map(|r| r.get(0)))
-    }
-
-    /// Adds to a counter (scope: a database or table name, or "" for the migration).
-    pub async fn add_counter(&self, scope: &str, name: &str, delta: i64) -> Result<i64> {
-        let client = self.client().await?;
-        let sql = format!(
-            "INSERT INTO {t} AS c (migration, scope, name, value) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (migration, scope, name) DO UPDATE SET value = c.value + excluded.value RETURNING value",
-            t = self.t("counters")
-        );
-        let row = client
-            .query_one(&sql, &[&self.migration, &scope, &name, &delta])
-            .await
-            .map_err(|e| Error::pg(&e, "updating a counter"))?;
-        Ok(row.get(0))
-    }
-
     pub async fn counters(&self) -> Result<Vec<(String, String, i64)>> {
         let client = self.client().await?;
         let sql = format!(
@@ -528,6 +454,142 @@ pub struct RunRecord {
 
 #[async_trait]
 impl StateStore for PgStore {
+    async fn upsert_table(&self, t: &TableProgress) -> Result<()> {
+        let client = self.client().await?;
+        let sql = format!(
+            "INSERT INTO {} (migration, stage, database, table_name, state, rows, bytes, lsn, started_at, ended_at, error) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8::text::pg_lsn, \
+                     CASE WHEN $5 <> 'queued' THEN now() END, CASE WHEN $5 IN ('copied', 'failed') THEN now() END, $9) \
+             ON CONFLICT (migration, stage, database, table_name) DO UPDATE SET \
+                state = excluded.state, rows = excluded.rows, bytes = excluded.bytes, lsn = excluded.lsn, \
+                started_at = CASE WHEN {t}.state = 'queued' OR {t}.started_at IS NULL THEN excluded.started_at ELSE {t}.started_at END, \
+                ended_at = excluded.ended_at, error = excluded.error",
+            self.t("tables"),
+            t = self.t("tables"),
+        );
+        client
+            .execute(
+                &sql,
+                &[
+                    &self.migration,
+                    &t.stage,
+                    &t.database,
+                    &t.table,
+                    &t.state.as_str(),
+                    &t.rows,
+                    &t.bytes,
+                    &t.lsn,
+                    &t.error,
+                ],
+            )
+            .await
+            .map_err(|e| Error::pg(&e, format!("recording the progress of table {}", t.table)))?;
+        Ok(())
+    }
+
+    async fn tables(&self, stage: Option<&str>) -> Result<Vec<TableProgress>> {
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT stage, database, table_name, state, rows, bytes, lsn::text, \
+                    extract(epoch FROM started_at)::float8, extract(epoch FROM ended_at)::float8, error \
+             FROM {} WHERE migration = $1 AND ($2::text IS NULL OR stage = $2) ORDER BY stage, database, table_name",
+            self.t("tables")
+        );
+        let rows = client
+            .query(&sql, &[&self.migration, &stage])
+            .await
+            .map_err(|e| Error::pg(&e, "reading table progress"))?;
+        Ok(rows
+            .iter()
+            .map(|r| TableProgress {
+                stage: r.get(0),
+                database: r.get(1),
+                table: r.get(2),
+                state: TableState::parse(r.get(3)),
+                rows: r.get(4),
+                bytes: r.get(5),
+                lsn: r.get(6),
+                started_at: r.get::<_, Option<f64>>(7).map(Timestamp),
+                ended_at: r.get::<_, Option<f64>>(8).map(Timestamp),
+                error: r.get(9),
+            })
+            .collect())
+    }
+
+    /// Moves a position forward; a lower LSN than the stored one is ignored. Returns the stored LSN.
+    async fn advance_position(&self, name: &str, lsn: &str) -> Result<String> {
+        let client = self.client().await?;
+        let sql = format!(
+            "INSERT INTO {t} AS p (migration, name, lsn) VALUES ($1, $2, $3::text::pg_lsn) \
+             ON CONFLICT (migration, name) DO UPDATE SET lsn = greatest(p.lsn, excluded.lsn), \
+                updated_at = CASE WHEN excluded.lsn > p.lsn THEN now() ELSE p.updated_at END \
+             RETURNING lsn::text",
+            t = self.t("positions")
+        );
+        let row = client
+            .query_one(&sql, &[&self.migration, &name, &lsn])
+            .await
+            .map_err(|e| Error::pg(&e, format!("recording position {name}")))?;
+        Ok(row.get(0))
+    }
+
+    async fn position(&self, name: &str) -> Result<Option<String>> {
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT lsn::text FROM {} WHERE migration = $1 AND name = $2",
+            self.t("positions")
+        );
+        let row = client
+            .query_opt(&sql, &[&self.migration, &name])
+            .await
+            .map_err(|e| Error::pg(&e, "reading a position"))?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Stores an artifact (for example a schema dump section), replacing an older one.
+    async fn put_artifact(&self, name: &str, content: &[u8]) -> Result<()> {
+        let client = self.client().await?;
+        let sha = hex::encode(Sha256::digest(content));
+        let sql = format!(
+            "INSERT INTO {} (migration, name, content, sha256) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (migration, name) DO UPDATE SET content = excluded.content, sha256 = excluded.sha256, created_at = now()",
+            self.t("artifacts")
+        );
+        client
+            .execute(&sql, &[&self.migration, &name, &content, &sha])
+            .await
+            .map_err(|e| Error::pg(&e, format!("storing artifact {name}")))?;
+        Ok(())
+    }
+
+    async fn artifact(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT content FROM {} WHERE migration = $1 AND name = $2",
+            self.t("artifacts")
+        );
+        let row = client
+            .query_opt(&sql, &[&self.migration, &name])
+            .await
+            .map_err(|e| Error::pg(&e, format!("reading artifact {name}")))?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Adds to a counter (scope: a database or table name, or "" for the migration).
+    async fn add_counter(&self, scope: &str, name: &str, delta: i64) -> Result<i64> {
+        let client = self.client().await?;
+        let sql = format!(
+            "INSERT INTO {t} AS c (migration, scope, name, value) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (migration, scope, name) DO UPDATE SET value = c.value + excluded.value RETURNING value",
+            t = self.t("counters")
+        );
+        let row = client
+            .query_one(&sql, &[&self.migration, &scope, &name, &delta])
+            .await
+            .map_err(|e| Error::pg(&e, "updating a counter"))?;
+        Ok(row.get(0))
+    }
+
     async fn begin_run(&self, args: &str) -> Result<i64> {
         let client = self.client().await?;
         let sql = format!(
