@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use crate::plan::Plan;
 use crate::state::postgres::{LockHolder, RunRecord};
-use crate::state::{StageRecord, StageState, Timestamp};
+use crate::state::{StageRecord, StageState, TableProgress, TableState, Timestamp};
 
 /// Everything `status` shows.
 pub struct Status<'a> {
@@ -17,6 +17,8 @@ pub struct Status<'a> {
     pub runner: Option<LockHolder>,
     pub last_run: Option<RunRecord>,
     pub events: Vec<(Timestamp, Option<String>, String, String)>,
+    /// Per-table progress of every stage that records it (full_load).
+    pub tables: Vec<TableProgress>,
 }
 
 /// One stage row, in plan order.
@@ -181,7 +183,29 @@ impl Status<'_> {
             "databaseCount": self.plan.databases.len(),
             "runner": self.runner.as_ref().map(|h| h.to_string()),
         })];
+        let load_ids: Vec<&str> = self
+            .plan
+            .stages
+            .iter()
+            .filter(|s| s.kind == "full_load")
+            .map(|s| s.id.as_str())
+            .collect();
         for db in &self.plan.databases {
+            // Whole tables only: ranges of split tables are progress detail.
+            let tables: Vec<&TableProgress> = self
+                .tables
+                .iter()
+                .filter(|t| {
+                    t.database == db.name
+                        && load_ids.contains(&t.stage.as_str())
+                        && !t.table.contains('#')
+                })
+                .collect();
+            let count = |st: TableState| tables.iter().filter(|t| t.state == st).count();
+            let load_done = self
+                .records
+                .iter()
+                .any(|r| load_ids.contains(&r.stage.as_str()) && r.state == StageState::Done);
             output.push(json!({
                 "resultType": "DatabaseLevelOutput",
                 "databaseName": db.name,
@@ -189,7 +213,34 @@ impl Status<'_> {
                 "migrationState": self.migration_state(),
                 "startedOn": started.map(|t| t.rfc3339()),
                 "endedOn": ended.map(|t| t.rfc3339()),
+                "fullLoadCompletedTables": count(TableState::Copied),
+                "fullLoadLoadingTables": count(TableState::Copying),
+                "fullLoadQueuedTables": count(TableState::Queued),
+                "fullLoadErroredTables": count(TableState::Failed),
+                "fullLoadTotalRows": tables.iter().map(|t| t.rows).sum::<i64>(),
+                "fullLoadTotalVolumeBytes": tables.iter().map(|t| t.bytes).sum::<i64>(),
+                "initializationCompleted": load_done,
             }));
+            for t in &tables {
+                output.push(json!({
+                    "resultType": "TableLevelOutput",
+                    "databaseName": db.name,
+                    "tableName": t.table,
+                    "state": match t.state {
+                        TableState::Queued => "QUEUED",
+                        TableState::Copying => "LOADING",
+                        TableState::Copied => "COMPLETED",
+                        TableState::Failed => "ERROR",
+                    },
+                    "fullLoadTotalRows": t.rows,
+                    "fullLoadTotalVolumeBytes": t.bytes,
+                    "fullLoadStartedOn": t.started_at.map(|x| x.rfc3339()),
+                    "fullLoadEndedOn": t.ended_at.map(|x| x.rfc3339()),
+                    "copiedAtLsn": t.lsn,
+                    "dataErrorsCount": 0,
+                    "lastError": t.error,
+                }));
+            }
         }
         json!({
             "migration": self.plan.name,
@@ -278,6 +329,51 @@ impl Status<'_> {
                 for l in e.lines().take(6) {
                     let _ = writeln!(out, "    {l}");
                 }
+            }
+        }
+        let copying: Vec<&TableProgress> = self
+            .tables
+            .iter()
+            .filter(|t| t.state == TableState::Copying)
+            .collect();
+        if !self.tables.is_empty() {
+            let whole: Vec<&TableProgress> = self
+                .tables
+                .iter()
+                .filter(|t| !t.table.contains('#'))
+                .collect();
+            let done = whole
+                .iter()
+                .filter(|t| t.state == TableState::Copied)
+                .count();
+            let rows: i64 = whole.iter().map(|t| t.rows).sum();
+            let bytes: i64 = whole.iter().map(|t| t.bytes).sum();
+            let _ = writeln!(
+                out,
+                "\ntables: {done}/{} copied, {rows} rows, {}",
+                whole.len(),
+                crate::plan::units::human_bytes(bytes.max(0) as u64)
+            );
+            for t in copying.iter().take(10) {
+                let _ = writeln!(out, "  copying {} ({})", t.table, t.database);
+            }
+            for t in self
+                .tables
+                .iter()
+                .filter(|t| t.state == TableState::Failed)
+                .take(10)
+            {
+                let _ = writeln!(
+                    out,
+                    "  failed  {}: {}",
+                    t.table,
+                    t.error
+                        .as_deref()
+                        .unwrap_or("")
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                );
             }
         }
         if !self.events.is_empty() {

@@ -20,6 +20,7 @@ pub async fn run(args: &PlanArgs, json: bool) -> u8 {
                 runner: None,
                 last_run: None,
                 events: Vec::new(),
+                tables: Vec::new(),
             };
             if json {
                 println!(
@@ -45,10 +46,11 @@ pub async fn run(args: &PlanArgs, json: bool) -> u8 {
         let runner = store.runner().await?;
         let last_run = store.runs(1).await?.into_iter().next();
         let events = store.events(8).await?;
-        Ok::<_, crate::error::Error>((records, runner, last_run, events))
+        let tables = store.tables(None).await?;
+        Ok::<_, crate::error::Error>((records, runner, last_run, events, tables))
     }
     .await;
-    let (records, runner, last_run, events) = match gathered {
+    let (records, runner, last_run, events, tables) = match gathered {
         Ok(x) => x,
         Err(e) => {
             report(&e);
@@ -62,6 +64,7 @@ pub async fn run(args: &PlanArgs, json: bool) -> u8 {
         runner,
         last_run,
         events,
+        tables,
     };
     if json {
         match serde_json::to_string_pretty(&st.to_json()) {

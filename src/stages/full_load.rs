@@ -367,11 +367,11 @@ async fn load_database(
                 "internal: a copy worker failed: {e}"
             )))
         });
-        if let Err(e) = result {
-            if first_error.is_none() {
-                stop.cancel();
-                first_error = Some(e);
-            }
+        if let Err(e) = result
+            && first_error.is_none()
+        {
+            stop.cancel();
+            first_error = Some(e);
         }
     }
     ticker.abort();

@@ -1,0 +1,331 @@
+//! Offline migration benchmark: the wall time of a whole pgferry plan (schema_dump, provision,
+//! full_load, post_data, sequence_reset) against `pg_dump | psql` and `pgcopydb clone` on the same
+//! clusters, in the same run. Prints the times and the ratio to the faster anchor.
+//!
+//! ```sh
+//! cargo bench --bench offline -- pgbench      # pgbench -i -s 50 (one dominant table, ~750 MB)
+//! cargo bench --bench offline -- multi        # ../shared/bench/multi.sql (four tables, 12 indexes, ~870 MB)
+//! cargo bench --bench offline -- pgbench --scale 5 --repeat 2
+//! ```
+//! pgcopydb is optional (`apt-get install pgcopydb`); without it its row says "not installed".
+
+#[path = "../tests/support/mod.rs"]
+#[allow(dead_code)]
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{Cluster, PASSWORD, pair};
+
+struct Args {
+    dataset: String,
+    scale: u32,
+    repeat: u32,
+    jobs: u32,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        dataset: "pgbench".into(),
+        scale: 50,
+        repeat: 1,
+        jobs: 2,
+    };
+    let mut it = std::env::args().skip(1).filter(|x| x != "--bench");
+    while let Some(x) = it.next() {
+        match x.as_str() {
+            "--scale" => a.scale = it.next().and_then(|v| v.parse().ok()).unwrap_or(a.scale),
+            "--repeat" => a.repeat = it.next().and_then(|v| v.parse().ok()).unwrap_or(a.repeat),
+            "--jobs" => a.jobs = it.next().and_then(|v| v.parse().ok()).unwrap_or(a.jobs),
+            "pgbench" | "multi" => a.dataset = x,
+            _ => {}
+        }
+    }
+    a
+}
+
+fn sh(cmd: &mut Command, what: &str) -> Duration {
+    let start = Instant::now();
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    let took = start.elapsed();
+    if !out.status.success() {
+        panic!(
+            "{what} failed ({:?}):\n{}\n{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    took
+}
+
+fn url(c: &Cluster, db: &str) -> String {
+    format!(
+        "postgres://postgres:{}@127.0.0.1:{}/{db}",
+        PASSWORD.replace('!', "%21"),
+        c.port
+    )
+}
+
+fn load_dataset(a: &Args, src: &Cluster, db: &str) {
+    let start = Instant::now();
+    match a.dataset.as_str() {
+        "pgbench" => {
+            sh(
+                Command::new(src.bindir.join("pgbench"))
+                    .args([
+                        "-i",
+                        "-q",
+                        "-s",
+                        &a.scale.to_string(),
+                        "-h",
+                        "127.0.0.1",
+                        "-p",
+                        &src.port.to_string(),
+                        "-U",
+                        "postgres",
+                        db,
+                    ])
+                    .env("PGPASSWORD", PASSWORD),
+                "pgbench -i",
+            );
+        }
+        _ => {
+            let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/bench/multi.sql");
+            if !file.exists() {
+                eprintln!("SKIPPED: {} not found", file.display());
+                std::process::exit(0);
+            }
+            src.psql_file(db, &file);
+        }
+    }
+    src.psql(db, "VACUUM ANALYZE");
+    eprintln!(
+        "[bench] loaded {} into the source in {:.1?}: {}",
+        a.dataset,
+        start.elapsed(),
+        src.psql(
+            db,
+            "SELECT pg_size_pretty(pg_database_size(current_database()))"
+        )
+    );
+}
+
+fn fresh_target(t: &Cluster, name: &str) {
+    t.psql(
+        "postgres",
+        &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+    );
+    t.psql("postgres", "CHECKPOINT");
+}
+
+fn run_pg_dump(s: &Cluster, sdb: &str, t: &Cluster, tdb: &str) -> Duration {
+    fresh_target(t, tdb);
+    t.psql("postgres", &format!("CREATE DATABASE {tdb}"));
+    let start = Instant::now();
+    let dump = Command::new(s.bindir.join("pg_dump"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &s.port.to_string(),
+            "-U",
+            "postgres",
+            sdb,
+        ])
+        .env("PGPASSWORD", PASSWORD)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("pg_dump");
+    let out = Command::new(t.bindir.join("psql"))
+        .args([
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &t.port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            tdb,
+        ])
+        .env("PGPASSWORD", PASSWORD)
+        .stdin(dump.stdout.expect("pipe"))
+        .stdout(Stdio::null())
+        .output()
+        .expect("psql");
+    assert!(
+        out.status.success(),
+        "pg_dump | psql: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    start.elapsed()
+}
+
+fn run_pgcopydb(a: &Args, s: &Cluster, sdb: &str, t: &Cluster, tdb: &str) -> Option<Duration> {
+    let bin = which("pgcopydb")?;
+    fresh_target(t, tdb);
+    t.psql("postgres", &format!("CREATE DATABASE {tdb}"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let jobs = a.jobs.to_string();
+    Some(sh(
+        Command::new(bin)
+            .args([
+                "clone",
+                "--source",
+                &url(s, sdb),
+                "--target",
+                &url(t, tdb),
+                "--table-jobs",
+                &jobs,
+                "--index-jobs",
+                &jobs,
+                "--dir",
+            ])
+            .arg(dir.path().join("work"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+        "pgcopydb clone",
+    ))
+}
+
+fn run_pgferry(a: &Args, s: &Cluster, sdb: &str, t: &Cluster, tdb: &str) -> Duration {
+    fresh_target(t, tdb);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plan = dir.path().join("bench.toml");
+    let text = format!(
+        r#"version = 1
+name = "bench"
+
+[source]
+url = "postgres://postgres@127.0.0.1:{sp}/{sdb}?sslmode=disable"
+password = "{{{{ env.BENCH_PASSWORD }}}}"
+
+[target]
+url = "postgres://postgres@127.0.0.1:{tp}/{tdb}?sslmode=disable"
+password = "{{{{ env.BENCH_PASSWORD }}}}"
+
+[[databases]]
+name = "{sdb}"
+target = "{tdb}"
+
+[stages.schema]
+kind = "schema_dump"
+
+[stages.provision]
+kind = "provision"
+after = ["schema"]
+
+[stages.load]
+kind = "full_load"
+after = ["provision"]
+jobs = {jobs}
+
+[stages.indexes]
+kind = "post_data"
+after = ["load"]
+jobs = {jobs}
+
+[stages.sequences]
+kind = "sequence_reset"
+after = ["indexes"]
+"#,
+        sp = s.port,
+        tp = t.port,
+        jobs = a.jobs,
+    );
+    std::fs::write(&plan, text).expect("plan");
+    sh(
+        Command::new(env!("CARGO_BIN_EXE_pgferry"))
+            .arg("run")
+            .arg(&plan)
+            .arg("-q")
+            .env("BENCH_PASSWORD", PASSWORD),
+        "pgferry run",
+    )
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.exists())
+}
+
+fn main() {
+    let a = args();
+    let p = pair();
+    let src = "bench_src";
+    p.source
+        .psql("postgres", &format!("DROP DATABASE IF EXISTS {src}"));
+    p.source.psql("postgres", &format!("CREATE DATABASE {src}"));
+    load_dataset(&a, &p.source, src);
+    let mut rows: Vec<(String, Vec<f64>)> = vec![
+        ("pg_dump | psql".into(), Vec::new()),
+        (
+            format!("pgcopydb clone ({}+{} jobs)", a.jobs, a.jobs),
+            Vec::new(),
+        ),
+        (format!("pgferry run ({} jobs)", a.jobs), Vec::new()),
+    ];
+    for r in 0..a.repeat {
+        eprintln!("[bench] round {}", r + 1);
+        let d = run_pg_dump(&p.source, src, &p.target, "bench_dump");
+        eprintln!("[bench]   pg_dump | psql: {:.1}s", d.as_secs_f64());
+        rows[0].1.push(d.as_secs_f64());
+        fresh_target(&p.target, "bench_dump");
+        match run_pgcopydb(&a, &p.source, src, &p.target, "bench_copydb") {
+            Some(d) => {
+                eprintln!("[bench]   pgcopydb: {:.1}s", d.as_secs_f64());
+                rows[1].1.push(d.as_secs_f64());
+            }
+            None => eprintln!("[bench]   pgcopydb: not installed"),
+        }
+        fresh_target(&p.target, "bench_copydb");
+        let d = run_pgferry(&a, &p.source, src, &p.target, "bench_ferry");
+        eprintln!("[bench]   pgferry: {:.1}s", d.as_secs_f64());
+        rows[2].1.push(d.as_secs_f64());
+        // Check the copy before throwing it away.
+        let check = "SELECT string_agg(table_name || ':' || (xpath('/row/c/text()', query_to_xml(format('SELECT count(*) AS c FROM %I.%I', table_schema, table_name), false, true, '')))[1]::text, ',' ORDER BY table_name) FROM information_schema.tables WHERE table_schema = 'public' AND table_type = 'BASE TABLE'";
+        let count_src = p.source.psql(src, check);
+        let count_tgt = p.target.psql("bench_ferry", check);
+        assert_eq!(
+            count_src, count_tgt,
+            "pgferry's copy differs from the source"
+        );
+        fresh_target(&p.target, "bench_ferry");
+    }
+    let best = |v: &Vec<f64>| v.iter().cloned().fold(f64::INFINITY, f64::min);
+    let anchor = rows[..2]
+        .iter()
+        .filter(|r| !r.1.is_empty())
+        .map(|r| best(&r.1))
+        .fold(f64::INFINITY, f64::min);
+    println!(
+        "\ndataset: {} ({}), best of {} run(s), source and target on this host",
+        a.dataset,
+        if a.dataset == "pgbench" {
+            format!("scale {}", a.scale)
+        } else {
+            "multi.sql".into()
+        },
+        a.repeat
+    );
+    println!(
+        "{:<32} {:>10} {:>18}",
+        "tool", "seconds", "ratio to faster anchor"
+    );
+    for (name, v) in &rows {
+        if v.is_empty() {
+            println!("{name:<32} {:>10} {:>18}", "-", "-");
+        } else {
+            println!("{name:<32} {:>10.1} {:>17.2}x", best(v), best(v) / anchor);
+        }
+    }
+}

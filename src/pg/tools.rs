@@ -1,0 +1,261 @@
+//! Finding the PostgreSQL client programs pgferry runs as child processes: `pg_dump`, `pg_restore`
+//! and `psql`, all three from one directory so that they agree on the dump format.
+//!
+//! pg_dump refuses to dump a server newer than itself, so pgferry uses the NEWEST pg_dump installed:
+//! it looks in `/usr/lib/postgresql/*/bin` (Debian, Ubuntu), `/usr/pgsql-*/bin` (RHEL), the
+//! directory `pg_config --bindir` names, and every directory of `PATH`; asks each candidate for
+//! `--version`; and keeps the highest version whose directory also has pg_restore and psql (the
+//! first one found wins a tie, so a real binary is preferred over Debian's `pg_wrapper` in
+//! `/usr/bin`). The search runs once per process.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+use crate::error::{Error, Result};
+
+/// The client programs of one PostgreSQL installation.
+#[derive(Debug, Clone)]
+pub struct PgTools {
+    /// The directory holding pg_dump, pg_restore and psql.
+    pub bindir: PathBuf,
+    /// The version as pg_dump prints it (`15.18`).
+    pub version: String,
+    /// The version as a number comparable with `server_version_num` (`150018`).
+    pub version_num: i32,
+    /// Every pg_dump the search found, `path (version)`, for messages.
+    pub found: Vec<String>,
+}
+
+impl PgTools {
+    pub fn pg_dump(&self) -> PathBuf {
+        self.bindir.join("pg_dump")
+    }
+
+    pub fn pg_restore(&self) -> PathBuf {
+        self.bindir.join("pg_restore")
+    }
+
+    pub fn psql(&self) -> PathBuf {
+        self.bindir.join("psql")
+    }
+
+    /// `pg_dump 15.18 (/usr/lib/postgresql/15/bin)`, for messages.
+    pub fn describe(&self) -> String {
+        format!("pg_dump {} ({})", self.version, self.bindir.display())
+    }
+
+    /// Refuses a pg_dump older than the source server's major version: it cannot dump that server.
+    pub fn check_can_dump(&self, server_version_num: i32, server_version: &str) -> Result<()> {
+        if major_num(self.version_num) >= major_num(server_version_num) {
+            return Ok(());
+        }
+        let need = major_label(server_version_num);
+        Err(Error::permanent(format!(
+            "the newest pg_dump on this machine is {} at {}, older than the source server (PostgreSQL {server_version}); pg_dump cannot dump a server of a newer major version (found: {})",
+            self.version,
+            self.pg_dump().display(),
+            self.found.join(", ")
+        ))
+        .hint(format!(
+            "install the PostgreSQL {need} client programs (or newer) on this machine, e.g. `apt-get install postgresql-client-{need}`; pgferry picks the newest pg_dump it finds"
+        )))
+    }
+}
+
+/// The major version part of a version number: `150018` -> `150000`, `90624` -> `90600`.
+pub fn major_num(version_num: i32) -> i32 {
+    if version_num >= 100_000 {
+        version_num / 10_000 * 10_000
+    } else {
+        version_num / 100 * 100
+    }
+}
+
+/// `15`, or `9.6` for versions before 10.
+pub fn major_label(version_num: i32) -> String {
+    if version_num >= 100_000 {
+        (version_num / 10_000).to_string()
+    } else {
+        format!("{}.{}", version_num / 10_000, version_num / 100 % 100)
+    }
+}
+
+/// Parses `pg_dump (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)` (or `16devel`, `17beta1`,
+/// `9.6.24`) into the printed version and a `server_version_num`-style number.
+pub fn parse_version(text: &str) -> Option<(String, i32)> {
+    let line = text.lines().next()?;
+    // The version is the first word that starts with a digit, after the program's name.
+    let word = line
+        .split_whitespace()
+        .skip(1)
+        .find(|w| w.starts_with(|c: char| c.is_ascii_digit()))?;
+    let numeric: String = word
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    let parts: Vec<i32> = numeric
+        .split('.')
+        .filter(|p| !p.is_empty())
+        .map(|p| p.parse().ok())
+        .collect::<Option<_>>()?;
+    let num = match parts.as_slice() {
+        [major, rest @ ..] if *major >= 10 => major * 10_000 + rest.first().copied().unwrap_or(0),
+        [major, minor, rest @ ..] => {
+            major * 10_000 + minor * 100 + rest.first().copied().unwrap_or(0)
+        }
+        _ => return None,
+    };
+    Some((word.trim_end_matches(',').to_string(), num))
+}
+
+/// The newest installed client programs (searched once per process).
+pub fn find() -> Result<&'static PgTools> {
+    static TOOLS: OnceLock<std::result::Result<PgTools, Error>> = OnceLock::new();
+    TOOLS.get_or_init(search).as_ref().map_err(Clone::clone)
+}
+
+/// Directories that may hold pg_dump, in order of preference for equal versions.
+fn candidate_dirs() -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    for (root, pattern) in [("/usr/lib/postgresql", None), ("/usr", Some("pgsql-"))] {
+        let Ok(entries) = std::fs::read_dir(root) else {
+            continue;
+        };
+        let mut found: Vec<PathBuf> = entries
+            .flatten()
+            .filter(|e| pattern.is_none_or(|p| e.file_name().to_string_lossy().starts_with(p)))
+            .map(|e| e.path().join("bin"))
+            .collect();
+        found.sort();
+        found.reverse();
+        dirs.extend(found);
+    }
+    if let Ok(out) = Command::new("pg_config")
+        .arg("--bindir")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        && out.status.success()
+    {
+        let dir = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if !dir.is_empty() {
+            dirs.push(PathBuf::from(dir));
+        }
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        dirs.extend(std::env::split_paths(&path).filter(|p| p.is_absolute()));
+    }
+    dirs
+}
+
+fn version_of(pg_dump: &Path) -> Option<(String, i32)> {
+    let out = Command::new(pg_dump)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    parse_version(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn search() -> std::result::Result<PgTools, Error> {
+    let mut seen = std::collections::HashSet::new();
+    let mut found = Vec::new();
+    let mut best: Option<(PathBuf, String, i32)> = None;
+    let mut incomplete = Vec::new();
+    for dir in candidate_dirs() {
+        let pg_dump = dir.join("pg_dump");
+        if !pg_dump.is_file() || !seen.insert(dir.clone()) {
+            continue;
+        }
+        let Some((version, num)) = version_of(&pg_dump) else {
+            continue;
+        };
+        found.push(format!("{} ({version})", pg_dump.display()));
+        if !dir.join("pg_restore").is_file() || !dir.join("psql").is_file() {
+            incomplete.push(dir.display().to_string());
+            continue;
+        }
+        if best.as_ref().is_none_or(|(_, _, b)| num > *b) {
+            best = Some((dir, version, num));
+        }
+    }
+    match best {
+        Some((bindir, version, version_num)) => {
+            tracing::debug!(bindir = %bindir.display(), %version, "PostgreSQL client programs");
+            Ok(PgTools {
+                bindir,
+                version,
+                version_num,
+                found,
+            })
+        }
+        None => {
+            let mut msg = String::from(
+                "no usable pg_dump found (searched /usr/lib/postgresql/*/bin, /usr/pgsql-*/bin, `pg_config --bindir` and PATH)",
+            );
+            if !incomplete.is_empty() {
+                msg.push_str(&format!(
+                    "; these directories have pg_dump but not pg_restore and psql next to it: {}",
+                    incomplete.join(", ")
+                ));
+            }
+            Err(Error::permanent(msg).hint(
+                "install the PostgreSQL client programs of the source server's major version or newer, e.g. `apt-get install postgresql-client-NN`",
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_versions() {
+        assert_eq!(
+            parse_version("pg_dump (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)\n"),
+            Some(("15.18".into(), 150018))
+        );
+        assert_eq!(
+            parse_version("pg_dump (PostgreSQL) 9.6.24"),
+            Some(("9.6.24".into(), 90624))
+        );
+        assert_eq!(
+            parse_version("pg_dump (PostgreSQL) 17beta1"),
+            Some(("17beta1".into(), 170000))
+        );
+        assert_eq!(
+            parse_version("pg_dump (PostgreSQL) 16devel"),
+            Some(("16devel".into(), 160000))
+        );
+        assert_eq!(parse_version("something else"), None);
+    }
+
+    #[test]
+    fn majors_compare() {
+        assert_eq!(major_num(150018), 150000);
+        assert_eq!(major_num(90624), 90600);
+        assert!(major_num(150000) > major_num(90624));
+        assert_eq!(major_label(90624), "9.6");
+        assert_eq!(major_label(170002), "17");
+        let tools = PgTools {
+            bindir: "/x/bin".into(),
+            version: "15.18".into(),
+            version_num: 150018,
+            found: vec!["/x/bin/pg_dump (15.18)".into()],
+        };
+        assert!(tools.check_can_dump(150002, "15.2").is_ok());
+        assert!(tools.check_can_dump(140010, "14.10").is_ok());
+        let e = tools.check_can_dump(160004, "16.4").unwrap_err();
+        assert!(
+            e.message
+                .contains("older than the source server (PostgreSQL 16.4)")
+        );
+        assert!(e.hint.unwrap().contains("postgresql-client-16"));
+    }
+}
