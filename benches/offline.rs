@@ -10,7 +10,6 @@
 //! pgcopydb is optional (`apt-get install pgcopydb`); without it its row says "not installed".
 
 #[path = "../tests/support/mod.rs"]
-#[allow(dead_code)]
 mod support;
 
 use std::path::{Path, PathBuf};
@@ -125,7 +124,7 @@ fn run_pg_dump(s: &Cluster, sdb: &str, t: &Cluster, tdb: &str) -> Duration {
     fresh_target(t, tdb);
     t.psql("postgres", &format!("CREATE DATABASE {tdb}"));
     let start = Instant::now();
-    let dump = Command::new(s.bindir.join("pg_dump"))
+    let mut dump = Command::new(s.bindir.join("pg_dump"))
         .args([
             "-h",
             "127.0.0.1",
@@ -155,10 +154,12 @@ fn run_pg_dump(s: &Cluster, sdb: &str, t: &Cluster, tdb: &str) -> Duration {
             tdb,
         ])
         .env("PGPASSWORD", PASSWORD)
-        .stdin(dump.stdout.expect("pipe"))
+        .stdin(dump.stdout.take().expect("pipe"))
         .stdout(Stdio::null())
         .output()
         .expect("psql");
+    let dumped = dump.wait().expect("pg_dump");
+    assert!(dumped.success(), "pg_dump failed");
     assert!(
         out.status.success(),
         "pg_dump | psql: {}",

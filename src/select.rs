@@ -1,6 +1,42 @@
-//! Table selection: `tables` and `exclude` globs on `schema.table` (`*` any run of characters, `?` one
-//! character, `\` escapes the next). A table is selected when it matches some `tables` pattern (or the
-//! list is empty) and no `exclude` pattern.
+//! Table selection: `tables` and `exclude` globs on `schema.table`: `*` any run of characters, `?` one
+//! character, `[abc]` / `[a-z]` / `[!x]` one character in (or, with `!` or `^`, not in) a set, `\`
+//! escapes the next character (`\[` for a literal `[`). A table is selected when it matches some
+//! `tables` pattern (or the list is empty) and no `exclude` pattern.
+
+/// Why a pattern is not one. Displays as the words that follow "is not a table pattern: ".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GlobError {
+    Empty,
+    TrailingBackslash,
+    /// A `[` without its `]`.
+    UnclosedClass,
+    /// `[z-a]`.
+    BackwardsRange(char, char),
+    /// Nothing in it can match the `.` between schema and table.
+    NoDot,
+}
+
+impl std::fmt::Display for GlobError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GlobError::Empty => write!(f, "it is empty"),
+            GlobError::TrailingBackslash => write!(f, "it ends with `\\`, which escapes nothing"),
+            GlobError::UnclosedClass => {
+                write!(
+                    f,
+                    "a `[` starts a character class that is never closed by `]`"
+                )
+            }
+            GlobError::BackwardsRange(lo, hi) => {
+                write!(
+                    f,
+                    "the range `{lo}-{hi}` in `[...]` is backwards (write `{hi}-{lo}`)"
+                )
+            }
+            GlobError::NoDot => write!(f, "it has no `.` between the schema and the table"),
+        }
+    }
+}
 
 /// A compiled pattern.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -14,27 +50,49 @@ enum Tok {
     Lit(char),
     Any,
     One,
+    /// One character in one of the inclusive ranges (or in none, when negated).
+    Class {
+        negated: bool,
+        ranges: Vec<(char, char)>,
+    },
+}
+
+impl Tok {
+    /// Does this token, which stands for exactly one character, match `c`?
+    fn matches_char(&self, c: char) -> bool {
+        match self {
+            Tok::Lit(l) => *l == c,
+            Tok::One => true,
+            Tok::Class { negated, ranges } => {
+                ranges.iter().any(|&(lo, hi)| lo <= c && c <= hi) != *negated
+            }
+            Tok::Any => false,
+        }
+    }
 }
 
 impl Glob {
-    pub fn parse(text: &str) -> Result<Glob, String> {
+    pub fn parse(text: &str) -> Result<Glob, GlobError> {
         if text.trim().is_empty() {
-            return Err("empty pattern".into());
+            return Err(GlobError::Empty);
         }
         let mut tokens = Vec::new();
-        let mut chars = text.chars();
+        let mut chars = text.chars().peekable();
         while let Some(c) = chars.next() {
             tokens.push(match c {
                 '*' => Tok::Any,
                 '?' => Tok::One,
-                '\\' => Tok::Lit(chars.next().ok_or("pattern ends with `\\`")?),
+                '\\' => Tok::Lit(chars.next().ok_or(GlobError::TrailingBackslash)?),
+                '[' => parse_class(&mut chars)?,
                 c => Tok::Lit(c),
             });
         }
-        // A pattern must name a schema and a table: it needs an unescaped-or-escaped dot, or a wildcard
-        // that can cover one.
-        if !tokens.iter().any(|t| matches!(t, Tok::Lit('.') | Tok::Any)) {
-            return Err("a pattern is `schema.table`".into());
+        // A pattern must name a schema and a table: it needs a dot, or something that can match one.
+        if !tokens
+            .iter()
+            .any(|t| matches!(t, Tok::Any) || (!matches!(t, Tok::One) && t.matches_char('.')))
+        {
+            return Err(GlobError::NoDot);
         }
         Ok(Glob {
             text: text.to_string(),
@@ -53,6 +111,43 @@ impl Glob {
     }
 }
 
+/// Parses a character class after its `[`: `[abc]`, `[a-z0-9_]`, `[!x]` or `[^x]`; a `]` right after
+/// the opening (or after `!`) is a member, and so is a `-` first or last; `\` escapes inside too.
+fn parse_class(chars: &mut std::iter::Peekable<std::str::Chars<'_>>) -> Result<Tok, GlobError> {
+    let negated = matches!(chars.peek(), Some('!' | '^'));
+    if negated {
+        chars.next();
+    }
+    let mut ranges = Vec::new();
+    let mut first = true;
+    loop {
+        let c = match chars.next() {
+            None => return Err(GlobError::UnclosedClass),
+            Some(']') if !first => break,
+            Some('\\') => chars.next().ok_or(GlobError::UnclosedClass)?,
+            Some(c) => c,
+        };
+        first = false;
+        // A range `c-d`, unless the `-` is the last member.
+        let mut lookahead = chars.clone();
+        if lookahead.next() == Some('-') && !matches!(lookahead.peek(), Some(']') | None) {
+            chars.next();
+            let hi = match chars.next() {
+                Some('\\') => chars.next().ok_or(GlobError::UnclosedClass)?,
+                Some(h) => h,
+                None => return Err(GlobError::UnclosedClass),
+            };
+            if hi < c {
+                return Err(GlobError::BackwardsRange(c, hi));
+            }
+            ranges.push((c, hi));
+        } else {
+            ranges.push((c, c));
+        }
+    }
+    Ok(Tok::Class { negated, ranges })
+}
+
 fn matches_from(p: &[Tok], s: &[char]) -> bool {
     // Iterative wildcard matching with backtracking to the last `*`.
     let (mut pi, mut si) = (0, 0);
@@ -63,11 +158,7 @@ fn matches_from(p: &[Tok], s: &[char]) -> bool {
                 star = Some((pi, si));
                 pi += 1;
             }
-            Some(Tok::One) => {
-                pi += 1;
-                si += 1;
-            }
-            Some(Tok::Lit(c)) if *c == s[si] => {
+            Some(t) if t.matches_char(s[si]) => {
                 pi += 1;
                 si += 1;
             }
@@ -123,6 +214,91 @@ mod tests {
         assert!(!Glob::parse("public.a\\*").unwrap().matches("public", "ab"));
         assert!(Glob::parse("film").is_err());
         assert!(Glob::parse("").is_err());
+        assert!(Glob::parse("public.x\\").is_err());
+    }
+
+    #[test]
+    fn character_classes() {
+        let g = Glob::parse("public.audit[0-9]").unwrap();
+        assert!(g.matches("public", "audit7"));
+        assert!(!g.matches("public", "auditx"));
+        assert!(!g.matches("public", "audit10"));
+        assert!(!g.matches("public", "audit"));
+
+        let g = Glob::parse("public.[abc]*").unwrap();
+        assert!(g.matches("public", "actor"));
+        assert!(g.matches("public", "city"));
+        assert!(!g.matches("public", "film"));
+
+        let g = Glob::parse("public.[!_]*").unwrap();
+        assert!(g.matches("public", "film"));
+        assert!(!g.matches("public", "_tmp"));
+        assert_eq!(Glob::parse("public.[^_]*").unwrap().tokens, g.tokens);
+
+        // Several ranges and single characters; `-` first or last is a member.
+        let g = Glob::parse("s.t[a-cx-z_-]").unwrap();
+        for ok in ["ta", "tb", "tc", "tx", "tz", "t_", "t-"] {
+            assert!(g.matches("s", ok), "{ok}");
+        }
+        for no in ["td", "tw", "t.", "t"] {
+            assert!(!g.matches("s", no), "{no}");
+        }
+        assert!(Glob::parse("s.[-a]").unwrap().matches("s", "-"));
+
+        // `]` right after `[` (or `[!`) is a member; escapes work inside.
+        let g = Glob::parse("s.[]x]").unwrap();
+        assert!(g.matches("s", "]") && g.matches("s", "x") && !g.matches("s", "y"));
+        let g = Glob::parse("s.[!]]").unwrap();
+        assert!(g.matches("s", "y") && !g.matches("s", "]"));
+        assert!(Glob::parse("s.[\\]]").unwrap().matches("s", "]"));
+
+        // Escaped brackets are literal; a stray `]` is literal.
+        let g = Glob::parse("public.a\\[1]").unwrap();
+        assert!(g.matches("public", "a[1]"));
+        assert!(!g.matches("public", "a1"));
+        assert!(Glob::parse("public.a]").unwrap().matches("public", "a]"));
+
+        // A class can stand for the dot; `?` cannot make a pattern `schema.table` on its own.
+        assert!(
+            Glob::parse("public[.]film")
+                .unwrap()
+                .matches("public", "film")
+        );
+        assert!(Glob::parse("public?film").is_err());
+
+        // Classes combine with `*` backtracking.
+        let g = Glob::parse("*.[a-z]*_[0-9]").unwrap();
+        assert!(g.matches("sales", "order_line_2"));
+        assert!(!g.matches("sales", "order_line_x"));
+    }
+
+    #[test]
+    fn bad_patterns_say_why() {
+        assert_eq!(Glob::parse("  ").unwrap_err(), GlobError::Empty);
+        assert_eq!(Glob::parse("film").unwrap_err(), GlobError::NoDot);
+        assert_eq!(
+            Glob::parse("public.x\\").unwrap_err(),
+            GlobError::TrailingBackslash
+        );
+        for unclosed in [
+            "public.audit[0-9",
+            "public.[",
+            "public.[]",
+            "public.[!",
+            "public.[a\\",
+        ] {
+            assert_eq!(
+                Glob::parse(unclosed).unwrap_err(),
+                GlobError::UnclosedClass,
+                "{unclosed}"
+            );
+        }
+        let e = Glob::parse("public.t[z-a]").unwrap_err();
+        assert_eq!(e, GlobError::BackwardsRange('z', 'a'));
+        assert_eq!(
+            e.to_string(),
+            "the range `z-a` in `[...]` is backwards (write `a-z`)"
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@ use support::{Cluster, PASSWORD, TestPlan, pair, row_digest, show, wait_for};
 /// Applies the source's pre-data schema to the target with the installed pg_dump | psql, standing in
 /// for the schema_dump and provision stages.
 fn copy_schema(source: &Cluster, sdb: &str, target: &Cluster, tdb: &str) {
-    let dump = Command::new(source.bindir.join("pg_dump"))
+    let mut dump = Command::new(source.bindir.join("pg_dump"))
         .args([
             "--schema-only",
             "--section=pre-data",
@@ -44,9 +44,10 @@ fn copy_schema(source: &Cluster, sdb: &str, target: &Cluster, tdb: &str) {
             tdb,
         ])
         .env("PGPASSWORD", PASSWORD)
-        .stdin(dump.stdout.expect("pipe"))
+        .stdin(dump.stdout.take().expect("pipe"))
         .output()
         .expect("psql");
+    assert!(dump.wait().expect("pg_dump").success(), "pg_dump failed");
     assert!(
         out.status.success(),
         "schema copy failed: {}",

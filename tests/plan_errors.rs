@@ -164,18 +164,19 @@ fixtures! {
     bad_enum,
     bad_template_syntax,
     many_errors,
-    // Known bugs in src/plan: the `.stderr` holds the expected (fixed) output.
     bad_stage_id,
-    #[ignore = "src bug: `version = 2` says only \"`version`: 1 was expected\" (schema.rs: no arm for ValidationErrorKind::Constant)"]
     bad_version,
-    #[ignore = "src bug: a type error with several allowed types reads \"must be a (boolean, number, string, found an array\" (schema.rs, Type arm)"]
+    version_string,
     bad_vars_type,
-    #[ignore = "src bug: a missing top-level key has no location but its hint says \"add `target = ...` here\", though [target] is a table"]
     missing_top_level,
-    #[ignore = "src bug: with no databases, stages are rendered with an empty `database`, so `{{ database.name }}` is reported as undefined (compile.rs step 4)"]
+    empty_plan,
     database_var_without_databases,
-    #[ignore = "src bug: the caret of an undefined variable goes to the first occurrence of its name in the string, here inside `vars.schema_name` (template.rs, check_defined uses text.find)"]
     undefined_var_position,
+    database_entry_templates,
+    after_duplicates,
+    template_guards,
+    env_as_a_whole,
+    float_for_integer,
 }
 
 #[test]
@@ -603,6 +604,83 @@ fn var_overrides_vars_and_is_checked() {
     let run = pgferry(&["check", p, "--var", "missing"], &[]);
     assert_eq!(run.code, 2, "{run:?}");
     assert!(run.stderr.contains("is not KEY=VALUE"), "{run:?}");
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Templates: what may name an unset variable, and what may not be used whole.
+
+const GUARDED_PLAN: &str = r#"version = 1
+name = "guarded"
+
+[vars]
+port = "{{ env.PGFERRY_TEST_PORT | default('1') }}"
+
+[source]
+url = "postgres://u@127.0.0.1:{{ vars.port }}/src{% if env.PGFERRY_TEST_SSLMODE is defined %}?sslmode={{ env.PGFERRY_TEST_SSLMODE }}{% endif %}"
+
+[target]
+url = "postgres://u@127.0.0.1:1/{{ env['PGFERRY_TEST_DB'] | d('dst') }}"
+
+[[databases]]
+name = "app"
+target = "{{ database.name }}_copy"
+exclude = ["{{ database.target }}.audit_*"]
+
+[stages.preflight]
+kind = "preflight"
+"#;
+
+#[test]
+fn default_and_is_defined_may_name_an_unset_variable() {
+    let (_dir, path) = temp_plan(GUARDED_PLAN);
+    let p = path.to_str().unwrap();
+    let set = [
+        ("PGFERRY_TEST_PORT", "5432"),
+        ("PGFERRY_TEST_SSLMODE", "require"),
+        ("PGFERRY_TEST_DB", "x"),
+    ];
+    for env in [&[][..], &set[..]] {
+        let run = pgferry(&["check", p], env);
+        assert_eq!(run.code, 0, "with {env:?}: {run:?}");
+        assert_eq!(run.stderr, "", "with {env:?}: {run:?}");
+    }
+}
+
+#[test]
+fn the_environment_is_never_pasted_whole() {
+    let secret = "pgferry-test-secret-value";
+    for template in [
+        "{{ env }}",
+        "{{ env | string }}",
+        "{% for k in env %}{{ k }}{% endfor %}",
+        "{% set e = env %}{{ e }}",
+        "{{ env[vars.which] }}",
+        "{{ debug() }}",
+    ] {
+        let plan = VAR_PLAN
+            .replace("{{ vars.missing }}", "1")
+            .replace(
+                "suffix = \"a\"",
+                "suffix = \"a\"\nwhich = \"PGFERRY_TEST_SECRET\"",
+            )
+            .replace(
+                "url = \"postgres://u@{{ vars.host }}:1/src\"",
+                &format!(
+                    "url = \"postgres://u@{{{{ vars.host }}}}:1/src\"\npassword = \"{template}\""
+                ),
+            );
+        let (_dir, path) = temp_plan(&plan);
+        let run = pgferry(
+            &["check", path.to_str().unwrap()],
+            &[("PGFERRY_TEST_SECRET", secret)],
+        );
+        assert_eq!(run.code, 2, "{template}: {run:?}");
+        assert!(!run.stderr.contains(secret), "{template}: {run:?}");
+        assert!(
+            run.stderr.ends_with(": 1 error in plan\n"),
+            "{template}: {run:?}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -3,5 +3,10 @@
 
 pub mod catalog;
 pub mod connect;
+pub mod copy;
+pub mod dump;
 pub mod ident;
 pub mod names;
+pub mod post_data_script;
+pub mod replication;
+pub mod tools;

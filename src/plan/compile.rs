@@ -9,11 +9,12 @@ use serde_json::{Map, Value};
 use super::diagnostic::{Diagnostic, SourceFile, closest};
 use super::raw::{COMMON_STAGE_KEYS, RawPlan, StageCommon, StageOptions};
 use super::source::{Path, PlanDocument};
-use super::template::{Scope, TemplateError};
+use super::template::{DatabaseScope, Scope, TemplateError};
 use super::{Database, Endpoint, Plan, Stage, StateLocation, fingerprint};
 use crate::dag::Dag;
 use crate::path;
 use crate::secret::Secret;
+use crate::select::{Glob, GlobError};
 
 /// What the command line adds to a plan.
 #[derive(Debug, Clone, Default)]
@@ -46,6 +47,11 @@ pub fn compile_file(
 /// Compiles plan text.
 pub fn compile(src: &SourceFile, opts: &CompileOptions) -> Result<Plan, Vec<Diagnostic>> {
     let doc = PlanDocument::parse(&src.text).map_err(|d| vec![d])?;
+    if doc.value.as_object().is_none_or(Map::is_empty) {
+        return Err(vec![Diagnostic::error("the plan is empty").hint(
+            "`pgferry init PLAN.toml` writes a plan to start from, with every standard stage",
+        )]);
+    }
     let mut diags = Diags::default();
 
     // 1. Variables: [vars] rendered with `env` only, then `--var` overrides.
@@ -84,22 +90,24 @@ pub fn compile(src: &SourceFile, opts: &CompileOptions) -> Result<Plan, Vec<Diag
     }
 
     // 3. The databases, as templates see them.
-    let databases = database_entries(&top);
+    let database_list = database_entries(&top);
+    let databases: Vec<&Database> = database_list.iter().map(|(_, d)| d).collect();
 
     // 4. Stages, rendered once per database (`database` in scope), then the whole plan checked
-    //    against the schema, once per rendering.
+    //    against the schema, once per rendering. Without a usable database (which is reported on its
+    //    own), they are rendered once, leaving what uses `database` as written.
     let raw_stages = doc.value.get("stages").cloned().unwrap_or(Value::Null);
-    let renderings: Vec<Value> = if databases.is_empty() {
-        vec![Value::Object(Map::new())]
+    let renderings: Vec<DatabaseScope> = if databases.is_empty() {
+        vec![DatabaseScope::Unknown]
     } else {
         databases
             .iter()
-            .map(|d| serde_json::to_value(d).unwrap_or(Value::Null))
+            .map(|d| DatabaseScope::Stage(serde_json::to_value(d).unwrap_or(Value::Null)))
             .collect()
     };
     let mut rendered_plans = Vec::new();
-    for db in &renderings {
-        scope.set_database(Some(db.clone()));
+    for db in renderings {
+        scope.set_database(db);
         let mut p = path!["stages"];
         let stages = scope.render_value(&raw_stages, &mut p, &mut |p, e| {
             diags.template(&doc, src, p, e)
@@ -116,7 +124,7 @@ pub fn compile(src: &SourceFile, opts: &CompileOptions) -> Result<Plan, Vec<Diag
     }
 
     // 5. Meaning: database names, stage references, cycles.
-    check_databases(&databases, &doc, &mut diags);
+    check_databases(&database_list, &top, &doc, &mut diags);
     let first = rendered_plans.first().cloned().unwrap_or(Value::Null);
     let stage_map = first
         .get("stages")
@@ -143,6 +151,15 @@ pub fn compile(src: &SourceFile, opts: &CompileOptions) -> Result<Plan, Vec<Diag
             .and_then(Value::as_array);
         for (j, dep) in after.into_iter().flatten().enumerate() {
             let Some(dep) = dep.as_str() else { continue };
+            // A repeated entry is reported by the schema check.
+            if after
+                .into_iter()
+                .flatten()
+                .take(j)
+                .any(|d| d.as_str() == Some(dep))
+            {
+                continue;
+            }
             let span = doc.value_span(&path!["stages", id.as_str(), "after", j]);
             if dep == id {
                 diags.push(
@@ -172,7 +189,16 @@ pub fn compile(src: &SourceFile, opts: &CompileOptions) -> Result<Plan, Vec<Diag
     }
     let dag = Dag::new(&deps);
     for cycle in dag.cycles() {
-        let names: Vec<&str> = cycle.iter().map(|&i| ids[i].as_str()).collect();
+        // `a waits for b, which waits for a`: each stage names the next in its `after`.
+        let mut names = cycle.iter().map(|&i| ids[i].as_str());
+        let mut text = format!(
+            "{} waits for {}",
+            names.next().unwrap_or_default(),
+            names.next().unwrap_or_default()
+        );
+        for name in names {
+            text.push_str(&format!(", which waits for {name}"));
+        }
         // Point at the `after` entry of the first stage that names the second.
         let (a, b) = (cycle[0], cycle[1]);
         let after = stage_map
@@ -183,9 +209,9 @@ pub fn compile(src: &SourceFile, opts: &CompileOptions) -> Result<Plan, Vec<Diag
             .and_then(|arr| arr.iter().position(|v| v.as_str() == Some(ids[b].as_str())))
             .unwrap_or(0);
         diags.push(
-            Diagnostic::error(format!("stages form a cycle: {}", names.join(" -> ")))
+            Diagnostic::error(format!("stages form a cycle: {text}"))
                 .at(doc.value_span(&path!["stages", ids[a].as_str(), "after", pos]))
-                .hint("read `->` as \"runs after\"; remove one of these `after` entries"),
+                .hint("remove one of these `after` entries"),
         );
     }
 
@@ -305,8 +331,10 @@ pub fn compile(src: &SourceFile, opts: &CompileOptions) -> Result<Plan, Vec<Diag
     })
 }
 
-/// Renders the `[[databases]]` entries: `name` first, then the other keys with `database.name` in
-/// scope (so `target = "{{ database.name }}_copy"` works).
+/// Renders the `[[databases]]` entries key by key: `name` first (`database` not defined yet), then
+/// `target` with `database.name`, then the other keys with `database.name` and `database.target` (the
+/// rendered target, or the name when there is none), so `target = "{{ database.name }}_copy"` and
+/// `exclude = ["{{ database.target }}.*"]` work.
 fn render_databases(
     scope: &mut Scope,
     value: &Value,
@@ -322,35 +350,58 @@ fn render_databases(
             continue;
         };
         let mut rendered = Map::new();
-        let name = map.get("name").map(|n| {
-            let mut p = path!["databases", i, "name"];
-            scope.render_value(n, &mut p, on_error)
-        });
-        if let Some(n) = &name {
-            rendered.insert("name".into(), n.clone());
-        }
-        scope.set_database(
-            name.as_ref()
-                .map(|n| serde_json::json!({ "name": n, "target": n })),
+        // What `database` holds so far. `None` when the entry has no `name` or a key `database`
+        // needs failed to render: that is reported, so the keys after it leave `database` unchecked.
+        let mut known = map.contains_key("name").then(Map::new);
+        let first = ["name", "target"];
+        let order = first.into_iter().filter(|k| map.contains_key(*k)).chain(
+            map.keys()
+                .map(String::as_str)
+                .filter(|k| !first.contains(k)),
         );
-        for (k, v) in map.iter().filter(|(k, _)| k.as_str() != "name") {
-            let mut p = path!["databases", i, k.as_str()];
-            rendered.insert(k.clone(), scope.render_value(v, &mut p, on_error));
+        for key in order {
+            scope.set_database(match &known {
+                Some(entry) => DatabaseScope::Entry {
+                    key: key.to_string(),
+                    entry: entry.clone(),
+                },
+                None => DatabaseScope::Unknown,
+            });
+            let mut failed = false;
+            let mut p = path!["databases", i, key];
+            let v = scope.render_value(&map[key], &mut p, &mut |p, e| {
+                failed = true;
+                on_error(p, e);
+            });
+            if first.contains(&key) {
+                match (&mut known, failed) {
+                    (Some(entry), false) => {
+                        entry.insert(key.to_string(), v.clone());
+                        if key == "name" && !map.contains_key("target") {
+                            entry.insert("target".into(), v.clone());
+                        }
+                    }
+                    _ => known = None,
+                }
+            }
+            rendered.insert(key.to_string(), v);
         }
-        scope.set_database(None);
+        scope.set_database(DatabaseScope::Outside);
         out.push(Value::Object(rendered));
     }
     Value::Array(out)
 }
 
-/// The `[[databases]]` entries as templates see them (`target` defaults to `name`).
-fn database_entries(top: &Map<String, Value>) -> Vec<Database> {
+/// The `[[databases]]` entries as templates see them (`target` defaults to `name`), each with its
+/// index in the list. Entries without a name are left out (the schema check reports them).
+fn database_entries(top: &Map<String, Value>) -> Vec<(usize, Database)> {
     let Some(Value::Array(entries)) = top.get("databases") else {
         return Vec::new();
     };
     entries
         .iter()
-        .filter_map(|e| {
+        .enumerate()
+        .filter_map(|(i, e)| {
             let name = e.get("name")?.as_str()?.to_string();
             let strings = |k: &str| -> Vec<String> {
                 e.get(k)
@@ -362,7 +413,7 @@ fn database_entries(top: &Map<String, Value>) -> Vec<Database> {
                     })
                     .unwrap_or_default()
             };
-            Some(Database {
+            let db = Database {
                 target: e
                     .get("target")
                     .and_then(Value::as_str)
@@ -371,15 +422,22 @@ fn database_entries(top: &Map<String, Value>) -> Vec<Database> {
                 tables: strings("tables"),
                 exclude: strings("exclude"),
                 name,
-            })
+            };
+            Some((i, db))
         })
         .collect()
 }
 
-fn check_databases(dbs: &[Database], doc: &PlanDocument, diags: &mut Diags) {
+fn check_databases(
+    dbs: &[(usize, Database)],
+    top: &Map<String, Value>,
+    doc: &PlanDocument,
+    diags: &mut Diags,
+) {
     let mut names: HashMap<&str, usize> = HashMap::new();
     let mut targets: HashMap<&str, usize> = HashMap::new();
-    for (i, db) in dbs.iter().enumerate() {
+    for (i, db) in dbs {
+        let i = *i;
         let name_repeated = names.insert(&db.name, i);
         if let Some(first) = name_repeated {
             diags.push(
@@ -418,15 +476,46 @@ fn check_databases(dbs: &[Database], doc: &PlanDocument, diags: &mut Diags) {
                 )),
             );
         }
-        for (field, globs) in [("tables", &db.tables), ("exclude", &db.exclude)] {
-            for (j, g) in globs.iter().enumerate() {
-                if crate::select::Glob::parse(g).is_err() {
-                    diags.push(
-                        Diagnostic::error(format!("`{g}` is not a table pattern"))
-                            .at(doc.value_span(&path!["databases", i, field, j]))
-                            .hint("patterns are `schema.table` with `*` and `?` wildcards, e.g. `public.*` or `sales.order_?`"),
-                    );
-                }
+    }
+    // Table patterns, in every entry (named or not).
+    let entries = top.get("databases").and_then(Value::as_array);
+    for (i, entry) in entries.into_iter().flatten().enumerate() {
+        for field in ["tables", "exclude"] {
+            let patterns = entry.get(field).and_then(Value::as_array);
+            for (j, pattern) in patterns.into_iter().flatten().enumerate() {
+                let Some(g) = pattern.as_str() else { continue };
+                let Err(why) = Glob::parse(g) else {
+                    continue;
+                };
+                let message = match why {
+                    GlobError::Empty => "empty table pattern".to_string(),
+                    _ => format!("`{g}` is not a table pattern: {why}"),
+                };
+                let hint = match why {
+                    GlobError::Empty => {
+                        "remove it, or write a `schema.table` pattern such as `public.*`".into()
+                    }
+                    GlobError::NoDot if Glob::parse(&format!("public.{g}")).is_ok() => {
+                        format!("patterns are `schema.table`: did you mean `public.{g}`?")
+                    }
+                    // A TOML "..." string escapes `\` itself; a '...' string keeps it as written.
+                    GlobError::UnclosedClass if !g.contains(['\'', '\\']) => format!(
+                        "close it with `]`, or match a literal `[` with `\\[`: in TOML, \
+                         '{}' (single quotes keep the `\\`)",
+                        g.replace('[', "\\[")
+                    ),
+                    GlobError::TrailingBackslash => {
+                        "remove the last `\\`, or double it to match a `\\` itself".into()
+                    }
+                    _ => "patterns are `schema.table` with `*`, `?` and `[...]` wildcards, e.g. \
+                          `public.*`, `sales.order_?` or `public.audit_[0-9]`"
+                        .into(),
+                };
+                diags.push(
+                    Diagnostic::error(message)
+                        .at(doc.value_span(&path!["databases", i, field, j]))
+                        .hint(hint),
+                );
             }
         }
     }

@@ -41,6 +41,13 @@ impl SourceFile {
     }
 }
 
+fn ceil_char_boundary(s: &str, mut i: usize) -> usize {
+    while i < s.len() && !s.is_char_boundary(i) {
+        i += 1;
+    }
+    i
+}
+
 fn floor_char_boundary(s: &str, mut i: usize) -> usize {
     while i > 0 && !s.is_char_boundary(i) {
         i -= 1;
@@ -90,6 +97,11 @@ impl Diagnostic {
         let _ = writeln!(out, "error: {}", self.message);
         match &self.span {
             Some(span) => {
+                // Whole characters, within the text.
+                let len = source.text.len();
+                let start = floor_char_boundary(&source.text, span.start.min(len));
+                let end = ceil_char_boundary(&source.text, span.end.clamp(start, len));
+                let span = start..end;
                 let (line_no, col) = source.line_col(span.start);
                 let (line, line_start) = source.line_at(span.start);
                 let gutter = line_no.to_string().len();
@@ -185,6 +197,16 @@ mod tests {
             d.render(&src),
             "error: unknown stage kind `ful_load`\n --> p.toml:2:8\n  |\n2 | kind = \"ful_load\"\n  |        ^^^^^^^^^^\n  = hint: did you mean `full_load`?\n"
         );
+    }
+
+    #[test]
+    fn spans_inside_a_character_are_widened() {
+        let src = SourceFile::new("p.toml", "a = \"é\"\n");
+        let e = src.text.find('é').unwrap();
+        let d = Diagnostic::error("x").at(Some(e + 1..e + 1));
+        assert!(d.render(&src).contains("1 | a = \"é\"\n  |      ^\n"));
+        let d = Diagnostic::error("x").at(Some(e + 1..usize::MAX));
+        assert!(d.render(&src).contains("  |      ^^\n"));
     }
 
     #[test]

@@ -12,10 +12,32 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub struct Dur(pub Duration);
 
 impl Dur {
+    /// Parses a duration; the error names the text and says what is wrong with it, in a few words
+    /// (the forms a duration takes are for the hint that goes with it).
     pub fn parse(text: &str) -> Result<Dur, String> {
-        humantime::parse_duration(text.trim())
-            .map(Dur)
-            .map_err(|e| format!("invalid duration `{text}`: {e}"))
+        use humantime::DurationError as E;
+        let t = text.trim();
+        humantime::parse_duration(t).map(Dur).map_err(|e| {
+            let at = |offset: usize| t.get(offset..).unwrap_or_default().trim();
+            let why = match e {
+                E::Empty => "it is empty".to_string(),
+                E::InvalidCharacter(offset) => match at(offset).chars().next() {
+                    Some(c) => format!("unexpected character `{c}`"),
+                    None => "unexpected character".to_string(),
+                },
+                E::NumberExpected(offset) => {
+                    format!("a number is expected before `{}`", at(offset))
+                }
+                E::UnknownUnit { unit, value, .. } if unit.is_empty() => {
+                    format!("a time unit is needed, as in `{value}s` or `{value}ms`")
+                }
+                E::UnknownUnit { unit, .. } => format!("unknown time unit `{unit}`"),
+                E::NumberOverflow => {
+                    "the number is too large, or finer than a nanosecond".to_string()
+                }
+            };
+            format!("invalid duration `{text}`: {why}")
+        })
     }
 }
 
@@ -50,8 +72,9 @@ impl ByteSize {
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
             .unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
-        let num: f64 = num.parse().map_err(|_| {
-            format!("invalid size `{text}`: expected a number followed by a unit, such as `512MB`")
+        let num: f64 = num.parse().map_err(|_| match num {
+            "" => format!("invalid size `{text}`: it does not start with a number"),
+            _ => format!("invalid size `{text}`: `{num}` is not a number"),
         })?;
         let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
             "" | "b" => 1,
@@ -59,9 +82,10 @@ impl ByteSize {
             "m" | "mb" | "mib" => 1 << 20,
             "g" | "gb" | "gib" => 1 << 30,
             "t" | "tb" | "tib" => 1 << 40,
-            other => {
+            _ => {
                 return Err(format!(
-                    "invalid size `{text}`: unknown unit `{other}` (use B, kB, MB, GB or TB)"
+                    "invalid size `{text}`: unknown unit `{}`",
+                    unit.trim()
                 ));
             }
         };
@@ -120,10 +144,9 @@ mod tests {
         assert_eq!(ByteSize::parse("512 MB").unwrap().0, 512 << 20);
         assert_eq!(ByteSize::parse("1.5GiB").unwrap().0, 3 << 29);
         assert_eq!(ByteSize::parse("100").unwrap().0, 100);
-        assert!(
-            ByteSize::parse("1 parsec")
-                .unwrap_err()
-                .contains("unknown unit")
+        assert_eq!(
+            ByteSize::parse("1 parsec").unwrap_err(),
+            "invalid size `1 parsec`: unknown unit `parsec`"
         );
         assert!(ByteSize::parse("GB").is_err());
         assert_eq!(human_bytes(1536), "1.5 kB");
@@ -133,10 +156,25 @@ mod tests {
     fn durations() {
         assert_eq!(Dur::parse("1s").unwrap().0, Duration::from_secs(1));
         assert_eq!(Dur::parse("1h 30m").unwrap().0, Duration::from_secs(5400));
-        assert!(
-            Dur::parse("5 sex")
-                .unwrap_err()
-                .contains("invalid duration `5 sex`")
+        assert_eq!(
+            Dur::parse("5 sex").unwrap_err(),
+            "invalid duration `5 sex`: unknown time unit `sex`"
+        );
+        assert_eq!(
+            Dur::parse("100").unwrap_err(),
+            "invalid duration `100`: a time unit is needed, as in `100s` or `100ms`"
+        );
+        assert_eq!(
+            Dur::parse(" ").unwrap_err(),
+            "invalid duration ` `: it is empty"
+        );
+        assert_eq!(
+            Dur::parse("1h m").unwrap_err(),
+            "invalid duration `1h m`: a number is expected before `m`"
+        );
+        assert_eq!(
+            Dur::parse("1s!").unwrap_err(),
+            "invalid duration `1s!`: unexpected character `!`"
         );
     }
 }

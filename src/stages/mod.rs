@@ -2,7 +2,12 @@
 //! [`build`]. The executor runs them without knowing what they do; what they need of PostgreSQL they
 //! get from [`Env`].
 
+pub mod full_load;
+pub mod post_data;
 pub mod preflight;
+pub mod provision;
+pub mod schema_dump;
+pub mod sequence_reset;
 pub mod sql;
 
 use std::sync::Arc;
@@ -118,7 +123,25 @@ impl Env {
 }
 
 /// Stage kinds this version of pgferry can run.
-pub const RUNNABLE_KINDS: &[&str] = &["preflight", "sql"];
+pub const RUNNABLE_KINDS: &[&str] = &[
+    "preflight",
+    "schema_dump",
+    "provision",
+    "full_load",
+    "post_data",
+    "sequence_reset",
+    "sql",
+];
+
+/// The artifact holding a database's pre-data schema section (SQL, as pg_restore writes it).
+pub fn pre_data_artifact(db: &Database) -> String {
+    format!("schema/{}/pre-data.sql", db.name)
+}
+
+/// The artifact holding a database's post-data schema section.
+pub fn post_data_artifact(db: &Database) -> String {
+    format!("schema/{}/post-data.sql", db.name)
+}
 
 /// Builds the stage at `index` of the plan.
 pub fn build(env: &Arc<Env>, index: usize) -> Result<Arc<dyn Stage>> {
@@ -126,6 +149,11 @@ pub fn build(env: &Arc<Env>, index: usize) -> Result<Arc<dyn Stage>> {
     match spec.kind {
         "preflight" => Ok(Arc::new(preflight::Preflight::new(env.clone(), index))),
         "sql" => Ok(Arc::new(sql::SqlStage::new(env.clone(), index))),
+        "schema_dump" => Ok(Arc::new(schema_dump::SchemaDump::new(env.clone(), index))),
+        "provision" => Ok(Arc::new(provision::Provision::new(env.clone(), index))),
+        "full_load" => Ok(Arc::new(full_load::FullLoad::new(env.clone(), index))),
+        "post_data" => Ok(Arc::new(post_data::PostData::new(env.clone(), index))),
+        "sequence_reset" => Ok(Arc::new(sequence_reset::SequenceReset::new(env.clone(), index))),
         other => Err(Error::permanent(format!(
             "stage `{}`: kind `{other}` cannot run in pgferry {} yet (runnable kinds: {})",
             spec.id,

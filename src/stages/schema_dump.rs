@@ -1,5 +1,5 @@
 //! The `schema_dump` stage: dumps the schema of each source database with the newest pg_dump
-//! installed (`--schema-only --format=custom`, the checkpoint schema excluded), filters the
+//! installed (`--section=pre-data --section=post-data --format=custom`, the checkpoint schema excluded), filters the
 //! archive's table of contents down to the selected tables (the rule is in [`crate::pg::dump`]),
 //! and stores the two halves pg_restore writes as artifacts: pre-data (what `provision` creates
 //! before the load: schemas, types, functions, tables, ...) and post-data (what `post_data` builds
@@ -102,7 +102,13 @@ impl SchemaDump {
         let dir = PrivateTempDir::new("pgferry-schema")?;
         let archive = dir.path().join("schema.dump");
         let mut cmd = Command::new(tools.pg_dump());
-        cmd.arg("--schema-only")
+        // The pre-data and post-data sections, not `--schema-only`: that one drops the
+        // MATERIALIZED VIEW DATA entries post_data needs to refresh them. Large objects are
+        // copied by full_load.
+        cmd.arg("--section=pre-data")
+            .arg("--section=post-data")
+            .arg("--no-blobs")
+            .arg("--encoding=UTF8")
             .arg("--format=custom")
             .arg("--no-password")
             .arg("--no-sync")

@@ -1,0 +1,666 @@
+//! The `post_data` stage: builds what `provision` left out (indexes, constraints, foreign keys,
+//! triggers, rules, policies, comments, privileges, materialized view data) on each target
+//! database, from the post-data script `schema_dump` stored as an artifact.
+//!
+//! The script is parsed into objects ([`crate::pg::post_data_script`]) and built in five phases:
+//! 1. indexes and constraints (primary key, unique, exclusion, check), `jobs` at a time, the largest
+//!    tables first;
+//! 2. the index attachments of partitions, in file order;
+//! 3. foreign keys, `jobs` at a time;
+//! 4. everything else (triggers, rules, policies, comments, privileges, ...) in file order;
+//! 5. materialized view refreshes, in file order.
+//!
+//! In the parallel phases two objects never run at the same time when their locks would make one
+//! wait for (or deadlock with) the other: index builds on one table share it, but a constraint or a
+//! foreign key has its tables to itself. Each session gets the script's session settings (the
+//! preamble and later `SET`s such as `default_tablespace`, as in effect at the object), then
+//! `maintenance_work_mem`, `synchronous_commit = off` and `statement_timeout = 0`.
+//!
+//! Every object is checkpointed when it has committed (key `database:DB:item:TYPE:SCHEMA.NAME`), so
+//! a resumed run skips what is built. A run killed between an object's commit and its checkpoint
+//! meets "already exists" the next time: for CREATE INDEX, ADD CONSTRAINT, CREATE TRIGGER, CREATE RULE
+//! and CREATE POLICY objects, an object of that name on that table found in the target's catalog
+//! counts as built (an index must also be valid). Deadlocks and lock timeouts are retried in place.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use serde_json::json;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+use super::{Env, Stage, StageContext, post_data_artifact};
+use crate::error::{Error, ErrorKind, Result};
+use crate::pg::ident::QualifiedName;
+use crate::pg::post_data_script::{self, Item, ObjectKind, Phase, TableObject};
+use crate::plan::raw::PostDataOptions;
+use crate::plan::units::{ByteSize, human_bytes};
+use crate::plan::{Database, StageOptions};
+use crate::state::{TableProgress, TableState};
+
+const DEFAULT_JOBS: u32 = 4;
+const MAX_JOBS: u32 = 256;
+const DEFAULT_MAINTENANCE_WORK_MEM: u64 = 1 << 30;
+/// PostgreSQL's minimum.
+const MIN_MAINTENANCE_WORK_MEM: u64 = 1 << 20;
+/// More than this per session is almost certainly a mistake (the target may use `jobs` times it).
+const MAX_MAINTENANCE_WORK_MEM: u64 = 64 << 30;
+/// Deadlocks and lock timeouts are retried in place this many times before the stage gives up.
+const LOCK_RETRIES: u32 = 3;
+
+pub struct PostData {
+    env: Arc<Env>,
+    index: usize,
+}
+
+/// How an object ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Built,
+    /// Found on the target already (an earlier run that was killed before its checkpoint, or by
+    /// hand).
+    Existed,
+}
+
+/// What one database's run needs while it builds objects.
+struct DbRun<'a> {
+    cx: &'a StageContext,
+    db: &'a Database,
+    clients: Vec<Client>,
+}
+
+impl PostData {
+    pub fn new(env: Arc<Env>, index: usize) -> PostData {
+        PostData { env, index }
+    }
+
+    fn options(&self, db: usize) -> PostDataOptions {
+        match self.env.plan.stages[self.index].options.get(db) {
+            Some(StageOptions::PostData(o)) => o.clone(),
+            _ => PostDataOptions::default(),
+        }
+    }
+
+    fn jobs(o: &PostDataOptions) -> usize {
+        o.jobs.unwrap_or(DEFAULT_JOBS).clamp(1, MAX_JOBS) as usize
+    }
+
+    /// `maintenance_work_mem` in bytes, within [1 MB, 64 GB].
+    fn maintenance_work_mem(o: &PostDataOptions) -> u64 {
+        o.maintenance_work_mem
+            .map_or(DEFAULT_MAINTENANCE_WORK_MEM, |ByteSize(b)| b)
+            .clamp(MIN_MAINTENANCE_WORK_MEM, MAX_MAINTENANCE_WORK_MEM)
+    }
+
+    /// Builds one database's post-data objects; returns the summary kept in its checkpoint.
+    async fn run_database(
+        &self,
+        cx: &StageContext,
+        i: usize,
+        db: &Database,
+    ) -> Result<serde_json::Value> {
+        let started = Instant::now();
+        let name = post_data_artifact(db);
+        let Some(bytes) = cx.store.artifact(&name).await? else {
+            return Err(Error::permanent(format!(
+                "the post-data schema of database `{}` (artifact `{name}`) is not in the checkpoint store: run the schema_dump stage first",
+                db.name
+            ))
+            .hint("add a `schema_dump` stage to this stage's `after` list, or run it first with `pgferry run PLAN --until STAGE`"));
+        };
+        let text = String::from_utf8(bytes).map_err(|_| {
+            Error::permanent(format!("artifact `{name}` is not UTF-8 text"))
+                .hint("the schema dump must be written in UTF-8 (pg_dump/pg_restore --encoding=UTF8); run schema_dump again")
+        })?;
+        let script =
+            post_data_script::parse(&text).map_err(|e| e.context(format!("artifact `{name}`")))?;
+        let keys = item_keys(&db.name, &script.items);
+
+        // What earlier runs or attempts finished.
+        let mut pending: Vec<usize> = Vec::new();
+        for (n, key) in keys.iter().enumerate() {
+            if !cx.is_done(key).await? {
+                pending.push(n);
+            }
+        }
+        let total = script.items.len();
+        let skipped = total - pending.len();
+        if skipped > 0 {
+            tracing::info!(stage = %cx.stage, database = %db.name, "{skipped} of {total} post-data objects already built, resuming");
+        }
+        if pending.is_empty() {
+            return Ok(
+                json!({ "objects": total, "built": 0, "already_existed": 0, "skipped": skipped }),
+            );
+        }
+
+        let o = self.options(i);
+        let jobs = Self::jobs(&o);
+        let mwm = Self::maintenance_work_mem(&o);
+        if let Some(ByteSize(asked)) = o.maintenance_work_mem
+            && asked != mwm
+        {
+            tracing::warn!(stage = %cx.stage, database = %db.name,
+                "maintenance_work_mem {} is outside [1 MB, 64 GB]; using {}", human_bytes(asked), human_bytes(mwm));
+        }
+        let widest = [Phase::Indexes, Phase::ForeignKeys]
+            .iter()
+            .map(|p| {
+                pending
+                    .iter()
+                    .filter(|&&n| script.items[n].phase() == *p)
+                    .count()
+            })
+            .max()
+            .unwrap_or(0);
+        let sessions = jobs.min(widest).max(1);
+        let conn = self.env.target_for(db);
+        let label = format!("target database `{}`", db.target);
+        let opened = futures_util::future::try_join_all((0..sessions).map(|s| {
+            let conn = conn.clone();
+            let purpose = format!("post_data {} #{}", cx.stage, s + 1);
+            async move {
+                let client = conn.connect(&purpose).await?;
+                client
+                    .batch_execute(&format!(
+                        "SET maintenance_work_mem = '{}kB'; SET synchronous_commit = off; SET statement_timeout = 0",
+                        mwm / 1024
+                    ))
+                    .await
+                    .map_err(|e| Error::pg(&e, "configuring a session"))?;
+                Ok::<_, Error>(client)
+            }
+        }));
+        let clients = tokio::select! {
+            r = opened => r.map_err(|e| e.context(label.clone()))?,
+            _ = cx.cancel.cancelled() => return Err(Error::interrupted()),
+        };
+        let sizes = table_sizes(&clients[0])
+            .await
+            .map_err(|e| e.context(label.clone()))?;
+        let run = DbRun { cx, db, clients };
+
+        let mut built = 0;
+        let mut existed = 0;
+        for phase in Phase::ALL {
+            let mut items: Vec<usize> = pending
+                .iter()
+                .copied()
+                .filter(|&n| script.items[n].phase() == phase)
+                .collect();
+            if items.is_empty() {
+                continue;
+            }
+            if phase.parallel() {
+                // The largest tables first: they take longest, and the small ones fill in around them.
+                let size = |n: usize| {
+                    script.items[n]
+                        .locks()
+                        .and_then(|l| l.first().and_then(|(t, _)| sizes.get(t).copied()))
+                        .unwrap_or(0)
+                };
+                items.sort_by_key(|&n| (std::cmp::Reverse(size(n)), n));
+            }
+            let limit = if phase.parallel() {
+                run.clients.len()
+            } else {
+                1
+            };
+            tracing::info!(stage = %cx.stage, database = %db.name,
+                "building {} {} ({} at a time)", items.len(), phase.describe(), limit);
+            let (b, e) = self
+                .run_phase(&run, &script.items, &keys, &items, limit)
+                .await?;
+            built += b;
+            existed += e;
+        }
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        let msg = format!(
+            "database `{}`: {built} post-data objects built{} in {:.1}s{}",
+            db.name,
+            if existed > 0 {
+                format!(", {existed} found already built")
+            } else {
+                String::new()
+            },
+            elapsed_ms as f64 / 1000.0,
+            if skipped > 0 {
+                format!(" ({skipped} built earlier)")
+            } else {
+                String::new()
+            },
+        );
+        tracing::info!(stage = %cx.stage, "{msg}");
+        cx.store.event(Some(&cx.stage), "info", &msg).await?;
+        Ok(json!({
+            "objects": total,
+            "built": built,
+            "already_existed": existed,
+            "skipped": skipped,
+            "elapsed_ms": elapsed_ms,
+        }))
+    }
+
+    /// Builds `order` (indices into `items`) at most `limit` at a time, never two whose locks
+    /// conflict. Stops starting new objects at the first failure or on cancellation, cancels what is
+    /// running, and returns the first real error. Returns (built, found already built).
+    async fn run_phase(
+        &self,
+        run: &DbRun<'_>,
+        items: &[Item],
+        keys: &[String],
+        order: &[usize],
+        limit: usize,
+    ) -> Result<(usize, usize)> {
+        let stop = run.cx.cancel.child_token();
+        let locks: HashMap<usize, _> = order.iter().map(|&n| (n, items[n].locks())).collect();
+        let mut queue: Vec<usize> = order.to_vec();
+        let mut free: Vec<usize> = (0..limit.min(run.clients.len())).rev().collect();
+        let mut busy: Vec<(usize, usize)> = Vec::new(); // (slot, item)
+        let mut running = FuturesUnordered::new();
+        let mut first_err: Option<Error> = None;
+        let (mut built, mut existed) = (0, 0);
+        loop {
+            if !stop.is_cancelled() {
+                while let Some(&slot) = free.last() {
+                    let next = queue.iter().position(|&n| {
+                        busy.iter()
+                            .all(|&(_, m)| post_data_script::compatible(&locks[&n], &locks[&m]))
+                    });
+                    let Some(pos) = next else { break };
+                    let n = queue.remove(pos);
+                    free.pop();
+                    busy.push((slot, n));
+                    let stop = &stop;
+                    running.push(async move {
+                        let r = self
+                            .build_item(run, &run.clients[slot], &items[n], &keys[n], stop)
+                            .await;
+                        (slot, n, r)
+                    });
+                }
+            }
+            let Some((slot, n, r)) = running.next().await else {
+                break;
+            };
+            busy.retain(|&(s, _)| s != slot);
+            free.push(slot);
+            match r {
+                Ok(Outcome::Built) => built += 1,
+                Ok(Outcome::Existed) => existed += 1,
+                Err(e) => {
+                    stop.cancel();
+                    let replace = match &first_err {
+                        None => true,
+                        Some(f) => {
+                            f.kind == ErrorKind::Interrupted && e.kind != ErrorKind::Interrupted
+                        }
+                    };
+                    if replace {
+                        first_err = Some(e);
+                    } else if e.kind != ErrorKind::Interrupted {
+                        // Only the first failure is returned; do not lose the others.
+                        tracing::error!(stage = %run.cx.stage, database = %run.db.name, "{}: {e}", items[n].label());
+                    }
+                }
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        if !queue.is_empty() {
+            return Err(Error::interrupted());
+        }
+        Ok((built, existed))
+    }
+
+    /// Builds one object on `client` and checkpoints it.
+    async fn build_item(
+        &self,
+        run: &DbRun<'_>,
+        client: &Client,
+        item: &Item,
+        key: &str,
+        stop: &CancellationToken,
+    ) -> Result<Outcome> {
+        let cx = run.cx;
+        let started = Instant::now();
+        let tracked = item.phase() != Phase::Other && item.phase() != Phase::Attach;
+        let progress = |state: TableState, error: Option<String>| TableProgress {
+            stage: cx.stage.clone(),
+            database: run.db.name.clone(),
+            table: item.label(),
+            state,
+            rows: 0,
+            bytes: 0,
+            lsn: None,
+            started_at: None,
+            ended_at: None,
+            error,
+        };
+        if tracked {
+            cx.store
+                .upsert_table(&progress(TableState::Copying, None))
+                .await?;
+        }
+        let result = self.execute_item(client, item, stop).await;
+        let outcome = match result {
+            Ok(o) => o,
+            Err(e) => {
+                if tracked {
+                    let (state, error) = if e.kind == ErrorKind::Interrupted {
+                        (TableState::Queued, None)
+                    } else {
+                        (TableState::Failed, Some(e.to_string()))
+                    };
+                    let _ = cx.store.upsert_table(&progress(state, error)).await;
+                }
+                return Err(e);
+            }
+        };
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        cx.mark_done(
+            key,
+            json!({
+                "type": item.kind,
+                "object": item.label(),
+                "elapsed_ms": elapsed_ms,
+                "already_existed": outcome == Outcome::Existed,
+            }),
+        )
+        .await?;
+        cx.store
+            .add_counter(&run.db.name, "post_data_items_done", 1)
+            .await?;
+        if tracked {
+            cx.store
+                .upsert_table(&progress(TableState::Copied, None))
+                .await?;
+        }
+        match outcome {
+            Outcome::Built if tracked => tracing::info!(stage = %cx.stage, database = %run.db.name,
+                "built {} in {:.1}s", item.label(), elapsed_ms as f64 / 1000.0),
+            Outcome::Built => {
+                tracing::debug!(stage = %cx.stage, database = %run.db.name, "ran {}", item.label())
+            }
+            Outcome::Existed => tracing::warn!(stage = %cx.stage, database = %run.db.name,
+                "{} already exists on the target; counted as built", item.label()),
+        }
+        Ok(outcome)
+    }
+
+    /// Runs one object's SQL with its session settings; "already exists" of an object found in the
+    /// catalog counts as built; deadlocks and lock timeouts are retried.
+    async fn execute_item(
+        &self,
+        client: &Client,
+        item: &Item,
+        stop: &CancellationToken,
+    ) -> Result<Outcome> {
+        let doing = || {
+            format!(
+                "{} (line {} of the post-data script) `{}`",
+                item.label(),
+                item.line,
+                item.first_line()
+            )
+        };
+        // The session state pg_restore's session would have here; never the client encoding (this
+        // connection speaks UTF-8).
+        let settings: Vec<&str> = item
+            .settings
+            .iter()
+            .filter(|s| post_data_script::setting_key(s).as_deref() != Some("client_encoding"))
+            .map(String::as_str)
+            .collect();
+        if !settings.is_empty() {
+            execute(client, &settings.join("\n"), stop)
+                .await?
+                .map_err(|e| {
+                    Error::pg(&e, format!("applying the session settings for {}", doing()))
+                })?;
+        }
+        let mut attempt = 0;
+        loop {
+            let err = match execute(client, &item.sql(), stop).await? {
+                Ok(()) => return Ok(Outcome::Built),
+                Err(e) => e,
+            };
+            let code = err.code().map(|c| c.code().to_string()).unwrap_or_default();
+            if item.tolerates_existing()
+                && matches!(code.as_str(), "42P07" | "42710" | "42P16")
+                && self.already_built(client, item, &code).await?
+            {
+                // The object is there; what else the object's script does (CLUSTER ON, REPLICA
+                // IDENTITY, SET STATISTICS) is idempotent: run it again.
+                if item.statements.len() > 1 {
+                    let rest = item.statements[1..].join("\n");
+                    execute(client, &rest, stop)
+                        .await?
+                        .map_err(|e| Error::pg(&e, doing()))?;
+                }
+                return Ok(Outcome::Existed);
+            }
+            if matches!(code.as_str(), "40P01" | "55P03") && attempt < LOCK_RETRIES {
+                attempt += 1;
+                let pause = Duration::from_millis(250 << attempt);
+                tracing::warn!(
+                    "{}: {}; retrying in {pause:?}",
+                    item.label(),
+                    err.as_db_error()
+                        .map_or(String::new(), |d| d.message().to_string())
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => continue,
+                    _ = stop.cancelled() => return Err(Error::interrupted()),
+                }
+            }
+            let mut e = Error::pg(&err, doing());
+            if e.hint.is_none() {
+                e.hint = match code.as_str() {
+                    "23505" => Some("the target has duplicate keys for this unique index or constraint: compare the table with the source (a `validate` stage) and fix the rows, then run again".into()),
+                    "23503" => Some("rows of the target violate this foreign key: compare both tables with the source, fix the rows, then run again".into()),
+                    "42P01" | "42704" | "3F000" => Some("an object this one needs is missing on the target: check that provision (pre-data) and the table selection include it".into()),
+                    "42P16" => Some("the table already has a primary key of another name on the target: drop it, then run again".into()),
+                    "42P07" | "42710" if item.tolerates_existing() => Some("an object of that name already exists on the target but is not this one: drop or rename it, then run again".into()),
+                    "42P07" | "42710" => Some("it already exists on the target (created by hand, or by a run killed right after building it): drop it, then run again".into()),
+                    _ => None,
+                };
+            }
+            return Err(e);
+        }
+    }
+
+    /// Whether the object an "already exists" error is about is the one this item builds: found by
+    /// name on its table in the target's catalog (an index must also be valid).
+    async fn already_built(&self, client: &Client, item: &Item, code: &str) -> Result<bool> {
+        let Some(TableObject { kind, table, name }) = item.table_object() else {
+            // A statement we cannot read: trust the SQLSTATE, but not "multiple primary keys".
+            return Ok(code != "42P16");
+        };
+        let sql = match kind {
+            ObjectKind::Index => {
+                "SELECT CASE WHEN ic.relkind = 'I' THEN true ELSE i.indisvalid END \
+                 FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid \
+                 JOIN pg_catalog.pg_class t ON t.oid = i.indrelid JOIN pg_catalog.pg_namespace n ON n.oid = t.relnamespace \
+                 WHERE n.nspname = $1 AND t.relname = $2 AND ic.relname = $3"
+            }
+            ObjectKind::Constraint => {
+                "SELECT true FROM pg_catalog.pg_constraint c JOIN pg_catalog.pg_class t ON t.oid = c.conrelid \
+                 JOIN pg_catalog.pg_namespace n ON n.oid = t.relnamespace \
+                 WHERE n.nspname = $1 AND t.relname = $2 AND c.conname = $3"
+            }
+            ObjectKind::Trigger => {
+                "SELECT true FROM pg_catalog.pg_trigger g JOIN pg_catalog.pg_class t ON t.oid = g.tgrelid \
+                 JOIN pg_catalog.pg_namespace n ON n.oid = t.relnamespace \
+                 WHERE n.nspname = $1 AND t.relname = $2 AND g.tgname = $3 AND NOT g.tgisinternal"
+            }
+            ObjectKind::Rule => {
+                "SELECT true FROM pg_catalog.pg_rewrite r JOIN pg_catalog.pg_class t ON t.oid = r.ev_class \
+                 JOIN pg_catalog.pg_namespace n ON n.oid = t.relnamespace \
+                 WHERE n.nspname = $1 AND t.relname = $2 AND r.rulename = $3"
+            }
+            ObjectKind::Policy => {
+                "SELECT true FROM pg_catalog.pg_policy p JOIN pg_catalog.pg_class t ON t.oid = p.polrelid \
+                 JOIN pg_catalog.pg_namespace n ON n.oid = t.relnamespace \
+                 WHERE n.nspname = $1 AND t.relname = $2 AND p.polname = $3"
+            }
+        };
+        let row = client
+            .query_opt(sql, &[&table.schema, &table.name, &name])
+            .await
+            .map_err(|e| Error::pg(&e, format!("looking up {} on the target", item.label())))?;
+        match row.map(|r| r.get::<_, bool>(0)) {
+            Some(true) => Ok(true),
+            Some(false) => Err(Error::permanent(format!(
+                "{}: index {} exists on the target but is invalid (an interrupted CREATE INDEX CONCURRENTLY?)",
+                item.label(),
+                QualifiedName::new(table.schema.clone(), name.clone())
+            ))
+            .hint(format!(
+                "drop it (DROP INDEX {}) and run again",
+                QualifiedName::new(table.schema, name).quoted()
+            ))),
+            None => Ok(false),
+        }
+    }
+}
+
+/// Runs `sql` (one or more statements, as one implicit transaction); on cancellation asks the
+/// server to cancel it and returns `Interrupted`. The inner result is the statement's own error.
+async fn execute(
+    client: &Client,
+    sql: &str,
+    stop: &CancellationToken,
+) -> Result<std::result::Result<(), tokio_postgres::Error>> {
+    tokio::select! {
+        biased;
+        r = client.batch_execute(sql) => Ok(r),
+        _ = stop.cancelled() => {
+            // The server stops the statement; its transaction rolls back.
+            let _ = client.cancel_token().cancel_query(tokio_postgres::NoTls).await;
+            Err(Error::interrupted())
+        }
+    }
+}
+
+/// The checkpoint key of each object: `database:DB:item:TYPE:SCHEMA.NAME`, with `#2`, `#3` ... for
+/// repeated headers. Derived from the header, so it stays the same when the script is dumped again.
+fn item_keys(db: &str, items: &[Item]) -> Vec<String> {
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    items
+        .iter()
+        .map(|item| {
+            let base = format!(
+                "database:{db}:item:{}:{}.{}",
+                item.kind,
+                item.schema.as_deref().unwrap_or("-"),
+                item.name
+            );
+            let n = seen.entry(base.clone()).or_insert(0);
+            *n += 1;
+            if *n == 1 { base } else { format!("{base}#{n}") }
+        })
+        .collect()
+}
+
+/// The size of every table and materialized view of the target, for largest-first ordering.
+async fn table_sizes(client: &Client) -> Result<HashMap<QualifiedName, i64>> {
+    let rows = client
+        .query(
+            "SELECT n.nspname::text, c.relname::text, pg_catalog.pg_table_size(c.oid) \
+             FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind IN ('r', 'm', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::pg(&e, "reading table sizes"))?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+                r.get(2),
+            )
+        })
+        .collect())
+}
+
+#[async_trait]
+impl Stage for PostData {
+    fn describe(&self) -> Vec<String> {
+        self.env
+            .plan
+            .databases
+            .iter()
+            .enumerate()
+            .map(|(i, db)| {
+                let o = self.options(i);
+                let jobs = Self::jobs(&o);
+                format!(
+                    "on target database {}: builds the post-data schema dumped by schema_dump: indexes and constraints {jobs} at a time \
+                     (maintenance_work_mem {}), partition index attachments, foreign keys {jobs} at a time, then triggers, rules, \
+                     policies, comments and privileges, and refreshes materialized views last",
+                    db.target,
+                    human_bytes(Self::maintenance_work_mem(&o)),
+                )
+            })
+            .collect()
+    }
+
+    async fn run(&self, cx: &StageContext) -> Result<()> {
+        for (i, db) in self.env.plan.databases.iter().enumerate() {
+            cx.check_cancelled()?;
+            let key = format!("database:{}", db.name);
+            if cx.is_done(&key).await? {
+                tracing::info!(stage = %cx.stage, database = %db.name, "already done, skipping");
+                continue;
+            }
+            let summary = self
+                .run_database(cx, i, db)
+                .await
+                .map_err(|e| e.context(format!("database `{}`", db.name)))?;
+            cx.mark_done(&key, summary).await?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_stable_and_unique() {
+        let script = post_data_script::parse(
+            "--\n-- Name: t t_pkey; Type: CONSTRAINT; Schema: public; Owner: me\n--\nALTER TABLE ONLY public.t ADD CONSTRAINT t_pkey PRIMARY KEY (id);\n\
+             --\n-- Name: SCHEMA public; Type: ACL; Schema: -; Owner: me\n--\nGRANT ALL ON SCHEMA public TO PUBLIC;\n\
+             --\n-- Name: SCHEMA public; Type: ACL; Schema: -; Owner: me\n--\nGRANT USAGE ON SCHEMA public TO PUBLIC;\n",
+        )
+        .unwrap();
+        assert_eq!(
+            item_keys("dvd", &script.items),
+            [
+                "database:dvd:item:CONSTRAINT:public.t t_pkey",
+                "database:dvd:item:ACL:-.SCHEMA public",
+                "database:dvd:item:ACL:-.SCHEMA public#2",
+            ]
+        );
+    }
+
+    #[test]
+    fn maintenance_work_mem_is_bounded() {
+        let o = |s: Option<u64>| PostDataOptions {
+            jobs: None,
+            maintenance_work_mem: s.map(ByteSize),
+        };
+        assert_eq!(PostData::maintenance_work_mem(&o(None)), 1 << 30);
+        assert_eq!(PostData::maintenance_work_mem(&o(Some(10))), 1 << 20);
+        assert_eq!(PostData::maintenance_work_mem(&o(Some(1 << 40))), 64 << 30);
+        assert_eq!(PostData::jobs(&o(None)), 4);
+    }
+}
