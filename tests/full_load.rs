@@ -181,7 +181,7 @@ fn online_load_uses_the_slot_snapshot_and_resumes_after_sigkill() {
          INSERT INTO public.c SELECT generate_series(1, 10);",
     );
     copy_schema(&p.source, &s, &p.target, &t);
-    let stages = "[stages.load]\nkind = \"full_load\"\njobs = 1\n\n[stages.cdc]\nkind = \"cdc\"\nafter = [\"load\"]\n";
+    let stages = "[stages.load]\nkind = \"full_load\"\njobs = 1\n\n[stages.cdc]\nkind = \"cdc\"\nafter = [\"load\"]\n\n[stages.cleanup]\nkind = \"cleanup\"\nafter = [\"load\"]\n";
     let plan = TestPlan::new(p, "fl_online", &s, &t, stages);
     let mut child = plan.spawn(&["run", "--until", "load"]);
     // Kill it once the first table is copied and another is being copied.
@@ -250,6 +250,20 @@ fn online_load_uses_the_slot_snapshot_and_resumes_after_sigkill() {
             "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'pgferry_tmp_%'",
         ) == "0"
     });
-    p.source
-        .psql(&s, &format!("SELECT pg_drop_replication_slot('{slot}')"));
+
+    // The cleanup stage drops the slot (and would drop the publication), idempotently.
+    let out = plan.run(&["run", "--until", "cleanup"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("ran cleanup"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(
+        p.source.psql(
+            "postgres",
+            &format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{slot}'")
+        ),
+        "0"
+    );
 }

@@ -6,9 +6,7 @@ use std::io::{BufRead, IsTerminal, Write};
 
 use super::{EXIT_FAILED, EXIT_OK, EXIT_USAGE, load, open_store, report};
 use crate::cli::PlanArgs;
-use crate::error::{Error, Result};
-use crate::pg::ident::quote_ident;
-use crate::pg::names::{publication_name, slot_name};
+use crate::error::Result;
 use crate::stages::Env;
 
 pub async fn run(args: &PlanArgs, yes: bool) -> u8 {
@@ -66,7 +64,7 @@ pub async fn run(args: &PlanArgs, yes: bool) -> u8 {
     }
     let mut failed = false;
     for db in &plan.databases {
-        match drop_source_objects(&env, &plan.name, &db.name).await {
+        match crate::stages::cleanup::drop_source_objects(&env, db, true, true).await {
             Ok(lines) => {
                 for l in lines {
                     println!("{l}");
@@ -109,69 +107,4 @@ pub async fn run(args: &PlanArgs, yes: bool) -> u8 {
         println!("no checkpoint store to drop");
     }
     if failed { EXIT_FAILED } else { EXIT_OK }
-}
-
-async fn drop_source_objects(env: &Env, migration: &str, database: &str) -> Result<Vec<String>> {
-    let mut out = Vec::new();
-    let Some(db) = env.plan.databases.iter().find(|d| d.name == database) else {
-        return Ok(out);
-    };
-    let client = match env.source_for(db).connect("reset").await {
-        Ok(c) => c,
-        // The source database is gone: nothing of ours can be left in it.
-        Err(e) if e.sqlstate.as_deref() == Some("3D000") => return Ok(out),
-        Err(e) => return Err(e),
-    };
-    let slot = slot_name(migration, database);
-    let row = client
-        .query_opt(
-            "SELECT active_pid FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await
-        .map_err(|e| Error::pg(&e, "looking for the replication slot"))?;
-    if let Some(row) = row {
-        if let Some(pid) = row.get::<_, Option<i32>>(0) {
-            // A leftover session of a killed runner may still hold it.
-            client
-                .execute("SELECT pg_catalog.pg_terminate_backend($1)", &[&pid])
-                .await
-                .map_err(|e| {
-                    Error::pg(
-                        &e,
-                        format!("ending the session (pid {pid}) that holds slot {slot}"),
-                    )
-                })?;
-            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        }
-        client
-            .execute("SELECT pg_catalog.pg_drop_replication_slot($1)", &[&slot])
-            .await
-            .map_err(|e| Error::pg(&e, format!("dropping replication slot {slot}")))?;
-        out.push(format!(
-            "dropped replication slot {slot} on source database {database}"
-        ));
-    }
-    let publication = publication_name(migration);
-    let exists: bool = client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1)",
-            &[&publication],
-        )
-        .await
-        .map_err(|e| Error::pg(&e, "looking for the publication"))?
-        .get(0);
-    if exists {
-        client
-            .batch_execute(&format!(
-                "DROP PUBLICATION IF EXISTS {}",
-                quote_ident(&publication)
-            ))
-            .await
-            .map_err(|e| Error::pg(&e, format!("dropping publication {publication}")))?;
-        out.push(format!(
-            "dropped publication {publication} on source database {database}"
-        ));
-    }
-    Ok(out)
 }

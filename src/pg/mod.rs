@@ -7,6 +7,7 @@ pub mod copy;
 pub mod dump;
 pub mod ident;
 pub mod names;
+pub mod pgoutput;
 pub mod post_data_script;
 pub mod replication;
 pub mod tools;

@@ -1,13 +1,26 @@
 //! A thin client for PostgreSQL's replication protocol, on `postgres-protocol` (tokio-postgres has no
 //! replication support). It opens a `replication=database` session with the same TLS settings and
 //! authentication (trust, password, md5, SCRAM-SHA-256) as ordinary connections, and runs replication
-//! commands over the simple query protocol — here, creating a logical slot that exports its snapshot,
-//! which must stay open while the full load imports that snapshot.
+//! commands over the simple query protocol — creating a logical slot that exports its snapshot (which
+//! must stay open while the full load imports that snapshot), dropping slots — and streams changes
+//! from a slot with the pgoutput plugin.
+//!
+//! Streaming: [`ReplicationClient::start_replication`] enters copy-both mode;
+//! [`ReplicationClient::next_message`] then yields one decoded message at a time (a transaction of
+//! any size is never held whole: each change is its own CopyData message, decoded and handed over
+//! before the next is read); [`ReplicationClient::send_status`] reports progress, which is what lets
+//! the server advance the slot and answer its keepalives; [`ReplicationClient::stop_replication`]
+//! returns the session to command mode.
+//!
+//! Cancellation: `next_message` is cancellation-safe (bytes read stay buffered, and a message is
+//! taken out of the buffer only when it is returned), so it can sit in a `tokio::select!`. Every other
+//! method writes or reads several messages; if one of their futures is dropped half-way, the session
+//! is marked broken and every later call fails (reconnect instead).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::BytesMut;
+use bytes::{BufMut, Bytes, BytesMut};
 use fallible_iterator::FallibleIterator;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::{backend, frontend};
@@ -18,6 +31,10 @@ use tokio_postgres::tls::TlsConnect;
 use crate::error::{Error, Result, classify_sqlstate};
 use crate::pg::connect::{ConnInfo, TlsMode};
 use crate::pg::ident::quote_ident;
+use crate::pg::pgoutput::{
+    self, Decoder, Lsn, PgOutputMessage, PrimaryKeepalive, StandbyStatusUpdate, StreamMessage,
+    XLogData,
+};
 
 /// A byte stream: TCP or Unix socket, with or without TLS.
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -75,11 +92,70 @@ pub struct SlotSnapshot {
     pub snapshot_name: String,
 }
 
+impl SlotSnapshot {
+    /// The consistent point as an LSN.
+    pub fn consistent_lsn(&self) -> Result<Lsn> {
+        self.consistent_point.parse()
+    }
+}
+
+/// What to ask pgoutput for in `START_REPLICATION`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamOptions {
+    /// The publications whose tables are streamed (at least one).
+    pub publications: Vec<String>,
+    /// Also send logical decoding messages (`pg_logical_emit_message`); PostgreSQL 14 and later.
+    pub messages: bool,
+}
+
+impl StreamOptions {
+    pub fn new(publication: &str) -> StreamOptions {
+        StreamOptions {
+            publications: vec![publication.to_string()],
+            messages: false,
+        }
+    }
+}
+
+/// A message from a replication stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplicationMessage {
+    /// One pgoutput message with its WAL positions.
+    XLogData(XLogData<PgOutputMessage>),
+    /// The server's heartbeat; when `reply_requested`, answer with [`ReplicationClient::send_status`]
+    /// soon, or the server ends the session after `wal_sender_timeout`.
+    Keepalive(PrimaryKeepalive),
+}
+
+/// Where the session is in the protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Ready for commands.
+    Idle,
+    /// In copy-both mode after `START_REPLICATION`.
+    Streaming,
+    /// The stream is over (the server ended it or reported an error) and its closing messages, up to
+    /// ReadyForQuery, are still to be read; `send_copy_done`: the server sent CopyDone and waits for
+    /// ours.
+    Ending { send_copy_done: bool },
+}
+
+/// Bytes read from the socket at a time (at least).
+const READ_CHUNK: usize = 64 * 1024;
+
+/// CopyBothResponse, which `postgres_protocol::message::backend` does not know.
+const COPY_BOTH_RESPONSE_TAG: u8 = b'W';
+
 /// A replication session.
 pub struct ReplicationClient {
     stream: BoxedStream,
     buf: BytesMut,
     describe: String,
+    mode: Mode,
+    decoder: Decoder,
+    /// Set while an operation that is not cancellation-safe runs; still set afterwards if its
+    /// future was dropped half-way, which leaves the protocol state unknown.
+    busy: Option<&'static str>,
 }
 
 fn io_err(e: std::io::Error, doing: &str, describe: &str) -> Error {
@@ -134,6 +210,9 @@ impl ReplicationClient {
             stream,
             buf: BytesMut::with_capacity(8192),
             describe,
+            mode: Mode::Idle,
+            decoder: Decoder::new(),
+            busy: None,
         };
         client.startup(conn, purpose).await?;
         Ok(client)
@@ -188,8 +267,10 @@ impl ReplicationClient {
             ("application_name", app.as_str()),
             ("client_encoding", "UTF8"),
         ];
+        // `options` (`-c name=value ...`), as libpq sends it: e.g. a per-session wal_sender_timeout.
+        let options = config.get_options().map(|o| ("options", o));
         let mut out = BytesMut::new();
-        frontend::startup_message(params.iter().copied(), &mut out)
+        frontend::startup_message(params.iter().copied().chain(options), &mut out)
             .map_err(|e| Error::permanent(e.to_string()))?;
         self.send(&out).await?;
         let password = config.get_password().map(<[u8]>::to_vec);
@@ -288,8 +369,17 @@ impl ReplicationClient {
         }
     }
 
-    /// Runs one command over the simple query protocol; returns its rows.
+    /// Runs one command over the simple query protocol; returns its rows. Not while streaming (see
+    /// [`ReplicationClient::stop_replication`]).
     pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<Row>> {
+        self.ready_for_commands().await?;
+        self.busy = Some("running a command");
+        let rows = self.simple_query_inner(sql).await;
+        self.busy = None;
+        rows
+    }
+
+    async fn simple_query_inner(&mut self, sql: &str) -> Result<Vec<Row>> {
         let mut out = BytesMut::new();
         frontend::query(sql, &mut out).map_err(|e| Error::permanent(e.to_string()))?;
         self.send(&out).await?;
@@ -354,12 +444,365 @@ impl ReplicationClient {
         })
     }
 
+    /// Drops a replication slot. Without `wait`, fails if another session is using the slot; with
+    /// it (PostgreSQL 13 and later), waits until that session releases it.
+    pub async fn drop_slot(&mut self, name: &str, wait: bool) -> Result<()> {
+        let sql = format!(
+            "DROP_REPLICATION_SLOT {}{}",
+            quote_ident(name),
+            if wait { " WAIT" } else { "" }
+        );
+        self.simple_query(&sql).await.map(|_| ())
+    }
+
+    /// Starts streaming `slot` from `start` (`Lsn::INVALID`: where the slot's confirmed position
+    /// is) with pgoutput protocol version 1, for the tables of `publication`.
+    pub async fn start_replication(
+        &mut self,
+        slot: &str,
+        start: Lsn,
+        publication: &str,
+    ) -> Result<()> {
+        self.start_replication_with(slot, start, &StreamOptions::new(publication))
+            .await
+    }
+
+    /// [`ReplicationClient::start_replication`] with more options.
+    pub async fn start_replication_with(
+        &mut self,
+        slot: &str,
+        start: Lsn,
+        options: &StreamOptions,
+    ) -> Result<()> {
+        let sql = start_replication_command(slot, start, options)?;
+        self.ready_for_commands().await?;
+        self.busy = Some("starting replication");
+        let mut out = BytesMut::new();
+        frontend::query(&sql, &mut out).map_err(|e| Error::permanent(e.to_string()))?;
+        self.send(&out).await?;
+        loop {
+            let (tag, body) = self.next_frame().await?;
+            match tag {
+                // CopyBothResponse: the stream has started.
+                COPY_BOTH_RESPONSE_TAG => {
+                    self.mode = Mode::Streaming;
+                    self.decoder = Decoder::new();
+                    self.busy = None;
+                    return Ok(());
+                }
+                backend::ERROR_RESPONSE_TAG => {
+                    let e = self.server_error(
+                        tag,
+                        body,
+                        &format!("starting replication from slot {slot}"),
+                    );
+                    self.mode = Mode::Ending {
+                        send_copy_done: false,
+                    };
+                    self.finish_stream().await?;
+                    self.busy = None;
+                    return Err(e);
+                }
+                backend::NOTICE_RESPONSE_TAG => self.log_notice(tag, body),
+                backend::PARAMETER_STATUS_TAG => {}
+                other => return Err(self.unexpected(other, "starting replication")),
+            }
+        }
+    }
+
+    /// The next message of the stream: a decoded pgoutput message or a keepalive.
+    ///
+    /// Cancellation-safe: if the future is dropped before it completes, no message is lost (the
+    /// bytes read so far stay buffered for the next call). Memory stays bounded by the largest single
+    /// message, whatever the size of the transaction. The returned values are slices of the read
+    /// buffer: hold them only as long as needed.
+    ///
+    /// When the server ends the stream (CopyDone, or an error it reports), this returns an error and
+    /// [`ReplicationClient::stop_replication`] brings the session back to command mode.
+    pub async fn next_message(&mut self) -> Result<ReplicationMessage> {
+        self.check_usable()?;
+        if self.mode != Mode::Streaming {
+            return Err(self.not_streaming());
+        }
+        loop {
+            let (tag, body) = self.next_frame().await?;
+            match tag {
+                backend::COPY_DATA_TAG => {
+                    let describe = &self.describe;
+                    let in_stream = |e: pgoutput::DecodeError| {
+                        Error::permanent(format!("{e} (in the replication stream from {describe})"))
+                    };
+                    return match pgoutput::decode_copy_data(body).map_err(in_stream)? {
+                        StreamMessage::XLogData(x) => {
+                            let data = self.decoder.decode(x.data).map_err(in_stream)?;
+                            Ok(ReplicationMessage::XLogData(XLogData {
+                                wal_start: x.wal_start,
+                                wal_end: x.wal_end,
+                                send_time: x.send_time,
+                                data,
+                            }))
+                        }
+                        StreamMessage::Keepalive(k) => Ok(ReplicationMessage::Keepalive(k)),
+                    };
+                }
+                backend::COPY_DONE_TAG => {
+                    self.mode = Mode::Ending {
+                        send_copy_done: true,
+                    };
+                    return Err(Error::transient(format!(
+                        "{} ended the replication stream",
+                        self.describe
+                    )));
+                }
+                backend::ERROR_RESPONSE_TAG => {
+                    self.mode = Mode::Ending {
+                        send_copy_done: false,
+                    };
+                    return Err(self.server_error(tag, body, "streaming changes"));
+                }
+                backend::NOTICE_RESPONSE_TAG => self.log_notice(tag, body),
+                backend::PARAMETER_STATUS_TAG => {}
+                other => return Err(self.unexpected(other, "streaming changes")),
+            }
+        }
+    }
+
+    /// Sends a standby status update: `write`, `flush` and `apply` are the positions (end of the
+    /// last byte + 1) received, durably applied, and applied. The server moves the slot's
+    /// `confirmed_flush_lsn` to `flush` (so WAL before it can be recycled and a restart resumes
+    /// there): report a commit's `end_lsn` only once that transaction is safely applied.
+    /// `reply_requested` asks the server for an immediate keepalive. Not cancellation-safe.
+    pub async fn send_status(
+        &mut self,
+        write: Lsn,
+        flush: Lsn,
+        apply: Lsn,
+        reply_requested: bool,
+    ) -> Result<()> {
+        self.check_usable()?;
+        if self.mode != Mode::Streaming {
+            return Err(self.not_streaming());
+        }
+        let update = StandbyStatusUpdate {
+            write,
+            flush,
+            apply,
+            client_time: pgoutput::pg_time_now(),
+            reply_requested,
+        };
+        let mut out = BytesMut::with_capacity(5 + StandbyStatusUpdate::LEN);
+        out.put_u8(backend::COPY_DATA_TAG);
+        out.put_i32(4 + StandbyStatusUpdate::LEN as i32);
+        update.encode(&mut out);
+        self.busy = Some("sending a status update");
+        self.send(&out).await?;
+        self.busy = None;
+        Ok(())
+    }
+
+    /// Ends the stream and brings the session back to command mode, discarding the changes still in
+    /// flight (read and dropped one by one). The server notices the request only between the
+    /// messages it decodes, so this can take as long as the rest of a large transaction. Does
+    /// nothing when not streaming.
+    pub async fn stop_replication(&mut self) -> Result<()> {
+        self.check_usable()?;
+        if self.mode == Mode::Idle {
+            return Ok(());
+        }
+        self.busy = Some("stopping replication");
+        if self.mode == Mode::Streaming {
+            self.mode = Mode::Ending {
+                send_copy_done: true,
+            };
+        }
+        self.finish_stream().await?;
+        self.busy = None;
+        Ok(())
+    }
+
+    /// Whether the session is in copy-both mode.
+    pub fn is_streaming(&self) -> bool {
+        self.mode == Mode::Streaming
+    }
+
+    fn not_streaming(&self) -> Error {
+        Error::permanent(format!(
+            "the replication session to {} is not streaming",
+            self.describe
+        ))
+    }
+
+    /// Reads the end of a stream up to ReadyForQuery (sending our CopyDone first if owed).
+    async fn finish_stream(&mut self) -> Result<()> {
+        if let Mode::Ending {
+            send_copy_done: true,
+        } = self.mode
+        {
+            let mut out = BytesMut::new();
+            frontend::copy_done(&mut out);
+            self.send(&out).await?;
+            self.mode = Mode::Ending {
+                send_copy_done: false,
+            };
+        }
+        loop {
+            let (tag, body) = self.next_frame().await?;
+            match tag {
+                backend::READY_FOR_QUERY_TAG => {
+                    self.mode = Mode::Idle;
+                    return Ok(());
+                }
+                backend::ERROR_RESPONSE_TAG => {
+                    let e = self.server_error(tag, body, "ending the replication stream");
+                    tracing::debug!(error = %e, "error while ending the replication stream");
+                }
+                backend::NOTICE_RESPONSE_TAG => self.log_notice(tag, body),
+                // Changes still in flight, the server's CopyDone, CommandComplete.
+                _ => {}
+            }
+        }
+    }
+
+    /// Fails if an earlier operation was abandoned half-way.
+    fn check_usable(&self) -> Result<()> {
+        match self.busy {
+            None => Ok(()),
+            Some(what) => Err(Error::transient(format!(
+                "the replication session to {} was interrupted while {what}; it must be reopened",
+                self.describe
+            ))),
+        }
+    }
+
+    /// Checks the session can run a command, finishing a stream the server already ended.
+    async fn ready_for_commands(&mut self) -> Result<()> {
+        self.check_usable()?;
+        match self.mode {
+            Mode::Idle => Ok(()),
+            Mode::Streaming => Err(Error::permanent(format!(
+                "the replication session to {} is streaming; stop the stream before running commands",
+                self.describe
+            ))),
+            Mode::Ending { .. } => self.stop_replication().await,
+        }
+    }
+
+    /// The next whole message from the server: its tag and body. Framed here rather than by
+    /// `backend::Message::parse`, which does not know CopyBothResponse. Cancellation-safe: what was
+    /// read stays in `self.buf`, and a message leaves it only when returned.
+    async fn next_frame(&mut self) -> Result<(u8, Bytes)> {
+        loop {
+            let mut want = READ_CHUNK;
+            if self.buf.len() >= 5 {
+                let len = i32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
+                let Some(total) = usize::try_from(len).ok().filter(|&l| l >= 4).map(|l| l + 1)
+                else {
+                    return Err(Error::permanent(format!(
+                        "replication protocol error from {}: invalid message length {len}",
+                        self.describe
+                    )));
+                };
+                if self.buf.len() >= total {
+                    let frame = self.buf.split_to(total).freeze();
+                    return Ok((frame[0], frame.slice(5..)));
+                }
+                want = want.max(total - self.buf.len());
+            }
+            self.buf.reserve(want);
+            let n = self
+                .stream
+                .read_buf(&mut self.buf)
+                .await
+                .map_err(|e| io_err(e, "reading", &self.describe))?;
+            if n == 0 {
+                return Err(Error::transient(format!(
+                    "the replication connection to {} was closed by the server",
+                    self.describe
+                )));
+            }
+        }
+    }
+
+    /// Parses a frame that postgres-protocol knows (errors, notices) with postgres-protocol.
+    fn parse_frame(tag: u8, body: &Bytes) -> Option<backend::Message> {
+        let mut buf = BytesMut::with_capacity(body.len() + 5);
+        buf.put_u8(tag);
+        buf.put_i32(i32::try_from(body.len() + 4).ok()?);
+        buf.extend_from_slice(body);
+        backend::Message::parse(&mut buf).ok().flatten()
+    }
+
+    fn server_error(&self, tag: u8, body: Bytes, doing: &str) -> Error {
+        match Self::parse_frame(tag, &body) {
+            Some(backend::Message::ErrorResponse(b)) => db_error(&b, doing),
+            _ => Error::permanent(format!(
+                "{doing}: {} sent an unreadable error message",
+                self.describe
+            )),
+        }
+    }
+
+    fn log_notice(&self, tag: u8, body: Bytes) {
+        if let Some(backend::Message::NoticeResponse(b)) = Self::parse_frame(tag, &body) {
+            let mut fields = b.fields();
+            while let Ok(Some(f)) = fields.next() {
+                if f.type_() == b'M' {
+                    tracing::info!(
+                        server = %self.describe,
+                        "replication notice: {}",
+                        String::from_utf8_lossy(f.value_bytes())
+                    );
+                }
+            }
+        }
+    }
+
+    fn unexpected(&self, tag: u8, doing: &str) -> Error {
+        Error::permanent(format!(
+            "replication protocol error from {}: unexpected message type {:?} while {doing}",
+            self.describe,
+            char::from(tag)
+        ))
+    }
+
     /// Ends the session politely.
     pub async fn close(mut self) {
         let mut out = BytesMut::new();
         frontend::terminate(&mut out);
         let _ = self.send(&out).await;
     }
+}
+
+/// `START_REPLICATION SLOT "slot" LOGICAL X/Y (proto_version '1', publication_names '"a","b"')`.
+/// The replication grammar's string literals know only `''` as an escape (no `E''`), and
+/// `publication_names` is a comma-separated list of identifiers, quoted here.
+fn start_replication_command(slot: &str, start: Lsn, options: &StreamOptions) -> Result<String> {
+    if options.publications.is_empty() {
+        return Err(Error::permanent(
+            "starting replication needs at least one publication",
+        ));
+    }
+    let names = options
+        .publications
+        .iter()
+        .map(|p| quote_ident(p))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut sql = format!(
+        "START_REPLICATION SLOT {} LOGICAL {start} (proto_version '1', publication_names {}",
+        quote_ident(slot),
+        repl_literal(&names)
+    );
+    if options.messages {
+        sql.push_str(", messages 'true'");
+    }
+    sql.push(')');
+    Ok(sql)
+}
+
+/// A string literal for the replication command grammar.
+fn repl_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
 }
 
 fn first_words(sql: &str) -> String {
@@ -436,4 +879,27 @@ fn db_error(body: &backend::ErrorResponseBody, doing: &str) -> Error {
         e.hint = Some("check the user and password, and that pg_hba.conf allows replication connections for this user".into());
     }
     e
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_replication_quotes_names() {
+        let mut o = StreamOptions::new("p'1");
+        o.publications.push("Pub \"2\"".into());
+        assert_eq!(
+            start_replication_command("s\"x", Lsn(0x16_B374_D848), &o).unwrap(),
+            r#"START_REPLICATION SLOT "s""x" LOGICAL 16/B374D848 (proto_version '1', publication_names '"p''1","Pub ""2"""')"#
+        );
+        o.messages = true;
+        o.publications.truncate(1);
+        assert_eq!(
+            start_replication_command("s", Lsn::INVALID, &o).unwrap(),
+            r#"START_REPLICATION SLOT "s" LOGICAL 0/0 (proto_version '1', publication_names '"p''1"', messages 'true')"#
+        );
+        o.publications.clear();
+        assert!(start_replication_command("s", Lsn::INVALID, &o).is_err());
+    }
 }

@@ -2,6 +2,9 @@
 //! [`build`]. The executor runs them without knowing what they do; what they need of PostgreSQL they
 //! get from [`Env`].
 
+pub mod cdc;
+pub mod cleanup;
+pub mod cutover;
 pub mod full_load;
 pub mod post_data;
 pub mod preflight;
@@ -130,7 +133,10 @@ pub const RUNNABLE_KINDS: &[&str] = &[
     "full_load",
     "post_data",
     "sequence_reset",
+    "cleanup",
     "sql",
+    "cdc",
+    "cutover",
 ];
 
 /// The artifact holding a database's pre-data schema section (SQL, as pg_restore writes it).
@@ -149,11 +155,14 @@ pub fn build(env: &Arc<Env>, index: usize) -> Result<Arc<dyn Stage>> {
     match spec.kind {
         "preflight" => Ok(Arc::new(preflight::Preflight::new(env.clone(), index))),
         "sql" => Ok(Arc::new(sql::SqlStage::new(env.clone(), index))),
+        "cleanup" => Ok(Arc::new(cleanup::Cleanup::new(env.clone(), index))),
         "schema_dump" => Ok(Arc::new(schema_dump::SchemaDump::new(env.clone(), index))),
         "provision" => Ok(Arc::new(provision::Provision::new(env.clone(), index))),
         "full_load" => Ok(Arc::new(full_load::FullLoad::new(env.clone(), index))),
         "post_data" => Ok(Arc::new(post_data::PostData::new(env.clone(), index))),
         "sequence_reset" => Ok(Arc::new(sequence_reset::SequenceReset::new(env.clone(), index))),
+        "cdc" => Ok(Arc::new(cdc::Cdc::new(env.clone(), index))),
+        "cutover" => Ok(Arc::new(cutover::Cutover::new(env.clone(), index))),
         other => Err(Error::permanent(format!(
             "stage `{}`: kind `{other}` cannot run in pgferry {} yet (runnable kinds: {})",
             spec.id,

@@ -1,0 +1,525 @@
+//! Applying decoded pgoutput changes to one target database, on one session, in commit order.
+//!
+//! - The session runs with `session_replication_role = replica`, so target triggers and foreign keys
+//!   do not fire (the source already enforced them). A role that may not set it is refused with a
+//!   clear error; running without it is not supported yet.
+//! - The applied position lives in the target database, in `<state schema>.cdc_applied` (`slot`,
+//!   `lsn`), and is updated in the same transaction as the changes it covers: a crash either keeps
+//!   both or loses both, so a restart never applies a change twice.
+//! - Every value is sent as text and cast to the target column's type
+//!   (`$1::text::<format_type>`); statements are prepared once per relation and shape (which columns
+//!   are set, how the row is found).
+//! - Rows are found by the old key tuple (`K`), else by the new tuple's key columns; with REPLICA
+//!   IDENTITY FULL (`O`) by every column (`IS NOT DISTINCT FROM`), and exactly one matching row is
+//!   changed (`(tableoid, ctid) = (SELECT ... LIMIT 1)`), so duplicates stay duplicates.
+
+use std::collections::HashMap;
+
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, Statement};
+
+use crate::error::{Error, Result};
+use crate::pg::connect::ConnInfo;
+use crate::pg::ident::{QualifiedName, quote_ident};
+use crate::pg::pgoutput::{Lsn, OldTuple, Relation, TupleData, TupleValue};
+
+/// One target column of a replicated relation, in the Relation message's order.
+struct Col {
+    quoted: String,
+    /// `format_type` of the target column.
+    ty: String,
+    key: bool,
+    /// Compared as text (types without an equality operator).
+    text_compare: bool,
+}
+
+/// What the applier knows of one relation of the stream.
+pub struct Rel {
+    /// `schema.table`, for messages and counters.
+    pub name: String,
+    quoted: String,
+    partitioned: bool,
+    cols: Vec<Col>,
+    /// Changes committed at or before this source LSN are already in the copied data.
+    pub copied_lsn: Option<Lsn>,
+    statements: HashMap<String, Statement>,
+}
+
+/// How an UPDATE or DELETE finds its row.
+enum Find<'a> {
+    /// By the key columns of this tuple.
+    Key(&'a TupleData),
+    /// By every column of this tuple (REPLICA IDENTITY FULL), one row only.
+    Full(&'a TupleData),
+}
+
+pub struct Applier {
+    client: Client,
+    position_table: String,
+    slot: String,
+    rels: HashMap<u32, Rel>,
+    /// `schema.table` -> LSN its copy is consistent with (leaf tables, from full_load).
+    copied: HashMap<String, Lsn>,
+    in_tx: bool,
+}
+
+fn value_param(v: &TupleValue) -> Result<Option<&str>> {
+    match v {
+        TupleValue::Null => Ok(None),
+        TupleValue::Text(b) => std::str::from_utf8(b)
+            .map(Some)
+            .map_err(|_| Error::permanent("a replicated value is not valid UTF-8")),
+        TupleValue::Binary(_) => Err(Error::permanent(
+            "binary replicated values are not supported (the stream uses text)",
+        )),
+        TupleValue::UnchangedToast => Err(Error::permanent(
+            "internal: an unchanged TOAST value cannot be written",
+        )),
+    }
+}
+
+fn mask(bits: impl Iterator<Item = bool>) -> String {
+    bits.map(|b| if b { '1' } else { '0' }).collect()
+}
+
+impl Applier {
+    /// Opens the apply session on `conn` and reads the applied position of `slot`.
+    pub async fn open(
+        conn: &ConnInfo,
+        state_schema: &str,
+        slot: &str,
+        copied: HashMap<String, Lsn>,
+    ) -> Result<(Applier, Option<Lsn>)> {
+        let client = conn.connect("cdc apply").await?;
+        client
+            .batch_execute("SET session_replication_role = replica")
+            .await
+            .map_err(|e| {
+                Error::pg(&e, "setting session_replication_role = replica on the target")
+                    .hint("cdc applies changes without firing target triggers and foreign keys, which needs a superuser (or, on PostgreSQL 15+, a role granted SET on session_replication_role); applying as an ordinary role is not supported yet")
+            })?;
+        let schema = quote_ident(state_schema);
+        let position_table = format!("{schema}.cdc_applied");
+        client
+            .batch_execute(&format!(
+                "CREATE SCHEMA IF NOT EXISTS {schema}; \
+                 CREATE TABLE IF NOT EXISTS {position_table} (slot text PRIMARY KEY, lsn pg_lsn NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+            ))
+            .await
+            .map_err(|e| Error::pg(&e, format!("creating {position_table} on the target")))?;
+        let row = client
+            .query_opt(
+                &format!("SELECT lsn::text FROM {position_table} WHERE slot = $1"),
+                &[&slot],
+            )
+            .await
+            .map_err(|e| Error::pg(&e, "reading the applied position"))?;
+        let applied = match row {
+            Some(r) => Some(r.get::<_, String>(0).parse::<Lsn>()?),
+            None => None,
+        };
+        Ok((
+            Applier {
+                client,
+                position_table,
+                slot: slot.to_string(),
+                rels: HashMap::new(),
+                copied,
+                in_tx: false,
+            },
+            applied,
+        ))
+    }
+
+    pub fn rel(&self, oid: u32) -> Result<&Rel> {
+        self.rels.get(&oid).ok_or_else(|| {
+            Error::permanent(format!(
+                "a change refers to relation {oid}, which the stream has not described"
+            ))
+        })
+    }
+
+    /// Learns (or re-learns) a relation from its Relation message and checks it against the target
+    /// table: the source's columns must be the target's non-generated columns.
+    pub async fn relation(&mut self, r: &Relation) -> Result<()> {
+        let name = format!("{}.{}", r.namespace, r.name);
+        let rows = self
+            .client
+            .query(
+                "SELECT c.relkind::text, a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod), \
+                        a.attgenerated <> '', \
+                        NOT EXISTS (SELECT 1 FROM pg_catalog.pg_operator o WHERE o.oprname = '=' AND o.oprleft = a.atttypid AND o.oprright = a.atttypid) \
+                   FROM pg_catalog.pg_class c \
+                   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                   JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+                  WHERE n.nspname = $1 AND c.relname = $2 ORDER BY a.attnum",
+                &[&r.namespace, &r.name],
+            )
+            .await
+            .map_err(|e| Error::pg(&e, format!("reading the columns of target table {name}")))?;
+        if rows.is_empty() {
+            return Err(Error::permanent(format!(
+                "table `{name}` is replicated from the source but does not exist in the target database"
+            ))
+            .hint("create it on the target (same columns), then run the plan again: cdc resumes where it stopped"));
+        }
+        let partitioned = rows[0].get::<_, String>(0) == "p";
+        let mut target: HashMap<String, (String, bool)> = HashMap::new();
+        let mut target_order = Vec::new();
+        for row in &rows {
+            let generated: bool = row.get(3);
+            if generated {
+                continue;
+            }
+            let col: String = row.get(1);
+            target_order.push(col.clone());
+            target.insert(col, (row.get(2), row.get(4)));
+        }
+        let source: Vec<&str> = r.columns.iter().map(|c| c.name.as_str()).collect();
+        let missing: Vec<&str> = source
+            .iter()
+            .copied()
+            .filter(|c| !target.contains_key(*c))
+            .collect();
+        let extra: Vec<&str> = target_order
+            .iter()
+            .map(String::as_str)
+            .filter(|c| !source.contains(c))
+            .collect();
+        if !missing.is_empty() || !extra.is_empty() {
+            let mut diff = Vec::new();
+            if !missing.is_empty() {
+                diff.push(format!(
+                    "the source has column(s) {} that the target lacks",
+                    missing.join(", ")
+                ));
+            }
+            if !extra.is_empty() {
+                diff.push(format!(
+                    "the target has column(s) {} that the source no longer sends",
+                    extra.join(", ")
+                ));
+            }
+            return Err(Error::permanent(format!(
+                "the schema of table `{name}` changed on the source: {}",
+                diff.join("; ")
+            ))
+            .hint(format!(
+                "apply the same change to `{name}` on the target (ALTER TABLE ...), then run the plan again: cdc resumes from its applied position"
+            )));
+        }
+        let cols = r
+            .columns
+            .iter()
+            .map(|c| {
+                let (ty, no_eq) = target[c.name.as_str()].clone();
+                Col {
+                    quoted: quote_ident(&c.name),
+                    ty,
+                    key: c.is_key(),
+                    text_compare: no_eq,
+                }
+            })
+            .collect();
+        let copied_lsn = self.copied_lsn(&name, &r.namespace, &r.name).await?;
+        self.rels.insert(
+            r.oid,
+            Rel {
+                name,
+                quoted: QualifiedName::new(r.namespace.clone(), r.name.clone()).quoted(),
+                partitioned,
+                cols,
+                copied_lsn,
+                statements: HashMap::new(),
+            },
+        );
+        Ok(())
+    }
+
+    /// The LSN a relation's data was copied at. A leaf table: its own. A partitioned table (the
+    /// root, with `publish_via_partition_root`): the highest LSN of its leaves, so a change is
+    /// skipped only when every leaf was copied after it. `None`: not copied by the load (nothing is
+    /// skipped).
+    async fn copied_lsn(&self, name: &str, schema: &str, table: &str) -> Result<Option<Lsn>> {
+        if let Some(l) = self.copied.get(name) {
+            return Ok(Some(*l));
+        }
+        let rows = self
+            .client
+            .query(
+                "SELECT n.nspname::text || '.' || c.relname::text \
+                   FROM pg_catalog.pg_partition_tree(pg_catalog.format('%I.%I', $1::text, $2::text)::regclass) p \
+                   JOIN pg_catalog.pg_class c ON c.oid = p.relid \
+                   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                  WHERE p.isleaf",
+                &[&schema, &table],
+            )
+            .await
+            .map_err(|e| Error::pg(&e, format!("listing the partitions of {name}")))?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| self.copied.get(&r.get::<_, String>(0)).copied())
+            .max())
+    }
+
+    async fn begin_if_needed(&mut self) -> Result<()> {
+        if !self.in_tx {
+            self.client
+                .batch_execute("BEGIN")
+                .await
+                .map_err(|e| Error::pg(&e, "beginning a target transaction"))?;
+            self.in_tx = true;
+        }
+        Ok(())
+    }
+
+    pub fn in_tx(&self) -> bool {
+        self.in_tx
+    }
+
+    /// Makes the changes applied so far durable together with the position `lsn`.
+    pub async fn commit(&mut self, lsn: Lsn) -> Result<()> {
+        self.begin_if_needed().await?;
+        self.write_position(lsn).await?;
+        self.client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(|e| Error::pg(&e, "committing applied changes"))?;
+        self.in_tx = false;
+        Ok(())
+    }
+
+    /// Records `lsn` as applied outside a batch (nothing pending: the stream is idle there).
+    pub async fn advance_idle(&mut self, lsn: Lsn) -> Result<()> {
+        debug_assert!(!self.in_tx);
+        self.write_position(lsn).await
+    }
+
+    async fn write_position(&self, lsn: Lsn) -> Result<()> {
+        let sql = format!(
+            "INSERT INTO {t} (slot, lsn) VALUES ($1, $2::text::pg_lsn) \
+             ON CONFLICT (slot) DO UPDATE SET lsn = GREATEST({t}.lsn, excluded.lsn), applied_at = now()",
+            t = self.position_table
+        );
+        self.client
+            .execute(&sql, &[&self.slot, &lsn.to_string()])
+            .await
+            .map_err(|e| Error::pg(&e, "recording the applied position"))?;
+        Ok(())
+    }
+
+    async fn run(
+        &mut self,
+        oid: u32,
+        shape: String,
+        build: impl FnOnce(&Rel) -> String,
+        params: &[Option<&str>],
+    ) -> Result<u64> {
+        self.begin_if_needed().await?;
+        let rel = self.rels.get_mut(&oid).ok_or_else(|| {
+            Error::permanent(format!(
+                "a change refers to relation {oid}, which the stream has not described"
+            ))
+        })?;
+        let stmt = match rel.statements.get(&shape) {
+            Some(s) => s.clone(),
+            None => {
+                let sql = build(rel);
+                let types = vec![Type::TEXT; params.len()];
+                let s = self
+                    .client
+                    .prepare_typed(&sql, &types)
+                    .await
+                    .map_err(|e| Error::pg(&e, format!("preparing `{sql}`")))?;
+                rel.statements.insert(shape, s.clone());
+                s
+            }
+        };
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+        self.client
+            .execute(&stmt, &refs)
+            .await
+            .map_err(|e| Error::pg(&e, format!("applying a change to {}", rel.name)))
+    }
+
+    pub async fn insert(&mut self, oid: u32, new: &TupleData) -> Result<u64> {
+        let params = new
+            .values
+            .iter()
+            .map(value_param)
+            .collect::<Result<Vec<_>>>()?;
+        self.run(
+            oid,
+            "I".into(),
+            |rel| {
+                let names: Vec<&str> = rel.cols.iter().map(|c| c.quoted.as_str()).collect();
+                let values: Vec<String> = rel
+                    .cols
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| format!("${}::text::{}", i + 1, c.ty))
+                    .collect();
+                format!(
+                    "INSERT INTO {} ({}) VALUES ({})",
+                    rel.quoted,
+                    names.join(", "),
+                    values.join(", ")
+                )
+            },
+            &params,
+        )
+        .await
+    }
+
+    fn find<'a>(&self, oid: u32, old: Option<&'a OldTuple>, new: &'a TupleData) -> Find<'a> {
+        match old {
+            Some(OldTuple::Full(t)) => Find::Full(t),
+            Some(OldTuple::Key(t)) => Find::Key(t),
+            None => {
+                let _ = oid;
+                Find::Key(new)
+            }
+        }
+    }
+
+    /// The WHERE clause for `find`, numbering parameters from `first`; pushes the values.
+    fn where_clause<'a>(
+        rel: &Rel,
+        find: &Find<'a>,
+        first: usize,
+        params: &mut Vec<Option<&'a str>>,
+        shape: &mut String,
+    ) -> Result<String> {
+        let mut n = first;
+        let mut conds = Vec::new();
+        match find {
+            Find::Key(t) => {
+                shape.push('K');
+                for (i, c) in rel.cols.iter().enumerate() {
+                    if !c.key {
+                        continue;
+                    }
+                    params.push(value_param(&t.values[i])?);
+                    conds.push(format!("{} = ${n}::text::{}", c.quoted, c.ty));
+                    n += 1;
+                }
+                if conds.is_empty() {
+                    return Err(Error::permanent(format!(
+                        "table `{}` has no replica identity key to find rows by",
+                        rel.name
+                    )));
+                }
+                Ok(conds.join(" AND "))
+            }
+            Find::Full(t) => {
+                shape.push('F');
+                let used: Vec<bool> = t
+                    .values
+                    .iter()
+                    .map(|v| !matches!(v, TupleValue::UnchangedToast))
+                    .collect();
+                shape.push_str(&mask(used.iter().copied()));
+                for (i, c) in rel.cols.iter().enumerate() {
+                    if !used[i] {
+                        continue;
+                    }
+                    params.push(value_param(&t.values[i])?);
+                    if c.text_compare {
+                        conds.push(format!(
+                            "{}::text IS NOT DISTINCT FROM ${n}::text::{}::text",
+                            c.quoted, c.ty
+                        ));
+                    } else {
+                        conds.push(format!(
+                            "{} IS NOT DISTINCT FROM ${n}::text::{}",
+                            c.quoted, c.ty
+                        ));
+                    }
+                    n += 1;
+                }
+                Ok(format!(
+                    "(tableoid, ctid) = (SELECT tableoid, ctid FROM {} WHERE {} LIMIT 1)",
+                    rel.quoted,
+                    if conds.is_empty() {
+                        "true".to_string()
+                    } else {
+                        conds.join(" AND ")
+                    }
+                ))
+            }
+        }
+    }
+
+    pub async fn update(
+        &mut self,
+        oid: u32,
+        old: Option<&OldTuple>,
+        new: &TupleData,
+    ) -> Result<u64> {
+        let find = self.find(oid, old, new);
+        let rel = self.rel(oid)?;
+        let set: Vec<bool> = new
+            .values
+            .iter()
+            .map(|v| !matches!(v, TupleValue::UnchangedToast))
+            .collect();
+        let mut shape = format!("U{}", mask(set.iter().copied()));
+        let mut params = Vec::new();
+        let mut sets = Vec::new();
+        for (i, c) in rel.cols.iter().enumerate() {
+            if set[i] {
+                params.push(value_param(&new.values[i])?);
+                sets.push(format!("{} = ${}::text::{}", c.quoted, params.len(), c.ty));
+            }
+        }
+        if sets.is_empty() {
+            return Ok(0);
+        }
+        let cond = Self::where_clause(rel, &find, params.len() + 1, &mut params, &mut shape)?;
+        let sql = format!("UPDATE {} SET {} WHERE {cond}", rel.quoted, sets.join(", "));
+        self.run(oid, shape, move |_| sql, &params).await
+    }
+
+    pub async fn delete(&mut self, oid: u32, old: &OldTuple) -> Result<u64> {
+        let find = match old {
+            OldTuple::Full(t) => Find::Full(t),
+            OldTuple::Key(t) => Find::Key(t),
+        };
+        let rel = self.rel(oid)?;
+        let mut shape = "D".to_string();
+        let mut params = Vec::new();
+        let cond = Self::where_clause(rel, &find, 1, &mut params, &mut shape)?;
+        let sql = format!("DELETE FROM {} WHERE {cond}", rel.quoted);
+        self.run(oid, shape, move |_| sql, &params).await
+    }
+
+    pub async fn truncate(&mut self, oids: &[u32], cascade: bool, restart: bool) -> Result<()> {
+        if oids.is_empty() {
+            return Ok(());
+        }
+        let mut names = Vec::new();
+        for oid in oids {
+            let rel = self.rel(*oid)?;
+            // ONLY: the source sends every truncated table itself; a partitioned table has no
+            // rows of its own and refuses ONLY.
+            names.push(if rel.partitioned {
+                rel.quoted.clone()
+            } else {
+                format!("ONLY {}", rel.quoted)
+            });
+        }
+        let sql = format!(
+            "TRUNCATE {}{}{}",
+            names.join(", "),
+            if restart { " RESTART IDENTITY" } else { "" },
+            if cascade { " CASCADE" } else { "" }
+        );
+        self.begin_if_needed().await?;
+        self.client
+            .batch_execute(&sql)
+            .await
+            .map_err(|e| Error::pg(&e, format!("applying `{sql}`")))?;
+        Ok(())
+    }
+}

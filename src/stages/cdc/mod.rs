@@ -1,0 +1,529 @@
+//! The `cdc` stage (continuous): streams each source database's changes from its replication slot
+//! (pgoutput, the plan's publication) and applies them to the target in commit order.
+//!
+//! - Start: the applied position stored in the target database (`<state schema>.cdc_applied`, see
+//!   [`apply`]), else the slot's consistent point recorded by `full_load` (`slot:<db>`).
+//!   Transactions whose commit LSN is below the applied position are skipped.
+//! - Per table, changes committed at or before the LSN the table was copied at are skipped (the
+//!   copy already has them). A partitioned table streamed by its root (`publish_via_partition_root`)
+//!   uses the highest LSN of its copied leaves.
+//! - Small source transactions are grouped into one target transaction of at most `batch_changes`
+//!   changes (default 10000) or `batch_delay` (default 100ms) of waiting; a large source transaction
+//!   is applied as it streams, in one target transaction (never buffered in memory).
+//! - The applied position (the last applied commit's end LSN) is written in the same target
+//!   transaction as the changes: exactly once across crashes. The slot is told (standby status
+//!   update) only what is durably applied, after each target commit, on keepalives that ask for a
+//!   reply and at least every 10 s. When nothing is pending, a keepalive's position counts as applied
+//!   (nothing before it is still to come), so the slot advances while idle too.
+//! - Ready once the stream has passed the source's WAL position of the moment it started and
+//!   nothing is pending. Then it keeps running until cancelled (parked) or drained for a cutover:
+//!   when the store has a position `cutover_target:<db>`, it applies up to at least that position and
+//!   returns (the stage is done).
+//! - The store keeps `cdc_applied:<db>` (position) and counters per database and per
+//!   `db.schema.table`: cdcInsertCounter, cdcUpdateCounter, cdcDeleteCounter, totalChangesApplied;
+//!   and per database cdcLatencyMs (apply time minus source commit time of the last applied
+//!   transaction, a gauge).
+
+pub mod apply;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use async_trait::async_trait;
+
+use super::{Env, Stage, StageContext};
+use crate::error::{Error, Result};
+use crate::pg::names::{publication_name, slot_name};
+use crate::pg::pgoutput::{Lsn, PgOutputMessage, pg_time_to_system};
+use crate::pg::replication::{ReplicationClient, ReplicationMessage};
+use crate::plan::{Database, StageOptions};
+use crate::state::TableState;
+use apply::Applier;
+
+const DEFAULT_BATCH_CHANGES: u32 = 10_000;
+const DEFAULT_BATCH_DELAY: Duration = Duration::from_millis(100);
+const STATUS_EVERY: Duration = Duration::from_secs(10);
+const DRAIN_CHECK_EVERY: Duration = Duration::from_millis(500);
+
+pub struct Cdc {
+    env: Arc<Env>,
+    index: usize,
+}
+
+impl Cdc {
+    pub fn new(env: Arc<Env>, index: usize) -> Cdc {
+        Cdc { env, index }
+    }
+
+    fn options(&self, db: usize) -> (u64, Duration) {
+        match self.env.plan.stages[self.index].options.get(db) {
+            Some(StageOptions::Cdc(o)) => (
+                u64::from(o.batch_changes.unwrap_or(DEFAULT_BATCH_CHANGES).max(1)),
+                o.batch_delay.map(|d| d.0).unwrap_or(DEFAULT_BATCH_DELAY),
+            ),
+            _ => (u64::from(DEFAULT_BATCH_CHANGES), DEFAULT_BATCH_DELAY),
+        }
+    }
+}
+
+/// The store position a cutover writes to ask cdc to drain `db` up to an LSN and stop.
+pub fn cutover_target_position(db: &str) -> String {
+    format!("cutover_target:{db}")
+}
+
+/// The store position of what cdc has applied for `db` (a copy of the target's own record).
+pub fn applied_position(db: &str) -> String {
+    format!("cdc_applied:{db}")
+}
+
+#[async_trait]
+impl Stage for Cdc {
+    fn describe(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, db) in self.env.plan.databases.iter().enumerate() {
+            let (n, d) = self.options(i);
+            out.push(format!(
+                "stream the changes of {} from slot {} (publication {}) and apply them to {} in commit order, up to {n} changes or {} per target transaction; keep running until the cutover",
+                db.name,
+                slot_name(&self.env.plan.name, &db.name),
+                publication_name(&self.env.plan.name),
+                db.target,
+                humantime::format_duration(d)
+            ));
+        }
+        out
+    }
+
+    async fn run(&self, cx: &StageContext) -> Result<()> {
+        let ready = Arc::new(AtomicUsize::new(0));
+        let total = self.env.plan.databases.len();
+        let futures = self.env.plan.databases.iter().enumerate().map(|(i, db)| {
+            let ready = ready.clone();
+            let (n, d) = self.options(i);
+            async move {
+                let mut stream = DbStream::new(&self.env, cx, db, n, d);
+                stream
+                    .run(|| {
+                        if ready.fetch_add(1, Ordering::SeqCst) + 1 == total {
+                            cx.mark_ready();
+                        }
+                    })
+                    .await
+                    .map_err(|e| e.context(format!("database `{}`", db.name)))
+            }
+        });
+        futures_util::future::try_join_all(futures).await?;
+        Ok(())
+    }
+}
+
+/// Per-table change counts of the current batch: inserts, updates, deletes.
+type Counts = HashMap<String, [i64; 3]>;
+
+struct DbStream<'a> {
+    env: &'a Env,
+    cx: &'a StageContext,
+    db: &'a Database,
+    batch_changes: u64,
+    batch_delay: Duration,
+}
+
+/// Where the apply loop is.
+struct Loop {
+    applied: Lsn,
+    /// In a source transaction (between Begin and Commit).
+    in_source_tx: bool,
+    skip_tx: bool,
+    commit_lsn: Lsn,
+    /// A target transaction holds applied changes not yet committed.
+    batch_open: bool,
+    batch_count: u64,
+    batch_deadline: Instant,
+    batch_end: Lsn,
+    batch_commit_time: i64,
+    counts: Counts,
+    last_status: Instant,
+    ready: bool,
+}
+
+impl<'a> DbStream<'a> {
+    fn new(
+        env: &'a Env,
+        cx: &'a StageContext,
+        db: &'a Database,
+        batch_changes: u64,
+        batch_delay: Duration,
+    ) -> DbStream<'a> {
+        DbStream {
+            env,
+            cx,
+            db,
+            batch_changes,
+            batch_delay,
+        }
+    }
+
+    /// The LSN each table was copied at, from the full_load stage's records.
+    async fn copied_lsns(&self) -> Result<HashMap<String, Lsn>> {
+        let mut out: HashMap<String, Lsn> = HashMap::new();
+        for s in self
+            .env
+            .plan
+            .stages
+            .iter()
+            .filter(|s| s.kind == "full_load")
+        {
+            for t in self.cx.store.tables(Some(&s.id)).await? {
+                if t.database != self.db.name || t.state != TableState::Copied {
+                    continue;
+                }
+                let Some(lsn) = t.lsn.as_deref() else {
+                    continue;
+                };
+                let lsn: Lsn = lsn.parse()?;
+                // `schema.table#range` rows belong to their table.
+                let name = t.table.split('#').next().unwrap_or(&t.table).to_string();
+                let e = out.entry(name).or_insert(lsn);
+                *e = (*e).max(lsn);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn run(&mut self, mut on_ready: impl FnMut()) -> Result<()> {
+        let plan = &self.env.plan;
+        let slot = slot_name(&plan.name, &self.db.name);
+        let publication = publication_name(&plan.name);
+        let copied = self.copied_lsns().await?;
+        let (mut ap, applied) = Applier::open(
+            &self.env.target_for(self.db),
+            &plan.state.schema,
+            &slot,
+            copied,
+        )
+        .await?;
+        let start = match applied {
+            Some(l) => l,
+            None => match self
+                .cx
+                .store
+                .position(&format!("slot:{}", self.db.name))
+                .await?
+            {
+                Some(p) => p.parse()?,
+                None => {
+                    return Err(Error::permanent(format!(
+                        "no start position for database `{}`: neither an applied position on the target nor the slot's consistent point",
+                        self.db.name
+                    ))
+                    .hint("run the full_load stage (with this plan, which has a cdc stage) first: it creates the slot"));
+                }
+            },
+        };
+        let mut repl = ReplicationClient::connect(&self.env.source_for(self.db), "cdc").await?;
+        let sys = repl.simple_query("IDENTIFY_SYSTEM").await?;
+        let ready_at: Lsn = sys
+            .first()
+            .and_then(|r| r.get("xlogpos"))
+            .ok_or_else(|| Error::permanent("IDENTIFY_SYSTEM returned no xlogpos"))?
+            .parse()?;
+        repl.start_replication(&slot, start, &publication)
+            .await
+            .map_err(|e| e.context(format!("streaming from slot {slot}")))?;
+        tracing::info!(database = %self.db.name, slot = %slot, from = %start, "cdc streaming");
+        self.cx
+            .store
+            .event(
+                Some(&self.cx.stage),
+                "info",
+                &format!(
+                    "database {}: streaming from {start}, ready once past {ready_at}",
+                    self.db.name
+                ),
+            )
+            .await?;
+
+        let mut st = Loop {
+            applied: start,
+            in_source_tx: false,
+            skip_tx: false,
+            commit_lsn: Lsn::INVALID,
+            batch_open: false,
+            batch_count: 0,
+            batch_deadline: Instant::now(),
+            batch_end: start,
+            batch_commit_time: 0,
+            counts: HashMap::new(),
+            last_status: Instant::now(),
+            ready: false,
+        };
+        let mut drain: Option<Lsn> = None;
+        let mut last_drain_check = Instant::now() - DRAIN_CHECK_EVERY;
+        loop {
+            if last_drain_check.elapsed() >= DRAIN_CHECK_EVERY {
+                last_drain_check = Instant::now();
+                if let Some(p) = self
+                    .cx
+                    .store
+                    .position(&cutover_target_position(&self.db.name))
+                    .await?
+                {
+                    let target: Lsn = p.parse()?;
+                    if drain != Some(target) {
+                        tracing::info!(database = %self.db.name, to = %target, "cdc draining for the cutover");
+                    }
+                    drain = Some(target);
+                    // Ask for a keepalive: it lets an idle stream reach the target.
+                    repl.send_status(st.applied, st.applied, st.applied, true)
+                        .await?;
+                }
+            }
+            if let Some(target) = drain
+                && !st.in_source_tx
+                && !st.batch_open
+                && st.applied >= target
+            {
+                repl.send_status(st.applied, st.applied, st.applied, false)
+                    .await?;
+                self.cx
+                    .store
+                    .event(
+                        Some(&self.cx.stage),
+                        "info",
+                        &format!(
+                            "database {}: drained to {} (cutover target {target})",
+                            self.db.name, st.applied
+                        ),
+                    )
+                    .await?;
+                let _ = repl.stop_replication().await;
+                repl.close().await;
+                return Ok(());
+            }
+            let tick = if st.batch_open && !st.in_source_tx {
+                st.batch_deadline
+            } else {
+                Instant::now() + DRAIN_CHECK_EVERY
+            };
+            tokio::select! {
+                biased;
+                _ = self.cx.cancel.cancelled() => {
+                    if st.batch_open && !st.in_source_tx {
+                        self.flush(&mut ap, &mut st).await?;
+                    }
+                    // An unfinished source transaction is rolled back with the session.
+                    return Err(Error::interrupted());
+                }
+                _ = tokio::time::sleep_until(tick.into()) => {
+                    if st.batch_open && !st.in_source_tx && Instant::now() >= st.batch_deadline {
+                        self.flush(&mut ap, &mut st).await?;
+                        repl.send_status(st.applied, st.applied, st.applied, false).await?;
+                        st.last_status = Instant::now();
+                    }
+                    if st.last_status.elapsed() >= STATUS_EVERY {
+                        repl.send_status(st.applied, st.applied, st.applied, false).await?;
+                        st.last_status = Instant::now();
+                    }
+                }
+                m = repl.next_message() => {
+                    match m? {
+                        ReplicationMessage::Keepalive(k) => {
+                            if !st.in_source_tx {
+                                if st.batch_open {
+                                    self.flush(&mut ap, &mut st).await?;
+                                }
+                                // Nothing pending: everything up to the server's position is applied.
+                                if k.wal_end > st.applied {
+                                    ap.advance_idle(k.wal_end).await?;
+                                    st.applied = k.wal_end;
+                                    self.cx.store.advance_position(&applied_position(&self.db.name), &st.applied.to_string()).await?;
+                                }
+                                if !st.ready && k.wal_end >= ready_at {
+                                    st.ready = true;
+                                    tracing::info!(database = %self.db.name, applied = %st.applied, "cdc caught up");
+                                    on_ready();
+                                }
+                            }
+                            if k.reply_requested || st.last_status.elapsed() >= STATUS_EVERY {
+                                repl.send_status(st.applied, st.applied, st.applied, false).await?;
+                                st.last_status = Instant::now();
+                            }
+                        }
+                        ReplicationMessage::XLogData(x) => {
+                            self.handle(&mut ap, &mut st, x.data).await?;
+                            if !st.in_source_tx && st.batch_open
+                                && (st.batch_count >= self.batch_changes || Instant::now() >= st.batch_deadline)
+                            {
+                                self.flush(&mut ap, &mut st).await?;
+                                repl.send_status(st.applied, st.applied, st.applied, false).await?;
+                                st.last_status = Instant::now();
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn handle(&self, ap: &mut Applier, st: &mut Loop, msg: PgOutputMessage) -> Result<()> {
+        match msg {
+            PgOutputMessage::Begin(b) => {
+                st.in_source_tx = true;
+                st.commit_lsn = b.final_lsn;
+                st.skip_tx = b.final_lsn < st.applied;
+                if !st.skip_tx && !st.batch_open {
+                    st.batch_open = true;
+                    st.batch_count = 0;
+                    st.batch_deadline = Instant::now() + self.batch_delay;
+                }
+            }
+            PgOutputMessage::Commit(c) => {
+                st.in_source_tx = false;
+                if !st.skip_tx {
+                    st.batch_end = c.end_lsn;
+                    st.batch_commit_time = c.commit_time;
+                }
+            }
+            PgOutputMessage::Relation(r) => ap.relation(&r).await?,
+            PgOutputMessage::Insert(m) => {
+                if self.applies(ap, st, m.relation)? {
+                    ap.insert(m.relation, &m.new)
+                        .await
+                        .map_err(|e| self.at(e, st))?;
+                    self.count(ap, st, m.relation, 0)?;
+                }
+            }
+            PgOutputMessage::Update(m) => {
+                if self.applies(ap, st, m.relation)? {
+                    let n = ap
+                        .update(m.relation, m.old.as_ref(), &m.new)
+                        .await
+                        .map_err(|e| self.at(e, st))?;
+                    if n == 0 {
+                        tracing::warn!(table = %ap.rel(m.relation)?.name, lsn = %st.commit_lsn, "an updated row is missing on the target");
+                    }
+                    self.count(ap, st, m.relation, 1)?;
+                }
+            }
+            PgOutputMessage::Delete(m) => {
+                if self.applies(ap, st, m.relation)? {
+                    let n = ap
+                        .delete(m.relation, &m.old)
+                        .await
+                        .map_err(|e| self.at(e, st))?;
+                    if n == 0 {
+                        tracing::warn!(table = %ap.rel(m.relation)?.name, lsn = %st.commit_lsn, "a deleted row is missing on the target");
+                    }
+                    self.count(ap, st, m.relation, 2)?;
+                }
+            }
+            PgOutputMessage::Truncate(t) => {
+                let mut oids = Vec::new();
+                for oid in &t.relations {
+                    if self.applies(ap, st, *oid)? {
+                        oids.push(*oid);
+                    }
+                }
+                if !oids.is_empty() {
+                    ap.truncate(&oids, t.options.cascade(), t.options.restart_identity())
+                        .await
+                        .map_err(|e| self.at(e, st))?;
+                    st.batch_count += 1;
+                }
+            }
+            PgOutputMessage::Origin(_) | PgOutputMessage::Type(_) | PgOutputMessage::Message(_) => {
+            }
+            other => {
+                return Err(Error::permanent(format!(
+                    "unexpected `{}` message in the replication stream",
+                    other.kind()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a change to `oid` in the current transaction is to be applied.
+    fn applies(&self, ap: &Applier, st: &Loop, oid: u32) -> Result<bool> {
+        if st.skip_tx {
+            return Ok(false);
+        }
+        let rel = ap.rel(oid)?;
+        Ok(rel.copied_lsn.is_none_or(|l| st.commit_lsn > l))
+    }
+
+    fn count(&self, ap: &Applier, st: &mut Loop, oid: u32, what: usize) -> Result<()> {
+        let name = &ap.rel(oid)?.name;
+        match st.counts.get_mut(name) {
+            Some(c) => c[what] += 1,
+            None => {
+                let mut c = [0; 3];
+                c[what] = 1;
+                st.counts.insert(name.clone(), c);
+            }
+        }
+        st.batch_count += 1;
+        Ok(())
+    }
+
+    fn at(&self, e: Error, st: &Loop) -> Error {
+        e.context(format!("source transaction committed at {}", st.commit_lsn))
+    }
+
+    /// Commits the open batch with its position, then records counters and the position in the
+    /// store.
+    async fn flush(&self, ap: &mut Applier, st: &mut Loop) -> Result<()> {
+        if st.batch_end > st.applied || ap.in_tx() {
+            ap.commit(st.batch_end.max(st.applied)).await?;
+        }
+        st.applied = st.applied.max(st.batch_end);
+        st.batch_open = false;
+        st.batch_count = 0;
+        let store = &self.cx.store;
+        let db = &self.db.name;
+        store
+            .advance_position(&applied_position(db), &st.applied.to_string())
+            .await?;
+        let mut totals = [0i64; 3];
+        for (table, c) in st.counts.drain() {
+            let scope = format!("{db}.{table}");
+            for (i, name) in ["cdcInsertCounter", "cdcUpdateCounter", "cdcDeleteCounter"]
+                .iter()
+                .enumerate()
+            {
+                if c[i] != 0 {
+                    store.add_counter(&scope, name, c[i]).await?;
+                    totals[i] += c[i];
+                }
+            }
+            store
+                .add_counter(&scope, "totalChangesApplied", c.iter().sum())
+                .await?;
+        }
+        let sum: i64 = totals.iter().sum();
+        if sum > 0 {
+            for (i, name) in ["cdcInsertCounter", "cdcUpdateCounter", "cdcDeleteCounter"]
+                .iter()
+                .enumerate()
+            {
+                if totals[i] != 0 {
+                    store.add_counter(db, name, totals[i]).await?;
+                }
+            }
+            store.add_counter(db, "totalChangesApplied", sum).await?;
+        }
+        if st.batch_commit_time != 0 {
+            let latency = SystemTime::now()
+                .duration_since(pg_time_to_system(st.batch_commit_time))
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0);
+            let current = store.add_counter(db, "cdcLatencyMs", 0).await?;
+            store
+                .add_counter(db, "cdcLatencyMs", latency - current)
+                .await?;
+        }
+        Ok(())
+    }
+}

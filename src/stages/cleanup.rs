@@ -1,0 +1,179 @@
+//! The `cleanup` stage: drops what the migration created on the source — each database's logical
+//! replication slot (which otherwise retains WAL forever) and the publication — once the target has
+//! taken over. The checkpoint store stays as the audit record of the migration until `pgferry reset`.
+//! `reset` uses the same teardown.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use super::{Env, Stage, StageContext};
+use crate::error::{Error, Result};
+use crate::pg::ident::quote_ident;
+use crate::pg::names::{publication_name, slot_name};
+use crate::plan::{Database, StageOptions};
+
+pub struct Cleanup {
+    env: Arc<Env>,
+    index: usize,
+}
+
+impl Cleanup {
+    pub fn new(env: Arc<Env>, index: usize) -> Cleanup {
+        Cleanup { env, index }
+    }
+
+    fn options(&self, db: usize) -> (bool, bool) {
+        match self.env.plan.stages[self.index].options.get(db) {
+            Some(StageOptions::Cleanup(o)) => (
+                o.drop_slot.unwrap_or(true),
+                o.drop_publication.unwrap_or(true),
+            ),
+            _ => (true, true),
+        }
+    }
+}
+
+#[async_trait]
+impl Stage for Cleanup {
+    fn describe(&self) -> Vec<String> {
+        self.env
+            .plan
+            .databases
+            .iter()
+            .enumerate()
+            .map(|(i, db)| {
+                let (slot, publication) = self.options(i);
+                let mut what = Vec::new();
+                if slot {
+                    what.push(format!(
+                        "replication slot {}",
+                        slot_name(&self.env.plan.name, &db.name)
+                    ));
+                }
+                if publication {
+                    what.push(format!(
+                        "publication {}",
+                        publication_name(&self.env.plan.name)
+                    ));
+                }
+                if what.is_empty() {
+                    format!(
+                        "on source database {}: nothing (drop_slot and drop_publication are off)",
+                        db.name
+                    )
+                } else {
+                    format!(
+                        "on source database {}: drop {}",
+                        db.name,
+                        what.join(" and ")
+                    )
+                }
+            })
+            .collect()
+    }
+
+    async fn run(&self, cx: &StageContext) -> Result<()> {
+        for (i, db) in self.env.plan.databases.iter().enumerate() {
+            cx.check_cancelled()?;
+            let (slot, publication) = self.options(i);
+            let lines = drop_source_objects(&self.env, db, slot, publication)
+                .await
+                .map_err(|e| e.context(format!("source database `{}`", db.name)))?;
+            for l in &lines {
+                tracing::info!(stage = %cx.stage, "{l}");
+                cx.store.event(Some(&cx.stage), "info", l).await?;
+            }
+            if lines.is_empty() {
+                tracing::info!(stage = %cx.stage, database = %db.name, "nothing left to drop");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Drops the migration's slot and publication in one source database, if they exist. Returns what
+/// was done, one line each. Idempotent.
+pub async fn drop_source_objects(
+    env: &Env,
+    db: &Database,
+    drop_slot: bool,
+    drop_publication: bool,
+) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let client = match env.source_for(db).connect("cleanup").await {
+        Ok(c) => c,
+        // The source database is gone: nothing of ours can be left in it.
+        Err(e) if e.sqlstate.as_deref() == Some("3D000") => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    let migration = &env.plan.name;
+    if drop_slot {
+        let slot = slot_name(migration, &db.name);
+        let row = client
+            .query_opt(
+                "SELECT active_pid FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .map_err(|e| Error::pg(&e, "looking for the replication slot"))?;
+        if let Some(row) = row {
+            if let Some(pid) = row.get::<_, Option<i32>>(0) {
+                // A leftover session of a killed runner may still hold it.
+                client
+                    .execute("SELECT pg_catalog.pg_terminate_backend($1)", &[&pid])
+                    .await
+                    .map_err(|e| {
+                        Error::pg(
+                            &e,
+                            format!("ending the session (pid {pid}) that holds slot {slot}"),
+                        )
+                    })?;
+                for _ in 0..50 {
+                    let active: Option<bool> = client
+                        .query_opt("SELECT active FROM pg_catalog.pg_replication_slots WHERE slot_name = $1", &[&slot])
+                        .await
+                        .map_err(|e| Error::pg(&e, "looking for the replication slot"))?
+                        .map(|r| r.get(0));
+                    if active != Some(true) {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+            client
+                .execute("SELECT pg_catalog.pg_drop_replication_slot($1)", &[&slot])
+                .await
+                .map_err(|e| Error::pg(&e, format!("dropping replication slot {slot}")))?;
+            out.push(format!(
+                "dropped replication slot {slot} on source database {}",
+                db.name
+            ));
+        }
+    }
+    if drop_publication {
+        let publication = publication_name(migration);
+        let exists: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1)",
+                &[&publication],
+            )
+            .await
+            .map_err(|e| Error::pg(&e, "looking for the publication"))?
+            .get(0);
+        if exists {
+            client
+                .batch_execute(&format!(
+                    "DROP PUBLICATION IF EXISTS {}",
+                    quote_ident(&publication)
+                ))
+                .await
+                .map_err(|e| Error::pg(&e, format!("dropping publication {publication}")))?;
+            out.push(format!(
+                "dropped publication {publication} on source database {}",
+                db.name
+            ));
+        }
+    }
+    Ok(out)
+}

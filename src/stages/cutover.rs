@@ -1,0 +1,309 @@
+//! The `cutover` stage, per database: waits for approval, fences the source, has cdc drain to the
+//! source's WAL position of the fence, and reports the write downtime.
+//!
+//! - approval "manual" (default) waits for the `cutover` request that `pgferry cutover PLAN` records
+//!   in the store. "auto" proceeds once cdc has stayed within `max_lag` (default 5s) of the source for
+//!   `quiet_for` (default 10s): every `max_lag` it samples the source's WAL position and counts the
+//!   lag as small when cdc's applied position has reached the previous sample.
+//! - fence "read_only" (default): `ALTER DATABASE <source> SET default_transaction_read_only = on`,
+//!   then terminates the database's other client sessions (not walsenders). "none": no fence.
+//! - Then it records `pg_current_wal_lsn()` as `cutover_target:<db>`; cdc applies up to at least that
+//!   position and finishes (done). The cutover waits for that (at most `timeout`, default 10 min),
+//!   and reports the downtime: fence to cdc done.
+//! - A failure after the fence resets `default_transaction_read_only` on the source and says so. A
+//!   successful cutover keeps the fence.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+
+use super::cdc::{applied_position, cutover_target_position};
+use super::{Env, Stage, StageContext};
+use crate::error::{Error, Result};
+use crate::pg::connect::ConnInfo;
+use crate::pg::ident::quote_ident;
+use crate::pg::pgoutput::Lsn;
+use crate::plan::{Database, StageOptions};
+use crate::state::StageState;
+use crate::state::postgres::PgStore;
+
+const POLL: Duration = Duration::from_millis(250);
+
+struct Options {
+    manual: bool,
+    max_lag: Duration,
+    quiet_for: Duration,
+    fence: bool,
+    timeout: Duration,
+}
+
+pub struct Cutover {
+    env: Arc<Env>,
+    index: usize,
+}
+
+impl Cutover {
+    pub fn new(env: Arc<Env>, index: usize) -> Cutover {
+        Cutover { env, index }
+    }
+
+    fn options(&self, db: usize) -> Options {
+        let o = match self.env.plan.stages[self.index].options.get(db) {
+            Some(StageOptions::Cutover(o)) => o.clone(),
+            _ => Default::default(),
+        };
+        Options {
+            manual: o.approval.as_deref().unwrap_or("manual") == "manual",
+            max_lag: o
+                .max_lag
+                .map(|d| d.0)
+                .unwrap_or(Duration::from_secs(5))
+                .max(Duration::from_millis(200)),
+            quiet_for: o.quiet_for.map(|d| d.0).unwrap_or(Duration::from_secs(10)),
+            fence: o.fence.as_deref().unwrap_or("read_only") == "read_only",
+            timeout: o.timeout.map(|d| d.0).unwrap_or(Duration::from_secs(600)),
+        }
+    }
+
+    /// The cdc stage this cutover drains.
+    fn cdc_stage(&self) -> Option<String> {
+        let plan = &self.env.plan;
+        plan.stages[self.index]
+            .after
+            .iter()
+            .map(|&i| &plan.stages[i])
+            .chain(plan.stages.iter())
+            .find(|s| s.kind == "cdc")
+            .map(|s| s.id.clone())
+    }
+
+    async fn sleep(&self, cx: &StageContext, d: Duration) -> Result<()> {
+        tokio::select! {
+            _ = cx.cancel.cancelled() => Err(Error::interrupted()),
+            _ = tokio::time::sleep(d) => Ok(()),
+        }
+    }
+
+    async fn approve(&self, cx: &StageContext, db: &Database, o: &Options) -> Result<()> {
+        if o.manual {
+            let plan = &self.env.plan;
+            let conn = ConnInfo::new(&plan.state.endpoint, plan.state.database.as_deref())
+                .map_err(|e| e.context("[state]"))?;
+            let store = PgStore::open(conn, &plan.state.schema, &plan.name)
+                .await?
+                .ok_or_else(|| Error::permanent("the checkpoint store is gone"))?;
+            let mut said = false;
+            loop {
+                if let Some(at) = store.requested("cutover").await? {
+                    tracing::info!(database = %db.name, requested_at = %at, "cutover approved");
+                    return Ok(());
+                }
+                if !said {
+                    tracing::info!(database = %db.name, "waiting for `pgferry cutover {}`", plan.path);
+                    said = true;
+                }
+                self.sleep(cx, Duration::from_secs(1)).await?;
+            }
+        }
+        let control = self.env.source_for(db).connect("cutover").await?;
+        let mut quiet_since: Option<Instant> = None;
+        let mut previous: Option<Lsn> = None;
+        loop {
+            let now: String = control
+                .query_one("SELECT pg_catalog.pg_current_wal_lsn()::text", &[])
+                .await
+                .map_err(|e| Error::pg(&e, "reading the source's WAL position"))?
+                .get(0);
+            let now: Lsn = now.parse()?;
+            let applied: Option<Lsn> = match cx.store.position(&applied_position(&db.name)).await? {
+                Some(p) => Some(p.parse()?),
+                None => None,
+            };
+            let small = matches!((previous, applied), (Some(p), Some(a)) if a >= p);
+            if small {
+                let since = *quiet_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= o.quiet_for {
+                    tracing::info!(database = %db.name, "cutover: lag within max_lag for quiet_for; proceeding");
+                    return Ok(());
+                }
+            } else {
+                quiet_since = None;
+            }
+            previous = Some(now);
+            self.sleep(cx, o.max_lag).await?;
+        }
+    }
+
+    async fn fenced_part(
+        &self,
+        cx: &StageContext,
+        db: &Database,
+        o: &Options,
+        source: &tokio_postgres::Client,
+    ) -> Result<Lsn> {
+        if o.fence {
+            source
+                .execute(
+                    "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity \
+                      WHERE datname = $1 AND pid <> pg_catalog.pg_backend_pid() AND backend_type = 'client backend'",
+                    &[&db.name],
+                )
+                .await
+                .map_err(|e| Error::pg(&e, "terminating the source database's sessions"))?;
+        }
+        let lsn: String = source
+            .query_one("SELECT pg_catalog.pg_current_wal_lsn()::text", &[])
+            .await
+            .map_err(|e| Error::pg(&e, "reading the source's WAL position"))?
+            .get(0);
+        let target: Lsn = lsn.parse()?;
+        cx.store
+            .advance_position(&cutover_target_position(&db.name), &target.to_string())
+            .await?;
+        let deadline = Instant::now() + o.timeout;
+        let cdc = self.cdc_stage();
+        loop {
+            let applied: Option<Lsn> = match cx.store.position(&applied_position(&db.name)).await? {
+                Some(p) => Some(p.parse()?),
+                None => None,
+            };
+            let drained = applied.is_some_and(|a| a >= target);
+            let cdc_done = match &cdc {
+                None => true,
+                Some(id) => cx
+                    .store
+                    .stages()
+                    .await?
+                    .iter()
+                    .any(|s| &s.stage == id && s.state == StageState::Done),
+            };
+            if drained && cdc_done {
+                return Ok(target);
+            }
+            if Instant::now() > deadline {
+                return Err(Error::permanent(format!(
+                    "cdc did not drain to {target} within {} (applied: {})",
+                    humantime::format_duration(o.timeout),
+                    applied.map(|a| a.to_string()).unwrap_or_else(|| "none".into())
+                ))
+                .hint("look at the cdc stage's errors (`pgferry status PLAN`), then run the plan again"));
+            }
+            self.sleep(cx, POLL).await?;
+        }
+    }
+
+    async fn cut(
+        &self,
+        cx: &StageContext,
+        db: &Database,
+        o: &Options,
+    ) -> Result<serde_json::Value> {
+        self.approve(cx, db, o).await?;
+        let source = self.env.source_for(db).connect("cutover").await?;
+        let fenced_at = Instant::now();
+        let alter = format!(
+            "ALTER DATABASE {} SET default_transaction_read_only = on",
+            quote_ident(&db.name)
+        );
+        if o.fence {
+            source
+                .batch_execute(&alter)
+                .await
+                .map_err(|e| Error::pg(&e, "fencing the source database (read only)"))?;
+            cx.store
+                .event(
+                    Some(&cx.stage),
+                    "warn",
+                    &format!("source database {} is now read-only", db.name),
+                )
+                .await?;
+        }
+        match self.fenced_part(cx, db, o, &source).await {
+            Ok(lsn) => {
+                let downtime = fenced_at.elapsed();
+                let msg = format!(
+                    "cutover of {} -> {} done at {lsn}; write downtime {:.1}s",
+                    db.name,
+                    db.target,
+                    downtime.as_secs_f64()
+                );
+                tracing::info!("{msg}");
+                cx.store.event(Some(&cx.stage), "info", &msg).await?;
+                Ok(
+                    serde_json::json!({ "lsn": lsn.to_string(), "downtime_seconds": downtime.as_secs_f64(), "fenced": o.fence }),
+                )
+            }
+            Err(e) => {
+                if !o.fence {
+                    return Err(e);
+                }
+                let reset = format!(
+                    "ALTER DATABASE {} RESET default_transaction_read_only",
+                    quote_ident(&db.name)
+                );
+                let unfence = match self.env.source_for(db).connect("cutover unfence").await {
+                    Ok(c) => c
+                        .batch_execute(&reset)
+                        .await
+                        .map_err(|e| Error::pg(&e, "unfencing")),
+                    Err(e) => Err(e),
+                };
+                Err(match unfence {
+                    Ok(()) => e.context(format!("cutover failed after the fence; source database `{}` is writable again", db.name)),
+                    Err(u) => e.context(format!(
+                        "cutover failed after the fence and the source database `{}` could NOT be made writable again ({u}); run `{reset}` on the source",
+                        db.name
+                    )),
+                })
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Stage for Cutover {
+    fn describe(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, db) in self.env.plan.databases.iter().enumerate() {
+            let o = self.options(i);
+            out.push(format!(
+                "cut over {} -> {}: {}, {}, drain cdc to the source's position, report the downtime",
+                db.name,
+                db.target,
+                if o.manual {
+                    "wait for `pgferry cutover`".to_string()
+                } else {
+                    format!(
+                        "when the lag stays under {} for {}",
+                        humantime::format_duration(o.max_lag),
+                        humantime::format_duration(o.quiet_for)
+                    )
+                },
+                if o.fence {
+                    "make the source database read-only and end its sessions"
+                } else {
+                    "no fence"
+                }
+            ));
+        }
+        out
+    }
+
+    async fn run(&self, cx: &StageContext) -> Result<()> {
+        for (i, db) in self.env.plan.databases.iter().enumerate() {
+            cx.check_cancelled()?;
+            let key = format!("database:{}", db.name);
+            if cx.is_done(&key).await? {
+                continue;
+            }
+            let o = self.options(i);
+            let detail = self
+                .cut(cx, db, &o)
+                .await
+                .map_err(|e| e.context(format!("database `{}`", db.name)))?;
+            cx.mark_done(&key, detail).await?;
+        }
+        Ok(())
+    }
+}

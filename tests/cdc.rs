@@ -1,0 +1,230 @@
+//! The cdc stage against real clusters: every kind of change applied exactly (row digests on both
+//! sides), and exactly-once apply across a SIGKILL in the middle of a large transaction.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{Cluster, TestPlan, pair, row_digest, show, wait_for};
+
+const STAGES: &str = "[stages.schema]\nkind = \"schema_dump\"\n\n\
+    [stages.provision]\nkind = \"provision\"\nafter = [\"schema\"]\n\n\
+    [stages.load]\nkind = \"full_load\"\nafter = [\"provision\"]\n\n\
+    [stages.cdc]\nkind = \"cdc\"\nafter = [\"load\"]\nbatch_changes = 500\n";
+
+const SETUP: &str = "\
+    CREATE TABLE public.items (id int PRIMARY KEY, name text, big text);\n\
+    CREATE TABLE public.logs (n int, v text);\n\
+    ALTER TABLE public.logs REPLICA IDENTITY FULL;\n\
+    CREATE TABLE public.dups (a int, b text);\n\
+    ALTER TABLE public.dups REPLICA IDENTITY FULL;\n\
+    CREATE TABLE public.trunc (id serial PRIMARY KEY, x int);\n\
+    CREATE TABLE public.gen (id int PRIMARY KEY, x int, y int GENERATED ALWAYS AS (x * 2) STORED);\n\
+    INSERT INTO public.items SELECT g, 'item ' || g, CASE WHEN g = 1 THEN (SELECT string_agg(md5(random()::text), '') FROM generate_series(1, 400)) END FROM generate_series(1, 100) g;\n\
+    INSERT INTO public.logs SELECT g, 'log ' || g FROM generate_series(1, 10) g;\n\
+    INSERT INTO public.dups VALUES (1, 'same'), (1, 'same'), (1, 'same'), (2, 'other');\n\
+    INSERT INTO public.trunc (x) SELECT g FROM generate_series(1, 20) g;\n\
+    INSERT INTO public.gen (id, x) SELECT g, g FROM generate_series(1, 10) g;\n";
+
+fn tables(c: &Cluster, db: &str) -> Vec<String> {
+    c.psql(
+        db,
+        "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgferry') ORDER BY 1",
+    )
+    .lines()
+    .map(str::to_string)
+    .collect()
+}
+
+fn assert_same_data(sdb: &str, tdb: &str) {
+    let p = pair();
+    let list = tables(&p.source, sdb);
+    assert!(list.len() >= 5, "{list:?}");
+    for t in &list {
+        assert_eq!(
+            row_digest(&p.source, sdb, t),
+            row_digest(&p.target, tdb, t),
+            "table {t} differs"
+        );
+    }
+}
+
+/// Whether the applied position on the target has reached the source's current WAL position.
+fn caught_up(sdb: &str, tdb: &str, source_lsn: &str) -> bool {
+    let p = pair();
+    let _ = sdb;
+    p.target.psql(
+        tdb,
+        &format!("SELECT coalesce(bool_and(lsn >= '{source_lsn}'::pg_lsn), false) FROM pgferry.cdc_applied"),
+    ) == "t"
+}
+
+fn current_lsn(c: &Cluster, db: &str) -> String {
+    c.psql(db, "SELECT pg_current_wal_lsn()")
+}
+
+#[test]
+fn every_kind_of_change_is_applied_exactly() {
+    let p = pair();
+    let s = p.source.fresh_database("cdc_kinds_src");
+    let t = p.target.fresh_database("cdc_kinds_tgt");
+    p.source.psql(&s, SETUP);
+    let plan = TestPlan::new(p, "cdc_kinds", &s, &t, STAGES);
+    // The first run loads and stops once cdc is caught up (nothing after cdc needs it).
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_same_data(&s, &t);
+
+    // Changes while no runner is running.
+    p.source.psql(
+        &s,
+        "INSERT INTO public.items VALUES (1000, 'new', NULL), (1001, 'new2', 'x');\n\
+         UPDATE public.items SET name = 'renamed' WHERE id BETWEEN 2 AND 5;\n\
+         UPDATE public.items SET id = 5000 WHERE id = 6;\n\
+         UPDATE public.items SET name = 'toast kept' WHERE id = 1;\n\
+         DELETE FROM public.items WHERE id BETWEEN 10 AND 19;\n\
+         DELETE FROM public.dups WHERE a = 1 AND ctid = (SELECT min(ctid) FROM public.dups WHERE a = 1);\n\
+         UPDATE public.dups SET b = 'changed' WHERE a = 2;\n\
+         TRUNCATE public.trunc RESTART IDENTITY;\n\
+         INSERT INTO public.trunc (x) VALUES (7), (8);\n\
+         UPDATE public.gen SET x = 100 WHERE id = 1;\n\
+         BEGIN; INSERT INTO public.logs SELECT g, repeat('x', 50) FROM generate_series(1, 50000) g; COMMIT;\n\
+         UPDATE public.logs SET v = 'one' WHERE n = 3;\n",
+    );
+    let lsn = current_lsn(&p.source, &s);
+    // The toasted value stayed out of line and unchanged (so the update really left it out).
+    assert_eq!(
+        p.source
+            .psql(&s, "SELECT length(big) FROM public.items WHERE id = 1"),
+        "12800"
+    );
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(caught_up(&s, &t, &lsn), "applied position below {lsn}");
+    assert_same_data(&s, &t);
+    assert_eq!(
+        p.target.psql(&t, "SELECT count(*) FROM public.dups WHERE a = 1"),
+        "2"
+    );
+    // Counters: 2 + 50000 inserts into the tables above, per table and per database.
+    let logs_inserts = p.target.psql(
+        &t,
+        &format!(
+            "SELECT value FROM pgferry.counters WHERE migration = 'cdc_kinds' AND scope = '{s}.public.logs' AND name = 'cdcInsertCounter'"
+        ),
+    );
+    assert_eq!(logs_inserts, "50000");
+    let deletes = p.target.psql(
+        &t,
+        &format!(
+            "SELECT value FROM pgferry.counters WHERE migration = 'cdc_kinds' AND scope = '{s}' AND name = 'cdcDeleteCounter'"
+        ),
+    );
+    assert_eq!(deletes, "11");
+}
+
+#[test]
+fn sigkill_during_apply_applies_nothing_twice() {
+    let p = pair();
+    let s = p.source.fresh_database("cdc_kill_src");
+    let t = p.target.fresh_database("cdc_kill_tgt");
+    p.source.psql(&s, SETUP);
+    let plan = TestPlan::new(p, "cdc_kill", &s, &t, STAGES);
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+
+    // Many small transactions (batched), then one large one, then more small ones.
+    let mut sql = String::new();
+    for i in 0..50 {
+        sql.push_str(&format!(
+            "INSERT INTO public.logs SELECT g, 'small {i}' FROM generate_series(1, 20) g;\n"
+        ));
+    }
+    sql.push_str(
+        "BEGIN; INSERT INTO public.logs SELECT g, 'big' FROM generate_series(1, 60000) g; COMMIT;\n",
+    );
+    for i in 0..20 {
+        sql.push_str(&format!(
+            "INSERT INTO public.logs SELECT g, 'after {i}' FROM generate_series(1, 10) g;\n"
+        ));
+    }
+    p.source.psql(&s, &sql);
+    let lsn = current_lsn(&p.source, &s);
+
+    let mut child = plan.spawn(&["run"]);
+    // Kill once the big transaction is being applied: the target session has been writing for a while
+    // inside an open transaction.
+    wait_for("the big transaction to be applying", Duration::from_secs(30), || {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the runner finished before it could be killed: {status:?}");
+        }
+        p.target.psql(
+            &t,
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgferry cdc apply' AND xact_start < now() - interval '300 ms'",
+        ) == "1"
+    });
+    child.kill().expect("SIGKILL the runner");
+    let _ = child.wait();
+    assert!(
+        !caught_up(&s, &t, &lsn),
+        "the kill came too late to test anything"
+    );
+
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(caught_up(&s, &t, &lsn), "applied position below {lsn}");
+    assert_eq!(
+        p.target.psql(&t, "SELECT count(*) FROM public.logs"),
+        p.source.psql(&s, "SELECT count(*) FROM public.logs"),
+    );
+    assert_same_data(&s, &t);
+}
+
+#[test]
+fn manual_cutover_fences_the_source_and_finishes() {
+    let p = pair();
+    let s = p.source.fresh_database("cdc_cut_src");
+    let t = p.target.fresh_database("cdc_cut_tgt");
+    p.source.psql(&s, SETUP);
+    let stages = format!("{STAGES}\n[stages.cutover]\nkind = \"cutover\"\nafter = [\"cdc\"]\n");
+    let plan = TestPlan::new(p, "cdc_cut", &s, &t, &stages);
+    let mut child = plan.spawn(&["run"]);
+    wait_for("cdc to be ready", Duration::from_secs(30), || {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the runner stopped early: {status:?}");
+        }
+        p.target.psql(
+            &t,
+            "SELECT count(*) FROM pgferry.stages WHERE migration = 'cdc_cut' AND stage = 'cdc' AND state = 'ready'",
+        ) == "1"
+    });
+    // Changes while cdc streams; the cutover must not lose any.
+    p.source.psql(
+        &s,
+        "INSERT INTO public.items VALUES (2000, 'live', NULL);\n\
+         UPDATE public.items SET name = 'live update' WHERE id = 7;\n\
+         DELETE FROM public.items WHERE id = 8;\n\
+         INSERT INTO public.logs SELECT g, 'live' FROM generate_series(1, 1000) g;\n",
+    );
+    let out = plan.run(&["cutover"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    wait_for("the run to finish", Duration::from_secs(60), || {
+        matches!(child.try_wait(), Ok(Some(_)))
+    });
+    let out = child.wait_with_output().expect("runner output");
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(
+        p.source.psql(&s, "SHOW default_transaction_read_only"),
+        "on",
+        "the source database should be fenced"
+    );
+    assert_eq!(
+        p.target.psql(
+            &t,
+            "SELECT state FROM pgferry.stages WHERE migration = 'cdc_cut' AND stage = 'cdc'"
+        ),
+        "done"
+    );
+    assert_same_data(&s, &t);
+}

@@ -1,0 +1,798 @@
+//! Whole offline plans against real clusters — preflight, schema_dump, provision, full_load,
+//! post_data, sequence_reset — into a target database that does not exist yet: the target ends up
+//! equal to the source (rows, sequences, large objects, schema), `status --json` says so, a second
+//! run has nothing to do, a run killed during the full load or during post_data resumes to the same
+//! result, and the password shows nowhere.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{Cluster, PASSWORD, TestPlan, pair, row_digest, show, wait_for};
+
+/// The offline plan: preflight → schema → provision → load → indexes → sequences.
+fn offline_stages(load_jobs: u32, index_jobs: u32) -> String {
+    format!(
+        "[stages.preflight]\nkind = \"preflight\"\n\n\
+         [stages.schema]\nkind = \"schema_dump\"\nafter = [\"preflight\"]\n\n\
+         [stages.provision]\nkind = \"provision\"\nafter = [\"schema\"]\n\n\
+         [stages.load]\nkind = \"full_load\"\nafter = [\"provision\"]\njobs = {load_jobs}\n\n\
+         [stages.indexes]\nkind = \"post_data\"\nafter = [\"load\"]\njobs = {index_jobs}\n\n\
+         [stages.sequences]\nkind = \"sequence_reset\"\nafter = [\"indexes\"]\n"
+    )
+}
+
+/// A fresh source database with Pagila, two large objects and its materialized view populated;
+/// `None` (after the loud SKIPPED line) when Pagila is not available.
+fn pagila_source(prefix: &str, test: &str) -> Option<String> {
+    let p = pair();
+    let s = p.source.fresh_database(prefix);
+    if !support::load_pagila(&p.source, &s) {
+        eprintln!("\n*** SKIPPED {test}: Pagila is not available ***\n");
+        return None;
+    }
+    p.source.psql(
+        &s,
+        "SELECT lo_from_bytea(0, convert_to(repeat('a large object in Pagila; ', 2000), 'UTF8'));
+         SELECT lo_from_bytea(0, '\\x00ff7f80');
+         REFRESH MATERIALIZED VIEW public.rental_by_category;",
+    );
+    Some(s)
+}
+
+/// The name of a target database that does not exist yet (provision creates it).
+fn new_target(source_db: &str) -> String {
+    let t = format!("{source_db}_tgt");
+    assert!(!database_exists(&pair().target, &t), "{t} exists already");
+    t
+}
+
+fn database_exists(c: &Cluster, db: &str) -> bool {
+    c.psql(
+        "postgres",
+        &format!("SELECT count(*) FROM pg_database WHERE datname = '{db}'"),
+    ) == "1"
+}
+
+/// Every ordinary table and partition, quoted for SQL, with its unquoted `schema.table` name as
+/// pgferry reports it.
+fn tables(c: &Cluster, db: &str) -> Vec<(String, String)> {
+    c.psql(
+        db,
+        "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) || '|' || n.nspname || '.' || c.relname \
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgferry') \
+           AND n.nspname NOT LIKE 'pg_toast%' ORDER BY 1",
+    )
+    .lines()
+    .map(|l| {
+        let (quoted, plain) = l.split_once('|').expect("quoted|plain");
+        (quoted.to_string(), plain.to_string())
+    })
+    .collect()
+}
+
+/// `last_value,is_called` of every sequence, by name.
+fn sequences(c: &Cluster, db: &str) -> BTreeMap<String, String> {
+    let names = c.psql(
+        db,
+        "SELECT quote_ident(schemaname) || '.' || quote_ident(sequencename) FROM pg_sequences \
+         WHERE schemaname <> 'pgferry' ORDER BY 1",
+    );
+    names
+        .lines()
+        .map(|seq| {
+            let value = c.psql(
+                db,
+                &format!("SELECT last_value || ',' || is_called FROM {seq}"),
+            );
+            (seq.to_string(), value)
+        })
+        .collect()
+}
+
+const LARGE_OBJECTS: &str = "SELECT coalesce(string_agg(oid::text || ':' || md5(lo_get(oid)), ',' ORDER BY oid), '') \
+                             FROM pg_largeobject_metadata";
+
+/// `pg_dump --schema-only` of a database without pgferry's schema and the `\restrict` lines (they
+/// carry a random key).
+fn schema_dump(c: &Cluster, db: &str) -> String {
+    let mut cmd = Command::new(c.bindir.join("pg_dump"));
+    for k in [
+        "PGHOST",
+        "PGHOSTADDR",
+        "PGPORT",
+        "PGUSER",
+        "PGDATABASE",
+        "PGPASSFILE",
+        "PGSERVICE",
+        "PGOPTIONS",
+        "PGSSLMODE",
+    ] {
+        cmd.env_remove(k);
+    }
+    let out = cmd
+        .args(["--host", "127.0.0.1", "--port", &c.port.to_string()])
+        .args(["--username", "postgres", "--dbname", db, "--no-password"])
+        .args(["--schema-only", "--exclude-schema=pgferry"])
+        .env("PGPASSWORD", PASSWORD)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run pg_dump");
+    assert!(
+        out.status.success(),
+        "pg_dump of {db}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The first lines where two dumps differ, with a little context.
+fn first_differences(a: &str, b: &str) -> String {
+    let (a, b): (Vec<&str>, Vec<&str>) = (a.lines().collect(), b.lines().collect());
+    let Some(at) = (0..a.len().max(b.len())).find(|&i| a.get(i) != b.get(i)) else {
+        return "no difference".into();
+    };
+    let from = at.saturating_sub(3);
+    let show = |v: &[&str]| v[from.min(v.len())..(at + 8).min(v.len())].join("\n");
+    format!(
+        "{} vs {} lines; first difference at line {}\n--- source ---\n{}\n--- target ---\n{}",
+        a.len(),
+        b.len(),
+        at + 1,
+        show(&a),
+        show(&b)
+    )
+}
+
+/// What is compared of one database.
+struct Snapshot {
+    /// Every ordinary table and partition: (quoted, plain).
+    tables: Vec<(String, String)>,
+    /// `count:md5` of each table's rows ([`row_digest`]), in the order of `tables`.
+    digests: Vec<String>,
+    sequences: BTreeMap<String, String>,
+    large_objects: String,
+    schema: String,
+}
+
+impl Snapshot {
+    /// Reads it all. The row digests of large tables take seconds, so callers read the source and the
+    /// target at the same time.
+    fn take(c: &Cluster, db: &str) -> Snapshot {
+        let tables = tables(c, db);
+        let digests = tables.iter().map(|(q, _)| row_digest(c, db, q)).collect();
+        Snapshot {
+            tables,
+            digests,
+            sequences: sequences(c, db),
+            large_objects: c.psql(db, LARGE_OBJECTS),
+            schema: schema_dump(c, db),
+        }
+    }
+
+    /// The number of rows in the tables.
+    fn total_rows(&self) -> i64 {
+        self.digests
+            .iter()
+            .map(|d| d.split(':').next().unwrap().parse::<i64>().unwrap())
+            .sum()
+    }
+}
+
+/// (a) every table's rows, (b) every sequence, (c) the large objects and (d) the schema are equal
+/// on both sides. Returns the source's snapshot.
+fn assert_same(sdb: &str, tdb: &str) -> Snapshot {
+    let p = pair();
+    let started = Instant::now();
+    let (source, target) = std::thread::scope(|scope| {
+        let source = scope.spawn(|| Snapshot::take(&p.source, sdb));
+        let target = scope.spawn(|| Snapshot::take(&p.target, tdb));
+        (
+            source.join().expect("reading the source"),
+            target.join().expect("reading the target"),
+        )
+    });
+    // (a) rows.
+    assert!(
+        source.tables.len() > 1,
+        "the source has tables: {:?}",
+        source.tables
+    );
+    assert_eq!(
+        source.tables, target.tables,
+        "the same tables on both sides"
+    );
+    for ((quoted, _), (s, t)) in source
+        .tables
+        .iter()
+        .zip(source.digests.iter().zip(&target.digests))
+    {
+        assert_eq!(s, t, "table {quoted} differs (count:md5)");
+    }
+    assert!(source.total_rows() > 0, "the source has rows");
+    // (b) sequences.
+    assert!(!source.sequences.is_empty(), "the source has sequences");
+    assert_eq!(
+        source.sequences, target.sequences,
+        "sequences (last_value,is_called) differ"
+    );
+    // (c) large objects.
+    assert_eq!(
+        source.large_objects, target.large_objects,
+        "large objects differ"
+    );
+    // (d) the whole schema.
+    assert!(source.schema.contains("CREATE TABLE"), "{}", source.schema);
+    assert!(
+        source.schema == target.schema,
+        "the target's schema differs from the source's: {}",
+        first_differences(&source.schema, &target.schema)
+    );
+    eprintln!(
+        "[test] {sdb} vs {tdb}: {} tables, {} rows, {} sequences, {} large object(s), {} schema lines equal ({:.2?})",
+        source.tables.len(),
+        source.total_rows(),
+        source.sequences.len(),
+        source
+            .large_objects
+            .split(',')
+            .filter(|x| !x.is_empty())
+            .count(),
+        source.schema.lines().count(),
+        started.elapsed()
+    );
+    source
+}
+
+/// Runs the plan to completion and checks it succeeded.
+fn run_to_completion(plan: &TestPlan) -> Output {
+    let started = Instant::now();
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    eprintln!("[test] {}: run took {:.2?}", plan.name, started.elapsed());
+    out
+}
+
+/// Waits until the killed runner's sessions on the target database are gone (the server notices
+/// the closed connections and rolls back what they had open). pgferry names its sessions
+/// `pgferry PURPOSE`; the tests' own are `pgferry-tests`.
+fn wait_for_sessions_to_end(plan: &TestPlan) {
+    wait_for(
+        "the killed run's sessions to end",
+        Duration::from_secs(30),
+        || {
+            pair().target.psql(
+                "postgres",
+                &format!(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND application_name LIKE 'pgferry %'",
+                    plan.target_db
+                ),
+            ) == "0"
+        },
+    );
+}
+
+/// True once the checkpoint store exists (the first run creates it, and with it the target database).
+fn store_exists(plan: &TestPlan) -> bool {
+    let p = pair();
+    database_exists(&p.target, &plan.target_db)
+        && p.target.psql(
+            &plan.target_db,
+            "SELECT to_regclass('pgferry.checkpoints') IS NOT NULL AND to_regclass('pgferry.tables') IS NOT NULL",
+        ) == "t"
+}
+
+fn store(plan: &TestPlan, sql: &str) -> String {
+    pair().target.psql(&plan.target_db, sql)
+}
+
+fn stage_state(plan: &TestPlan, stage: &str) -> String {
+    store(
+        plan,
+        &format!(
+            "SELECT coalesce((SELECT state FROM pgferry.stages WHERE migration = '{}' AND stage = '{stage}'), 'absent')",
+            plan.name
+        ),
+    )
+}
+
+/// The post_data objects checkpointed as built.
+fn post_data_items_done(plan: &TestPlan) -> i64 {
+    store(
+        plan,
+        &format!(
+            "SELECT count(*) FROM pgferry.checkpoints WHERE migration = '{}' AND stage = 'indexes' \
+             AND key LIKE 'database:%:item:%' AND (value->>'done')::bool",
+            plan.name
+        ),
+    )
+    .parse()
+    .unwrap()
+}
+
+/// Every index of the user's schemas with its table and definition, sorted (duplicates kept).
+const INDEXES: &str = "SELECT coalesce(string_agg(d, E'\\n' ORDER BY d), '') FROM (\
+                       SELECT i.indrelid::regclass::text || ' ' || pg_get_indexdef(i.indexrelid) AS d \
+                       FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+                       WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgferry') AND n.nspname NOT LIKE 'pg_toast%') x";
+
+/// Every constraint of the user's schemas with its table and definition, sorted.
+const CONSTRAINTS: &str = "SELECT coalesce(string_agg(d, E'\\n' ORDER BY d), '') FROM (\
+                           SELECT conrelid::regclass::text || ' ' || conname || ' ' || pg_get_constraintdef(oid) AS d \
+                           FROM pg_constraint WHERE conrelid <> 0 \
+                           AND connamespace::regnamespace::text NOT IN ('pg_catalog', 'information_schema', 'pgferry')) x";
+
+#[test]
+#[ignore = "bug: status --json counts full_load's `large objects` progress row as a table (TableLevelOutput, fullLoadCompletedTables, fullLoadTotalRows)"]
+fn pagila_migrates_exactly() {
+    let p = pair();
+    let Some(s) = pagila_source("om_pagila_src", "pagila_migrates_exactly") else {
+        return;
+    };
+    let t = new_target(&s);
+    let plan = TestPlan::new(p, "om_pagila", &s, &t, &offline_stages(3, 2));
+
+    let out = run_to_completion(&plan);
+    assert!(database_exists(&p.target, &t), "the run created {t}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("ran preflight, schema, provision, load, indexes, sequences"),
+        "{}",
+        show(&out)
+    );
+
+    let compared = assert_same(&s, &t);
+    // Pagila's partitions and its materialized view came along.
+    assert!(
+        compared
+            .tables
+            .iter()
+            .any(|(_, plain)| plain == "public.payment_p2022_01"),
+        "{:?}",
+        compared.tables
+    );
+    assert_eq!(
+        p.target.psql(
+            &t,
+            "SELECT relispopulated FROM pg_class WHERE oid = 'public.rental_by_category'::regclass"
+        ),
+        "t"
+    );
+    assert_eq!(
+        p.target
+            .psql(&t, "SELECT count(*) FROM public.rental_by_category"),
+        p.source
+            .psql(&s, "SELECT count(*) FROM public.rental_by_category")
+    );
+    assert_eq!(p.target.psql(&t, INDEXES), p.source.psql(&s, INDEXES));
+    assert_eq!(
+        p.target.psql(&t, CONSTRAINTS),
+        p.source.psql(&s, CONSTRAINTS)
+    );
+
+    // (f) a second run has nothing to do.
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nothing to do"),
+        "{}",
+        show(&out)
+    );
+
+    // (e) status --json, with Azure DMS's field names.
+    let out = plan.run(&["status", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let json: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", show(&out)));
+    let output = json["output"].as_array().expect("output[]");
+    let of_type = |kind: &str| -> Vec<&serde_json::Value> {
+        output.iter().filter(|o| o["resultType"] == kind).collect()
+    };
+    let migration = of_type("MigrationLevelOutput");
+    assert_eq!(migration.len(), 1, "{json:#}");
+    assert_eq!(migration[0]["migrationState"], "COMPLETED", "{json:#}");
+    let database = of_type("DatabaseLevelOutput");
+    assert_eq!(database.len(), 1, "{json:#}");
+    let db = database[0];
+    assert_eq!(db["databaseName"], s.as_str());
+    assert_eq!(db["targetDatabaseName"], t.as_str());
+    assert_eq!(db["migrationState"], "COMPLETED");
+    assert_eq!(db["initializationCompleted"], true);
+    let table_outputs = of_type("TableLevelOutput");
+    let reported: BTreeSet<&str> = table_outputs
+        .iter()
+        .map(|o| o["tableName"].as_str().expect("tableName"))
+        .collect();
+    let expected: BTreeSet<&str> = compared.tables.iter().map(|t| t.1.as_str()).collect();
+    assert_eq!(
+        reported, expected,
+        "TableLevelOutput names every table, and only tables"
+    );
+    for o in &table_outputs {
+        assert_eq!(o["state"], "COMPLETED", "{o:#}");
+    }
+    assert_eq!(
+        db["fullLoadCompletedTables"],
+        compared.tables.len(),
+        "{db:#}"
+    );
+    assert_eq!(db["fullLoadLoadingTables"], 0, "{db:#}");
+    assert_eq!(db["fullLoadQueuedTables"], 0, "{db:#}");
+    assert_eq!(db["fullLoadErroredTables"], 0, "{db:#}");
+    assert_eq!(db["fullLoadTotalRows"], compared.total_rows(), "{db:#}");
+}
+
+/// Pagila plus `public.big`, about 1.5 million rows and 150 MB, so that copying it takes seconds.
+#[test]
+fn killed_during_full_load_then_resumed() {
+    let p = pair();
+    let Some(s) = pagila_source("om_killload_src", "killed_during_full_load_then_resumed") else {
+        return;
+    };
+    let started = Instant::now();
+    p.source.psql(
+        &s,
+        "CREATE TABLE public.big (id bigint NOT NULL, pad text NOT NULL);
+         INSERT INTO public.big SELECT g, lpad(g::text, 64, 'pgferry-') FROM generate_series(1, 1500000) g;
+         ALTER TABLE public.big ADD CONSTRAINT big_pkey PRIMARY KEY (id);
+         ANALYZE public.big;",
+    );
+    eprintln!(
+        "[test] public.big ({}) made in {:.2?}",
+        p.source
+            .psql(&s, "SELECT pg_size_pretty(pg_table_size('public.big'))"),
+        started.elapsed()
+    );
+    let t = new_target(&s);
+    let plan = TestPlan::new(p, "om_killload", &s, &t, &offline_stages(2, 2));
+
+    let started = Instant::now();
+    let mut child = plan.spawn(&["run"]);
+    let state_of = |table: &str| {
+        store(
+            &plan,
+            &format!(
+                "SELECT coalesce((SELECT state FROM pgferry.tables WHERE migration = '{}' AND stage = 'load' AND table_name = '{table}'), 'absent')",
+                plan.name
+            ),
+        )
+    };
+    let copied = || {
+        store(
+            &plan,
+            &format!(
+                "SELECT count(*) FROM pgferry.tables WHERE migration = '{}' AND stage = 'load' AND state = 'copied'",
+                plan.name
+            ),
+        )
+        .parse::<i64>()
+        .unwrap()
+    };
+    wait_for(
+        "a table copied while public.big is being copied",
+        Duration::from_secs(120),
+        || store_exists(&plan) && copied() >= 1 && state_of("public.big") == "copying",
+    );
+    child.kill().expect("SIGKILL pgferry");
+    let killed = child.wait_with_output().expect("wait for pgferry");
+    assert_ne!(killed.status.code(), Some(0), "{}", show(&killed));
+    eprintln!("[test] killed the load after {:.2?}", started.elapsed());
+    // Once its sessions are gone, nothing the killed run sent can still change the store.
+    wait_for_sessions_to_end(&plan);
+    assert_ne!(
+        state_of("public.big"),
+        "copied",
+        "public.big was still being copied"
+    );
+    assert_eq!(stage_state(&plan, "load"), "running");
+    // What was copied before the kill, and when.
+    let copied_before = store(
+        &plan,
+        &format!(
+            "SELECT string_agg(quote_literal(table_name), ',') FROM pgferry.tables \
+             WHERE migration = '{}' AND stage = 'load' AND state = 'copied'",
+            plan.name
+        ),
+    );
+    let kept = |plan: &TestPlan| {
+        store(
+            plan,
+            &format!(
+                "SELECT string_agg(table_name || '@' || ended_at, ',' ORDER BY table_name) FROM pgferry.tables \
+                 WHERE migration = '{}' AND stage = 'load' AND table_name IN ({copied_before})",
+                plan.name
+            ),
+        )
+    };
+    let kept_before = kept(&plan);
+    assert_eq!(
+        kept_before.matches('@').count(),
+        copied_before.split(',').count(),
+        "{kept_before}"
+    );
+
+    let out = run_to_completion(&plan);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("already done: preflight, schema, provision"),
+        "{}",
+        show(&out)
+    );
+    // The tables copied before the kill were not copied again.
+    assert_eq!(
+        kept(&plan),
+        kept_before,
+        "tables copied before the kill were kept"
+    );
+    assert_eq!(state_of("public.big"), "copied");
+    let compared = assert_same(&s, &t);
+    assert!(
+        compared.tables.iter().any(|(q, _)| q == "public.big"),
+        "{:?}",
+        compared.tables
+    );
+    assert_eq!(p.target.psql(&t, INDEXES), p.source.psql(&s, INDEXES));
+}
+
+/// Pagila plus a table with a few indexes and a small table whose indexes call a function that is
+/// slow on the target (about 1.5 s per index; instant on the source, so the setup stays quick), so
+/// that post_data lasts long enough to be killed halfway.
+#[test]
+fn killed_during_post_data_then_resumed() {
+    let p = pair();
+    let Some(s) = pagila_source("om_killpd_src", "killed_during_post_data_then_resumed") else {
+        return;
+    };
+    let started = Instant::now();
+    p.source.psql(
+        &s,
+        "CREATE TABLE public.big (id bigint NOT NULL, v int NOT NULL, pad text NOT NULL);
+         INSERT INTO public.big SELECT g, g % 1009, md5(g::text) FROM generate_series(1, 400000) g;
+         ALTER TABLE public.big ADD CONSTRAINT big_pkey PRIMARY KEY (id);
+         CREATE INDEX big_v_idx ON public.big (v);
+         CREATE INDEX big_pad_idx ON public.big (pad);
+         CREATE UNIQUE INDEX big_pad_id_key ON public.big (pad, id);
+         CREATE FUNCTION public.slow(i int) RETURNS int LANGUAGE plpgsql IMMUTABLE AS
+           $$BEGIN IF right(current_database(), 4) = '_tgt' THEN PERFORM pg_sleep(0.01); END IF; RETURN i; END$$;
+         CREATE TABLE public.slowt (id int NOT NULL, v int);
+         INSERT INTO public.slowt SELECT g, g FROM generate_series(1, 150) g;
+         ALTER TABLE public.slowt ADD CONSTRAINT slowt_pkey PRIMARY KEY (id);
+         CREATE INDEX slowt_s1 ON public.slowt (public.slow(id));
+         CREATE INDEX slowt_s2 ON public.slowt ((public.slow(id) + 1));
+         CREATE INDEX slowt_s3 ON public.slowt ((public.slow(v) + 2));
+         ALTER TABLE public.slowt ADD CONSTRAINT slowt_big_fkey FOREIGN KEY (id) REFERENCES public.big (id);
+         ANALYZE;",
+    );
+    eprintln!(
+        "[test] public.big and public.slowt made in {:.2?}",
+        started.elapsed()
+    );
+    let t = new_target(&s);
+    let plan = TestPlan::new(p, "om_killpd", &s, &t, &offline_stages(2, 2));
+
+    let started = Instant::now();
+    let mut child = plan.spawn(&["run"]);
+    let building = || {
+        store(
+            &plan,
+            "SELECT count(*) > 0 FROM pg_stat_activity WHERE datname = current_database() AND state = 'active' \
+             AND application_name LIKE 'pgferry post_data%' AND query LIKE 'CREATE%INDEX%'",
+        ) == "t"
+    };
+    wait_for(
+        "post_data running with an object checkpointed and an index being built",
+        Duration::from_secs(120),
+        || {
+            store_exists(&plan)
+                && stage_state(&plan, "indexes") == "running"
+                && post_data_items_done(&plan) >= 1
+                && building()
+        },
+    );
+    child.kill().expect("SIGKILL pgferry");
+    let killed = child.wait_with_output().expect("wait for pgferry");
+    assert_ne!(killed.status.code(), Some(0), "{}", show(&killed));
+    let killed_after = started.elapsed();
+    let waited = Instant::now();
+    wait_for_sessions_to_end(&plan);
+    let done_before = post_data_items_done(&plan);
+    eprintln!(
+        "[test] killed post_data after {killed_after:.2?} with {done_before} object(s) checkpointed; \
+         its sessions ended within {:.2?}",
+        waited.elapsed()
+    );
+    assert_eq!(stage_state(&plan, "indexes"), "running");
+    assert_eq!(stage_state(&plan, "sequences"), "absent");
+    // Nothing the killed run left half-built stays behind as invalid.
+    let invalid = "SELECT coalesce(string_agg(indexrelid::regclass::text, ','), '') FROM pg_index WHERE NOT indisvalid OR NOT indisready";
+    assert_eq!(p.target.psql(&t, invalid), "");
+
+    let out = run_to_completion(&plan);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("ran indexes, sequences; already done: preflight, schema, provision, load"),
+        "{}",
+        show(&out)
+    );
+    assert_same(&s, &t);
+    // Every index is valid and exists once, as on the source; so does every constraint.
+    assert_eq!(p.target.psql(&t, invalid), "");
+    let indexes = p.target.psql(&t, INDEXES);
+    assert!(indexes.contains("slowt_s3"), "{indexes}");
+    assert_eq!(indexes, p.source.psql(&s, INDEXES));
+    assert_eq!(
+        p.target.psql(&t, CONSTRAINTS),
+        p.source.psql(&s, CONSTRAINTS)
+    );
+    let checkpoint = store(
+        &plan,
+        &format!(
+            "SELECT value::text FROM pgferry.checkpoints WHERE migration = '{}' AND stage = 'indexes' AND key = 'database:{s}'",
+            plan.name
+        ),
+    );
+    let summary: serde_json::Value = serde_json::from_str(&checkpoint).expect("JSON checkpoint");
+    let count = |k: &str| {
+        summary[k]
+            .as_i64()
+            .unwrap_or_else(|| panic!("{k} in {summary}"))
+    };
+    assert_eq!(
+        count("skipped"),
+        done_before,
+        "the resumed run skipped the objects built before the kill: {summary}"
+    );
+    assert!(
+        done_before < count("objects"),
+        "the kill interrupted post_data: {summary}"
+    );
+    assert_eq!(
+        count("skipped") + count("built") + count("already_existed"),
+        count("objects"),
+        "{summary}"
+    );
+    assert_eq!(post_data_items_done(&plan), count("objects"));
+}
+
+/// Whole runs with debug logs, as text and as JSON, and every report: the password (or any
+/// encoding of it) shows in no output and in no table of the checkpoint store.
+#[test]
+fn password_never_leaks() {
+    let p = pair();
+    let s = p.source.fresh_database("om_secret_src");
+    p.source.psql(
+        &s,
+        "CREATE TABLE public.customers (id serial PRIMARY KEY, name text NOT NULL, email text UNIQUE);
+         CREATE TABLE public.orders (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                                     customer_id int NOT NULL REFERENCES public.customers (id),
+                                     total numeric(10, 2), at timestamptz NOT NULL DEFAULT now());
+         CREATE INDEX orders_customer_idx ON public.orders (customer_id);
+         CREATE VIEW public.big_orders AS SELECT * FROM public.orders WHERE total > 100;
+         INSERT INTO public.customers (name, email) SELECT 'c' || g, 'c' || g || '@example.com' FROM generate_series(1, 200) g;
+         INSERT INTO public.orders (customer_id, total) SELECT 1 + g % 200, g * 1.5 FROM generate_series(1, 2000) g;
+         SELECT lo_from_bytea(0, 'not a secret');",
+    );
+    // The password, however it might be written: as is, percent-encoded, JSON-escaped.
+    let secret = PASSWORD.trim_end_matches('!');
+    assert!(secret.len() > 8 && PASSWORD.starts_with(secret));
+
+    let mut outputs: Vec<(String, Output)> = Vec::new();
+    let mut stores: Vec<TestPlan> = Vec::new();
+    for (n, format) in ["text", "json"].into_iter().enumerate() {
+        let t = format!("{s}_tgt{n}");
+        assert!(!database_exists(&p.target, &t));
+        let plan = TestPlan::new(
+            p,
+            &format!("om_secret_{format}"),
+            &s,
+            &t,
+            &offline_stages(2, 2),
+        );
+        let cmd = |args: &[&str]| {
+            let mut c = plan.command(args);
+            c.args(["--log-format", format]).env("RUST_LOG", "debug");
+            let out = c.output().expect("run pgferry");
+            (format!("{} ({format} logs)", args.join(" ")), out)
+        };
+        let before = cmd(&["plan"]);
+        let run = cmd(&["run"]);
+        assert_eq!(run.1.status.code(), Some(0), "{}", show(&run.1));
+        let after = cmd(&["plan"]);
+        let status = cmd(&["status"]);
+        let status_json = cmd(&["status", "--json"]);
+        let again = cmd(&["run"]);
+        assert!(
+            String::from_utf8_lossy(&again.1.stderr).contains("nothing to do"),
+            "{}",
+            show(&again.1)
+        );
+        for (label, out) in [before, run, after, status, status_json, again] {
+            assert!(
+                !out.stdout.is_empty() || !out.stderr.is_empty(),
+                "{label} printed nothing"
+            );
+            outputs.push((label, out));
+        }
+        assert_same(&s, &t);
+        stores.push(plan);
+    }
+    // The debug logs really are on, in both formats.
+    let run_stderr = |i: usize| String::from_utf8_lossy(&outputs[i].1.stderr).into_owned();
+    assert!(run_stderr(1).contains("DEBUG"), "{}", run_stderr(1));
+    assert!(
+        run_stderr(7).contains("\"level\":\"DEBUG\""),
+        "{}",
+        run_stderr(7)
+    );
+    for (label, out) in &outputs {
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            !all.contains(secret),
+            "the password shows in the output of `{label}`:\n{}",
+            show(out)
+        );
+    }
+
+    // Every table of the checkpoint store, every column (bytea decoded too).
+    for plan in &stores {
+        let t = &plan.target_db;
+        let tables = p.target.psql(
+            t,
+            "SELECT string_agg(quote_ident(relname), ',' ORDER BY relname) FROM pg_class \
+             WHERE relnamespace = 'pgferry'::regnamespace AND relkind IN ('r', 'p')",
+        );
+        let tables: Vec<&str> = tables.split(',').collect();
+        assert!(
+            tables.len() >= 8 && tables.contains(&"artifacts") && tables.contains(&"events"),
+            "{tables:?}"
+        );
+        for table in tables {
+            let rows = p
+                .target
+                .psql(t, &format!("SELECT t::text FROM pgferry.{table} t"));
+            assert!(
+                !rows.contains(secret),
+                "the password is stored in pgferry.{table} of {t}:\n{rows}"
+            );
+            let bytea = p.target.psql(
+                t,
+                &format!(
+                    "SELECT coalesce(string_agg(quote_ident(attname), ','), '') FROM pg_attribute \
+                     WHERE attrelid = 'pgferry.{table}'::regclass AND atttypid = 'bytea'::regtype AND attnum > 0 AND NOT attisdropped"
+                ),
+            );
+            for column in bytea.split(',').filter(|c| !c.is_empty()) {
+                let text = p.target.psql(
+                    t,
+                    &format!(
+                        "SELECT coalesce(string_agg(encode({column}, 'escape'), E'\\n'), '') FROM pgferry.{table}"
+                    ),
+                );
+                assert!(
+                    !text.contains(secret),
+                    "the password is stored in pgferry.{table}.{column} of {t}"
+                );
+            }
+        }
+        // The artifacts were decoded and really hold the schema.
+        let artifacts = p.target.psql(
+            t,
+            "SELECT coalesce(string_agg(encode(content, 'escape'), ''), '') FROM pgferry.artifacts",
+        );
+        assert!(
+            artifacts.contains("CREATE TABLE public.orders"),
+            "{artifacts}"
+        );
+    }
+}
