@@ -100,6 +100,12 @@ pub enum Command {
         #[command(flatten)]
         plan: PlanArgs,
     },
+    /// Lift the cutover fence: make the source databases writable again (after a rollback, or once
+    /// the old primary is to be reused).
+    Unfence {
+        #[command(flatten)]
+        plan: PlanArgs,
+    },
     /// Tear down what the plan created: replication slots, publications and the checkpoint store.
     Reset {
         #[command(flatten)]

@@ -9,6 +9,15 @@ use crate::plan::Plan;
 use crate::state::postgres::{LockHolder, RunRecord};
 use crate::state::{StageRecord, StageState, TableProgress, TableState, Timestamp};
 
+/// The progress entry full_load keeps for a database's large objects (not a table).
+pub const LARGE_OBJECTS: &str = "large objects";
+
+/// Whether a full_load progress entry is a whole table: not a range of a split table (`name#n`),
+/// not the large objects.
+fn is_table_entry(name: &str) -> bool {
+    !name.contains('#') && name != LARGE_OBJECTS
+}
+
 /// Everything `status` shows.
 pub struct Status<'a> {
     pub plan: &'a Plan,
@@ -198,9 +207,18 @@ impl Status<'_> {
                 .filter(|t| {
                     t.database == db.name
                         && load_ids.contains(&t.stage.as_str())
-                        && !t.table.contains('#')
+                        && is_table_entry(&t.table)
                 })
                 .collect();
+            let large_objects = self
+                .tables
+                .iter()
+                .find(|t| {
+                    t.database == db.name
+                        && load_ids.contains(&t.stage.as_str())
+                        && t.table == LARGE_OBJECTS
+                })
+                .map(|t| t.rows);
             let count = |st: TableState| tables.iter().filter(|t| t.state == st).count();
             let load_done = self
                 .records
@@ -220,6 +238,7 @@ impl Status<'_> {
                 "fullLoadTotalRows": tables.iter().map(|t| t.rows).sum::<i64>(),
                 "fullLoadTotalVolumeBytes": tables.iter().map(|t| t.bytes).sum::<i64>(),
                 "initializationCompleted": load_done,
+                "largeObjects": large_objects,
             }));
             for t in &tables {
                 output.push(json!({
@@ -337,10 +356,17 @@ impl Status<'_> {
             .filter(|t| t.state == TableState::Copying)
             .collect();
         if !self.tables.is_empty() {
+            let load_ids: Vec<&str> = self
+                .plan
+                .stages
+                .iter()
+                .filter(|s| s.kind == "full_load")
+                .map(|s| s.id.as_str())
+                .collect();
             let whole: Vec<&TableProgress> = self
                 .tables
                 .iter()
-                .filter(|t| !t.table.contains('#'))
+                .filter(|t| load_ids.contains(&t.stage.as_str()) && is_table_entry(&t.table))
                 .collect();
             let done = whole
                 .iter()

@@ -330,7 +330,7 @@ const CONSTRAINTS: &str = "SELECT coalesce(string_agg(d, E'\\n' ORDER BY d), '')
                            AND connamespace::regnamespace::text NOT IN ('pg_catalog', 'information_schema', 'pgferry')) x";
 
 #[test]
-#[ignore = "bug: status --json counts full_load's `large objects` progress row as a table (TableLevelOutput, fullLoadCompletedTables, fullLoadTotalRows)"]
+
 fn pagila_migrates_exactly() {
     let p = pair();
     let Some(s) = pagila_source("om_pagila_src", "pagila_migrates_exactly") else {

@@ -9,6 +9,7 @@ mod plan;
 mod reset;
 mod run;
 mod status;
+mod unfence;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -38,6 +39,7 @@ pub async fn dispatch(cli: Cli) -> u8 {
         Command::Run { plan, until, rerun } => run::run(&plan, until, rerun).await,
         Command::Status { plan, json } => status::run(&plan, json).await,
         Command::Cutover { plan } => cutover::run(&plan).await,
+        Command::Unfence { plan } => unfence::run(&plan).await,
         Command::Reset { plan, yes } => reset::run(&plan, yes).await,
         Command::Init { path, force } => init::run(&path, force),
     }

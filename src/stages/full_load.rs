@@ -384,7 +384,7 @@ async fn load_database(
     cx.check_cancelled()?;
 
     // Large objects, from the same snapshot.
-    let lo_key = "large objects".to_string();
+    let lo_key = crate::status::LARGE_OBJECTS.to_string();
     if lo_count > 0 && !done.contains(&lo_key) {
         let (n, bytes) = copy_large_objects(&load, &source_conn, &target_conn, &cx.cancel).await?;
         cx.store

@@ -308,16 +308,27 @@ impl Provision {
         let tools = tokio::task::spawn_blocking(tools::find)
             .await
             .map_err(|e| Error::permanent(format!("internal: {e}")))??;
+        // psql reads the script from a file, not a pipe: with --single-transaction, psql commits at
+        // the end of its input, so a pipe cut short (pgferry killed mid-write) would commit half a
+        // schema. A file is always read whole.
+        let dir = dump::PrivateTempDir::new("pgferry-provision")?;
+        let script = dir.path().join("pre-data.sql");
+        std::fs::write(&script, &sql).map_err(|e| {
+            Error::permanent(format!(
+                "cannot write the pre-data script to {}: {e}",
+                script.display()
+            ))
+        })?;
         let mut cmd = Command::new(tools.psql());
         cmd.arg("--no-psqlrc")
             .arg("--no-password")
             .arg("--quiet")
             .arg("--set=ON_ERROR_STOP=1")
             .arg("--single-transaction")
-            .arg("--file=-");
+            .arg(format!("--file={}", script.display()));
         self.env.target_for(db).configure_child(&mut cmd, purpose);
         let started = std::time::Instant::now();
-        let out = dump::run_tool(cmd, Some(sql), &cx.cancel).await?;
+        let out = dump::run_tool(cmd, None, &cx.cancel).await?;
         if !out.status.success() {
             let e = dump::tool_failure(
                 "psql",

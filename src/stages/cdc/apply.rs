@@ -372,14 +372,11 @@ impl Applier {
         .await
     }
 
-    fn find<'a>(&self, oid: u32, old: Option<&'a OldTuple>, new: &'a TupleData) -> Find<'a> {
+    fn find<'a>(old: Option<&'a OldTuple>, new: &'a TupleData) -> Find<'a> {
         match old {
             Some(OldTuple::Full(t)) => Find::Full(t),
             Some(OldTuple::Key(t)) => Find::Key(t),
-            None => {
-                let _ = oid;
-                Find::Key(new)
-            }
+            None => Find::Key(new),
         }
     }
 
@@ -457,7 +454,7 @@ impl Applier {
         old: Option<&OldTuple>,
         new: &TupleData,
     ) -> Result<u64> {
-        let find = self.find(oid, old, new);
+        let find = Self::find(old, new);
         let rel = self.rel(oid)?;
         let set: Vec<bool> = new
             .values
