@@ -167,6 +167,16 @@ fn io_err(e: std::io::Error, doing: &str, describe: &str) -> Error {
 impl ReplicationClient {
     /// Opens a `replication=database` session to the endpoint's database.
     pub async fn connect(conn: &ConnInfo, purpose: &str) -> Result<ReplicationClient> {
+        Self::open(conn, purpose, true).await
+    }
+
+    /// Opens an ordinary (non-replication) session on the same transport, TLS and authentication:
+    /// used to forward COPY data between servers as raw protocol frames ([`ReplicationClient::copy_into`]).
+    pub async fn connect_plain(conn: &ConnInfo, purpose: &str) -> Result<ReplicationClient> {
+        Self::open(conn, purpose, false).await
+    }
+
+    async fn open(conn: &ConnInfo, purpose: &str, replication: bool) -> Result<ReplicationClient> {
         let config = conn.config();
         let describe = conn.describe();
         let port = config.get_ports().first().copied().unwrap_or(5432);
@@ -214,8 +224,164 @@ impl ReplicationClient {
             decoder: Decoder::new(),
             busy: None,
         };
-        client.startup(conn, purpose).await?;
+        client.startup(conn, purpose, replication).await?;
         Ok(client)
+    }
+
+    /// Copies rows from this session into `target`: `copy_out` (`COPY ... TO STDOUT`) here and
+    /// `copy_in` (`COPY ... FROM STDIN`) there, with the same format on both sides. The CopyData
+    /// frames are forwarded as they are — the frontend and backend CopyData messages have the same
+    /// layout — so no row is decoded or copied more than once on its way. Returns (rows, bytes);
+    /// adds the bytes to `progress` as they go. On an error both sessions are left unusable.
+    pub async fn copy_into(
+        &mut self,
+        copy_out: &str,
+        target: &mut ReplicationClient,
+        copy_in: &str,
+        progress: &std::sync::atomic::AtomicU64,
+    ) -> Result<(u64, u64)> {
+        self.ready_for_commands().await?;
+        target.ready_for_commands().await?;
+        self.busy = Some("copying");
+        target.busy = Some("copying");
+        let result = self
+            .copy_into_inner(copy_out, target, copy_in, progress)
+            .await;
+        if result.is_ok() {
+            self.busy = None;
+            target.busy = None;
+        }
+        result
+    }
+
+    async fn copy_into_inner(
+        &mut self,
+        copy_out: &str,
+        target: &mut ReplicationClient,
+        copy_in: &str,
+        progress: &std::sync::atomic::AtomicU64,
+    ) -> Result<(u64, u64)> {
+        const FLUSH_AT: usize = 256 * 1024;
+        let mut out = BytesMut::new();
+        // The target first: it must be receiving before the source starts sending.
+        frontend::query(copy_in, &mut out).map_err(|e| Error::permanent(e.to_string()))?;
+        target.send(&out).await?;
+        loop {
+            let (tag, body) = target.next_frame().await?;
+            match tag {
+                b'G' => break,
+                b'E' => {
+                    let e = target.server_error(tag, body, "starting COPY FROM on the target");
+                    return Err(e);
+                }
+                b'N' => target.log_notice(tag, body),
+                _ => {}
+            }
+        }
+        out.clear();
+        frontend::query(copy_out, &mut out).map_err(|e| Error::permanent(e.to_string()))?;
+        self.send(&out).await?;
+        loop {
+            let (tag, body) = self.next_frame().await?;
+            match tag {
+                b'H' => break,
+                b'E' => {
+                    let e = self.server_error(tag, body, "starting COPY TO on the source");
+                    target.abort_copy_in(&e.message).await;
+                    return Err(e);
+                }
+                b'N' => self.log_notice(tag, body),
+                _ => {}
+            }
+        }
+        let mut pending = BytesMut::with_capacity(FLUSH_AT + READ_CHUNK);
+        let mut bytes = 0u64;
+        loop {
+            let (tag, body) = self.next_frame().await?;
+            match tag {
+                b'd' => {
+                    let n = body.len();
+                    bytes += n as u64;
+                    progress.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                    pending.put_u8(b'd');
+                    pending.put_i32(i32::try_from(n + 4).map_err(|_| {
+                        Error::permanent("a COPY row is larger than the protocol allows")
+                    })?);
+                    pending.extend_from_slice(&body);
+                    if pending.len() >= FLUSH_AT {
+                        target
+                            .stream
+                            .write_all(&pending)
+                            .await
+                            .map_err(|e| io_err(e, "writing COPY data", &target.describe))?;
+                        pending.clear();
+                    }
+                }
+                b'c' => break,
+                b'E' => {
+                    let e = self.server_error(tag, body, "reading COPY data from the source");
+                    target.abort_copy_in(&e.message).await;
+                    return Err(e);
+                }
+                b'N' => self.log_notice(tag, body),
+                _ => {}
+            }
+        }
+        frontend::copy_done(&mut pending);
+        target.send(&pending).await?;
+        let mut rows = 0u64;
+        let mut target_error = None;
+        loop {
+            let (tag, body) = target.next_frame().await?;
+            match tag {
+                b'C' => {
+                    let text = String::from_utf8_lossy(&body);
+                    rows = text
+                        .trim_end_matches('\0')
+                        .rsplit(' ')
+                        .next()
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or(0);
+                }
+                b'E' => {
+                    target_error =
+                        Some(target.server_error(tag, body, "writing COPY data to the target"));
+                }
+                b'Z' => break,
+                b'N' => target.log_notice(tag, body),
+                _ => {}
+            }
+        }
+        let mut source_error = None;
+        loop {
+            let (tag, body) = self.next_frame().await?;
+            match tag {
+                b'E' => {
+                    source_error =
+                        Some(self.server_error(tag, body, "finishing COPY TO on the source"))
+                }
+                b'Z' => break,
+                b'N' => self.log_notice(tag, body),
+                _ => {}
+            }
+        }
+        if let Some(e) = target_error.or(source_error) {
+            return Err(e);
+        }
+        Ok((rows, bytes))
+    }
+
+    /// Ends a COPY FROM STDIN with CopyFail and reads the target's answer; best effort.
+    async fn abort_copy_in(&mut self, why: &str) {
+        let mut out = BytesMut::new();
+        if frontend::copy_fail(why, &mut out).is_err() || self.send(&out).await.is_err() {
+            return;
+        }
+        while let Ok((tag, _)) = self.next_frame().await {
+            if tag == b'Z' {
+                break;
+            }
+        }
     }
 
     async fn send(&mut self, out: &BytesMut) -> Result<()> {
@@ -256,17 +422,19 @@ impl ReplicationClient {
         }
     }
 
-    async fn startup(&mut self, conn: &ConnInfo, purpose: &str) -> Result<()> {
+    async fn startup(&mut self, conn: &ConnInfo, purpose: &str, replication: bool) -> Result<()> {
         let config = conn.config();
         let user = config.get_user().unwrap_or("postgres").to_string();
         let app = format!("pgferry {purpose}");
-        let params = [
+        let mut params = vec![
             ("user", user.as_str()),
             ("database", conn.dbname()),
-            ("replication", "database"),
             ("application_name", app.as_str()),
             ("client_encoding", "UTF8"),
         ];
+        if replication {
+            params.push(("replication", "database"));
+        }
         // `options` (`-c name=value ...`), as libpq sends it: e.g. a per-session wal_sender_timeout.
         let options = config.get_options().map(|o| ("options", o));
         let mut out = BytesMut::new();

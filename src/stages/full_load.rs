@@ -419,10 +419,8 @@ async fn open_snapshot(conn: &ConnInfo, snapshot: &str, purpose: &str) -> Result
     let client = conn.connect(purpose).await?;
     client
         .batch_execute(&format!(
-            "SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0; \
-             SET DateStyle = ISO; SET IntervalStyle = postgres; SET extra_float_digits = 3; SET bytea_output = hex; \
-             BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT {}",
-            quote_literal(snapshot)
+            "{SOURCE_SETTINGS} {}",
+            import_snapshot_sql(snapshot)
         ))
         .await
         .map_err(|e| Error::pg(&e, "importing the load snapshot"))?;
@@ -432,14 +430,9 @@ async fn open_snapshot(conn: &ConnInfo, snapshot: &str, purpose: &str) -> Result
 async fn open_target(conn: &ConnInfo, purpose: &str) -> Result<Client> {
     let client = conn.connect(purpose).await?;
     client
-        .batch_execute(
-            "SET statement_timeout = 0; SET synchronous_commit = off; \
-             SET DateStyle = ISO; SET IntervalStyle = postgres; SET extra_float_digits = 3",
-        )
+        .batch_execute(TARGET_SETTINGS)
         .await
         .map_err(|e| Error::pg(&e, "configuring the target session"))?;
-    // Loaded rows must not fire target triggers; only possible for superusers (others have none yet:
-    // triggers come with post_data).
     let _ = client
         .batch_execute("SET session_replication_role = replica")
         .await;
@@ -454,8 +447,33 @@ async fn worker(
     store: Arc<dyn crate::state::StateStore>,
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<()> {
-    let source = open_snapshot(&source_conn, &load.snapshot, &format!("load worker {id}")).await?;
-    let target = open_target(&target_conn, &format!("load worker {id}")).await?;
+    // Raw protocol sessions: COPY data is forwarded frame by frame, never decoded row by row.
+    let purpose = format!("load worker {id}");
+    let mut source = ReplicationClient::connect_plain(&source_conn, &purpose).await?;
+    source
+        .simple_query(&format!(
+            "{SOURCE_SETTINGS} {}",
+            import_snapshot_sql(&load.snapshot)
+        ))
+        .await
+        .map_err(|e| e.context("importing the load snapshot"))?;
+    let mut target = ReplicationClient::connect_plain(&target_conn, &purpose).await?;
+    target
+        .simple_query(TARGET_SETTINGS)
+        .await
+        .map_err(|e| e.context("configuring the target session"))?;
+    // Loaded rows must not fire target triggers; only possible for superusers (others have none
+    // yet: triggers come with post_data).
+    let _ = target
+        .simple_query("SET session_replication_role = replica")
+        .await;
+    // Let the servers notice a killed runner mid-copy (PostgreSQL 14+; older servers refuse it).
+    let _ = source
+        .simple_query("SET client_connection_check_interval = '1s'")
+        .await;
+    let _ = target
+        .simple_query("SET client_connection_check_interval = '1s'")
+        .await;
     loop {
         if stop.is_cancelled() {
             return Err(Error::interrupted());
@@ -474,7 +492,7 @@ async fn worker(
                 .await?;
         }
         let started = Instant::now();
-        let work = copy_job(&source, &target, t, &job, &load.bytes);
+        let work = copy_job(&mut source, &mut target, t, &job, &load.bytes);
         let result = tokio::select! {
             r = work => r,
             _ = stop.cancelled() => {
@@ -537,51 +555,59 @@ async fn worker(
 }
 
 async fn copy_job(
-    source: &Client,
-    target: &Client,
+    source: &mut ReplicationClient,
+    target: &mut ReplicationClient,
     t: &CopyTable,
     job: &Job,
     progress: &AtomicU64,
 ) -> Result<(u64, u64)> {
     match &job.range {
         None => {
+            // TRUNCATE and COPY FREEZE in one transaction: atomic, idempotent, rows frozen.
             target
-                .batch_execute(&format!("BEGIN; TRUNCATE ONLY {}", t.name.quoted()))
+                .simple_query(&format!("BEGIN; TRUNCATE ONLY {}", t.name.quoted()))
                 .await
-                .map_err(|e| Error::pg(&e, "emptying the target table"))?;
-            let r = copy::pipe(
-                source,
-                target,
-                &t.copy_out_sql(None),
-                &t.copy_in_sql(true),
-                progress,
-            )
-            .await;
-            match r {
-                Ok(x) => {
-                    target
-                        .batch_execute("COMMIT")
-                        .await
-                        .map_err(|e| Error::pg(&e, "committing the copy"))?;
-                    Ok(x)
-                }
-                Err(e) => {
-                    let _ = target.batch_execute("ROLLBACK").await;
-                    Err(e)
-                }
-            }
+                .map_err(|e| e.context("emptying the target table"))?;
+            let copied = source
+                .copy_into(
+                    &t.copy_out_sql(None),
+                    target,
+                    &t.copy_in_sql(true),
+                    progress,
+                )
+                .await?;
+            target
+                .simple_query("COMMIT")
+                .await
+                .map_err(|e| e.context("committing the copy"))?;
+            Ok(copied)
         }
         Some((_, filter)) => {
-            copy::pipe(
-                source,
-                target,
-                &t.copy_out_sql(Some(filter)),
-                &t.copy_in_sql(false),
-                progress,
-            )
-            .await
+            source
+                .copy_into(
+                    &t.copy_out_sql(Some(filter)),
+                    target,
+                    &t.copy_in_sql(false),
+                    progress,
+                )
+                .await
         }
     }
+}
+
+/// Source session settings that make text output exact and keep long copies alive.
+const SOURCE_SETTINGS: &str = "SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0; \
+     SET DateStyle = ISO; SET IntervalStyle = postgres; SET extra_float_digits = 3; SET bytea_output = hex;";
+
+/// Target session settings for loading.
+const TARGET_SETTINGS: &str = "SET statement_timeout = 0; SET synchronous_commit = off; \
+     SET DateStyle = ISO; SET IntervalStyle = postgres; SET extra_float_digits = 3";
+
+fn import_snapshot_sql(snapshot: &str) -> String {
+    format!(
+        "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT {}",
+        quote_literal(snapshot)
+    )
 }
 
 /// Range filters covering the whole table: by integer primary key, else by ctid blocks (14+).
