@@ -1,12 +1,9 @@
-//! Streaming table data from one server to another with COPY: `COPY ... TO STDOUT` on the source
-//! piped into `COPY ... FROM STDIN` on the target, chunk by chunk, with no intermediate file. Binary
-//! format when every column's type can be sent and received in binary, text otherwise. Also the
-//! catalog facts a copy needs: the leaf tables to copy, their columns (generated columns excluded),
-//! sizes and an integer primary key to split by.
+//! What a table copy needs: the `COPY ... TO STDOUT` and `COPY ... FROM STDIN` statements (binary
+//! format when every column's type can be sent and received in binary, text otherwise), and the
+//! catalog facts — the leaf tables to copy, their columns (generated columns excluded), sizes and an
+//! integer primary key to split by. The data itself is forwarded by
+//! [`crate::pg::replication::ReplicationClient::copy_into`].
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
-use futures_util::{SinkExt, StreamExt};
 use tokio_postgres::Client;
 
 use crate::error::{Error, Result};
@@ -118,41 +115,4 @@ pub async fn copy_tables(client: &Client, skip_schema: &str) -> Result<Vec<CopyT
             int_key: r.get(8),
         })
         .collect())
-}
-
-/// Streams one COPY from `source` into `target`. Both sessions must already be in the transactions
-/// the caller wants. Adds the bytes moved to `progress` as they go; returns (rows, bytes).
-pub async fn pipe(
-    source: &Client,
-    target: &Client,
-    copy_out: &str,
-    copy_in: &str,
-    progress: &AtomicU64,
-) -> Result<(u64, u64)> {
-    let stream = source
-        .copy_out(copy_out)
-        .await
-        .map_err(|e| Error::pg(&e, "starting COPY TO on the source"))?;
-    let sink = target
-        .copy_in::<_, bytes::Bytes>(copy_in)
-        .await
-        .map_err(|e| Error::pg(&e, "starting COPY FROM on the target"))?;
-    futures_util::pin_mut!(stream);
-    futures_util::pin_mut!(sink);
-    let mut bytes = 0u64;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| Error::pg(&e, "reading COPY data from the source"))?;
-        let n = chunk.len() as u64;
-        bytes += n;
-        progress.fetch_add(n, Ordering::Relaxed);
-        sink.feed(chunk)
-            .await
-            .map_err(|e| Error::pg(&e, "writing COPY data to the target"))?;
-    }
-    let rows = sink
-        .as_mut()
-        .finish()
-        .await
-        .map_err(|e| Error::pg(&e, "finishing COPY on the target"))?;
-    Ok((rows, bytes))
 }
