@@ -397,29 +397,10 @@ impl ReplicationClient {
 
     /// The next backend message.
     async fn next(&mut self) -> Result<backend::Message> {
-        loop {
-            match backend::Message::parse(&mut self.buf) {
-                Ok(Some(m)) => return Ok(m),
-                Ok(None) => {}
-                Err(e) => {
-                    return Err(Error::permanent(format!(
-                        "replication protocol error from {}: {e}",
-                        self.describe
-                    )));
-                }
-            }
-            let n = self
-                .stream
-                .read_buf(&mut self.buf)
-                .await
-                .map_err(|e| io_err(e, "reading", &self.describe))?;
-            if n == 0 {
-                return Err(Error::transient(format!(
-                    "the replication connection to {} was closed by the server",
-                    self.describe
-                )));
-            }
-        }
+        // One framing path for the whole client: `next_frame` reads and frames, postgres-protocol
+        // parses the messages it knows.
+        let (tag, body) = self.next_frame().await?;
+        Self::parse_frame(tag, &body).ok_or_else(|| self.unexpected(tag, "reading a message"))
     }
 
     async fn startup(&mut self, conn: &ConnInfo, purpose: &str, replication: bool) -> Result<()> {
