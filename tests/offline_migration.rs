@@ -7,7 +7,7 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use support::{Cluster, PASSWORD, TestPlan, pair, row_digest, show, wait_for};
@@ -99,38 +99,11 @@ const LARGE_OBJECTS: &str = "SELECT coalesce(string_agg(oid::text || ':' || md5(
 /// `pg_dump --schema-only` of a database without pgferry's schema and the `\restrict` lines (they
 /// carry a random key).
 fn schema_dump(c: &Cluster, db: &str) -> String {
-    let mut cmd = Command::new(c.bindir.join("pg_dump"));
-    for k in [
-        "PGHOST",
-        "PGHOSTADDR",
-        "PGPORT",
-        "PGUSER",
-        "PGDATABASE",
-        "PGPASSFILE",
-        "PGSERVICE",
-        "PGOPTIONS",
-        "PGSSLMODE",
-    ] {
-        cmd.env_remove(k);
-    }
-    let out = cmd
-        .args(["--host", "127.0.0.1", "--port", &c.port.to_string()])
-        .args(["--username", "postgres", "--dbname", db, "--no-password"])
-        .args(["--schema-only", "--exclude-schema=pgferry"])
-        .env("PGPASSWORD", PASSWORD)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run pg_dump");
-    assert!(
-        out.status.success(),
-        "pg_dump of {db}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict"))
-        .collect::<Vec<_>>()
-        .join("\n")
+    support::strip_restrict(&c.run_tool(
+        "pg_dump",
+        db,
+        &["--schema-only", "--exclude-schema=pgferry"],
+    ))
 }
 
 /// The first lines where two dumps differ, with a little context.

@@ -7,10 +7,9 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use support::{Cluster, PASSWORD, TestPlan, pair, show, wait_for};
+use support::{Cluster, TestPlan, pair, show, wait_for};
 
 const PREFLIGHT: &str = "[stages.pre]\nkind = \"preflight\"\n\n";
 
@@ -22,40 +21,8 @@ fn stages(jobs: u32, extra: &str) -> String {
     )
 }
 
-/// Runs a client program of the cluster's installation (pg_dump) against `db`; returns stdout.
-fn tool(cluster: &Cluster, program: &str, db: &str, args: &[&str]) -> String {
-    let mut cmd = Command::new(cluster.bindir.join(program));
-    for k in [
-        "PGHOST",
-        "PGHOSTADDR",
-        "PGPORT",
-        "PGUSER",
-        "PGDATABASE",
-        "PGPASSFILE",
-        "PGSERVICE",
-        "PGOPTIONS",
-        "PGSSLMODE",
-    ] {
-        cmd.env_remove(k);
-    }
-    cmd.args(args)
-        .env("PGHOST", "127.0.0.1")
-        .env("PGPORT", cluster.port.to_string())
-        .env("PGUSER", "postgres")
-        .env("PGDATABASE", db)
-        .env("PGPASSWORD", PASSWORD)
-        .stdin(Stdio::null());
-    let out = cmd.output().expect("run a PostgreSQL client program");
-    assert!(
-        out.status.success(),
-        "{program} {args:?} on {db} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("UTF-8 output")
-}
-
 fn pg_dump(cluster: &Cluster, db: &str, args: &[&str]) -> String {
-    tool(cluster, "pg_dump", db, args)
+    cluster.run_tool("pg_dump", db, args)
 }
 
 /// Runs an SQL script with psql (ON_ERROR_STOP).

@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::process::{Command, Output};
+use std::process::Output;
 
 use support::{Cluster, PASSWORD, PASSWORD_VAR, TestPlan, pair, show};
 
@@ -75,26 +75,17 @@ fn artifact(store: &Cluster, store_db: &str, plan: &TestPlan, name: &str) -> Str
 /// `pg_dump --schema-only --section=pre-data` of a database, without the lines that differ
 /// between two dumps of the same schema (`\restrict` keys, comments) and without pgferry's schema.
 fn pre_data(cluster: &Cluster, db: &str) -> String {
-    let out = Command::new(cluster.bindir.join("pg_dump"))
-        .args(["--host", "127.0.0.1", "--port", &cluster.port.to_string()])
-        .args(["--username", "postgres", "--dbname", db, "--no-password"])
-        .args([
+    let dump = cluster.run_tool(
+        "pg_dump",
+        db,
+        &[
             "--schema-only",
             "--section=pre-data",
             "--exclude-schema=pgferry",
-        ])
-        .env("PGPASSWORD", PASSWORD)
-        .env_remove("PGSERVICE")
-        .output()
-        .expect("run pg_dump");
-    assert!(
-        out.status.success(),
-        "pg_dump of {db}: {}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
-    String::from_utf8_lossy(&out.stdout)
+    support::strip_restrict(&dump)
         .lines()
-        .filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict"))
         .filter(|l| !l.starts_with("--"))
         .collect::<Vec<_>>()
         .join("\n")

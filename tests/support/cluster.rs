@@ -217,6 +217,40 @@ impl Cluster {
     }
 
     /// Contents of the server log file (empty if it doesn't exist yet).
+    /// Runs a client program of this cluster's installation (pg_dump, pg_restore, ...) against
+    /// `db` over TCP with the test password, ignoring any libpq settings of the environment;
+    /// returns its stdout, panicking with its stderr when it fails.
+    pub fn run_tool(&self, program: &str, db: &str, args: &[&str]) -> String {
+        let mut cmd = Command::new(self.bindir.join(program));
+        for k in [
+            "PGHOST",
+            "PGHOSTADDR",
+            "PGPORT",
+            "PGUSER",
+            "PGDATABASE",
+            "PGPASSFILE",
+            "PGSERVICE",
+            "PGOPTIONS",
+            "PGSSLMODE",
+        ] {
+            cmd.env_remove(k);
+        }
+        cmd.args(args)
+            .env("PGHOST", "127.0.0.1")
+            .env("PGPORT", self.port.to_string())
+            .env("PGUSER", SUPERUSER)
+            .env("PGDATABASE", db)
+            .env("PGPASSWORD", PASSWORD)
+            .stdin(Stdio::null());
+        let out = cmd.output().expect("run a PostgreSQL client program");
+        assert!(
+            out.status.success(),
+            "{program} {args:?} on {db} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     pub fn server_log(&self) -> String {
         match fs::read(self.log_file()) {
             Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
@@ -799,4 +833,13 @@ fn describe_error(e: &tokio_postgres::Error) -> String {
         }
     }
     text
+}
+
+/// A dump's text without psql's `\restrict` / `\unrestrict` lines, which carry a random key and so
+/// differ between two dumps of the same schema.
+pub fn strip_restrict(dump: &str) -> String {
+    dump.lines()
+        .filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }

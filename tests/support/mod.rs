@@ -9,6 +9,8 @@ pub mod plan;
 
 // Not every test binary uses every re-export.
 #[allow(unused_imports)]
-pub use cluster::{Cluster, PASSWORD, Pair, load_pagila, pagila_dir, pair, pgferry, row_digest};
+pub use cluster::{
+    Cluster, PASSWORD, Pair, load_pagila, pagila_dir, pair, pgferry, row_digest, strip_restrict,
+};
 #[allow(unused_imports)]
 pub use plan::{PASSWORD_VAR, TestPlan, show, wait_for};
