@@ -29,8 +29,9 @@
 //!   Without step (1) cdc could already have applied past L when it reads the request.
 //! - The store keeps `cdc_applied:<db>` (position) and counters per database and per
 //!   `db.schema.table`: cdcInsertCounter, cdcUpdateCounter, cdcDeleteCounter, totalChangesApplied;
-//!   and per database cdcLatencyMs (apply time minus source commit time of the last applied
-//!   transaction, a gauge).
+//!   and per database the gauges cdcLatencyMs (apply time minus source commit time of the last
+//!   applied transaction; 0 when idle and caught up) and incomingChanges (changes sent to the
+//!   target and not yet committed there, sampled every 500 ms).
 
 pub mod apply;
 
@@ -288,6 +289,7 @@ impl<'a> DbStream<'a> {
         };
         let mut drain: Option<Lsn> = None;
         let mut hold: Option<Lsn> = None;
+        let mut reported_incoming = -1i64;
         let mut last_drain_check = Instant::now() - DRAIN_CHECK_EVERY;
         loop {
             if last_drain_check.elapsed() >= DRAIN_CHECK_EVERY {
@@ -306,6 +308,18 @@ impl<'a> DbStream<'a> {
                     // Ask for a keepalive: it lets an idle stream reach the target.
                     repl.send_status(st.applied, st.applied, st.applied, true)
                         .await?;
+                }
+                let incoming = if st.batch_open || st.in_source_tx {
+                    st.batch_count as i64
+                } else {
+                    0
+                };
+                if incoming != reported_incoming {
+                    self.cx
+                        .store
+                        .set_counters(&[(self.db.name.clone(), "incomingChanges".into(), incoming)])
+                        .await?;
+                    reported_incoming = incoming;
                 }
                 let was = hold;
                 hold = self.pending_hold().await?;
@@ -378,6 +392,8 @@ impl<'a> DbStream<'a> {
                                     ap.advance_idle(k.wal_end).await?;
                                     st.applied = k.wal_end;
                                     self.cx.store.advance_position(&applied_position(&self.db.name), &st.applied.to_string()).await?;
+                                    // Caught up with nothing to apply: no latency.
+                                    self.cx.store.set_counters(&[(self.db.name.clone(), "cdcLatencyMs".into(), 0)]).await?;
                                 }
                                 if !st.ready && k.wal_end >= ready_at {
                                     st.ready = true;
@@ -500,33 +516,20 @@ impl<'a> DbStream<'a> {
             PgOutputMessage::Relation(r) => ap.relation(&r).await?,
             PgOutputMessage::Insert(m) => {
                 if self.applies(ap, st, m.relation)? {
-                    ap.insert(m.relation, &m.new)
-                        .await
-                        .map_err(|e| self.at(e, st))?;
+                    ap.insert(m.relation, &m.new, st.commit_lsn).await?;
                     self.count(ap, st, m.relation, 0)?;
                 }
             }
             PgOutputMessage::Update(m) => {
                 if self.applies(ap, st, m.relation)? {
-                    let n = ap
-                        .update(m.relation, m.old.as_ref(), &m.new)
-                        .await
-                        .map_err(|e| self.at(e, st))?;
-                    if n == 0 {
-                        tracing::warn!(table = %ap.rel(m.relation)?.name, lsn = %st.commit_lsn, "an updated row is missing on the target");
-                    }
+                    ap.update(m.relation, m.old.as_ref(), &m.new, st.commit_lsn)
+                        .await?;
                     self.count(ap, st, m.relation, 1)?;
                 }
             }
             PgOutputMessage::Delete(m) => {
                 if self.applies(ap, st, m.relation)? {
-                    let n = ap
-                        .delete(m.relation, &m.old)
-                        .await
-                        .map_err(|e| self.at(e, st))?;
-                    if n == 0 {
-                        tracing::warn!(table = %ap.rel(m.relation)?.name, lsn = %st.commit_lsn, "a deleted row is missing on the target");
-                    }
+                    ap.delete(m.relation, &m.old, st.commit_lsn).await?;
                     self.count(ap, st, m.relation, 2)?;
                 }
             }
@@ -597,42 +600,36 @@ impl<'a> DbStream<'a> {
         store
             .advance_position(&applied_position(db), &st.applied.to_string())
             .await?;
+        const NAMES: [&str; 3] = ["cdcInsertCounter", "cdcUpdateCounter", "cdcDeleteCounter"];
+        let mut deltas: Vec<(String, String, i64)> = Vec::new();
         let mut totals = [0i64; 3];
         for (table, c) in st.counts.drain() {
             let scope = format!("{db}.{table}");
-            for (i, name) in ["cdcInsertCounter", "cdcUpdateCounter", "cdcDeleteCounter"]
-                .iter()
-                .enumerate()
-            {
+            for (i, name) in NAMES.iter().enumerate() {
                 if c[i] != 0 {
-                    store.add_counter(&scope, name, c[i]).await?;
+                    deltas.push((scope.clone(), name.to_string(), c[i]));
                     totals[i] += c[i];
                 }
             }
-            store
-                .add_counter(&scope, "totalChangesApplied", c.iter().sum())
-                .await?;
+            deltas.push((scope, "totalChangesApplied".into(), c.iter().sum()));
         }
         let sum: i64 = totals.iter().sum();
         if sum > 0 {
-            for (i, name) in ["cdcInsertCounter", "cdcUpdateCounter", "cdcDeleteCounter"]
-                .iter()
-                .enumerate()
-            {
+            for (i, name) in NAMES.iter().enumerate() {
                 if totals[i] != 0 {
-                    store.add_counter(db, name, totals[i]).await?;
+                    deltas.push((db.clone(), name.to_string(), totals[i]));
                 }
             }
-            store.add_counter(db, "totalChangesApplied", sum).await?;
+            deltas.push((db.clone(), "totalChangesApplied".into(), sum));
         }
+        store.add_counters(&deltas).await?;
         if st.batch_commit_time != 0 {
             let latency = SystemTime::now()
                 .duration_since(pg_time_to_system(st.batch_commit_time))
                 .map(|d| d.as_millis() as i64)
                 .unwrap_or(0);
-            let current = store.add_counter(db, "cdcLatencyMs", 0).await?;
             store
-                .add_counter(db, "cdcLatencyMs", latency - current)
+                .set_counters(&[(db.clone(), "cdcLatencyMs".into(), latency)])
                 .await?;
         }
         Ok(())
