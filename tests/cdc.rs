@@ -122,6 +122,51 @@ fn every_kind_of_change_is_applied_exactly() {
         ),
     );
     assert_eq!(deletes, "11");
+
+    // `status` shows the same counters, the applied position and what the slot retains.
+    let out = plan.run(&["status", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
+    let db = v["output"]
+        .as_array()
+        .and_then(|o| o.iter().find(|x| x["resultType"] == "DatabaseLevelOutput"))
+        .expect("a DatabaseLevelOutput")
+        .clone();
+    assert_eq!(db["cdcDeleteCounter"], 11, "{db}");
+    assert_eq!(
+        db["cdcInsertCounter"].as_i64(),
+        Some(
+            p.target
+                .psql(&t, &format!("SELECT value FROM pgferry.counters WHERE migration = 'cdc_kinds' AND scope = '{s}' AND name = 'cdcInsertCounter'"))
+                .parse()
+                .expect("number")
+        )
+    );
+    let applied = db["appliedLsn"].as_str().expect("appliedLsn").to_string();
+    assert_eq!(
+        p.target.psql(
+            &t,
+            &format!("SELECT '{applied}'::pg_lsn >= '{lsn}'::pg_lsn")
+        ),
+        "t"
+    );
+    assert!(
+        db["retainedWalBytes"].as_i64().is_some_and(|b| b > 0),
+        "{db}"
+    );
+    assert_eq!(db["slotActive"], false, "no runner: the slot is idle");
+    let logs = v["output"]
+        .as_array()
+        .and_then(|o| {
+            o.iter()
+                .find(|x| x["resultType"] == "TableLevelOutput" && x["tableName"] == "public.logs")
+        })
+        .expect("public.logs in the table output");
+    assert_eq!(logs["cdcInsertCounter"], 50000, "{logs}");
+    let out = plan.run(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("cdc {s}:")), "{text}");
+    assert!(text.contains("11 deletes"), "{text}");
 }
 
 #[test]

@@ -321,6 +321,20 @@ impl PgStore {
         Ok(())
     }
 
+    /// Every position of this migration: `(name, lsn)`.
+    pub async fn positions(&self) -> Result<Vec<(String, String)>> {
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT name, lsn::text FROM {} WHERE migration = $1 ORDER BY 1",
+            self.t("positions")
+        );
+        let rows = client
+            .query(&sql, &[&self.migration])
+            .await
+            .map_err(|e| Error::pg(&e, "reading positions"))?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
     pub async fn counters(&self) -> Result<Vec<(String, String, i64)>> {
         let client = self.client().await?;
         let sql = format!(
