@@ -12,6 +12,7 @@ pub mod provision;
 pub mod schema_dump;
 pub mod sequence_reset;
 pub mod sql;
+pub mod unreplicated;
 
 use std::sync::Arc;
 
