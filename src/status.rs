@@ -6,6 +6,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::plan::Plan;
+use crate::stages::validate::report::Report;
 use crate::state::postgres::{LockHolder, RunRecord};
 use crate::state::{StageRecord, StageState, TableProgress, TableState, Timestamp};
 
@@ -28,6 +29,8 @@ pub struct Status<'a> {
     pub events: Vec<(Timestamp, Option<String>, String, String)>,
     /// Per-table progress of every stage that records it (full_load).
     pub tables: Vec<TableProgress>,
+    /// The latest validation (validate stage or `pgferry verify`), if any.
+    pub validation: Option<Report>,
 }
 
 /// One stage row, in plan order.
@@ -256,7 +259,7 @@ impl Status<'_> {
                     "fullLoadStartedOn": t.started_at.map(|x| x.rfc3339()),
                     "fullLoadEndedOn": t.ended_at.map(|x| x.rfc3339()),
                     "copiedAtLsn": t.lsn,
-                    "dataErrorsCount": 0,
+                    "dataErrorsCount": self.validation.as_ref().map(|v| v.count_for(&db.name, &t.table)).unwrap_or(0),
                     "lastError": t.error,
                 }));
             }
@@ -267,6 +270,17 @@ impl Status<'_> {
             "output": output,
             "stages": rows,
             "lastRun": self.last_run,
+            "validation": self.validation.as_ref().map(|v| json!({
+                "stage": v.stage,
+                "mode": v.mode,
+                "finishedOn": v.finished_at,
+                "durationSeconds": v.seconds,
+                "tablesCompared": v.tables.len(),
+                "sequencesCompared": v.sequences_compared,
+                "dataErrorsCount": v.mismatch_count,
+                "snapshots": v.snapshots,
+                "mismatches": v.mismatches.iter().take(100).collect::<Vec<_>>(),
+            })),
         })
     }
 
@@ -401,6 +415,15 @@ impl Status<'_> {
                         .unwrap_or("")
                 );
             }
+        }
+        if let Some(v) = &self.validation {
+            let _ = writeln!(
+                out,
+                "\nvalidation ({} at {}): {}",
+                v.stage,
+                v.finished_at,
+                v.summary(10).replace('\n', "\n ")
+            );
         }
         if !self.events.is_empty() {
             let _ = writeln!(out, "\nrecent events:");

@@ -21,6 +21,7 @@ pub async fn run(args: &PlanArgs, json: bool) -> u8 {
                 last_run: None,
                 events: Vec::new(),
                 tables: Vec::new(),
+                validation: None,
             };
             if json {
                 println!(
@@ -47,10 +48,14 @@ pub async fn run(args: &PlanArgs, json: bool) -> u8 {
         let last_run = store.runs(1).await?.into_iter().next();
         let events = store.events(8).await?;
         let tables = store.tables(None).await?;
-        Ok::<_, crate::error::Error>((records, runner, last_run, events, tables))
+        let validation = store
+            .artifact(crate::stages::validate::LATEST_ARTIFACT)
+            .await?
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        Ok::<_, crate::error::Error>((records, runner, last_run, events, tables, validation))
     }
     .await;
-    let (records, runner, last_run, events, tables) = match gathered {
+    let (records, runner, last_run, events, tables, validation) = match gathered {
         Ok(x) => x,
         Err(e) => {
             report(&e);
@@ -65,6 +70,7 @@ pub async fn run(args: &PlanArgs, json: bool) -> u8 {
         last_run,
         events,
         tables,
+        validation,
     };
     if json {
         match serde_json::to_string_pretty(&st.to_json()) {
