@@ -372,9 +372,13 @@ fn online_verify_on_pagila_while_writes_continue() {
         if let Ok(Some(status)) = runner.try_wait() {
             panic!("the runner stopped early: {status:?}");
         }
-        p.target
-            .psql(&t, "SELECT to_regclass('pgferry.stages') IS NOT NULL")
-            == "t"
+        p.target.psql(
+            "postgres",
+            &format!("SELECT count(*) FROM pg_database WHERE datname = '{t}'"),
+        ) == "1"
+            && p.target
+                .psql(&t, "SELECT to_regclass('pgferry.stages') IS NOT NULL")
+                == "t"
             && p.target.psql(
                 &t,
                 "SELECT count(*) FROM pgferry.stages WHERE migration = 'val_online' AND stage = 'cdc' AND state = 'ready'",
@@ -395,7 +399,7 @@ fn online_verify_on_pagila_while_writes_continue() {
                     &format!(
                         "BEGIN; \
                          INSERT INTO public.payment (customer_id, staff_id, rental_id, amount, payment_date) \
-                           VALUES (1 + {n} % 500, 1, NULL, {n} % 10 + 0.99, '2022-02-01 10:00:00+00'); \
+                           VALUES (1 + {n} % 500, 1, 1 + {n} % 1000, {n} % 10 + 0.99, '2022-02-01 10:00:00+00'); \
                          UPDATE public.customer SET last_update = now(), email = 'writer{n}@example.com' WHERE customer_id = 1 + {n} % 599; \
                          UPDATE public.film SET rental_rate = rental_rate + 0.01 WHERE film_id = 1 + {n} % 1000; \
                          DELETE FROM public.film_actor WHERE (actor_id, film_id) IN (SELECT actor_id, film_id FROM public.film_actor ORDER BY film_id DESC, actor_id LIMIT 1); \

@@ -5,12 +5,15 @@
 //!   snapshot is whatever it is when validation starts.
 //! - Online (cdc running or ready): a *temporary* logical slot on the source exports a snapshot
 //!   together with its consistent point `L` (the snapshot shows exactly the transactions committed
-//!   before `L`). Then the hold protocol with the running cdc stage, through the checkpoint store's
-//!   forward-only positions: validation writes `validate_hold:<db>` = L; cdc applies every source
-//!   transaction that commits before `L`, commits, writes `validate_held:<db>` = L and stops
-//!   applying; validation waits for that (at most `hold_timeout`), takes and exports the target's
-//!   repeatable-read snapshot and writes `validate_release:<db>` = L; cdc resumes. Whatever fails
-//!   after the hold request, the release is written, so cdc is never left holding.
+//!   before `L`). The hold protocol with the running cdc stage goes through the checkpoint store's
+//!   forward-only positions (see `crate::stages::cdc`): (1) hold at the source's current WAL
+//!   insert position H0 (`validate_hold:<db>`) and wait for cdc to answer `validate_held:<db>` >=
+//!   H0 — it is paused, so it cannot apply past `L` before it reads the next request; (2) create
+//!   the temporary slot (snapshot, `L`), hold at `L`, release H0 (`validate_release:<db>`) and
+//!   wait for held >= L: the target now shows exactly the source transactions committed before
+//!   `L`; (3) export the target's repeatable-read snapshot and release `L`. Each wait is bounded
+//!   by `hold_timeout`; whatever fails after the first request, the latest hold is released, so
+//!   cdc is never left holding.
 //!
 //! Every worker session imports its side's snapshot (`SET TRANSACTION SNAPSHOT`), so all chunks
 //! of one side see one snapshot. The holders stay open and idle until the comparison is over.
@@ -26,7 +29,8 @@ use crate::error::{Error, Result};
 use crate::pg::connect::ConnInfo;
 use crate::pg::ident::quote_literal;
 use crate::pg::pgoutput::Lsn;
-use crate::pg::replication::ReplicationClient;
+use crate::pg::replication::{ReplicationClient, SlotSnapshot};
+use crate::stages::cdc::{held_position, hold_release_position, hold_request_position};
 use crate::state::StateStore;
 
 /// Session settings that make both servers print every value the same way.
@@ -87,49 +91,42 @@ pub async fn take(
             })
         }
         Some(store) => {
-            let mut repl = ReplicationClient::connect(source_conn, purpose)
+            // Step 1: pause the apply at the source's current WAL position H0.
+            let control = source_conn
+                .connect(purpose)
                 .await
                 .map_err(|e| e.context("source"))?;
-            let slot = format!(
-                "pgferry_val_{}_{}",
-                std::process::id(),
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.subsec_nanos())
-                    .unwrap_or(0)
-            );
-            let snap = repl
-                .create_slot(&slot, true)
+            let h0: String = control
+                .query_one("SELECT pg_catalog.pg_current_wal_insert_lsn()::text", &[])
                 .await
-                .map_err(|e| e.context("creating a temporary slot for the validation snapshot"))?;
-            let l = snap.consistent_point.clone();
-            let target_lsn: Lsn = snap.consistent_lsn()?;
-            tracing::info!(database, lsn = %l, "source snapshot taken (temporary slot); asking cdc to hold its apply there");
+                .map_err(|e| Error::pg(&e, "reading the source's WAL position").context("source"))?
+                .get(0);
+            drop(control);
             store
-                .advance_position(&hold_request_position(database), &l)
+                .advance_position(&hold_request_position(database), &h0)
                 .await?;
-            let held = wait_held(
-                store.as_ref(),
+            let mut requested = h0.clone();
+            let result = online_steps(
+                source_conn,
+                target_conn,
                 database,
-                target_lsn,
+                store.as_ref(),
+                cdc_stage,
                 hold_timeout,
                 cancel,
-                cdc_stage,
+                purpose,
+                &h0,
+                &mut requested,
             )
             .await;
-            let target = match held {
-                Ok(()) => exported(target_conn, purpose, false)
-                    .await
-                    .map_err(|e| e.context("target")),
-                Err(e) => Err(e),
-            };
             // Always let cdc go on, whatever happened.
             let released = store
-                .advance_position(&hold_release_position(database), &l)
+                .advance_position(&hold_release_position(database), &requested)
                 .await;
-            let (target_holder, target, _) = target?;
+            let (repl, snap, target_holder, target) = result?;
             released?;
-            tracing::info!(database, lsn = %l, "target snapshot taken at the same position; cdc released");
+            let l = snap.consistent_point.clone();
+            tracing::info!(database, lsn = %l, "target snapshot taken at the source snapshot's position; cdc released");
             Ok(Snapshots {
                 source: snap.snapshot_name,
                 target,
@@ -146,6 +143,59 @@ pub async fn take(
             })
         }
     }
+}
+
+/// Steps 1 (wait for the pause at `h0`) to 3 (the target snapshot) of the online protocol;
+/// `requested` follows the latest hold written, for the release.
+#[allow(clippy::too_many_arguments)]
+async fn online_steps(
+    source_conn: &ConnInfo,
+    target_conn: &ConnInfo,
+    database: &str,
+    store: &dyn StateStore,
+    cdc_stage: Option<&str>,
+    hold_timeout: Duration,
+    cancel: &CancellationToken,
+    purpose: &str,
+    h0: &str,
+    requested: &mut String,
+) -> Result<(ReplicationClient, SlotSnapshot, Client, String)> {
+    let h0_lsn: Lsn = h0.parse()?;
+    wait_held(store, database, h0_lsn, hold_timeout, cancel, cdc_stage).await?;
+    tracing::debug!(database, at = %h0, "cdc paused");
+    // Step 2: the source snapshot (temporary slot: snapshot and consistent point L), hold at L,
+    // then release the pause: cdc applies exactly the transactions committed before L.
+    let mut repl = ReplicationClient::connect(source_conn, purpose)
+        .await
+        .map_err(|e| e.context("source"))?;
+    let slot = format!(
+        "pgferry_val_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0)
+    );
+    let snap = repl
+        .create_slot(&slot, true)
+        .await
+        .map_err(|e| e.context("creating a temporary slot for the validation snapshot"))?;
+    let l = snap.consistent_point.clone();
+    let l_lsn: Lsn = snap.consistent_lsn()?;
+    tracing::info!(database, lsn = %l, "source snapshot taken (temporary slot); asking cdc to hold its apply there");
+    store
+        .advance_position(&hold_request_position(database), &l)
+        .await?;
+    *requested = l.clone();
+    store
+        .advance_position(&hold_release_position(database), h0)
+        .await?;
+    wait_held(store, database, l_lsn, hold_timeout, cancel, cdc_stage).await?;
+    // Step 3: the target snapshot, showing exactly the source's transactions before L.
+    let (target_holder, target, _) = exported(target_conn, purpose, false)
+        .await
+        .map_err(|e| e.context("target"))?;
+    Ok((repl, snap, target_holder, target))
 }
 
 /// Waits until cdc reports holding at `lsn` or beyond.
@@ -219,17 +269,4 @@ pub async fn open_worker(conn: &ConnInfo, snapshot: &str, purpose: &str) -> Resu
         .await
         .map_err(|e| Error::pg(&e, "importing the validation snapshot"))?;
     Ok(client)
-}
-
-// The cdc side's position names (the same as `crate::stages::cdc`'s helpers on main).
-fn hold_request_position(db: &str) -> String {
-    format!("validate_hold:{db}")
-}
-
-fn held_position(db: &str) -> String {
-    format!("validate_held:{db}")
-}
-
-fn hold_release_position(db: &str) -> String {
-    format!("validate_release:{db}")
 }
