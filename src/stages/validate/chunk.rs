@@ -1,13 +1,21 @@
 //! Key-range chunks. The boundaries are values of the table's first key column, computed once on
 //! the source (inside its snapshot) from a block sample and applied identically to both sides:
 //! boundaries `b1 < b2 < ... < bn` make `n + 1` chunks — `k < b1`, `b1 <= k < b2`, ..., `k >= bn`.
-//! A chunk is what one digest covers and what a mismatch is narrowed within. Consecutive chunks
-//! are grouped into units; a unit is one query per side that scans its key range once and returns
-//! every chunk's digest (`GROUP BY` the chunk number, found with `width_bucket` over the unit's
-//! inner boundaries), so the table is read about as fast as a whole-table hash and still localized.
+//! A chunk is what one digest covers and what a mismatch is narrowed within.
 //!
-//! Boundaries travel as text (both sessions print and parse values with the same settings) and
-//! are cast to the key's type inside an uncorrelated subquery, evaluated once per query.
+//! A unit is one query per side. When the key follows the physical order of the rows
+//! (`pg_stats.correlation` of at least [`CORRELATED`] in absolute value, as for a table loaded in
+//! key order), a unit is one chunk: an index range scan reads its rows from consecutive pages, and
+//! a plain aggregate digests them. Otherwise an index range scan would visit pages all over the
+//! table for every chunk, so consecutive chunks are grouped ([`CHUNKS_PER_UNIT`]): one scan of the
+//! unit's key range returns every chunk's digest (`GROUP BY` the chunk number, found with
+//! `width_bucket` over the unit's inner boundaries).
+//!
+//! Boundaries travel as text (both sessions print and parse values with the same settings). A range
+//! condition casts its parameter in place, so the planner sees the value (an unnamed statement is
+//! planned with its parameters) and estimates the range — an index scan for one chunk; the array
+//! of a unit's inner boundaries is cast inside an uncorrelated subquery, evaluated once per query
+//! even for types whose input function is only stable.
 
 use tokio_postgres::Client;
 use tokio_postgres::types::ToSql;
@@ -16,10 +24,13 @@ use super::tables::ValTable;
 use crate::error::{Error, Result};
 use crate::pg::ident::quote_ident;
 
-/// Chunks per unit (per query).
+/// Chunks per unit (per query) when the key does not follow the physical order.
 pub const CHUNKS_PER_UNIT: usize = 32;
-/// Sampled keys per chunk (more: more even chunks, a longer sample).
-const SAMPLE_PER_CHUNK: f64 = 20.0;
+/// The key correlation above which a unit is one chunk.
+pub const CORRELATED: f32 = 0.9;
+/// Sampled blocks per chunk. `TABLESAMPLE SYSTEM` picks whole blocks, whose keys are often
+/// consecutive: several blocks per chunk keep the chunks even.
+const BLOCKS_PER_CHUNK: f64 = 8.0;
 /// Below this many main-fork pages a table is one chunk.
 const SMALL_PAGES: i64 = 16;
 
@@ -38,10 +49,11 @@ pub async fn boundaries(client: &Client, t: &ValTable, chunk_rows: u64) -> Resul
     if chunks <= 1.0 {
         return Ok(Vec::new());
     }
-    let percent = (SAMPLE_PER_CHUNK * chunks / estimated * 100.0).clamp(0.001, 100.0);
+    let percent = (BLOCKS_PER_CHUNK * chunks / pages as f64 * 100.0).clamp(0.001, 100.0);
     let k = quote_ident(first);
+    // Sorted by the key's own order (a bare `ORDER BY` name would pick the text output column).
     let sql = format!(
-        "SELECT {k}::text FROM ONLY {} TABLESAMPLE SYSTEM ({percent}) REPEATABLE (7) ORDER BY {k}",
+        "SELECT s.k::text FROM (SELECT {k} AS k FROM ONLY {} TABLESAMPLE SYSTEM ({percent}) REPEATABLE (7)) s ORDER BY s.k",
         t.name.quoted()
     );
     let rows = client
@@ -77,14 +89,22 @@ pub struct Span {
     pub last: usize,
 }
 
-/// Groups the `bounds.len() + 1` chunks into units.
-pub fn units(bounds: usize) -> Vec<Span> {
+/// Groups the `bounds.len() + 1` chunks of `t` into units.
+pub fn units(t: &ValTable, bounds: usize) -> Vec<Span> {
+    let per_unit = match t.key_correlation {
+        Some(c) if c.abs() >= CORRELATED => 1,
+        _ => CHUNKS_PER_UNIT,
+    };
+    spans(bounds, per_unit)
+}
+
+fn spans(bounds: usize, per_unit: usize) -> Vec<Span> {
     let chunks = bounds + 1;
     (0..chunks)
-        .step_by(CHUNKS_PER_UNIT)
+        .step_by(per_unit)
         .map(|first| Span {
             first,
-            last: (first + CHUNKS_PER_UNIT - 1).min(chunks - 1),
+            last: (first + per_unit - 1).min(chunks - 1),
         })
         .collect()
 }
@@ -114,14 +134,14 @@ pub fn range(t: &ValTable, bounds: &[String], span: Span, first_param: usize) ->
         if span.first > 0 {
             params.push(bounds[span.first - 1].clone());
             conds.push(format!(
-                "{k} >= (SELECT ${}::text::{ty})",
+                "{k} >= ${}::text::{ty}",
                 first_param + params.len() - 1
             ));
         }
         if span.last < bounds.len() {
             params.push(bounds[span.last].clone());
             conds.push(format!(
-                "{k} < (SELECT ${}::text::{ty})",
+                "{k} < ${}::text::{ty}",
                 first_param + params.len() - 1
             ));
         }
@@ -173,11 +193,14 @@ mod tests {
 
     #[test]
     fn units_cover_every_chunk_once() {
-        let u = units(70);
+        let u = spans(70, 32);
         assert_eq!(u.len(), 3);
         assert_eq!((u[0].first, u[0].last), (0, 31));
         assert_eq!((u[2].first, u[2].last), (64, 70));
-        let u = units(0);
+        let u = spans(0, 32);
         assert_eq!((u[0].first, u[0].last), (0, 0));
+        let u = spans(3, 1);
+        assert_eq!(u.len(), 4);
+        assert_eq!((u[3].first, u[3].last), (3, 3));
     }
 }

@@ -36,18 +36,26 @@ pub async fn span_digests(
     let multi = !inner.is_empty() && t.key_type.is_some();
     let first_param = if multi { 2 } else { 1 };
     let range = chunk::range(t, bounds, span, first_param);
-    let sql = format!(
-        "SELECT ({})::int AS chunk, count(*), coalesce(sum(pg_catalog.hashtextextended({}, 0)), 0)::text \
-         FROM ONLY {}{} GROUP BY 1",
-        if multi {
-            chunk::bucket_expr(t, span, 1)
-        } else {
-            span.first.to_string()
-        },
-        t.row_text(exclude_generated),
-        t.name.quoted(),
-        range.filter
-    );
+    // One chunk: a plain aggregate (one row, counting 0 when the range is empty).
+    let sql = if multi {
+        format!(
+            "SELECT ({})::int AS chunk, count(*), coalesce(sum(pg_catalog.hashtextextended({}, 0)), 0)::text \
+             FROM ONLY {}{} GROUP BY 1",
+            chunk::bucket_expr(t, span, 1),
+            t.row_text(exclude_generated),
+            t.name.quoted(),
+            range.filter
+        )
+    } else {
+        format!(
+            "SELECT {}::int AS chunk, count(*), coalesce(sum(pg_catalog.hashtextextended({}, 0)), 0)::text \
+             FROM ONLY {}{}",
+            span.first,
+            t.row_text(exclude_generated),
+            t.name.quoted(),
+            range.filter
+        )
+    };
     let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
     if multi {
         params.push(&inner);
@@ -60,6 +68,9 @@ pub async fn span_digests(
     let mut out = BTreeMap::new();
     for r in &rows {
         let c: i32 = r.get(0);
+        if r.get::<_, i64>(1) == 0 {
+            continue;
+        }
         out.insert(
             c.max(0) as usize,
             Digest {

@@ -28,6 +28,9 @@ pub struct ValTable {
     /// Main fork size and row estimate, for chunking and for scheduling large tables first.
     pub bytes: i64,
     pub estimated_rows: i64,
+    /// How closely the first key column follows the physical row order (`pg_stats.correlation`,
+    /// -1 to 1), when the table has been analyzed.
+    pub key_correlation: Option<f32>,
 }
 
 impl ValTable {
@@ -90,7 +93,10 @@ pub async fn list(
                               WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped), '{}'), \
                     coalesce((SELECT array_agg(a.attgenerated <> '' ORDER BY a.attnum) FROM pg_catalog.pg_attribute a \
                               WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped), '{}'), \
-                    k.cols, k.typ, pg_catalog.pg_relation_size(c.oid), c.reltuples::bigint \
+                    k.cols, k.typ, pg_catalog.pg_relation_size(c.oid), c.reltuples::bigint, \
+                    (SELECT s.correlation FROM pg_catalog.pg_stats s \
+                      WHERE s.schemaname = n.nspname AND s.tablename = c.relname AND s.attname = k.cols[1] \
+                      LIMIT 1) \
              FROM pg_catalog.pg_class c \
              JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
              LEFT JOIN pg_catalog.pg_class rc ON c.relispartition AND rc.oid = pg_catalog.pg_partition_root(c.oid) \
@@ -146,6 +152,7 @@ pub async fn list(
             key_type: r.get(7),
             bytes: r.get(8),
             estimated_rows: r.get(9),
+            key_correlation: r.get(10),
         });
     }
     Ok(out)
