@@ -982,7 +982,11 @@ async fn negotiate_tls(
         b'S' => {
             let connector = postgres_native_tls::TlsConnector::new(conn.native_tls(mode)?, host);
             let tls = connector.connect(raw).await.map_err(|e| {
-                Error::permanent(format!("TLS handshake with {describe} failed: {e}"))
+                let err = Error::permanent(format!("TLS handshake with {describe} failed: {e}"));
+                match crate::pg::connect::tls_hint(&err.message) {
+                    Some(hint) => err.hint(hint),
+                    None => err,
+                }
             })?;
             Ok(BoxedStream(Box::new(tls)))
         }
