@@ -259,12 +259,11 @@ async fn verify_ca_refuses_a_certificate_of_another_ca() {
 async fn require_refuses_a_server_without_tls() {
     let p = pair();
     let c = conn("127.0.0.1", p.source.port, "sslmode=require");
-    let err = c.connect("tls test").await.err().expect("refused");
+    let err = c.connect("tls test").await.expect_err("refused");
     assert!(err.to_string().contains("127.0.0.1"), "{err}");
-    let err = ReplicationClient::connect(&c, "tls test")
-        .await
-        .err()
-        .expect("refused");
+    let Err(err) = ReplicationClient::connect(&c, "tls test").await else {
+        panic!("refused");
+    };
     assert!(
         err.to_string().contains("does not accept TLS connections"),
         "{err}"
