@@ -703,6 +703,17 @@ impl ReplicationClient {
                         self.describe
                     )));
                 }
+                // A walsender that shuts down (a fast or smart server stop) ends the stream with
+                // CommandComplete, without CopyDone.
+                backend::COMMAND_COMPLETE_TAG => {
+                    self.mode = Mode::Ending {
+                        send_copy_done: false,
+                    };
+                    return Err(Error::transient(format!(
+                        "{} ended the replication stream (the server is shutting down or restarting)",
+                        self.describe
+                    )));
+                }
                 backend::ERROR_RESPONSE_TAG => {
                     self.mode = Mode::Ending {
                         send_copy_done: false,
