@@ -28,6 +28,30 @@ pub struct Status<'a> {
     pub events: Vec<(Timestamp, Option<String>, String, String)>,
     /// Per-table progress of every stage that records it (full_load).
     pub tables: Vec<TableProgress>,
+    /// Counters of the store: `(scope, name, value)`.
+    pub counters: Vec<(String, String, i64)>,
+    /// Positions of the store: `(name, lsn)`.
+    pub positions: Vec<(String, String)>,
+    /// What the source says of each database's replication slot, when it could be asked.
+    pub slots: Vec<SlotInfo>,
+}
+
+/// A replication slot as the source reports it, read by `status` (a short connection).
+#[derive(Debug, Clone, Default)]
+pub struct SlotInfo {
+    pub database: String,
+    /// The source's WAL insert position now.
+    pub source_lsn: Option<String>,
+    /// The slot is missing (None with an error), or the source was unreachable.
+    pub exists: bool,
+    pub active: bool,
+    pub confirmed_flush: Option<String>,
+    /// WAL the slot keeps on the source (current position minus restart_lsn), bytes.
+    pub retained_bytes: Option<i64>,
+    /// Bytes of WAL between the slot's confirmed position and the source's position.
+    pub lag_bytes: Option<i64>,
+    pub wal_status: Option<String>,
+    pub error: Option<String>,
 }
 
 /// One stage row, in plan order.
@@ -99,6 +123,68 @@ impl Status<'_> {
                 }
             })
             .collect()
+    }
+
+    /// A counter's value (0 when never counted).
+    pub fn counter(&self, scope: &str, name: &str) -> i64 {
+        self.counters
+            .iter()
+            .find(|(s, n, _)| s == scope && n == name)
+            .map(|c| c.2)
+            .unwrap_or(0)
+    }
+
+    fn position(&self, name: &str) -> Option<&str> {
+        self.positions
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|p| p.1.as_str())
+    }
+
+    fn has_cdc(&self) -> bool {
+        self.plan.stages.iter().any(|s| s.kind == "cdc")
+    }
+
+    /// The Azure DMS change-data-capture fields of a database (or a `db.schema.table` scope).
+    fn cdc_fields(&self, scope: &str) -> serde_json::Map<String, Value> {
+        let mut m = serde_json::Map::new();
+        let inserts = self.counter(scope, "cdcInsertCounter");
+        let updates = self.counter(scope, "cdcUpdateCounter");
+        let deletes = self.counter(scope, "cdcDeleteCounter");
+        let total = self.counter(scope, "totalChangesApplied");
+        m.insert("cdcInsertCounter".into(), json!(inserts));
+        m.insert("cdcUpdateCounter".into(), json!(updates));
+        m.insert("cdcDeleteCounter".into(), json!(deletes));
+        m.insert("totalChangesApplied".into(), json!(total));
+        m.insert("appliedChanges".into(), json!(total));
+        m
+    }
+
+    /// The live cdc fields of a database: positions, lag, latency, retained WAL.
+    fn cdc_live(&self, db: &str) -> serde_json::Map<String, Value> {
+        let mut m = self.cdc_fields(db);
+        m.insert(
+            "incomingChanges".into(),
+            json!(self.counter(db, "incomingChanges")),
+        );
+        m.insert(
+            "latency".into(),
+            json!(self.counter(db, "cdcLatencyMs") as f64 / 1000.0),
+        );
+        m.insert(
+            "appliedLsn".into(),
+            json!(self.position(&format!("cdc_applied:{db}"))),
+        );
+        if let Some(slot) = self.slots.iter().find(|s| s.database == db) {
+            m.insert("sourceLsn".into(), json!(slot.source_lsn));
+            m.insert("slotActive".into(), json!(slot.active));
+            m.insert("slotConfirmedLsn".into(), json!(slot.confirmed_flush));
+            m.insert("lagBytes".into(), json!(slot.lag_bytes));
+            m.insert("retainedWalBytes".into(), json!(slot.retained_bytes));
+            m.insert("walStatus".into(), json!(slot.wal_status));
+            m.insert("slotError".into(), json!(slot.error));
+        }
+        m
     }
 
     fn record(&self, kind: &str) -> Option<&StageRecord> {
@@ -224,7 +310,7 @@ impl Status<'_> {
                 .records
                 .iter()
                 .any(|r| load_ids.contains(&r.stage.as_str()) && r.state == StageState::Done);
-            output.push(json!({
+            let mut database = json!({
                 "resultType": "DatabaseLevelOutput",
                 "databaseName": db.name,
                 "targetDatabaseName": db.target,
@@ -239,9 +325,15 @@ impl Status<'_> {
                 "fullLoadTotalVolumeBytes": tables.iter().map(|t| t.bytes).sum::<i64>(),
                 "initializationCompleted": load_done,
                 "largeObjects": large_objects,
-            }));
+            });
+            if self.has_cdc()
+                && let Some(obj) = database.as_object_mut()
+            {
+                obj.extend(self.cdc_live(&db.name));
+            }
+            output.push(database);
             for t in &tables {
-                output.push(json!({
+                let mut table = json!({
                     "resultType": "TableLevelOutput",
                     "databaseName": db.name,
                     "tableName": t.table,
@@ -258,7 +350,13 @@ impl Status<'_> {
                     "copiedAtLsn": t.lsn,
                     "dataErrorsCount": 0,
                     "lastError": t.error,
-                }));
+                });
+                if self.has_cdc()
+                    && let Some(obj) = table.as_object_mut()
+                {
+                    obj.extend(self.cdc_fields(&format!("{}.{}", db.name, t.table)));
+                }
+                output.push(table);
             }
         }
         json!({
@@ -268,6 +366,58 @@ impl Status<'_> {
             "stages": rows,
             "lastRun": self.last_run,
         })
+    }
+
+    fn cdc_text(&self, out: &mut String, db: &str) {
+        use std::fmt::Write as _;
+        let applied = self.position(&format!("cdc_applied:{db}"));
+        let slot = self.slots.iter().find(|s| s.database == db);
+        if applied.is_none() && slot.is_none_or(|s| !s.exists) {
+            return;
+        }
+        let _ = writeln!(out, "\ncdc {db}:");
+        let _ = writeln!(
+            out,
+            "  applied   {} (source at {})",
+            applied.unwrap_or("-"),
+            slot.and_then(|s| s.source_lsn.as_deref()).unwrap_or("?")
+        );
+        if let Some(s) = slot {
+            if let Some(e) = &s.error {
+                let _ = writeln!(out, "  slot      {e}");
+            } else {
+                let human = |b: Option<i64>| {
+                    b.map(|b| crate::plan::units::human_bytes(b.max(0) as u64))
+                        .unwrap_or_else(|| "?".into())
+                };
+                let _ = writeln!(
+                    out,
+                    "  slot      {}, {} behind, retains {} of WAL{}",
+                    if s.active {
+                        "streaming"
+                    } else {
+                        "idle (no consumer)"
+                    },
+                    human(s.lag_bytes),
+                    human(s.retained_bytes),
+                    s.wal_status
+                        .as_deref()
+                        .filter(|w| *w != "reserved")
+                        .map(|w| format!(" (wal_status {w})"))
+                        .unwrap_or_default()
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "  changes   {} applied: {} inserts, {} updates, {} deletes; {} in flight; latency {:.1}s",
+            self.counter(db, "totalChangesApplied"),
+            self.counter(db, "cdcInsertCounter"),
+            self.counter(db, "cdcUpdateCounter"),
+            self.counter(db, "cdcDeleteCounter"),
+            self.counter(db, "incomingChanges"),
+            self.counter(db, "cdcLatencyMs") as f64 / 1000.0
+        );
     }
 
     pub fn to_text(&self) -> String {
@@ -400,6 +550,11 @@ impl Status<'_> {
                         .next()
                         .unwrap_or("")
                 );
+            }
+        }
+        if self.has_cdc() {
+            for db in &self.plan.databases {
+                self.cdc_text(&mut out, &db.name);
             }
         }
         if !self.events.is_empty() {

@@ -60,7 +60,7 @@ fn caught_up(tdb: &str, source_lsn: &str) -> bool {
 }
 
 fn current_lsn(c: &Cluster, db: &str) -> String {
-    c.psql(db, "SELECT pg_current_wal_lsn()")
+    c.psql(db, "SELECT pg_current_wal_insert_lsn()")
 }
 
 #[test]
@@ -122,6 +122,51 @@ fn every_kind_of_change_is_applied_exactly() {
         ),
     );
     assert_eq!(deletes, "11");
+
+    // `status` shows the same counters, the applied position and what the slot retains.
+    let out = plan.run(&["status", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
+    let db = v["output"]
+        .as_array()
+        .and_then(|o| o.iter().find(|x| x["resultType"] == "DatabaseLevelOutput"))
+        .expect("a DatabaseLevelOutput")
+        .clone();
+    assert_eq!(db["cdcDeleteCounter"], 11, "{db}");
+    assert_eq!(
+        db["cdcInsertCounter"].as_i64(),
+        Some(
+            p.target
+                .psql(&t, &format!("SELECT value FROM pgferry.counters WHERE migration = 'cdc_kinds' AND scope = '{s}' AND name = 'cdcInsertCounter'"))
+                .parse()
+                .expect("number")
+        )
+    );
+    let applied = db["appliedLsn"].as_str().expect("appliedLsn").to_string();
+    assert_eq!(
+        p.target.psql(
+            &t,
+            &format!("SELECT '{applied}'::pg_lsn >= '{lsn}'::pg_lsn")
+        ),
+        "t"
+    );
+    assert!(
+        db["retainedWalBytes"].as_i64().is_some_and(|b| b > 0),
+        "{db}"
+    );
+    assert_eq!(db["slotActive"], false, "no runner: the slot is idle");
+    let logs = v["output"]
+        .as_array()
+        .and_then(|o| {
+            o.iter()
+                .find(|x| x["resultType"] == "TableLevelOutput" && x["tableName"] == "public.logs")
+        })
+        .expect("public.logs in the table output");
+    assert_eq!(logs["cdcInsertCounter"], 50000, "{logs}");
+    let out = plan.run(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("cdc {s}:")), "{text}");
+    assert!(text.contains("11 deletes"), "{text}");
 }
 
 #[test]
@@ -232,5 +277,107 @@ fn manual_cutover_fences_the_source_and_finishes() {
         ),
         "done"
     );
+    assert_same_data(&s, &t);
+}
+
+/// Waits until the cdc stage of `migration` is `ready` in the store on the target.
+fn wait_ready(child: &mut std::process::Child, tdb: &str, migration: &str) {
+    let p = pair();
+    wait_for("cdc to be ready", Duration::from_secs(60), || {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the runner stopped early: {status:?}");
+        }
+        p.target.psql(tdb, "SELECT to_regclass('pgferry.stages') IS NOT NULL") == "t"
+            && p.target.psql(
+                tdb,
+                &format!("SELECT count(*) FROM pgferry.stages WHERE migration = '{migration}' AND stage = 'cdc' AND state = 'ready'"),
+            ) == "1"
+    });
+}
+
+fn set_position(tdb: &str, migration: &str, name: &str, lsn: &str) {
+    pair().target.psql(
+        tdb,
+        &format!(
+            "INSERT INTO pgferry.positions (migration, name, lsn) VALUES ('{migration}', '{name}', '{lsn}') \
+             ON CONFLICT (migration, name) DO UPDATE SET lsn = excluded.lsn"
+        ),
+    );
+}
+
+fn position(tdb: &str, migration: &str, name: &str) -> String {
+    pair().target.psql(
+        tdb,
+        &format!(
+            "SELECT lsn FROM pgferry.positions WHERE migration = '{migration}' AND name = '{name}'"
+        ),
+    )
+}
+
+#[test]
+fn validation_hold_stops_the_apply_exactly_at_the_requested_lsn() {
+    let p = pair();
+    let s = p.source.fresh_database("cdc_hold_src");
+    let t = p.target.fresh_database("cdc_hold_tgt");
+    p.source.psql(&s, SETUP);
+    // Something after cdc keeps it running: a cutover nobody approves.
+    let stages = format!("{STAGES}\n[stages.cutover]\nkind = \"cutover\"\nafter = [\"cdc\"]\n");
+    let plan = TestPlan::new(p, "cdc_hold", &s, &t, &stages);
+    let mut child = plan.spawn(&["run"]);
+    wait_ready(&mut child, &t, "cdc_hold");
+
+    // Step 1 of a validation: pause the apply where it is.
+    let h0 = current_lsn(&p.source, &s);
+    set_position(&t, "cdc_hold", &format!("validate_hold:{s}"), &h0);
+    wait_for("cdc to pause", Duration::from_secs(30), || {
+        position(&t, "cdc_hold", &format!("validate_held:{s}")) == h0
+    });
+    // Step 2: the "snapshot" at `at`: applied up to it, not past it.
+    p.source.psql(
+        &s,
+        "INSERT INTO public.items VALUES (3000, 'before hold', NULL)",
+    );
+    let at = current_lsn(&p.source, &s);
+    p.source.psql(
+        &s,
+        "INSERT INTO public.items VALUES (3001, 'after hold', NULL); DELETE FROM public.items WHERE id = 3000;",
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(
+        p.target
+            .psql(&t, "SELECT count(*) FROM public.items WHERE id >= 3000"),
+        "0",
+        "paused: nothing committed after the pause is applied"
+    );
+    set_position(&t, "cdc_hold", &format!("validate_hold:{s}"), &at);
+    set_position(&t, "cdc_hold", &format!("validate_release:{s}"), &h0);
+    wait_for(
+        "cdc to hold at the snapshot",
+        Duration::from_secs(30),
+        || position(&t, "cdc_hold", &format!("validate_held:{s}")) == at,
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let got = p.target.psql(
+        &t,
+        "SELECT string_agg(id::text || '=' || name, ',' ORDER BY id) FROM public.items WHERE id >= 3000",
+    );
+    if got != "3000=before hold" {
+        let _ = child.kill();
+        let out = child.wait_with_output().expect("output");
+        panic!(
+            "the target must hold exactly the transactions committed before {at}, it has {got}\n{}",
+            show(&out)
+        );
+    }
+    // Released: the rest arrives.
+    set_position(&t, "cdc_hold", &format!("validate_release:{s}"), &at);
+    wait_for("the apply to go on", Duration::from_secs(30), || {
+        p.target.psql(
+            &t,
+            "SELECT string_agg(id::text, ',' ORDER BY id) FROM public.items WHERE id >= 3000",
+        ) == "3001"
+    });
+    let _ = child.kill();
+    let _ = child.wait();
     assert_same_data(&s, &t);
 }

@@ -7,7 +7,7 @@
 //!   lag as small when cdc's applied position has reached the previous sample.
 //! - fence "read_only" (default): `ALTER DATABASE <source> SET default_transaction_read_only = on`,
 //!   then terminates the database's other client sessions (not walsenders). "none": no fence.
-//! - Then it records `pg_current_wal_lsn()` as `cutover_target:<db>`; cdc applies up to at least that
+//! - Then it records `pg_current_wal_insert_lsn()` (every commit so far is before it, also with asynchronous commit) as `cutover_target:<db>`; cdc applies up to at least that
 //!   position and finishes (done). The cutover waits for that (at most `timeout`, default 10 min),
 //!   and reports the downtime: fence to cdc done.
 //! - A failure after the fence resets `default_transaction_read_only` on the source and says so. A
@@ -111,7 +111,7 @@ impl Cutover {
         let mut previous: Option<Lsn> = None;
         loop {
             let now: String = control
-                .query_one("SELECT pg_catalog.pg_current_wal_lsn()::text", &[])
+                .query_one("SELECT pg_catalog.pg_current_wal_insert_lsn()::text", &[])
                 .await
                 .map_err(|e| Error::pg(&e, "reading the source's WAL position"))?
                 .get(0);
@@ -153,7 +153,7 @@ impl Cutover {
                 .map_err(|e| Error::pg(&e, "terminating the source database's sessions"))?;
         }
         let lsn: String = source
-            .query_one("SELECT pg_catalog.pg_current_wal_lsn()::text", &[])
+            .query_one("SELECT pg_catalog.pg_current_wal_insert_lsn()::text", &[])
             .await
             .map_err(|e| Error::pg(&e, "reading the source's WAL position"))?
             .get(0);

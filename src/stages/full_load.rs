@@ -229,7 +229,7 @@ async fn load_database(
         let row = holder
             .query_one(
                 "SELECT pg_catalog.pg_export_snapshot(), \
-                        CASE WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.pg_last_wal_replay_lsn() ELSE pg_catalog.pg_current_wal_lsn() END::text",
+                        CASE WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.pg_last_wal_replay_lsn() ELSE pg_catalog.pg_current_wal_insert_lsn() END::text",
                 &[],
             )
             .await

@@ -132,6 +132,10 @@ pub trait StateStore: Send + Sync {
     async fn artifact(&self, name: &str) -> Result<Option<Vec<u8>>>;
     /// Adds to a counter (scope: "" for the migration, or a database or table name).
     async fn add_counter(&self, scope: &str, name: &str, delta: i64) -> Result<i64>;
+    /// Adds to several counters at once: `(scope, name, delta)`.
+    async fn add_counters(&self, deltas: &[(String, String, i64)]) -> Result<()>;
+    /// Sets gauges (counters that hold a current value, such as a latency): `(scope, name, value)`.
+    async fn set_counters(&self, values: &[(String, String, i64)]) -> Result<()>;
     /// Records the progress of one table (or one range or object) of a stage.
     async fn upsert_table(&self, progress: &TableProgress) -> Result<()>;
     /// The recorded progress of a stage's tables (all stages when `None`).

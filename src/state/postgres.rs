@@ -293,6 +293,48 @@ impl PgStore {
         }))
     }
 
+    /// Upserts counters in one statement; rows naming the same counter are combined with
+    /// `combine` (an aggregate); `update` is the new value in terms of `c` (stored) and `excluded`.
+    async fn write_counters(
+        &self,
+        rows: &[(String, String, i64)],
+        combine: &str,
+        update: &str,
+    ) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let client = self.client().await?;
+        let sql = format!(
+            "INSERT INTO {t} AS c (migration, scope, name, value) \
+             SELECT $1, s, n, {combine}(v)::int8 FROM unnest($2::text[], $3::text[], $4::int8[]) AS u(s, n, v) GROUP BY s, n \
+             ON CONFLICT (migration, scope, name) DO UPDATE SET value = {update}",
+            t = self.t("counters")
+        );
+        let scopes: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+        let names: Vec<&str> = rows.iter().map(|r| r.1.as_str()).collect();
+        let values: Vec<i64> = rows.iter().map(|r| r.2).collect();
+        client
+            .execute(&sql, &[&self.migration, &scopes, &names, &values])
+            .await
+            .map_err(|e| Error::pg(&e, "updating counters"))?;
+        Ok(())
+    }
+
+    /// Every position of this migration: `(name, lsn)`.
+    pub async fn positions(&self) -> Result<Vec<(String, String)>> {
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT name, lsn::text FROM {} WHERE migration = $1 ORDER BY 1",
+            self.t("positions")
+        );
+        let rows = client
+            .query(&sql, &[&self.migration])
+            .await
+            .map_err(|e| Error::pg(&e, "reading positions"))?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
     pub async fn counters(&self) -> Result<Vec<(String, String, i64)>> {
         let client = self.client().await?;
         let sql = format!(
@@ -588,6 +630,15 @@ impl StateStore for PgStore {
             .await
             .map_err(|e| Error::pg(&e, "updating a counter"))?;
         Ok(row.get(0))
+    }
+
+    async fn add_counters(&self, deltas: &[(String, String, i64)]) -> Result<()> {
+        self.write_counters(deltas, "sum", "c.value + excluded.value")
+            .await
+    }
+
+    async fn set_counters(&self, values: &[(String, String, i64)]) -> Result<()> {
+        self.write_counters(values, "max", "excluded.value").await
     }
 
     async fn begin_run(&self, args: &str) -> Result<i64> {

@@ -9,12 +9,21 @@
 //! - Every value is sent as text and cast to the target column's type
 //!   (`$1::text::<format_type>`); statements are prepared once per relation and shape (which columns
 //!   are set, how the row is found).
+//! - Changes are pipelined: each statement is sent as soon as it is decoded, and its result is
+//!   checked later, in order, with at most [`MAX_IN_FLIGHT`] awaiting their result. Everything in
+//!   flight is settled before a catalog query, a TRUNCATE and the commit, so an error is still
+//!   reported for the change that caused it, and nothing is committed past a failed change (the
+//!   target transaction is aborted by it).
 //! - Rows are found by the old key tuple (`K`), else by the new tuple's key columns; with REPLICA
 //!   IDENTITY FULL (`O`) by every column (`IS NOT DISTINCT FROM`), and exactly one matching row is
 //!   changed (`(tableoid, ctid) = (SELECT ... LIMIT 1)`), so duplicates stay duplicates.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesOrdered;
+use futures_util::{FutureExt, StreamExt};
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Statement};
 
@@ -37,6 +46,7 @@ struct Col {
 pub struct Rel {
     /// `schema.table`, for messages and counters.
     pub name: String,
+    label: Arc<str>,
     quoted: String,
     partitioned: bool,
     cols: Vec<Col>,
@@ -53,8 +63,23 @@ enum Find<'a> {
     Full(&'a TupleData),
 }
 
+/// How many changes may await their result at once.
+pub const MAX_IN_FLIGHT: usize = 512;
+
+/// What a change in flight is, to report its result.
+struct InFlight {
+    table: Arc<str>,
+    /// Inserts must insert; updates and deletes that find no row are reported.
+    what: &'static str,
+    commit_lsn: Lsn,
+}
+
+type Pending =
+    FuturesOrdered<BoxFuture<'static, (std::result::Result<u64, tokio_postgres::Error>, InFlight)>>;
+
 pub struct Applier {
-    client: Client,
+    client: Arc<Client>,
+    pending: Pending,
     position_table: String,
     slot: String,
     rels: HashMap<u32, Rel>,
@@ -120,7 +145,8 @@ impl Applier {
         };
         Ok((
             Applier {
-                client,
+                client: Arc::new(client),
+                pending: FuturesOrdered::new(),
                 position_table,
                 slot: slot.to_string(),
                 rels: HashMap::new(),
@@ -142,6 +168,7 @@ impl Applier {
     /// Learns (or re-learns) a relation from its Relation message and checks it against the target
     /// table: the source's columns must be the target's non-generated columns.
     pub async fn relation(&mut self, r: &Relation) -> Result<()> {
+        self.settle().await?;
         let name = format!("{}.{}", r.namespace, r.name);
         let rows = self
             .client
@@ -225,6 +252,7 @@ impl Applier {
         self.rels.insert(
             r.oid,
             Rel {
+                label: Arc::from(name.as_str()),
                 name,
                 quoted: QualifiedName::new(r.namespace.clone(), r.name.clone()).quoted(),
                 partitioned,
@@ -240,7 +268,7 @@ impl Applier {
     /// root, with `publish_via_partition_root`): the highest LSN of its leaves, so a change is
     /// skipped only when every leaf was copied after it. `None`: not copied by the load (nothing is
     /// skipped).
-    async fn copied_lsn(&self, name: &str, schema: &str, table: &str) -> Result<Option<Lsn>> {
+    async fn copied_lsn(&mut self, name: &str, schema: &str, table: &str) -> Result<Option<Lsn>> {
         if let Some(l) = self.copied.get(name) {
             return Ok(Some(*l));
         }
@@ -279,6 +307,7 @@ impl Applier {
 
     /// Makes the changes applied so far durable together with the position `lsn`.
     pub async fn commit(&mut self, lsn: Lsn) -> Result<()> {
+        self.settle().await?;
         self.begin_if_needed().await?;
         self.write_position(lsn).await?;
         self.client
@@ -292,10 +321,11 @@ impl Applier {
     /// Records `lsn` as applied outside a batch (nothing pending: the stream is idle there).
     pub async fn advance_idle(&mut self, lsn: Lsn) -> Result<()> {
         debug_assert!(!self.in_tx);
+        self.settle().await?;
         self.write_position(lsn).await
     }
 
-    async fn write_position(&self, lsn: Lsn) -> Result<()> {
+    async fn write_position(&mut self, lsn: Lsn) -> Result<()> {
         let sql = format!(
             "INSERT INTO {t} (slot, lsn) VALUES ($1, $2::text::pg_lsn) \
              ON CONFLICT (slot) DO UPDATE SET lsn = GREATEST({t}.lsn, excluded.lsn), applied_at = now()",
@@ -308,14 +338,51 @@ impl Applier {
         Ok(())
     }
 
+    /// Checks the result of a change that was in flight.
+    fn check(result: (std::result::Result<u64, tokio_postgres::Error>, InFlight)) -> Result<()> {
+        let (r, f) = result;
+        match r {
+            Ok(0) if f.what != "insert" => {
+                tracing::warn!(table = %f.table, lsn = %f.commit_lsn, "the row of a replicated {} is missing on the target", f.what);
+                Ok(())
+            }
+            Ok(_) => Ok(()),
+            Err(e) => Err(
+                Error::pg(&e, format!("applying an {} to {}", f.what, f.table))
+                    .context(format!("source transaction committed at {}", f.commit_lsn)),
+            ),
+        }
+    }
+
+    /// Waits for every change in flight and checks their results, in order.
+    pub async fn settle(&mut self) -> Result<()> {
+        let mut first: Option<Error> = None;
+        while let Some(r) = self.pending.next().await {
+            if let Err(e) = Self::check(r)
+                && first.is_none()
+            {
+                first = Some(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// Sends one change; its result is checked later (see [`Applier::settle`]).
     async fn run(
         &mut self,
         oid: u32,
         shape: String,
         build: impl FnOnce(&Rel) -> String,
         params: &[Option<&str>],
-    ) -> Result<u64> {
+        what: &'static str,
+        commit_lsn: Lsn,
+    ) -> Result<()> {
         self.begin_if_needed().await?;
+        let prepared = self.rel(oid)?.statements.contains_key(&shape);
+        if !prepared {
+            // Preparing waits for its answer: settle what is in flight first.
+            self.settle().await?;
+        }
         let rel = self.rels.get_mut(&oid).ok_or_else(|| {
             Error::permanent(format!(
                 "a change refers to relation {oid}, which the stream has not described"
@@ -335,15 +402,34 @@ impl Applier {
                 s
             }
         };
-        let refs: Vec<&(dyn ToSql + Sync)> =
-            params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
-        self.client
-            .execute(&stmt, &refs)
-            .await
-            .map_err(|e| Error::pg(&e, format!("applying a change to {}", rel.name)))
+        let owned: Vec<Option<String>> = params.iter().map(|p| p.map(str::to_string)).collect();
+        let client = self.client.clone();
+        let info = InFlight {
+            table: rel.label.clone(),
+            what,
+            commit_lsn,
+        };
+        let fut = async move {
+            let refs: Vec<&(dyn ToSql + Sync)> =
+                owned.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+            (client.execute(&stmt, &refs).await, info)
+        }
+        .boxed();
+        self.pending.push_back(fut);
+        // Poll everything queued (the new change is sent now, in order) and take the results
+        // that are in; wait for the oldest when too many are in flight.
+        while let Some(Some(r)) = self.pending.next().now_or_never() {
+            Self::check(r)?;
+        }
+        while self.pending.len() >= MAX_IN_FLIGHT {
+            if let Some(r) = self.pending.next().await {
+                Self::check(r)?;
+            }
+        }
+        Ok(())
     }
 
-    pub async fn insert(&mut self, oid: u32, new: &TupleData) -> Result<u64> {
+    pub async fn insert(&mut self, oid: u32, new: &TupleData, commit_lsn: Lsn) -> Result<()> {
         let params = new
             .values
             .iter()
@@ -368,6 +454,8 @@ impl Applier {
                 )
             },
             &params,
+            "insert",
+            commit_lsn,
         )
         .await
     }
@@ -453,7 +541,8 @@ impl Applier {
         oid: u32,
         old: Option<&OldTuple>,
         new: &TupleData,
-    ) -> Result<u64> {
+        commit_lsn: Lsn,
+    ) -> Result<()> {
         let find = Self::find(old, new);
         let rel = self.rel(oid)?;
         let set: Vec<bool> = new
@@ -471,14 +560,15 @@ impl Applier {
             }
         }
         if sets.is_empty() {
-            return Ok(0);
+            return Ok(());
         }
         let cond = Self::where_clause(rel, &find, params.len() + 1, &mut params, &mut shape)?;
         let sql = format!("UPDATE {} SET {} WHERE {cond}", rel.quoted, sets.join(", "));
-        self.run(oid, shape, move |_| sql, &params).await
+        self.run(oid, shape, move |_| sql, &params, "update", commit_lsn)
+            .await
     }
 
-    pub async fn delete(&mut self, oid: u32, old: &OldTuple) -> Result<u64> {
+    pub async fn delete(&mut self, oid: u32, old: &OldTuple, commit_lsn: Lsn) -> Result<()> {
         let find = match old {
             OldTuple::Full(t) => Find::Full(t),
             OldTuple::Key(t) => Find::Key(t),
@@ -488,13 +578,15 @@ impl Applier {
         let mut params = Vec::new();
         let cond = Self::where_clause(rel, &find, 1, &mut params, &mut shape)?;
         let sql = format!("DELETE FROM {} WHERE {cond}", rel.quoted);
-        self.run(oid, shape, move |_| sql, &params).await
+        self.run(oid, shape, move |_| sql, &params, "delete", commit_lsn)
+            .await
     }
 
     pub async fn truncate(&mut self, oids: &[u32], cascade: bool, restart: bool) -> Result<()> {
         if oids.is_empty() {
             return Ok(());
         }
+        self.settle().await?;
         let mut names = Vec::new();
         for oid in oids {
             let rel = self.rel(*oid)?;

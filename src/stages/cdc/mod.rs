@@ -19,10 +19,19 @@
 //!   nothing is pending. Then it keeps running until cancelled (parked) or drained for a cutover:
 //!   when the store has a position `cutover_target:<db>`, it applies up to at least that position and
 //!   returns (the stage is done).
+//! - Validation can hold the apply at an LSN (`validate_hold:<db>`): cdc applies every
+//!   transaction committed before it, commits, answers `validate_held:<db>` and applies nothing
+//!   more until `validate_release:<db>` reaches it (at most [`HOLD_MAX`]). A validation uses two
+//!   holds: (1) hold at the source's current WAL position H0 and wait for `held` >= H0 (cdc is now
+//!   paused, having applied only transactions committed before the next step); (2) create the
+//!   source snapshot (temporary slot, consistent point L), write hold = L and *then* release = H0:
+//!   cdc applies exactly up to L and answers held = L; (3) take the target snapshot, release = L.
+//!   Without step (1) cdc could already have applied past L when it reads the request.
 //! - The store keeps `cdc_applied:<db>` (position) and counters per database and per
 //!   `db.schema.table`: cdcInsertCounter, cdcUpdateCounter, cdcDeleteCounter, totalChangesApplied;
-//!   and per database cdcLatencyMs (apply time minus source commit time of the last applied
-//!   transaction, a gauge).
+//!   and per database the gauges cdcLatencyMs (apply time minus source commit time of the last
+//!   applied transaction; 0 when idle and caught up) and incomingChanges (changes sent to the
+//!   target and not yet committed there, sampled every 500 ms).
 
 pub mod apply;
 
@@ -46,6 +55,9 @@ const DEFAULT_BATCH_CHANGES: u32 = 10_000;
 const DEFAULT_BATCH_DELAY: Duration = Duration::from_millis(100);
 const STATUS_EVERY: Duration = Duration::from_secs(10);
 const DRAIN_CHECK_EVERY: Duration = Duration::from_millis(500);
+const HOLD_POLL: Duration = Duration::from_millis(100);
+/// The longest cdc stays held for a validation that does not release it (crashed).
+pub const HOLD_MAX: Duration = Duration::from_secs(600);
 
 pub struct Cdc {
     env: Arc<Env>,
@@ -76,6 +88,22 @@ pub fn cutover_target_position(db: &str) -> String {
 /// The store position of what cdc has applied for `db` (a copy of the target's own record).
 pub fn applied_position(db: &str) -> String {
     format!("cdc_applied:{db}")
+}
+
+/// Validation asks cdc to stop applying at an LSN (a source snapshot's consistent point): every
+/// transaction committed before it applied, none after.
+pub fn hold_request_position(db: &str) -> String {
+    format!("validate_hold:{db}")
+}
+
+/// cdc answers a hold: the target now holds exactly the source transactions committed before it.
+pub fn held_position(db: &str) -> String {
+    format!("validate_held:{db}")
+}
+
+/// Validation has taken its target snapshot: cdc may go on past the hold.
+pub fn hold_release_position(db: &str) -> String {
+    format!("validate_release:{db}")
 }
 
 #[async_trait]
@@ -260,6 +288,8 @@ impl<'a> DbStream<'a> {
             ready: false,
         };
         let mut drain: Option<Lsn> = None;
+        let mut hold: Option<Lsn> = None;
+        let mut reported_incoming = -1i64;
         let mut last_drain_check = Instant::now() - DRAIN_CHECK_EVERY;
         loop {
             if last_drain_check.elapsed() >= DRAIN_CHECK_EVERY {
@@ -276,6 +306,25 @@ impl<'a> DbStream<'a> {
                     }
                     drain = Some(target);
                     // Ask for a keepalive: it lets an idle stream reach the target.
+                    repl.send_status(st.applied, st.applied, st.applied, true)
+                        .await?;
+                }
+                let incoming = if st.batch_open || st.in_source_tx {
+                    st.batch_count as i64
+                } else {
+                    0
+                };
+                if incoming != reported_incoming {
+                    self.cx
+                        .store
+                        .set_counters(&[(self.db.name.clone(), "incomingChanges".into(), incoming)])
+                        .await?;
+                    reported_incoming = incoming;
+                }
+                let was = hold;
+                hold = self.pending_hold().await?;
+                if hold.is_some() && hold != was {
+                    tracing::info!(database = %self.db.name, at = %hold.unwrap_or_default(), "cdc asked to hold for validation");
                     repl.send_status(st.applied, st.applied, st.applied, true)
                         .await?;
                 }
@@ -334,11 +383,17 @@ impl<'a> DbStream<'a> {
                                 if st.batch_open {
                                     self.flush(&mut ap, &mut st).await?;
                                 }
+                                // Everything committed before the hold has been sent.
+                                while let Some(at) = hold && k.wal_end >= at {
+                                    hold = self.hold(&mut ap, &mut repl, &mut st, at).await?;
+                                }
                                 // Nothing pending: everything up to the server's position is applied.
                                 if k.wal_end > st.applied {
                                     ap.advance_idle(k.wal_end).await?;
                                     st.applied = k.wal_end;
                                     self.cx.store.advance_position(&applied_position(&self.db.name), &st.applied.to_string()).await?;
+                                    // Caught up with nothing to apply: no latency.
+                                    self.cx.store.set_counters(&[(self.db.name.clone(), "cdcLatencyMs".into(), 0)]).await?;
                                 }
                                 if !st.ready && k.wal_end >= ready_at {
                                     st.ready = true;
@@ -352,6 +407,11 @@ impl<'a> DbStream<'a> {
                             }
                         }
                         ReplicationMessage::XLogData(x) => {
+                            if let PgOutputMessage::Begin(b) = &x.data {
+                                while let Some(at) = hold && b.final_lsn >= at {
+                                    hold = self.hold(&mut ap, &mut repl, &mut st, at).await?;
+                                }
+                            }
                             self.handle(&mut ap, &mut st, x.data).await?;
                             if !st.in_source_tx && st.batch_open
                                 && (st.batch_count >= self.batch_changes || Instant::now() >= st.batch_deadline)
@@ -363,6 +423,73 @@ impl<'a> DbStream<'a> {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// The hold validation asked for and has not released yet.
+    async fn pending_hold(&self) -> Result<Option<Lsn>> {
+        let store = &self.cx.store;
+        let db = &self.db.name;
+        // The release first: validation moves the request forward before it releases the previous
+        // hold, so a release read here is never newer than the request read after it.
+        let released: Lsn = match store.position(&hold_release_position(db)).await? {
+            Some(p) => p.parse()?,
+            None => Lsn::INVALID,
+        };
+        let Some(request) = store.position(&hold_request_position(db)).await? else {
+            return Ok(None);
+        };
+        let request: Lsn = request.parse()?;
+        Ok((request > released).then_some(request))
+    }
+
+    /// Stops applying at `at` (no transaction in flight, everything committed before `at` applied)
+    /// until validation has taken its target snapshot and releases the hold, at most [`HOLD_MAX`].
+    async fn hold(
+        &self,
+        ap: &mut Applier,
+        repl: &mut ReplicationClient,
+        st: &mut Loop,
+        at: Lsn,
+    ) -> Result<Option<Lsn>> {
+        if st.batch_open {
+            self.flush(ap, st).await?;
+        }
+        repl.send_status(st.applied, st.applied, st.applied, false)
+            .await?;
+        st.last_status = Instant::now();
+        let store = &self.cx.store;
+        let db = &self.db.name;
+        store
+            .advance_position(&held_position(db), &at.to_string())
+            .await?;
+        tracing::info!(database = %db, at = %at, applied = %st.applied, "cdc holding for validation");
+        let since = Instant::now();
+        loop {
+            let pending = self.pending_hold().await?;
+            if pending != Some(at) {
+                tracing::info!(database = %db, at = %at, held_for = ?since.elapsed(), "cdc hold released");
+                // A hold further on (the second step of a validation) applies from here.
+                return Ok(pending);
+            }
+            if since.elapsed() >= HOLD_MAX {
+                let msg = format!(
+                    "database {db}: validation held the apply at {at} for {} without releasing it; applying again",
+                    humantime::format_duration(HOLD_MAX)
+                );
+                tracing::warn!("{msg}");
+                store.event(Some(&self.cx.stage), "warn", &msg).await?;
+                return Ok(None);
+            }
+            if st.last_status.elapsed() >= STATUS_EVERY {
+                repl.send_status(st.applied, st.applied, st.applied, false)
+                    .await?;
+                st.last_status = Instant::now();
+            }
+            tokio::select! {
+                _ = self.cx.cancel.cancelled() => return Err(Error::interrupted()),
+                _ = tokio::time::sleep(HOLD_POLL) => {}
             }
         }
     }
@@ -389,33 +516,20 @@ impl<'a> DbStream<'a> {
             PgOutputMessage::Relation(r) => ap.relation(&r).await?,
             PgOutputMessage::Insert(m) => {
                 if self.applies(ap, st, m.relation)? {
-                    ap.insert(m.relation, &m.new)
-                        .await
-                        .map_err(|e| self.at(e, st))?;
+                    ap.insert(m.relation, &m.new, st.commit_lsn).await?;
                     self.count(ap, st, m.relation, 0)?;
                 }
             }
             PgOutputMessage::Update(m) => {
                 if self.applies(ap, st, m.relation)? {
-                    let n = ap
-                        .update(m.relation, m.old.as_ref(), &m.new)
-                        .await
-                        .map_err(|e| self.at(e, st))?;
-                    if n == 0 {
-                        tracing::warn!(table = %ap.rel(m.relation)?.name, lsn = %st.commit_lsn, "an updated row is missing on the target");
-                    }
+                    ap.update(m.relation, m.old.as_ref(), &m.new, st.commit_lsn)
+                        .await?;
                     self.count(ap, st, m.relation, 1)?;
                 }
             }
             PgOutputMessage::Delete(m) => {
                 if self.applies(ap, st, m.relation)? {
-                    let n = ap
-                        .delete(m.relation, &m.old)
-                        .await
-                        .map_err(|e| self.at(e, st))?;
-                    if n == 0 {
-                        tracing::warn!(table = %ap.rel(m.relation)?.name, lsn = %st.commit_lsn, "a deleted row is missing on the target");
-                    }
+                    ap.delete(m.relation, &m.old, st.commit_lsn).await?;
                     self.count(ap, st, m.relation, 2)?;
                 }
             }
@@ -486,42 +600,36 @@ impl<'a> DbStream<'a> {
         store
             .advance_position(&applied_position(db), &st.applied.to_string())
             .await?;
+        const NAMES: [&str; 3] = ["cdcInsertCounter", "cdcUpdateCounter", "cdcDeleteCounter"];
+        let mut deltas: Vec<(String, String, i64)> = Vec::new();
         let mut totals = [0i64; 3];
         for (table, c) in st.counts.drain() {
             let scope = format!("{db}.{table}");
-            for (i, name) in ["cdcInsertCounter", "cdcUpdateCounter", "cdcDeleteCounter"]
-                .iter()
-                .enumerate()
-            {
+            for (i, name) in NAMES.iter().enumerate() {
                 if c[i] != 0 {
-                    store.add_counter(&scope, name, c[i]).await?;
+                    deltas.push((scope.clone(), name.to_string(), c[i]));
                     totals[i] += c[i];
                 }
             }
-            store
-                .add_counter(&scope, "totalChangesApplied", c.iter().sum())
-                .await?;
+            deltas.push((scope, "totalChangesApplied".into(), c.iter().sum()));
         }
         let sum: i64 = totals.iter().sum();
         if sum > 0 {
-            for (i, name) in ["cdcInsertCounter", "cdcUpdateCounter", "cdcDeleteCounter"]
-                .iter()
-                .enumerate()
-            {
+            for (i, name) in NAMES.iter().enumerate() {
                 if totals[i] != 0 {
-                    store.add_counter(db, name, totals[i]).await?;
+                    deltas.push((db.clone(), name.to_string(), totals[i]));
                 }
             }
-            store.add_counter(db, "totalChangesApplied", sum).await?;
+            deltas.push((db.clone(), "totalChangesApplied".into(), sum));
         }
+        store.add_counters(&deltas).await?;
         if st.batch_commit_time != 0 {
             let latency = SystemTime::now()
                 .duration_since(pg_time_to_system(st.batch_commit_time))
                 .map(|d| d.as_millis() as i64)
                 .unwrap_or(0);
-            let current = store.add_counter(db, "cdcLatencyMs", 0).await?;
             store
-                .add_counter(db, "cdcLatencyMs", latency - current)
+                .set_counters(&[(db.clone(), "cdcLatencyMs".into(), latency)])
                 .await?;
         }
         Ok(())
