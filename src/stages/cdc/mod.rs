@@ -356,6 +356,9 @@ impl<'a> DbStream<'a> {
             } else {
                 Instant::now() + DRAIN_CHECK_EVERY
             };
+            // A large source transaction streams without a pause: the status update must not wait
+            // for one, or the walsender hears nothing for wal_sender_timeout and ends the stream.
+            let tick = tick.min(st.last_status + STATUS_EVERY);
             tokio::select! {
                 biased;
                 _ = self.cx.cancel.cancelled() => {
