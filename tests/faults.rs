@@ -4,15 +4,16 @@
 //! and the slot or the publication dropped behind pgferry's back (a clear error that says what
 //! happened and how to recover, and no claim of success).
 //!
-//! These tests restart servers, so this binary has its own cluster pair (not `support::pair()`)
-//! and runs its tests one at a time (`SERIAL`). The index build's terminated session is covered by
+//! Some of these tests restart servers, so this binary has its own cluster pair (not
+//! `support::pair()`); a restarting test runs alone (`exclusive`), the others side by side
+//! (`shared`). The index build's terminated session is covered by
 //! `post_data_stages::a_terminated_session_is_retried_and_the_stage_resumes`, a second runner by
 //! `executor::a_second_runner_is_refused_and_names_the_holder`.
 
 mod support;
 
 use std::process::{Child, Output};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use support::{Cluster, Pair, TestPlan, row_digest, show, wait_for};
@@ -35,10 +36,16 @@ fn fpair() -> &'static Pair {
     })
 }
 
-/// One test at a time: restarts would break the others' sessions.
-fn serial() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+static SERVERS: RwLock<()> = RwLock::new(());
+
+/// For a test that restarts a server: runs alone.
+fn exclusive() -> RwLockWriteGuard<'static, ()> {
+    SERVERS.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// For a test that only touches its own databases and sessions: runs beside the others like it.
+fn shared() -> RwLockReadGuard<'static, ()> {
+    SERVERS.read().unwrap_or_else(|e| e.into_inner())
 }
 
 const SETUP: &str = "\
@@ -188,7 +195,7 @@ fn caught_up(plan: &TestPlan) -> bool {
 
 #[test]
 fn terminated_copy_sessions_are_retried_and_the_load_finishes() {
-    let _serial = serial();
+    let _servers = shared();
     let p = fpair();
     let plan = prepare(
         "fault_copy",
@@ -199,18 +206,32 @@ fn terminated_copy_sessions_are_retried_and_the_load_finishes() {
     // Enough rows that the copy takes a moment.
     p.source.psql(
         &plan.source_db,
-        "INSERT INTO public.events SELECT g, repeat(md5(g::text), 8) FROM generate_series(1001, 600000) g",
+        "INSERT INTO public.events SELECT g, repeat(md5(g::text), 8) FROM generate_series(1001, 300000) g",
     );
     let mut child = plan.spawn(&["run"]);
-    let copying = "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pgferry%' AND query ILIKE 'COPY %'";
+    // Only this test's sessions: the others run beside it.
+    let copying = |db: &str| {
+        format!(
+            "FROM pg_stat_activity WHERE datname = '{db}' AND application_name LIKE 'pgferry%' AND query ILIKE 'COPY %'"
+        )
+    };
     wait_for("a COPY on the target", TIMEOUT, || {
         assert_running(&mut child);
-        p.target.psql("postgres", copying) != "0"
+        p.target.psql(
+            "postgres",
+            &format!("SELECT count(*) {}", copying(&plan.target_db)),
+        ) != "0"
     });
-    let terminate = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-                     WHERE application_name LIKE 'pgferry%' AND query ILIKE 'COPY %'";
-    let killed: i64 = p.target.psql("postgres", terminate).parse().unwrap();
-    let killed_source: i64 = p.source.psql("postgres", terminate).parse().unwrap();
+    let terminate = |c: &Cluster, db: &str| -> i64 {
+        c.psql(
+            "postgres",
+            &format!("SELECT count(pg_terminate_backend(pid)) {}", copying(db)),
+        )
+        .parse()
+        .expect("a count")
+    };
+    let killed = terminate(&p.target, &plan.target_db);
+    let killed_source = terminate(&p.source, &plan.source_db);
     assert!(killed + killed_source >= 1, "nothing to terminate");
     let out = wait_exit(child);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
@@ -224,7 +245,7 @@ fn terminated_copy_sessions_are_retried_and_the_load_finishes() {
 
 #[test]
 fn terminated_apply_and_walsender_sessions_are_retried() {
-    let _serial = serial();
+    let _servers = shared();
     let p = fpair();
     let (plan, mut child) = start_online("fault_apply");
     big_transaction(&plan, 20000);
@@ -234,14 +255,28 @@ fn terminated_apply_and_walsender_sessions_are_retried() {
     });
     let killed = p.target.psql(
         "postgres",
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'pgferry cdc apply'",
+        &format!(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = '{}' AND application_name = 'pgferry cdc apply'",
+            plan.target_db
+        ),
     );
     assert_eq!(killed, "1");
-    // And the stream: the walsender on the source.
-    p.source.psql(
-        "postgres",
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE backend_type = 'walsender'",
+    // And the stream: the walsender on the source, once the retried stage has reopened it.
+    let walsenders = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND backend_type = 'walsender'",
+        plan.source_db
     );
+    wait_for("the stream to be reopened", TIMEOUT, || {
+        p.source.psql("postgres", &walsenders) == "1"
+    });
+    let killed = p.source.psql(
+        "postgres",
+        &format!(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = '{}' AND backend_type = 'walsender'",
+            plan.source_db
+        ),
+    );
+    assert_eq!(killed, "1");
     p.source
         .psql(&plan.source_db, "DELETE FROM public.items WHERE id < 100");
     let out = cut_over(&plan, child);
@@ -255,7 +290,7 @@ fn terminated_apply_and_walsender_sessions_are_retried() {
 
 #[test]
 fn source_restart_during_cdc() {
-    let _serial = serial();
+    let _servers = exclusive();
     let p = fpair();
     let (plan, mut child) = start_online("fault_src_restart");
     p.source.psql(
@@ -275,7 +310,7 @@ fn source_restart_during_cdc() {
 
 #[test]
 fn target_restart_during_apply() {
-    let _serial = serial();
+    let _servers = exclusive();
     let p = fpair();
     let (plan, mut child) = start_online("fault_tgt_restart");
     big_transaction(&plan, 20000);
@@ -316,7 +351,7 @@ fn slot_of(c: &Cluster, db: &str) -> String {
 
 #[test]
 fn a_slot_dropped_behind_our_back_fails_clearly() {
-    let _serial = serial();
+    let _servers = shared();
     let p = fpair();
     let (plan, child) = start_online("fault_slot");
     let slot = slot_of(&p.source, &plan.source_db);
@@ -346,7 +381,7 @@ fn a_slot_dropped_behind_our_back_fails_clearly() {
 
 #[test]
 fn a_publication_dropped_behind_our_back_fails_clearly() {
-    let _serial = serial();
+    let _servers = shared();
     let p = fpair();
     let (plan, child) = start_online("fault_pub");
     let publication = p
@@ -384,7 +419,7 @@ fn a_publication_dropped_behind_our_back_fails_clearly() {
 /// transaction never has: "terminating walsender process due to replication timeout".)
 #[test]
 fn an_apply_longer_than_wal_sender_timeout_keeps_the_stream() {
-    let _serial = serial();
+    let _servers = shared();
     let p = fpair();
     let plan = prepare("fault_timeout", &online_stages());
     // Walsenders of this database time out after 12 s without a word from pgferry (status
