@@ -463,3 +463,63 @@ fn an_apply_longer_than_wal_sender_timeout_keeps_the_stream() {
     );
     assert_same(&plan.source_db, &plan.target_db);
 }
+
+/// A source with `wal_level = replica` and no replication slots or WAL senders at all: preflight
+/// reports both (and the fix) before anything changes, and the run stops there.
+#[test]
+fn preflight_finds_wal_level_and_no_free_slots() {
+    let _servers = shared();
+    let p = fpair();
+    let source = Cluster::start_with(
+        "replica_only",
+        "wal_level = replica\nmax_replication_slots = 0\nmax_wal_senders = 0",
+        &[],
+    );
+    let s = source.fresh_database("pf_wal_src");
+    source.psql(&s, "CREATE TABLE public.t (id int PRIMARY KEY)");
+    let t = p.target.fresh_database("pf_wal_tgt");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("plan.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "version = 1\nname = \"pf_wal\"\n\n\
+             [source]\nurl = \"postgres://postgres@127.0.0.1:{sport}/{s}?sslmode=disable\"\npassword = \"{{{{ env.{var} }}}}\"\n\n\
+             [target]\nurl = \"postgres://postgres@127.0.0.1:{tport}/{t}?sslmode=disable\"\npassword = \"{{{{ env.{var} }}}}\"\n\n\
+             [[databases]]\nname = \"{s}\"\ntarget = \"{t}\"\n\n\
+             [stages.pre]\nkind = \"preflight\"\n\n[stages.cdc]\nkind = \"cdc\"\nafter = [\"pre\"]\n",
+            sport = source.port,
+            tport = p.target.port,
+            var = support::PASSWORD_VAR,
+        ),
+    )
+    .expect("write plan");
+    let plan = TestPlan {
+        dir,
+        path,
+        name: "pf_wal".into(),
+        source_db: s.clone(),
+        target_db: t.clone(),
+    };
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for expected in [
+        "source wal_level is `replica`; online migration needs `logical`",
+        "ALTER SYSTEM SET wal_level = logical",
+        "free replication slot(s) of 0",
+        "raise max_replication_slots",
+        "raise max_wal_senders",
+    ] {
+        assert!(err.contains(expected), "lacks `{expected}`: {}", show(&out));
+    }
+    // Nothing was created on the source.
+    assert_eq!(source.psql(&s, "SELECT count(*) FROM pg_publication"), "0");
+    assert_eq!(
+        p.target.psql(
+            &t,
+            "SELECT count(*) FROM pgferry.stages WHERE migration = 'pf_wal' AND stage = 'cdc' AND state <> 'pending'"
+        ),
+        "0"
+    );
+}
