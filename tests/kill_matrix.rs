@@ -4,9 +4,11 @@
 //! Then every table and the sequence are compared on both sides, and the slot and publication are
 //! gone.
 //!
-//! The kill moments come from a seeded xorshift generator; the seed is printed
-//! (`PGFERRY_KILL_SEED=N` replays a run). CI runs 4 kill points; `cargo test -- --ignored` runs the
-//! full matrix (3 migrations x 7 kill points).
+//! Each kill is aimed at a stage: once the store shows it running (or cdc ready), the runner is
+//! killed after a random 0-0.8 s. Which stages and how long to wait come from a seeded xorshift
+//! generator; the seed is printed (`PGFERRY_KILL_SEED=N` replays the choices). CI kills in 4 random
+//! stages; `cargo test -- --ignored` runs the full matrix (3 migrations x 7 stages = 21 kills,
+//! every stage at least twice).
 
 mod support;
 
@@ -162,8 +164,47 @@ fn wait_for_sessions_to_end(plan: &TestPlan) {
     );
 }
 
-/// One migration killed `kills` times at random moments, then resumed to completion.
-fn kill_and_resume(name: &str, rng: &mut Rng, kills: usize) -> Vec<String> {
+/// The stages in pipeline order.
+const PIPELINE: &[&str] = &[
+    "schema",
+    "provision",
+    "load",
+    "indexes",
+    "cdc",
+    "cutover",
+    "sequences",
+    "cleanup",
+];
+
+fn stage_state(plan: &TestPlan, stage: &str) -> String {
+    let t = &pair().target;
+    let exists = t.psql(
+        "postgres",
+        &format!(
+            "SELECT count(*) FROM pg_database WHERE datname = '{}'",
+            plan.target_db
+        ),
+    ) == "1"
+        && t.psql(
+            &plan.target_db,
+            "SELECT to_regclass('pgferry.stages') IS NOT NULL",
+        ) == "t";
+    if !exists {
+        return "absent".into();
+    }
+    t.psql(
+        &plan.target_db,
+        &format!(
+            "SELECT coalesce((SELECT state FROM pgferry.stages WHERE migration = '{}' AND stage = '{stage}'), 'absent')",
+            plan.name
+        ),
+    )
+}
+
+/// One migration killed once in each of the `targets` stages (in pipeline order), at a random
+/// moment 0-0.8 s after the stage was seen running, then resumed to completion. Returns where
+/// each kill landed.
+fn kill_and_resume(name: &str, rng: &mut Rng, targets: &[&str]) -> Vec<String> {
     let p = pair();
     let s = p.source.fresh_database(&format!("{name}_src"));
     let t = p.target.fresh_database(&format!("{name}_tgt"));
@@ -174,42 +215,46 @@ fn kill_and_resume(name: &str, rng: &mut Rng, kills: usize) -> Vec<String> {
     let writer = spawn_writer(s.clone(), stop.clone(), commits.clone());
 
     let mut landed = Vec::new();
-    let mut finished_early = 0;
-    for k in 0..kills {
-        let delay = Duration::from_millis(rng.between(300, 9000));
-        let mut child = plan.spawn(&["run"]);
+    let mut child: Option<std::process::Child> = None;
+    'targets: for target in targets {
         let started = Instant::now();
-        let mut exited = None;
-        while started.elapsed() < delay {
-            if let Ok(Some(status)) = child.try_wait() {
-                exited = Some(status);
-                break;
+        loop {
+            let c = child.get_or_insert_with(|| plan.spawn(&["run"]));
+            if let Ok(Some(status)) = c.try_wait() {
+                let out = child
+                    .take()
+                    .expect("a child")
+                    .wait_with_output()
+                    .expect("output");
+                assert_eq!(status.code(), Some(0), "a run failed: {}", show(&out));
+                eprintln!("[kill_matrix] {name}: the run finished before reaching {target}");
+                break 'targets;
             }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        match exited {
-            None => {
+            let state = stage_state(&plan, target);
+            if state == "done" {
+                eprintln!("[kill_matrix] {name}: {target} was done before it could be killed");
+                continue 'targets;
+            }
+            if state == "running" || state == "ready" {
+                std::thread::sleep(Duration::from_millis(rng.between(0, 800)));
                 let at = running_stages(&plan);
-                child.kill().expect("SIGKILL the runner");
-                let _ = child.wait();
-                eprintln!(
-                    "[kill_matrix] {name}: kill {} after {delay:?} during {at}",
-                    k + 1
-                );
+                let mut c = child.take().expect("a child");
+                c.kill().expect("SIGKILL the runner");
+                let _ = c.wait();
+                eprintln!("[kill_matrix] {name}: kill aimed at {target} landed during {at}");
                 landed.push(at);
                 wait_for_sessions_to_end(&plan);
+                continue 'targets;
             }
-            Some(status) => {
-                let out = child.wait_with_output().expect("output");
-                assert_eq!(status.code(), Some(0), "run {k} failed: {}", show(&out));
-                finished_early += 1;
-                eprintln!(
-                    "[kill_matrix] {name}: the run finished before kill {} ({delay:?})",
-                    k + 1
-                );
-                break;
-            }
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "{target} never ran (state {state})"
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
+    }
+    if let Some(mut c) = child.take() {
+        let _ = c.wait();
     }
     // Resume to completion.
     let out = plan.run(&["run"]);
@@ -223,7 +268,7 @@ fn kill_and_resume(name: &str, rng: &mut Rng, kills: usize) -> Vec<String> {
     writer.join().expect("writer thread");
     let commits = commits.load(Ordering::Relaxed);
     eprintln!(
-        "[kill_matrix] {name}: {} kills, finished after the last one; {commits} writer commits; {finished_early} run(s) finished early",
+        "[kill_matrix] {name}: {} kills, resumed to completion; {commits} writer commits",
         landed.len()
     );
     assert!(commits > 0, "the writer wrote nothing");
@@ -261,13 +306,28 @@ fn kill_and_resume(name: &str, rng: &mut Rng, kills: usize) -> Vec<String> {
     landed
 }
 
+/// `n` distinct stages of the pipeline picked at random, in pipeline order.
+fn pick(rng: &mut Rng, n: usize) -> Vec<&'static str> {
+    let mut chosen: Vec<usize> = Vec::new();
+    while chosen.len() < n.min(PIPELINE.len()) {
+        let i = rng.between(0, PIPELINE.len() as u64) as usize;
+        if !chosen.contains(&i) {
+            chosen.push(i);
+        }
+    }
+    chosen.sort_unstable();
+    chosen.into_iter().map(|i| PIPELINE[i]).collect()
+}
+
 #[test]
 fn sigkill_at_random_moments_then_resume() {
     let seed = seed();
     eprintln!("[kill_matrix] seed {seed} (PGFERRY_KILL_SEED={seed} replays it)");
     let mut rng = Rng::new(seed);
-    let landed = kill_and_resume("km_ci", &mut rng, 4);
-    eprintln!("[kill_matrix] seed {seed}: kills landed in {landed:?}");
+    let targets = pick(&mut rng, 4);
+    let landed = kill_and_resume("km_ci", &mut rng, &targets);
+    eprintln!("[kill_matrix] seed {seed}: kills aimed at {targets:?} landed in {landed:?}");
+    assert!(landed.len() >= 3, "too few kills landed: {landed:?}");
 }
 
 #[test]
@@ -277,15 +337,18 @@ fn sigkill_matrix_full() {
     eprintln!("[kill_matrix] seed {seed} (PGFERRY_KILL_SEED={seed} replays it)");
     let mut rng = Rng::new(seed);
     let mut all = Vec::new();
+    // Three migrations, each killed in 7 of the 8 stages: every stage at least twice.
     for round in 0..3 {
-        all.extend(kill_and_resume(&format!("km_full{round}"), &mut rng, 7));
+        let targets = pick(&mut rng, 7);
+        all.extend(kill_and_resume(
+            &format!("km_full{round}"),
+            &mut rng,
+            &targets,
+        ));
     }
     eprintln!(
         "[kill_matrix] seed {seed}: {} kills landed in {all:?}",
         all.len()
     );
-    assert!(
-        all.len() >= 15,
-        "too few kills landed in a running migration: {all:?}"
-    );
+    assert!(all.len() >= 20, "too few kills landed: {all:?}");
 }
