@@ -177,6 +177,9 @@ fixtures! {
     template_guards,
     env_as_a_whole,
     float_for_integer,
+    duplicate_key,
+    integer_overflow,
+    not_utf8,
 }
 
 #[test]

@@ -323,6 +323,18 @@ impl ConnInfo {
     /// The native-tls connector for `mode`, with libpq's verification rules.
     pub fn native_tls(&self, mode: TlsMode) -> Result<native_tls::TlsConnector> {
         let mut b = native_tls::TlsConnector::builder();
+        // libpq refuses a named root certificate file that is missing when it must verify.
+        if let Some(path) = &self.root_cert
+            && !path.exists()
+            && matches!(mode, TlsMode::VerifyCa | TlsMode::VerifyFull)
+        {
+            return Err(Error::permanent(format!(
+                "sslrootcert {} does not exist, and sslmode={} needs it to verify the server",
+                path.display(),
+                if mode == TlsMode::VerifyCa { "verify-ca" } else { "verify-full" }
+            ))
+            .hint("point sslrootcert (in the URL, or PGSSLROOTCERT) at the PEM file of the CA that signed the server's certificate"));
+        }
         let root = self.root_cert.as_ref().filter(|p| p.exists());
         if let Some(path) = root {
             let pem = std::fs::read(path).map_err(|e| {
@@ -354,12 +366,33 @@ impl ConnInfo {
 
 fn connect_error(e: &tokio_postgres::Error, doing: String) -> Error {
     let mut err = Error::pg(e, doing);
+    if err.hint.is_none()
+        && let Some(hint) = tls_hint(&err.message)
+    {
+        err.hint = Some(hint.into());
+    }
     if err.hint.is_none() && err.sqlstate.is_none() {
         err.hint = Some(
             "check that the server is running and reachable from here (host, port, firewall, pg_hba.conf)".into(),
         );
     }
     err
+}
+
+/// What to do about a failed TLS handshake, from OpenSSL's reason (`IP address mismatch`,
+/// `hostname mismatch`, `unable to get local issuer certificate`, `self-signed certificate`).
+pub fn tls_hint(message: &str) -> Option<&'static str> {
+    if message.contains("address mismatch") || message.contains("hostname mismatch") {
+        Some(
+            "the server's certificate does not name the host connected to (sslmode=verify-full checks its CN and subjectAltName): connect with a host name the certificate lists, or use sslmode=verify-ca to check the CA only",
+        )
+    } else if message.contains("certificate verify failed") {
+        Some(
+            "the server's certificate is not signed by a CA pgferry trusts: point sslrootcert (in the URL, or PGSSLROOTCERT) at the CA that signed it",
+        )
+    } else {
+        None
+    }
 }
 
 fn spawn_connection<S, T>(conn: tokio_postgres::Connection<S, T>)

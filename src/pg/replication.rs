@@ -703,6 +703,17 @@ impl ReplicationClient {
                         self.describe
                     )));
                 }
+                // A walsender that shuts down (a fast or smart server stop) ends the stream with
+                // CommandComplete, without CopyDone.
+                backend::COMMAND_COMPLETE_TAG => {
+                    self.mode = Mode::Ending {
+                        send_copy_done: false,
+                    };
+                    return Err(Error::transient(format!(
+                        "{} ended the replication stream (the server is shutting down or restarting)",
+                        self.describe
+                    )));
+                }
                 backend::ERROR_RESPONSE_TAG => {
                     self.mode = Mode::Ending {
                         send_copy_done: false,
@@ -982,7 +993,11 @@ async fn negotiate_tls(
         b'S' => {
             let connector = postgres_native_tls::TlsConnector::new(conn.native_tls(mode)?, host);
             let tls = connector.connect(raw).await.map_err(|e| {
-                Error::permanent(format!("TLS handshake with {describe} failed: {e}"))
+                let err = Error::permanent(format!("TLS handshake with {describe} failed: {e}"));
+                match crate::pg::connect::tls_hint(&err.message) {
+                    Some(hint) => err.hint(hint),
+                    None => err,
+                }
             })?;
             Ok(BoxedStream(Box::new(tls)))
         }

@@ -35,8 +35,12 @@ pub fn compile_file(
         Ok(t) => t,
         Err(e) => {
             let src = SourceFile::new(path, "");
-            let d = Diagnostic::error(format!("cannot read plan file: {e}"))
-                .hint("pass the path of a plan, e.g. `pgferry check pipelines/dvdrental.toml`");
+            let hint = if e.kind() == std::io::ErrorKind::InvalidData {
+                "a plan is UTF-8 text (TOML); convert the file, e.g. `iconv -f latin1 -t utf-8`"
+            } else {
+                "pass the path of a plan, e.g. `pgferry check pipelines/dvdrental.toml`"
+            };
+            let d = Diagnostic::error(format!("cannot read plan file: {e}")).hint(hint);
             return Err((src, vec![d]));
         }
     };

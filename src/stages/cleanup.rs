@@ -107,6 +107,12 @@ pub async fn drop_source_objects(
         Err(e) if e.sqlstate.as_deref() == Some("3D000") => return Ok(out),
         Err(e) => return Err(e),
     };
+    // After the cutover the source database is fenced (`default_transaction_read_only`); our
+    // own session may still drop what we created there.
+    client
+        .batch_execute("SET default_transaction_read_only = off")
+        .await
+        .map_err(|e| Error::pg(&e, "making the cleanup session read-write"))?;
     let migration = &env.plan.name;
     if drop_slot {
         let slot = slot_name(migration, &db.name);

@@ -66,6 +66,14 @@ impl Cluster {
     /// Creates, configures and starts a new cluster. Blocks until it accepts
     /// connections; panics with context (including the server log) on failure.
     pub fn start(name: &str) -> Cluster {
+        Cluster::start_with(name, "", &[])
+    }
+
+    /// Like [`Cluster::start`], with `extra_conf` appended to postgresql.conf and `files`
+    /// (name relative to the data directory, contents) written into the data directory before
+    /// the server starts, mode 0600 and owned by the server's OS user (server keys need both).
+    /// For tests that need their own server (TLS, restarts); the shared [`pair`] never uses it.
+    pub fn start_with(name: &str, extra_conf: &str, files: &[(&str, &[u8])]) -> Cluster {
         let started = Instant::now();
         let bindir = find_bindir();
         let dir = make_temp_root(name);
@@ -85,6 +93,27 @@ impl Cluster {
         };
         cluster.initdb();
         cluster.configure();
+        for (file, contents) in files {
+            let path = cluster.data_dir.join(file);
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&path)
+                .unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+            f.write_all(contents)
+                .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+            if is_root() {
+                chown_to_os_user(&path);
+            }
+        }
+        if !extra_conf.is_empty() {
+            append(
+                &cluster.data_dir.join("postgresql.conf"),
+                &format!("\n# --- extra settings of this test ---\n{extra_conf}\n"),
+            );
+        }
         let cluster = cluster.start_on_free_port();
         eprintln!(
             "[support] cluster {:?} started on 127.0.0.1:{} in {:.2?} (dir {})",

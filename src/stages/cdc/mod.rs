@@ -260,7 +260,7 @@ impl<'a> DbStream<'a> {
             .parse()?;
         repl.start_replication(&slot, start, &publication)
             .await
-            .map_err(|e| e.context(format!("streaming from slot {slot}")))?;
+            .map_err(|e| explain_missing(e.context(format!("streaming from slot {slot}"))))?;
         tracing::info!(database = %self.db.name, slot = %slot, from = %start, "cdc streaming");
         self.cx
             .store
@@ -351,6 +351,9 @@ impl<'a> DbStream<'a> {
             } else {
                 Instant::now() + DRAIN_CHECK_EVERY
             };
+            // A large source transaction streams without a pause: the status update must not wait
+            // for one, or the walsender hears nothing for wal_sender_timeout and ends the stream.
+            let tick = tick.min(st.last_status + STATUS_EVERY);
             tokio::select! {
                 biased;
                 _ = self.cx.cancel.cancelled() => {
@@ -372,7 +375,7 @@ impl<'a> DbStream<'a> {
                     }
                 }
                 m = repl.next_message() => {
-                    match m? {
+                    match m.map_err(explain_missing)? {
                         ReplicationMessage::Keepalive(k) => {
                             if !st.in_source_tx {
                                 if st.batch_open {
@@ -645,4 +648,22 @@ impl<'a> DbStream<'a> {
         }
         Ok(())
     }
+}
+
+/// The hint for a slot or publication that no longer exists on the source (SQLSTATE 42704): it was
+/// dropped outside pgferry, and the changes the slot held cannot be streamed any more.
+fn explain_missing(e: Error) -> Error {
+    if e.sqlstate.as_deref() != Some("42704") || e.hint.is_some() {
+        return e;
+    }
+    let what = if e.message.contains("replication slot") {
+        "the replication slot was dropped outside pgferry, and with it the changes made since the load"
+    } else if e.message.contains("publication") {
+        "the publication was dropped outside pgferry, and the slot's changes cannot be decoded without it"
+    } else {
+        return e;
+    };
+    e.hint(format!(
+        "{what}: the target cannot be brought up to date from here. Start this migration over: `pgferry reset PLAN --yes` (drops the slot, publication and checkpoints; target data is left alone), then `pgferry run PLAN` (recreates them and copies every table again)"
+    ))
 }
