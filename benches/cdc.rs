@@ -18,9 +18,9 @@
 //! BENCH_VERBOSE=1 cargo bench --bench cdc -- drain     # pgferry's log and status after each run
 //! ```
 
+mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
-mod common;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -106,6 +106,25 @@ impl Db {
         String::new()
     }
 
+    /// Connects once `db` exists (pgferry's provision creates the target database).
+    fn connect_when_created(c: &Cluster, db: &str, child: &mut Child, log: &PathBuf) -> Db {
+        poll(
+            &format!("database {db} to be created"),
+            Duration::from_secs(300),
+            POLL,
+            || {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("pgferry stopped early ({status:?})\n{}", tail(log, 60));
+                }
+                c.psql(
+                    "postgres",
+                    &format!("SELECT count(*) FROM pg_database WHERE datname = '{db}'"),
+                ) == "1"
+            },
+        );
+        Db::connect(c, db)
+    }
+
     fn is(&self, sql: &str) -> bool {
         self.one(sql) == "t"
     }
@@ -138,19 +157,44 @@ fn proc_mem(pid: u32, field: &str) -> Option<u64> {
         .ok()
 }
 
+/// Read and write system calls (`syscr`, `syscw` of `/proc/PID/io`) and voluntary context
+/// switches of a live process: one request/response round trip to a server costs at least one of
+/// each, so they count round trips.
+fn proc_calls(pid: u32) -> Option<(u64, u64, u64)> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    let field = |text: &str, name: &str| -> Option<u64> {
+        text.lines()
+            .find(|l| l.starts_with(name))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    Some((
+        field(&io, "syscr:")?,
+        field(&io, "syscw:")?,
+        field(&status, "voluntary_ctxt_switches:")?,
+    ))
+}
+
 /// The last CPU figure seen for each of a few processes, sampled while they live.
 #[derive(Default)]
 struct CpuWatch {
-    seen: Vec<(String, u32, f64)>,
+    seen: Vec<(String, u32, f64, (u64, u64, u64))>,
 }
 
 impl CpuWatch {
     fn watch(&mut self, label: &str, pid: Option<u32>) {
         let Some(pid) = pid else { return };
         if let Some(cpu) = proc_cpu(pid) {
-            match self.seen.iter_mut().find(|(_, p, _)| *p == pid) {
-                Some(e) => e.2 = cpu,
-                None => self.seen.push((label.to_string(), pid, cpu)),
+            let calls = proc_calls(pid).unwrap_or_default();
+            match self.seen.iter_mut().find(|e| e.1 == pid) {
+                Some(e) => {
+                    e.2 = cpu;
+                    e.3 = calls;
+                }
+                None => self.seen.push((label.to_string(), pid, cpu, calls)),
             }
         }
     }
@@ -158,9 +202,11 @@ impl CpuWatch {
     fn report(&self) -> String {
         self.seen
             .iter()
-            .map(|(l, _, c)| format!("{l} {c:.1}s"))
+            .map(|(l, _, c, (r, w, v))| {
+                format!("{l} {c:.1}s CPU, {r} read / {w} write syscalls, {v} voluntary switches")
+            })
             .collect::<Vec<_>>()
-            .join(", ")
+            .join("; ")
     }
 }
 
@@ -255,7 +301,9 @@ fn user_tables(c: &Cluster, db: &str) -> Vec<String> {
 fn hash_digest(c: &Cluster, db: &str, table: &str) -> String {
     c.psql(
         db,
-        &format!("SELECT count(*) || ':' || coalesce(sum(hashtext(t::text)::bigint), 0) FROM {table} t"),
+        &format!(
+            "SELECT count(*) || ':' || coalesce(sum(hashtext(t::text)::bigint), 0) FROM {table} t"
+        ),
     )
 }
 
@@ -273,8 +321,7 @@ struct DrainRound {
     ferry_idle: f64,
 }
 
-const PGBENCH_TABLES: &str =
-    "public.pgbench_accounts, public.pgbench_branches, public.pgbench_tellers, public.pgbench_history";
+const PGBENCH_TABLES: &str = "public.pgbench_accounts, public.pgbench_branches, public.pgbench_tellers, public.pgbench_history";
 
 fn pgbench(src: &Cluster, db: &str, args: &[&str]) -> Duration {
     sh(
@@ -315,7 +362,11 @@ fn drain_round(a: &Args, p: &Pair, src: &str, round: u32) -> DrainRound {
         t.elapsed().as_secs_f64()
     );
     let tdb = Db::connect(&p.target, tf);
-    assert_eq!(stage_state(&tdb, &migration, "cdc"), "ready", "cdc not ready");
+    assert_eq!(
+        stage_state(&tdb, &migration, "cdc"),
+        "ready",
+        "cdc not ready"
+    );
 
     // Native: same data by pg_dump | psql (no writes since the load), a subscription without copy.
     let d = run_pg_dump(&p.source, src, &p.target, tn);
@@ -401,7 +452,9 @@ fn drain_round(a: &Args, p: &Pair, src: &str, round: u32) -> DrainRound {
                     "walsender",
                     pid_of(
                         &sdb,
-                        &format!("SELECT active_pid FROM pg_replication_slots WHERE slot_name = '{sub}'"),
+                        &format!(
+                            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = '{sub}'"
+                        ),
                     ),
                 );
                 cpu.watch(
@@ -434,40 +487,36 @@ fn drain_round(a: &Args, p: &Pair, src: &str, round: u32) -> DrainRound {
         let t = Instant::now();
         let mut child = cmd.spawn().expect("spawn pgferry");
         let pid = child.id();
-        poll(
-            "pgferry to drain",
-            Duration::from_secs(3600),
-            POLL,
-            || {
-                if let Some(kb) = proc_mem(pid, "VmRSS") {
-                    peak_rss = peak_rss.max(kb);
-                }
-                cpu.watch(
+        poll("pgferry to drain", Duration::from_secs(3600), POLL, || {
+            if let Some(kb) = proc_mem(pid, "VmRSS") {
+                peak_rss = peak_rss.max(kb);
+            }
+            cpu.watch("pgferry", Some(pid));
+            cpu.watch(
                     "walsender",
                     pid_of(
                         &sdb,
                         "SELECT active_pid FROM pg_replication_slots WHERE slot_name LIKE 'pgferry\\_%' AND active",
                     ),
                 );
-                cpu.watch(
-                    "target apply backend",
-                    pid_of(
-                        &tdb,
-                        "SELECT pid FROM pg_stat_activity WHERE application_name = 'pgferry cdc apply'",
-                    ),
-                );
-                if let Ok(Some(status)) = child.try_wait() {
-                    // It may have finished between two polls; the position decides.
-                    if !applied_at_least(&tdb, &l) {
-                        panic!(
-                            "pgferry exited ({status:?}) before applying up to {l}\n{}",
-                            tail(&log, 60)
-                        );
-                    }
+            cpu.watch(
+                "target apply backend",
+                pid_of(
+                    &tdb,
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = 'pgferry cdc apply'",
+                ),
+            );
+            if let Ok(Some(status)) = child.try_wait() {
+                // It may have finished between two polls; the position decides.
+                if !applied_at_least(&tdb, &l) {
+                    panic!(
+                        "pgferry exited ({status:?}) before applying up to {l}\n{}",
+                        tail(&log, 60)
+                    );
                 }
-                applied_at_least(&tdb, &l)
-            },
-        );
+            }
+            applied_at_least(&tdb, &l)
+        });
         let applied = t.elapsed().as_secs_f64();
         expect_exit(&mut child, 0, &log, "pgferry drain run");
         let exited = t.elapsed().as_secs_f64();
@@ -539,6 +588,13 @@ fn drain(a: &Args) {
     p.source.psql("postgres", &format!("CREATE DATABASE {src}"));
     let t = Instant::now();
     pgbench(&p.source, src, &["-i", "-q", "-s", &a.scale.to_string()]);
+    // pgbench_history has no key; pgferry refuses to publish such a table (its UPDATEs and DELETEs
+    // would fail on the source). pgbench only inserts into it, and REPLICA IDENTITY FULL changes
+    // nothing in the WAL of an INSERT: the same backlog for both sides.
+    p.source.psql(
+        src,
+        "ALTER TABLE public.pgbench_history REPLICA IDENTITY FULL",
+    );
     p.source.psql(src, "VACUUM ANALYZE");
     eprintln!(
         "[bench] drain: pgbench -i -s {} in {:.1?}",
@@ -551,12 +607,7 @@ fn drain(a: &Args) {
         rounds.push(drain_round(a, p, src, r));
     }
     let total = f64::from((a.tx / a.clients).max(1) * a.clients);
-    let best = |f: fn(&DrainRound) -> f64| {
-        rounds
-            .iter()
-            .map(f)
-            .fold(f64::INFINITY, f64::min)
-    };
+    let best = |f: fn(&DrainRound) -> f64| rounds.iter().map(f).fold(f64::INFINITY, f64::min);
     let native = best(|r| r.native);
     let applied = best(|r| r.ferry_applied);
     let exited = best(|r| r.ferry_exit);
@@ -615,8 +666,10 @@ fn bigtx(a: &Args) {
     let src = "bigtx_src";
     let tgt = "bigtx_tgt";
     let migration = "cdcbigtx";
-    p.source
-        .psql("postgres", &format!("DROP DATABASE IF EXISTS {src} WITH (FORCE)"));
+    p.source.psql(
+        "postgres",
+        &format!("DROP DATABASE IF EXISTS {src} WITH (FORCE)"),
+    );
     p.source.psql("postgres", &format!("CREATE DATABASE {src}"));
     fresh_target(&p.target, tgt);
     p.source
@@ -632,7 +685,7 @@ fn bigtx(a: &Args) {
     let (mut cmd, log) = pgferry_cmd(&plan, &["run"], "bigtx.log");
     let mut child = cmd.spawn().expect("spawn pgferry");
     let pid = child.id();
-    let tdb = Db::connect(&p.target, tgt);
+    let tdb = Db::connect_when_created(&p.target, tgt, &mut child, &log);
     poll("cdc to be ready", Duration::from_secs(300), POLL, || {
         if let Ok(Some(status)) = child.try_wait() {
             panic!("pgferry stopped early ({status:?})\n{}", tail(&log, 60));
@@ -659,6 +712,7 @@ fn bigtx(a: &Args) {
         })
     };
     let cpu_ferry = proc_cpu(pid).unwrap_or(0.0);
+    let calls_before = proc_calls(pid).unwrap_or_default();
     let t = Instant::now();
     p.source.psql(
         src,
@@ -684,6 +738,7 @@ fn bigtx(a: &Args) {
     let applied = t.elapsed().as_secs_f64();
     let hwm = proc_mem(pid, "VmHWM").unwrap_or(0);
     let cpu_ferry = proc_cpu(pid).unwrap_or(0.0) - cpu_ferry;
+    let calls = proc_calls(pid).unwrap_or_default();
     stop.store(true, Ordering::SeqCst);
     let samples = sampler.join().expect("sampler");
     sigint(&child);
@@ -695,7 +750,10 @@ fn bigtx(a: &Args) {
 
     let s = hash_digest(&p.source, src, "public.t");
     let d = hash_digest(&p.target, tgt, "public.t");
-    assert_eq!(s, d, "the target differs from the source after the big transaction");
+    assert_eq!(
+        s, d,
+        "the target differs from the source after the big transaction"
+    );
     eprintln!("[bench] bigtx: target equals the source ({s})");
     p.source.psql(
         src,
@@ -706,10 +764,7 @@ fn bigtx(a: &Args) {
         "\nbigtx: one source transaction inserting {} rows (int + 100-byte text) while cdc runs",
         a.rows
     );
-    println!(
-        "{:<44} {:>10.1}",
-        "source INSERT ... COMMIT (s)", committed
-    );
+    println!("{:<44} {:>10.1}", "source INSERT ... COMMIT (s)", committed);
     println!(
         "{:<44} {:>10.1}",
         "commit to applied on the target (s)",
@@ -720,7 +775,24 @@ fn bigtx(a: &Args) {
         "rows applied per second (after the commit)",
         f64::from(a.rows) / (applied - committed).max(1e-9)
     );
-    println!("{:<44} {:>10.1}", "pgferry CPU while applying (s)", cpu_ferry);
+    println!(
+        "{:<44} {:>10.1}",
+        "pgferry CPU while applying (s)", cpu_ferry
+    );
+    println!(
+        "{:<44} {:>10}",
+        "pgferry read / write syscalls while applying",
+        format!(
+            "{} / {}",
+            calls.0 - calls_before.0,
+            calls.1 - calls_before.1
+        )
+    );
+    println!(
+        "{:<44} {:>10}",
+        "pgferry voluntary context switches",
+        calls.2 - calls_before.2
+    );
     println!("{:<44} {:>10.1}", "RSS before (MB)", mb(baseline));
     println!(
         "{:<44} {:>10.1}",
@@ -778,12 +850,14 @@ fn writer(port: u16, db: String, rate: u32, stop: Arc<AtomicBool>) -> WriterStat
             rng ^= rng << 17;
             rng
         };
-        let start = tokio::time::Instant::now();
+        let every = Duration::from_secs_f64(1.0 / f64::from(rate));
+        let mut due = tokio::time::Instant::now();
         let mut i: u64 = 0;
         while !stop.load(Ordering::SeqCst) {
             i += 1;
-            tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / f64::from(rate)))
-                .await;
+            // A steady rate; time lost (slow writes, reconnects) is not caught up in a burst.
+            due = (due + every).max(tokio::time::Instant::now());
+            tokio::time::sleep_until(due).await;
             if client.as_ref().is_none_or(|c| c.is_closed()) {
                 match config.connect(tokio_postgres::NoTls).await {
                     Ok((c, conn)) => {
@@ -883,7 +957,7 @@ fn cutover(a: &Args) {
     let (mut cmd, log) = pgferry_cmd(&plan, &["run"], "cutover.log");
     let t = Instant::now();
     let mut child = cmd.spawn().expect("spawn pgferry");
-    let tdb = Db::connect(&p.target, tgt);
+    let tdb = Db::connect_when_created(&p.target, tgt, &mut child, &log);
     let mut ready_at = None;
     poll(
         "the cutover to finish",
@@ -957,10 +1031,7 @@ fn cutover(a: &Args) {
         "run start to cdc ready (s)",
         ready_at.unwrap_or(f64::NAN)
     );
-    println!(
-        "{:<58} {:>8.1}",
-        "run start to cutover done (s)", done_secs
-    );
+    println!("{:<58} {:>8.1}", "run start to cutover done (s)", done_secs);
     println!("{:<58} {:>8.1}", "run start to exit (s)", exited);
     println!(
         "{:<58} {:>8.2}",

@@ -9,9 +9,9 @@
 //! ```
 //! pgcopydb is optional (`apt-get install pgcopydb`); without it its row says "not installed".
 
+mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
-mod common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
