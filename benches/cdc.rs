@@ -160,7 +160,7 @@ fn proc_mem(pid: u32, field: &str) -> Option<u64> {
 /// Read and write system calls (`syscr`, `syscw` of `/proc/PID/io`) and voluntary context
 /// switches of a live process: one request/response round trip to a server costs at least one of
 /// each, so they count round trips.
-fn proc_calls(pid: u32) -> Option<(u64, u64, u64)> {
+fn proc_calls(pid: u32) -> Option<Calls> {
     let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
     let field = |text: &str, name: &str| -> Option<u64> {
         text.lines()
@@ -170,18 +170,27 @@ fn proc_calls(pid: u32) -> Option<(u64, u64, u64)> {
             .parse()
             .ok()
     };
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    Some((
-        field(&io, "syscr:")?,
-        field(&io, "syscw:")?,
-        field(&status, "voluntary_ctxt_switches:")?,
-    ))
+    // /proc/PID/status counts the main thread only; sum over every thread.
+    let mut switches = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        if let Ok(status) = std::fs::read_to_string(task.path().join("status")) {
+            switches += field(&status, "voluntary_ctxt_switches:").unwrap_or(0);
+        }
+    }
+    Some((field(&io, "syscr:")?, field(&io, "syscw:")?, switches))
 }
 
 /// The last CPU figure seen for each of a few processes, sampled while they live.
+/// Read syscalls, write syscalls, voluntary context switches.
+type Calls = (u64, u64, u64);
+
 #[derive(Default)]
 struct CpuWatch {
-    seen: Vec<(String, u32, f64, (u64, u64, u64))>,
+    /// Label, pid, CPU seconds, calls.
+    seen: Vec<(String, u32, f64, Calls)>,
 }
 
 impl CpuWatch {
@@ -521,7 +530,7 @@ fn drain_round(a: &Args, p: &Pair, src: &str, round: u32) -> DrainRound {
         expect_exit(&mut child, 0, &log, "pgferry drain run");
         let exited = t.elapsed().as_secs_f64();
         eprintln!(
-            "[bench]   pgferry drain: applied up to {l} after {applied:.1}s, exited after {exited:.1}s; CPU: pgferry {:.1}s, {} (last sampled); peak RSS {:.0} MB",
+            "[bench]   pgferry drain: applied up to {l} after {applied:.1}s, exited after {exited:.1}s; pgferry's CPU (rusage) {:.1}s; last sampled: {}; peak RSS {:.0} MB",
             children_cpu() - cpu_before,
             cpu.report(),
             mb(peak_rss)
@@ -531,7 +540,7 @@ fn drain_round(a: &Args, p: &Pair, src: &str, round: u32) -> DrainRound {
         }
         (applied, exited)
     };
-    let (native, (ferry_applied, ferry_exit)) = if round % 2 == 0 {
+    let (native, (ferry_applied, ferry_exit)) = if round.is_multiple_of(2) {
         let f = run_ferry();
         (run_native(), f)
     } else {
@@ -784,14 +793,14 @@ fn bigtx(a: &Args) {
         "pgferry read / write syscalls while applying",
         format!(
             "{} / {}",
-            calls.0 - calls_before.0,
-            calls.1 - calls_before.1
+            calls.0.saturating_sub(calls_before.0),
+            calls.1.saturating_sub(calls_before.1)
         )
     );
     println!(
         "{:<44} {:>10}",
         "pgferry voluntary context switches",
-        calls.2 - calls_before.2
+        calls.2.saturating_sub(calls_before.2)
     );
     println!("{:<44} {:>10.1}", "RSS before (MB)", mb(baseline));
     println!(
