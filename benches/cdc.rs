@@ -39,6 +39,8 @@ struct Args {
     repeat: u32,
     rows: u32,
     rate: u32,
+    /// `wal_sender_timeout` to set on the source for bigtx (server default 60s when unset).
+    wal_sender_timeout: Option<String>,
 }
 
 fn args() -> Args {
@@ -50,6 +52,7 @@ fn args() -> Args {
         repeat: 1,
         rows: 1_000_000,
         rate: 200,
+        wal_sender_timeout: None,
     };
     let mut it = std::env::args().skip(1).filter(|x| x != "--bench");
     while let Some(x) = it.next() {
@@ -61,6 +64,7 @@ fn args() -> Args {
             "--repeat" => a.repeat = num(a.repeat).max(1),
             "--rows" => a.rows = num(a.rows),
             "--rate" => a.rate = num(a.rate).max(1),
+            "--wal-sender-timeout" => a.wal_sender_timeout = it.next(),
             "drain" | "bigtx" | "cutover" | "all" => a.what = x,
             _ => {}
         }
@@ -683,6 +687,17 @@ fn bigtx(a: &Args) {
     fresh_target(&p.target, tgt);
     p.source
         .psql(src, "CREATE TABLE public.t (id int PRIMARY KEY, v text)");
+    // The server default (60s) unless asked: cdc must keep the walsender informed while it applies
+    // a transaction that takes longer than that.
+    let timeout = a.wal_sender_timeout.as_deref().unwrap_or("60s");
+    p.source.psql(
+        "postgres",
+        &format!(
+            "ALTER SYSTEM SET wal_sender_timeout = '{}'",
+            timeout.replace('\'', "")
+        ),
+    );
+    p.source.psql("postgres", "SELECT pg_reload_conf()");
     // A manual cutover after cdc keeps the runner (and cdc) running.
     let plan = TestPlan::new(
         p,
@@ -753,6 +768,11 @@ fn bigtx(a: &Args) {
     sigint(&child);
     expect_exit(&mut child, 130, &log, "pgferry (SIGINT)");
     let peak = peak.load(Ordering::SeqCst);
+    let restarts = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("transient failure"))
+        .count();
     if verbose() {
         eprintln!("{}", tail(&log, 40));
     }
@@ -802,6 +822,11 @@ fn bigtx(a: &Args) {
         "pgferry voluntary context switches",
         calls.2.saturating_sub(calls_before.2)
     );
+    println!(
+        "{:<44} {:>10}",
+        format!("cdc restarts (wal_sender_timeout {timeout})"),
+        restarts
+    );
     println!("{:<44} {:>10.1}", "RSS before (MB)", mb(baseline));
     println!(
         "{:<44} {:>10.1}",
@@ -831,6 +856,8 @@ struct WriterStats {
     last_ok: Option<Instant>,
     first_failure: Option<Instant>,
     last_error: String,
+    /// The last few successful writes: number (as in `writer{i}@example.org`) and when.
+    recent: std::collections::VecDeque<(u64, Instant)>,
 }
 
 /// Small transactions against Pagila at `rate` per second until `stop`: a rental with its
@@ -909,6 +936,10 @@ fn writer(port: u16, db: String, rate: u32, stop: Arc<AtomicBool>) -> WriterStat
                 Ok(()) => {
                     st.ok += 1;
                     st.last_ok = Some(Instant::now());
+                    st.recent.push_back((i, Instant::now()));
+                    if st.recent.len() > 8 {
+                        st.recent.pop_front();
+                    }
                     if st.first_failure.is_some() {
                         st.ok_after_failure += 1;
                     }
@@ -1013,23 +1044,48 @@ fn cutover(a: &Args) {
         .first_failure
         .map(|f| done.saturating_duration_since(f).as_secs_f64());
 
-    // Every table equal on both sides (the source is fenced: nothing moves any more).
+    // Every table equal on both sides (the source is fenced: nothing moves any more). A
+    // difference is shown row by row, with the writer's last writes, before the figures.
     let tables = user_tables(&p.source, src);
+    let mut differing = Vec::new();
     for table in &tables {
-        assert_eq!(
-            row_digest(&p.source, src, table),
-            row_digest(&p.target, tgt, table),
-            "table {table} differs after the cutover"
+        if row_digest(&p.source, src, table) != row_digest(&p.target, tgt, table) {
+            differing.push(table.clone());
+            let rows = |c: &Cluster, db: &str| -> std::collections::BTreeSet<String> {
+                c.psql(db, &format!("SELECT t::text FROM {table} t"))
+                    .lines()
+                    .map(str::to_string)
+                    .collect()
+            };
+            let (s_rows, t_rows) = (rows(&p.source, src), rows(&p.target, tgt));
+            eprintln!("[bench] cutover: {table} DIFFERS after the cutover");
+            for r in s_rows.difference(&t_rows).take(10) {
+                eprintln!("  only on the source: {r}");
+            }
+            for r in t_rows.difference(&s_rows).take(10) {
+                eprintln!("  only on the target: {r}");
+            }
+        }
+    }
+    if !differing.is_empty() {
+        eprintln!(
+            "[bench] cutover target LSN: {}; writer's last successful writes (number, ms before cutover done): {:?}; first failure {:?} ms before done",
+            tdb.one(&format!(
+                "SELECT value->>'lsn' FROM pgferry.checkpoints WHERE migration = '{migration}' AND stage = 'cutover'"
+            )),
+            ws.recent
+                .iter()
+                .map(|(i, at)| (*i, done.saturating_duration_since(*at).as_millis()))
+                .collect::<Vec<_>>(),
+            ws.first_failure
+                .map(|f| done.saturating_duration_since(f).as_millis())
+        );
+    } else {
+        eprintln!(
+            "[bench] cutover: {} tables equal on both sides",
+            tables.len()
         );
     }
-    eprintln!(
-        "[bench] cutover: {} tables equal on both sides",
-        tables.len()
-    );
-    assert_eq!(
-        ws.ok_after_failure, 0,
-        "writes succeeded after the fence: {ws:?}"
-    );
 
     println!(
         "\ncutover: Pagila, writer at {} tx/s (rental+payment inserts, customer updates, deletes), approval = auto (max_lag 5s, quiet_for 10s), fence = read_only",
@@ -1067,6 +1123,14 @@ fn cutover(a: &Args) {
         }
     );
     println!("pgferry's event: {event}");
+    assert!(
+        differing.is_empty(),
+        "tables differ after the cutover: {differing:?}"
+    );
+    assert_eq!(
+        ws.ok_after_failure, 0,
+        "writes succeeded after the fence: {ws:?}"
+    );
     println!(
         "write downtime vs target < 5 s: {}",
         if recorded.max(writer_side) < 5.0 {
