@@ -114,6 +114,21 @@ pub enum Command {
         #[arg(long)]
         yes: bool,
     },
+    /// Try an online migration end to end, with nothing to configure: two throwaway clusters from
+    /// the installed PostgreSQL server binaries, a generated DVD-rental database, a writer, the
+    /// bundled plan with an automatic cutover, and a summary. Set PGFERRY_PG_BINDIR to choose the
+    /// server binaries.
+    Demo {
+        /// Size of the generated database: about 350,000 rows (~50 MB) per unit.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        scale: u32,
+        /// Leave the clusters running afterwards and print how to connect to them.
+        #[arg(long)]
+        keep: bool,
+        /// Ports for the clusters: the source on P, the target on P+1 (default: free ports).
+        #[arg(long, value_name = "P")]
+        port_base: Option<u16>,
+    },
     /// Write a commented plan with every standard stage.
     Init {
         /// Where to write it.

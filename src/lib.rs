@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod commands;
 pub mod dag;
+pub mod demo;
 pub mod error;
 pub mod executor;
 pub mod pg;

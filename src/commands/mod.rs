@@ -3,6 +3,7 @@
 
 mod check;
 mod cutover;
+mod demo;
 mod graph;
 mod init;
 mod plan;
@@ -42,6 +43,11 @@ pub async fn dispatch(cli: Cli) -> u8 {
         Command::Unfence { plan } => unfence::run(&plan).await,
         Command::Reset { plan, yes } => reset::run(&plan, yes).await,
         Command::Init { path, force } => init::run(&path, force),
+        Command::Demo {
+            scale,
+            keep,
+            port_base,
+        } => demo::run(scale, keep, port_base).await,
     }
 }
 

@@ -10,6 +10,7 @@ use super::{
 };
 use crate::cli::PlanArgs;
 use crate::executor::{Executor, Node, Outcome, Selection};
+use crate::plan::Plan;
 use crate::stages::{self, Env};
 use crate::state::StateStore;
 use crate::state::postgres::PgStore;
@@ -32,6 +33,21 @@ pub async fn run(args: &PlanArgs, until: Option<String>, rerun: Vec<String>) -> 
             Err(code) => return code,
         }
     }
+    let cancel = CancellationToken::new();
+    spawn_signal_handler(cancel.clone());
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    execute(plan, &args.plan, sel, cancel, &redact_args(&argv)).await
+}
+
+/// Runs a compiled plan under the runner lock, as `pgferry run` does; `pgferry demo` calls it too.
+/// `cancel` stops the run at the next checkpoint; `recorded_args` is what the run log records.
+pub(crate) async fn execute(
+    plan: Arc<Plan>,
+    plan_path: &str,
+    sel: Selection,
+    cancel: CancellationToken,
+    recorded_args: &str,
+) -> u8 {
     let env = match Env::new(plan.clone()) {
         Ok(e) => Arc::new(e),
         Err(e) => {
@@ -75,7 +91,7 @@ pub async fn run(args: &PlanArgs, until: Option<String>, rerun: Vec<String>) -> 
         Ok(Err(holder)) => {
             eprintln!(
                 "error: migration `{}` is already being run by {holder}\n  hint: wait for that run to finish, or stop it (Ctrl-C or SIGTERM: it stops at the next checkpoint); `pgferry status {}` shows its progress",
-                plan.name, args.plan
+                plan.name, plan_path
             );
             return EXIT_FAILED;
         }
@@ -85,11 +101,7 @@ pub async fn run(args: &PlanArgs, until: Option<String>, rerun: Vec<String>) -> 
         }
     };
 
-    let cancel = CancellationToken::new();
-    spawn_signal_handler(cancel.clone());
-
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    let run_id = match store.begin_run(&redact_args(&argv)).await {
+    let run_id = match store.begin_run(recorded_args).await {
         Ok(id) => id,
         Err(e) => {
             report(&e);

@@ -107,6 +107,12 @@ pub async fn drop_source_objects(
         Err(e) if e.sqlstate.as_deref() == Some("3D000") => return Ok(out),
         Err(e) => return Err(e),
     };
+    // After a cutover the source database is fenced (`default_transaction_read_only`); this
+    // session's own setting overrides the database's, so the publication can still be dropped.
+    client
+        .batch_execute("SET default_transaction_read_only = off")
+        .await
+        .map_err(|e| Error::pg(&e, "allowing this session to write on the fenced source"))?;
     let migration = &env.plan.name;
     if drop_slot {
         let slot = slot_name(migration, &db.name);
