@@ -7,7 +7,7 @@
 //!   lag as small when cdc's applied position has reached the previous sample.
 //! - fence "read_only" (default): `ALTER DATABASE <source> SET default_transaction_read_only = on`,
 //!   then terminates the database's other client sessions (not walsenders). "none": no fence.
-//! - Then it records `pg_current_wal_lsn()` as `cutover_target:<db>`; cdc applies up to at least that
+//! - Then it records `pg_current_wal_insert_lsn()` as `cutover_target:<db>`; cdc applies up to at least that
 //!   position and finishes (done). The cutover waits for that (at most `timeout`, default 10 min),
 //!   and reports the downtime: fence to cdc done.
 //! - A failure after the fence resets `default_transaction_read_only` on the source and says so. A
@@ -151,9 +151,30 @@ impl Cutover {
                 )
                 .await
                 .map_err(|e| Error::pg(&e, "terminating the source database's sessions"))?;
+            // pg_terminate_backend only signals: a session in the middle of its COMMIT may still
+            // write its commit record. Wait (briefly) until they are gone before taking the target.
+            let gone_by = Instant::now() + Duration::from_secs(10);
+            loop {
+                let left: i64 = source
+                    .query_one(
+                        "SELECT count(*) FROM pg_catalog.pg_stat_activity \
+                          WHERE datname = $1 AND pid <> pg_catalog.pg_backend_pid() AND backend_type = 'client backend'",
+                        &[&db.name],
+                    )
+                    .await
+                    .map_err(|e| Error::pg(&e, "waiting for the source's sessions to end"))?
+                    .get(0);
+                if left == 0 || Instant::now() > gone_by {
+                    break;
+                }
+                self.sleep(cx, Duration::from_millis(50)).await?;
+            }
         }
+        // The insert position, not pg_current_wal_lsn() (the write position): with
+        // synchronous_commit = off the last commit records may still sit in the WAL buffers,
+        // behind the write position, and a drain to that position would miss them.
         let lsn: String = source
-            .query_one("SELECT pg_catalog.pg_current_wal_lsn()::text", &[])
+            .query_one("SELECT pg_catalog.pg_current_wal_insert_lsn()::text", &[])
             .await
             .map_err(|e| Error::pg(&e, "reading the source's WAL position"))?
             .get(0);
