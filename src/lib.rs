@@ -12,6 +12,7 @@ pub mod error;
 pub mod executor;
 pub mod pg;
 pub mod plan;
+pub mod progress;
 pub mod secret;
 pub mod select;
 pub mod stages;

@@ -115,7 +115,12 @@ pub(crate) async fn execute(
     let executor = Executor::new(nodes, store.clone() as Arc<dyn StateStore>, cancel.clone());
     let started = Instant::now();
     tracing::info!(migration = %plan.name, run = run_id, "run started; checkpoints in {}", store.describe());
+    let bars = spawn_bars(&plan, store.clone());
     let result = executor.run(&sel).await;
+    if let Some((stop, task)) = bars {
+        stop.cancel();
+        let _ = task.await;
+    }
     let elapsed =
         humantime::format_duration(std::time::Duration::from_secs(started.elapsed().as_secs()));
     let (outcome, code) = match &result {
@@ -162,6 +167,59 @@ pub(crate) async fn execute(
         tracing::warn!("could not record the end of the run: {e}");
     }
     code
+}
+
+/// On a terminal, live bars (`crate::progress`) redrawn from the store's stage states and the
+/// in-process registry of tables being copied, until the returned token is cancelled.
+fn spawn_bars(
+    plan: &Arc<Plan>,
+    store: Arc<PgStore>,
+) -> Option<(CancellationToken, tokio::task::JoinHandle<()>)> {
+    let mut bars = crate::progress::Bars::new()?;
+    let stop = CancellationToken::new();
+    let kinds: Vec<(String, String)> = plan
+        .stages
+        .iter()
+        .map(|s| (s.id.clone(), s.kind.to_string()))
+        .collect();
+    let done = stop.clone();
+    let task = tokio::spawn(async move {
+        let mut views: Vec<crate::progress::StageView> = Vec::new();
+        let mut tick = 0u32;
+        loop {
+            // The stages' states every second; the tables' bytes every 250 ms.
+            if tick % 4 == 0
+                && let Ok(records) = store.stages().await
+            {
+                let now = crate::state::Timestamp::now().0;
+                views = kinds
+                    .iter()
+                    .filter_map(|(id, kind)| {
+                        let r = records.iter().find(|r| &r.stage == id)?;
+                        let seconds = match (r.started_at, r.ended_at) {
+                            (Some(a), Some(b)) if r.state.as_str() != "running" => Some(b.0 - a.0),
+                            (Some(a), _) => Some(now - a.0),
+                            _ => None,
+                        };
+                        Some(crate::progress::StageView {
+                            id: id.clone(),
+                            kind: kind.clone(),
+                            state: r.state.to_string(),
+                            seconds: seconds.map(|s| s.max(0.0)),
+                        })
+                    })
+                    .collect();
+            }
+            bars.update(&views);
+            tick = tick.wrapping_add(1);
+            tokio::select! {
+                _ = done.cancelled() => break,
+                _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => {}
+            }
+        }
+        bars.clear();
+    });
+    Some((stop, task))
 }
 
 /// The executor's view of the plan's stages.
