@@ -188,7 +188,7 @@ fn spawn_bars(
         let mut tick = 0u32;
         loop {
             // The stages' states every second; the tables' bytes every 250 ms.
-            if tick % 4 == 0
+            if tick.is_multiple_of(4)
                 && let Ok(records) = store.stages().await
             {
                 let now = crate::state::Timestamp::now().0;
