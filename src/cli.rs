@@ -46,6 +46,14 @@ pub struct PlanArgs {
     pub vars: Vec<(String, String)>,
 }
 
+fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d >= std::time::Duration::from_millis(100) => Ok(d),
+        Ok(_) => Err("the interval must be at least 100ms".into()),
+        Err(e) => Err(format!("`{s}` is not a duration like 2s or 500ms: {e}")),
+    }
+}
+
 fn parse_var(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
@@ -72,7 +80,8 @@ pub enum Command {
         plan: PlanArgs,
         #[arg(long, value_enum, default_value_t = GraphFormat::Dot)]
         format: GraphFormat,
-        /// Colour each stage with its state from the checkpoint store (connects to it).
+        /// Colour each stage with its state from the checkpoint store, failing when it cannot be
+        /// read. Without it the store is tried anyway and the states shown when a run exists.
         #[arg(long)]
         state: bool,
     },
@@ -92,8 +101,14 @@ pub enum Command {
         #[command(flatten)]
         plan: PlanArgs,
         /// Machine-readable output (Azure DMS field names).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "watch")]
         json: bool,
+        /// Refresh a compact view (stages, tables, cdc lag, counters) until Ctrl-C.
+        #[arg(long)]
+        watch: bool,
+        /// How often --watch refreshes.
+        #[arg(long, default_value = "2s", value_parser = parse_interval, requires = "watch")]
+        interval: std::time::Duration,
     },
     /// Approve the cutover of a running migration whose cutover stage has `approval = "manual"`.
     Cutover {

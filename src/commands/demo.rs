@@ -80,13 +80,13 @@ pub async fn run(scale: u32, keep: bool, port_base: Option<u16>) -> u8 {
         println!("\nThe clusters keep running (--keep). Connect with:");
         println!("  source: {}", source.psql_command(demo_plan::DATABASE));
         println!("  target: {}", target.psql_command(demo_plan::DATABASE));
+        let pw = source.dir.join(demo_plan::PASSWORD_FILE);
         println!(
-            "  plan:   pgferry status {}",
-            source.dir.join("demo.toml").display()
-        );
-        println!(
-            "  (the plan's password variable {} is not printed: the sockets above need none)",
-            demo_plan::PASSWORD_VAR
+            "  status: {}=$(cat {pw}) {}=$(cat {pw}) pgferry status {}",
+            demo_plan::PASSWORD_VARS[0],
+            demo_plan::PASSWORD_VARS[1],
+            source.dir.join("demo.toml").display(),
+            pw = pw.display()
         );
         println!(
             "Stop them with: pg_ctl -D {} stop; pg_ctl -D {} stop; then remove both directories",
@@ -292,10 +292,24 @@ fn spawn_signal_handler(cancel: CancellationToken) {
                     return;
                 }
             };
+        // A closed terminal (SIGHUP) must not leave the clusters behind either.
+        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGHUP: {e}");
+                None
+            }
+        };
         loop {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
+                Some(_) = async {
+                    match hup.as_mut() {
+                        Some(h) => h.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
             }
             if cancel.is_cancelled() {
                 eprintln!("still stopping: removing the demo clusters");

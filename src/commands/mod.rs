@@ -38,7 +38,18 @@ pub async fn dispatch(cli: Cli) -> u8 {
             state,
         } => graph::run(&plan, format, state).await,
         Command::Run { plan, until, rerun } => run::run(&plan, until, rerun).await,
-        Command::Status { plan, json } => status::run(&plan, json).await,
+        Command::Status {
+            plan,
+            json,
+            watch,
+            interval,
+        } => {
+            if watch {
+                status::watch(&plan, interval).await
+            } else {
+                status::run(&plan, json).await
+            }
+        }
         Command::Cutover { plan } => cutover::run(&plan).await,
         Command::Unfence { plan } => unfence::run(&plan).await,
         Command::Reset { plan, yes } => reset::run(&plan, yes).await,

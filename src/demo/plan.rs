@@ -10,8 +10,13 @@ use crate::plan::{CompileOptions, Plan, compile_file};
 
 /// The plan's text, as committed in `pipelines/demo.toml`.
 pub const TEMPLATE: &str = include_str!("../../pipelines/demo.toml");
-/// The environment variable the plan reads the clusters' password from.
-pub const PASSWORD_VAR: &str = "PGFERRY_DEMO_PASSWORD";
+/// The environment variables the plan reads the clusters' password from.
+pub const PASSWORD_VARS: [&str; 2] = [
+    "PGFERRY_DEMO_SOURCE_PASSWORD",
+    "PGFERRY_DEMO_TARGET_PASSWORD",
+];
+/// The file (next to the written plan) holding the clusters' password.
+pub const PASSWORD_FILE: &str = "password";
 /// The database the demo migrates.
 pub const DATABASE: &str = "dvdrental";
 
@@ -24,10 +29,38 @@ pub fn compile(
     password: &str,
 ) -> Result<Arc<Plan>> {
     let path = dir.join("demo.toml");
-    std::fs::write(&path, TEMPLATE)
+    // The ports go into the written plan's [vars] too, so `pgferry status` works on it as it is.
+    let text = TEMPLATE
+        .replacen(
+            "source_port = \"5432\"",
+            &format!("source_port = \"{source_port}\""),
+            1,
+        )
+        .replacen(
+            "target_port = \"5433\"",
+            &format!("target_port = \"{target_port}\""),
+            1,
+        );
+    std::fs::write(&path, text)
         .map_err(|e| Error::permanent(format!("writing {}: {e}", path.display())))?;
+    // The password, for commands run by hand on kept clusters; only the owner can read it.
+    let pw_path = dir.join(PASSWORD_FILE);
+    {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&pw_path)
+            .and_then(|mut f| f.write_all(password.as_bytes()))
+            .map_err(|e| Error::permanent(format!("writing {}: {e}", pw_path.display())))?;
+    }
     let mut env: BTreeMap<String, String> = std::env::vars().collect();
-    env.insert(PASSWORD_VAR.into(), password.into());
+    for var in PASSWORD_VARS {
+        env.insert(var.into(), password.into());
+    }
     let opts = CompileOptions {
         vars: vec![
             ("source_port".into(), source_port.to_string()),
@@ -54,5 +87,12 @@ mod tests {
         assert!(plan.has_kind("cutover"));
         assert!(plan.has_kind("cdc"));
         assert_eq!(plan.databases[0].name, super::DATABASE);
+        let written = std::fs::read_to_string(dir.path().join("demo.toml")).expect("plan");
+        assert!(written.contains("source_port = \"5432\""), "{written}");
+        let plan = super::compile(dir.path(), 6001, 6002, "pw").expect("compiles");
+        let written = std::fs::read_to_string(dir.path().join("demo.toml")).expect("plan");
+        assert!(written.contains("source_port = \"6001\""), "{written}");
+        assert!(written.contains("target_port = \"6002\""), "{written}");
+        assert!(plan.source.url.contains(":6001/"), "{}", plan.source.url);
     }
 }
