@@ -53,6 +53,14 @@ pub struct PlanArgs {
     pub vars: Vec<(String, String)>,
 }
 
+fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d >= std::time::Duration::from_millis(100) => Ok(d),
+        Ok(_) => Err("the interval must be at least 100ms".into()),
+        Err(e) => Err(format!("`{s}` is not a duration like 2s or 500ms: {e}")),
+    }
+}
+
 fn parse_var(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
@@ -79,7 +87,8 @@ pub enum Command {
         plan: PlanArgs,
         #[arg(long, value_enum, default_value_t = GraphFormat::Dot)]
         format: GraphFormat,
-        /// Colour each stage with its state from the checkpoint store (connects to it).
+        /// Colour each stage with its state from the checkpoint store, failing when it cannot be
+        /// read. Without it the store is tried anyway and the states shown when a run exists.
         #[arg(long)]
         state: bool,
     },
@@ -99,8 +108,14 @@ pub enum Command {
         #[command(flatten)]
         plan: PlanArgs,
         /// Machine-readable output (Azure DMS field names).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "watch")]
         json: bool,
+        /// Refresh a compact view (stages, tables, cdc lag, counters) until Ctrl-C.
+        #[arg(long)]
+        watch: bool,
+        /// How often --watch refreshes.
+        #[arg(long, default_value = "2s", value_parser = parse_interval, requires = "watch")]
+        interval: std::time::Duration,
     },
     /// Compare the source and the target now, as of the same moment (while cdc runs too), using the
     /// plan's connections and its validate stage's options; exit code 3 when the data differs.
@@ -135,6 +150,21 @@ pub enum Command {
         /// Do not ask for confirmation.
         #[arg(long)]
         yes: bool,
+    },
+    /// Try an online migration end to end, with nothing to configure: two throwaway clusters from
+    /// the installed PostgreSQL server binaries, a generated DVD-rental database, a writer, the
+    /// bundled plan with an automatic cutover, and a summary. Set PGFERRY_PG_BINDIR to choose the
+    /// server binaries.
+    Demo {
+        /// Size of the generated database: about 350,000 rows (~50 MB) per unit.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        scale: u32,
+        /// Leave the clusters running afterwards and print how to connect to them.
+        #[arg(long)]
+        keep: bool,
+        /// Ports for the clusters: the source on P, the target on P+1 (default: free ports).
+        #[arg(long, value_name = "P")]
+        port_base: Option<u16>,
     },
     /// Write a commented plan with every standard stage.
     Init {

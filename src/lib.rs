@@ -7,10 +7,12 @@
 pub mod cli;
 pub mod commands;
 pub mod dag;
+pub mod demo;
 pub mod error;
 pub mod executor;
 pub mod pg;
 pub mod plan;
+pub mod progress;
 pub mod secret;
 pub mod select;
 pub mod stages;

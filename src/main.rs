@@ -7,9 +7,16 @@ fn init_logging(cli: &Cli) {
     use tracing_subscriber::EnvFilter;
     let default = if cli.quiet { "warn" } else { "info" };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    // Live progress bars on a terminal (text logs only); log lines are then printed above them.
+    let bars = cli.log_format == LogFormat::Text
+        && is_terminal()
+        && std::env::var("TERM").map_or(true, |t| t != "dumb");
+    if bars {
+        pgferry::progress::enable();
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(pgferry::progress::LogWriter)
         .with_target(false);
     match cli.log_format {
         LogFormat::Json => builder.json().init(),

@@ -239,7 +239,7 @@ impl Status<'_> {
         "PENDING"
     }
 
-    fn overall(&self) -> &'static str {
+    pub fn overall(&self) -> &'static str {
         match self.migration_state() {
             "FAILED" => "FAILED",
             "COMPLETED" => "SUCCEEDED",

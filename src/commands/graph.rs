@@ -11,26 +11,39 @@ pub async fn run(args: &PlanArgs, format: GraphFormat, with_state: bool) -> u8 {
         Ok(p) => p,
         Err(code) => return code,
     };
+    // The stages' states when a run exists. With `--state` the store must be reachable; without,
+    // it is tried briefly and the plain graph drawn when it cannot be read.
     let mut states: HashMap<String, String> = HashMap::new();
-    if with_state {
+    let found = if with_state {
         match open_store(&plan).await {
-            Ok(Some(store)) => match store.stages().await {
-                Ok(records) => {
-                    for r in records {
-                        states.insert(r.stage, r.state.to_string());
-                    }
-                }
-                Err(e) => {
-                    report(&e);
-                    return EXIT_FAILED;
-                }
-            },
-            Ok(None) => {}
-            Err(e) => {
-                report(&e);
-                return EXIT_FAILED;
-            }
+            Ok(Some(store)) => store.stages().await.map(Some),
+            Ok(None) => Ok(None),
+            Err(e) => Err(e),
         }
+    } else {
+        let attempt = async {
+            match open_store(&plan).await {
+                Ok(Some(store)) => store.stages().await.ok(),
+                _ => None,
+            }
+        };
+        Ok(
+            tokio::time::timeout(std::time::Duration::from_secs(3), attempt)
+                .await
+                .ok()
+                .flatten(),
+        )
+    };
+    let records = match found {
+        Ok(r) => r,
+        Err(e) => {
+            report(&e);
+            return EXIT_FAILED;
+        }
+    };
+    let with_state = with_state || records.as_ref().is_some_and(|r| !r.is_empty());
+    for r in records.into_iter().flatten() {
+        states.insert(r.stage, r.state.to_string());
     }
     let label = |i: usize| format!("{}\n{}", plan.stages[i].id, plan.stages[i].kind);
     let state = |i: usize| {

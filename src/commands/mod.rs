@@ -3,6 +3,7 @@
 
 mod check;
 mod cutover;
+mod demo;
 mod graph;
 mod init;
 mod plan;
@@ -38,17 +39,33 @@ pub async fn dispatch(cli: Cli) -> u8 {
             state,
         } => graph::run(&plan, format, state).await,
         Command::Run { plan, until, rerun } => run::run(&plan, until, rerun).await,
-        Command::Status { plan, json } => status::run(&plan, json).await,
         Command::Verify {
             plan,
             report,
             mode,
             jobs,
         } => verify::run(&plan, report.as_deref(), mode, jobs).await,
+        Command::Status {
+            plan,
+            json,
+            watch,
+            interval,
+        } => {
+            if watch {
+                status::watch(&plan, interval).await
+            } else {
+                status::run(&plan, json).await
+            }
+        }
         Command::Cutover { plan } => cutover::run(&plan).await,
         Command::Unfence { plan } => unfence::run(&plan).await,
         Command::Reset { plan, yes } => reset::run(&plan, yes).await,
         Command::Init { path, force } => init::run(&path, force),
+        Command::Demo {
+            scale,
+            keep,
+            port_base,
+        } => demo::run(scale, keep, port_base).await,
     }
 }
 

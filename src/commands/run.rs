@@ -11,6 +11,7 @@ use super::{
 };
 use crate::cli::PlanArgs;
 use crate::executor::{Executor, Node, Outcome, Selection};
+use crate::plan::Plan;
 use crate::stages::{self, Env};
 use crate::state::StateStore;
 use crate::state::postgres::PgStore;
@@ -33,6 +34,21 @@ pub async fn run(args: &PlanArgs, until: Option<String>, rerun: Vec<String>) -> 
             Err(code) => return code,
         }
     }
+    let cancel = CancellationToken::new();
+    spawn_signal_handler(cancel.clone());
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    execute(plan, &args.plan, sel, cancel, &redact_args(&argv)).await
+}
+
+/// Runs a compiled plan under the runner lock, as `pgferry run` does; `pgferry demo` calls it too.
+/// `cancel` stops the run at the next checkpoint; `recorded_args` is what the run log records.
+pub(crate) async fn execute(
+    plan: Arc<Plan>,
+    plan_path: &str,
+    sel: Selection,
+    cancel: CancellationToken,
+    recorded_args: &str,
+) -> u8 {
     let env = match Env::new(plan.clone()) {
         Ok(e) => Arc::new(e),
         Err(e) => {
@@ -76,7 +92,7 @@ pub async fn run(args: &PlanArgs, until: Option<String>, rerun: Vec<String>) -> 
         Ok(Err(holder)) => {
             eprintln!(
                 "error: migration `{}` is already being run by {holder}\n  hint: wait for that run to finish, or stop it (Ctrl-C or SIGTERM: it stops at the next checkpoint); `pgferry status {}` shows its progress",
-                plan.name, args.plan
+                plan.name, plan_path
             );
             return EXIT_FAILED;
         }
@@ -86,11 +102,7 @@ pub async fn run(args: &PlanArgs, until: Option<String>, rerun: Vec<String>) -> 
         }
     };
 
-    let cancel = CancellationToken::new();
-    spawn_signal_handler(cancel.clone());
-
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    let run_id = match store.begin_run(&redact_args(&argv)).await {
+    let run_id = match store.begin_run(recorded_args).await {
         Ok(id) => id,
         Err(e) => {
             report(&e);
@@ -104,7 +116,12 @@ pub async fn run(args: &PlanArgs, until: Option<String>, rerun: Vec<String>) -> 
     let executor = Executor::new(nodes, store.clone() as Arc<dyn StateStore>, cancel.clone());
     let started = Instant::now();
     tracing::info!(migration = %plan.name, run = run_id, "run started; checkpoints in {}", store.describe());
+    let bars = spawn_bars(&plan, store.clone());
     let result = executor.run(&sel).await;
+    if let Some((stop, task)) = bars {
+        stop.cancel();
+        let _ = task.await;
+    }
     let elapsed =
         humantime::format_duration(std::time::Duration::from_secs(started.elapsed().as_secs()));
     let (outcome, code) = match &result {
@@ -162,6 +179,59 @@ pub async fn run(args: &PlanArgs, until: Option<String>, rerun: Vec<String>) -> 
         tracing::warn!("could not record the end of the run: {e}");
     }
     code
+}
+
+/// On a terminal, live bars (`crate::progress`) redrawn from the store's stage states and the
+/// in-process registry of tables being copied, until the returned token is cancelled.
+fn spawn_bars(
+    plan: &Arc<Plan>,
+    store: Arc<PgStore>,
+) -> Option<(CancellationToken, tokio::task::JoinHandle<()>)> {
+    let mut bars = crate::progress::Bars::new()?;
+    let stop = CancellationToken::new();
+    let kinds: Vec<(String, String)> = plan
+        .stages
+        .iter()
+        .map(|s| (s.id.clone(), s.kind.to_string()))
+        .collect();
+    let done = stop.clone();
+    let task = tokio::spawn(async move {
+        let mut views: Vec<crate::progress::StageView> = Vec::new();
+        let mut tick = 0u32;
+        loop {
+            // The stages' states every second; the tables' bytes every 250 ms.
+            if tick.is_multiple_of(4)
+                && let Ok(records) = store.stages().await
+            {
+                let now = crate::state::Timestamp::now().0;
+                views = kinds
+                    .iter()
+                    .filter_map(|(id, kind)| {
+                        let r = records.iter().find(|r| &r.stage == id)?;
+                        let seconds = match (r.started_at, r.ended_at) {
+                            (Some(a), Some(b)) if r.state.as_str() != "running" => Some(b.0 - a.0),
+                            (Some(a), _) => Some(now - a.0),
+                            _ => None,
+                        };
+                        Some(crate::progress::StageView {
+                            id: id.clone(),
+                            kind: kind.clone(),
+                            state: r.state.to_string(),
+                            seconds: seconds.map(|s| s.max(0.0)),
+                        })
+                    })
+                    .collect();
+            }
+            bars.update(&views);
+            tick = tick.wrapping_add(1);
+            tokio::select! {
+                _ = done.cancelled() => break,
+                _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => {}
+            }
+        }
+        bars.clear();
+    });
+    Some((stop, task))
 }
 
 /// The executor's view of the plan's stages.

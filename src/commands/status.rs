@@ -165,3 +165,189 @@ pub async fn run(args: &PlanArgs, json: bool) -> u8 {
     }
     EXIT_OK
 }
+
+/// `pgferry status PLAN --watch [--interval 2s]`: redraws a compact view until Ctrl-C. On a
+/// terminal the screen is cleared for each refresh; otherwise refreshes follow each other.
+pub async fn watch(args: &PlanArgs, interval: std::time::Duration) -> u8 {
+    use std::io::IsTerminal;
+    let plan = match load(args) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let env = crate::stages::Env::new(plan.clone()).ok();
+    let terminal = std::io::stdout().is_terminal();
+    loop {
+        let body = match open_store(&plan).await {
+            Ok(Some(store)) => match compact(&plan, &store, env.as_ref()).await {
+                Ok(text) => text,
+                Err(e) => format!("error: {e}\n"),
+            },
+            Ok(None) => format!(
+                "migration `{}` has not run yet: `pgferry run {}` starts it\n",
+                plan.name, args.plan
+            ),
+            Err(e) => format!("checkpoint store unreachable: {e}\n"),
+        };
+        let now = crate::state::Timestamp::now().rfc3339();
+        let header = format!(
+            "pgferry status {} — every {} — {now} — Ctrl-C to stop",
+            args.plan,
+            humantime::format_duration(interval)
+        );
+        if terminal {
+            print!("\x1b[2J\x1b[H{header}\n\n{body}");
+        } else {
+            print!("\n{header}\n\n{body}");
+        }
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return EXIT_OK,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+/// Stages, table counts, cdc lag per database and counters, in a few lines.
+async fn compact(
+    plan: &crate::plan::Plan,
+    store: &crate::state::postgres::PgStore,
+    env: Option<&crate::stages::Env>,
+) -> crate::error::Result<String> {
+    use std::fmt::Write as _;
+    let st = Status {
+        plan,
+        store: store.describe(),
+        records: store.stages().await?,
+        runner: store.runner().await?,
+        last_run: None,
+        events: Vec::new(),
+        tables: store.tables(None).await?,
+        counters: Vec::new(),
+        positions: Vec::new(),
+        slots: Vec::new(),
+        validation: None,
+    };
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{} — {} / {} — runner: {}",
+        plan.name,
+        st.overall(),
+        st.migration_state(),
+        st.runner
+            .as_ref()
+            .map(|h| h.to_string())
+            .unwrap_or_else(|| "none".into())
+    );
+    let _ = writeln!(
+        out,
+        "\n{:<16} {:<16} {:<9} {:>9}",
+        "STAGE", "KIND", "STATE", "TIME"
+    );
+    for r in st.rows() {
+        let time = r
+            .duration_seconds
+            .map(|s| format!("{s:.1}s"))
+            .unwrap_or_else(|| "-".into());
+        let _ = writeln!(
+            out,
+            "{:<16} {:<16} {:<9} {time:>9}",
+            r.stage, r.kind, r.state
+        );
+        if let Some(e) = &r.error {
+            let _ = writeln!(out, "    {}", e.lines().next().unwrap_or(""));
+        }
+    }
+    let loads: Vec<&str> = plan
+        .stages
+        .iter()
+        .filter(|s| s.kind == "full_load")
+        .map(|s| s.id.as_str())
+        .collect();
+    let tables: Vec<&crate::state::TableProgress> = st
+        .tables
+        .iter()
+        .filter(|t| loads.contains(&t.stage.as_str()) && !t.table.contains('#'))
+        .collect();
+    let copied = tables
+        .iter()
+        .filter(|t| t.state == crate::state::TableState::Copied)
+        .count();
+    let copying: Vec<&str> = tables
+        .iter()
+        .filter(|t| t.state == crate::state::TableState::Copying)
+        .map(|t| t.table.as_str())
+        .collect();
+    if !tables.is_empty() {
+        let _ = writeln!(
+            out,
+            "\ntables: {copied}/{} copied{}",
+            tables.len(),
+            if copying.is_empty() {
+                String::new()
+            } else {
+                format!(", copying {}", copying.join(", "))
+            }
+        );
+    }
+    if plan.has_kind("cdc") {
+        for db in &plan.databases {
+            let applied = store
+                .position(&crate::stages::cdc::applied_position(&db.name))
+                .await?;
+            let source_now = match env {
+                Some(env) => source_position(env, db).await,
+                None => None,
+            };
+            let lag = match (&applied, &source_now) {
+                (Some(a), Some(n)) => match (
+                    a.parse::<crate::pg::pgoutput::Lsn>(),
+                    n.parse::<crate::pg::pgoutput::Lsn>(),
+                ) {
+                    (Ok(a), Ok(n)) => crate::plan::units::human_bytes(n.0.saturating_sub(a.0)),
+                    _ => "?".into(),
+                },
+                _ => "-".into(),
+            };
+            let _ = writeln!(
+                out,
+                "cdc {}: applied {}, source at {}, lag {lag}",
+                db.name,
+                applied.as_deref().unwrap_or("-"),
+                source_now.as_deref().unwrap_or("unreachable")
+            );
+        }
+    }
+    let counters = store.counters().await?;
+    if !counters.is_empty() {
+        let _ = writeln!(out, "\ncounters:");
+        // Per-migration and per-database counters; per-table ones would not fit a screen.
+        for (scope, name, value) in counters.iter().filter(|(scope, _, _)| {
+            scope.is_empty() || plan.databases.iter().any(|d| &d.name == scope)
+        }) {
+            let scope = if scope.is_empty() { "-" } else { scope };
+            let _ = writeln!(out, "  {scope:<16} {name:<28} {value}");
+        }
+    }
+    Ok(out)
+}
+
+/// The source's current WAL position, or `None` when it cannot be read within a few seconds.
+async fn source_position(env: &crate::stages::Env, db: &crate::plan::Database) -> Option<String> {
+    let read = async {
+        let client = env.source_for(db).connect("status").await.ok()?;
+        client
+            .query_one(
+                "SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.pg_last_wal_replay_lsn() \
+                 ELSE pg_catalog.pg_current_wal_lsn() END::text",
+                &[],
+            )
+            .await
+            .ok()?
+            .get::<_, Option<String>>(0)
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(3), read)
+        .await
+        .ok()
+        .flatten()
+}

@@ -159,6 +159,24 @@ impl Cutover {
                 )
                 .await
                 .map_err(|e| Error::pg(&e, "terminating the source database's sessions"))?;
+            // pg_terminate_backend only signals: a session in the middle of its COMMIT may still
+            // write its commit record. Wait (briefly) until they are gone before taking the target.
+            let gone_by = Instant::now() + Duration::from_secs(10);
+            loop {
+                let left: i64 = source
+                    .query_one(
+                        "SELECT count(*) FROM pg_catalog.pg_stat_activity \
+                          WHERE datname = $1 AND pid <> pg_catalog.pg_backend_pid() AND backend_type = 'client backend'",
+                        &[&db.name],
+                    )
+                    .await
+                    .map_err(|e| Error::pg(&e, "waiting for the source's sessions to end"))?
+                    .get(0);
+                if left == 0 || Instant::now() > gone_by {
+                    break;
+                }
+                self.sleep(cx, Duration::from_millis(50)).await?;
+            }
         }
         let cdc = self.cdc_stage();
         let cdc_done = |records: &[crate::state::StageRecord]| match &cdc {
@@ -181,6 +199,9 @@ impl Cutover {
             self.nothing_left_in_slot(db, source).await?;
             return Ok(target);
         }
+        // The insert position, not pg_current_wal_lsn() (the write position): with
+        // synchronous_commit = off the last commit records may still sit in the WAL buffers,
+        // behind the write position, and a drain to that position would miss them.
         let lsn: String = source
             .query_one("SELECT pg_catalog.pg_current_wal_insert_lsn()::text", &[])
             .await

@@ -347,7 +347,8 @@ async fn load_database(
             let start = Instant::now();
             loop {
                 tokio::time::sleep(Duration::from_secs(5)).await;
-                let b = load.bytes.load(Ordering::Relaxed);
+                let b = load.bytes.load(Ordering::Relaxed)
+                    + crate::progress::in_flight_bytes(&load.stage, &load.database);
                 let rate = b as f64 / start.elapsed().as_secs_f64().max(0.001);
                 tracing::info!(
                     database = %load.database,
@@ -492,7 +493,14 @@ async fn worker(
                 .await?;
         }
         let started = Instant::now();
-        let work = copy_job(&mut source, &mut target, t, &job, &load.bytes);
+        // Live progress (terminal bars, the periodic log line): this job's bytes as they stream.
+        let expected = if job.range.is_none() {
+            t.bytes.max(0) as u64
+        } else {
+            0
+        };
+        let live = crate::progress::begin(&load.stage, &load.database, &name, expected);
+        let work = copy_job(&mut source, &mut target, t, &job, &live.bytes);
         let result = tokio::select! {
             r = work => r,
             _ = stop.cancelled() => {
@@ -500,6 +508,9 @@ async fn worker(
                 return Err(Error::interrupted());
             }
         };
+        load.bytes
+            .fetch_add(live.bytes.load(Ordering::Relaxed), Ordering::Relaxed);
+        drop(live);
         let (rows, bytes) = match result {
             Ok(x) => x,
             Err(e) => {
