@@ -13,7 +13,10 @@
 //!   checked later, in order, with at most [`MAX_IN_FLIGHT`] awaiting their result. Everything in
 //!   flight is settled before a catalog query, a TRUNCATE and the commit, so an error is still
 //!   reported for the change that caused it, and nothing is committed past a failed change (the
-//!   target transaction is aborted by it).
+//!   target transaction is aborted by it). Consecutive inserts into one table within one source
+//!   transaction go as one multi-row `INSERT ... SELECT ... FROM unnest($1::text[], ...)` of up
+//!   to [`MAX_INSERT_ROWS`] rows; at most [`MAX_ROWS_IN_FLIGHT`] rows await their result, which
+//!   bounds memory.
 //! - Rows are found by the old key tuple (`K`), else by the new tuple's key columns; with REPLICA
 //!   IDENTITY FULL (`O`) by every column (`IS NOT DISTINCT FROM`), and exactly one matching row is
 //!   changed (`(tableoid, ctid) = (SELECT ... LIMIT 1)`), so duplicates stay duplicates.
@@ -66,13 +69,46 @@ enum Find<'a> {
 /// How many changes may await their result at once.
 pub const MAX_IN_FLIGHT: usize = 512;
 
+/// The most rows one multi-row INSERT carries.
+pub const MAX_INSERT_ROWS: usize = 1000;
+
+/// Inserts gathered for one multi-row statement: column-major text values.
+struct InsertBatch {
+    oid: u32,
+    commit_lsn: Lsn,
+    rows: usize,
+    columns: Vec<Vec<Option<String>>>,
+}
+
+/// `INSERT INTO t (...) VALUES ($1::text::type, ...)` for one row.
+fn insert_sql(rel: &Rel) -> String {
+    let names: Vec<&str> = rel.cols.iter().map(|c| c.quoted.as_str()).collect();
+    let values: Vec<String> = rel
+        .cols
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("${}::text::{}", i + 1, c.ty))
+        .collect();
+    format!(
+        "INSERT INTO {} ({}) VALUES ({})",
+        rel.quoted,
+        names.join(", "),
+        values.join(", ")
+    )
+}
+
 /// What a change in flight is, to report its result.
 struct InFlight {
     table: Arc<str>,
     /// Inserts must insert; updates and deletes that find no row are reported.
     what: &'static str,
     commit_lsn: Lsn,
+    /// Rows the statement carries (memory held until its result is in).
+    rows: usize,
 }
+
+/// The most rows that may await their result at once (bounds memory with multi-row inserts).
+pub const MAX_ROWS_IN_FLIGHT: usize = 8192;
 
 type Pending =
     FuturesOrdered<BoxFuture<'static, (std::result::Result<u64, tokio_postgres::Error>, InFlight)>>;
@@ -80,6 +116,8 @@ type Pending =
 pub struct Applier {
     client: Arc<Client>,
     pending: Pending,
+    inserts: Option<InsertBatch>,
+    rows_in_flight: usize,
     position_table: String,
     slot: String,
     rels: HashMap<u32, Rel>,
@@ -147,6 +185,8 @@ impl Applier {
             Applier {
                 client: Arc::new(client),
                 pending: FuturesOrdered::new(),
+                inserts: None,
+                rows_in_flight: 0,
                 position_table,
                 slot: slot.to_string(),
                 rels: HashMap::new(),
@@ -354,10 +394,75 @@ impl Applier {
         }
     }
 
+    /// Sends the inserts gathered for one multi-row statement (see [`Applier::insert`]).
+    async fn flush_inserts(&mut self) -> Result<()> {
+        let Some(batch) = self.inserts.take() else {
+            return Ok(());
+        };
+        let n = batch.rows;
+        if n == 1 {
+            let params: Vec<Option<String>> = batch
+                .columns
+                .into_iter()
+                .map(|c| c.into_iter().next().flatten())
+                .collect();
+            return self
+                .send(
+                    batch.oid,
+                    "I".into(),
+                    insert_sql,
+                    Type::TEXT,
+                    params,
+                    1,
+                    "insert",
+                    batch.commit_lsn,
+                )
+                .await;
+        }
+        self.send(
+            batch.oid,
+            "M".into(),
+            |rel| {
+                let names: Vec<&str> = rel.cols.iter().map(|c| c.quoted.as_str()).collect();
+                let arrays: Vec<String> = (1..=rel.cols.len())
+                    .map(|i| format!("${i}::text[]"))
+                    .collect();
+                let aliases: Vec<String> = (1..=rel.cols.len()).map(|i| format!("c{i}")).collect();
+                let values: Vec<String> = rel
+                    .cols
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| format!("u.c{}::{}", i + 1, c.ty))
+                    .collect();
+                format!(
+                    "INSERT INTO {} ({}) SELECT {} FROM unnest({}) AS u({})",
+                    rel.quoted,
+                    names.join(", "),
+                    values.join(", "),
+                    arrays.join(", "),
+                    aliases.join(", ")
+                )
+            },
+            Type::TEXT_ARRAY,
+            batch.columns,
+            n,
+            "insert",
+            batch.commit_lsn,
+        )
+        .await
+    }
+
     /// Waits for every change in flight and checks their results, in order.
     pub async fn settle(&mut self) -> Result<()> {
+        self.flush_inserts().await?;
+        self.settle_in_flight().await
+    }
+
+    /// Waits for the statements already sent and checks their results, in order.
+    async fn settle_in_flight(&mut self) -> Result<()> {
         let mut first: Option<Error> = None;
         while let Some(r) = self.pending.next().await {
+            self.rows_in_flight -= r.1.rows;
             if let Err(e) = Self::check(r)
                 && first.is_none()
             {
@@ -377,11 +482,31 @@ impl Applier {
         what: &'static str,
         commit_lsn: Lsn,
     ) -> Result<()> {
+        self.flush_inserts().await?;
+        let owned: Vec<Option<String>> = params.iter().map(|p| p.map(str::to_string)).collect();
+        self.send(oid, shape, build, Type::TEXT, owned, 1, what, commit_lsn)
+            .await
+    }
+
+    /// Sends a statement of relation `oid` (prepared once per `shape`, every parameter of type
+    /// `ty`); its result is checked later.
+    #[allow(clippy::too_many_arguments)]
+    async fn send<P: ToSql + Sync + Send + 'static>(
+        &mut self,
+        oid: u32,
+        shape: String,
+        build: impl FnOnce(&Rel) -> String,
+        ty: Type,
+        owned: Vec<P>,
+        rows: usize,
+        what: &'static str,
+        commit_lsn: Lsn,
+    ) -> Result<()> {
         self.begin_if_needed().await?;
         let prepared = self.rel(oid)?.statements.contains_key(&shape);
         if !prepared {
             // Preparing waits for its answer: settle what is in flight first.
-            self.settle().await?;
+            self.settle_in_flight().await?;
         }
         let rel = self.rels.get_mut(&oid).ok_or_else(|| {
             Error::permanent(format!(
@@ -392,7 +517,7 @@ impl Applier {
             Some(s) => s.clone(),
             None => {
                 let sql = build(rel);
-                let types = vec![Type::TEXT; params.len()];
+                let types = vec![ty; owned.len()];
                 let s = self
                     .client
                     .prepare_typed(&sql, &types)
@@ -402,13 +527,14 @@ impl Applier {
                 s
             }
         };
-        let owned: Vec<Option<String>> = params.iter().map(|p| p.map(str::to_string)).collect();
         let client = self.client.clone();
         let info = InFlight {
             table: rel.label.clone(),
             what,
             commit_lsn,
+            rows,
         };
+        self.rows_in_flight += rows;
         let fut = async move {
             let refs: Vec<&(dyn ToSql + Sync)> =
                 owned.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
@@ -419,45 +545,61 @@ impl Applier {
         // Poll everything queued (the new change is sent now, in order) and take the results
         // that are in; wait for the oldest when too many are in flight.
         while let Some(Some(r)) = self.pending.next().now_or_never() {
+            self.rows_in_flight -= r.1.rows;
             Self::check(r)?;
         }
-        while self.pending.len() >= MAX_IN_FLIGHT {
-            if let Some(r) = self.pending.next().await {
-                Self::check(r)?;
+        while self.pending.len() >= MAX_IN_FLIGHT || self.rows_in_flight >= MAX_ROWS_IN_FLIGHT {
+            match self.pending.next().await {
+                Some(r) => {
+                    self.rows_in_flight -= r.1.rows;
+                    Self::check(r)?;
+                }
+                None => break,
             }
         }
         Ok(())
     }
 
+    /// Inserts a row. Consecutive inserts into one table (of one source transaction) are gathered
+    /// and sent as one multi-row `INSERT ... SELECT ... FROM unnest(...)`, up to
+    /// [`MAX_INSERT_ROWS`] rows; any other change sends them first, so the order holds.
     pub async fn insert(&mut self, oid: u32, new: &TupleData, commit_lsn: Lsn) -> Result<()> {
         let params = new
             .values
             .iter()
             .map(value_param)
             .collect::<Result<Vec<_>>>()?;
-        self.run(
-            oid,
-            "I".into(),
-            |rel| {
-                let names: Vec<&str> = rel.cols.iter().map(|c| c.quoted.as_str()).collect();
-                let values: Vec<String> = rel
-                    .cols
-                    .iter()
-                    .enumerate()
-                    .map(|(i, c)| format!("${}::text::{}", i + 1, c.ty))
-                    .collect();
-                format!(
-                    "INSERT INTO {} ({}) VALUES ({})",
-                    rel.quoted,
-                    names.join(", "),
-                    values.join(", ")
-                )
-            },
-            &params,
-            "insert",
-            commit_lsn,
-        )
-        .await
+        let ncols = self.rel(oid)?.cols.len();
+        if params.len() != ncols {
+            return Err(Error::permanent(format!(
+                "an insert into {} has {} values for {ncols} columns",
+                self.rel(oid)?.name,
+                params.len()
+            )));
+        }
+        let same = self
+            .inserts
+            .as_ref()
+            .is_some_and(|b| b.oid == oid && b.commit_lsn == commit_lsn);
+        if !same {
+            self.flush_inserts().await?;
+            self.inserts = Some(InsertBatch {
+                oid,
+                commit_lsn,
+                rows: 0,
+                columns: vec![Vec::new(); ncols],
+            });
+        }
+        if let Some(b) = self.inserts.as_mut() {
+            for (c, v) in b.columns.iter_mut().zip(params) {
+                c.push(v.map(str::to_string));
+            }
+            b.rows += 1;
+            if b.rows >= MAX_INSERT_ROWS {
+                self.flush_inserts().await?;
+            }
+        }
+        Ok(())
     }
 
     fn find<'a>(old: Option<&'a OldTuple>, new: &'a TupleData) -> Find<'a> {
