@@ -237,9 +237,14 @@ fn killed_during_the_cutover_drain_then_resumed() {
     );
     let out = plan.run(&["cutover"]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
-    // Kill once the source is fenced and the drain has started, before it is over.
+    // Kill once the source is fenced and the drain has started, before it is over: the cutover
+    // records its drain target after the fence. (Polling the fenced source itself would be ended
+    // by the fence.)
     wait_for("the fence", Duration::from_secs(60), || {
-        p.source.psql(&s, "SHOW default_transaction_read_only") == "on"
+        p.target.psql(
+            &t,
+            &format!("SELECT count(*) FROM pgferry.checkpoints WHERE migration = 'on_killcut' AND stage = 'cutover' AND key = 'drain:{s}'"),
+        ) == "1"
     });
     child.kill().expect("SIGKILL the runner");
     let _ = child.wait();
