@@ -9,13 +9,15 @@
 //! ```
 //! pgcopydb is optional (`apt-get install pgcopydb`); without it its row says "not installed".
 
+mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{children_cpu, fresh_target, run_pg_dump, sh, which};
 use support::{Cluster, PASSWORD, pair};
 
 struct Args {
@@ -47,21 +49,6 @@ fn args() -> Args {
         }
     }
     a
-}
-
-fn sh(cmd: &mut Command, what: &str) -> Duration {
-    let start = Instant::now();
-    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
-    let took = start.elapsed();
-    if !out.status.success() {
-        panic!(
-            "{what} failed ({:?}):\n{}\n{}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    took
 }
 
 fn url(c: &Cluster, db: &str) -> String {
@@ -124,62 +111,6 @@ fn load_dataset(a: &Args, src: &Cluster, db: &str) {
             "SELECT pg_size_pretty(pg_database_size(current_database()))"
         )
     );
-}
-
-fn fresh_target(t: &Cluster, name: &str) {
-    t.psql(
-        "postgres",
-        &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
-    );
-    t.psql("postgres", "CHECKPOINT");
-}
-
-fn run_pg_dump(s: &Cluster, sdb: &str, t: &Cluster, tdb: &str) -> Duration {
-    fresh_target(t, tdb);
-    t.psql("postgres", &format!("CREATE DATABASE {tdb}"));
-    let start = Instant::now();
-    let mut dump = Command::new(s.bindir.join("pg_dump"))
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &s.port.to_string(),
-            "-U",
-            "postgres",
-            sdb,
-        ])
-        .env("PGPASSWORD", PASSWORD)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("pg_dump");
-    let out = Command::new(t.bindir.join("psql"))
-        .args([
-            "-X",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &t.port.to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            tdb,
-        ])
-        .env("PGPASSWORD", PASSWORD)
-        .stdin(dump.stdout.take().expect("pipe"))
-        .stdout(Stdio::null())
-        .output()
-        .expect("psql");
-    let dumped = dump.wait().expect("pg_dump");
-    assert!(dumped.success(), "pg_dump failed");
-    assert!(
-        out.status.success(),
-        "pg_dump | psql: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    start.elapsed()
 }
 
 fn run_pgcopydb(a: &Args, s: &Cluster, sdb: &str, t: &Cluster, tdb: &str) -> Option<Duration> {
@@ -285,23 +216,6 @@ after = ["indexes"]
         eprintln!("{items}");
     }
     took
-}
-
-/// User + system CPU seconds of all waited-for child processes so far.
-fn children_cpu() -> f64 {
-    // SAFETY: getrusage fills the struct we pass; RUSAGE_CHILDREN has no other preconditions.
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut u) };
-    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
-    t(u.ru_utime) + t(u.ru_stime)
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.exists())
 }
 
 fn main() {

@@ -31,6 +31,13 @@ pub enum LogFormat {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum VerifyMode {
+    Count,
+    Checksum,
+    Full,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum GraphFormat {
     Dot,
     Mermaid,
@@ -94,6 +101,21 @@ pub enum Command {
         /// Machine-readable output (Azure DMS field names).
         #[arg(long)]
         json: bool,
+    },
+    /// Compare the source and the target now, as of the same moment (while cdc runs too), using the
+    /// plan's connections and its validate stage's options; exit code 3 when the data differs.
+    Verify {
+        #[command(flatten)]
+        plan: PlanArgs,
+        /// Also write the report (every difference: table, key, kind, columns) to this file, as JSON.
+        #[arg(long, value_name = "FILE")]
+        report: Option<String>,
+        /// How to compare (default: the plan's validate stage's mode, else checksum).
+        #[arg(long, value_enum)]
+        mode: Option<VerifyMode>,
+        /// Chunks compared in parallel (default: the validate stage's jobs, else 4).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=256))]
+        jobs: Option<u32>,
     },
     /// Approve the cutover of a running migration whose cutover stage has `approval = "manual"`.
     Cutover {

@@ -14,6 +14,9 @@ pub enum ErrorKind {
     Permanent,
     /// The run was asked to stop (Ctrl-C, SIGTERM); the next run resumes.
     Interrupted,
+    /// Validation found that the source and the target hold different data (exit code 3). Not
+    /// retried: the data has to be fixed (or the migration rerun) first.
+    DataDiffers,
 }
 
 #[derive(Debug, Clone)]
@@ -42,6 +45,14 @@ impl Error {
     pub fn transient(message: impl Into<String>) -> Error {
         Error {
             kind: ErrorKind::Transient,
+            ..Error::permanent(message)
+        }
+    }
+
+    /// Validation found differences between the source and the target.
+    pub fn data_differs(message: impl Into<String>) -> Error {
+        Error {
+            kind: ErrorKind::DataDiffers,
             ..Error::permanent(message)
         }
     }

@@ -50,7 +50,12 @@ pub enum Outcome {
     /// Stopped on request; the next run resumes.
     Interrupted,
     /// A stage failed; the others were stopped.
-    Failed { stage: String, error: String },
+    Failed {
+        stage: String,
+        error: String,
+        /// The failure is a validation that found differences (exit code 3).
+        data_differs: bool,
+    },
 }
 
 /// The stages a selection covers: `--until` takes a stage and everything it needs.
@@ -361,6 +366,7 @@ impl Executor {
             return Ok(Outcome::Failed {
                 stage,
                 error: e.to_string(),
+                data_differs: e.kind == ErrorKind::DataDiffers,
             });
         }
         if interrupted || self.cancel.is_cancelled() {
@@ -409,7 +415,10 @@ async fn run_with_retries(
                 }
                 attempt += 1;
             }
-            Err(e) if cancel.is_cancelled() && e.kind != ErrorKind::Permanent => {
+            Err(e)
+                if cancel.is_cancelled()
+                    && !matches!(e.kind, ErrorKind::Permanent | ErrorKind::DataDiffers) =>
+            {
                 return Err(Error::interrupted());
             }
             Err(e) => return Err(e),

@@ -6,6 +6,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::plan::Plan;
+use crate::stages::validate::report::Report;
 use crate::state::postgres::{LockHolder, RunRecord};
 use crate::state::{StageRecord, StageState, TableProgress, TableState, Timestamp};
 
@@ -34,6 +35,8 @@ pub struct Status<'a> {
     pub positions: Vec<(String, String)>,
     /// What the source says of each database's replication slot, when it could be asked.
     pub slots: Vec<SlotInfo>,
+    /// The latest validation (validate stage or `pgferry verify`), if any.
+    pub validation: Option<Report>,
 }
 
 /// A replication slot as the source reports it, read by `status` (a short connection).
@@ -348,7 +351,7 @@ impl Status<'_> {
                     "fullLoadStartedOn": t.started_at.map(|x| x.rfc3339()),
                     "fullLoadEndedOn": t.ended_at.map(|x| x.rfc3339()),
                     "copiedAtLsn": t.lsn,
-                    "dataErrorsCount": 0,
+                    "dataErrorsCount": self.validation.as_ref().map(|v| v.count_for(&db.name, &t.table)).unwrap_or(0),
                     "lastError": t.error,
                 });
                 if self.has_cdc()
@@ -365,6 +368,17 @@ impl Status<'_> {
             "output": output,
             "stages": rows,
             "lastRun": self.last_run,
+            "validation": self.validation.as_ref().map(|v| json!({
+                "stage": v.stage,
+                "mode": v.mode,
+                "finishedOn": v.finished_at,
+                "durationSeconds": v.seconds,
+                "tablesCompared": v.tables.len(),
+                "sequencesCompared": v.sequences_compared,
+                "dataErrorsCount": v.mismatch_count,
+                "snapshots": v.snapshots,
+                "mismatches": v.mismatches.iter().take(100).collect::<Vec<_>>(),
+            })),
         })
     }
 
@@ -551,6 +565,15 @@ impl Status<'_> {
                         .unwrap_or("")
                 );
             }
+        }
+        if let Some(v) = &self.validation {
+            let _ = writeln!(
+                out,
+                "\nvalidation ({} at {}): {}",
+                v.stage,
+                v.finished_at,
+                v.summary(10).replace('\n', "\n ")
+            );
         }
         if self.has_cdc() {
             for db in &self.plan.databases {

@@ -6,11 +6,12 @@
 
 mod support;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use support::{Cluster, PASSWORD, TestPlan, pair, row_digest, show, wait_for};
+use support::compare::assert_same;
+use support::{Cluster, PASSWORD, TestPlan, pair, show, wait_for};
 
 /// The offline plan: preflight → schema → provision → load → indexes → sequences.
 fn offline_stages(load_jobs: u32, index_jobs: u32) -> String {
@@ -54,174 +55,6 @@ fn database_exists(c: &Cluster, db: &str) -> bool {
         "postgres",
         &format!("SELECT count(*) FROM pg_database WHERE datname = '{db}'"),
     ) == "1"
-}
-
-/// Every ordinary table and partition, quoted for SQL, with its unquoted `schema.table` name as
-/// pgferry reports it.
-fn tables(c: &Cluster, db: &str) -> Vec<(String, String)> {
-    c.psql(
-        db,
-        "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) || '|' || n.nspname || '.' || c.relname \
-         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-         WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgferry') \
-           AND n.nspname NOT LIKE 'pg_toast%' ORDER BY 1",
-    )
-    .lines()
-    .map(|l| {
-        let (quoted, plain) = l.split_once('|').expect("quoted|plain");
-        (quoted.to_string(), plain.to_string())
-    })
-    .collect()
-}
-
-/// `last_value,is_called` of every sequence, by name.
-fn sequences(c: &Cluster, db: &str) -> BTreeMap<String, String> {
-    let names = c.psql(
-        db,
-        "SELECT quote_ident(schemaname) || '.' || quote_ident(sequencename) FROM pg_sequences \
-         WHERE schemaname <> 'pgferry' ORDER BY 1",
-    );
-    names
-        .lines()
-        .map(|seq| {
-            let value = c.psql(
-                db,
-                &format!("SELECT last_value || ',' || is_called FROM {seq}"),
-            );
-            (seq.to_string(), value)
-        })
-        .collect()
-}
-
-const LARGE_OBJECTS: &str = "SELECT coalesce(string_agg(oid::text || ':' || md5(lo_get(oid)), ',' ORDER BY oid), '') \
-                             FROM pg_largeobject_metadata";
-
-/// `pg_dump --schema-only` of a database without pgferry's schema and the `\restrict` lines (they
-/// carry a random key).
-fn schema_dump(c: &Cluster, db: &str) -> String {
-    support::strip_restrict(&c.run_tool(
-        "pg_dump",
-        db,
-        &["--schema-only", "--exclude-schema=pgferry"],
-    ))
-}
-
-/// The first lines where two dumps differ, with a little context.
-fn first_differences(a: &str, b: &str) -> String {
-    let (a, b): (Vec<&str>, Vec<&str>) = (a.lines().collect(), b.lines().collect());
-    let Some(at) = (0..a.len().max(b.len())).find(|&i| a.get(i) != b.get(i)) else {
-        return "no difference".into();
-    };
-    let from = at.saturating_sub(3);
-    let show = |v: &[&str]| v[from.min(v.len())..(at + 8).min(v.len())].join("\n");
-    format!(
-        "{} vs {} lines; first difference at line {}\n--- source ---\n{}\n--- target ---\n{}",
-        a.len(),
-        b.len(),
-        at + 1,
-        show(&a),
-        show(&b)
-    )
-}
-
-/// What is compared of one database.
-struct Snapshot {
-    /// Every ordinary table and partition: (quoted, plain).
-    tables: Vec<(String, String)>,
-    /// `count:md5` of each table's rows ([`row_digest`]), in the order of `tables`.
-    digests: Vec<String>,
-    sequences: BTreeMap<String, String>,
-    large_objects: String,
-    schema: String,
-}
-
-impl Snapshot {
-    /// Reads it all. The row digests of large tables take seconds, so callers read the source and the
-    /// target at the same time.
-    fn take(c: &Cluster, db: &str) -> Snapshot {
-        let tables = tables(c, db);
-        let digests = tables.iter().map(|(q, _)| row_digest(c, db, q)).collect();
-        Snapshot {
-            tables,
-            digests,
-            sequences: sequences(c, db),
-            large_objects: c.psql(db, LARGE_OBJECTS),
-            schema: schema_dump(c, db),
-        }
-    }
-
-    /// The number of rows in the tables.
-    fn total_rows(&self) -> i64 {
-        self.digests
-            .iter()
-            .map(|d| d.split(':').next().unwrap().parse::<i64>().unwrap())
-            .sum()
-    }
-}
-
-/// (a) every table's rows, (b) every sequence, (c) the large objects and (d) the schema are equal
-/// on both sides. Returns the source's snapshot.
-fn assert_same(sdb: &str, tdb: &str) -> Snapshot {
-    let p = pair();
-    let started = Instant::now();
-    let (source, target) = std::thread::scope(|scope| {
-        let source = scope.spawn(|| Snapshot::take(&p.source, sdb));
-        let target = scope.spawn(|| Snapshot::take(&p.target, tdb));
-        (
-            source.join().expect("reading the source"),
-            target.join().expect("reading the target"),
-        )
-    });
-    // (a) rows.
-    assert!(
-        source.tables.len() > 1,
-        "the source has tables: {:?}",
-        source.tables
-    );
-    assert_eq!(
-        source.tables, target.tables,
-        "the same tables on both sides"
-    );
-    for ((quoted, _), (s, t)) in source
-        .tables
-        .iter()
-        .zip(source.digests.iter().zip(&target.digests))
-    {
-        assert_eq!(s, t, "table {quoted} differs (count:md5)");
-    }
-    assert!(source.total_rows() > 0, "the source has rows");
-    // (b) sequences.
-    assert!(!source.sequences.is_empty(), "the source has sequences");
-    assert_eq!(
-        source.sequences, target.sequences,
-        "sequences (last_value,is_called) differ"
-    );
-    // (c) large objects.
-    assert_eq!(
-        source.large_objects, target.large_objects,
-        "large objects differ"
-    );
-    // (d) the whole schema.
-    assert!(source.schema.contains("CREATE TABLE"), "{}", source.schema);
-    assert!(
-        source.schema == target.schema,
-        "the target's schema differs from the source's: {}",
-        first_differences(&source.schema, &target.schema)
-    );
-    eprintln!(
-        "[test] {sdb} vs {tdb}: {} tables, {} rows, {} sequences, {} large object(s), {} schema lines equal ({:.2?})",
-        source.tables.len(),
-        source.total_rows(),
-        source.sequences.len(),
-        source
-            .large_objects
-            .split(',')
-            .filter(|x| !x.is_empty())
-            .count(),
-        source.schema.lines().count(),
-        started.elapsed()
-    );
-    source
 }
 
 /// Runs the plan to completion and checks it succeeded.

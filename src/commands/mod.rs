@@ -10,6 +10,7 @@ mod reset;
 mod run;
 mod status;
 mod unfence;
+mod verify;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -38,6 +39,12 @@ pub async fn dispatch(cli: Cli) -> u8 {
         } => graph::run(&plan, format, state).await,
         Command::Run { plan, until, rerun } => run::run(&plan, until, rerun).await,
         Command::Status { plan, json } => status::run(&plan, json).await,
+        Command::Verify {
+            plan,
+            report,
+            mode,
+            jobs,
+        } => verify::run(&plan, report.as_deref(), mode, jobs).await,
         Command::Cutover { plan } => cutover::run(&plan).await,
         Command::Unfence { plan } => unfence::run(&plan).await,
         Command::Reset { plan, yes } => reset::run(&plan, yes).await,

@@ -6,7 +6,8 @@ use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, load, report, stage_arg, store_conn,
+    EXIT_DATA_DIFFERS, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, load, report, stage_arg,
+    store_conn,
 };
 use crate::cli::PlanArgs;
 use crate::executor::{Executor, Node, Outcome, Selection};
@@ -130,9 +131,20 @@ pub async fn run(args: &PlanArgs, until: Option<String>, rerun: Vec<String>) -> 
             eprintln!("interrupted after {elapsed}; run the same command again to resume");
             ("interrupted", EXIT_INTERRUPTED)
         }
-        Ok(Outcome::Failed { error, .. }) => {
+        Ok(Outcome::Failed {
+            error,
+            data_differs,
+            ..
+        }) => {
             eprintln!("error: {error}");
-            ("failed", EXIT_FAILED)
+            (
+                "failed",
+                if *data_differs {
+                    EXIT_DATA_DIFFERS
+                } else {
+                    EXIT_FAILED
+                },
+            )
         }
         Err(e) => {
             report(e);
@@ -189,7 +201,7 @@ fn redact_args(argv: &[String]) -> String {
 }
 
 /// Ctrl-C or SIGTERM: stop at the next checkpoint. A second one exits at once.
-fn spawn_signal_handler(cancel: CancellationToken) {
+pub(super) fn spawn_signal_handler(cancel: CancellationToken) {
     tokio::spawn(async move {
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

@@ -84,6 +84,7 @@ pub async fn run(args: &PlanArgs, json: bool) -> u8 {
                 last_run: None,
                 events: Vec::new(),
                 tables: Vec::new(),
+                validation: None,
                 counters: Vec::new(),
                 positions: Vec::new(),
                 slots: Vec::new(),
@@ -113,20 +114,25 @@ pub async fn run(args: &PlanArgs, json: bool) -> u8 {
         let last_run = store.runs(1).await?.into_iter().next();
         let events = store.events(8).await?;
         let tables = store.tables(None).await?;
+        let validation = store
+            .artifact(crate::stages::validate::LATEST_ARTIFACT)
+            .await?
+            .and_then(|b| serde_json::from_slice(&b).ok());
         let counters = store.counters().await?;
         let positions = store.positions().await?;
         Ok::<_, crate::error::Error>((
-            records, runner, last_run, events, tables, counters, positions,
+            records, runner, last_run, events, tables, counters, positions, validation,
         ))
     }
     .await;
-    let (records, runner, last_run, events, tables, counters, positions) = match gathered {
-        Ok(x) => x,
-        Err(e) => {
-            report(&e);
-            return EXIT_FAILED;
-        }
-    };
+    let (records, runner, last_run, events, tables, counters, positions, validation) =
+        match gathered {
+            Ok(x) => x,
+            Err(e) => {
+                report(&e);
+                return EXIT_FAILED;
+            }
+        };
     // The slots matter while cdc may stream: a plan with a cdc stage.
     let slots = if plan.stages.iter().any(|s| s.kind == "cdc") {
         futures_util::future::join_all(plan.databases.iter().map(|db| slot_info(&plan, db))).await
@@ -141,6 +147,7 @@ pub async fn run(args: &PlanArgs, json: bool) -> u8 {
         last_run,
         events,
         tables,
+        validation,
         counters,
         positions,
         slots,

@@ -172,6 +172,19 @@ impl ConnInfo {
         c
     }
 
+    /// The same endpoint for sessions that must write to a fenced source database (the cutover's
+    /// own fence, cleanup, unfence): the fence is `default_transaction_read_only = on` on the
+    /// database, which a session may override at startup.
+    pub fn past_fence(&self) -> ConnInfo {
+        let mut c = self.clone();
+        let options = match self.config.get_options() {
+            Some(o) if !o.is_empty() => format!("{o} -c default_transaction_read_only=off"),
+            _ => "-c default_transaction_read_only=off".to_string(),
+        };
+        c.config.options(&options);
+        c
+    }
+
     /// Host and port, which identify the server (used to tell whether two endpoints are the same).
     pub fn server_key(&self) -> String {
         let d = self.describe();

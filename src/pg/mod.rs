@@ -6,6 +6,7 @@ pub mod connect;
 pub mod copy;
 pub mod dump;
 pub mod ident;
+pub mod large_objects;
 pub mod names;
 pub mod pgoutput;
 pub mod post_data_script;

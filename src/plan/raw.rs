@@ -184,10 +184,19 @@ pub struct CdcOptions {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ValidateOptions {
+    /// "count", "checksum" (default) or "full".
     #[serde(default)]
     pub mode: Option<String>,
     #[serde(default)]
     pub jobs: Option<u32>,
+    /// About how many rows one checksum chunk covers.
+    #[serde(default)]
+    pub chunk_rows: Option<u32>,
+    #[serde(default)]
+    pub exclude_generated: Option<bool>,
+    /// How long to wait for a running cdc stage to hold its apply at the validation snapshot.
+    #[serde(default)]
+    pub hold_timeout: Option<Dur>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

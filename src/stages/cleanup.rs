@@ -101,7 +101,7 @@ pub async fn drop_source_objects(
     drop_publication: bool,
 ) -> Result<Vec<String>> {
     let mut out = Vec::new();
-    let client = match env.source_for(db).connect("cleanup").await {
+    let client = match env.source_for(db).past_fence().connect("cleanup").await {
         Ok(c) => c,
         // The source database is gone: nothing of ours can be left in it.
         Err(e) if e.sqlstate.as_deref() == Some("3D000") => return Ok(out),

@@ -7,9 +7,12 @@
 //!   lag as small when cdc's applied position has reached the previous sample.
 //! - fence "read_only" (default): `ALTER DATABASE <source> SET default_transaction_read_only = on`,
 //!   then terminates the database's other client sessions (not walsenders). "none": no fence.
-//! - Then it records `pg_current_wal_insert_lsn()` (every commit so far is before it, also with asynchronous commit) as `cutover_target:<db>`; cdc applies up to at least that
+//! - Then it records `pg_current_wal_insert_lsn()` (every commit so far is before it, also with
+//!   asynchronous commit) in its checkpoint `drain:<db>`; cdc applies up to at least that
 //!   position and finishes (done). The cutover waits for that (at most `timeout`, default 10 min),
-//!   and reports the downtime: fence to cdc done.
+//!   then copies what logical decoding does not carry (unlogged tables, large objects; see
+//!   [`super::unreplicated`]) and refreshes materialized views, and reports the downtime: fence to
+//!   all of that done.
 //! - A failure after the fence resets `default_transaction_read_only` on the source and says so. A
 //!   successful cutover keeps the fence.
 
@@ -18,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use super::cdc::{applied_position, cutover_target_position};
+use super::cdc::{applied_position, drain_key};
 use super::{Env, Stage, StageContext};
 use crate::error::{Error, Result};
 use crate::pg::connect::ConnInfo;
@@ -106,7 +109,12 @@ impl Cutover {
                 self.sleep(cx, Duration::from_secs(1)).await?;
             }
         }
-        let control = self.env.source_for(db).connect("cutover").await?;
+        let control = self
+            .env
+            .source_for(db)
+            .past_fence()
+            .connect("cutover")
+            .await?;
         let mut quiet_since: Option<Instant> = None;
         let mut previous: Option<Lsn> = None;
         loop {
@@ -152,6 +160,27 @@ impl Cutover {
                 .await
                 .map_err(|e| Error::pg(&e, "terminating the source database's sessions"))?;
         }
+        let cdc = self.cdc_stage();
+        let cdc_done = |records: &[crate::state::StageRecord]| match &cdc {
+            None => true,
+            Some(id) => records
+                .iter()
+                .any(|s| &s.stage == id && s.state == StageState::Done),
+        };
+        let earlier = cx.store.checkpoint(&cx.stage, &drain_key(&db.name)).await?;
+        let earlier: Option<Lsn> = match earlier
+            .as_ref()
+            .and_then(|v| v.get("lsn"))
+            .and_then(serde_json::Value::as_str)
+        {
+            Some(l) => Some(l.parse()?),
+            None => None,
+        };
+        if let (Some(target), true) = (earlier, cdc_done(&cx.store.stages().await?)) {
+            // An earlier attempt drained cdc and stopped it; nothing may have come since.
+            self.nothing_left_in_slot(db, source).await?;
+            return Ok(target);
+        }
         let lsn: String = source
             .query_one("SELECT pg_catalog.pg_current_wal_insert_lsn()::text", &[])
             .await
@@ -159,26 +188,20 @@ impl Cutover {
             .get(0);
         let target: Lsn = lsn.parse()?;
         cx.store
-            .advance_position(&cutover_target_position(&db.name), &target.to_string())
+            .put_checkpoint(
+                &cx.stage,
+                &drain_key(&db.name),
+                &serde_json::json!({ "lsn": target.to_string() }),
+            )
             .await?;
         let deadline = Instant::now() + o.timeout;
-        let cdc = self.cdc_stage();
         loop {
             let applied: Option<Lsn> = match cx.store.position(&applied_position(&db.name)).await? {
                 Some(p) => Some(p.parse()?),
                 None => None,
             };
             let drained = applied.is_some_and(|a| a >= target);
-            let cdc_done = match &cdc {
-                None => true,
-                Some(id) => cx
-                    .store
-                    .stages()
-                    .await?
-                    .iter()
-                    .any(|s| &s.stage == id && s.state == StageState::Done),
-            };
-            if drained && cdc_done {
+            if drained && cdc_done(&cx.store.stages().await?) {
                 return Ok(target);
             }
             if Instant::now() > deadline {
@@ -193,6 +216,49 @@ impl Cutover {
         }
     }
 
+    /// After cdc finished in an earlier attempt: the slot must hold no change of the publication
+    /// (the source was fenced all along). Changes there mean the source was written after an
+    /// unfence, and cdc has to run again.
+    async fn nothing_left_in_slot(
+        &self,
+        db: &Database,
+        source: &tokio_postgres::Client,
+    ) -> Result<()> {
+        let slot = crate::pg::names::slot_name(&self.env.plan.name, &db.name);
+        let publication = crate::pg::names::publication_name(&self.env.plan.name);
+        let exists: bool = source
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots WHERE slot_name = $1)",
+                &[&slot],
+            )
+            .await
+            .map_err(|e| Error::pg(&e, "looking for the replication slot"))?
+            .get(0);
+        if !exists {
+            return Ok(());
+        }
+        // pgoutput message types: I(nsert), U(pdate), D(elete), T(runcate).
+        let pending: i64 = source
+            .query_one(
+                "SELECT count(*) FROM pg_catalog.pg_logical_slot_peek_binary_changes($1, NULL, NULL,                    'proto_version', '1', 'publication_names', $2)                   WHERE pg_catalog.get_byte(data, 0) IN (73, 85, 68, 84)",
+                &[&slot, &publication],
+            )
+            .await
+            .map_err(|e| Error::pg(&e, format!("reading what is left in slot {slot}")))?
+            .get(0);
+        if pending > 0 {
+            return Err(Error::permanent(format!(
+                "cdc already finished, but slot {slot} holds {pending} change(s) committed on the source since (it was written to after an earlier cutover attempt made it writable again); nothing of them was applied"
+            ))
+            .hint(format!(
+                "apply them with `pgferry run {} --rerun {}` (cdc streams from its applied position, then the cutover runs again)",
+                self.env.plan.path,
+                self.cdc_stage().unwrap_or_else(|| "cdc".into())
+            )));
+        }
+        Ok(())
+    }
+
     async fn cut(
         &self,
         cx: &StageContext,
@@ -200,7 +266,12 @@ impl Cutover {
         o: &Options,
     ) -> Result<serde_json::Value> {
         self.approve(cx, db, o).await?;
-        let source = self.env.source_for(db).connect("cutover").await?;
+        let source = self
+            .env
+            .source_for(db)
+            .past_fence()
+            .connect("cutover")
+            .await?;
         let fenced_at = Instant::now();
         let alter = format!(
             "ALTER DATABASE {} SET default_transaction_read_only = on",
@@ -219,8 +290,15 @@ impl Cutover {
                 )
                 .await?;
         }
-        match self.fenced_part(cx, db, o, &source).await {
-            Ok(lsn) => {
+        let fenced = async {
+            let lsn = self.fenced_part(cx, db, o, &source).await?;
+            let resync = super::unreplicated::resync(&self.env, db, &cx.cancel)
+                .await
+                .map_err(|e| e.context("copying what logical replication does not carry"))?;
+            Ok::<_, Error>((lsn, resync))
+        };
+        match fenced.await {
+            Ok((lsn, resync)) => {
                 let downtime = fenced_at.elapsed();
                 let msg = format!(
                     "cutover of {} -> {} done at {lsn}; write downtime {:.1}s",
@@ -230,9 +308,12 @@ impl Cutover {
                 );
                 tracing::info!("{msg}");
                 cx.store.event(Some(&cx.stage), "info", &msg).await?;
-                Ok(
-                    serde_json::json!({ "lsn": lsn.to_string(), "downtime_seconds": downtime.as_secs_f64(), "fenced": o.fence }),
-                )
+                Ok(serde_json::json!({
+                    "lsn": lsn.to_string(),
+                    "downtime_seconds": downtime.as_secs_f64(),
+                    "fenced": o.fence,
+                    "resync": resync,
+                }))
             }
             Err(e) => {
                 if !o.fence {
@@ -242,7 +323,13 @@ impl Cutover {
                     "ALTER DATABASE {} RESET default_transaction_read_only",
                     quote_ident(&db.name)
                 );
-                let unfence = match self.env.source_for(db).connect("cutover unfence").await {
+                let unfence = match self
+                    .env
+                    .source_for(db)
+                    .past_fence()
+                    .connect("cutover unfence")
+                    .await
+                {
                     Ok(c) => c
                         .batch_execute(&reset)
                         .await

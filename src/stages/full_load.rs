@@ -681,8 +681,7 @@ async fn split_ranges(
     Ok(out)
 }
 
-/// Copies every large object (data and owner, when the owner exists on the target) in one target
-/// transaction, replacing any that exist there.
+/// Copies every large object from the load's snapshot.
 async fn copy_large_objects(
     load: &Load,
     source_conn: &ConnInfo,
@@ -691,58 +690,7 @@ async fn copy_large_objects(
 ) -> Result<(u64, u64)> {
     let source = open_snapshot(source_conn, &load.snapshot, "load large objects").await?;
     let target = open_target(target_conn, "load large objects").await?;
-    let oids: Vec<(u32, String)> = source
-        .query("SELECT m.oid, r.rolname::text FROM pg_catalog.pg_largeobject_metadata m JOIN pg_catalog.pg_roles r ON r.oid = m.lomowner ORDER BY 1", &[])
-        .await
-        .map_err(|e| Error::pg(&e, "listing large objects"))?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    target
-        .batch_execute("BEGIN")
-        .await
-        .map_err(|e| Error::pg(&e, "starting the large object copy"))?;
-    let mut bytes = 0u64;
-    for (oid, owner) in &oids {
-        if cancel.is_cancelled() {
-            return Err(Error::interrupted());
-        }
-        let data: Vec<u8> = source
-            .query_one("SELECT pg_catalog.lo_get($1)", &[oid])
-            .await
-            .map_err(|e| Error::pg(&e, format!("reading large object {oid}")))?
-            .get(0);
-        bytes += data.len() as u64;
-        target
-            .execute("SELECT pg_catalog.lo_unlink(oid) FROM pg_catalog.pg_largeobject_metadata WHERE oid = $1", &[oid])
-            .await
-            .map_err(|e| Error::pg(&e, format!("replacing large object {oid}")))?;
-        target
-            .execute("SELECT pg_catalog.lo_from_bytea($1, $2)", &[oid, &data])
-            .await
-            .map_err(|e| Error::pg(&e, format!("writing large object {oid}")))?;
-        let owner_exists: bool = target
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1)",
-                &[owner],
-            )
-            .await
-            .map_err(|e| Error::pg(&e, "looking up a role"))?
-            .get(0);
-        if owner_exists {
-            target
-                .batch_execute(&format!(
-                    "ALTER LARGE OBJECT {oid} OWNER TO {}",
-                    crate::pg::ident::quote_ident(owner)
-                ))
-                .await
-                .map_err(|e| Error::pg(&e, format!("setting the owner of large object {oid}")))?;
-        }
-    }
-    target
-        .batch_execute("COMMIT")
-        .await
-        .map_err(|e| Error::pg(&e, "committing the large objects"))?;
+    let (n, bytes) = crate::pg::large_objects::copy_all(&source, &target, cancel).await?;
     load.bytes.fetch_add(bytes, Ordering::Relaxed);
-    Ok((oids.len() as u64, bytes))
+    Ok((n, bytes))
 }

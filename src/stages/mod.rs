@@ -12,6 +12,8 @@ pub mod provision;
 pub mod schema_dump;
 pub mod sequence_reset;
 pub mod sql;
+pub mod unreplicated;
+pub mod validate;
 
 use std::sync::Arc;
 
@@ -137,6 +139,7 @@ pub const RUNNABLE_KINDS: &[&str] = &[
     "sql",
     "cdc",
     "cutover",
+    "validate",
 ];
 
 /// The artifact holding a database's pre-data schema section (SQL, as pg_restore writes it).
@@ -163,6 +166,7 @@ pub fn build(env: &Arc<Env>, index: usize) -> Result<Arc<dyn Stage>> {
         "sequence_reset" => Ok(Arc::new(sequence_reset::SequenceReset::new(env.clone(), index))),
         "cdc" => Ok(Arc::new(cdc::Cdc::new(env.clone(), index))),
         "cutover" => Ok(Arc::new(cutover::Cutover::new(env.clone(), index))),
+        "validate" => Ok(Arc::new(validate::Validate::new(env.clone(), index))),
         other => Err(Error::permanent(format!(
             "stage `{}`: kind `{other}` cannot run in pgferry {} yet (runnable kinds: {})",
             spec.id,

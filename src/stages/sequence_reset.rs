@@ -37,9 +37,9 @@ pub struct SequenceReset {
 
 /// A sequence's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct SeqValue {
-    last_value: i64,
-    is_called: bool,
+pub(crate) struct SeqValue {
+    pub(crate) last_value: i64,
+    pub(crate) is_called: bool,
 }
 
 impl std::fmt::Display for SeqValue {
@@ -142,7 +142,7 @@ impl SequenceReset {
 
 /// The sequences of the selected tables: owned by their columns (serial, identity), used by their
 /// column defaults, and standalone ones in their schemas; extension members excluded.
-async fn sequences_of(
+pub(crate) async fn sequences_of(
     client: &Client,
     selected: &[&catalog::TableInfo],
 ) -> Result<Vec<QualifiedName>> {
@@ -181,7 +181,7 @@ async fn sequences_of(
 }
 
 /// Every sequence of the target.
-async fn target_sequences(client: &Client) -> Result<HashSet<QualifiedName>> {
+pub(crate) async fn target_sequences(client: &Client) -> Result<HashSet<QualifiedName>> {
     let rows = client
         .query(
             "SELECT n.nspname::text, c.relname::text FROM pg_catalog.pg_class c \
@@ -197,7 +197,10 @@ async fn target_sequences(client: &Client) -> Result<HashSet<QualifiedName>> {
 }
 
 /// `last_value` and `is_called` of each sequence, in order, a few hundred per query.
-async fn read_values(client: &Client, sequences: &[QualifiedName]) -> Result<Vec<SeqValue>> {
+pub(crate) async fn read_values(
+    client: &Client,
+    sequences: &[QualifiedName],
+) -> Result<Vec<SeqValue>> {
     let mut out = Vec::with_capacity(sequences.len());
     for chunk in sequences.chunks(CHUNK) {
         let sql = chunk

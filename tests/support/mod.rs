@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod compare;
 pub mod plan;
 
 // Not every test binary uses every re-export.

@@ -17,8 +17,8 @@
 //!   (nothing before it is still to come), so the slot advances while idle too.
 //! - Ready once the stream has passed the source's WAL position of the moment it started and
 //!   nothing is pending. Then it keeps running until cancelled (parked) or drained for a cutover:
-//!   when the store has a position `cutover_target:<db>`, it applies up to at least that position and
-//!   returns (the stage is done).
+//!   when a cutover stage has the checkpoint `drain:<db>` (`{"lsn": ...}`), it applies up to at
+//!   least that position and returns (the stage is done).
 //! - Validation can hold the apply at an LSN (`validate_hold:<db>`): cdc applies every
 //!   transaction committed before it, commits, answers `validate_held:<db>` and applies nothing
 //!   more until `validate_release:<db>` reaches it (at most [`HOLD_MAX`]). A validation uses two
@@ -80,9 +80,10 @@ impl Cdc {
     }
 }
 
-/// The store position a cutover writes to ask cdc to drain `db` up to an LSN and stop.
-pub fn cutover_target_position(db: &str) -> String {
-    format!("cutover_target:{db}")
+/// The checkpoint key (of the cutover stage) that asks cdc to drain `db` up to an LSN and stop:
+/// `{"lsn": "..."}`. A checkpoint, not a position, so that `--rerun` of the cutover forgets it.
+pub fn drain_key(db: &str) -> String {
+    format!("drain:{db}")
 }
 
 /// The store position of what cdc has applied for `db` (a copy of the target's own record).
@@ -294,13 +295,7 @@ impl<'a> DbStream<'a> {
         loop {
             if last_drain_check.elapsed() >= DRAIN_CHECK_EVERY {
                 last_drain_check = Instant::now();
-                if let Some(p) = self
-                    .cx
-                    .store
-                    .position(&cutover_target_position(&self.db.name))
-                    .await?
-                {
-                    let target: Lsn = p.parse()?;
+                if let Some(target) = self.drain_target().await? {
                     if drain != Some(target) {
                         tracing::info!(database = %self.db.name, to = %target, "cdc draining for the cutover");
                     }
@@ -428,6 +423,22 @@ impl<'a> DbStream<'a> {
                 }
             }
         }
+    }
+
+    /// The LSN a running cutover asked this database to drain to.
+    async fn drain_target(&self) -> Result<Option<Lsn>> {
+        for s in self.env.plan.stages.iter().filter(|s| s.kind == "cutover") {
+            if let Some(v) = self
+                .cx
+                .store
+                .checkpoint(&s.id, &drain_key(&self.db.name))
+                .await?
+                && let Some(l) = v.get("lsn").and_then(serde_json::Value::as_str)
+            {
+                return Ok(Some(l.parse()?));
+            }
+        }
+        Ok(None)
     }
 
     /// The hold validation asked for and has not released yet.

@@ -1,0 +1,272 @@
+//! Making both sides show the same moment.
+//!
+//! - Offline (no cdc running: an offline plan, or cdc done, or after the cutover): a repeatable-read
+//!   transaction on each side exports its snapshot; nothing writes to the target, and the source's
+//!   snapshot is whatever it is when validation starts.
+//! - Online (cdc running or ready): a *temporary* logical slot on the source exports a snapshot
+//!   together with its consistent point `L` (the snapshot shows exactly the transactions committed
+//!   before `L`). The hold protocol with the running cdc stage goes through the checkpoint store's
+//!   forward-only positions (see `crate::stages::cdc`): (1) hold at the source's current WAL
+//!   insert position H0 (`validate_hold:<db>`) and wait for cdc to answer `validate_held:<db>` >=
+//!   H0 — it is paused, so it cannot apply past `L` before it reads the next request; (2) create
+//!   the temporary slot (snapshot, `L`), hold at `L`, release H0 (`validate_release:<db>`) and
+//!   wait for held >= L: the target now shows exactly the source transactions committed before
+//!   `L`; (3) export the target's repeatable-read snapshot and release `L`. Each wait is bounded
+//!   by `hold_timeout`; whatever fails after the first request, the latest hold is released, so
+//!   cdc is never left holding.
+//!
+//! Every worker session imports its side's snapshot (`SET TRANSACTION SNAPSHOT`), so all chunks
+//! of one side see one snapshot. The holders stay open and idle until the comparison is over.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+use super::report::SnapshotInfo;
+use crate::error::{Error, Result};
+use crate::pg::connect::ConnInfo;
+use crate::pg::ident::quote_literal;
+use crate::pg::pgoutput::Lsn;
+use crate::pg::replication::{ReplicationClient, SlotSnapshot};
+use crate::stages::cdc::{held_position, hold_release_position, hold_request_position};
+use crate::state::StateStore;
+
+/// Session settings that make both servers print every value the same way.
+pub const SETTINGS: &str = "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; \
+     SET IntervalStyle = 'postgres'; SET extra_float_digits = 1; SET bytea_output = 'hex'; \
+     SET lc_monetary = 'C'; SET search_path = ''; SET statement_timeout = 0; \
+     SET idle_in_transaction_session_timeout = 0; SET lock_timeout = 0;";
+
+/// How often the hold is polled.
+const POLL: Duration = Duration::from_millis(100);
+
+/// What keeps a snapshot alive.
+pub enum Holder {
+    Replication(ReplicationClient),
+    Transaction(Client),
+}
+
+/// Both sides' exported snapshots, held open.
+pub struct Snapshots {
+    pub source: String,
+    pub target: String,
+    pub info: SnapshotInfo,
+    _source_holder: Holder,
+    _target_holder: Client,
+}
+
+/// Takes the two snapshots of one database.
+#[allow(clippy::too_many_arguments)]
+pub async fn take(
+    source_conn: &ConnInfo,
+    target_conn: &ConnInfo,
+    database: &str,
+    online: Option<&Arc<dyn StateStore>>,
+    cdc_stage: Option<&str>,
+    hold_timeout: Duration,
+    cancel: &CancellationToken,
+    purpose: &str,
+) -> Result<Snapshots> {
+    match online {
+        None => {
+            let (source_holder, source, lsn) = exported(source_conn, purpose, true)
+                .await
+                .map_err(|e| e.context("source"))?;
+            let (target_holder, target, _) = exported(target_conn, purpose, false)
+                .await
+                .map_err(|e| e.context("target"))?;
+            Ok(Snapshots {
+                source,
+                target,
+                info: SnapshotInfo {
+                    database: database.to_string(),
+                    method: "offline".into(),
+                    lsn,
+                    note: None,
+                },
+                _source_holder: Holder::Transaction(source_holder),
+                _target_holder: target_holder,
+            })
+        }
+        Some(store) => {
+            // Step 1: pause the apply at the source's current WAL position H0.
+            let control = source_conn
+                .connect(purpose)
+                .await
+                .map_err(|e| e.context("source"))?;
+            let h0: String = control
+                .query_one("SELECT pg_catalog.pg_current_wal_insert_lsn()::text", &[])
+                .await
+                .map_err(|e| Error::pg(&e, "reading the source's WAL position").context("source"))?
+                .get(0);
+            drop(control);
+            store
+                .advance_position(&hold_request_position(database), &h0)
+                .await?;
+            let mut requested = h0.clone();
+            let result = online_steps(
+                source_conn,
+                target_conn,
+                database,
+                store.as_ref(),
+                cdc_stage,
+                hold_timeout,
+                cancel,
+                purpose,
+                &h0,
+                &mut requested,
+            )
+            .await;
+            // Always let cdc go on, whatever happened.
+            let released = store
+                .advance_position(&hold_release_position(database), &requested)
+                .await;
+            let (repl, snap, target_holder, target) = result?;
+            released?;
+            let l = snap.consistent_point.clone();
+            tracing::info!(database, lsn = %l, "target snapshot taken at the source snapshot's position; cdc released");
+            Ok(Snapshots {
+                source: snap.snapshot_name,
+                target,
+                info: SnapshotInfo {
+                    database: database.to_string(),
+                    method: "online".into(),
+                    lsn: Some(l),
+                    note: Some(
+                        "sequences not compared while cdc runs (logical replication does not carry them; compare them after sequence_reset)".into(),
+                    ),
+                },
+                _source_holder: Holder::Replication(repl),
+                _target_holder: target_holder,
+            })
+        }
+    }
+}
+
+/// Steps 1 (wait for the pause at `h0`) to 3 (the target snapshot) of the online protocol;
+/// `requested` follows the latest hold written, for the release.
+#[allow(clippy::too_many_arguments)]
+async fn online_steps(
+    source_conn: &ConnInfo,
+    target_conn: &ConnInfo,
+    database: &str,
+    store: &dyn StateStore,
+    cdc_stage: Option<&str>,
+    hold_timeout: Duration,
+    cancel: &CancellationToken,
+    purpose: &str,
+    h0: &str,
+    requested: &mut String,
+) -> Result<(ReplicationClient, SlotSnapshot, Client, String)> {
+    let h0_lsn: Lsn = h0.parse()?;
+    wait_held(store, database, h0_lsn, hold_timeout, cancel, cdc_stage).await?;
+    tracing::debug!(database, at = %h0, "cdc paused");
+    // Step 2: the source snapshot (temporary slot: snapshot and consistent point L), hold at L,
+    // then release the pause: cdc applies exactly the transactions committed before L.
+    let mut repl = ReplicationClient::connect(source_conn, purpose)
+        .await
+        .map_err(|e| e.context("source"))?;
+    let slot = format!(
+        "pgferry_val_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0)
+    );
+    let snap = repl
+        .create_slot(&slot, true)
+        .await
+        .map_err(|e| e.context("creating a temporary slot for the validation snapshot"))?;
+    let l = snap.consistent_point.clone();
+    let l_lsn: Lsn = snap.consistent_lsn()?;
+    tracing::info!(database, lsn = %l, "source snapshot taken (temporary slot); asking cdc to hold its apply there");
+    store
+        .advance_position(&hold_request_position(database), &l)
+        .await?;
+    *requested = l.clone();
+    store
+        .advance_position(&hold_release_position(database), h0)
+        .await?;
+    wait_held(store, database, l_lsn, hold_timeout, cancel, cdc_stage).await?;
+    // Step 3: the target snapshot, showing exactly the source's transactions before L.
+    let (target_holder, target, _) = exported(target_conn, purpose, false)
+        .await
+        .map_err(|e| e.context("target"))?;
+    Ok((repl, snap, target_holder, target))
+}
+
+/// Waits until cdc reports holding at `lsn` or beyond.
+async fn wait_held(
+    store: &dyn StateStore,
+    database: &str,
+    lsn: Lsn,
+    timeout: Duration,
+    cancel: &CancellationToken,
+    cdc_stage: Option<&str>,
+) -> Result<()> {
+    let started = Instant::now();
+    let name = held_position(database);
+    loop {
+        if let Some(p) = store.position(&name).await?
+            && p.parse::<Lsn>().is_ok_and(|h| h >= lsn)
+        {
+            return Ok(());
+        }
+        if started.elapsed() > timeout {
+            let stage = cdc_stage.unwrap_or("cdc");
+            return Err(Error::permanent(format!(
+                "the cdc stage `{stage}` did not hold its apply at {lsn} within {} (store position `{name}`)",
+                humantime::format_duration(timeout)
+            ))
+            .hint(format!(
+                "validation of a running migration needs stage `{stage}` running (`pgferry run` in progress) and caught up; check `pgferry status`, or raise `hold_timeout`"
+            )));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(POLL) => {}
+            _ = cancel.cancelled() => return Err(Error::interrupted()),
+        }
+    }
+}
+
+/// A repeatable-read transaction that exported its snapshot: (session, snapshot, WAL position).
+async fn exported(
+    conn: &ConnInfo,
+    purpose: &str,
+    source: bool,
+) -> Result<(Client, String, Option<String>)> {
+    let client = conn.connect(purpose).await?;
+    client
+        .batch_execute(&format!(
+            "{SETTINGS} BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+        ))
+        .await
+        .map_err(|e| Error::pg(&e, "opening the snapshot transaction"))?;
+    let row = client
+        .query_one(
+            "SELECT pg_catalog.pg_export_snapshot(), \
+                    CASE WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.pg_last_wal_replay_lsn() \
+                         ELSE pg_catalog.pg_current_wal_lsn() END::text",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::pg(&e, "exporting a snapshot"))?;
+    let lsn = if source { row.get(1) } else { None };
+    Ok((client, row.get(0), lsn))
+}
+
+/// A worker session on one side, inside that side's snapshot, with the comparable settings.
+pub async fn open_worker(conn: &ConnInfo, snapshot: &str, purpose: &str) -> Result<Client> {
+    let client = conn.connect(purpose).await?;
+    client
+        .batch_execute(&format!(
+            "{SETTINGS} BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT {}",
+            quote_literal(snapshot)
+        ))
+        .await
+        .map_err(|e| Error::pg(&e, "importing the validation snapshot"))?;
+    Ok(client)
+}

@@ -1,0 +1,303 @@
+//! Whole online plans against real clusters: Pagila with an application writing to it during the
+//! full load and cdc (inserts, updates, deletes, rows moving between partitions, a TRUNCATE, large
+//! transactions, a large object, an unlogged table), an automatic cutover with the source fenced
+//! read-only, and then every table, sequence, large object and the schema equal on both sides; and a
+//! runner killed during the cutover's drain, resumed to the same result with nothing applied twice.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use support::compare::assert_same;
+use support::{TestPlan, pair, row_digest, show, wait_for};
+
+const ONLINE: &str = "[stages.schema]\nkind = \"schema_dump\"\n\n\
+    [stages.provision]\nkind = \"provision\"\nafter = [\"schema\"]\n\n\
+    [stages.load]\nkind = \"full_load\"\nafter = [\"provision\"]\njobs = 2\n\n\
+    [stages.indexes]\nkind = \"post_data\"\nafter = [\"load\"]\njobs = 2\n\n\
+    [stages.cdc]\nkind = \"cdc\"\nafter = [\"indexes\"]\n\n\
+    [stages.cutover]\nkind = \"cutover\"\nafter = [\"cdc\"]\napproval = \"auto\"\nmax_lag = \"1s\"\nquiet_for = \"1s\"\nfence = \"read_only\"\n\n\
+    [stages.sequences]\nkind = \"sequence_reset\"\nafter = [\"cutover\"]\n\n\
+    [stages.cleanup]\nkind = \"cleanup\"\nafter = [\"sequences\"]\n";
+
+/// What the writer did.
+#[derive(Default)]
+struct Written {
+    transactions: AtomicU64,
+    /// Set once a write was refused by the fence (read-only, or the session ended by it).
+    fenced: AtomicBool,
+}
+
+/// Writes to the Pagila source like an application until the fence stops it (or `stop`).
+fn writer(db: String, stop: Arc<AtomicBool>, written: Arc<Written>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let client = pair().source.client(&db).await;
+            let lo: u32 = client
+                .query_one("SELECT min(oid) FROM pg_largeobject_metadata", &[])
+                .await
+                .expect("a large object")
+                .get(0);
+            let mut i: i64 = 0;
+            while !stop.load(Ordering::SeqCst) {
+                i += 1;
+                let customer = (i % 599) + 1;
+                let sql = match i % 9 {
+                    0 => format!(
+                        "INSERT INTO public.payment (customer_id, staff_id, rental_id, amount, payment_date) \
+                         VALUES ({customer}, 1, {}, 0.42, '2022-03-15 10:00:00+00')",
+                        (i % 16000) + 1
+                    ),
+                    1 => format!(
+                        "UPDATE public.customer SET email = 'writer{i}@example.com', active = {} WHERE customer_id = {customer}",
+                        i % 2
+                    ),
+                    // A row moving to another partition.
+                    2 => "UPDATE public.payment SET payment_date = '2022-05-10 10:00:00+00', amount = 0.43 \
+                          WHERE payment_id = (SELECT max(payment_id) FROM public.payment WHERE amount = 0.42)"
+                        .into(),
+                    3 => "DELETE FROM public.payment WHERE payment_id = (SELECT min(payment_id) FROM public.payment WHERE amount = 0.43)"
+                        .into(),
+                    4 => format!(
+                        "BEGIN; INSERT INTO public.scratch VALUES ({i} + 1000000, 'row {i}'); UPDATE public.film SET rental_rate = rental_rate + 0.01 WHERE film_id = {}; COMMIT",
+                        (i % 1000) + 1
+                    ),
+                    5 if i % 45 == 5 => "TRUNCATE public.scratch".into(),
+                    6 if i % 600 == 6 => format!(
+                        "INSERT INTO public.bulk SELECT g::bigint + {i}::bigint * 100000, md5(g::text) FROM generate_series(1, 5000) g"
+                    ),
+                    7 => format!(
+                        "SELECT lo_put({lo}, {}, '\\x41'::bytea); INSERT INTO public.cache VALUES ({i}, 'cached') ON CONFLICT (k) DO UPDATE SET v = 'again'",
+                        i % 100
+                    ),
+                    _ => format!(
+                        "INSERT INTO public.actor (first_name, last_name) VALUES ('Writer', 'No {i}')"
+                    ),
+                };
+                match client.batch_execute(&sql).await {
+                    Ok(()) => {
+                        written.transactions.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(e) => {
+                        let code = e.code().map(|c| c.code().to_string());
+                        // 25006 read-only transaction; 57P01 terminated by the fence; or closed.
+                        if matches!(code.as_deref(), Some("25006") | Some("57P01")) || client.is_closed() {
+                            written.fenced.store(true, Ordering::SeqCst);
+                            return;
+                        }
+                        panic!("the writer failed on `{sql}`: {e:?}");
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+    })
+}
+
+fn checkpoint(plan: &TestPlan, stage: &str, key: &str, field: &str) -> String {
+    pair().target.psql(
+        &plan.target_db,
+        &format!(
+            "SELECT value->>'{field}' FROM pgferry.checkpoints WHERE migration = '{}' AND stage = '{stage}' AND key = '{key}'",
+            plan.name
+        ),
+    )
+}
+
+#[test]
+fn pagila_with_a_concurrent_writer_cuts_over_to_an_equal_copy() {
+    let p = pair();
+    let s = p.source.fresh_database("on_pagila_src");
+    if !support::load_pagila(&p.source, &s) {
+        eprintln!(
+            "\n*** SKIPPED pagila_with_a_concurrent_writer_cuts_over_to_an_equal_copy: Pagila is not available ***\n"
+        );
+        return;
+    }
+    p.source.psql(
+        &s,
+        "CREATE TABLE public.bulk (id bigint PRIMARY KEY, v text);
+         CREATE TABLE public.scratch (id bigint PRIMARY KEY, v text);
+         CREATE UNLOGGED TABLE public.cache (k bigint PRIMARY KEY, v text);
+         INSERT INTO public.cache SELECT g, 'initial' FROM generate_series(1, 50) g;
+         INSERT INTO public.scratch SELECT g, 'initial' FROM generate_series(1, 10) g;
+         SELECT lo_from_bytea(0, convert_to(repeat('a large object in Pagila; ', 2000), 'UTF8'));
+         SELECT lo_from_bytea(0, '\\x00ff7f80');
+         REFRESH MATERIALIZED VIEW public.rental_by_category;",
+    );
+    let t = p.target.fresh_database("on_pagila_tgt");
+    let plan = TestPlan::new(p, "on_pagila", &s, &t, ONLINE);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(Written::default());
+    let w = writer(s.clone(), stop.clone(), written.clone());
+    let out = plan.run(&["run"]);
+    stop.store(true, Ordering::SeqCst);
+    w.join().expect("the writer");
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        written.fenced.load(Ordering::SeqCst),
+        "the writer was still writing when the run ended: the fence did not stop it"
+    );
+    let n = written.transactions.load(Ordering::SeqCst);
+    assert!(n > 50, "the writer wrote only {n} transactions");
+
+    // cdc carried changes (not only the load).
+    let applied: i64 = p
+        .target
+        .psql(
+            &t,
+            &format!("SELECT coalesce(sum(value), 0) FROM pgferry.counters WHERE migration = 'on_pagila' AND scope = '{s}' AND name = 'totalChangesApplied'"),
+        )
+        .parse()
+        .expect("a number");
+    assert!(applied > 0, "cdc applied nothing");
+    // The source stays fenced.
+    assert_eq!(
+        p.source.psql(&s, "SHOW default_transaction_read_only"),
+        "on"
+    );
+
+    // Every table (partitions included), sequence, large object and the schema.
+    assert_same(&s, &t);
+    // The materialized view holds what its query gives on the fenced source now (the source's own
+    // copy is as old as its last refresh).
+    let definition = p.source.psql(
+        &s,
+        "SELECT pg_get_viewdef('public.rental_by_category'::regclass)",
+    );
+    let query = format!("({})", definition.trim().trim_end_matches(';'));
+    assert_eq!(
+        row_digest(&p.target, &t, "public.rental_by_category"),
+        row_digest(&p.source, &s, &query),
+        "the materialized view was refreshed after the fence"
+    );
+    assert_eq!(
+        row_digest(&p.target, &t, "public.cache"),
+        row_digest(&p.source, &s, "public.cache"),
+        "the unlogged table was copied again after the fence"
+    );
+    let key = format!("database:{s}");
+    let downtime: f64 = checkpoint(&plan, "cutover", &key, "downtime_seconds")
+        .parse()
+        .expect("the cutover recorded its downtime");
+    assert!(downtime > 0.0);
+    let resync = checkpoint(&plan, "cutover", &key, "resync");
+    assert!(
+        resync.contains("public.cache") && resync.contains("public.rental_by_category"),
+        "{resync}"
+    );
+    eprintln!(
+        "[test] {n} writer transactions, {applied} changes applied by cdc, write downtime {downtime:.2}s"
+    );
+}
+
+const SMALL: &str = "\
+    CREATE TABLE public.items (id int PRIMARY KEY, name text);\n\
+    CREATE TABLE public.logs (n int, v text);\n\
+    ALTER TABLE public.logs REPLICA IDENTITY FULL;\n\
+    CREATE SEQUENCE public.counter;\n\
+    SELECT nextval('public.counter') FROM generate_series(1, 7);\n\
+    INSERT INTO public.items SELECT g, 'item ' || g FROM generate_series(1, 100) g;\n";
+
+#[test]
+fn killed_during_the_cutover_drain_then_resumed() {
+    let p = pair();
+    let s = p.source.fresh_database("on_killcut_src");
+    let t = p.target.fresh_database("on_killcut_tgt");
+    p.source.psql(&s, SMALL);
+    let stages = ONLINE.replace("approval = \"auto\"", "approval = \"manual\"");
+    let plan = TestPlan::new(p, "on_killcut", &s, &t, &stages);
+    let mut child = plan.spawn(&["run"]);
+    wait_for("cdc to be ready", Duration::from_secs(60), || {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the runner stopped early: {status:?}");
+        }
+        p.target
+            .psql(&t, "SELECT to_regclass('pgferry.stages') IS NOT NULL")
+            == "t"
+            && p.target.psql(
+                &t,
+                "SELECT count(*) FROM pgferry.stages WHERE migration = 'on_killcut' AND stage = 'cdc' AND state = 'ready'",
+            ) == "1"
+    });
+    // A backlog the drain needs seconds for (no primary key: a change applied twice would show).
+    p.source.psql(
+        &s,
+        "INSERT INTO public.logs SELECT g, 'backlog' FROM generate_series(1, 100000) g;\n\
+         UPDATE public.items SET name = 'changed' WHERE id <= 10;\n\
+         SELECT nextval('public.counter') FROM generate_series(1, 5);",
+    );
+    let out = plan.run(&["cutover"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    // Kill once the source is fenced and the drain has started, before it is over.
+    wait_for("the fence", Duration::from_secs(60), || {
+        p.source.psql(&s, "SHOW default_transaction_read_only") == "on"
+    });
+    child.kill().expect("SIGKILL the runner");
+    let _ = child.wait();
+    assert_eq!(
+        p.target.psql(
+            &t,
+            "SELECT state FROM pgferry.stages WHERE migration = 'on_killcut' AND stage = 'cutover'"
+        ),
+        "running",
+        "the kill came after the cutover finished: nothing was tested"
+    );
+    wait_for(
+        "the killed run's sessions to end",
+        Duration::from_secs(30),
+        || {
+            p.target.psql(
+            "postgres",
+            &format!("SELECT count(*) FROM pg_stat_activity WHERE datname = '{t}' AND application_name LIKE 'pgferry %'"),
+        ) == "0"
+        },
+    );
+    // The fence held while nobody ran the cutover.
+    assert_eq!(
+        p.source.psql(&s, "SHOW default_transaction_read_only"),
+        "on"
+    );
+
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(
+        p.target.psql(&t, "SELECT count(*) FROM public.logs"),
+        "100000",
+        "every backlog row applied exactly once"
+    );
+    for table in ["public.items", "public.logs"] {
+        assert_eq!(
+            row_digest(&p.target, &t, table),
+            row_digest(&p.source, &s, table),
+            "{table} differs"
+        );
+    }
+    assert_eq!(
+        p.target.psql(&t, "SELECT last_value FROM public.counter"),
+        p.source.psql(&s, "SELECT last_value FROM public.counter"),
+    );
+    assert_eq!(
+        p.target.psql(
+            &t,
+            "SELECT string_agg(stage || '=' || state, ',' ORDER BY stage) FROM pgferry.stages WHERE migration = 'on_killcut' AND stage IN ('cutover', 'sequences', 'cleanup')"
+        ),
+        "cleanup=done,cutover=done,sequences=done"
+    );
+    // cleanup dropped the slot and the publication on the fenced source.
+    assert_eq!(
+        p.source.psql(
+            &s,
+            "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'pgferry_on_killcut%') + (SELECT count(*) FROM pg_publication WHERE pubname = 'pgferry_on_killcut')"
+        ),
+        "0"
+    );
+}
