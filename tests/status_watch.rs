@@ -4,7 +4,7 @@
 
 mod support;
 
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -42,19 +42,29 @@ fn status_watch_refreshes_stage_states_and_counters() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn status --watch");
-    let mut stdout = child.stdout.take().expect("stdout");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
     let reader = std::thread::spawn(move || {
         let mut text = String::new();
-        let _ = stdout.read_to_string(&mut text);
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.contains("Ctrl-C to stop") {
+                let _ = tx.send(());
+            }
+            text.push_str(&line);
+            text.push('\n');
+        }
         text
     });
-    // Let it refresh a few times, then stop it as a person would (Ctrl-C).
-    let started = Instant::now();
-    std::thread::sleep(Duration::from_millis(2500));
+    // Let it refresh three times, then stop it as a person would (Ctrl-C).
+    for _ in 0..3 {
+        rx.recv_timeout(Duration::from_secs(60))
+            .expect("status --watch refreshed");
+    }
     // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
     unsafe {
         libc::kill(child.id() as libc::pid_t, libc::SIGINT);
     }
+    let started = Instant::now();
     let status = loop {
         if let Some(s) = child.try_wait().expect("wait") {
             break s;
@@ -72,7 +82,7 @@ fn status_watch_refreshes_stage_states_and_counters() {
     }
     assert_eq!(status.code(), Some(0), "{text}\n{err}");
     let refreshes = text.matches("Ctrl-C to stop").count();
-    assert!(refreshes >= 2, "{refreshes} refreshes:\n{text}");
+    assert!(refreshes >= 3, "{refreshes} refreshes:\n{text}");
     // The last refresh shows every stage done, the table and the load's counters.
     let last = text.rsplit("Ctrl-C to stop").next().unwrap_or("");
     for stage in ["schema", "provision", "load"] {

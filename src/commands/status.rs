@@ -176,6 +176,19 @@ pub async fn watch(args: &PlanArgs, interval: std::time::Duration) -> u8 {
     };
     let env = crate::stages::Env::new(plan.clone()).ok();
     let terminal = std::io::stdout().is_terminal();
+    // Streams, not `ctrl_c()` futures made per refresh: a signal arriving during a refresh is
+    // kept until the next wait instead of being lost.
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut int, mut term) = match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(i), Ok(t)) => (i, t),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("error: cannot listen for Ctrl-C: {e}");
+            return EXIT_FAILED;
+        }
+    };
     loop {
         let body = match open_store(&plan).await {
             Ok(Some(store)) => match compact(&plan, &store, env.as_ref()).await {
@@ -201,7 +214,8 @@ pub async fn watch(args: &PlanArgs, interval: std::time::Duration) -> u8 {
         }
         let _ = std::io::Write::flush(&mut std::io::stdout());
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => return EXIT_OK,
+            _ = int.recv() => return EXIT_OK,
+            _ = term.recv() => return EXIT_OK,
             _ = tokio::time::sleep(interval) => {}
         }
     }

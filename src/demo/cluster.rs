@@ -309,12 +309,20 @@ impl Cluster {
         let _ = fs::remove_file(&pwfile);
         let out = out.map_err(|e| Error::permanent(format!("running initdb: {e}")))?;
         if !out.status.success() {
-            return Err(Error::permanent(format!(
+            let err = Error::permanent(format!(
                 "initdb for the {} cluster failed ({}): {}",
                 self.name,
                 out.status,
                 String::from_utf8_lossy(&out.stderr).trim()
-            )));
+            ));
+            return Err(if is_root() {
+                err.hint(format!(
+                    "the `{OS_USER}` OS user runs the server and must be able to enter {}; set TMPDIR to a directory it can reach (such as /tmp)",
+                    std::env::temp_dir().display()
+                ))
+            } else {
+                err
+            });
         }
         Ok(())
     }
