@@ -127,6 +127,13 @@ fn demo_migrates_online_and_removes_its_clusters() {
         "{stdout}"
     );
     assert!(stdout.contains("write downtime (fence to last change applied): "));
+    // The validate stage compared both sides as of one moment and found them equal.
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("validation: no differences: ")),
+        "{stdout}"
+    );
     for stage in [
         "preflight",
         "schema",
@@ -136,6 +143,7 @@ fn demo_migrates_online_and_removes_its_clusters() {
         "cdc",
         "cutover",
         "sequences",
+        "verify",
         "cleanup",
     ] {
         assert!(

@@ -220,7 +220,10 @@ async fn body(
         )),
         None => out.push_str("write downtime: not recorded\n"),
     }
-    // VALIDATE: once the validate stage is in the plan, its result goes here.
+    match validation(&plan).await? {
+        Some(r) => out.push_str(&format!("validation: {}\n", r.summary(5))),
+        None => out.push_str("validation: not recorded\n"),
+    }
     out.push_str(&format!(
         "row counts: {}\n",
         if all_equal {
@@ -263,6 +266,23 @@ async fn stage_durations(plan: &Arc<Plan>) -> Result<String> {
         ));
     }
     Ok(out)
+}
+
+/// The report of the plan's validate stage.
+async fn validation(plan: &Arc<Plan>) -> Result<Option<crate::stages::validate::report::Report>> {
+    let Some(store) = open_store(plan).await? else {
+        return Ok(None);
+    };
+    let Some(stage) = plan.stages.iter().find(|s| s.kind == "validate") else {
+        return Ok(None);
+    };
+    let Some(bytes) = store
+        .artifact(&crate::stages::validate::artifact_name(&stage.id))
+        .await?
+    else {
+        return Ok(None);
+    };
+    Ok(serde_json::from_slice(&bytes).ok())
 }
 
 /// The write downtime the cutover stage recorded.
