@@ -446,6 +446,11 @@ fn online_verify_on_pagila_while_writes_continue() {
     std::thread::sleep(Duration::from_secs(1));
     // No false mismatches while the source keeps changing.
     for _ in 0..2 {
+        if let Ok(Some(_)) = runner.try_wait() {
+            stop.store(true, Ordering::SeqCst);
+            let out = runner.wait_with_output().expect("runner output");
+            panic!("the runner stopped early: {}", show(&out));
+        }
         let (code, report) = verify(&plan, &["--jobs", "2"]);
         assert_eq!(code, Some(0), "{report:#}");
         assert_eq!(report["snapshots"][0]["method"], "online", "{report:#}");
@@ -484,4 +489,20 @@ fn online_verify_on_pagila_while_writes_continue() {
     assert_eq!(row["detail"]["snapshots"][0]["method"], "online", "{row:#}");
     let _ = runner.kill();
     let _ = runner.wait();
+
+    // cdc is still recorded as ready, but no runner applies anything: verify says so at once
+    // instead of waiting for a hold nobody answers.
+    wait_for("the runner lock to go", Duration::from_secs(10), || {
+        p.target.psql(
+            &t,
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pgferry runner%'",
+        ) == "0"
+    });
+    let out = plan.run(&["verify"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no `pgferry run` is running"),
+        "{}",
+        show(&out)
+    );
 }
