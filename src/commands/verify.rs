@@ -62,9 +62,8 @@ pub async fn run(
     // cdc is recorded as running, but no runner holds the lock: nobody would answer the hold.
     if sync.online.is_some() && runner.is_none() {
         eprintln!(
-            "error: stage `{}` is {} in the checkpoint store but no `pgferry run` is running: nothing applies the source's changes, so the two sides cannot be compared as of one moment\n  hint: start `pgferry run {}` (cdc resumes and catches up), then verify again; or, once the source takes no more writes and the cutover is done, verify compares plain snapshots",
+            "error: stage `{}` is running or ready in the checkpoint store but no `pgferry run` is running: nothing applies the source's changes, so the two sides cannot be compared as of one moment\n  hint: start `pgferry run {}` (cdc resumes and catches up), then verify again; or, once the source takes no more writes and the cutover is done, verify compares plain snapshots",
             sync.cdc_stage.as_deref().unwrap_or("cdc"),
-            "running or ready",
             args.plan
         );
         return EXIT_FAILED;
