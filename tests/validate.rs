@@ -33,6 +33,10 @@ CREATE TABLE public.nokey (a int, b text);
 INSERT INTO public.nokey VALUES (1, 'same'), (1, 'same'), (2, 'other'), (3, NULL);
 CREATE TABLE public.composite (a int NOT NULL, b text NOT NULL, v text, UNIQUE (a, b));
 INSERT INTO public.composite SELECT g % 100, 'k' || g, 'v' || g FROM generate_series(1, 5000) g;
+CREATE TABLE public.events (at timestamptz PRIMARY KEY, v int);
+INSERT INTO public.events SELECT '2020-01-01 00:00:00+00'::timestamptz + g * interval '1 hour 1 second', g FROM generate_series(1, 20000) g;
+CREATE TABLE public.words (w text PRIMARY KEY, n int);
+INSERT INTO public.words SELECT md5(g::text), g FROM generate_series(1, 20000) g;
 CREATE SEQUENCE public.standalone;
 SELECT nextval('public.standalone') FROM generate_series(1, 5);
 "#;
@@ -62,6 +66,8 @@ fn migrated(prefix: &str) -> (TestPlan, String, String) {
         "public.items",
         "public.nokey",
         "public.composite",
+        "public.events",
+        "public.words",
     ] {
         assert_eq!(
             row_digest(&p.source, &s, table),
@@ -121,7 +127,19 @@ fn identical_copy_then_each_corruption_is_named_exactly() {
     assert_eq!(report["mismatch_count"], 0);
     assert_eq!(mismatches(&report), Vec::<Value>::new());
     let tables = report["tables"].as_array().expect("tables");
-    assert_eq!(tables.len(), 4, "{report:#}");
+    assert_eq!(tables.len(), 6, "{report:#}");
+    // Every row lands in exactly one chunk, whatever the key's type and order.
+    for (name, rows) in [
+        ("public.items", 30000),
+        ("public.events", 20000),
+        ("public.words", 20000),
+        ("public.composite", 5000),
+    ] {
+        let t = tables.iter().find(|x| x["table"] == name).expect("summary");
+        assert_eq!(t["source_rows"], rows, "{t}");
+        assert_eq!(t["target_rows"], rows, "{t}");
+        assert!(t["chunks"].as_u64().unwrap_or(0) >= 4, "{t}");
+    }
     let items = tables
         .iter()
         .find(|x| x["table"] == "public.items")
@@ -234,6 +252,10 @@ fn identical_copy_then_each_corruption_is_named_exactly() {
     assert_eq!(code, Some(0), "{report:#}");
 }
 
+fn md5_4242() -> String {
+    pair().source.psql("postgres", "SELECT md5('4242')")
+}
+
 #[test]
 fn count_and_full_modes() {
     let p = pair();
@@ -242,16 +264,23 @@ fn count_and_full_modes() {
         &t,
         "DELETE FROM public.composite WHERE a = 5 AND b = 'k5'; \
          UPDATE public.items SET price = price + 1 WHERE id = 20000; \
-         UPDATE \"Mixed Case\".\"Order\" SET f = 'NaN', j = '{\"a\": [1, 3]}' WHERE \"select\" = 2",
+         UPDATE \"Mixed Case\".\"Order\" SET f = 'NaN', j = '{\"a\": [1, 3]}' WHERE \"select\" = 2; \
+         UPDATE public.events SET v = -1 WHERE at = '2020-01-01 00:00:00+00'::timestamptz + 7777 * interval '1 hour 1 second'; \
+         DELETE FROM public.words WHERE w = md5('4242')",
     );
 
-    // Count: only the table that lost a row, as a count.
+    // Count: only the tables that lost a row, as counts.
     let (code, report) = verify(&plan, &["--mode", "count"]);
     assert_eq!(code, Some(3));
     assert_eq!(report["mode"], "count");
+    let mut found = mismatches(&report);
+    found.sort_by_key(|m| m["table"].to_string());
     assert_eq!(
-        mismatches(&report),
-        vec![json!({"table": "public.composite", "key": null, "kind": "missing", "count": 1})]
+        found,
+        vec![
+            json!({"table": "public.composite", "key": null, "kind": "missing", "count": 1}),
+            json!({"table": "public.words", "key": null, "kind": "missing", "count": 1}),
+        ]
     );
 
     // Full: every row of the mismatched chunks compared column by column.
@@ -265,7 +294,9 @@ fn count_and_full_modes() {
         vec![
             json!({"table": "Mixed Case.Order", "key": {"select": 2}, "kind": "different", "columns": ["j", "f"]}),
             json!({"table": "public.composite", "key": {"a": 5, "b": "k5"}, "kind": "missing"}),
+            json!({"table": "public.events", "key": {"at": "2020-11-20T03:09:37+00:00"}, "kind": "different", "columns": ["v"]}),
             json!({"table": "public.items", "key": {"id": 20000}, "kind": "different", "columns": ["price"]}),
+            json!({"table": "public.words", "key": {"w": md5_4242()}, "kind": "missing"}),
         ]
     );
 }
@@ -415,6 +446,11 @@ fn online_verify_on_pagila_while_writes_continue() {
     std::thread::sleep(Duration::from_secs(1));
     // No false mismatches while the source keeps changing.
     for _ in 0..2 {
+        if let Ok(Some(_)) = runner.try_wait() {
+            stop.store(true, Ordering::SeqCst);
+            let out = runner.wait_with_output().expect("runner output");
+            panic!("the runner stopped early: {}", show(&out));
+        }
         let (code, report) = verify(&plan, &["--jobs", "2"]);
         assert_eq!(code, Some(0), "{report:#}");
         assert_eq!(report["snapshots"][0]["method"], "online", "{report:#}");
@@ -453,4 +489,20 @@ fn online_verify_on_pagila_while_writes_continue() {
     assert_eq!(row["detail"]["snapshots"][0]["method"], "online", "{row:#}");
     let _ = runner.kill();
     let _ = runner.wait();
+
+    // cdc is still recorded as ready, but no runner applies anything: verify says so at once
+    // instead of waiting for a hold nobody answers.
+    wait_for("the runner lock to go", Duration::from_secs(10), || {
+        p.target.psql(
+            &t,
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pgferry runner%'",
+        ) == "0"
+    });
+    let out = plan.run(&["verify"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no `pgferry run` is running"),
+        "{}",
+        show(&out)
+    );
 }

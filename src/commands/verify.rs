@@ -34,13 +34,24 @@ pub async fn run(
             return EXIT_USAGE;
         }
     };
-    let store: Option<Arc<dyn StateStore>> = match open_store(&plan).await {
-        Ok(s) => s.map(|s| Arc::new(s) as Arc<dyn StateStore>),
+    let pg_store = match open_store(&plan).await {
+        Ok(s) => s,
         Err(e) => {
             report(&e);
             return EXIT_FAILED;
         }
     };
+    let runner = match &pg_store {
+        Some(s) => match s.runner().await {
+            Ok(r) => r,
+            Err(e) => {
+                report(&e);
+                return EXIT_FAILED;
+            }
+        },
+        None => None,
+    };
+    let store: Option<Arc<dyn StateStore>> = pg_store.map(|s| Arc::new(s) as Arc<dyn StateStore>);
     let sync = match SnapshotSync::detect(&env, store.as_ref()).await {
         Ok(s) => s,
         Err(e) => {
@@ -48,6 +59,15 @@ pub async fn run(
             return EXIT_FAILED;
         }
     };
+    // cdc is recorded as running, but no runner holds the lock: nobody would answer the hold.
+    if sync.online.is_some() && runner.is_none() {
+        eprintln!(
+            "error: stage `{}` is running or ready in the checkpoint store but no `pgferry run` is running: nothing applies the source's changes, so the two sides cannot be compared as of one moment\n  hint: start `pgferry run {}` (cdc resumes and catches up), then verify again; or, once the source takes no more writes and the cutover is done, verify compares plain snapshots",
+            sync.cdc_stage.as_deref().unwrap_or("cdc"),
+            args.plan
+        );
+        return EXIT_FAILED;
+    }
     let stage = plan.stages.iter().position(|s| s.kind == "validate");
     let options = {
         let env = env.clone();

@@ -43,13 +43,15 @@ pub async fn boundaries(client: &Client, t: &ValTable, chunk_rows: u64) -> Resul
     if pages <= SMALL_PAGES {
         return Ok(Vec::new());
     }
-    // Never analyzed (-1) or stale: assume 50 rows a page, at least.
-    let estimated = (t.estimated_rows.max(0)).max(pages * 50) as f64;
-    let chunks = (estimated / chunk_rows.max(1) as f64).ceil();
-    if chunks <= 1.0 {
-        return Ok(Vec::new());
-    }
-    let percent = (BLOCKS_PER_CHUNK * chunks / pages as f64 * 100.0).clamp(0.001, 100.0);
+    // The sample size follows a guess of the row count (never analyzed: reltuples is -1, so assume
+    // small rows); the chunk count follows the sample itself.
+    let guess = if t.estimated_rows > 0 {
+        t.estimated_rows as f64
+    } else {
+        (pages * 200) as f64
+    };
+    let chunks_guess = (guess / chunk_rows.max(1) as f64).ceil().max(1.0);
+    let percent = (BLOCKS_PER_CHUNK * chunks_guess / pages as f64 * 100.0).clamp(0.001, 100.0);
     let k = quote_ident(first);
     // Sorted by the key's own order (a bare `ORDER BY` name would pick the text output column).
     let sql = format!(
@@ -61,6 +63,11 @@ pub async fn boundaries(client: &Client, t: &ValTable, chunk_rows: u64) -> Resul
         .await
         .map_err(|e| Error::pg(&e, format!("sampling the keys of {}", t.name)))?;
     let sample: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    let estimated = sample.len() as f64 * 100.0 / percent;
+    let chunks = (estimated / chunk_rows.max(1) as f64).ceil();
+    if chunks <= 1.0 {
+        return Ok(Vec::new());
+    }
     Ok(pick(&sample, chunks as usize))
 }
 

@@ -255,6 +255,7 @@ async fn validate_database(
     let snaps = snapshot::take(
         &source_conn,
         &target_conn,
+        &env.plan.name,
         &db.name,
         sync.online.as_ref(),
         sync.cdc_stage.as_deref(),

@@ -15,6 +15,10 @@
 //!   by `hold_timeout`; whatever fails after the first request, the latest hold is released, so
 //!   cdc is never left holding.
 //!
+//! Validations of one database take turns through this protocol (a session advisory lock on the
+//! target database from the first request to the release): two at once would move each other's
+//! holds.
+//!
 //! Every worker session imports its side's snapshot (`SET TRANSACTION SNAPSHOT`), so all chunks
 //! of one side see one snapshot. The holders stay open and idle until the comparison is over.
 
@@ -62,6 +66,7 @@ pub struct Snapshots {
 pub async fn take(
     source_conn: &ConnInfo,
     target_conn: &ConnInfo,
+    migration: &str,
     database: &str,
     online: Option<&Arc<dyn StateStore>>,
     cdc_stage: Option<&str>,
@@ -91,6 +96,35 @@ pub async fn take(
             })
         }
         Some(store) => {
+            // One validation at a time goes through the hold protocol of a database: two would
+            // move each other's holds (positions only move forward). A session advisory lock on
+            // the target database, held from the first request to the release.
+            let guard = target_conn
+                .connect(purpose)
+                .await
+                .map_err(|e| e.context("target"))?;
+            guard
+                .batch_execute(&format!(
+                    "SET lock_timeout = {}",
+                    hold_timeout.as_millis().min(i32::MAX as u128)
+                ))
+                .await
+                .map_err(|e| {
+                    Error::pg(&e, "configuring the hold lock session").context("target")
+                })?;
+            guard
+                .execute(
+                    "SELECT pg_catalog.pg_advisory_lock($1)",
+                    &[&hold_lock_key(migration, database)],
+                )
+                .await
+                .map_err(|e| {
+                    Error::pg(
+                        &e,
+                        "waiting for another validation of this database to take its snapshots",
+                    )
+                    .context("target")
+                })?;
             // Step 1: pause the apply at the source's current WAL position H0.
             let control = source_conn
                 .connect(purpose)
@@ -123,6 +157,7 @@ pub async fn take(
             let released = store
                 .advance_position(&hold_release_position(database), &requested)
                 .await;
+            drop(guard);
             let (repl, snap, target_holder, target) = result?;
             released?;
             let l = snap.consistent_point.clone();
@@ -269,4 +304,14 @@ pub async fn open_worker(conn: &ConnInfo, snapshot: &str, purpose: &str) -> Resu
         .await
         .map_err(|e| Error::pg(&e, "importing the validation snapshot"))?;
     Ok(client)
+}
+
+/// The advisory lock key serializing the validations of one database of one migration.
+fn hold_lock_key(migration: &str, database: &str) -> i64 {
+    use sha2::{Digest, Sha256};
+    let digest =
+        Sha256::digest(format!("pgferry validation hold: {migration}/{database}").as_bytes());
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&digest[..8]);
+    i64::from_be_bytes(bytes)
 }
