@@ -306,3 +306,67 @@ fn killed_during_the_cutover_drain_then_resumed() {
         "0"
     );
 }
+
+#[test]
+fn an_approved_cutover_waits_for_the_lag_and_says_why() {
+    let p = pair();
+    let s = p.source.fresh_database("on_lagcut_src");
+    let t = p.target.fresh_database("on_lagcut_tgt");
+    p.source.psql(&s, SMALL);
+    let stages = ONLINE.replace("approval = \"auto\"", "approval = \"manual\"");
+    let plan = TestPlan::new(p, "on_lagcut", &s, &t, &stages);
+    let mut child = plan.spawn(&["run"]);
+    wait_for("cdc to be ready", Duration::from_secs(60), || {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the runner stopped early: {status:?}");
+        }
+        p.target
+            .psql(&t, "SELECT to_regclass('pgferry.stages') IS NOT NULL")
+            == "t"
+            && p.target.psql(
+                &t,
+                "SELECT count(*) FROM pgferry.stages WHERE migration = 'on_lagcut' AND stage = 'cdc' AND state = 'ready'",
+            ) == "1"
+    });
+    // A backlog cdc needs a while for, then the approval right away.
+    p.source.psql(
+        &s,
+        "INSERT INTO public.logs SELECT g, 'backlog ' || g FROM generate_series(1, 400000) g;",
+    );
+    let out = plan.run(&["cutover"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let waiting = format!(
+        "SELECT count(*) FROM pgferry.events WHERE migration = 'on_lagcut' AND message LIKE 'cutover of {s} waits before fencing: cdc is % behind the source%'"
+    );
+    let fenced = format!(
+        "SELECT count(*) FROM pgferry.checkpoints WHERE migration = 'on_lagcut' AND stage = 'cutover' AND key = 'drain:{s}'"
+    );
+    wait_for(
+        "the cutover to say why it waits",
+        Duration::from_secs(60),
+        || {
+            let said = p.target.psql(&t, &waiting) != "0";
+            if !said {
+                assert_eq!(
+                    p.target.psql(&t, &fenced),
+                    "0",
+                    "the cutover fenced without waiting for the lag"
+                );
+            }
+            said
+        },
+    );
+    wait_for("the run to finish", Duration::from_secs(300), || {
+        matches!(child.try_wait(), Ok(Some(_)))
+    });
+    let out = child.wait_with_output().expect("runner output");
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(
+        row_digest(&p.target, &t, "public.logs"),
+        row_digest(&p.source, &s, "public.logs")
+    );
+    assert_eq!(
+        p.source.psql(&s, "SHOW default_transaction_read_only"),
+        "on"
+    );
+}

@@ -2,9 +2,11 @@
 //! source's WAL position of the fence, and reports the write downtime.
 //!
 //! - approval "manual" (default) waits for the `cutover` request that `pgferry cutover PLAN` records
-//!   in the store. "auto" proceeds once cdc has stayed within `max_lag` (default 5s) of the source for
-//!   `quiet_for` (default 10s): every `max_lag` it samples the source's WAL position and counts the
-//!   lag as small when cdc's applied position has reached the previous sample.
+//!   in the store, then for cdc to be within `max_lag` of the source (it says why it waits, every
+//!   10 s, in the log and the store's events). "auto" proceeds once cdc has stayed within `max_lag`
+//!   (default 5s) of the source for `quiet_for` (default 10s): every `max_lag` it samples the
+//!   source's WAL position and counts the lag as small when cdc's applied position has reached the
+//!   previous sample (or the current position).
 //! - fence "read_only" (default): `ALTER DATABASE <source> SET default_transaction_read_only = on`,
 //!   then terminates the database's other client sessions (not walsenders). "none": no fence.
 //! - Then it records `pg_current_wal_insert_lsn()` (every commit so far is before it, also with
@@ -99,8 +101,8 @@ impl Cutover {
             let mut said = false;
             loop {
                 if let Some(at) = store.requested("cutover").await? {
-                    tracing::info!(database = %db.name, requested_at = %at, "cutover approved");
-                    return Ok(());
+                    tracing::info!(database = %db.name, requested_at = %at, "cutover approved; fencing once cdc is within max_lag");
+                    break;
                 }
                 if !said {
                     tracing::info!(database = %db.name, "waiting for `pgferry cutover {}`", plan.path);
@@ -115,8 +117,16 @@ impl Cutover {
             .past_fence()
             .connect("cutover")
             .await?;
+        // Approved (manual) or automatic: fence only once cdc is close behind the source, so the
+        // write downtime stays short. A manual approval does not also wait for `quiet_for`.
+        let quiet_for = if o.manual {
+            Duration::ZERO
+        } else {
+            o.quiet_for
+        };
         let mut quiet_since: Option<Instant> = None;
         let mut previous: Option<Lsn> = None;
+        let mut last_said: Option<Instant> = None;
         loop {
             let now: String = control
                 .query_one("SELECT pg_catalog.pg_current_wal_insert_lsn()::text", &[])
@@ -128,15 +138,36 @@ impl Cutover {
                 Some(p) => Some(p.parse()?),
                 None => None,
             };
-            let small = matches!((previous, applied), (Some(p), Some(a)) if a >= p);
+            // Small: cdc has reached where the source was one `max_lag` ago (or is caught up).
+            let small = match (previous, applied) {
+                (_, Some(a)) if a >= now => true,
+                (Some(p), Some(a)) => a >= p,
+                _ => false,
+            };
             if small {
                 let since = *quiet_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= o.quiet_for {
-                    tracing::info!(database = %db.name, "cutover: lag within max_lag for quiet_for; proceeding");
+                if since.elapsed() >= quiet_for {
+                    tracing::info!(database = %db.name, "cutover: lag within max_lag; proceeding");
                     return Ok(());
                 }
             } else {
                 quiet_since = None;
+                if previous.is_some()
+                    && last_said.is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+                {
+                    let behind = applied.map(|a| now.0.saturating_sub(a.0));
+                    let msg = format!(
+                        "cutover of {} waits before fencing: cdc is {} behind the source, more than max_lag ({}) of changes",
+                        db.name,
+                        behind
+                            .map(crate::plan::units::human_bytes)
+                            .unwrap_or_else(|| "not yet started, so everything is".into()),
+                        humantime::format_duration(o.max_lag)
+                    );
+                    tracing::info!("{msg}");
+                    cx.store.event(Some(&cx.stage), "info", &msg).await?;
+                    last_said = Some(Instant::now());
+                }
             }
             previous = Some(now);
             self.sleep(cx, o.max_lag).await?;
