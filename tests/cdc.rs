@@ -239,17 +239,7 @@ fn manual_cutover_fences_the_source_and_finishes() {
     let stages = format!("{STAGES}\n[stages.cutover]\nkind = \"cutover\"\nafter = [\"cdc\"]\n");
     let plan = TestPlan::new(p, "cdc_cut", &s, &t, &stages);
     let mut child = plan.spawn(&["run"]);
-    wait_for("cdc to be ready", Duration::from_secs(30), || {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("the runner stopped early: {status:?}");
-        }
-        // The store is created by the run: look only once it exists.
-        p.target.psql(&t, "SELECT to_regclass('pgferry.stages') IS NOT NULL") == "t"
-            && p.target.psql(
-                &t,
-                "SELECT count(*) FROM pgferry.stages WHERE migration = 'cdc_cut' AND stage = 'cdc' AND state = 'ready'",
-            ) == "1"
-    });
+    plan.wait_until_cdc_ready(p, &mut child);
     // Changes while cdc streams; the cutover must not lose any.
     p.source.psql(
         &s,
@@ -278,21 +268,6 @@ fn manual_cutover_fences_the_source_and_finishes() {
         "done"
     );
     assert_same_data(&s, &t);
-}
-
-/// Waits until the cdc stage of `migration` is `ready` in the store on the target.
-fn wait_ready(child: &mut std::process::Child, tdb: &str, migration: &str) {
-    let p = pair();
-    wait_for("cdc to be ready", Duration::from_secs(60), || {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("the runner stopped early: {status:?}");
-        }
-        p.target.psql(tdb, "SELECT to_regclass('pgferry.stages') IS NOT NULL") == "t"
-            && p.target.psql(
-                tdb,
-                &format!("SELECT count(*) FROM pgferry.stages WHERE migration = '{migration}' AND stage = 'cdc' AND state = 'ready'"),
-            ) == "1"
-    });
 }
 
 fn set_position(tdb: &str, migration: &str, name: &str, lsn: &str) {
@@ -324,7 +299,7 @@ fn validation_hold_stops_the_apply_exactly_at_the_requested_lsn() {
     let stages = format!("{STAGES}\n[stages.cutover]\nkind = \"cutover\"\nafter = [\"cdc\"]\n");
     let plan = TestPlan::new(p, "cdc_hold", &s, &t, &stages);
     let mut child = plan.spawn(&["run"]);
-    wait_ready(&mut child, &t, "cdc_hold");
+    plan.wait_until_cdc_ready(p, &mut child);
 
     // Step 1 of a validation: pause the apply where it is.
     let h0 = current_lsn(&p.source, &s);

@@ -161,18 +161,7 @@ fn online_plan_with_cdc_and_cutover_migrates_hostile_names() {
          [stages.sequences]\nkind = \"sequence_reset\"\nafter = [\"cutover\"]\n",
     );
     let mut child = plan.spawn(&["run"]);
-    wait_for("cdc to be ready", Duration::from_secs(60), || {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("the runner stopped early: {status:?}");
-        }
-        p.target
-            .psql(&t, "SELECT to_regclass('pgferry.stages') IS NOT NULL")
-            == "t"
-            && p.target.psql(
-                &t,
-                "SELECT count(*) FROM pgferry.stages WHERE migration = 'hostile_online' AND stage = 'cdc' AND state = 'ready'",
-            ) == "1"
-    });
+    plan.wait_until_cdc_ready(p, &mut child);
     p.source.psql(&s, &changes_sql());
     let out = plan.run(&["cutover"]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));

@@ -216,18 +216,7 @@ fn killed_during_the_cutover_drain_then_resumed() {
     let stages = ONLINE.replace("approval = \"auto\"", "approval = \"manual\"");
     let plan = TestPlan::new(p, "on_killcut", &s, &t, &stages);
     let mut child = plan.spawn(&["run"]);
-    wait_for("cdc to be ready", Duration::from_secs(60), || {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("the runner stopped early: {status:?}");
-        }
-        p.target
-            .psql(&t, "SELECT to_regclass('pgferry.stages') IS NOT NULL")
-            == "t"
-            && p.target.psql(
-                &t,
-                "SELECT count(*) FROM pgferry.stages WHERE migration = 'on_killcut' AND stage = 'cdc' AND state = 'ready'",
-            ) == "1"
-    });
+    plan.wait_until_cdc_ready(p, &mut child);
     // A backlog the drain needs seconds for (no primary key: a change applied twice would show).
     p.source.psql(
         &s,
@@ -316,18 +305,7 @@ fn an_approved_cutover_waits_for_the_lag_and_says_why() {
     let stages = ONLINE.replace("approval = \"auto\"", "approval = \"manual\"");
     let plan = TestPlan::new(p, "on_lagcut", &s, &t, &stages);
     let mut child = plan.spawn(&["run"]);
-    wait_for("cdc to be ready", Duration::from_secs(60), || {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("the runner stopped early: {status:?}");
-        }
-        p.target
-            .psql(&t, "SELECT to_regclass('pgferry.stages') IS NOT NULL")
-            == "t"
-            && p.target.psql(
-                &t,
-                "SELECT count(*) FROM pgferry.stages WHERE migration = 'on_lagcut' AND stage = 'cdc' AND state = 'ready'",
-            ) == "1"
-    });
+    plan.wait_until_cdc_ready(p, &mut child);
     // A backlog cdc needs a while for, then the approval right away.
     p.source.psql(
         &s,

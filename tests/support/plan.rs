@@ -95,6 +95,30 @@ target = "{tdb}"
     }
 }
 
+impl TestPlan {
+    /// Waits until the plan's `cdc` stage is `ready` in the store (in the target database), failing
+    /// if the runner `child` stops first.
+    pub fn wait_until_cdc_ready(&self, pair: &Pair, child: &mut Child) {
+        let db = &self.target_db;
+        wait_for("cdc to be ready", Duration::from_secs(60), || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("the runner stopped early: {status:?}");
+            }
+            // The store is created by the run: look only once it exists.
+            pair.target
+                .psql(db, "SELECT to_regclass('pgferry.stages') IS NOT NULL")
+                == "t"
+                && pair.target.psql(
+                    db,
+                    &format!(
+                        "SELECT count(*) FROM pgferry.stages WHERE migration = '{}' AND stage = 'cdc' AND state = 'ready'",
+                        self.name
+                    ),
+                ) == "1"
+        });
+    }
+}
+
 /// stdout and stderr of a finished command, for assertion messages.
 pub fn show(out: &Output) -> String {
     format!(
