@@ -436,6 +436,16 @@ fn an_apply_longer_than_wal_sender_timeout_keeps_the_stream() {
         assert_running(&mut child);
         stage_state(&plan, "cdc") == "ready"
     });
+    // Make the target apply slowly, whatever the apply path's speed: an ALWAYS trigger (it fires
+    // under session_replication_role = replica too) sleeps 0.5 ms per row, so 45,000 rows take
+    // more than 20 s.
+    p.target.psql(
+        &plan.target_db,
+        "CREATE FUNCTION public.slow_down() RETURNS trigger LANGUAGE plpgsql AS \
+         $$BEGIN PERFORM pg_sleep(0.0005); RETURN NEW; END$$; \
+         CREATE TRIGGER slow_down BEFORE INSERT ON public.events FOR EACH ROW EXECUTE FUNCTION public.slow_down(); \
+         ALTER TABLE public.events ENABLE ALWAYS TRIGGER slow_down;",
+    );
     let log_before = p.source.server_log().len();
     let started = std::time::Instant::now();
     big_transaction(&plan, 45000);
@@ -445,6 +455,10 @@ fn an_apply_longer_than_wal_sender_timeout_keeps_the_stream() {
     });
     let took = started.elapsed();
     eprintln!("[test] 47000 changes applied in {took:.1?}");
+    p.target.psql(
+        &plan.target_db,
+        "DROP TRIGGER slow_down ON public.events; DROP FUNCTION public.slow_down();",
+    );
     let log = p.source.server_log();
     let new_log = log.get(log_before..).unwrap_or(&log);
     assert!(
