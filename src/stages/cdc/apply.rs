@@ -108,7 +108,7 @@ struct InFlight {
 }
 
 /// The most rows that may await their result at once (bounds memory with multi-row inserts).
-pub const MAX_ROWS_IN_FLIGHT: usize = 8192;
+pub const MAX_ROWS_IN_FLIGHT: usize = 4096;
 
 type Pending =
     FuturesOrdered<BoxFuture<'static, (std::result::Result<u64, tokio_postgres::Error>, InFlight)>>;

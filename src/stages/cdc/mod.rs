@@ -157,6 +157,26 @@ struct DbStream<'a> {
     db: &'a Database,
     batch_changes: u64,
     batch_delay: Duration,
+    /// How often the source hears from us at least: a quarter of its `wal_sender_timeout`, at
+    /// most [`STATUS_EVERY`].
+    status_every: Duration,
+}
+
+/// Parses a `SHOW wal_sender_timeout` value (`60s`, `1min`, `500ms`, `0` = disabled).
+fn parse_pg_duration(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (n, unit) = v.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    let ms = match unit.trim() {
+        "" | "ms" => n,
+        "s" => n * 1000,
+        "min" => n * 60_000,
+        "h" => n * 3_600_000,
+        "d" => n * 86_400_000,
+        _ => return None,
+    };
+    Some(Duration::from_millis(ms))
 }
 
 /// Where the apply loop is.
@@ -191,6 +211,7 @@ impl<'a> DbStream<'a> {
             db,
             batch_changes,
             batch_delay,
+            status_every: STATUS_EVERY,
         }
     }
 
@@ -252,6 +273,17 @@ impl<'a> DbStream<'a> {
             },
         };
         let mut repl = ReplicationClient::connect(&self.env.source_for(self.db), "cdc").await?;
+        // A walsender that hears nothing for wal_sender_timeout ends the stream: answer well
+        // within it, also while a long apply keeps the loop busy.
+        if let Ok(rows) = repl.simple_query("SHOW wal_sender_timeout").await
+            && let Some(t) = rows
+                .first()
+                .and_then(|r| r.get("wal_sender_timeout"))
+                .and_then(parse_pg_duration)
+            && !t.is_zero()
+        {
+            self.status_every = (t / 4).clamp(Duration::from_millis(500), STATUS_EVERY);
+        }
         let sys = repl.simple_query("IDENTIFY_SYSTEM").await?;
         let ready_at: Lsn = sys
             .first()
@@ -353,7 +385,7 @@ impl<'a> DbStream<'a> {
             };
             // A large source transaction streams without a pause: the status update must not wait
             // for one, or the walsender hears nothing for wal_sender_timeout and ends the stream.
-            let tick = tick.min(st.last_status + STATUS_EVERY);
+            let tick = tick.min(st.last_status + self.status_every);
             tokio::select! {
                 biased;
                 _ = self.cx.cancel.cancelled() => {
@@ -369,7 +401,7 @@ impl<'a> DbStream<'a> {
                         repl.send_status(st.applied, st.applied, st.applied, false).await?;
                         st.last_status = Instant::now();
                     }
-                    if st.last_status.elapsed() >= STATUS_EVERY {
+                    if st.last_status.elapsed() >= self.status_every {
                         repl.send_status(st.applied, st.applied, st.applied, false).await?;
                         st.last_status = Instant::now();
                     }
@@ -399,7 +431,7 @@ impl<'a> DbStream<'a> {
                                     on_ready();
                                 }
                             }
-                            if k.reply_requested || st.last_status.elapsed() >= STATUS_EVERY {
+                            if k.reply_requested || st.last_status.elapsed() >= self.status_every {
                                 repl.send_status(st.applied, st.applied, st.applied, false).await?;
                                 st.last_status = Instant::now();
                             }
@@ -496,7 +528,7 @@ impl<'a> DbStream<'a> {
                 store.event(Some(&self.cx.stage), "warn", &msg).await?;
                 return Ok(None);
             }
-            if st.last_status.elapsed() >= STATUS_EVERY {
+            if st.last_status.elapsed() >= self.status_every {
                 repl.send_status(st.applied, st.applied, st.applied, false)
                     .await?;
                 st.last_status = Instant::now();
@@ -666,4 +698,19 @@ fn explain_missing(e: Error) -> Error {
     e.hint(format!(
         "{what}: the target cannot be brought up to date from here. Start this migration over: `pgferry reset PLAN --yes` (drops the slot, publication and checkpoints; target data is left alone), then `pgferry run PLAN` (recreates them and copies every table again)"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wal_sender_timeout_values_parse() {
+        assert_eq!(parse_pg_duration("60s"), Some(Duration::from_secs(60)));
+        assert_eq!(parse_pg_duration("1min"), Some(Duration::from_secs(60)));
+        assert_eq!(parse_pg_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_pg_duration("0"), Some(Duration::ZERO));
+        assert_eq!(parse_pg_duration("12"), Some(Duration::from_millis(12)));
+        assert_eq!(parse_pg_duration("soon"), None);
+    }
 }
