@@ -4,54 +4,19 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use support::{Cluster, PASSWORD, TestPlan, pair, row_digest, show, wait_for};
+use support::{Cluster, TestPlan, pair, row_digest, show, wait_for};
 
 /// Applies the source's pre-data schema to the target with the installed pg_dump | psql, standing in
 /// for the schema_dump and provision stages.
 fn copy_schema(source: &Cluster, sdb: &str, target: &Cluster, tdb: &str) {
-    let mut dump = Command::new(source.bindir.join("pg_dump"))
-        .args([
-            "--schema-only",
-            "--section=pre-data",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &source.port.to_string(),
-            "-U",
-            "postgres",
-            sdb,
-        ])
-        .env("PGPASSWORD", PASSWORD)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("pg_dump");
-    let out = Command::new(target.bindir.join("psql"))
-        .args([
-            "-X",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &target.port.to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            tdb,
-        ])
-        .env("PGPASSWORD", PASSWORD)
-        .stdin(dump.stdout.take().expect("pipe"))
-        .output()
-        .expect("psql");
-    assert!(dump.wait().expect("pg_dump").success(), "pg_dump failed");
-    assert!(
-        out.status.success(),
-        "schema copy failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    support::cluster::pipe_dump(
+        source,
+        sdb,
+        &["--schema-only", "--section=pre-data"],
+        target,
+        tdb,
     );
 }
 

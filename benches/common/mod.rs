@@ -5,10 +5,10 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::support::{Cluster, PASSWORD};
+use crate::support::Cluster;
 
 /// Runs `cmd` to completion and returns its wall time; panics with its output when it fails.
 pub fn sh(cmd: &mut Command, what: &str) -> Duration {
@@ -58,46 +58,6 @@ pub fn run_pg_dump(s: &Cluster, sdb: &str, t: &Cluster, tdb: &str) -> Duration {
     fresh_target(t, tdb);
     t.psql("postgres", &format!("CREATE DATABASE {tdb}"));
     let start = Instant::now();
-    let mut dump = Command::new(s.bindir.join("pg_dump"))
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &s.port.to_string(),
-            "-U",
-            "postgres",
-            sdb,
-        ])
-        .env("PGPASSWORD", PASSWORD)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("pg_dump");
-    let out = Command::new(t.bindir.join("psql"))
-        .args([
-            "-X",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &t.port.to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            tdb,
-        ])
-        .env("PGPASSWORD", PASSWORD)
-        .stdin(dump.stdout.take().expect("pipe"))
-        .stdout(Stdio::null())
-        .output()
-        .expect("psql");
-    let dumped = dump.wait().expect("pg_dump");
-    assert!(dumped.success(), "pg_dump failed");
-    assert!(
-        out.status.success(),
-        "pg_dump | psql: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::support::cluster::pipe_dump(s, sdb, &[], t, tdb);
     start.elapsed()
 }

@@ -576,6 +576,43 @@ pub fn pgferry() -> Command {
     cmd
 }
 
+/// `pg_dump [dump_args] sdb | psql tdb` with the installed client programs (the database `tdb`
+/// must exist); panics with psql's stderr if either side fails.
+pub fn pipe_dump(source: &Cluster, sdb: &str, dump_args: &[&str], target: &Cluster, tdb: &str) {
+    let source_port = source.port.to_string();
+    let mut dump = Command::new(source.bindir.join("pg_dump"))
+        .args(dump_args)
+        .args(["-h", "127.0.0.1", "-p", &source_port, "-U", SUPERUSER, sdb])
+        .env("PGPASSWORD", PASSWORD)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("pg_dump");
+    let target_port = target.port.to_string();
+    let out = Command::new(target.bindir.join("psql"))
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &target_port,
+            "-U",
+            SUPERUSER,
+            "-d",
+            tdb,
+        ])
+        .env("PGPASSWORD", PASSWORD)
+        .stdin(dump.stdout.take().expect("pipe"))
+        .stdout(Stdio::null())
+        .output()
+        .expect("psql");
+    assert!(dump.wait().expect("pg_dump").success(), "pg_dump failed");
+    assert!(
+        out.status.success(),
+        "pg_dump | psql failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// `"{count}:{md5}"` over the rows of `table` (a caller-quoted, qualified
 /// name), independent of row order.
 pub fn row_digest(cluster: &Cluster, db: &str, table: &str) -> String {
