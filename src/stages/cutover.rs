@@ -317,7 +317,16 @@ impl Cutover {
         db: &Database,
         o: &Options,
     ) -> Result<serde_json::Value> {
-        self.approve(cx, db, o).await?;
+        // An earlier attempt that got as far as the fence was approved already: with the source
+        // fenced (and cdc perhaps finished) there is no lag left to wait for.
+        let fenced_before = cx
+            .store
+            .checkpoint(&cx.stage, &drain_key(&db.name))
+            .await?
+            .is_some();
+        if !fenced_before {
+            self.approve(cx, db, o).await?;
+        }
         let source = self
             .env
             .source_for(db)
