@@ -472,7 +472,7 @@ fn the_store_database_is_created_and_positions_only_move_forward() {
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     assert_eq!(
         q(&t, "SELECT max(version) FROM pgferry.schema_version"),
-        "1"
+        "2"
     );
     assert_eq!(stage_state(&plan, "pre"), "done");
     // Positions only move forward, through the store's own API.

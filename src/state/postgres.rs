@@ -103,6 +103,33 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (migration, name)
     );
     "#,
+    // 2: rehearsals and reports. `runs.mode` tells a rehearsal from a real run; `samples` keeps the
+    // cdc lag profile of each run; `reports` keeps each finished run's report (a JSON snapshot),
+    // which `reset` leaves in place so rehearsals can be compared after the target is torn down.
+    r#"
+    ALTER TABLE {s}.runs ADD COLUMN mode text NOT NULL DEFAULT 'run'
+        CHECK (mode IN ('run', 'rehearsal'));
+    CREATE TABLE {s}.samples (
+        migration text NOT NULL,
+        run_id bigint NOT NULL,
+        stage text NOT NULL,
+        database text NOT NULL,
+        at timestamptz NOT NULL DEFAULT now(),
+        lag_bytes bigint,
+        latency_ms bigint,
+        incoming bigint,
+        applied bigint
+    );
+    CREATE INDEX ON {s}.samples (migration, run_id, at);
+    CREATE TABLE {s}.reports (
+        migration text NOT NULL,
+        run_id bigint NOT NULL,
+        mode text NOT NULL,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        report jsonb NOT NULL,
+        PRIMARY KEY (migration, run_id)
+    );
+    "#,
 ];
 
 /// The store of one migration.
