@@ -35,6 +35,8 @@ use crate::pg::connect::ConnInfo;
 use crate::pg::ident::{QualifiedName, quote_ident};
 use crate::pg::pgoutput::{Lsn, OldTuple, Relation, TupleData, TupleValue};
 
+use super::changeset::{ChangeSet, Row, Run, TableQueue, Val, encode_key};
+
 /// One target column of a replicated relation, in the Relation message's order.
 struct Col {
     quoted: String,
@@ -52,6 +54,9 @@ pub struct Rel {
     label: Arc<str>,
     quoted: String,
     partitioned: bool,
+    /// Triggers or rules fire on it in replica mode (`ENABLE ALWAYS` / `ENABLE REPLICA`): its
+    /// changes are applied in source order relative to every other table's.
+    ordered: bool,
     cols: Vec<Col>,
     /// Changes committed at or before this source LSN are already in the copied data.
     pub copied_lsn: Option<Lsn>,
@@ -69,8 +74,14 @@ enum Find<'a> {
 /// How many changes may await their result at once.
 pub const MAX_IN_FLIGHT: usize = 512;
 
-/// The most rows one multi-row INSERT carries.
+/// The most rows one multi-row INSERT (or grouped UPDATE / DELETE) carries.
 pub const MAX_INSERT_ROWS: usize = 1000;
+
+/// The most rows gathered per table before they are sent (see [`super::changeset`]).
+pub const MAX_QUEUED_ROWS: usize = 20_000;
+
+/// The most bytes of values gathered before they are sent.
+pub const MAX_QUEUED_BYTES: usize = 32 << 20;
 
 /// Inserts gathered for one multi-row statement: column-major text values.
 struct InsertBatch {
@@ -97,6 +108,87 @@ fn insert_sql(rel: &Rel) -> String {
     )
 }
 
+/// `INSERT INTO t (...) SELECT ... FROM unnest($1::text[], ...)`: one row per array element.
+fn multi_insert_sql(rel: &Rel) -> String {
+    let names: Vec<&str> = rel.cols.iter().map(|c| c.quoted.as_str()).collect();
+    let arrays: Vec<String> = (1..=rel.cols.len())
+        .map(|i| format!("${i}::text[]"))
+        .collect();
+    let aliases: Vec<String> = (1..=rel.cols.len()).map(|i| format!("c{i}")).collect();
+    let values: Vec<String> = rel
+        .cols
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("u.c{}::{}", i + 1, c.ty))
+        .collect();
+    format!(
+        "INSERT INTO {} ({}) SELECT {} FROM unnest({}) AS u({})",
+        rel.quoted,
+        names.join(", "),
+        values.join(", "),
+        arrays.join(", "),
+        aliases.join(", ")
+    )
+}
+
+/// `UPDATE t SET c = u.v::type ... FROM unnest(<key arrays>, <set arrays>) u WHERE t.k = u.k::type`:
+/// the rows of distinct keys, each set to its new values. Parameters: the key columns' arrays,
+/// then those of the columns in `set`, in column order.
+fn grouped_update_sql(rel: &Rel, set: &[bool]) -> String {
+    let mut arrays = Vec::new();
+    let mut aliases = Vec::new();
+    let mut conds = Vec::new();
+    let mut sets = Vec::new();
+    for c in rel.cols.iter().filter(|c| c.key) {
+        arrays.push(format!("${}::text[]", arrays.len() + 1));
+        aliases.push(format!("a{}", aliases.len() + 1));
+        conds.push(format!("t.{} = u.a{}::{}", c.quoted, aliases.len(), c.ty));
+    }
+    for (c, _) in rel.cols.iter().zip(set).filter(|(_, s)| **s) {
+        arrays.push(format!("${}::text[]", arrays.len() + 1));
+        aliases.push(format!("a{}", aliases.len() + 1));
+        sets.push(format!("{} = u.a{}::{}", c.quoted, aliases.len(), c.ty));
+    }
+    format!(
+        "UPDATE {} AS t SET {} FROM unnest({}) AS u({}) WHERE {}",
+        rel.quoted,
+        sets.join(", "),
+        arrays.join(", "),
+        aliases.join(", "),
+        conds.join(" AND ")
+    )
+}
+
+/// `DELETE FROM t USING unnest(<key arrays>) u WHERE t.k = u.k::type`.
+fn grouped_delete_sql(rel: &Rel) -> String {
+    let mut arrays = Vec::new();
+    let mut conds = Vec::new();
+    for c in rel.cols.iter().filter(|c| c.key) {
+        arrays.push(format!("${}::text[]", arrays.len() + 1));
+        conds.push(format!("t.{} = u.a{}::{}", c.quoted, arrays.len(), c.ty));
+    }
+    let aliases: Vec<String> = (1..=arrays.len()).map(|i| format!("a{i}")).collect();
+    format!(
+        "DELETE FROM {} AS t USING unnest({}) AS u({}) WHERE {}",
+        rel.quoted,
+        arrays.join(", "),
+        aliases.join(", "),
+        conds.join(" AND ")
+    )
+}
+
+/// Row-major rows to column-major arrays of `ncols` columns.
+fn columns_of(rows: Vec<Row>, ncols: usize) -> Vec<Vec<Option<String>>> {
+    let mut columns: Vec<Vec<Option<String>>> =
+        (0..ncols).map(|_| Vec::with_capacity(rows.len())).collect();
+    for row in rows {
+        for (c, v) in columns.iter_mut().zip(row) {
+            c.push(v);
+        }
+    }
+    columns
+}
+
 /// What a change in flight is, to report its result.
 struct InFlight {
     table: Arc<str>,
@@ -105,6 +197,8 @@ struct InFlight {
     commit_lsn: Lsn,
     /// Rows the statement carries (memory held until its result is in).
     rows: usize,
+    /// A set-based statement of grouped changes (see [`super::changeset`]).
+    grouped: bool,
 }
 
 /// The most rows that may await their result at once (bounds memory with multi-row inserts).
@@ -124,6 +218,14 @@ pub struct Applier {
     /// `schema.table` -> LSN its copy is consistent with (leaf tables, from full_load).
     copied: HashMap<String, Lsn>,
     in_tx: bool,
+    /// Changes gathered for set-based statements (not in strict mode).
+    changes: ChangeSet,
+    /// Apply change by change in source order (a stretch where grouping failed before).
+    strict: bool,
+    /// The highest source commit LSN in the open target transaction.
+    tx_max_commit: Lsn,
+    /// Set when a grouped statement failed: re-apply up to this commit LSN in strict mode.
+    grouped_failed: Option<Lsn>,
 }
 
 fn value_param(v: &TupleValue) -> Result<Option<&str>> {
@@ -192,6 +294,10 @@ impl Applier {
                 rels: HashMap::new(),
                 copied,
                 in_tx: false,
+                changes: ChangeSet::default(),
+                strict: false,
+                tx_max_commit: Lsn::INVALID,
+                grouped_failed: None,
             },
             applied,
         ))
@@ -231,6 +337,20 @@ impl Applier {
             .hint("create it on the target (same columns), then run the plan again: cdc resumes where it stopped"));
         }
         let partitioned = rows[0].get::<_, String>(0) == "p";
+        let ordered = self
+            .client
+            .query_one(
+                "WITH r AS (SELECT pg_catalog.format('%I.%I', $1::text, $2::text)::regclass AS oid), \
+                      t AS (SELECT oid FROM r UNION SELECT p.relid FROM r, pg_catalog.pg_partition_tree(r.oid) p) \
+                 SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger g JOIN t ON g.tgrelid = t.oid \
+                                 WHERE NOT g.tgisinternal AND g.tgenabled IN ('A', 'R')) \
+                     OR EXISTS (SELECT 1 FROM pg_catalog.pg_rewrite w JOIN t ON w.ev_class = t.oid \
+                                 WHERE w.rulename <> '_RETURN' AND w.ev_enabled IN ('A', 'R'))",
+                &[&r.namespace, &r.name],
+            )
+            .await
+            .map_err(|e| Error::pg(&e, format!("reading the triggers of target table {name}")))?
+            .get::<_, bool>(0);
         let mut target: HashMap<String, (String, bool)> = HashMap::new();
         let mut target_order = Vec::new();
         for row in &rows {
@@ -296,6 +416,7 @@ impl Applier {
                 name,
                 quoted: QualifiedName::new(r.namespace.clone(), r.name.clone()).quoted(),
                 partitioned,
+                ordered,
                 cols,
                 copied_lsn,
                 statements: HashMap::new(),
@@ -355,6 +476,7 @@ impl Applier {
             .await
             .map_err(|e| Error::pg(&e, "committing applied changes"))?;
         self.in_tx = false;
+        self.tx_max_commit = Lsn::INVALID;
         Ok(())
     }
 
@@ -379,19 +501,177 @@ impl Applier {
     }
 
     /// Checks the result of a change that was in flight.
-    fn check(result: (std::result::Result<u64, tokio_postgres::Error>, InFlight)) -> Result<()> {
+    fn check(
+        &mut self,
+        result: (std::result::Result<u64, tokio_postgres::Error>, InFlight),
+    ) -> Result<()> {
         let (r, f) = result;
+        self.rows_in_flight -= f.rows;
         match r {
-            Ok(0) if f.what != "insert" => {
-                tracing::warn!(table = %f.table, lsn = %f.commit_lsn, "the row of a replicated {} is missing on the target", f.what);
+            Ok(n) if f.what != "insert" && n < f.rows as u64 => {
+                if f.grouped {
+                    tracing::warn!(table = %f.table, "{} of {} replicated {}s found no row on the target", f.rows as u64 - n, f.rows, f.what);
+                } else {
+                    tracing::warn!(table = %f.table, lsn = %f.commit_lsn, "the row of a replicated {} is missing on the target", f.what);
+                }
                 Ok(())
             }
             Ok(_) => Ok(()),
+            Err(e) if f.grouped => {
+                // Re-applied in source order, where the failing change is named precisely.
+                self.grouped_failed = Some(self.tx_max_commit);
+                Err(Error::pg(
+                    &e,
+                    format!("applying {} grouped {}s to {}", f.rows, f.what, f.table),
+                ))
+            }
             Err(e) => Err(
                 Error::pg(&e, format!("applying an {} to {}", f.what, f.table))
                     .context(format!("source transaction committed at {}", f.commit_lsn)),
             ),
         }
+    }
+
+    /// When a grouped statement failed: the commit LSN up to which the stream must be applied
+    /// again change by change.
+    pub fn grouped_failure(&self) -> Option<Lsn> {
+        self.grouped_failed
+    }
+
+    /// A source transaction begins; `strict`: apply it change by change, in source order.
+    pub async fn begin_source_tx(&mut self, commit_lsn: Lsn, strict: bool) -> Result<()> {
+        if strict && !self.strict {
+            self.send_changes().await?;
+        }
+        self.strict = strict;
+        self.tx_max_commit = self.tx_max_commit.max(commit_lsn);
+        Ok(())
+    }
+
+    /// Sends every gathered change (the statements' results are checked later).
+    async fn send_changes(&mut self) -> Result<()> {
+        for q in self.changes.take() {
+            self.send_queue(q).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the gathered changes of one table.
+    async fn send_table(&mut self, oid: u32) -> Result<()> {
+        if let Some(q) = self.changes.take_table(oid) {
+            self.send_queue(q).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends one table's runs, in order, as set-based statements of at most [`MAX_INSERT_ROWS`]
+    /// rows.
+    async fn send_queue(&mut self, q: TableQueue) -> Result<()> {
+        let oid = q.oid;
+        let lsn = self.tx_max_commit;
+        for run in q.runs {
+            match run {
+                Run::Insert(rows) => {
+                    let mut rows = rows.into_iter().peekable();
+                    while rows.peek().is_some() {
+                        let chunk: Vec<Row> = rows.by_ref().take(MAX_INSERT_ROWS).collect();
+                        let n = chunk.len();
+                        let columns = columns_of(chunk, self.rel(oid)?.cols.len());
+                        self.send(
+                            oid,
+                            "M".into(),
+                            multi_insert_sql,
+                            Type::TEXT_ARRAY,
+                            columns,
+                            n,
+                            "insert",
+                            lsn,
+                            true,
+                        )
+                        .await?;
+                    }
+                }
+                Run::Update(run) => {
+                    // One statement shape per set of changed columns.
+                    let keys: Vec<bool> = self.rel(oid)?.cols.iter().map(|c| c.key).collect();
+                    let mut shapes: Vec<(Vec<bool>, Vec<Vec<Val>>)> = Vec::new();
+                    for row in run.rows {
+                        let set: Vec<bool> = row
+                            .iter()
+                            .zip(&keys)
+                            .map(|(v, k)| !k && *v != Val::Unset)
+                            .collect();
+                        if !set.iter().any(|b| *b) {
+                            continue;
+                        }
+                        match shapes.iter_mut().find(|(s, _)| *s == set) {
+                            Some((_, rows)) => rows.push(row),
+                            None => shapes.push((set, vec![row])),
+                        }
+                    }
+                    for (set, rows) in shapes {
+                        let mut rows = rows.into_iter().peekable();
+                        while rows.peek().is_some() {
+                            let chunk: Vec<Vec<Val>> =
+                                rows.by_ref().take(MAX_INSERT_ROWS).collect();
+                            let n = chunk.len();
+                            // Key columns first, then the changed ones, each as one text[].
+                            let mut columns: Vec<Vec<Option<String>>> = Vec::new();
+                            for wanted in [true, false] {
+                                for (i, k) in keys.iter().enumerate() {
+                                    if (wanted && *k) || (!wanted && set[i]) {
+                                        columns.push(
+                                            chunk
+                                                .iter()
+                                                .map(|r| match &r[i] {
+                                                    Val::Text(t) => Some(t.clone()),
+                                                    Val::Null | Val::Unset => None,
+                                                })
+                                                .collect(),
+                                        );
+                                    }
+                                }
+                            }
+                            let mask_set = set.clone();
+                            self.send(
+                                oid,
+                                format!("G{}", mask(set.iter().copied())),
+                                move |rel| grouped_update_sql(rel, &mask_set),
+                                Type::TEXT_ARRAY,
+                                columns,
+                                n,
+                                "update",
+                                lsn,
+                                true,
+                            )
+                            .await?;
+                        }
+                    }
+                }
+                Run::Delete(run) => {
+                    let nkeys = run.keys.first().map_or(0, Vec::len);
+                    let mut keys = run.keys.into_iter().peekable();
+                    while keys.peek().is_some() {
+                        let chunk: Vec<Row> = keys.by_ref().take(MAX_INSERT_ROWS).collect();
+                        let n = chunk.len();
+                        let columns = columns_of(chunk, nkeys);
+                        self.send(
+                            oid,
+                            "X".into(),
+                            grouped_delete_sql,
+                            Type::TEXT_ARRAY,
+                            columns,
+                            n,
+                            "delete",
+                            lsn,
+                            true,
+                        )
+                        .await?;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Sends the inserts gathered for one multi-row statement (see [`Applier::insert`]).
@@ -416,38 +696,20 @@ impl Applier {
                     1,
                     "insert",
                     batch.commit_lsn,
+                    false,
                 )
                 .await;
         }
         self.send(
             batch.oid,
             "M".into(),
-            |rel| {
-                let names: Vec<&str> = rel.cols.iter().map(|c| c.quoted.as_str()).collect();
-                let arrays: Vec<String> = (1..=rel.cols.len())
-                    .map(|i| format!("${i}::text[]"))
-                    .collect();
-                let aliases: Vec<String> = (1..=rel.cols.len()).map(|i| format!("c{i}")).collect();
-                let values: Vec<String> = rel
-                    .cols
-                    .iter()
-                    .enumerate()
-                    .map(|(i, c)| format!("u.c{}::{}", i + 1, c.ty))
-                    .collect();
-                format!(
-                    "INSERT INTO {} ({}) SELECT {} FROM unnest({}) AS u({})",
-                    rel.quoted,
-                    names.join(", "),
-                    values.join(", "),
-                    arrays.join(", "),
-                    aliases.join(", ")
-                )
-            },
+            multi_insert_sql,
             Type::TEXT_ARRAY,
             batch.columns,
             n,
             "insert",
             batch.commit_lsn,
+            false,
         )
         .await
     }
@@ -455,6 +717,7 @@ impl Applier {
     /// Waits for every change in flight and checks their results, in order.
     pub async fn settle(&mut self) -> Result<()> {
         self.flush_inserts().await?;
+        self.send_changes().await?;
         self.settle_in_flight().await
     }
 
@@ -462,8 +725,7 @@ impl Applier {
     async fn settle_in_flight(&mut self) -> Result<()> {
         let mut first: Option<Error> = None;
         while let Some(r) = self.pending.next().await {
-            self.rows_in_flight -= r.1.rows;
-            if let Err(e) = Self::check(r)
+            if let Err(e) = self.check(r)
                 && first.is_none()
             {
                 first = Some(e);
@@ -484,8 +746,18 @@ impl Applier {
     ) -> Result<()> {
         self.flush_inserts().await?;
         let owned: Vec<Option<String>> = params.iter().map(|p| p.map(str::to_string)).collect();
-        self.send(oid, shape, build, Type::TEXT, owned, 1, what, commit_lsn)
-            .await
+        self.send(
+            oid,
+            shape,
+            build,
+            Type::TEXT,
+            owned,
+            1,
+            what,
+            commit_lsn,
+            false,
+        )
+        .await
     }
 
     /// Sends a statement of relation `oid` (prepared once per `shape`, every parameter of type
@@ -501,6 +773,7 @@ impl Applier {
         rows: usize,
         what: &'static str,
         commit_lsn: Lsn,
+        grouped: bool,
     ) -> Result<()> {
         self.begin_if_needed().await?;
         let prepared = self.rel(oid)?.statements.contains_key(&shape);
@@ -517,6 +790,7 @@ impl Applier {
             Some(s) => s.clone(),
             None => {
                 let sql = build(rel);
+                tracing::debug!(%sql, "cdc apply: preparing");
                 let types = vec![ty; owned.len()];
                 let s = self
                     .client
@@ -533,6 +807,7 @@ impl Applier {
             what,
             commit_lsn,
             rows,
+            grouped,
         };
         self.rows_in_flight += rows;
         let fut = async move {
@@ -545,15 +820,11 @@ impl Applier {
         // Poll everything queued (the new change is sent now, in order) and take the results
         // that are in; wait for the oldest when too many are in flight.
         while let Some(Some(r)) = self.pending.next().now_or_never() {
-            self.rows_in_flight -= r.1.rows;
-            Self::check(r)?;
+            self.check(r)?;
         }
         while self.pending.len() >= MAX_IN_FLIGHT || self.rows_in_flight >= MAX_ROWS_IN_FLIGHT {
             match self.pending.next().await {
-                Some(r) => {
-                    self.rows_in_flight -= r.1.rows;
-                    Self::check(r)?;
-                }
+                Some(r) => self.check(r)?,
                 None => break,
             }
         }
@@ -576,6 +847,15 @@ impl Applier {
                 self.rel(oid)?.name,
                 params.len()
             )));
+        }
+        if !self.strict {
+            if !self.rel(oid)?.ordered {
+                self.flush_inserts().await?;
+                let row: Row = params.into_iter().map(|v| v.map(str::to_string)).collect();
+                self.changes.insert(oid, row);
+                return self.bound().await;
+            }
+            self.send_changes().await?;
         }
         let same = self
             .inserts
@@ -678,6 +958,45 @@ impl Applier {
         }
     }
 
+    /// Sends what is gathered once it holds [`MAX_QUEUED_ROWS`] rows or [`MAX_QUEUED_BYTES`].
+    async fn bound(&mut self) -> Result<()> {
+        if self.changes.rows() >= MAX_QUEUED_ROWS || self.changes.bytes() >= MAX_QUEUED_BYTES {
+            self.send_changes().await?;
+        }
+        Ok(())
+    }
+
+    /// Before a change that is applied on its own: what was gathered of its table is sent first
+    /// (or everything, when the table's triggers may look at other tables).
+    async fn before_single(&mut self, oid: u32) -> Result<()> {
+        if self.strict {
+            return Ok(());
+        }
+        if self.rel(oid)?.ordered {
+            self.send_changes().await
+        } else {
+            self.send_table(oid).await
+        }
+    }
+
+    /// The key of a row found by its replica identity key, when every key column has a value.
+    fn key_of(rel: &Rel, t: &TupleData) -> Option<(String, Row)> {
+        if !rel.cols.iter().any(|c| c.key) || t.values.len() != rel.cols.len() {
+            return None;
+        }
+        let mut values = Vec::new();
+        for (c, v) in rel.cols.iter().zip(&t.values) {
+            if !c.key {
+                continue;
+            }
+            match v {
+                TupleValue::Text(b) => values.push(Some(std::str::from_utf8(b).ok()?.to_string())),
+                _ => return None,
+            }
+        }
+        Some((encode_key(values.iter().map(|v| v.as_deref())), values))
+    }
+
     pub async fn update(
         &mut self,
         oid: u32,
@@ -685,6 +1004,29 @@ impl Applier {
         new: &TupleData,
         commit_lsn: Lsn,
     ) -> Result<()> {
+        // An update that keeps the key (no old tuple) of a table without replica-mode triggers
+        // is gathered; the others go on their own, in order.
+        if !self.strict && old.is_none() {
+            let rel = self.rel(oid)?;
+            if !rel.ordered
+                && let Some((key, _)) = Self::key_of(rel, new)
+            {
+                let mut row = Vec::with_capacity(new.values.len());
+                for v in &new.values {
+                    row.push(match v {
+                        TupleValue::UnchangedToast => Val::Unset,
+                        other => match value_param(other)? {
+                            Some(t) => Val::Text(t.to_string()),
+                            None => Val::Null,
+                        },
+                    });
+                }
+                self.flush_inserts().await?;
+                self.changes.update(oid, key, row);
+                return self.bound().await;
+            }
+        }
+        self.before_single(oid).await?;
         let find = Self::find(old, new);
         let rel = self.rel(oid)?;
         let set: Vec<bool> = new
@@ -711,6 +1053,19 @@ impl Applier {
     }
 
     pub async fn delete(&mut self, oid: u32, old: &OldTuple, commit_lsn: Lsn) -> Result<()> {
+        if !self.strict
+            && let OldTuple::Key(t) = old
+        {
+            let rel = self.rel(oid)?;
+            if !rel.ordered
+                && let Some((key, values)) = Self::key_of(rel, t)
+            {
+                self.flush_inserts().await?;
+                self.changes.delete(oid, key, values);
+                return self.bound().await;
+            }
+        }
+        self.before_single(oid).await?;
         let find = match old {
             OldTuple::Full(t) => Find::Full(t),
             OldTuple::Key(t) => Find::Key(t),

@@ -34,6 +34,7 @@
 //!   target and not yet committed there, sampled every 500 ms).
 
 pub mod apply;
+pub mod changeset;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -87,6 +88,11 @@ pub fn drain_key(db: &str) -> String {
 }
 
 /// The store position of what cdc has applied for `db` (a copy of the target's own record).
+/// The store position up to which cdc applies change by change (a grouped statement failed there).
+pub fn strict_position(db: &str) -> String {
+    format!("cdc_strict:{db}")
+}
+
 pub fn applied_position(db: &str) -> String {
     format!("cdc_applied:{db}")
 }
@@ -195,6 +201,8 @@ struct Loop {
     counts: Counts,
     last_status: Instant,
     ready: bool,
+    /// Transactions committed at or before this LSN are applied change by change.
+    strict_until: Option<Lsn>,
 }
 
 impl<'a> DbStream<'a> {
@@ -242,7 +250,43 @@ impl<'a> DbStream<'a> {
         Ok(out)
     }
 
+    /// Streams and applies until drained (or an error). When a grouped statement fails, the
+    /// target transaction is rolled back; the stretch up to the highest commit LSN it held is
+    /// recorded (`cdc_strict:<db>`, so a crash keeps it too) and streamed again, applied change by
+    /// change in source order.
     async fn run(&mut self, mut on_ready: impl FnMut()) -> Result<()> {
+        let mut ready_sent = false;
+        let mut once = || {
+            if !ready_sent {
+                ready_sent = true;
+                on_ready();
+            }
+        };
+        loop {
+            match self.stream(&mut once).await? {
+                None => return Ok(()),
+                Some((until, cause)) => {
+                    let msg = format!(
+                        "database {}: a grouped apply failed ({}); applying again, change by change in source order, up to {until}",
+                        self.db.name, cause.message
+                    );
+                    tracing::warn!("{msg}");
+                    self.cx
+                        .store
+                        .advance_position(&strict_position(&self.db.name), &until.to_string())
+                        .await?;
+                    self.cx
+                        .store
+                        .event(Some(&self.cx.stage), "warn", &msg)
+                        .await?;
+                }
+            }
+        }
+    }
+
+    /// One streaming session: `None` when drained, `Some((lsn, error))` when a grouped statement
+    /// failed and the stream must be applied again change by change up to `lsn`.
+    async fn stream(&mut self, on_ready: &mut impl FnMut()) -> Result<Option<(Lsn, Error)>> {
         let plan = &self.env.plan;
         let slot = slot_name(&plan.name, &self.db.name);
         let publication = publication_name(&plan.name);
@@ -272,188 +316,211 @@ impl<'a> DbStream<'a> {
                 }
             },
         };
-        let mut repl = ReplicationClient::connect(&self.env.source_for(self.db), "cdc").await?;
-        // A walsender that hears nothing for wal_sender_timeout ends the stream: answer well
-        // within it, also while a long apply keeps the loop busy.
-        if let Ok(rows) = repl.simple_query("SHOW wal_sender_timeout").await
-            && let Some(t) = rows
-                .first()
-                .and_then(|r| r.get("wal_sender_timeout"))
-                .and_then(parse_pg_duration)
-            && !t.is_zero()
-        {
-            self.status_every = (t / 4).clamp(Duration::from_millis(500), STATUS_EVERY);
-        }
-        let sys = repl.simple_query("IDENTIFY_SYSTEM").await?;
-        let ready_at: Lsn = sys
-            .first()
-            .and_then(|r| r.get("xlogpos"))
-            .ok_or_else(|| Error::permanent("IDENTIFY_SYSTEM returned no xlogpos"))?
-            .parse()?;
-        repl.start_replication(&slot, start, &publication)
-            .await
-            .map_err(|e| explain_missing(e.context(format!("streaming from slot {slot}"))))?;
-        tracing::info!(database = %self.db.name, slot = %slot, from = %start, "cdc streaming");
-        self.cx
+        let strict_until: Option<Lsn> = match self
+            .cx
             .store
-            .event(
-                Some(&self.cx.stage),
-                "info",
-                &format!(
-                    "database {}: streaming from {start}, ready once past {ready_at}",
-                    self.db.name
-                ),
-            )
-            .await?;
-
-        let mut st = Loop {
-            applied: start,
-            in_source_tx: false,
-            skip_tx: false,
-            commit_lsn: Lsn::INVALID,
-            batch_open: false,
-            batch_count: 0,
-            batch_deadline: Instant::now(),
-            batch_end: start,
-            batch_commit_time: 0,
-            counts: HashMap::new(),
-            last_status: Instant::now(),
-            ready: false,
+            .position(&strict_position(&self.db.name))
+            .await?
+        {
+            Some(p) => Some(p.parse()?),
+            None => None,
         };
-        let mut drain: Option<Lsn> = None;
-        let mut hold: Option<Lsn> = None;
-        let mut reported_incoming = -1i64;
-        let mut last_drain_check = Instant::now() - DRAIN_CHECK_EVERY;
-        loop {
-            if last_drain_check.elapsed() >= DRAIN_CHECK_EVERY {
-                last_drain_check = Instant::now();
-                if let Some(target) = self.drain_target().await? {
-                    if drain != Some(target) {
-                        tracing::info!(database = %self.db.name, to = %target, "cdc draining for the cutover");
+        let result: Result<()> = async {
+            let mut repl = ReplicationClient::connect(&self.env.source_for(self.db), "cdc").await?;
+            // A walsender that hears nothing for wal_sender_timeout ends the stream: answer well
+            // within it, also while a long apply keeps the loop busy.
+            if let Ok(rows) = repl.simple_query("SHOW wal_sender_timeout").await
+                && let Some(t) = rows
+                    .first()
+                    .and_then(|r| r.get("wal_sender_timeout"))
+                    .and_then(parse_pg_duration)
+                && !t.is_zero()
+            {
+                self.status_every = (t / 4).clamp(Duration::from_millis(500), STATUS_EVERY);
+            }
+            let sys = repl.simple_query("IDENTIFY_SYSTEM").await?;
+            let ready_at: Lsn = sys
+                .first()
+                .and_then(|r| r.get("xlogpos"))
+                .ok_or_else(|| Error::permanent("IDENTIFY_SYSTEM returned no xlogpos"))?
+                .parse()?;
+            repl.start_replication(&slot, start, &publication)
+                .await
+                .map_err(|e| explain_missing(e.context(format!("streaming from slot {slot}"))))?;
+            tracing::info!(database = %self.db.name, slot = %slot, from = %start, "cdc streaming");
+            self.cx
+                .store
+                .event(
+                    Some(&self.cx.stage),
+                    "info",
+                    &format!(
+                        "database {}: streaming from {start}, ready once past {ready_at}",
+                        self.db.name
+                    ),
+                )
+                .await?;
+
+            let mut st = Loop {
+                applied: start,
+                in_source_tx: false,
+                skip_tx: false,
+                commit_lsn: Lsn::INVALID,
+                batch_open: false,
+                batch_count: 0,
+                batch_deadline: Instant::now(),
+                batch_end: start,
+                batch_commit_time: 0,
+                counts: HashMap::new(),
+                last_status: Instant::now(),
+                ready: false,
+                strict_until,
+            };
+            let mut drain: Option<Lsn> = None;
+            let mut hold: Option<Lsn> = None;
+            let mut reported_incoming = -1i64;
+            let mut last_drain_check = Instant::now() - DRAIN_CHECK_EVERY;
+            loop {
+                if last_drain_check.elapsed() >= DRAIN_CHECK_EVERY {
+                    last_drain_check = Instant::now();
+                    if let Some(target) = self.drain_target().await? {
+                        if drain != Some(target) {
+                            tracing::info!(database = %self.db.name, to = %target, "cdc draining for the cutover");
+                        }
+                        drain = Some(target);
+                        // Ask for a keepalive: it lets an idle stream reach the target.
+                        repl.send_status(st.applied, st.applied, st.applied, true)
+                            .await?;
                     }
-                    drain = Some(target);
-                    // Ask for a keepalive: it lets an idle stream reach the target.
-                    repl.send_status(st.applied, st.applied, st.applied, true)
-                        .await?;
+                    let incoming = if st.batch_open || st.in_source_tx {
+                        st.batch_count as i64
+                    } else {
+                        0
+                    };
+                    if incoming != reported_incoming {
+                        self.cx
+                            .store
+                            .set_counters(&[(self.db.name.clone(), "incomingChanges".into(), incoming)])
+                            .await?;
+                        reported_incoming = incoming;
+                    }
+                    let was = hold;
+                    hold = self.pending_hold().await?;
+                    if hold.is_some() && hold != was {
+                        tracing::info!(database = %self.db.name, at = %hold.unwrap_or_default(), "cdc asked to hold for validation");
+                        repl.send_status(st.applied, st.applied, st.applied, true)
+                            .await?;
+                    }
                 }
-                let incoming = if st.batch_open || st.in_source_tx {
-                    st.batch_count as i64
-                } else {
-                    0
-                };
-                if incoming != reported_incoming {
+                if let Some(target) = drain
+                    && !st.in_source_tx
+                    && !st.batch_open
+                    && st.applied >= target
+                {
+                    repl.send_status(st.applied, st.applied, st.applied, false)
+                        .await?;
                     self.cx
                         .store
-                        .set_counters(&[(self.db.name.clone(), "incomingChanges".into(), incoming)])
+                        .event(
+                            Some(&self.cx.stage),
+                            "info",
+                            &format!(
+                                "database {}: drained to {} (cutover target {target})",
+                                self.db.name, st.applied
+                            ),
+                        )
                         .await?;
-                    reported_incoming = incoming;
+                    let _ = repl.stop_replication().await;
+                    repl.close().await;
+                    return Ok(());
                 }
-                let was = hold;
-                hold = self.pending_hold().await?;
-                if hold.is_some() && hold != was {
-                    tracing::info!(database = %self.db.name, at = %hold.unwrap_or_default(), "cdc asked to hold for validation");
-                    repl.send_status(st.applied, st.applied, st.applied, true)
-                        .await?;
-                }
-            }
-            if let Some(target) = drain
-                && !st.in_source_tx
-                && !st.batch_open
-                && st.applied >= target
-            {
-                repl.send_status(st.applied, st.applied, st.applied, false)
-                    .await?;
-                self.cx
-                    .store
-                    .event(
-                        Some(&self.cx.stage),
-                        "info",
-                        &format!(
-                            "database {}: drained to {} (cutover target {target})",
-                            self.db.name, st.applied
-                        ),
-                    )
-                    .await?;
-                let _ = repl.stop_replication().await;
-                repl.close().await;
-                return Ok(());
-            }
-            let tick = if st.batch_open && !st.in_source_tx {
-                st.batch_deadline
-            } else {
-                Instant::now() + DRAIN_CHECK_EVERY
-            };
-            // A large source transaction streams without a pause: the status update must not wait
-            // for one, or the walsender hears nothing for wal_sender_timeout and ends the stream.
-            let tick = tick.min(st.last_status + self.status_every);
-            tokio::select! {
-                biased;
-                _ = self.cx.cancel.cancelled() => {
-                    if st.batch_open && !st.in_source_tx {
-                        self.flush(&mut ap, &mut st).await?;
+                let tick = if st.batch_open && !st.in_source_tx {
+                    st.batch_deadline
+                } else {
+                    Instant::now() + DRAIN_CHECK_EVERY
+                };
+                // A large source transaction streams without a pause: the status update must not wait
+                // for one, or the walsender hears nothing for wal_sender_timeout and ends the stream.
+                let tick = tick.min(st.last_status + self.status_every);
+                tokio::select! {
+                    biased;
+                    _ = self.cx.cancel.cancelled() => {
+                        if st.batch_open && !st.in_source_tx {
+                            self.flush(&mut ap, &mut st).await?;
+                        }
+                        // An unfinished source transaction is rolled back with the session.
+                        return Err(Error::interrupted());
                     }
-                    // An unfinished source transaction is rolled back with the session.
-                    return Err(Error::interrupted());
-                }
-                _ = tokio::time::sleep_until(tick.into()) => {
-                    if st.batch_open && !st.in_source_tx && Instant::now() >= st.batch_deadline {
-                        self.flush(&mut ap, &mut st).await?;
-                        repl.send_status(st.applied, st.applied, st.applied, false).await?;
-                        st.last_status = Instant::now();
+                    _ = tokio::time::sleep_until(tick.into()) => {
+                        if st.batch_open && !st.in_source_tx && Instant::now() >= st.batch_deadline {
+                            self.flush(&mut ap, &mut st).await?;
+                            repl.send_status(st.applied, st.applied, st.applied, false).await?;
+                            st.last_status = Instant::now();
+                        }
+                        if st.last_status.elapsed() >= self.status_every {
+                            repl.send_status(st.applied, st.applied, st.applied, false).await?;
+                            st.last_status = Instant::now();
+                        }
                     }
-                    if st.last_status.elapsed() >= self.status_every {
-                        repl.send_status(st.applied, st.applied, st.applied, false).await?;
-                        st.last_status = Instant::now();
-                    }
-                }
-                m = repl.next_message() => {
-                    match m.map_err(explain_missing)? {
-                        ReplicationMessage::Keepalive(k) => {
-                            if !st.in_source_tx {
-                                if st.batch_open {
+                    m = repl.next_message() => {
+                        match m.map_err(explain_missing)? {
+                            ReplicationMessage::Keepalive(k) => {
+                                if !st.in_source_tx {
+                                    if st.batch_open {
+                                        self.flush(&mut ap, &mut st).await?;
+                                    }
+                                    // Everything committed before the hold has been sent.
+                                    while let Some(at) = hold && k.wal_end >= at {
+                                        hold = self.hold(&mut ap, &mut repl, &mut st, at).await?;
+                                    }
+                                    // Nothing pending: everything up to the server's position is applied.
+                                    if k.wal_end > st.applied {
+                                        ap.advance_idle(k.wal_end).await?;
+                                        st.applied = k.wal_end;
+                                        self.cx.store.advance_position(&applied_position(&self.db.name), &st.applied.to_string()).await?;
+                                        // Caught up with nothing to apply: no latency.
+                                        self.cx.store.set_counters(&[(self.db.name.clone(), "cdcLatencyMs".into(), 0)]).await?;
+                                    }
+                                    if !st.ready && k.wal_end >= ready_at {
+                                        st.ready = true;
+                                        tracing::info!(database = %self.db.name, applied = %st.applied, "cdc caught up");
+                                        on_ready();
+                                    }
+                                }
+                                if k.reply_requested || st.last_status.elapsed() >= self.status_every {
+                                    repl.send_status(st.applied, st.applied, st.applied, false).await?;
+                                    st.last_status = Instant::now();
+                                }
+                            }
+                            ReplicationMessage::XLogData(x) => {
+                                if let PgOutputMessage::Begin(b) = &x.data {
+                                    while let Some(at) = hold && b.final_lsn >= at {
+                                        hold = self.hold(&mut ap, &mut repl, &mut st, at).await?;
+                                    }
+                                }
+                                self.handle(&mut ap, &mut st, x.data).await?;
+                                if !st.in_source_tx && st.batch_open
+                                    && (st.batch_count >= self.batch_changes || Instant::now() >= st.batch_deadline)
+                                {
                                     self.flush(&mut ap, &mut st).await?;
+                                    repl.send_status(st.applied, st.applied, st.applied, false).await?;
+                                    st.last_status = Instant::now();
                                 }
-                                // Everything committed before the hold has been sent.
-                                while let Some(at) = hold && k.wal_end >= at {
-                                    hold = self.hold(&mut ap, &mut repl, &mut st, at).await?;
-                                }
-                                // Nothing pending: everything up to the server's position is applied.
-                                if k.wal_end > st.applied {
-                                    ap.advance_idle(k.wal_end).await?;
-                                    st.applied = k.wal_end;
-                                    self.cx.store.advance_position(&applied_position(&self.db.name), &st.applied.to_string()).await?;
-                                    // Caught up with nothing to apply: no latency.
-                                    self.cx.store.set_counters(&[(self.db.name.clone(), "cdcLatencyMs".into(), 0)]).await?;
-                                }
-                                if !st.ready && k.wal_end >= ready_at {
-                                    st.ready = true;
-                                    tracing::info!(database = %self.db.name, applied = %st.applied, "cdc caught up");
-                                    on_ready();
-                                }
-                            }
-                            if k.reply_requested || st.last_status.elapsed() >= self.status_every {
-                                repl.send_status(st.applied, st.applied, st.applied, false).await?;
-                                st.last_status = Instant::now();
-                            }
-                        }
-                        ReplicationMessage::XLogData(x) => {
-                            if let PgOutputMessage::Begin(b) = &x.data {
-                                while let Some(at) = hold && b.final_lsn >= at {
-                                    hold = self.hold(&mut ap, &mut repl, &mut st, at).await?;
-                                }
-                            }
-                            self.handle(&mut ap, &mut st, x.data).await?;
-                            if !st.in_source_tx && st.batch_open
-                                && (st.batch_count >= self.batch_changes || Instant::now() >= st.batch_deadline)
-                            {
-                                self.flush(&mut ap, &mut st).await?;
-                                repl.send_status(st.applied, st.applied, st.applied, false).await?;
-                                st.last_status = Instant::now();
                             }
                         }
                     }
                 }
             }
+        }
+        .await;
+        match result {
+            Ok(()) => Ok(None),
+            Err(e) if e.kind != crate::error::ErrorKind::Interrupted => {
+                match ap.grouped_failure() {
+                    Some(until) => Ok(Some((until, e))),
+                    None => Err(e),
+                }
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -546,6 +613,10 @@ impl<'a> DbStream<'a> {
                 st.in_source_tx = true;
                 st.commit_lsn = b.final_lsn;
                 st.skip_tx = b.final_lsn < st.applied;
+                if !st.skip_tx {
+                    let strict = st.strict_until.is_some_and(|u| b.final_lsn <= u);
+                    ap.begin_source_tx(b.final_lsn, strict).await?;
+                }
                 if !st.skip_tx && !st.batch_open {
                     st.batch_open = true;
                     st.batch_count = 0;
