@@ -9,14 +9,22 @@
 //! - Every value is sent as text and cast to the target column's type
 //!   (`$1::text::<format_type>`); statements are prepared once per relation and shape (which columns
 //!   are set, how the row is found).
-//! - Changes are pipelined: each statement is sent as soon as it is decoded, and its result is
-//!   checked later, in order, with at most [`MAX_IN_FLIGHT`] awaiting their result. Everything in
-//!   flight is settled before a catalog query, a TRUNCATE and the commit, so an error is still
-//!   reported for the change that caused it, and nothing is committed past a failed change (the
-//!   target transaction is aborted by it). Consecutive inserts into one table within one source
-//!   transaction go as one multi-row `INSERT ... SELECT ... FROM unnest($1::text[], ...)` of up
-//!   to [`MAX_INSERT_ROWS`] rows; at most [`MAX_ROWS_IN_FLIGHT`] rows await their result, which
-//!   bounds memory.
+//! - Changes are gathered per table for the open target transaction ([`super::changeset`]) and
+//!   sent as set-based statements of up to [`MAX_INSERT_ROWS`] rows: `INSERT ... SELECT ... FROM
+//!   unnest($1::text[], ...)`, `UPDATE ... FROM unnest(...)` with the updates of one key merged,
+//!   `DELETE ... USING unnest(...)`. They are sent at the commit, before a TRUNCATE or a catalog
+//!   query, and whenever [`MAX_QUEUED_ROWS`] rows or [`MAX_QUEUED_BYTES`] are gathered (a large
+//!   source transaction streams through in bounded memory). A grouped statement that fails sets
+//!   [`Applier::grouped_failure`]: the caller rolls back and applies that stretch again in
+//!   *strict* mode, change by change in source order, where a real error names its change.
+//! - Changes that are not grouped (strict mode; REPLICA IDENTITY FULL; key changes; tables with
+//!   triggers or rules that fire in replica mode, whose changes keep their place relative to every
+//!   other table's) are sent one statement each (consecutive inserts of one source transaction as
+//!   one multi-row INSERT).
+//! - Statements are pipelined: each is sent at once and its result checked later, in order, with
+//!   at most [`MAX_IN_FLIGHT`] statements and [`MAX_ROWS_IN_FLIGHT`] rows awaiting their result.
+//!   Everything in flight is settled before a catalog query, a TRUNCATE and the commit, so nothing
+//!   is committed past a failed change (the target transaction is aborted by it).
 //! - Rows are found by the old key tuple (`K`), else by the new tuple's key columns; with REPLICA
 //!   IDENTITY FULL (`O`) by every column (`IS NOT DISTINCT FROM`), and exactly one matching row is
 //!   changed (`(tableoid, ctid) = (SELECT ... LIMIT 1)`), so duplicates stay duplicates.
@@ -852,8 +860,8 @@ impl Applier {
             if !self.rel(oid)?.ordered {
                 self.flush_inserts().await?;
                 let row: Row = params.into_iter().map(|v| v.map(str::to_string)).collect();
-                self.changes.insert(oid, row);
-                return self.bound().await;
+                let n = self.changes.insert(oid, row);
+                return self.bound(oid, n).await;
             }
             self.send_changes().await?;
         }
@@ -958,8 +966,15 @@ impl Applier {
         }
     }
 
-    /// Sends what is gathered once it holds [`MAX_QUEUED_ROWS`] rows or [`MAX_QUEUED_BYTES`].
-    async fn bound(&mut self) -> Result<()> {
+    /// After gathering a change of `oid` whose table's last run now has `run_rows` rows: a run
+    /// that fills a statement is sent at once (the target works while the stream is read; an
+    /// update run loses only the merging of later updates of the same keys, which go to a new
+    /// run), and everything is sent once [`MAX_QUEUED_ROWS`] rows or [`MAX_QUEUED_BYTES`] are
+    /// held.
+    async fn bound(&mut self, oid: u32, run_rows: usize) -> Result<()> {
+        if run_rows >= MAX_INSERT_ROWS {
+            self.send_table(oid).await?;
+        }
         if self.changes.rows() >= MAX_QUEUED_ROWS || self.changes.bytes() >= MAX_QUEUED_BYTES {
             self.send_changes().await?;
         }
@@ -1022,8 +1037,8 @@ impl Applier {
                     });
                 }
                 self.flush_inserts().await?;
-                self.changes.update(oid, key, row);
-                return self.bound().await;
+                let n = self.changes.update(oid, key, row);
+                return self.bound(oid, n).await;
             }
         }
         self.before_single(oid).await?;
@@ -1061,8 +1076,8 @@ impl Applier {
                 && let Some((key, values)) = Self::key_of(rel, t)
             {
                 self.flush_inserts().await?;
-                self.changes.delete(oid, key, values);
-                return self.bound().await;
+                let n = self.changes.delete(oid, key, values);
+                return self.bound(oid, n).await;
             }
         }
         self.before_single(oid).await?;

@@ -136,27 +136,32 @@ impl ChangeSet {
         &mut self.tables[i]
     }
 
-    pub fn insert(&mut self, oid: u32, row: Row) {
+    /// Queues an insert; returns the number of rows of the table's last run.
+    pub fn insert(&mut self, oid: u32, row: Row) -> usize {
         self.rows += 1;
         self.bytes += row_bytes(&row);
         let q = self.queue(oid);
         if let Some(Run::Insert(rows)) = q.runs.last_mut() {
             rows.push(row);
+            rows.len()
         } else {
             q.runs.push(Run::Insert(vec![row]));
+            1
         }
     }
 
-    /// An update that keeps the row's key `key` (see [`encode_key`]).
-    pub fn update(&mut self, oid: u32, key: String, row: Vec<Val>) {
+    /// Queues an update that keeps the row's key `key` (see [`encode_key`]); returns the number
+    /// of rows of the table's last run.
+    pub fn update(&mut self, oid: u32, key: String, row: Vec<Val>) -> usize {
         let added: usize = row.iter().map(|v| v.len() + 8).sum();
         let q = self.queue(oid);
         if !matches!(q.runs.last(), Some(Run::Update(_))) {
             q.runs.push(Run::Update(UpdateRun::default()));
         }
         let Some(Run::Update(run)) = q.runs.last_mut() else {
-            return;
+            return 0;
         };
+        let before = run.rows.len();
         match run.index.get(&key) {
             Some(&i) => {
                 // The later value of each column wins; an unset column keeps the earlier one.
@@ -169,27 +174,35 @@ impl ChangeSet {
             None => {
                 run.index.insert(key, run.rows.len());
                 run.rows.push(row);
-                self.rows += 1;
             }
         }
+        let n = run.rows.len();
+        self.rows += n - before;
         self.bytes += added;
+        n
     }
 
-    /// A delete of the row with key `key`; `values` are its key columns.
-    pub fn delete(&mut self, oid: u32, key: String, values: Row) {
+    /// Queues a delete of the row with key `key` (`values`: its key columns); returns the number
+    /// of rows of the table's last run.
+    pub fn delete(&mut self, oid: u32, key: String, values: Row) -> usize {
         let added = row_bytes(&values);
         let q = self.queue(oid);
         if !matches!(q.runs.last(), Some(Run::Delete(_))) {
             q.runs.push(Run::Delete(DeleteRun::default()));
         }
         let Some(Run::Delete(run)) = q.runs.last_mut() else {
-            return;
+            return 0;
         };
-        if run.index.insert(key) {
+        let fresh = run.index.insert(key);
+        if fresh {
             run.keys.push(values);
+        }
+        let n = run.keys.len();
+        if fresh {
             self.rows += 1;
             self.bytes += added;
         }
+        n
     }
 
     /// Everything queued, tables in order of their first change.
