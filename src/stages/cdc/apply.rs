@@ -526,12 +526,16 @@ impl Applier {
             }
             Ok(_) => Ok(()),
             Err(e) if f.grouped => {
-                // Re-applied in source order, where the failing change is named precisely.
-                self.grouped_failed = Some(self.tx_max_commit);
-                Err(Error::pg(
+                let err = Error::pg(
                     &e,
                     format!("applying {} grouped {}s to {}", f.rows, f.what, f.table),
-                ))
+                );
+                // A lost session or a serialization failure is retried as it is; anything else
+                // is re-applied in source order, where the failing change is named precisely.
+                if !err.is_transient() {
+                    self.grouped_failed = Some(self.tx_max_commit);
+                }
+                Err(err)
             }
             Err(e) => Err(
                 Error::pg(&e, format!("applying an {} to {}", f.what, f.table))
