@@ -379,6 +379,8 @@ impl<'a> DbStream<'a> {
             let mut hold: Option<Lsn> = None;
             let mut reported_incoming = -1i64;
             let mut last_drain_check = Instant::now() - DRAIN_CHECK_EVERY;
+            let sleep = tokio::time::sleep(DRAIN_CHECK_EVERY);
+            tokio::pin!(sleep);
             loop {
                 if last_drain_check.elapsed() >= DRAIN_CHECK_EVERY {
                     last_drain_check = Instant::now();
@@ -440,7 +442,12 @@ impl<'a> DbStream<'a> {
                 };
                 // A large source transaction streams without a pause: the status update must not wait
                 // for one, or the walsender hears nothing for wal_sender_timeout and ends the stream.
-                let tick = tick.min(st.last_status + self.status_every);
+                let tick = tokio::time::Instant::from_std(tick.min(st.last_status + self.status_every));
+                // One timer for the whole loop, moved only when the deadline changes: a new timer
+                // per message costs the runtime a wake-up (a syscall) per message.
+                if sleep.deadline() != tick {
+                    sleep.as_mut().reset(tick);
+                }
                 tokio::select! {
                     biased;
                     _ = self.cx.cancel.cancelled() => {
@@ -450,7 +457,7 @@ impl<'a> DbStream<'a> {
                         // An unfinished source transaction is rolled back with the session.
                         return Err(Error::interrupted());
                     }
-                    _ = tokio::time::sleep_until(tick.into()) => {
+                    _ = &mut sleep => {
                         if st.batch_open && !st.in_source_tx && Instant::now() >= st.batch_deadline {
                             self.flush(&mut ap, &mut st).await?;
                             repl.send_status(st.applied, st.applied, st.applied, false).await?;
