@@ -17,6 +17,9 @@
 //!   all of that done.
 //! - A failure after the fence resets `default_transaction_read_only` on the source and says so. A
 //!   successful cutover keeps the fence.
+//! - A rehearsal (`run --rehearsal`) fences nothing and ends no session: see [`Cutover::rehearse`].
+//!   A manual approval is not waited for (it proceeds once cdc is within `max_lag`, and says so);
+//!   the detail records `simulated_downtime_seconds` instead of `downtime_seconds`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

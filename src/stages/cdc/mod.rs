@@ -732,7 +732,7 @@ fn explain_missing(e: Error) -> Error {
         return e;
     };
     e.hint(format!(
-        "{what}: the target cannot be brought up to date from here. Start this migration over: `pgferry reset PLAN --yes` (drops the slot, publication and checkpoints; target data is left alone), then `pgferry run PLAN` (recreates them and copies every table again)"
+        "{what}: the target cannot be brought up to date from here. Start this migration over: `pgferry reset PLAN --yes --keep-target` (drops the slot, publication and checkpoints; target data is left alone), then `pgferry run PLAN` (recreates them and copies every table again)"
     ))
 }
 
