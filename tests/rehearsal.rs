@@ -306,6 +306,15 @@ fn rehearsal_reset_and_rehearse_again() {
         "rehearsal"
     );
 
+    // `verify` cannot compare either, and says why.
+    let out = plan.run(&["verify"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot compare: the rehearsal's cutover"),
+        "{}",
+        show(&out)
+    );
+
     // A real run now would take the rehearsal's stages for its own: refused, with the way out.
     let out = plan.run(&["run"]);
     assert_eq!(out.status.code(), Some(2), "{}", show(&out));
@@ -324,11 +333,12 @@ fn rehearsal_reset_and_rehearse_again() {
         "the refused run was recorded"
     );
 
-    // What the report helper stores at the end of a rehearsal (its JSON), read by `plan`.
+    // What `pgferry report` stores for a rehearsal (the fields `plan` reads), read by `plan`.
     store_sql(
         &t,
         "INSERT INTO pgferry.reports (migration, run_id, mode, report) VALUES ('reh_main', 999999, 'rehearsal', \
-         '{\"stages\": [{\"name\": \"load\", \"seconds\": 1.25}, {\"name\": \"cutover\", \"seconds\": 3.5}], \"downtime_seconds\": 0.75}')",
+         '{\"stages\": [{\"id\": \"load\", \"seconds\": 1.25}, {\"id\": \"cutover\", \"seconds\": 3.5}, {\"id\": \"final\", \"seconds\": null}], \
+           \"cutover\": [{\"stage\": \"cutover\", \"database\": \"x\", \"fenced\": false, \"simulated_downtime_seconds\": 0.75}]}')",
     );
     let out = plan.run(&["plan"]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
@@ -393,7 +403,7 @@ fn rehearsal_reset_and_rehearse_again() {
         store_sql(
             &t,
             "SELECT (SELECT count(*) FROM pgferry.runs WHERE migration = 'reh_main' AND mode = 'rehearsal') || '/' || \
-                    (SELECT count(*) FROM pgferry.reports WHERE migration = 'reh_main') || '/' || \
+                    (SELECT count(*) FROM pgferry.reports WHERE migration = 'reh_main' AND run_id = 999999) || '/' || \
                     (SELECT count(*) FROM pgferry.stages WHERE migration = 'reh_main') || '/' || \
                     (SELECT count(*) FROM pgferry.checkpoints WHERE migration = 'reh_main' AND stage <> '(store)')"
         ),

@@ -212,8 +212,9 @@ pub async fn run(args: &PlanArgs) -> u8 {
 }
 
 /// The estimates drawn from a rehearsal's report: each stage's duration and the write downtime
-/// of the real run. The report is read defensively (`stages[].name`/`id`, `stages[].seconds`,
-/// `downtime_seconds` or `simulated_downtime_seconds`): fields it lacks are left out.
+/// of the real run. The report is read defensively (`stages[].id` or `name`, `stages[].seconds`;
+/// `cutover[].simulated_downtime_seconds` per database, or a top-level `downtime_seconds`): fields
+/// it lacks are left out.
 fn estimates(
     plan: &crate::plan::Plan,
     run: i64,
@@ -255,21 +256,47 @@ fn estimates(
     if shown == 0 {
         let _ = writeln!(out, "  (the report has no stage durations)");
     }
-    let downtime = ["downtime_seconds", "simulated_downtime_seconds"]
-        .iter()
-        .find_map(|k| report.get(*k).and_then(serde_json::Value::as_f64));
-    match downtime {
-        Some(d) => {
-            let _ = writeln!(
-                out,
-                "  write downtime of the real run: ~{} (simulated in the rehearsal: fence to cdc drained and the rest copied)",
-                seconds_text(d)
-            );
+    let downtime_of = |v: &serde_json::Value| {
+        ["downtime_seconds", "simulated_downtime_seconds"]
+            .iter()
+            .find_map(|k| v.get(*k).and_then(serde_json::Value::as_f64))
+    };
+    // Per database (`cutover[]`: database, simulated_downtime_seconds), else one figure.
+    let per_database: Vec<(String, f64)> = report
+        .get("cutover")
+        .and_then(serde_json::Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|c| {
+                    let d = downtime_of(c)?;
+                    let db = c
+                        .get("database")
+                        .and_then(serde_json::Value::as_str)
+                        .unwrap_or("?");
+                    Some((db.to_string(), d))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    const HOW: &str = "simulated in the rehearsal: fence to cdc drained and the rest copied";
+    let single = match per_database.as_slice() {
+        [(_, d)] => Some(*d),
+        [] => downtime_of(report),
+        _ => None,
+    };
+    if let Some(d) = single {
+        let _ = writeln!(
+            out,
+            "  write downtime of the real run: ~{} ({HOW})",
+            seconds_text(d)
+        );
+    } else if per_database.len() > 1 {
+        let _ = writeln!(out, "  write downtime of the real run ({HOW}):");
+        for (db, d) in &per_database {
+            let _ = writeln!(out, "    {db}: ~{}", seconds_text(*d));
         }
-        None if plan.has_kind("cutover") => {
-            let _ = writeln!(out, "  write downtime: not in the report");
-        }
-        None => {}
+    } else if plan.has_kind("cutover") {
+        let _ = writeln!(out, "  write downtime: not in the report");
     }
     out
 }
