@@ -3,7 +3,7 @@
 //! before the simulated fence), `reset` tearing the target down while keeping the runs and reports,
 //! a second rehearsal after it, a real run refused while a rehearsal is not reset, `plan` showing
 //! estimates from the latest rehearsal report, and reset refusing a target database it did not
-//! create.
+//! create (then `--keep-target`, and a real run allowed after the reset).
 
 mod support;
 
@@ -487,4 +487,29 @@ fn reset_refuses_a_target_database_pgferry_did_not_create() {
         ),
         "0/1"
     );
+
+    // After the reset a real run is no longer refused (here up to the load, into the kept target).
+    let out = plan.run(&["run", "--until", "load"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(
+        row_digest(&p.source, &s, "public.items"),
+        row_digest(&p.target, &t, "public.items")
+    );
+    assert_eq!(
+        store_sql(
+            &t,
+            "SELECT string_agg(mode, ',' ORDER BY id) FROM pgferry.runs WHERE migration = 'reh_own'"
+        ),
+        "rehearsal,run"
+    );
+    // ... and now a rehearsal is refused, since the store holds a real run's progress.
+    let out = plan.run(&["run", "--rehearsal"]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("progress of a real run"),
+        "{}",
+        show(&out)
+    );
+    let out = plan.run(&["reset", "--yes", "--keep-target"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
 }
