@@ -102,6 +102,10 @@ pub enum Command {
         /// Run this stage again (and everything after it), even if done or its configuration changed.
         #[arg(long, value_name = "STAGE")]
         rerun: Vec<String>,
+        /// A rehearsal: the whole plan, cutover included, without fencing the source (the drain
+        /// goes to the source's position at the simulated fence); `pgferry reset` tears it down.
+        #[arg(long)]
+        rehearsal: bool,
     },
     /// Show the state of the migration: stages, runner, run log.
     Status {
@@ -143,13 +147,17 @@ pub enum Command {
         #[command(flatten)]
         plan: PlanArgs,
     },
-    /// Tear down what the plan created: replication slots, publications and the checkpoint store.
+    /// Tear down what the plan created: replication slots, publications, the checkpoints (runs and
+    /// reports are kept) and the target databases pgferry created, so a rehearsal can be repeated.
     Reset {
         #[command(flatten)]
         plan: PlanArgs,
         /// Do not ask for confirmation.
         #[arg(long)]
         yes: bool,
+        /// Leave the target databases alone (drop only the source-side objects and checkpoints).
+        #[arg(long)]
+        keep_target: bool,
     },
     /// Try an online migration end to end, with nothing to configure: two throwaway clusters from
     /// the installed PostgreSQL server binaries, a generated DVD-rental database, a writer, the

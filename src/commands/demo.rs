@@ -169,6 +169,7 @@ async fn body(
         Selection::default(),
         cancel.clone(),
         &format!("demo --scale {scale}"),
+        false,
     )
     .await;
     let migration_time = migrated.elapsed();

@@ -38,7 +38,12 @@ pub async fn dispatch(cli: Cli) -> u8 {
             format,
             state,
         } => graph::run(&plan, format, state).await,
-        Command::Run { plan, until, rerun } => run::run(&plan, until, rerun).await,
+        Command::Run {
+            plan,
+            until,
+            rerun,
+            rehearsal,
+        } => run::run(&plan, until, rerun, rehearsal).await,
         Command::Verify {
             plan,
             report,
@@ -59,7 +64,11 @@ pub async fn dispatch(cli: Cli) -> u8 {
         }
         Command::Cutover { plan } => cutover::run(&plan).await,
         Command::Unfence { plan } => unfence::run(&plan).await,
-        Command::Reset { plan, yes } => reset::run(&plan, yes).await,
+        Command::Reset {
+            plan,
+            yes,
+            keep_target,
+        } => reset::run(&plan, yes, keep_target).await,
         Command::Init { path, force } => init::run(&path, force),
         Command::Demo {
             scale,

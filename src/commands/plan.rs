@@ -73,12 +73,15 @@ pub async fn run(args: &PlanArgs) -> u8 {
     }
 
     // States, if the migration has run before (read-only: the store is not created).
-    let records = match open_store(&plan).await {
-        Ok(Some(store)) => store.stages().await.unwrap_or_default(),
-        Ok(None) => Vec::new(),
+    let (records, rehearsal) = match open_store(&plan).await {
+        Ok(Some(store)) => (
+            store.stages().await.unwrap_or_default(),
+            store.latest_report("rehearsal").await,
+        ),
+        Ok(None) => (Vec::new(), Ok(None)),
         Err(e) => {
             let _ = writeln!(out, "  (checkpoint store not readable: {})", e.message);
-            Vec::new()
+            (Vec::new(), Ok(None))
         }
     };
 
@@ -124,6 +127,26 @@ pub async fn run(args: &PlanArgs) -> u8 {
                     summary(s.kind)
                 );
             }
+        }
+    }
+
+    match rehearsal {
+        Ok(Some((run, at, report))) => {
+            let _ = write!(out, "{}", estimates(&plan, run, at, &report));
+        }
+        Ok(None) => {
+            let _ = writeln!(
+                out,
+                "\nestimates: no rehearsal yet (`pgferry run {} --rehearsal` records one)",
+                plan.path
+            );
+        }
+        Err(e) => {
+            let _ = writeln!(
+                out,
+                "\nestimates: the rehearsal reports are not readable: {}",
+                e.message
+            );
         }
     }
 
@@ -186,4 +209,102 @@ pub async fn run(args: &PlanArgs) -> u8 {
         return EXIT_FAILED;
     }
     EXIT_OK
+}
+
+/// The estimates drawn from a rehearsal's report: each stage's duration and the write downtime
+/// of the real run. The report is read defensively (`stages[].id` or `name`, `stages[].seconds`;
+/// `cutover[].simulated_downtime_seconds` per database, or a top-level `downtime_seconds`): fields
+/// it lacks are left out.
+fn estimates(
+    plan: &crate::plan::Plan,
+    run: i64,
+    at: crate::state::Timestamp,
+    report: &serde_json::Value,
+) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\nestimates from the latest rehearsal (run {run}, {}):",
+        at.rfc3339()
+    );
+    let stages: Vec<(String, f64)> = report
+        .get("stages")
+        .and_then(serde_json::Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| {
+                    let name = s
+                        .get("name")
+                        .or_else(|| s.get("id"))
+                        .and_then(serde_json::Value::as_str)?;
+                    let seconds = s.get("seconds").and_then(serde_json::Value::as_f64)?;
+                    Some((name.to_string(), seconds))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut shown = 0;
+    let width = plan.stages.iter().map(|s| s.id.len()).max().unwrap_or(5);
+    for i in plan.dag.order() {
+        let id = &plan.stages[i].id;
+        let Some((_, seconds)) = stages.iter().find(|(n, _)| n == id) else {
+            continue;
+        };
+        let _ = writeln!(out, "  {id:width$}  ~{}", seconds_text(*seconds));
+        shown += 1;
+    }
+    if shown == 0 {
+        let _ = writeln!(out, "  (the report has no stage durations)");
+    }
+    let downtime_of = |v: &serde_json::Value| {
+        ["downtime_seconds", "simulated_downtime_seconds"]
+            .iter()
+            .find_map(|k| v.get(*k).and_then(serde_json::Value::as_f64))
+    };
+    // Per database (`cutover[]`: database, simulated_downtime_seconds), else one figure.
+    let per_database: Vec<(String, f64)> = report
+        .get("cutover")
+        .and_then(serde_json::Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|c| {
+                    let d = downtime_of(c)?;
+                    let db = c
+                        .get("database")
+                        .and_then(serde_json::Value::as_str)
+                        .unwrap_or("?");
+                    Some((db.to_string(), d))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    const HOW: &str = "simulated in the rehearsal: fence to cdc drained and the rest copied";
+    let single = match per_database.as_slice() {
+        [(_, d)] => Some(*d),
+        [] => downtime_of(report),
+        _ => None,
+    };
+    if let Some(d) = single {
+        let _ = writeln!(
+            out,
+            "  write downtime of the real run: ~{} ({HOW})",
+            seconds_text(d)
+        );
+    } else if per_database.len() > 1 {
+        let _ = writeln!(out, "  write downtime of the real run ({HOW}):");
+        for (db, d) in &per_database {
+            let _ = writeln!(out, "    {db}: ~{}", seconds_text(*d));
+        }
+    } else if plan.has_kind("cutover") {
+        let _ = writeln!(out, "  write downtime: not in the report");
+    }
+    out
+}
+
+fn seconds_text(s: f64) -> String {
+    if s < 60.0 {
+        format!("{s:.1}s")
+    } else {
+        humantime::format_duration(std::time::Duration::from_secs(s.round() as u64)).to_string()
+    }
 }

@@ -16,7 +16,12 @@ use crate::stages::{self, Env};
 use crate::state::StateStore;
 use crate::state::postgres::PgStore;
 
-pub async fn run(args: &PlanArgs, until: Option<String>, rerun: Vec<String>) -> u8 {
+pub async fn run(
+    args: &PlanArgs,
+    until: Option<String>,
+    rerun: Vec<String>,
+    rehearsal: bool,
+) -> u8 {
     let plan = match load(args) {
         Ok(p) => p,
         Err(code) => return code,
@@ -37,20 +42,33 @@ pub async fn run(args: &PlanArgs, until: Option<String>, rerun: Vec<String>) -> 
     let cancel = CancellationToken::new();
     spawn_signal_handler(cancel.clone());
     let argv: Vec<String> = std::env::args().skip(1).collect();
-    execute(plan, &args.plan, sel, cancel, &redact_args(&argv)).await
+    execute(
+        plan,
+        &args.plan,
+        sel,
+        cancel,
+        &redact_args(&argv),
+        rehearsal,
+    )
+    .await
 }
 
 /// Runs a compiled plan under the runner lock, as `pgferry run` does; `pgferry demo` calls it too.
-/// `cancel` stops the run at the next checkpoint; `recorded_args` is what the run log records.
+/// `cancel` stops the run at the next checkpoint; `recorded_args` is what the run log records;
+/// `rehearsal`: `run --rehearsal` (the cutover does not fence the source).
 pub(crate) async fn execute(
     plan: Arc<Plan>,
     plan_path: &str,
     sel: Selection,
     cancel: CancellationToken,
     recorded_args: &str,
+    rehearsal: bool,
 ) -> u8 {
     let env = match Env::new(plan.clone()) {
-        Ok(e) => Arc::new(e),
+        Ok(mut e) => {
+            e.rehearsal = rehearsal;
+            Arc::new(e)
+        }
         Err(e) => {
             report(&e);
             return EXIT_USAGE;
@@ -102,6 +120,41 @@ pub(crate) async fn execute(
         }
     };
 
+    // A rehearsal's stage states (a cutover that did not fence) must never count for a real run,
+    // nor a real run's progress be finished by a rehearsal.
+    let mode = if rehearsal { "rehearsal" } else { "run" };
+    match store.checkpoints_mode().await {
+        Ok(Some(held)) if held != mode => {
+            let (what, hint) = if held == "rehearsal" {
+                (
+                    format!(
+                        "the checkpoint store holds a rehearsal of migration `{}` that was not reset: its stages (a cutover that never fenced the source) must not count for a real run",
+                        plan.name
+                    ),
+                    format!(
+                        "`pgferry reset {plan_path}` tears the rehearsal down (the slot, publication, checkpoints and the target databases pgferry created; run reports are kept), then `pgferry run {plan_path}`; or continue rehearsing with `--rehearsal`"
+                    ),
+                )
+            } else {
+                (
+                    format!(
+                        "the checkpoint store holds the progress of a real run of migration `{}`; a rehearsal cannot continue it",
+                        plan.name
+                    ),
+                    format!(
+                        "finish the real run with `pgferry run {plan_path}`, or start over with `pgferry reset {plan_path}` before rehearsing"
+                    ),
+                )
+            };
+            eprintln!("error: {what}\n  hint: {hint}");
+            return EXIT_USAGE;
+        }
+        Ok(_) => {}
+        Err(e) => {
+            report(&e);
+            return EXIT_FAILED;
+        }
+    }
     let run_id = match store.begin_run(recorded_args).await {
         Ok(id) => id,
         Err(e) => {
@@ -109,6 +162,18 @@ pub(crate) async fn execute(
             return EXIT_FAILED;
         }
     };
+    if let Err(e) = store.set_run_mode(run_id, mode).await {
+        report(&e);
+        return EXIT_FAILED;
+    }
+    if rehearsal {
+        let msg = "rehearsal: the cutover will not fence the source; it drains cdc to the source's position at the simulated fence and records the simulated write downtime";
+        tracing::info!("{msg}");
+        if let Err(e) = store.event(None, "info", msg).await {
+            report(&e);
+            return EXIT_FAILED;
+        }
+    }
     let mut nodes = nodes(&plan);
     for (i, n) in nodes.iter_mut().enumerate() {
         n.stage = built[i].take();

@@ -59,6 +59,13 @@ pub async fn run(
             return EXIT_FAILED;
         }
     };
+    if let Some(why) = &sync.not_comparable {
+        eprintln!(
+            "error: cannot compare: {why}\n  hint: `pgferry reset {}` and rehearse again with a validate stage that runs while cdc runs (after cdc, before the cutover)",
+            args.plan
+        );
+        return EXIT_FAILED;
+    }
     // cdc is recorded as running, but no runner holds the lock: nobody would answer the hold.
     if sync.online.is_some() && runner.is_none() {
         eprintln!(

@@ -17,6 +17,9 @@
 //!   all of that done.
 //! - A failure after the fence resets `default_transaction_read_only` on the source and says so. A
 //!   successful cutover keeps the fence.
+//! - A rehearsal (`run --rehearsal`) fences nothing and ends no session: see [`Cutover::rehearse`].
+//!   A manual approval is not waited for (it proceeds once cdc is within `max_lag`, and says so);
+//!   the detail records `simulated_downtime_seconds` instead of `downtime_seconds`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -91,7 +94,15 @@ impl Cutover {
     }
 
     async fn approve(&self, cx: &StageContext, db: &Database, o: &Options) -> Result<()> {
-        if o.manual {
+        if o.manual && self.env.rehearsal {
+            let msg = format!(
+                "rehearsal: the cutover of {} has approval = \"manual\"; a rehearsal does not wait for `pgferry cutover` and proceeds once cdc is within max_lag ({})",
+                db.name,
+                humantime::format_duration(o.max_lag)
+            );
+            tracing::info!("{msg}");
+            cx.store.event(Some(&cx.stage), "info", &msg).await?;
+        } else if o.manual {
             let plan = &self.env.plan;
             let conn = ConnInfo::new(&plan.state.endpoint, plan.state.database.as_deref())
                 .map_err(|e| e.context("[state]"))?;
@@ -246,6 +257,25 @@ impl Cutover {
                 &serde_json::json!({ "lsn": target.to_string() }),
             )
             .await?;
+        self.wait_drained(cx, db, o, target).await?;
+        Ok(target)
+    }
+
+    /// Waits (at most `timeout`) until cdc has applied up to `target` and finished.
+    async fn wait_drained(
+        &self,
+        cx: &StageContext,
+        db: &Database,
+        o: &Options,
+        target: Lsn,
+    ) -> Result<()> {
+        let cdc = self.cdc_stage();
+        let cdc_done = |records: &[crate::state::StageRecord]| match &cdc {
+            None => true,
+            Some(id) => records
+                .iter()
+                .any(|s| &s.stage == id && s.state == StageState::Done),
+        };
         let deadline = Instant::now() + o.timeout;
         loop {
             let applied: Option<Lsn> = match cx.store.position(&applied_position(&db.name)).await? {
@@ -254,7 +284,7 @@ impl Cutover {
             };
             let drained = applied.is_some_and(|a| a >= target);
             if drained && cdc_done(&cx.store.stages().await?) {
-                return Ok(target);
+                return Ok(());
             }
             if Instant::now() > deadline {
                 return Err(Error::permanent(format!(
@@ -311,12 +341,158 @@ impl Cutover {
         Ok(())
     }
 
+    /// The rehearsal of [`Cutover::cut`]: no fence, no session ended. At the simulated fence it
+    /// holds cdc (the validation hold protocol, so cdc cannot apply past what it is about to be
+    /// told), reads the source's WAL insert position as the drain target, records it and releases
+    /// the hold: cdc applies exactly the transactions committed before the target and finishes,
+    /// while the source goes on being written. Then what logical decoding does not carry is copied
+    /// as in a real cutover, and the simulated write downtime (simulated fence to all of that done)
+    /// recorded.
+    async fn rehearse(
+        &self,
+        cx: &StageContext,
+        db: &Database,
+        o: &Options,
+    ) -> Result<serde_json::Value> {
+        let earlier = cx.store.checkpoint(&cx.stage, &drain_key(&db.name)).await?;
+        let earlier: Option<Lsn> = match earlier
+            .as_ref()
+            .and_then(|v| v.get("lsn"))
+            .and_then(serde_json::Value::as_str)
+        {
+            Some(l) => Some(l.parse()?),
+            None => None,
+        };
+        if earlier.is_none() {
+            self.approve(cx, db, o).await?;
+        }
+        let fenced_at = Instant::now();
+        let target = match earlier {
+            // An earlier attempt took the simulated fence: the drain goes there still.
+            Some(l) => l,
+            None => self.simulated_fence(cx, db, o).await?,
+        };
+        let msg = format!(
+            "rehearsal: simulated fence of {} at {target}; the source stays writable, cdc drains to that position",
+            db.name
+        );
+        tracing::info!("{msg}");
+        cx.store.event(Some(&cx.stage), "info", &msg).await?;
+        self.wait_drained(cx, db, o, target).await?;
+        let resync = super::unreplicated::resync(&self.env, db, &cx.cancel)
+            .await
+            .map_err(|e| e.context("copying what logical replication does not carry"))?;
+        let downtime = fenced_at.elapsed();
+        let msg = format!(
+            "rehearsal of the cutover of {} -> {} done at {target}; simulated write downtime {:.1}s (the source was not fenced)",
+            db.name,
+            db.target,
+            downtime.as_secs_f64()
+        );
+        tracing::info!("{msg}");
+        cx.store.event(Some(&cx.stage), "info", &msg).await?;
+        Ok(serde_json::json!({
+            "lsn": target.to_string(),
+            "rehearsal": true,
+            "simulated_downtime_seconds": downtime.as_secs_f64(),
+            "fenced": false,
+            "resync": resync,
+        }))
+    }
+
+    /// Takes the drain target of a rehearsal: with cdc held (so it cannot apply past the target
+    /// before it reads it), the source's WAL insert position, recorded as `drain:<db>`.
+    async fn simulated_fence(&self, cx: &StageContext, db: &Database, o: &Options) -> Result<Lsn> {
+        use super::cdc::{held_position, hold_release_position, hold_request_position};
+        let source = self.env.source_for(db).connect("cutover rehearsal").await?;
+        let insert_lsn = async || -> Result<Lsn> {
+            let l: String = source
+                .query_one("SELECT pg_catalog.pg_current_wal_insert_lsn()::text", &[])
+                .await
+                .map_err(|e| Error::pg(&e, "reading the source's WAL position"))?
+                .get(0);
+            l.parse()
+        };
+        if self.cdc_stage().is_none() {
+            let target = insert_lsn().await?;
+            cx.store
+                .put_checkpoint(
+                    &cx.stage,
+                    &drain_key(&db.name),
+                    &serde_json::json!({ "lsn": target.to_string() }),
+                )
+                .await?;
+            return Ok(target);
+        }
+        // Validations of this database take turns through the hold protocol; so does this.
+        let guard = self.env.target_for(db).connect("cutover rehearsal").await?;
+        guard
+            .execute(
+                "SELECT pg_catalog.pg_advisory_lock($1)",
+                &[&crate::stages::validate::snapshot::hold_lock_key(
+                    &self.env.plan.name,
+                    &db.name,
+                )],
+            )
+            .await
+            .map_err(|e| Error::pg(&e, "waiting for validations of this database to finish"))?;
+        let h0 = insert_lsn().await?;
+        cx.store
+            .advance_position(&hold_request_position(&db.name), &h0.to_string())
+            .await?;
+        let held = async {
+            let deadline = Instant::now() + o.timeout;
+            loop {
+                let held: Option<Lsn> = match cx.store.position(&held_position(&db.name)).await? {
+                    Some(p) => Some(p.parse()?),
+                    None => None,
+                };
+                if held.is_some_and(|h| h >= h0) {
+                    return Ok(());
+                }
+                if Instant::now() > deadline {
+                    return Err(Error::permanent(format!(
+                        "cdc did not pause for the simulated fence within {}",
+                        humantime::format_duration(o.timeout)
+                    ))
+                    .hint("look at the cdc stage's state and errors (`pgferry status PLAN`), then run the rehearsal again"));
+                }
+                self.sleep(cx, POLL).await?;
+            }
+        };
+        let taken = async {
+            held.await?;
+            let target = insert_lsn().await?;
+            cx.store
+                .put_checkpoint(
+                    &cx.stage,
+                    &drain_key(&db.name),
+                    &serde_json::json!({ "lsn": target.to_string(), "rehearsal": true }),
+                )
+                .await?;
+            Ok::<_, Error>(target)
+        }
+        .await;
+        // Whatever happened, cdc must not stay held.
+        let released = cx
+            .store
+            .advance_position(&hold_release_position(&db.name), &h0.to_string())
+            .await;
+        drop(guard);
+        let target = taken?;
+        released?;
+        Ok(target)
+    }
+
     async fn cut(
         &self,
         cx: &StageContext,
         db: &Database,
         o: &Options,
     ) -> Result<serde_json::Value> {
+        if self.env.rehearsal {
+            return self.rehearse(cx, db, o).await;
+        }
         // An earlier attempt that got as far as the fence was approved already: with the source
         // fenced (and cdc perhaps finished) there is no lag left to wait for.
         let fenced_before = cx

@@ -105,6 +105,8 @@ pub struct Env {
     pub plan: Arc<Plan>,
     pub source: ConnInfo,
     pub target: ConnInfo,
+    /// `run --rehearsal`: the cutover does not fence the source (see [`cutover`]).
+    pub rehearsal: bool,
 }
 
 impl Env {
@@ -115,6 +117,7 @@ impl Env {
             plan,
             source,
             target,
+            rehearsal: false,
         })
     }
 

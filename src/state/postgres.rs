@@ -132,6 +132,15 @@ const MIGRATIONS: &[&str] = &[
     "#,
 ];
 
+/// The pseudo-stage (no plan stage can be named so) of the store's own checkpoints.
+const STORE_STAGE: &str = "(store)";
+const CREATED_DATABASE_KEY: &str = "created_database";
+/// The pseudo-stage of what the migration's checkpoints belong to (`run` or `rehearsal`).
+const RUN_STAGE: &str = "(run)";
+const MODE_KEY: &str = "mode";
+/// What `reset` keeps of a migration.
+const KEPT_TABLES: &[&str] = &["runs", "reports", "samples"];
+
 /// The store of one migration.
 pub struct PgStore {
     conn: ConnInfo,
@@ -193,7 +202,7 @@ impl PgStore {
 
     /// Connects to the store, creating its database and schema (and upgrading it) as needed.
     pub async fn open_or_create(conn: ConnInfo, schema: &str, migration: &str) -> Result<PgStore> {
-        ensure_database(&conn).await?;
+        let created = ensure_database(&conn).await?;
         let client = conn
             .connect("state")
             .await
@@ -201,7 +210,138 @@ impl PgStore {
         migrate(&client, schema)
             .await
             .map_err(|e| e.context("checkpoint store"))?;
-        Ok(PgStore::with_client(conn, schema, migration, client))
+        let store = PgStore::with_client(conn, schema, migration, client);
+        if created {
+            // `reset` drops only target databases pgferry created: remember this one.
+            let record = serde_json::json!({
+                "server": store.conn.server_key(),
+                "database": store.conn.dbname(),
+            });
+            store
+                .put_checkpoint(STORE_STAGE, CREATED_DATABASE_KEY, &record)
+                .await?;
+        }
+        Ok(store)
+    }
+
+    /// Brings an existing store up to the current version (`open` does not).
+    pub async fn upgrade(&self) -> Result<()> {
+        let client = self.client().await?;
+        migrate(&client, &self.schema)
+            .await
+            .map_err(|e| e.context("checkpoint store"))
+    }
+
+    /// The database this store created on first use (its own), as `(server, database)`.
+    pub async fn created_database(&self) -> Result<Option<(String, String)>> {
+        let v = self.checkpoint(STORE_STAGE, CREATED_DATABASE_KEY).await?;
+        let field = |k: &str| {
+            v.as_ref()
+                .and_then(|v| v.get(k))
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_string)
+        };
+        Ok(field("server").zip(field("database")))
+    }
+
+    /// What the stage states and checkpoints of this migration belong to: `run` or `rehearsal`
+    /// (`None`: nothing recorded; a store from before rehearsals holding stages counts as `run`).
+    pub async fn checkpoints_mode(&self) -> Result<Option<String>> {
+        let v = self.checkpoint(RUN_STAGE, MODE_KEY).await?;
+        if let Some(m) = v
+            .as_ref()
+            .and_then(|v| v.get("mode"))
+            .and_then(serde_json::Value::as_str)
+        {
+            return Ok(Some(m.to_string()));
+        }
+        Ok((!self.stages().await?.is_empty()).then(|| "run".to_string()))
+    }
+
+    /// Records the mode of a run: in the run log (`runs.mode`) and as the mode of the checkpoints.
+    pub async fn set_run_mode(&self, run: i64, mode: &str) -> Result<()> {
+        let client = self.client().await?;
+        let sql = format!("UPDATE {} SET mode = $2 WHERE id = $1", self.t("runs"));
+        client
+            .execute(&sql, &[&run, &mode])
+            .await
+            .map_err(|e| Error::pg(&e, "recording the mode of the run"))?;
+        self.put_checkpoint(
+            RUN_STAGE,
+            MODE_KEY,
+            &serde_json::json!({ "mode": mode, "run_id": run }),
+        )
+        .await
+    }
+
+    /// The latest stored report of a run of `mode` (`run` or `rehearsal`): run id, when, report.
+    pub async fn latest_report(
+        &self,
+        mode: &str,
+    ) -> Result<Option<(i64, Timestamp, serde_json::Value)>> {
+        let client = self.client().await?;
+        let present: bool = client
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&self.t("reports")])
+            .await
+            .map_err(|e| Error::pg(&e, "reading the checkpoint store"))?
+            .get(0);
+        if !present {
+            return Ok(None);
+        }
+        let sql = format!(
+            "SELECT run_id, extract(epoch FROM created_at)::float8, report FROM {} \
+              WHERE migration = $1 AND mode = $2 ORDER BY created_at DESC, run_id DESC LIMIT 1",
+            self.t("reports")
+        );
+        let row = client
+            .query_opt(&sql, &[&self.migration, &mode])
+            .await
+            .map_err(|e| Error::pg(&e, "reading the stored reports"))?;
+        Ok(row.map(|r| (r.get(0), Timestamp(r.get(1)), r.get(2))))
+    }
+
+    /// What `reset` keeps of this migration (runs, reports, cdc lag samples), as JSON rows.
+    pub async fn kept_rows(&self) -> Result<serde_json::Value> {
+        let client = self.client().await?;
+        let mut out = serde_json::Map::new();
+        for t in KEPT_TABLES {
+            let sql = format!(
+                "SELECT coalesce(jsonb_agg(to_jsonb(r)), '[]'::jsonb) FROM {} r WHERE migration = $1",
+                self.t(t)
+            );
+            let rows: serde_json::Value = client
+                .query_one(&sql, &[&self.migration])
+                .await
+                .map_err(|e| Error::pg(&e, format!("reading the {t} to keep")))?
+                .get(0);
+            out.insert(t.to_string(), rows);
+        }
+        Ok(serde_json::Value::Object(out))
+    }
+
+    /// Puts back what [`PgStore::kept_rows`] read (into a store created again by `reset`).
+    pub async fn restore_kept(&self, kept: &serde_json::Value) -> Result<()> {
+        let client = self.client().await?;
+        for t in KEPT_TABLES {
+            let Some(rows) = kept.get(*t) else { continue };
+            let sql = format!(
+                "INSERT INTO {t} SELECT * FROM jsonb_populate_recordset(NULL::{t}, $1) ON CONFLICT DO NOTHING",
+                t = self.t(t)
+            );
+            client
+                .execute(&sql, &[rows])
+                .await
+                .map_err(|e| Error::pg(&e, format!("restoring the kept {t}")))?;
+        }
+        let sql = format!(
+            "SELECT setval(pg_get_serial_sequence($1, 'id'), greatest((SELECT max(id) FROM {}), 1))",
+            self.t("runs")
+        );
+        client
+            .execute(&sql, &[&self.t("runs")])
+            .await
+            .map_err(|e| Error::pg(&e, "restoring the run ids"))?;
+        Ok(())
     }
 
     fn with_client(conn: ConnInfo, schema: &str, migration: &str, client: Client) -> PgStore {
@@ -452,27 +592,15 @@ impl PgStore {
             .collect())
     }
 
-    /// Removes the whole store schema (used by `reset`).
-    pub async fn drop_schema(&self) -> Result<()> {
-        let client = self.client().await?;
-        client
-            .batch_execute(&format!(
-                "DROP SCHEMA IF EXISTS {} CASCADE",
-                quote_ident(&self.schema)
-            ))
-            .await
-            .map_err(|e| Error::pg(&e, "dropping the checkpoint schema"))?;
-        Ok(())
-    }
-
-    /// Removes only this migration's rows (the store may hold other migrations).
+    /// Removes this migration's stage states, checkpoints, progress, counters, positions,
+    /// artifacts, run log and requests: everything but its runs, reports and cdc lag samples (kept
+    /// so rehearsals can be compared) and the record of the database the store created.
     pub async fn forget_migration(&self) -> Result<()> {
         let client = self.client().await?;
+        let m = quote_literal(&self.migration);
         let mut sql = String::from("BEGIN;");
         for t in [
-            "runs",
             "stages",
-            "checkpoints",
             "tables",
             "counters",
             "positions",
@@ -480,12 +608,13 @@ impl PgStore {
             "events",
             "requests",
         ] {
-            sql.push_str(&format!(
-                "DELETE FROM {} WHERE migration = {};",
-                self.t(t),
-                quote_literal(&self.migration)
-            ));
+            sql.push_str(&format!("DELETE FROM {} WHERE migration = {m};", self.t(t)));
         }
+        sql.push_str(&format!(
+            "DELETE FROM {} WHERE migration = {m} AND stage <> {};",
+            self.t("checkpoints"),
+            quote_literal(STORE_STAGE)
+        ));
         sql.push_str("COMMIT;");
         client
             .batch_execute(&sql)
@@ -908,15 +1037,15 @@ async fn migrate(client: &Client, schema: &str) -> Result<()> {
 }
 
 /// Creates the store's database when it does not exist, from the server's maintenance database.
-async fn ensure_database(conn: &ConnInfo) -> Result<()> {
+async fn ensure_database(conn: &ConnInfo) -> Result<bool> {
     let db = conn.dbname().to_string();
     if db.is_empty() {
-        return Ok(());
+        return Ok(false);
     }
     let mut last_err = None;
     for maintenance in ["postgres", "template1"] {
         if maintenance == db {
-            return Ok(());
+            return Ok(false);
         }
         let client = match conn.with_dbname(maintenance).connect("state setup").await {
             Ok(c) => c,
@@ -936,7 +1065,7 @@ async fn ensure_database(conn: &ConnInfo) -> Result<()> {
         if !exists {
             tracing::info!(database = %db, "creating the database for the checkpoint store");
             match client.batch_execute(&format!("CREATE DATABASE {}", quote_ident(&db))).await {
-                Ok(()) => {}
+                Ok(()) => return Ok(true),
                 // Created by someone else meanwhile.
                 Err(e) if e.code().map(|c| c.code()) == Some("42P04") => {}
                 Err(e) => {
@@ -945,11 +1074,11 @@ async fn ensure_database(conn: &ConnInfo) -> Result<()> {
                 }
             }
         }
-        return Ok(());
+        return Ok(false);
     }
     match last_err {
         Some(e) => Err(e.context(format!("checking that database {db} exists"))),
-        None => Ok(()),
+        None => Ok(false),
     }
 }
 

@@ -17,8 +17,10 @@
 //!   (nothing before it is still to come), so the slot advances while idle too.
 //! - Ready once the stream has passed the source's WAL position of the moment it started and
 //!   nothing is pending. Then it keeps running until cancelled (parked) or drained for a cutover:
-//!   when a cutover stage has the checkpoint `drain:<db>` (`{"lsn": ...}`), it applies up to at
-//!   least that position and returns (the stage is done).
+//!   when a cutover stage has the checkpoint `drain:<db>` (`{"lsn": ...}`), it applies every
+//!   transaction committed before that position (none committed at or after it) and returns (the
+//!   stage is done). A rehearsal's cutover (the source still written) takes the target while cdc
+//!   is held (`validate_hold`), and cdc reads it again when a hold is released.
 //! - Validation can hold the apply at an LSN (`validate_hold:<db>`): cdc applies every
 //!   transaction committed before it, commits, answers `validate_held:<db>` and applies nothing
 //!   more until `validate_release:<db>` reaches it (at most [`HOLD_MAX`]). A validation uses two
@@ -476,8 +478,14 @@ impl<'a> DbStream<'a> {
                                         self.flush(&mut ap, &mut st).await?;
                                     }
                                     // Everything committed before the hold has been sent.
+                                    let mut held = false;
                                     while let Some(at) = hold && k.wal_end >= at {
                                         hold = self.hold(&mut ap, &mut repl, &mut st, at).await?;
+                                        held = true;
+                                    }
+                                    if held {
+                                        // A rehearsal's cutover sets the drain target while cdc holds.
+                                        drain = self.drain_target().await?.or(drain);
                                     }
                                     // Nothing pending: everything up to the server's position is applied.
                                     if k.wal_end > st.applied {
@@ -500,8 +508,19 @@ impl<'a> DbStream<'a> {
                             }
                             ReplicationMessage::XLogData(x) => {
                                 if let PgOutputMessage::Begin(b) = &x.data {
+                                    let mut held = false;
                                     while let Some(at) = hold && b.final_lsn >= at {
                                         hold = self.hold(&mut ap, &mut repl, &mut st, at).await?;
+                                        held = true;
+                                    }
+                                    if held {
+                                        drain = self.drain_target().await?.or(drain);
+                                    }
+                                    // Drained: everything committed before the target is applied. In a
+                                    // rehearsal the source keeps writing: stop before what came later.
+                                    if let Some(target) = drain && b.final_lsn >= target {
+                                        self.stop_at(&mut ap, &mut st, target).await?;
+                                        continue;
                                     }
                                 }
                                 self.handle(&mut ap, &mut st, x.data).await?;
@@ -529,6 +548,23 @@ impl<'a> DbStream<'a> {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Ends the apply at a drain target, before a transaction committed at or after it: what is
+    /// batched is committed and the applied position moves to the target.
+    async fn stop_at(&self, ap: &mut Applier, st: &mut Loop, target: Lsn) -> Result<()> {
+        if st.batch_open {
+            self.flush(ap, st).await?;
+        }
+        if target > st.applied {
+            ap.advance_idle(target).await?;
+            st.applied = target;
+            self.cx
+                .store
+                .advance_position(&applied_position(&self.db.name), &target.to_string())
+                .await?;
+        }
+        Ok(())
     }
 
     /// The LSN a running cutover asked this database to drain to.
@@ -774,7 +810,7 @@ fn explain_missing(e: Error) -> Error {
         return e;
     };
     e.hint(format!(
-        "{what}: the target cannot be brought up to date from here. Start this migration over: `pgferry reset PLAN --yes` (drops the slot, publication and checkpoints; target data is left alone), then `pgferry run PLAN` (recreates them and copies every table again)"
+        "{what}: the target cannot be brought up to date from here. Start this migration over: `pgferry reset PLAN --yes --keep-target` (drops the slot, publication and checkpoints; target data is left alone), then `pgferry run PLAN` (recreates them and copies every table again)"
     ))
 }
 

@@ -307,7 +307,7 @@ pub async fn open_worker(conn: &ConnInfo, snapshot: &str, purpose: &str) -> Resu
 }
 
 /// The advisory lock key serializing the validations of one database of one migration.
-fn hold_lock_key(migration: &str, database: &str) -> i64 {
+pub(crate) fn hold_lock_key(migration: &str, database: &str) -> i64 {
     use sha2::{Digest, Sha256};
     let digest =
         Sha256::digest(format!("pgferry validation hold: {migration}/{database}").as_bytes());
