@@ -149,6 +149,21 @@ impl Dag {
         out
     }
 
+    /// Each node's topological level: 0 without dependencies, else one more than its deepest
+    /// dependency (how `pgferry report` lays the DAG out in columns).
+    pub fn levels(&self) -> Vec<usize> {
+        let mut level = vec![0; self.len()];
+        for i in self.order() {
+            level[i] = self
+                .deps(i)
+                .iter()
+                .map(|&d| level[d] + 1)
+                .max()
+                .unwrap_or(0);
+        }
+        level
+    }
+
     /// Graphviz DOT. `label(i)` names a node; `state(i)`, when given, colours it.
     pub fn to_dot(
         &self,

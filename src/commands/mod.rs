@@ -7,6 +7,7 @@ mod demo;
 mod graph;
 mod init;
 mod plan;
+mod report;
 mod reset;
 mod run;
 mod status;
@@ -60,6 +61,13 @@ pub async fn dispatch(cli: Cli) -> u8 {
         Command::Cutover { plan } => cutover::run(&plan).await,
         Command::Unfence { plan } => unfence::run(&plan).await,
         Command::Reset { plan, yes } => reset::run(&plan, yes).await,
+        Command::Report {
+            plan,
+            run,
+            json,
+            html,
+            compare,
+        } => report::run(&plan, run, json, html.as_deref(), compare).await,
         Command::Init { path, force } => init::run(&path, force),
         Command::Demo {
             scale,
