@@ -100,9 +100,9 @@ fn time(t: Option<f64>) -> String {
 
 /// The DAG: one column per topological level, nodes coloured by state, edges as arrows.
 fn dag_svg(r: &RunReport) -> String {
-    const W: f64 = 170.0;
+    const W: f64 = 160.0;
     const H: f64 = 46.0;
-    const GX: f64 = 60.0;
+    const GX: f64 = 40.0;
     const GY: f64 = 22.0;
     let levels = r.stages.iter().map(|s| s.level).max().map_or(0, |l| l + 1);
     let mut rows_in = vec![0usize; levels];
@@ -118,11 +118,11 @@ fn dag_svg(r: &RunReport) -> String {
     let width = 20.0 + levels as f64 * (W + GX) - GX;
     let height = 20.0 + rows_in.iter().copied().max().unwrap_or(0) as f64 * (H + GY) - GY;
     let mut svg = format!(
-        "<svg class=\"dag\" width=\"{:.0}\" height=\"{:.0}\" role=\"img\" aria-label=\"stage graph\">\
+        "<svg class=\"dag\" viewBox=\"0 0 {w:.0} {h:.0}\" width=\"{w:.0}\" height=\"{h:.0}\" style=\"max-width:100%;height:auto\" role=\"img\" aria-label=\"stage graph\">\
          <defs><marker id=\"arrow\" viewBox=\"0 0 10 10\" refX=\"10\" refY=\"5\" markerWidth=\"7\" markerHeight=\"7\" orient=\"auto-start-reverse\">\
          <path d=\"M0,0 L10,5 L0,10 z\" fill=\"#777\"/></marker></defs>\n",
-        width.max(40.0),
-        height.max(40.0)
+        w = width.max(40.0),
+        h = height.max(40.0)
     );
     let at = |id: &str| r.stages.iter().position(|s| s.id == id).map(|i| pos[i]);
     for [from, to] in &r.edges {
@@ -236,7 +236,7 @@ fn gantt_svg(r: &RunReport) -> String {
     for b in builds {
         let a = b.started_at.unwrap_or_default();
         bars.push(Bar {
-            label: format!("{} {}", b.kind, b.object),
+            label: b.object.clone(),
             start: a,
             end: a + b.seconds,
             colour: BUILD_COLOUR,
