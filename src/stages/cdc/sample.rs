@@ -57,21 +57,31 @@ impl Sampler {
             return;
         }
         self.next = Instant::now() + SAMPLE_EVERY;
-        let lag_bytes =
-            match tokio::time::timeout(SAMPLE_TIMEOUT, self.lag_bytes(g.applied, g.draining)).await
-            {
-                Ok(Ok(lag)) => lag,
-                Ok(Err(e)) => {
-                    self.failed(&format!("reading the source's WAL position: {e}"));
-                    None
-                }
-                Err(_) => {
+        let lag_bytes = match tokio::time::timeout(
+            SAMPLE_TIMEOUT,
+            self.lag_bytes(g.applied, g.draining),
+        )
+        .await
+        {
+            Ok(Ok(lag)) => lag,
+            Ok(Err(e)) => {
+                if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+                    // Ended by the server: the cutover's fence ends every session.
+                    tracing::debug!(database = %self.database, "cdc lag sample: the source session ended: {e}");
                     self.client = None;
                     self.connect_after = Instant::now() + RECONNECT_AFTER;
-                    self.failed("reading the source's WAL position timed out");
-                    None
+                } else {
+                    self.failed(&format!("reading the source's WAL position: {e}"));
                 }
-            };
+                None
+            }
+            Err(_) => {
+                self.client = None;
+                self.connect_after = Instant::now() + RECONNECT_AFTER;
+                self.failed("reading the source's WAL position timed out");
+                None
+            }
+        };
         let sample = LagSample {
             stage: self.stage.clone(),
             database: self.database.clone(),
