@@ -272,6 +272,13 @@ mod tests {
     }
 
     #[test]
+    fn levels_are_one_more_than_the_deepest_dependency() {
+        // 0 <- 1 <- 2, 0 <- 3, 4 after 2 and 3, 5 alone
+        let dag = Dag::new(&[vec![], vec![0], vec![1], vec![0], vec![3, 2], vec![]]);
+        assert_eq!(dag.levels(), vec![0, 1, 2, 1, 3, 0]);
+    }
+
+    #[test]
     fn names_cycles() {
         // a(0) after c(2), b(1) after a, c after b; d(3) after itself
         let dag = Dag::new(&[vec![2], vec![0], vec![1], vec![3]]);

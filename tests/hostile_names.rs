@@ -90,7 +90,7 @@ fn assert_same(sdb: &str, tdb: &str) {
     }
     assert_eq!(p.target.psql(tdb, "SELECT count(*) FROM public.y"), "1");
     let objects = "SELECT (SELECT string_agg(indexrelid::regclass::text, ',' ORDER BY indexrelid::regclass::text) FROM pg_index \
-                   WHERE indexrelid::regclass::text LIKE '%idx%'), \
+                   WHERE indexrelid::regclass::text LIKE '%idx%' AND indexrelid::regclass::text NOT LIKE 'pgferry.%'), \
                    (SELECT string_agg(conrelid::regclass::text || ' ' || pg_get_constraintdef(oid), ',' ORDER BY conname) \
                    FROM pg_constraint WHERE contype = 'f'), \
                    (SELECT string_agg(inhrelid::regclass::text || ' ' || pg_get_expr(c.relpartbound, c.oid), ',' ORDER BY c.relname) \

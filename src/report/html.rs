@@ -146,7 +146,7 @@ fn dag_svg(r: &RunReport) -> String {
             svg,
             "<g><title>{id} ({kind}): {state}</title><rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{W}\" height=\"{H}\" rx=\"6\" fill=\"{fill}\" stroke=\"#555\"/>\
              <text x=\"{tx:.1}\" y=\"{ty1:.1}\" font-size=\"13\" font-weight=\"600\">{id_short}</text>\
-             <text x=\"{tx:.1}\" y=\"{ty2:.1}\" font-size=\"11\" fill=\"#444\">{kind} &middot; {state}{secs}</text></g>",
+             <text x=\"{tx:.1}\" y=\"{ty2:.1}\" font-size=\"10\" fill=\"#444\">{kind} &middot; {state}{secs}</text></g>",
             id = escape(&s.id),
             id_short = escape(&truncate(&s.id, 22)),
             kind = escape(&s.kind),
@@ -271,11 +271,12 @@ fn gantt_svg(r: &RunReport) -> String {
     }
     for (i, b) in bars.iter().enumerate() {
         let y = 24.0 + i as f64 * ROW;
-        let w = (x(b.end) - x(b.start)).max(2.0);
+        // At least 4 px: a table copied in milliseconds still shows.
+        let w = (x(b.end) - x(b.start)).max(4.0);
         let _ = writeln!(
             svg,
             "<g><title>{full}: {secs:.2} s</title><text x=\"{lx:.1}\" y=\"{ty:.1}\" font-size=\"11\" text-anchor=\"end\">{label}</text>\
-             <rect x=\"{bx:.1}\" y=\"{y:.1}\" width=\"{w:.1}\" height=\"{h:.1}\" fill=\"{c}\"/></g>",
+             <rect x=\"{bx:.1}\" y=\"{y:.1}\" width=\"{w:.1}\" height=\"{h:.1}\" fill=\"{c}\" shape-rendering=\"crispEdges\"/></g>",
             full = escape(&b.label),
             label = escape(&truncate(&b.label, 40)),
             secs = b.end - b.start,
