@@ -159,6 +159,24 @@ pub enum Command {
         #[arg(long)]
         keep_target: bool,
     },
+    /// Show what runs did: stages, table copies, index builds, the cdc lag profile, the downtime and
+    /// the validation; with several kept reports (rehearsals) a side-by-side comparison.
+    Report {
+        #[command(flatten)]
+        plan: PlanArgs,
+        /// The run to show (default: the latest with a report).
+        #[arg(long, value_name = "N")]
+        run: Option<i64>,
+        /// Print the report as JSON instead.
+        #[arg(long)]
+        json: bool,
+        /// Also write one self-contained HTML page (DAG, timeline, lag curve, validation) to FILE.
+        #[arg(long, value_name = "FILE")]
+        html: Option<String>,
+        /// How many of the latest reports to compare.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+        compare: u32,
+    },
     /// Try an online migration end to end, with nothing to configure: two throwaway clusters from
     /// the installed PostgreSQL server binaries, a generated DVD-rental database, a writer, the
     /// bundled plan with an automatic cutover, and a summary. Set PGFERRY_PG_BINDIR to choose the

@@ -149,6 +149,21 @@ impl Dag {
         out
     }
 
+    /// Each node's topological level: 0 without dependencies, else one more than its deepest
+    /// dependency (how `pgferry report` lays the DAG out in columns).
+    pub fn levels(&self) -> Vec<usize> {
+        let mut level = vec![0; self.len()];
+        for i in self.order() {
+            level[i] = self
+                .deps(i)
+                .iter()
+                .map(|&d| level[d] + 1)
+                .max()
+                .unwrap_or(0);
+        }
+        level
+    }
+
     /// Graphviz DOT. `label(i)` names a node; `state(i)`, when given, colours it.
     pub fn to_dot(
         &self,
@@ -254,6 +269,13 @@ mod tests {
         assert_eq!(dag.ancestors(2), BTreeSet::from([0, 1]));
         assert_eq!(dag.descendants(0), BTreeSet::from([1, 2, 3]));
         assert!(dag.cycles().is_empty());
+    }
+
+    #[test]
+    fn levels_are_one_more_than_the_deepest_dependency() {
+        // 0 <- 1 <- 2, 0 <- 3, 4 after 2 and 3, 5 alone
+        let dag = Dag::new(&[vec![], vec![0], vec![1], vec![0], vec![3, 2], vec![]]);
+        assert_eq!(dag.levels(), vec![0, 1, 2, 1, 3, 0]);
     }
 
     #[test]

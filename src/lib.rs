@@ -13,6 +13,7 @@ pub mod executor;
 pub mod pg;
 pub mod plan;
 pub mod progress;
+pub mod report;
 pub mod secret;
 pub mod select;
 pub mod stages;

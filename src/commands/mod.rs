@@ -7,6 +7,7 @@ mod demo;
 mod graph;
 mod init;
 mod plan;
+mod report;
 mod reset;
 mod run;
 mod status;
@@ -69,6 +70,13 @@ pub async fn dispatch(cli: Cli) -> u8 {
             yes,
             keep_target,
         } => reset::run(&plan, yes, keep_target).await,
+        Command::Report {
+            plan,
+            run,
+            json,
+            html,
+            compare,
+        } => report::run(&plan, run, json, html.as_deref(), compare).await,
         Command::Init { path, force } => init::run(&path, force),
         Command::Demo {
             scale,

@@ -243,7 +243,24 @@ pub(crate) async fn execute(
     if let Err(e) = store.end_run(run_id, outcome).await {
         tracing::warn!("could not record the end of the run: {e}");
     }
+    keep_report(&plan, &store, run_id).await;
     code
+}
+
+/// Snapshots the run's report into the store (`pgferry report`). Never fails the run: a report
+/// that cannot be written is a warning.
+async fn keep_report(plan: &Plan, store: &PgStore, run_id: i64) {
+    let kept = async {
+        let report = crate::report::collect::collect(plan, store, run_id).await?;
+        let value = serde_json::to_value(&report)
+            .map_err(|e| crate::error::Error::permanent(format!("serializing the report: {e}")))?;
+        store.put_report(run_id, &report.mode, &value).await
+    };
+    if let Err(e) = kept.await {
+        tracing::warn!(
+            "could not keep the report of run {run_id} (`pgferry report` will assemble it from the store): {e}"
+        );
+    }
 }
 
 /// On a terminal, live bars (`crate::progress`) redrawn from the store's stage states and the

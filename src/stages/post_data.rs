@@ -334,6 +334,7 @@ impl PostData {
     ) -> Result<Outcome> {
         let cx = run.cx;
         let started = Instant::now();
+        let started_at = crate::state::Timestamp::now().0;
         let tracked = item.phase() != Phase::Other && item.phase() != Phase::Attach;
         let progress = |state: TableState, error: Option<String>| TableProgress {
             stage: cx.stage.clone(),
@@ -374,6 +375,7 @@ impl PostData {
                 "type": item.kind,
                 "object": item.label(),
                 "elapsed_ms": elapsed_ms,
+                "started_at": started_at,
                 "already_existed": outcome == Outcome::Existed,
             }),
         )

@@ -140,6 +140,26 @@ pub trait StateStore: Send + Sync {
     async fn upsert_table(&self, progress: &TableProgress) -> Result<()>;
     /// The recorded progress of a stage's tables (all stages when `None`).
     async fn tables(&self, stage: Option<&str>) -> Result<Vec<TableProgress>>;
+    /// Records one point of the cdc lag profile of the current run (for `pgferry report`).
+    async fn add_sample(&self, sample: &LagSample) -> Result<()>;
+}
+
+/// One point of a database's cdc lag profile, written every few seconds while cdc runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LagSample {
+    pub stage: String,
+    pub database: String,
+    /// Seconds since the epoch (the store's clock when read back).
+    pub at: f64,
+    /// Source WAL insert position minus the applied position; `None` when the source could not be
+    /// asked.
+    pub lag_bytes: Option<i64>,
+    /// Apply time minus source commit time of the last applied transaction.
+    pub latency_ms: Option<i64>,
+    /// Changes sent to the target and not yet committed there.
+    pub incoming: Option<i64>,
+    /// Changes applied by this stream so far.
+    pub applied: Option<i64>,
 }
 
 /// Where one table (or range, or object) of a stage is.

@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 use tokio_postgres::Client;
 
-use super::{StageRecord, StageState, StateStore, TableProgress, TableState, Timestamp};
+use super::{LagSample, StageRecord, StageState, StateStore, TableProgress, TableState, Timestamp};
 use crate::error::{Error, Result};
 use crate::pg::connect::ConnInfo;
 use crate::pg::ident::{quote_ident, quote_literal};
@@ -977,6 +977,149 @@ impl StateStore for PgStore {
             .await
             .map_err(|e| Error::pg(&e, "writing the run log"))?;
         Ok(())
+    }
+
+    async fn add_sample(&self, x: &LagSample) -> Result<()> {
+        let client = self.client().await?;
+        let sql = format!(
+            "INSERT INTO {} (migration, run_id, stage, database, at, lag_bytes, latency_ms, incoming, applied) \
+             VALUES ($1, $2, $3, $4, to_timestamp($5), $6, $7, $8, $9)",
+            self.t("samples")
+        );
+        let run = self.run.load(std::sync::atomic::Ordering::Relaxed);
+        client
+            .execute(
+                &sql,
+                &[
+                    &self.migration,
+                    &run,
+                    &x.stage,
+                    &x.database,
+                    &x.at,
+                    &x.lag_bytes,
+                    &x.latency_ms,
+                    &x.incoming,
+                    &x.applied,
+                ],
+            )
+            .await
+            .map_err(|e| Error::pg(&e, "recording a cdc lag sample"))?;
+        Ok(())
+    }
+}
+
+/// What `pgferry report` reads and keeps: runs with their mode, lag samples, checkpoints, reports.
+impl PgStore {
+    /// One run with its mode (`run` or `rehearsal`).
+    pub async fn run_with_mode(&self, id: i64) -> Result<Option<(RunRecord, String)>> {
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT id, extract(epoch FROM started_at)::float8, extract(epoch FROM ended_at)::float8, host, pid, outcome, args, mode \
+             FROM {} WHERE migration = $1 AND id = $2",
+            self.t("runs")
+        );
+        let row = client
+            .query_opt(&sql, &[&self.migration, &id])
+            .await
+            .map_err(|e| Error::pg(&e, "reading a run"))?;
+        Ok(row.map(|r| {
+            (
+                RunRecord {
+                    id: r.get(0),
+                    started_at: r.get::<_, Option<f64>>(1).map(Timestamp),
+                    ended_at: r.get::<_, Option<f64>>(2).map(Timestamp),
+                    host: r.get(3),
+                    pid: r.get(4),
+                    outcome: r.get(5),
+                    args: r.get(6),
+                },
+                r.get(7),
+            )
+        }))
+    }
+
+    /// The cdc lag samples of a run, oldest first.
+    pub async fn samples(&self, run: i64) -> Result<Vec<LagSample>> {
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT stage, database, extract(epoch FROM at)::float8, lag_bytes, latency_ms, incoming, applied \
+             FROM {} WHERE migration = $1 AND run_id = $2 ORDER BY at, database",
+            self.t("samples")
+        );
+        let rows = client
+            .query(&sql, &[&self.migration, &run])
+            .await
+            .map_err(|e| Error::pg(&e, "reading the cdc lag samples"))?;
+        Ok(rows
+            .iter()
+            .map(|r| LagSample {
+                stage: r.get(0),
+                database: r.get(1),
+                at: r.get(2),
+                lag_bytes: r.get(3),
+                latency_ms: r.get(4),
+                incoming: r.get(5),
+                applied: r.get(6),
+            })
+            .collect())
+    }
+
+    /// Every checkpoint of a stage: `(key, value, updated at)`, by key.
+    pub async fn checkpoints(
+        &self,
+        stage: &str,
+    ) -> Result<Vec<(String, serde_json::Value, Timestamp)>> {
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT key, value, extract(epoch FROM updated_at)::float8 FROM {} \
+             WHERE migration = $1 AND stage = $2 ORDER BY key",
+            self.t("checkpoints")
+        );
+        let rows = client
+            .query(&sql, &[&self.migration, &stage])
+            .await
+            .map_err(|e| Error::pg(&e, format!("reading the checkpoints of stage `{stage}`")))?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), Timestamp(r.get(2))))
+            .collect())
+    }
+
+    /// Keeps a run's report (replacing an earlier one of the same run).
+    pub async fn put_report(&self, run: i64, mode: &str, report: &serde_json::Value) -> Result<()> {
+        let client = self.client().await?;
+        let sql = format!(
+            "INSERT INTO {} (migration, run_id, mode, report) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (migration, run_id) DO UPDATE SET mode = excluded.mode, report = excluded.report, created_at = now()",
+            self.t("reports")
+        );
+        client
+            .execute(&sql, &[&self.migration, &run, &mode, report])
+            .await
+            .map_err(|e| Error::pg(&e, "keeping the run report"))?;
+        Ok(())
+    }
+
+    /// Kept reports, newest run first: `(run id, mode, report)`; only `run` when given.
+    pub async fn reports(
+        &self,
+        run: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<(i64, String, serde_json::Value)>> {
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT run_id, mode, report FROM {} WHERE migration = $1 AND ($2::int8 IS NULL OR run_id = $2) \
+             ORDER BY run_id DESC LIMIT $3",
+            self.t("reports")
+        );
+        let rows = client
+            .query(&sql, &[&self.migration, &run, &limit])
+            .await
+            .map_err(|e| Error::pg(&e, "reading the kept run reports"))?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
     }
 }
 

@@ -37,10 +37,11 @@
 
 pub mod apply;
 pub mod changeset;
+mod sample;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
@@ -168,6 +169,9 @@ struct DbStream<'a> {
     /// How often the source hears from us at least: a quarter of its `wal_sender_timeout`, at
     /// most [`STATUS_EVERY`].
     status_every: Duration,
+    /// For the lag profile: the latency of the last commit, the changes applied by this stream.
+    latency_ms: AtomicI64,
+    applied_changes: AtomicI64,
 }
 
 /// Parses a `SHOW wal_sender_timeout` value (`60s`, `1min`, `500ms`, `0` = disabled).
@@ -222,6 +226,8 @@ impl<'a> DbStream<'a> {
             batch_changes,
             batch_delay,
             status_every: STATUS_EVERY,
+            latency_ms: AtomicI64::new(0),
+            applied_changes: AtomicI64::new(0),
         }
     }
 
@@ -383,6 +389,8 @@ impl<'a> DbStream<'a> {
             let mut last_drain_check = Instant::now() - DRAIN_CHECK_EVERY;
             let sleep = tokio::time::sleep(DRAIN_CHECK_EVERY);
             tokio::pin!(sleep);
+            let mut sampler =
+                sample::Sampler::new(self.env.source_for(self.db), &self.cx.stage, &self.db.name);
             loop {
                 if last_drain_check.elapsed() >= DRAIN_CHECK_EVERY {
                     last_drain_check = Instant::now();
@@ -407,6 +415,14 @@ impl<'a> DbStream<'a> {
                             .await?;
                         reported_incoming = incoming;
                     }
+                    let gauges = sample::Gauges {
+                        applied: st.applied,
+                        latency_ms: self.latency_ms.load(Ordering::Relaxed),
+                        incoming,
+                        applied_changes: self.applied_changes.load(Ordering::Relaxed),
+                        draining: drain.is_some(),
+                    };
+                    sampler.tick(self.cx.store.as_ref(), &gauges).await;
                     let was = hold;
                     hold = self.pending_hold().await?;
                     if hold.is_some() && hold != was {
@@ -494,6 +510,7 @@ impl<'a> DbStream<'a> {
                                         self.cx.store.advance_position(&applied_position(&self.db.name), &st.applied.to_string()).await?;
                                         // Caught up with nothing to apply: no latency.
                                         self.cx.store.set_counters(&[(self.db.name.clone(), "cdcLatencyMs".into(), 0)]).await?;
+                                        self.latency_ms.store(0, Ordering::Relaxed);
                                     }
                                     if !st.ready && k.wal_end >= ready_at {
                                         st.ready = true;
@@ -774,6 +791,7 @@ impl<'a> DbStream<'a> {
             deltas.push((scope, "totalChangesApplied".into(), c.iter().sum()));
         }
         let sum: i64 = totals.iter().sum();
+        self.applied_changes.fetch_add(sum, Ordering::Relaxed);
         if sum > 0 {
             for (i, name) in NAMES.iter().enumerate() {
                 if totals[i] != 0 {
@@ -788,6 +806,7 @@ impl<'a> DbStream<'a> {
                 .duration_since(pg_time_to_system(st.batch_commit_time))
                 .map(|d| d.as_millis() as i64)
                 .unwrap_or(0);
+            self.latency_ms.store(latency, Ordering::Relaxed);
             store
                 .set_counters(&[(db.clone(), "cdcLatencyMs".into(), latency)])
                 .await?;

@@ -1,0 +1,278 @@
+//! The report for a terminal: one run in detail, then, when several reports are kept, the
+//! comparison table.
+
+use std::fmt::Write as _;
+
+use super::compare;
+use super::model::RunReport;
+use crate::plan::units::human_bytes;
+use crate::state::Timestamp;
+
+/// Control characters of names (a table may be called anything) shown as `?`.
+fn clean(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+fn time(t: Option<f64>) -> String {
+    t.map_or("-".into(), |t| Timestamp(t).rfc3339())
+}
+
+fn secs(s: Option<f64>) -> String {
+    s.map_or("-".into(), |s| format!("{s:.1}"))
+}
+
+/// Left-aligned columns, two spaces apart, indented by two.
+fn table(out: &mut String, header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(c.chars().count());
+            }
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut l = String::from(" ");
+        for (i, c) in cells.iter().enumerate() {
+            let w = widths.get(i).copied().unwrap_or(0);
+            let _ = write!(l, " {c:<w$} ");
+        }
+        l.trim_end().to_string()
+    };
+    let _ = writeln!(
+        out,
+        "{}",
+        line(header.iter().map(|h| h.to_string()).collect())
+    );
+    for r in rows {
+        let _ = writeln!(out, "{}", line(r.clone()));
+    }
+}
+
+/// One run in detail.
+pub fn render(r: &RunReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "run {} ({}) of migration `{}`: {}, {} -> {}, {} s",
+        r.run_id,
+        r.mode,
+        clean(&r.migration),
+        r.outcome.as_deref().unwrap_or("running"),
+        time(r.started_at),
+        time(r.ended_at),
+        secs(r.seconds)
+    );
+
+    let _ = writeln!(out, "\nstages");
+    let rows: Vec<Vec<String>> = r
+        .stages
+        .iter()
+        .map(|s| {
+            vec![
+                clean(&s.id),
+                s.kind.clone(),
+                if s.this_run || s.state == "not_run" {
+                    s.state.clone()
+                } else {
+                    format!("{} (earlier run)", s.state)
+                },
+                s.attempts.to_string(),
+                time(s.started_at),
+                secs(s.seconds),
+            ]
+        })
+        .collect();
+    table(
+        &mut out,
+        &["STAGE", "KIND", "STATE", "ATTEMPTS", "STARTED", "SECONDS"],
+        &rows,
+    );
+    for s in r.stages.iter().filter(|s| s.error.is_some()) {
+        let _ = writeln!(
+            out,
+            "  {} failed: {}",
+            clean(&s.id),
+            clean(s.error.as_deref().unwrap_or_default())
+        );
+    }
+
+    if !r.tables.is_empty() {
+        let (rows_total, bytes, mbps) = r.copy_totals();
+        let _ = writeln!(
+            out,
+            "\ntables copied: {} table(s), {rows_total} rows, {}{}",
+            r.tables.len(),
+            human_bytes(bytes.max(0) as u64),
+            mbps.map_or(String::new(), |m| format!(", {m:.1} MB/s overall"))
+        );
+        let rows: Vec<Vec<String>> = r
+            .tables
+            .iter()
+            .map(|t| {
+                vec![
+                    clean(&t.database),
+                    clean(&t.table),
+                    t.state.clone(),
+                    t.rows.to_string(),
+                    human_bytes(t.bytes.max(0) as u64),
+                    secs(t.seconds),
+                    t.rows_per_second.map_or("-".into(), |v| format!("{v:.0}")),
+                    t.mb_per_second.map_or("-".into(), |v| format!("{v:.1}")),
+                ]
+            })
+            .collect();
+        table(
+            &mut out,
+            &[
+                "DATABASE", "TABLE", "STATE", "ROWS", "SIZE", "SECONDS", "ROWS/S", "MB/S",
+            ],
+            &rows,
+        );
+    }
+
+    if !r.builds.is_empty() {
+        let total: f64 = r.builds.iter().map(|b| b.seconds).sum();
+        let _ = writeln!(
+            out,
+            "\nindexes, constraints and other post-data objects: {} ({total:.1} s of build time)",
+            r.builds.len()
+        );
+        let mut builds: Vec<_> = r.builds.iter().collect();
+        builds.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+        let rows: Vec<Vec<String>> = builds
+            .iter()
+            .take(15)
+            .map(|b| {
+                vec![
+                    clean(&b.database),
+                    clean(&b.kind),
+                    clean(&b.object),
+                    format!("{:.2}", b.seconds),
+                    if b.already_existed { "existed" } else { "" }.into(),
+                ]
+            })
+            .collect();
+        table(
+            &mut out,
+            &["DATABASE", "TYPE", "OBJECT", "SECONDS", ""],
+            &rows,
+        );
+        if builds.len() > 15 {
+            let _ = writeln!(
+                out,
+                "  ... and {} more (the 15 longest shown)",
+                builds.len() - 15
+            );
+        }
+    }
+
+    if let Some(c) = &r.cdc {
+        let _ = writeln!(
+            out,
+            "\ncdc ({}): {} change(s) applied",
+            clean(&c.stage),
+            c.applied_changes
+        );
+        for (db, counters) in &c.counters {
+            let get = |n: &str| counters.get(n).copied().unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "  {}: {} inserts, {} updates, {} deletes",
+                clean(db),
+                get("cdcInsertCounter"),
+                get("cdcUpdateCounter"),
+                get("cdcDeleteCounter")
+            );
+        }
+        let bytes = |v: Option<i64>| v.map_or("-".into(), |v| human_bytes(v.max(0) as u64));
+        let ms = |v: Option<i64>| v.map_or("-".into(), |v| format!("{v} ms"));
+        let _ = writeln!(
+            out,
+            "  lag profile: {} sample(s); lag max {}, p95 {}; latency max {}, p95 {}",
+            c.samples.len(),
+            bytes(c.max_lag_bytes),
+            bytes(c.p95_lag_bytes),
+            ms(c.max_latency_ms),
+            ms(c.p95_latency_ms)
+        );
+    }
+
+    for c in &r.cutover {
+        let what = match (c.downtime_seconds, c.simulated_downtime_seconds) {
+            (Some(d), _) => format!("write downtime {d:.2} s"),
+            (None, Some(d)) => format!("simulated write downtime {d:.2} s (rehearsal)"),
+            _ => "no downtime recorded".into(),
+        };
+        let _ = writeln!(
+            out,
+            "\ncutover ({}) of {}: {what}{}{}",
+            clean(&c.stage),
+            clean(&c.database),
+            c.lsn
+                .as_deref()
+                .map_or(String::new(), |l| format!(", at {l}")),
+            match c.fenced {
+                Some(true) => ", source fenced",
+                Some(false) => ", no fence",
+                None => "",
+            }
+        );
+        if !c.resync.is_null() {
+            let _ = writeln!(
+                out,
+                "  resync after the fence: {}",
+                clean(&c.resync.to_string())
+            );
+        }
+    }
+
+    match &r.validation {
+        Some(v) => {
+            let _ = writeln!(
+                out,
+                "\nvalidation ({}, {} mode, finished {}): {}",
+                clean(&v.stage),
+                v.mode,
+                v.finished_at,
+                if v.clean { "CLEAN" } else { "DIFFERENCES" }
+            );
+            for l in v.summary.lines() {
+                let _ = writeln!(out, "  {}", clean(l));
+            }
+        }
+        None => {
+            let _ = writeln!(out, "\nvalidation: none recorded");
+        }
+    }
+    out
+}
+
+/// The comparison of several reports (oldest first), with the change of the newest.
+pub fn render_comparison(reports: &[RunReport]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "comparison of the last {} runs (change: newest minus the one before)",
+        reports.len()
+    );
+    let mut header: Vec<String> = vec!["MEASURE".into()];
+    for r in reports {
+        header.push(format!("RUN {} ({})", r.run_id, r.mode));
+    }
+    header.push("CHANGE".into());
+    let rows: Vec<Vec<String>> = compare::rows(reports)
+        .iter()
+        .map(|row| {
+            let mut cells = vec![clean(&row.label)];
+            cells.extend(row.values.iter().map(|v| compare::format(row.unit, *v)));
+            cells.push(compare::format_delta(row.unit, row.delta()));
+            cells
+        })
+        .collect();
+    let header: Vec<&str> = header.iter().map(String::as_str).collect();
+    table(&mut out, &header, &rows);
+    out
+}
