@@ -432,6 +432,52 @@ fn rehearsal_reset_and_rehearse_again() {
     );
     eprintln!("first rehearsal {first:.1?}, second {second:.1?}");
 
+    // `report` compares the two real rehearsals side by side (kept across the reset), with the
+    // simulated downtime of each.
+    store_sql(
+        &t,
+        "DELETE FROM pgferry.reports WHERE migration = 'reh_main' AND run_id = 999999",
+    );
+    let ids: Vec<String> = store_sql(
+        &t,
+        "SELECT run_id FROM pgferry.reports WHERE migration = 'reh_main' AND mode = 'rehearsal' ORDER BY run_id",
+    )
+    .lines()
+    .map(str::to_string)
+    .collect();
+    assert!(ids.len() >= 2, "a report kept per rehearsal: {ids:?}");
+    let out = plan.run(&["report"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("comparison of the last"), "{}", show(&out));
+    for id in &ids[ids.len() - 2..] {
+        assert!(
+            text.contains(&format!("RUN {id} (rehearsal)")),
+            "run {id} missing from the comparison: {}",
+            show(&out)
+        );
+    }
+    assert!(
+        text.contains("simulated write downtime"),
+        "{}",
+        show(&out)
+    );
+    // `plan` now estimates from the newest real rehearsal.
+    let newest = ids.last().cloned().unwrap_or_default();
+    let out = plan.run(&["plan"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("estimates from the latest rehearsal (run {newest}")),
+        "{}",
+        show(&out)
+    );
+    assert!(
+        text.contains("write downtime of the real run: ~"),
+        "{}",
+        show(&out)
+    );
+
     // Reset again, so the cluster is left clean.
     let out = plan.run(&["reset", "--yes"]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
