@@ -201,4 +201,12 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Print the plan's JSON Schema (what editors use to complete plans), or with --markdown the
+    /// plan reference generated from it (docs/plan-reference.md).
+    #[command(hide = true)]
+    Schema {
+        /// The plan reference in Markdown instead of the JSON Schema.
+        #[arg(long)]
+        markdown: bool,
+    },
 }

@@ -457,18 +457,16 @@ fn rehearsal_reset_and_rehearse_again() {
             show(&out)
         );
     }
-    assert!(
-        text.contains("simulated write downtime"),
-        "{}",
-        show(&out)
-    );
+    assert!(text.contains("simulated write downtime"), "{}", show(&out));
     // `plan` now estimates from the newest real rehearsal.
     let newest = ids.last().cloned().unwrap_or_default();
     let out = plan.run(&["plan"]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains(&format!("estimates from the latest rehearsal (run {newest}")),
+        text.contains(&format!(
+            "estimates from the latest rehearsal (run {newest}"
+        )),
         "{}",
         show(&out)
     );
@@ -558,4 +556,51 @@ fn reset_refuses_a_target_database_pgferry_did_not_create() {
     );
     let out = plan.run(&["reset", "--yes", "--keep-target"]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+}
+
+/// After a real cutover the target databases are the migrated ones: `reset` refuses to drop them
+/// (changing nothing), and `--keep-target` drops only the source side and the checkpoints.
+#[test]
+fn reset_never_drops_a_target_that_went_through_a_real_cutover() {
+    let p = pair();
+    let s = p.source.fresh_database("reh_real_src");
+    let t = new_target_name("reh_real_tgt");
+    p.source.psql(&s, SETUP);
+    let stages = "[stages.schema]\nkind = \"schema_dump\"\n\n\
+        [stages.provision]\nkind = \"provision\"\nafter = [\"schema\"]\n\n\
+        [stages.load]\nkind = \"full_load\"\nafter = [\"provision\"]\n\n\
+        [stages.cdc]\nkind = \"cdc\"\nafter = [\"load\"]\n\n\
+        [stages.cutover]\nkind = \"cutover\"\nafter = [\"cdc\"]\napproval = \"auto\"\nquiet_for = \"0s\"\n";
+    let plan = TestPlan::new(p, "reh_real", &s, &t, stages);
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(
+        row_digest(&p.source, &s, "public.items"),
+        row_digest(&p.target, &t, "public.items")
+    );
+    let out = plan.run(&["reset", "--yes"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("went through a real cutover") && err.contains("--keep-target"),
+        "{}",
+        show(&out)
+    );
+    // Nothing changed: the target and its data, the slot.
+    assert_eq!(store_sql(&t, "SELECT count(*) FROM public.items"), "5000");
+    let slots = || {
+        p.source.psql(
+            &s,
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE '%reh_real%'",
+        )
+    };
+    assert_eq!(slots(), "1");
+    p.source.psql(
+        "postgres",
+        &format!("ALTER DATABASE \"{s}\" RESET default_transaction_read_only"),
+    );
+    let out = plan.run(&["reset", "--yes", "--keep-target"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(slots(), "0");
+    assert_eq!(store_sql(&t, "SELECT count(*) FROM public.items"), "5000");
 }

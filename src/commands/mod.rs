@@ -78,11 +78,32 @@ pub async fn dispatch(cli: Cli) -> u8 {
             compare,
         } => report::run(&plan, run, json, html.as_deref(), compare).await,
         Command::Init { path, force } => init::run(&path, force),
+        Command::Schema { markdown } => schema(markdown),
         Command::Demo {
             scale,
             keep,
             port_base,
         } => demo::run(scale, keep, port_base).await,
+    }
+}
+
+/// `pgferry schema [--markdown]` (hidden): the embedded JSON Schema, or the plan reference.
+fn schema(markdown: bool) -> u8 {
+    if !markdown {
+        print!("{}", crate::plan::schema::SCHEMA_TEXT);
+        return EXIT_OK;
+    }
+    match crate::plan::reference::markdown() {
+        Ok(text) => {
+            print!("{text}");
+            EXIT_OK
+        }
+        Err(e) => {
+            eprintln!(
+                "error: cannot generate the plan reference: {e}\n  hint: fix schemas/plan.schema.json and rebuild"
+            );
+            EXIT_FAILED
+        }
     }
 }
 

@@ -200,8 +200,10 @@ async fn target_drops(plan: &Plan, env: &Env, store: Option<&PgStore>) -> Result
         )
     });
     let provision = plan.stages.iter().filter(|s| s.kind == "provision");
+    let cutovers = plan.stages.iter().filter(|s| s.kind == "cutover");
     let mut out = Vec::new();
     let mut refused = Vec::new();
+    let mut cut_over = Vec::new();
     for db in &plan.databases {
         let exists: bool = admin
             .query_one(
@@ -234,6 +236,25 @@ async fn target_drops(plan: &Plan, env: &Env, store: Option<&PgStore>) -> Result
             refused.push(db.target.clone());
             continue;
         }
+        // A real cutover (started or done) made this database the migrated one: never dropped.
+        if let Some(store) = store {
+            let mut real = false;
+            for stage in cutovers.clone() {
+                for key in [
+                    format!("database:{}", db.name),
+                    crate::stages::cdc::drain_key(&db.name),
+                ] {
+                    if let Some(v) = store.checkpoint(&stage.id, &key).await? {
+                        real |=
+                            v.get("rehearsal").and_then(serde_json::Value::as_bool) != Some(true);
+                    }
+                }
+            }
+            if real {
+                cut_over.push(db.target.clone());
+                continue;
+            }
+        }
         let hosts_store = store_home
             .as_ref()
             .is_some_and(|(server, name)| *server == target_server && *name == db.target);
@@ -241,6 +262,16 @@ async fn target_drops(plan: &Plan, env: &Env, store: Option<&PgStore>) -> Result
             database: db.target.clone(),
             hosts_store,
         });
+    }
+    if !cut_over.is_empty() {
+        return Err(Error::permanent(format!(
+            "target database(s) {} went through a real cutover (not a rehearsal): they are the migrated databases now, and reset does not drop them; nothing was changed",
+            cut_over.join(", ")
+        ))
+        .hint(format!(
+            "`pgferry reset {} --keep-target` drops only the slot, publication and checkpoints; drop a target database by hand if you really mean to",
+            plan.path
+        )));
     }
     if !refused.is_empty() {
         return Err(Error::permanent(format!(

@@ -4,6 +4,7 @@
 pub mod compile;
 pub mod diagnostic;
 pub mod raw;
+pub mod reference;
 pub mod schema;
 pub mod source;
 pub mod template;
