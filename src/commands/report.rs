@@ -84,10 +84,11 @@ async fn gather(
     run: Option<i64>,
     compare: u32,
 ) -> Result<Vec<RunReport>, Error> {
-    let kept = store.reports(None, 200).await?;
+    let kept = store.reports(None, None, 200).await?;
     let mut parsed: Vec<RunReport> = Vec::new();
-    for (id, _mode, value) in kept {
-        match serde_json::from_value::<RunReport>(value) {
+    for k in kept {
+        let id = k.run_id;
+        match serde_json::from_value::<RunReport>(k.report) {
             Ok(r) => parsed.push(r),
             Err(e) => tracing::warn!(
                 "the kept report of run {id} cannot be read by this version, left out: {e}"

@@ -141,6 +141,15 @@ const MODE_KEY: &str = "mode";
 /// What `reset` keeps of a migration.
 const KEPT_TABLES: &[&str] = &["runs", "reports", "samples"];
 
+/// A run report kept in the store.
+#[derive(Debug, Clone)]
+pub struct KeptReport {
+    pub run_id: i64,
+    pub mode: String,
+    pub created_at: Timestamp,
+    pub report: serde_json::Value,
+}
+
 /// The store of one migration.
 pub struct PgStore {
     conn: ConnInfo,
@@ -279,25 +288,12 @@ impl PgStore {
         &self,
         mode: &str,
     ) -> Result<Option<(i64, Timestamp, serde_json::Value)>> {
-        let client = self.client().await?;
-        let present: bool = client
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&self.t("reports")])
-            .await
-            .map_err(|e| Error::pg(&e, "reading the checkpoint store"))?
-            .get(0);
-        if !present {
-            return Ok(None);
-        }
-        let sql = format!(
-            "SELECT run_id, extract(epoch FROM created_at)::float8, report FROM {} \
-              WHERE migration = $1 AND mode = $2 ORDER BY created_at DESC, run_id DESC LIMIT 1",
-            self.t("reports")
-        );
-        let row = client
-            .query_opt(&sql, &[&self.migration, &mode])
-            .await
-            .map_err(|e| Error::pg(&e, "reading the stored reports"))?;
-        Ok(row.map(|r| (r.get(0), Timestamp(r.get(1)), r.get(2))))
+        Ok(self
+            .reports(None, Some(mode), 1)
+            .await?
+            .into_iter()
+            .next()
+            .map(|r| (r.run_id, r.created_at, r.report)))
     }
 
     /// What `reset` keeps of this migration (runs, reports, cdc lag samples), as JSON rows.
@@ -1100,25 +1096,41 @@ impl PgStore {
         Ok(())
     }
 
-    /// Kept reports, newest run first: `(run id, mode, report)`; only `run` when given.
+    /// Kept reports, newest first; only run `run` and runs of `mode` when given. None from a
+    /// store older than the reports table (read-only commands do not upgrade it).
     pub async fn reports(
         &self,
         run: Option<i64>,
+        mode: Option<&str>,
         limit: i64,
-    ) -> Result<Vec<(i64, String, serde_json::Value)>> {
+    ) -> Result<Vec<KeptReport>> {
         let client = self.client().await?;
+        let present: bool = client
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&self.t("reports")])
+            .await
+            .map_err(|e| Error::pg(&e, "reading the checkpoint store"))?
+            .get(0);
+        if !present {
+            return Ok(Vec::new());
+        }
         let sql = format!(
-            "SELECT run_id, mode, report FROM {} WHERE migration = $1 AND ($2::int8 IS NULL OR run_id = $2) \
-             ORDER BY run_id DESC LIMIT $3",
+            "SELECT run_id, mode, extract(epoch FROM created_at)::float8, report FROM {} \
+              WHERE migration = $1 AND ($2::int8 IS NULL OR run_id = $2) AND ($3::text IS NULL OR mode = $3) \
+              ORDER BY created_at DESC, run_id DESC LIMIT $4",
             self.t("reports")
         );
         let rows = client
-            .query(&sql, &[&self.migration, &run, &limit])
+            .query(&sql, &[&self.migration, &run, &mode, &limit])
             .await
             .map_err(|e| Error::pg(&e, "reading the kept run reports"))?;
         Ok(rows
             .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .map(|r| KeptReport {
+                run_id: r.get(0),
+                mode: r.get(1),
+                created_at: Timestamp(r.get(2)),
+                report: r.get(3),
+            })
             .collect())
     }
 }

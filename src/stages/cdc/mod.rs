@@ -494,15 +494,7 @@ impl<'a> DbStream<'a> {
                                         self.flush(&mut ap, &mut st).await?;
                                     }
                                     // Everything committed before the hold has been sent.
-                                    let mut held = false;
-                                    while let Some(at) = hold && k.wal_end >= at {
-                                        hold = self.hold(&mut ap, &mut repl, &mut st, at).await?;
-                                        held = true;
-                                    }
-                                    if held {
-                                        // A rehearsal's cutover sets the drain target while cdc holds.
-                                        drain = self.drain_target().await?.or(drain);
-                                    }
+                                    self.holds_before(&mut ap, &mut repl, &mut st, &mut hold, &mut drain, k.wal_end).await?;
                                     // Nothing pending: everything up to the server's position is applied.
                                     if k.wal_end > st.applied {
                                         ap.advance_idle(k.wal_end).await?;
@@ -525,14 +517,7 @@ impl<'a> DbStream<'a> {
                             }
                             ReplicationMessage::XLogData(x) => {
                                 if let PgOutputMessage::Begin(b) = &x.data {
-                                    let mut held = false;
-                                    while let Some(at) = hold && b.final_lsn >= at {
-                                        hold = self.hold(&mut ap, &mut repl, &mut st, at).await?;
-                                        held = true;
-                                    }
-                                    if held {
-                                        drain = self.drain_target().await?.or(drain);
-                                    }
+                                    self.holds_before(&mut ap, &mut repl, &mut st, &mut hold, &mut drain, b.final_lsn).await?;
                                     // Drained: everything committed before the target is applied. In a
                                     // rehearsal the source keeps writing: stop before what came later.
                                     if let Some(target) = drain && b.final_lsn >= target {
@@ -565,6 +550,31 @@ impl<'a> DbStream<'a> {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Holds for every validation hold at or before `pos` (see [`DbStream::hold`]). After a hold
+    /// the drain target is read again: a rehearsal's cutover sets it while cdc holds.
+    #[allow(clippy::too_many_arguments)]
+    async fn holds_before(
+        &self,
+        ap: &mut Applier,
+        repl: &mut ReplicationClient,
+        st: &mut Loop,
+        hold: &mut Option<Lsn>,
+        drain: &mut Option<Lsn>,
+        pos: Lsn,
+    ) -> Result<()> {
+        let mut held = false;
+        while let Some(at) = *hold
+            && pos >= at
+        {
+            *hold = self.hold(ap, repl, st, at).await?;
+            held = true;
+        }
+        if held {
+            *drain = self.drain_target().await?.or(*drain);
+        }
+        Ok(())
     }
 
     /// Ends the apply at a drain target, before a transaction committed at or after it: what is
