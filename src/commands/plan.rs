@@ -159,7 +159,13 @@ pub async fn run(args: &PlanArgs) -> u8 {
             let _ = writeln!(out, "  PostgreSQL {} -> {}", s.version, t.version);
         }
         if !r.tables.is_empty() {
-            let rows: i64 = r.tables.iter().map(|t| t.estimated_rows).sum();
+            // A partitioned table's estimate is the sum of its partitions': count the leaves only.
+            let rows: i64 = r
+                .tables
+                .iter()
+                .filter(|t| t.kind != "p")
+                .map(|t| t.estimated_rows)
+                .sum();
             let bytes: i64 = r.tables.iter().map(|t| t.total_bytes).sum();
             let _ = writeln!(
                 out,
