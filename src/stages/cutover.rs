@@ -100,8 +100,7 @@ impl Cutover {
                 db.name,
                 humantime::format_duration(o.max_lag)
             );
-            tracing::info!("{msg}");
-            cx.store.event(Some(&cx.stage), "info", &msg).await?;
+            announce(cx, &msg).await?;
         } else if o.manual {
             let plan = &self.env.plan;
             let conn = ConnInfo::new(&plan.state.endpoint, plan.state.database.as_deref())
@@ -175,8 +174,7 @@ impl Cutover {
                             .unwrap_or_else(|| "not yet started, so everything is".into()),
                         humantime::format_duration(o.max_lag)
                     );
-                    tracing::info!("{msg}");
-                    cx.store.event(Some(&cx.stage), "info", &msg).await?;
+                    announce(cx, &msg).await?;
                     last_said = Some(Instant::now());
                 }
             }
@@ -376,12 +374,9 @@ impl Cutover {
             "rehearsal: simulated fence of {} at {target}; the source stays writable, cdc drains to that position",
             db.name
         );
-        tracing::info!("{msg}");
-        cx.store.event(Some(&cx.stage), "info", &msg).await?;
+        announce(cx, &msg).await?;
         self.wait_drained(cx, db, o, target).await?;
-        let resync = super::unreplicated::resync(&self.env, db, &cx.cancel)
-            .await
-            .map_err(|e| e.context("copying what logical replication does not carry"))?;
+        let resync = self.resync(cx, db).await?;
         let downtime = fenced_at.elapsed();
         let msg = format!(
             "rehearsal of the cutover of {} -> {} done at {target}; simulated write downtime {:.1}s (the source was not fenced)",
@@ -389,8 +384,7 @@ impl Cutover {
             db.target,
             downtime.as_secs_f64()
         );
-        tracing::info!("{msg}");
-        cx.store.event(Some(&cx.stage), "info", &msg).await?;
+        announce(cx, &msg).await?;
         Ok(serde_json::json!({
             "lsn": target.to_string(),
             "rehearsal": true,
@@ -398,6 +392,18 @@ impl Cutover {
             "fenced": false,
             "resync": resync,
         }))
+    }
+
+    /// Copies again what logical replication does not carry (unlogged tables, large objects,
+    /// materialized views), after the drain.
+    async fn resync(
+        &self,
+        cx: &StageContext,
+        db: &Database,
+    ) -> Result<super::unreplicated::Resync> {
+        super::unreplicated::resync(&self.env, db, &cx.cancel)
+            .await
+            .map_err(|e| e.context("copying what logical replication does not carry"))
     }
 
     /// Takes the drain target of a rehearsal: with cdc held (so it cannot apply past the target
@@ -529,9 +535,7 @@ impl Cutover {
         }
         let fenced = async {
             let lsn = self.fenced_part(cx, db, o, &source).await?;
-            let resync = super::unreplicated::resync(&self.env, db, &cx.cancel)
-                .await
-                .map_err(|e| e.context("copying what logical replication does not carry"))?;
+            let resync = self.resync(cx, db).await?;
             Ok::<_, Error>((lsn, resync))
         };
         match fenced.await {
@@ -543,8 +547,7 @@ impl Cutover {
                     db.target,
                     downtime.as_secs_f64()
                 );
-                tracing::info!("{msg}");
-                cx.store.event(Some(&cx.stage), "info", &msg).await?;
+                announce(cx, &msg).await?;
                 Ok(serde_json::json!({
                     "lsn": lsn.to_string(),
                     "downtime_seconds": downtime.as_secs_f64(),
@@ -630,4 +633,10 @@ impl Stage for Cutover {
         }
         Ok(())
     }
+}
+
+/// Says `msg` in the log and in the run's events.
+async fn announce(cx: &StageContext, msg: &str) -> Result<()> {
+    tracing::info!("{msg}");
+    cx.store.event(Some(&cx.stage), "info", msg).await
 }
