@@ -253,6 +253,15 @@ fn terminated_apply_and_walsender_sessions_are_retried() {
         assert_running(&mut child);
         applying_for(&plan, 200)
     });
+    // The first stream's walsender, to tell the reopened one from it (the old one may still be
+    // exiting when the retried stage connects).
+    let first_walsender = p.source.psql(
+        "postgres",
+        &format!(
+            "SELECT coalesce(string_agg(pid::text, ','), '0') FROM pg_stat_activity WHERE datname = '{}' AND backend_type = 'walsender'",
+            plan.source_db
+        ),
+    );
     let killed = p.target.psql(
         "postgres",
         &format!(
@@ -262,19 +271,18 @@ fn terminated_apply_and_walsender_sessions_are_retried() {
     );
     assert_eq!(killed, "1");
     // And the stream: the walsender on the source, once the retried stage has reopened it.
-    let walsenders = format!(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND backend_type = 'walsender'",
+    let reopened = format!(
+        "FROM pg_stat_activity WHERE datname = '{}' AND backend_type = 'walsender' AND pid NOT IN ({first_walsender})",
         plan.source_db
     );
     wait_for("the stream to be reopened", TIMEOUT, || {
-        p.source.psql("postgres", &walsenders) == "1"
+        p.source
+            .psql("postgres", &format!("SELECT count(*) {reopened}"))
+            == "1"
     });
     let killed = p.source.psql(
         "postgres",
-        &format!(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = '{}' AND backend_type = 'walsender'",
-            plan.source_db
-        ),
+        &format!("SELECT count(pg_terminate_backend(pid)) {reopened}"),
     );
     assert_eq!(killed, "1");
     p.source
