@@ -16,7 +16,7 @@ use std::process::{Child, Output};
 use std::sync::{OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
-use support::{Cluster, Pair, TestPlan, row_digest, show, wait_for};
+use support::{Cluster, Gate, Pair, TestPlan, row_digest, show, wait_for};
 
 const TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -155,20 +155,20 @@ fn cut_over(plan: &TestPlan, child: Child) -> Output {
     out
 }
 
-/// Whether the cdc apply session is inside a target transaction that began over `ms` ago.
-fn applying_for(plan: &TestPlan, ms: u32) -> bool {
-    fpair().target.psql(
-        "postgres",
-        &format!(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND application_name = 'pgferry cdc apply' \
-             AND xact_start < now() - interval '{ms} ms'",
-            plan.target_db
-        ),
-    ) != "0"
+/// The cdc apply session's `application_name`.
+const APPLY: &str = "pgferry cdc apply";
+
+/// Closes a gate on the target's `public.events` (see `support::gate`), so the apply of the next
+/// change to that table stops there until the test opens it: the test makes the window it injects
+/// its fault in, whatever the apply's speed.
+fn close_gate(plan: &TestPlan) -> Gate {
+    let t = &fpair().target;
+    Gate::install(t, &plan.target_db, "public.events");
+    Gate::close(t, &plan.target_db)
 }
 
-/// One large source transaction (`rows` inserts and 2000 updates), so the apply takes a while
-/// (about 3000 changes a second in a debug build).
+/// One large source transaction: `rows` inserts into `public.events` and 2000 updates of
+/// `public.items`.
 fn big_transaction(plan: &TestPlan, rows: u32) {
     fpair().source.psql(
         &plan.source_db,
@@ -248,11 +248,10 @@ fn terminated_apply_and_walsender_sessions_are_retried() {
     let _servers = shared();
     let p = fpair();
     let (plan, mut child) = start_online("fault_apply");
+    let gate = close_gate(&plan);
     big_transaction(&plan, 20000);
-    wait_for("the big transaction to be applying", TIMEOUT, || {
-        assert_running(&mut child);
-        applying_for(&plan, 200)
-    });
+    gate.wait_blocked(&p.target, APPLY, TIMEOUT);
+    assert_running(&mut child);
     // The first stream's walsender, to tell the reopened one from it (the old one may still be
     // exiting when the retried stage connects).
     let first_walsender = p.source.psql(
@@ -265,7 +264,7 @@ fn terminated_apply_and_walsender_sessions_are_retried() {
     let killed = p.target.psql(
         "postgres",
         &format!(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = '{}' AND application_name = 'pgferry cdc apply'",
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = '{}' AND application_name = '{APPLY}'",
             plan.target_db
         ),
     );
@@ -285,6 +284,15 @@ fn terminated_apply_and_walsender_sessions_are_retried() {
         &format!("SELECT count(pg_terminate_backend(pid)) {reopened}"),
     );
     assert_eq!(killed, "1");
+    // Both faults hit a transaction that was not applied yet: nothing of it may be on the target.
+    assert_eq!(
+        p.target.psql(
+            &plan.target_db,
+            "SELECT count(*) FROM public.events WHERE v LIKE 'big %'"
+        ),
+        "0"
+    );
+    gate.open();
     p.source
         .psql(&plan.source_db, "DELETE FROM public.items WHERE id < 100");
     let out = cut_over(&plan, child);
@@ -321,12 +329,13 @@ fn target_restart_during_apply() {
     let _servers = exclusive();
     let p = fpair();
     let (plan, mut child) = start_online("fault_tgt_restart");
+    let gate = close_gate(&plan);
     big_transaction(&plan, 20000);
-    wait_for("the big transaction to be applying", TIMEOUT, || {
-        assert_running(&mut child);
-        applying_for(&plan, 200)
-    });
+    gate.wait_blocked(&p.target, APPLY, TIMEOUT);
+    assert_running(&mut child);
+    // The restart ends the gate's session too, which opens it.
     p.target.pg_ctl(&["restart", "-m", "fast"]);
+    drop(gate);
     p.source
         .psql(&plan.source_db, "DELETE FROM public.items WHERE id < 100");
     cut_over(&plan, child);
@@ -409,7 +418,8 @@ fn a_publication_dropped_behind_our_back_fails_clearly() {
     cdc_fails_naming_the_missing(&plan, child, &publication);
 }
 
-/// A source transaction whose apply takes longer than the source's `wal_sender_timeout`: pgferry
+/// A source transaction whose apply takes longer than the source's `wal_sender_timeout` (the test
+/// holds it at a gate for 15 s, past the 12 s timeout): pgferry
 /// keeps sending status updates while it applies, so the walsender never times out and nothing is
 /// retried. (Before the fix the status update waited for a pause in the stream, which a large
 /// transaction never has: "terminating walsender process due to replication timeout".)
@@ -432,29 +442,24 @@ fn an_apply_longer_than_wal_sender_timeout_keeps_the_stream() {
         assert_running(&mut child);
         stage_state(&plan, "cdc") == "ready"
     });
-    // Make the target apply slowly, whatever the apply path's speed: an ALWAYS trigger (it fires
-    // under session_replication_role = replica too) sleeps 0.5 ms per row, so 45,000 rows take
-    // more than 20 s.
-    p.target.psql(
-        &plan.target_db,
-        "CREATE FUNCTION public.slow_down() RETURNS trigger LANGUAGE plpgsql AS \
-         $$BEGIN PERFORM pg_sleep(0.0005); RETURN NEW; END$$; \
-         CREATE TRIGGER slow_down BEFORE INSERT ON public.events FOR EACH ROW EXECUTE FUNCTION public.slow_down(); \
-         ALTER TABLE public.events ENABLE ALWAYS TRIGGER slow_down;",
-    );
+    // Stop the apply in the middle of a large transaction for longer than wal_sender_timeout,
+    // whatever the apply's speed: a gate on the target's `public.events`, held for 15 s once the
+    // apply is stopped at it.
+    let gate = close_gate(&plan);
     let log_before = p.source.server_log().len();
     let started = std::time::Instant::now();
-    big_transaction(&plan, 45000);
+    big_transaction(&plan, 20000);
+    gate.wait_blocked(&p.target, APPLY, TIMEOUT);
+    std::thread::sleep(Duration::from_secs(15));
+    assert_running(&mut child);
+    gate.open();
     wait_for("the big transaction to be applied", TIMEOUT, || {
         assert_running(&mut child);
         caught_up(&plan)
     });
     let took = started.elapsed();
-    eprintln!("[test] 47000 changes applied in {took:.1?}");
-    p.target.psql(
-        &plan.target_db,
-        "DROP TRIGGER slow_down ON public.events; DROP FUNCTION public.slow_down();",
-    );
+    eprintln!("[test] 22000 changes applied in {took:.1?}");
+    Gate::uninstall(&p.target, &plan.target_db, "public.events");
     let log = p.source.server_log();
     let new_log = log.get(log_before..).unwrap_or(&log);
     assert!(

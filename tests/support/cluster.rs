@@ -310,7 +310,7 @@ impl Cluster {
         cmd
     }
 
-    fn psql_command(&self, db: &str) -> Command {
+    pub(crate) fn psql_command(&self, db: &str) -> Command {
         let mut cmd = Command::new(self.bindir.join("psql"));
         cmd.arg("-X")
             .arg("-v")

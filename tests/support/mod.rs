@@ -6,6 +6,7 @@
 
 pub mod cluster;
 pub mod compare;
+pub mod gate;
 pub mod plan;
 
 // Not every test binary uses every re-export.
@@ -13,5 +14,7 @@ pub mod plan;
 pub use cluster::{
     Cluster, PASSWORD, Pair, load_pagila, pagila_dir, pair, pgferry, row_digest, strip_restrict,
 };
+#[allow(unused_imports)]
+pub use gate::Gate;
 #[allow(unused_imports)]
 pub use plan::{PASSWORD_VAR, TestPlan, show, wait_for};

@@ -55,6 +55,49 @@ use crate::plan::{Database, StageOptions};
 use crate::state::TableState;
 use apply::Applier;
 
+/// Awaits an apply step (`$fut`, which may borrow `$st`) while answering the walsender: a
+/// statement that waits on the target (a lock, a slow trigger, a large commit) must not leave the
+/// walsender without a status update for `wal_sender_timeout`, or it ends the stream.
+macro_rules! alive {
+    ($self:ident, $repl:ident, $st:ident, $fut:expr) => {{
+        let (since, applied) = ($st.last_status, $st.applied);
+        let (result, sent) = keep_alive(&mut $repl, $self.status_every, since, applied, $fut).await;
+        if let Some(t) = sent {
+            $st.last_status = $st.last_status.max(t);
+        }
+        result
+    }};
+}
+
+/// Runs `fut` to completion, sending a standby status update with `applied` (what is durably
+/// applied; the slot is never told more) every `every` since `since` until it completes. Returns
+/// its result and when the last update went, if one did.
+async fn keep_alive<T>(
+    repl: &mut ReplicationClient,
+    every: Duration,
+    since: Instant,
+    applied: Lsn,
+    fut: impl std::future::Future<Output = Result<T>>,
+) -> (Result<T>, Option<Instant>) {
+    tokio::pin!(fut);
+    let mut last = since;
+    let mut sent = None;
+    loop {
+        let next = tokio::time::Instant::from_std(last + every);
+        tokio::select! {
+            biased;
+            r = &mut fut => return (r, sent),
+            _ = tokio::time::sleep_until(next) => {
+                if let Err(e) = repl.send_status(applied, applied, applied, false).await {
+                    return (Err(e), sent);
+                }
+                last = Instant::now();
+                sent = Some(last);
+            }
+        }
+    }
+}
+
 const DEFAULT_BATCH_CHANGES: u32 = 10_000;
 const DEFAULT_BATCH_DELAY: Duration = Duration::from_millis(100);
 const STATUS_EVERY: Duration = Duration::from_secs(10);
@@ -470,14 +513,14 @@ impl<'a> DbStream<'a> {
                     biased;
                     _ = self.cx.cancel.cancelled() => {
                         if st.batch_open && !st.in_source_tx {
-                            self.flush(&mut ap, &mut st).await?;
+                            alive!(self, repl, st, self.flush(&mut ap, &mut st))?;
                         }
                         // An unfinished source transaction is rolled back with the session.
                         return Err(Error::interrupted());
                     }
                     _ = &mut sleep => {
                         if st.batch_open && !st.in_source_tx && Instant::now() >= st.batch_deadline {
-                            self.flush(&mut ap, &mut st).await?;
+                            alive!(self, repl, st, self.flush(&mut ap, &mut st))?;
                             repl.send_status(st.applied, st.applied, st.applied, false).await?;
                             st.last_status = Instant::now();
                         }
@@ -491,7 +534,7 @@ impl<'a> DbStream<'a> {
                             ReplicationMessage::Keepalive(k) => {
                                 if !st.in_source_tx {
                                     if st.batch_open {
-                                        self.flush(&mut ap, &mut st).await?;
+                                        alive!(self, repl, st, self.flush(&mut ap, &mut st))?;
                                     }
                                     // Everything committed before the hold has been sent.
                                     self.holds_before(&mut ap, &mut repl, &mut st, &mut hold, &mut drain, k.wal_end).await?;
@@ -525,11 +568,11 @@ impl<'a> DbStream<'a> {
                                         continue;
                                     }
                                 }
-                                self.handle(&mut ap, &mut st, x.data).await?;
+                                alive!(self, repl, st, self.handle(&mut ap, &mut st, x.data))?;
                                 if !st.in_source_tx && st.batch_open
                                     && (st.batch_count >= self.batch_changes || Instant::now() >= st.batch_deadline)
                                 {
-                                    self.flush(&mut ap, &mut st).await?;
+                                    alive!(self, repl, st, self.flush(&mut ap, &mut st))?;
                                     repl.send_status(st.applied, st.applied, st.applied, false).await?;
                                     st.last_status = Instant::now();
                                 }
