@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Cluster, TestPlan, pair, row_digest, show, wait_for};
+use support::{Cluster, Gate, TestPlan, pair, row_digest, show, wait_for};
 
 const STAGES: &str = "[stages.schema]\nkind = \"schema_dump\"\n\n\
     [stages.provision]\nkind = \"provision\"\nafter = [\"schema\"]\n\n\
@@ -197,28 +197,28 @@ fn sigkill_during_apply_applies_nothing_twice() {
     p.source.psql(&s, &sql);
     let lsn = current_lsn(&p.source, &s);
 
+    // Kill while the big transaction is being applied: its rows wait at the test's gate on the
+    // target, inside the open target transaction, after the small ones before it were applied.
+    Gate::install_when(&p.target, &t, "public.logs", "NEW.v = 'big'");
+    let gate = Gate::close(&p.target, &t);
     let mut child = plan.spawn(&["run"]);
-    // Kill once the big transaction is being applied: the target session has been writing for a while
-    // inside an open transaction.
-    wait_for(
-        "the big transaction to be applying",
-        Duration::from_secs(30),
-        || {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("the runner finished before it could be killed: {status:?}");
-            }
-            p.target.psql(
-            &t,
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgferry cdc apply' AND xact_start < now() - interval '300 ms'",
-        ) == "1"
-        },
-    );
+    gate.wait_blocked(&p.target, "pgferry cdc apply", Duration::from_secs(60));
+    if let Ok(Some(status)) = child.try_wait() {
+        panic!("the runner finished before it could be killed: {status:?}");
+    }
     child.kill().expect("SIGKILL the runner");
     let _ = child.wait();
     assert!(
         !caught_up(&t, &lsn),
         "the kill came too late to test anything"
     );
+    assert_eq!(
+        p.target
+            .psql(&t, "SELECT count(*) FROM public.logs WHERE v = 'big'"),
+        "0",
+        "nothing of the big transaction was committed"
+    );
+    gate.open();
 
     let out = plan.run(&["run"]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
@@ -280,6 +280,23 @@ fn set_position(tdb: &str, migration: &str, name: &str, lsn: &str) {
     );
 }
 
+/// Waits until the walsender streaming source database `sdb` has sent everything up to `lsn`.
+fn wait_sent(sdb: &str, lsn: &str) {
+    wait_for(
+        "the stream to carry the changes",
+        Duration::from_secs(30),
+        || {
+            pair().source.psql(
+            "postgres",
+            &format!(
+                "SELECT count(*) FROM pg_stat_replication r JOIN pg_replication_slots sl ON sl.active_pid = r.pid \
+                 WHERE sl.database = '{sdb}' AND r.sent_lsn >= '{lsn}'"
+            ),
+        ) == "1"
+        },
+    );
+}
+
 fn position(tdb: &str, migration: &str, name: &str) -> String {
     pair().target.psql(
         tdb,
@@ -317,7 +334,10 @@ fn validation_hold_stops_the_apply_exactly_at_the_requested_lsn() {
         &s,
         "INSERT INTO public.items VALUES (3001, 'after hold', NULL); DELETE FROM public.items WHERE id = 3000;",
     );
-    std::thread::sleep(Duration::from_millis(800));
+    // The stream has carried all of it to pgferry: what it leaves unapplied, it holds back.
+    let end = current_lsn(&p.source, &s);
+    wait_sent(&s, &end);
+    std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
         p.target
             .psql(&t, "SELECT count(*) FROM public.items WHERE id >= 3000"),
@@ -331,7 +351,8 @@ fn validation_hold_stops_the_apply_exactly_at_the_requested_lsn() {
         Duration::from_secs(30),
         || position(&t, "cdc_hold", &format!("validate_held:{s}")) == at,
     );
-    std::thread::sleep(Duration::from_millis(1500));
+    wait_sent(&s, &end);
+    std::thread::sleep(Duration::from_millis(300));
     let got = p.target.psql(
         &t,
         "SELECT string_agg(id::text || '=' || name, ',' ORDER BY id) FROM public.items WHERE id >= 3000",

@@ -7,7 +7,7 @@ mod support;
 use std::time::Duration;
 
 use pgferry::state::StateStore;
-use support::{TestPlan, pair, show, wait_for};
+use support::{Gate, TestPlan, pair, show, wait_for};
 
 /// Fresh source and target databases, with a `log` table on the target that stages write to.
 fn setup(prefix: &str) -> (String, String) {
@@ -30,6 +30,36 @@ fn timed_stage(id: &str, after: &[&str], sleep: &str) -> String {
     let after: Vec<String> = after.iter().map(|a| format!("\"{a}\"")).collect();
     format!(
         "[stages.{id}]\nkind = \"sql\"\non = \"target\"\nafter = [{}]\nsql = \"\"\"\nINSERT INTO public.log (stage, t0) VALUES ('{id}', clock_timestamp());\nSELECT pg_sleep({sleep});\nUPDATE public.log SET t1 = clock_timestamp() WHERE stage = '{id}' AND t1 IS NULL;\n\"\"\"\n\n",
+        after.join(", ")
+    )
+}
+
+/// A `sql` stage that logs its start, waits at the test's gate (`support::Gate`) until the test
+/// opens it, and logs its end, in one transaction: the test decides how long it runs.
+fn gated_stage(id: &str, after: &[&str]) -> String {
+    let after: Vec<String> = after.iter().map(|a| format!("\"{a}\"")).collect();
+    format!(
+        "[stages.{id}]\nkind = \"sql\"\non = \"target\"\nafter = [{}]\nsql = \"\"\"\nINSERT INTO public.log (stage, t0) VALUES ('{id}', clock_timestamp());\nSELECT pg_advisory_xact_lock_shared({});\nUPDATE public.log SET t1 = clock_timestamp() WHERE stage = '{id}' AND t1 IS NULL;\n\"\"\"\n\n",
+        after.join(", "),
+        support::gate::KEY,
+    )
+}
+
+/// A `sql` stage that logs its start, then waits (up to 60 s, else fails) until a session running
+/// stage `other`'s statement is active beside it (or `other` committed, which it only does after
+/// seeing this one), and logs its end: two of them prove that both stages ran at the same time,
+/// however slow or fast the machine.
+fn rendezvous_stage(id: &str, other: &str, after: &[&str]) -> String {
+    let after: Vec<String> = after.iter().map(|a| format!("\"{a}\"")).collect();
+    format!(
+        "[stages.{id}]\nkind = \"sql\"\non = \"target\"\nafter = [{}]\nsql = \"\"\"\nINSERT INTO public.log (stage, t0) VALUES ('{id}', clock_timestamp());\n\
+         DO $$ BEGIN /* rendezvous of {id} */ FOR i IN 1..6000 LOOP \
+           IF EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND datname = current_database() \
+                      AND state = 'active' AND query LIKE '%rendezvous of {other}%') \
+              OR EXISTS (SELECT 1 FROM public.log WHERE stage = '{other}') THEN RETURN; END IF; \
+           PERFORM pg_sleep(0.01); END LOOP; \
+           RAISE EXCEPTION 'stage {id} never saw stage {other} running beside it: %', (SELECT string_agg(pid || ' ' || state || ': ' || left(query, 300), ' | ') FROM pg_stat_activity WHERE datname = current_database()); END $$;\n\
+         UPDATE public.log SET t1 = clock_timestamp() WHERE stage = '{id}' AND t1 IS NULL;\n\"\"\"\n\n",
         after.join(", ")
     )
 }
@@ -60,8 +90,8 @@ fn runs_in_dependency_order_with_independent_stages_at_once() {
     let (s, t) = setup("order");
     let stages = format!(
         "[stages.pre]\nkind = \"preflight\"\n\n{}{}{}",
-        timed_stage("a", &["pre"], "1"),
-        timed_stage("b", &["pre"], "1"),
+        rendezvous_stage("a", "b", &["pre"]),
+        rendezvous_stage("b", "a", &["pre"]),
         timed_stage("c", &["a", "b"], "0.1"),
     );
     let plan = TestPlan::new(pair(), "order", &s, &t, &stages);
@@ -109,20 +139,15 @@ fn sigkill_during_a_stage_then_resume_finishes_exactly_once() {
     let (s, t) = setup("kill");
     let stages = format!(
         "[stages.pre]\nkind = \"preflight\"\n\n{}{}",
-        timed_stage("slow", &["pre"], "3"),
+        gated_stage("slow", &["pre"]),
         timed_stage("next", &["slow"], "0"),
     );
     let plan = TestPlan::new(pair(), "killed", &s, &t, &stages);
+    let gate = Gate::close(&pair().target, &t);
     let mut child = plan.spawn(&["run"]);
-    // Wait until the slow stage is inside its transaction.
-    wait_for("the slow stage to start", Duration::from_secs(30), || {
-        store_exists(&plan)
-            && stage_state(&plan, "slow") == "running"
-            && q(
-                &t,
-                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(3)%' AND pid <> pg_backend_pid()",
-            ) == "1"
-    });
+    // Wait until the slow stage is inside its transaction, stopped at the gate.
+    gate.wait_blocked(&pair().target, "pgferry%", Duration::from_secs(30));
+    assert_eq!(stage_state(&plan, "slow"), "running");
     child.kill().expect("SIGKILL"); // std's kill is SIGKILL on Unix
     let status = child.wait().expect("wait");
     assert_eq!(status.code(), None, "killed by a signal");
@@ -136,11 +161,15 @@ fn sigkill_during_a_stage_then_resume_finishes_exactly_once() {
         || {
             q(
                 &t,
-                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(3)%' AND pid <> pg_backend_pid()",
+                &format!(
+                    "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_advisory_xact_lock_shared({})%' AND pid <> pg_backend_pid()",
+                    support::gate::KEY
+                ),
             ) == "0"
         },
     );
     assert_eq!(q(&t, "SELECT count(*) FROM public.log"), "0");
+    gate.open();
 
     // The second run resumes: pre is skipped, slow and next run once.
     let out = plan.run(&["run"]);
@@ -240,14 +269,14 @@ fn a_changed_stage_is_refused_unless_rerun() {
 #[test]
 fn a_second_runner_is_refused_and_names_the_holder() {
     let (s, t) = setup("lock");
-    let stages = timed_stage("slow", &[], "3");
+    let stages = gated_stage("slow", &[]);
     let plan = TestPlan::new(pair(), "locked", &s, &t, &stages);
+    // The first runner's stage waits at the gate until the second runner has been refused.
+    let gate = Gate::close(&pair().target, &t);
     let mut first = plan.spawn(&["run"]);
-    wait_for(
-        "the first runner to start its stage",
-        Duration::from_secs(30),
-        || store_exists(&plan) && stage_state(&plan, "slow") == "running",
-    );
+    gate.wait_blocked(&pair().target, "pgferry%", Duration::from_secs(30));
+    assert!(store_exists(&plan));
+    assert_eq!(stage_state(&plan, "slow"), "running");
     let before = q(
         &t,
         "SELECT state || attempts FROM pgferry.stages WHERE stage = 'slow'",
@@ -278,6 +307,7 @@ fn a_second_runner_is_refused_and_names_the_holder() {
         "1",
         "the refused run must not be recorded"
     );
+    gate.open();
     let status = first.wait().expect("wait");
     assert_eq!(status.code(), Some(0));
     assert_eq!(

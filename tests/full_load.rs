@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Cluster, TestPlan, pair, row_digest, show, wait_for};
+use support::{Cluster, Gate, TestPlan, pair, row_digest, show, wait_for};
 
 /// Applies the source's pre-data schema to the target with the installed pg_dump | psql, standing in
 /// for the schema_dump and provision stages.
@@ -139,24 +139,29 @@ fn online_load_uses_the_slot_snapshot_and_resumes_after_sigkill() {
     p.source.psql(
         &s,
         "CREATE TABLE public.a (id int PRIMARY KEY, pad text);
-         INSERT INTO public.a SELECT g, repeat('x', 200) FROM generate_series(1, 800000) g;
+         INSERT INTO public.a SELECT g, repeat('x', 200) FROM generate_series(1, 20000) g;
          CREATE TABLE public.b (id int PRIMARY KEY, pad text);
-         INSERT INTO public.b SELECT g, repeat('y', 200) FROM generate_series(1, 800000) g;
+         INSERT INTO public.b SELECT g, repeat('y', 200) FROM generate_series(1, 40000) g;
          CREATE TABLE public.c (id int PRIMARY KEY);
          INSERT INTO public.c SELECT generate_series(1, 10);",
     );
     copy_schema(&p.source, &s, &p.target, &t);
     let stages = "[stages.load]\nkind = \"full_load\"\njobs = 1\n\n[stages.cdc]\nkind = \"cdc\"\nafter = [\"load\"]\n\n[stages.cleanup]\nkind = \"cleanup\"\nafter = [\"load\"]\n";
     let plan = TestPlan::new(p, "fl_online", &s, &t, stages);
+    // Tables go largest first, one at a time: public.b is copied, then the copy of public.a stops
+    // at the test's gate on the target, where the runner is killed.
+    Gate::install(&p.target, &t, "public.a");
+    let gate = Gate::close(&p.target, &t);
     let mut child = plan.spawn(&["run", "--until", "load"]);
-    // Kill it once the first table is copied and another is being copied.
-    wait_for("one table copied", Duration::from_secs(60), || {
-        p.target.psql(&t, "SELECT to_regclass('pgferry.tables') IS NOT NULL") == "t"
-            && p.target.psql(&t, "SELECT count(*) FROM pgferry.tables WHERE migration = 'fl_online' AND state = 'copied'") == "1"
-            && p.target.psql(&t, "SELECT count(*) FROM pgferry.tables WHERE migration = 'fl_online' AND state = 'copying'") == "1"
-    });
+    gate.wait_blocked(&p.target, "pgferry%", Duration::from_secs(60));
+    assert_eq!(
+        p.target.psql(&t, "SELECT string_agg(table_name || '=' || state, ',' ORDER BY table_name) FROM pgferry.tables WHERE migration = 'fl_online' AND state IN ('copying', 'copied')"),
+        "public.a=copying,public.b=copied"
+    );
     child.kill().expect("SIGKILL");
     child.wait().expect("wait");
+    gate.open();
+    Gate::uninstall(&p.target, &t, "public.a");
     let slot = p.source.psql(
         &s,
         "SELECT slot_name FROM pg_replication_slots WHERE slot_name LIKE 'pgferry_fl_online_%'",

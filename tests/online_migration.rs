@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use support::compare::assert_same;
-use support::{TestPlan, pair, row_digest, show, wait_for};
+use support::{Gate, TestPlan, pair, row_digest, show, wait_for};
 
 const ONLINE: &str = "[stages.schema]\nkind = \"schema_dump\"\n\n\
     [stages.provision]\nkind = \"provision\"\nafter = [\"schema\"]\n\n\
@@ -212,29 +212,41 @@ fn killed_during_the_cutover_drain_then_resumed() {
     let p = pair();
     let s = p.source.fresh_database("on_killcut_src");
     let t = p.target.fresh_database("on_killcut_tgt");
-    p.source.psql(&s, SMALL);
+    // An unlogged table: the cutover copies it again after the drain, which is where the test
+    // holds the cutover (a gate on the target's copy) and kills the runner: fenced and drained,
+    // not finished, however fast each step is.
+    p.source.psql(
+        &s,
+        &format!(
+            "{SMALL}CREATE UNLOGGED TABLE public.scratch (n int, v text);\n\
+             INSERT INTO public.scratch SELECT g, 'scratch ' || g FROM generate_series(1, 100) g;\n"
+        ),
+    );
     let stages = ONLINE.replace("approval = \"auto\"", "approval = \"manual\"");
     let plan = TestPlan::new(p, "on_killcut", &s, &t, &stages);
     let mut child = plan.spawn(&["run"]);
     plan.wait_until_cdc_ready(p, &mut child);
-    // A backlog the drain needs seconds for (no primary key: a change applied twice would show).
+    Gate::install(&p.target, &t, "public.scratch");
+    let gate = Gate::close(&p.target, &t);
+    // A backlog (no primary key: a change applied twice would show).
     p.source.psql(
         &s,
         "INSERT INTO public.logs SELECT g, 'backlog' FROM generate_series(1, 100000) g;\n\
          UPDATE public.items SET name = 'changed' WHERE id <= 10;\n\
+         UPDATE public.scratch SET v = 'changed' WHERE n <= 10;\n\
          SELECT nextval('public.counter') FROM generate_series(1, 5);",
     );
     let out = plan.run(&["cutover"]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
-    // Kill once the source is fenced and the drain has started, before it is over: the cutover
-    // records its drain target after the fence. (Polling the fenced source itself would be ended
-    // by the fence.)
-    wait_for("the fence", Duration::from_secs(60), || {
+    gate.wait_blocked(&p.target, "pgferry cutover%", Duration::from_secs(120));
+    assert_eq!(
         p.target.psql(
             &t,
             &format!("SELECT count(*) FROM pgferry.checkpoints WHERE migration = 'on_killcut' AND stage = 'cutover' AND key = 'drain:{s}'"),
-        ) == "1"
-    });
+        ),
+        "1",
+        "the cutover recorded its drain target"
+    );
     child.kill().expect("SIGKILL the runner");
     let _ = child.wait();
     assert_eq!(
@@ -245,6 +257,8 @@ fn killed_during_the_cutover_drain_then_resumed() {
         "running",
         "the kill came after the cutover finished: nothing was tested"
     );
+    // Open, the killed run's copy session goes on to read from its vanished client and ends.
+    gate.open();
     wait_for(
         "the killed run's sessions to end",
         Duration::from_secs(30),
@@ -268,7 +282,7 @@ fn killed_during_the_cutover_drain_then_resumed() {
         "100000",
         "every backlog row applied exactly once"
     );
-    for table in ["public.items", "public.logs"] {
+    for table in ["public.items", "public.logs", "public.scratch"] {
         assert_eq!(
             row_digest(&p.target, &t, table),
             row_digest(&p.source, &s, table),
@@ -306,10 +320,13 @@ fn an_approved_cutover_waits_for_the_lag_and_says_why() {
     let plan = TestPlan::new(p, "on_lagcut", &s, &t, &stages);
     let mut child = plan.spawn(&["run"]);
     plan.wait_until_cdc_ready(p, &mut child);
-    // A backlog cdc needs a while for, then the approval right away.
+    // A backlog cdc cannot apply until the test opens the gate on the target's public.logs, then
+    // the approval right away.
+    Gate::install(&p.target, &t, "public.logs");
+    let gate = Gate::close(&p.target, &t);
     p.source.psql(
         &s,
-        "INSERT INTO public.logs SELECT g, 'backlog ' || g FROM generate_series(1, 400000) g;",
+        "INSERT INTO public.logs SELECT g, 'backlog ' || g FROM generate_series(1, 10000) g;",
     );
     let out = plan.run(&["cutover"]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
@@ -334,6 +351,12 @@ fn an_approved_cutover_waits_for_the_lag_and_says_why() {
             said
         },
     );
+    assert_eq!(
+        p.target.psql(&t, &fenced),
+        "0",
+        "fenced while cdc was behind"
+    );
+    gate.open();
     wait_for("the run to finish", Duration::from_secs(300), || {
         matches!(child.try_wait(), Ok(Some(_)))
     });

@@ -104,7 +104,15 @@ fn run_online() -> Fixture {
             });
         })
     };
-    std::thread::sleep(Duration::from_millis(300));
+    // The writer is under way before the run starts (however long the run then takes).
+    let started = Instant::now();
+    while done.load(Ordering::SeqCst) <= 20 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the writer did not get going"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let out = plan.run(&["run"]);
     stop.store(true, Ordering::SeqCst);
     writer.join().expect("writer");

@@ -15,8 +15,9 @@ use std::time::Duration;
 use super::cluster::Cluster;
 use super::plan::wait_for;
 
-/// The advisory lock key the gate trigger and the holding session share.
-const KEY: i64 = 70_014_220;
+/// The advisory lock key the gate trigger and the holding session share (SQL a test runs may
+/// wait at the gate too: `SELECT pg_advisory_xact_lock_shared(KEY)`).
+pub const KEY: i64 = 70_014_220;
 
 /// An exclusive advisory lock held by a `psql` child until [`Gate::open`] or drop.
 pub struct Gate {
@@ -28,11 +29,17 @@ impl Gate {
     /// Creates the gate trigger on `table` (a caller-quoted, qualified name) in `db`. It passes
     /// every row unchanged; it only waits while a gate is closed.
     pub fn install(cluster: &Cluster, db: &str, table: &str) {
+        Gate::install_when(cluster, db, table, "true");
+    }
+
+    /// Like [`Gate::install`], but only rows for which `condition` (an SQL expression over `NEW`)
+    /// holds wait at the gate.
+    pub fn install_when(cluster: &Cluster, db: &str, table: &str, condition: &str) {
         cluster.psql(
             db,
             &format!(
                 "CREATE OR REPLACE FUNCTION public.pgferry_test_gate() RETURNS trigger LANGUAGE plpgsql AS \
-                 $$BEGIN PERFORM pg_advisory_xact_lock_shared({KEY}); RETURN NEW; END$$; \
+                 $$BEGIN IF {condition} THEN PERFORM pg_advisory_xact_lock_shared({KEY}); END IF; RETURN NEW; END$$; \
                  CREATE TRIGGER pgferry_test_gate BEFORE INSERT OR UPDATE ON {table} \
                    FOR EACH ROW EXECUTE FUNCTION public.pgferry_test_gate(); \
                  ALTER TABLE {table} ENABLE ALWAYS TRIGGER pgferry_test_gate;"
@@ -88,7 +95,8 @@ impl Gate {
         ) == "1"
     }
 
-    /// Waits until a session with `application_name` in the gate's database is blocked on it.
+    /// Waits until a session whose `application_name` is LIKE `application_name` in the gate's
+    /// database is blocked on it.
     pub fn wait_blocked(&self, cluster: &Cluster, application_name: &str, timeout: Duration) {
         wait_for(
             &format!("`{application_name}` to be stopped at the gate"),
@@ -99,7 +107,7 @@ impl Gate {
                     &format!(
                         "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
                          WHERE l.locktype = 'advisory' AND NOT l.granted AND l.objid = {KEY} \
-                           AND a.datname = '{}' AND a.application_name = '{application_name}'",
+                           AND a.datname = '{}' AND a.application_name LIKE '{application_name}'",
                         self.db
                     ),
                 ) != "0"
