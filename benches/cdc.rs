@@ -22,13 +22,14 @@ mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{children_cpu, fresh_target, run_pg_dump, sh};
+use common::{
+    Db, children_cpu, expect_exit, fresh_target, pgferry_cmd, poll, run_pg_dump, sh, tail,
+};
 use support::{Cluster, PASSWORD, Pair, TestPlan, load_pagila, pair, row_digest};
 
 struct Args {
@@ -74,64 +75,6 @@ fn args() -> Args {
 
 fn verbose() -> bool {
     std::env::var_os("BENCH_VERBOSE").is_some()
-}
-
-// ----- a polling session ----------------------------------------------------------------------
-
-/// A tokio-postgres session for cheap polling (a psql process per poll would cost more CPU than
-/// the thing measured on a 2-core machine).
-struct Db {
-    rt: tokio::runtime::Runtime,
-    client: tokio_postgres::Client,
-}
-
-impl Db {
-    fn connect(c: &Cluster, db: &str) -> Db {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("tokio runtime");
-        let client = rt.block_on(c.client(db));
-        Db { rt, client }
-    }
-
-    /// The first column of the first row (empty when there is none, "" for NULL).
-    fn one(&self, sql: &str) -> String {
-        let msgs = self
-            .rt
-            .block_on(self.client.simple_query(sql))
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
-        for m in msgs {
-            if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
-                return r.get(0).unwrap_or("").to_string();
-            }
-        }
-        String::new()
-    }
-
-    /// Connects once `db` exists (pgferry's provision creates the target database).
-    fn connect_when_created(c: &Cluster, db: &str, child: &mut Child, log: &PathBuf) -> Db {
-        poll(
-            &format!("database {db} to be created"),
-            Duration::from_secs(300),
-            POLL,
-            || {
-                if let Ok(Some(status)) = child.try_wait() {
-                    panic!("pgferry stopped early ({status:?})\n{}", tail(log, 60));
-                }
-                c.psql(
-                    "postgres",
-                    &format!("SELECT count(*) FROM pg_database WHERE datname = '{db}'"),
-                ) == "1"
-            },
-        );
-        Db::connect(c, db)
-    }
-
-    fn is(&self, sql: &str) -> bool {
-        self.one(sql) == "t"
-    }
 }
 
 // ----- processes --------------------------------------------------------------------------------
@@ -227,47 +170,9 @@ fn pid_of(db: &Db, sql: &str) -> Option<u32> {
     db.one(sql).parse().ok()
 }
 
-/// A pgferry command on `plan`, with its log in the plan's directory (a pipe would fill up and
-/// block a long-running runner).
-fn pgferry_cmd(plan: &TestPlan, args: &[&str], log: &str) -> (Command, PathBuf) {
-    let path = plan.dir.path().join(log);
-    let file = std::fs::File::create(&path).expect("log file");
-    let mut cmd = plan.command(args);
-    cmd.stdout(Stdio::from(file.try_clone().expect("log file")))
-        .stderr(Stdio::from(file))
-        .stdin(Stdio::null());
-    (cmd, path)
-}
-
-fn tail(path: &PathBuf, n: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-fn expect_exit(child: &mut Child, code: i32, log: &PathBuf, what: &str) {
-    let status = child.wait().expect("wait for pgferry");
-    if status.code() != Some(code) {
-        panic!(
-            "{what}: pgferry exited with {status:?}, expected {code}\n--- log ---\n{}",
-            tail(log, 60)
-        );
-    }
-}
-
 fn sigint(child: &Child) {
     // SAFETY: kill with a pid we spawned and still own (not yet waited for).
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
-}
-
-fn poll(what: &str, timeout: Duration, every: Duration, mut check: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !check() {
-        if start.elapsed() > timeout {
-            panic!("timed out after {timeout:?} waiting for {what}");
-        }
-        std::thread::sleep(every);
-    }
 }
 
 const POLL: Duration = Duration::from_millis(50);

@@ -1,0 +1,515 @@
+//! Soak: can cdc keep up with a live stream? A steady writer runs against the source at a fixed
+//! rate while pgferry's cdc and PostgreSQL's native logical replication (a subscription into a
+//! second target database, same clusters, same run, same WAL) both follow it. Every 250 ms the
+//! bench reads the source's WAL insert position and each follower's applied position, measured
+//! the same way for both:
+//!
+//! - pgferry: the applied LSN it stores with each commit (`pgferry.cdc_applied`);
+//! - native: `pg_replication_origin_status.remote_lsn` of the subscription's origin.
+//!
+//! Lag in bytes is the source position minus the applied one; lag in seconds is how long ago the
+//! source first passed the applied position (the age of the oldest change not yet applied, at the
+//! sampling's resolution). It prints p50, p99 and max of both, and whether the lag grows: the mean
+//! of the last third of the samples against the first third. Then it stops the writer, waits for
+//! both to catch up and compares every table of both targets with the source.
+//!
+//! Workloads: `pagila` (a five-statement transaction: a rental and its payment, a customer update,
+//! an actor update, a film_actor row deleted and put back) and `pgbench` (TPC-B-like, `pgbench -R`).
+//! A rate of `max` runs the writer's clients without pause.
+//!
+//! ```sh
+//! cargo bench --bench soak -- --workload pagila --rates 200,800,max --seconds 300 --clients 4
+//! cargo bench --bench soak -- --workload pgbench --rates 800 --seconds 300
+//! ```
+
+mod common;
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Db, fresh_target, pgferry_cmd, poll, run_pg_dump, tail};
+use support::{Cluster, PASSWORD, Pair, TestPlan, load_pagila, pair};
+
+struct Args {
+    workload: String,
+    rates: Vec<Option<u32>>,
+    seconds: u64,
+    clients: u32,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        workload: "pagila".into(),
+        rates: vec![Some(200), Some(800)],
+        seconds: 300,
+        clients: 4,
+    };
+    let mut it = std::env::args().skip(1).filter(|x| x != "--bench");
+    while let Some(x) = it.next() {
+        match x.as_str() {
+            "--workload" => a.workload = it.next().unwrap_or(a.workload),
+            "--rates" => {
+                if let Some(v) = it.next() {
+                    a.rates = v
+                        .split(',')
+                        .map(|r| if r == "max" { None } else { r.parse().ok() })
+                        .collect();
+                }
+            }
+            "--seconds" => a.seconds = it.next().and_then(|v| v.parse().ok()).unwrap_or(300),
+            "--clients" => a.clients = it.next().and_then(|v| v.parse().ok()).unwrap_or(4).max(1),
+            _ => {}
+        }
+    }
+    a
+}
+
+const SAMPLE_EVERY: Duration = Duration::from_millis(250);
+
+/// One follower's samples: (seconds since start, lag bytes, lag seconds).
+#[derive(Default)]
+struct Lags {
+    bytes: Vec<f64>,
+    secs: Vec<f64>,
+}
+
+impl Lags {
+    fn summary(&self) -> String {
+        format!(
+            "bytes p50 {} p99 {} max {} | seconds p50 {:.2} p99 {:.2} max {:.2} | growth (last third / first third, bytes) {}",
+            kb(pct(&self.bytes, 50.0)),
+            kb(pct(&self.bytes, 99.0)),
+            kb(pct(&self.bytes, 100.0)),
+            pct(&self.secs, 50.0),
+            pct(&self.secs, 99.0),
+            pct(&self.secs, 100.0),
+            growth(&self.bytes)
+        )
+    }
+}
+
+fn kb(b: f64) -> String {
+    if b >= 1024.0 * 1024.0 {
+        format!("{:.1} MB", b / 1024.0 / 1024.0)
+    } else {
+        format!("{:.0} kB", b / 1024.0)
+    }
+}
+
+fn pct(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let i = ((p / 100.0) * (s.len() - 1) as f64).round() as usize;
+    s[i.min(s.len() - 1)]
+}
+
+/// "x1.05 (bounded)" or "x3.2 (GROWS)": mean of the last third over the first third, with 64 kB
+/// added to both so that a near-zero lag does not make noise look like growth.
+fn growth(v: &[f64]) -> String {
+    let n = v.len() / 3;
+    if n == 0 {
+        return "n/a".into();
+    }
+    let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64 + 65536.0;
+    let r = mean(&v[v.len() - n..]) / mean(&v[..n]);
+    format!("x{r:.2} ({})", if r > 1.5 { "GROWS" } else { "bounded" })
+}
+
+fn lsn(s: &str) -> u64 {
+    let (hi, lo) = s.split_once('/').unwrap_or(("0", "0"));
+    (u64::from_str_radix(hi, 16).unwrap_or(0) << 32) | u64::from_str_radix(lo, 16).unwrap_or(0)
+}
+
+/// The steady writer: `clients` sessions, each at `rate / clients` transactions a second (or
+/// without pause), until `stop`. Returns the transactions committed.
+fn pagila_writer(
+    port: u16,
+    db: &str,
+    rate: Option<u32>,
+    clients: u32,
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+) -> std::thread::JoinHandle<()> {
+    let db = db.to_string();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let mut tasks = Vec::new();
+            for c in 0..clients {
+                let stop = stop.clone();
+                let done = done.clone();
+                let db = db.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut config = tokio_postgres::Config::new();
+                    config
+                        .host("127.0.0.1")
+                        .port(port)
+                        .user("postgres")
+                        .password(PASSWORD)
+                        .dbname(&db)
+                        .application_name("soak writer");
+                    let (client, conn) = config
+                        .connect(tokio_postgres::NoTls)
+                        .await
+                        .expect("writer connects");
+                    tokio::spawn(async move {
+                        let _ = conn.await;
+                    });
+                    let every = rate.map(|r| {
+                        Duration::from_secs_f64(f64::from(clients) / f64::from(r.max(1)))
+                    });
+                    let mut due = tokio::time::Instant::now();
+                    let mut rng: u64 = 0x9E37_79B9_7F4A_7C15 ^ (u64::from(c) << 32);
+                    let mut next = || {
+                        rng ^= rng << 13;
+                        rng ^= rng >> 7;
+                        rng ^= rng << 17;
+                        rng
+                    };
+                    let mut i: u64 = 0;
+                    while !stop.load(Ordering::SeqCst) {
+                        i += 1;
+                        if let Some(every) = every {
+                            due = (due + every).max(tokio::time::Instant::now());
+                            tokio::time::sleep_until(due).await;
+                        }
+                        let (inv, cust, actor, film) = (
+                            next() % 4581 + 1,
+                            next() % 599 + 1,
+                            next() % 200 + 1,
+                            next() % 1000 + 1,
+                        );
+                        let sql = format!(
+                            "BEGIN;\
+                             WITH r AS (INSERT INTO public.rental (rental_date, inventory_id, customer_id, staff_id) \
+                               VALUES (now(), {inv}, {cust}, 1) RETURNING rental_id, customer_id) \
+                             INSERT INTO public.payment (customer_id, staff_id, rental_id, amount, payment_date) \
+                               SELECT customer_id, 1, rental_id, 4.99, timestamptz '2022-07-20 00:00+00' FROM r;\
+                             UPDATE public.customer SET email = 'soak{c}_{i}@example.org' WHERE customer_id = {cust};\
+                             UPDATE public.actor SET last_update = now() WHERE actor_id = {actor};\
+                             WITH d AS (DELETE FROM public.film_actor WHERE actor_id = {actor} AND film_id = \
+                               (SELECT min(film_id) FROM public.film_actor WHERE actor_id = {actor} AND film_id >= {film}) \
+                               RETURNING actor_id, film_id) \
+                             INSERT INTO public.film_actor (actor_id, film_id) SELECT actor_id, film_id FROM d;\
+                             COMMIT;"
+                        );
+                        match client.batch_execute(&sql).await {
+                            Ok(()) => {
+                                done.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => {
+                                let _ = client.batch_execute("ROLLBACK").await;
+                                eprintln!("[soak] writer error: {e}");
+                            }
+                        }
+                    }
+                }));
+            }
+            for t in tasks {
+                let _ = t.await;
+            }
+        });
+    })
+}
+
+/// pgbench's TPC-B-like script at `rate` (or unthrottled) for `seconds`.
+fn pgbench_writer(src: &Cluster, db: &str, rate: Option<u32>, clients: u32, seconds: u64) -> Child {
+    let mut cmd = Command::new(src.bindir.join("pgbench"));
+    cmd.args(["-n", "-c", &clients.to_string(), "-j", "2"])
+        .args(["-T", &seconds.to_string()]);
+    if let Some(r) = rate {
+        cmd.args(["-R", &r.to_string()]);
+    }
+    cmd.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &src.port.to_string(),
+        "-U",
+        "postgres",
+        db,
+    ])
+    .env("PGPASSWORD", PASSWORD)
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("pgbench")
+}
+
+fn stages() -> String {
+    "[stages.schema]\nkind = \"schema_dump\"\n\n\
+     [stages.provision]\nkind = \"provision\"\nafter = [\"schema\"]\n\n\
+     [stages.load]\nkind = \"full_load\"\nafter = [\"provision\"]\njobs = 2\n\n\
+     [stages.indexes]\nkind = \"post_data\"\nafter = [\"load\"]\njobs = 2\n\n\
+     [stages.cdc]\nkind = \"cdc\"\nafter = [\"indexes\"]\n\n\
+     [stages.cutover]\nkind = \"cutover\"\nafter = [\"cdc\"]\napproval = \"manual\"\n"
+        .to_string()
+}
+
+fn user_tables(c: &Cluster, db: &str) -> Vec<String> {
+    c.psql(
+        db,
+        "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgferry') ORDER BY 1",
+    )
+    .lines()
+    .map(str::to_string)
+    .collect()
+}
+
+fn digest(c: &Cluster, db: &str, table: &str) -> String {
+    c.psql(
+        db,
+        &format!(
+            "SELECT count(*) || ':' || coalesce(sum(hashtext(t::text)::bigint), 0) FROM {table} t"
+        ),
+    )
+}
+
+fn round(a: &Args, p: &Pair, src: &str, n: usize, rate: Option<u32>) {
+    let rate_s = rate.map_or("max".to_string(), |r| format!("{r} tx/s"));
+    eprintln!(
+        "\n[soak] {} at {rate_s}, {} clients, {} s",
+        a.workload, a.clients, a.seconds
+    );
+    let migration = format!("soak{n}");
+    let tf = format!("soak_ferry{n}");
+    let tn = format!("soak_native{n}");
+    let sub = format!("soak_native_{n}");
+    fresh_target(&p.target, &tf);
+
+    // pgferry: load and follow (a manual cutover nobody approves keeps cdc running).
+    let plan = TestPlan::new(p, &migration, src, &tf, &stages());
+    let (mut cmd, log) = pgferry_cmd(&plan, &["run"], "soak.log");
+    let mut child = cmd.spawn().expect("spawn pgferry");
+    let tdb = Db::connect_when_created(&p.target, &tf, &mut child, &log);
+    poll(
+        "cdc to be ready",
+        Duration::from_secs(600),
+        Duration::from_millis(200),
+        || {
+            if let Ok(Some(s)) = child.try_wait() {
+                panic!("pgferry stopped ({s:?})\n{}", tail(&log, 60));
+            }
+            tdb.is("SELECT to_regclass('pgferry.stages') IS NOT NULL")
+                && tdb.one(&format!(
+                    "SELECT state FROM pgferry.stages WHERE migration = '{migration}' AND stage = 'cdc'"
+                )) == "ready"
+        },
+    );
+
+    // Native: the same data (nothing writes yet), a subscription that starts from now.
+    run_pg_dump(&p.source, src, &p.target, &tn);
+    p.source.psql(
+        src,
+        "DROP PUBLICATION IF EXISTS soak_native; CREATE PUBLICATION soak_native FOR ALL TABLES",
+    );
+    p.target.psql(
+        &tn,
+        &format!(
+            "CREATE SUBSCRIPTION {sub} CONNECTION 'host=127.0.0.1 port={} user=postgres password={PASSWORD} dbname={src}' \
+             PUBLICATION soak_native WITH (copy_data = false)",
+            p.source.port
+        ),
+    );
+    let sdb = Db::connect(&p.source, src);
+    let ndb = Db::connect(&p.target, &tn);
+    poll(
+        "the subscription to stream",
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        || {
+            sdb.is(&format!(
+                "SELECT count(*) = 1 FROM pg_stat_replication WHERE application_name = '{sub}' AND state = 'streaming'"
+            ))
+        },
+    );
+    let origin = format!(
+        "SELECT coalesce(remote_lsn::text, '0/0') FROM pg_replication_origin_status \
+         WHERE external_id = (SELECT 'pg_' || oid FROM pg_subscription WHERE subname = '{sub}')"
+    );
+    let ferry_applied = "SELECT coalesce(max(lsn)::text, '0/0') FROM pgferry.cdc_applied";
+
+    // The writer, and the samples.
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut pgbench = None;
+    let writer = if a.workload == "pgbench" {
+        pgbench = Some(pgbench_writer(&p.source, src, rate, a.clients, a.seconds));
+        None
+    } else {
+        Some(pagila_writer(
+            p.source.port,
+            src,
+            rate,
+            a.clients,
+            stop.clone(),
+            done.clone(),
+        ))
+    };
+    let start = Instant::now();
+    let mut history: Vec<(f64, u64)> = Vec::new();
+    let (mut ferry, mut native) = (Lags::default(), Lags::default());
+    let lag_secs = |history: &[(f64, u64)], now: f64, applied: u64| -> f64 {
+        // The first sample at which the source was past the applied position.
+        history
+            .iter()
+            .find(|(_, l)| *l > applied)
+            .map_or(0.0, |(t, _)| (now - t).max(0.0))
+    };
+    let mut last_print = Instant::now();
+    while start.elapsed() < Duration::from_secs(a.seconds) {
+        let t = start.elapsed().as_secs_f64();
+        let src_lsn = lsn(&sdb.one("SELECT pg_current_wal_insert_lsn()::text"));
+        let f = lsn(&tdb.one(ferry_applied));
+        let nl = lsn(&ndb.one(&origin));
+        history.push((t, src_lsn));
+        for (lags, applied) in [(&mut ferry, f), (&mut native, nl)] {
+            lags.bytes.push(src_lsn.saturating_sub(applied) as f64);
+            lags.secs.push(lag_secs(&history, t, applied));
+        }
+        if last_print.elapsed() >= Duration::from_secs(10) {
+            last_print = Instant::now();
+            eprintln!(
+                "[soak]   {t:>5.0}s: {} tx; lag pgferry {} / {:.2}s, native {} / {:.2}s",
+                done.load(Ordering::Relaxed),
+                kb(*ferry.bytes.last().unwrap_or(&0.0)),
+                ferry.secs.last().unwrap_or(&0.0),
+                kb(*native.bytes.last().unwrap_or(&0.0)),
+                native.secs.last().unwrap_or(&0.0),
+            );
+        }
+        std::thread::sleep(SAMPLE_EVERY);
+    }
+    stop.store(true, Ordering::SeqCst);
+    if let Some(w) = writer {
+        w.join().expect("writer");
+    }
+    if let Some(mut pb) = pgbench {
+        let _ = pb.wait();
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let tx = done.load(Ordering::Relaxed);
+    let wal = history.last().map_or(0, |h| h.1) - history.first().map_or(0, |h| h.1);
+    eprintln!(
+        "[soak]   writer: {} tx in {elapsed:.0}s ({:.0} tx/s); source WAL {:.0} kB/s",
+        if a.workload == "pgbench" {
+            "pgbench".to_string()
+        } else {
+            tx.to_string()
+        },
+        tx as f64 / elapsed,
+        wal as f64 / elapsed / 1024.0
+    );
+    eprintln!("[soak]   pgferry: {}", ferry.summary());
+    eprintln!("[soak]   native:  {}", native.summary());
+    println!(
+        "| {} | {rate_s} | pgferry | {} | {} | {:.2} s | {:.2} s | {} |",
+        a.workload,
+        kb(pct(&ferry.bytes, 50.0)),
+        kb(pct(&ferry.bytes, 99.0)),
+        pct(&ferry.secs, 50.0),
+        pct(&ferry.secs, 99.0),
+        growth(&ferry.bytes)
+    );
+    println!(
+        "| {} | {rate_s} | native | {} | {} | {:.2} s | {:.2} s | {} |",
+        a.workload,
+        kb(pct(&native.bytes, 50.0)),
+        kb(pct(&native.bytes, 99.0)),
+        pct(&native.secs, 50.0),
+        pct(&native.secs, 99.0),
+        growth(&native.bytes)
+    );
+
+    // Both catch up, then both equal the source.
+    let end = sdb.one("SELECT pg_current_wal_insert_lsn()::text");
+    let end_n = lsn(&end);
+    let caught = Instant::now();
+    poll(
+        "both followers to catch up",
+        Duration::from_secs(1800),
+        Duration::from_millis(100),
+        || lsn(&tdb.one(ferry_applied)) >= end_n && lsn(&ndb.one(&origin)) >= end_n,
+    );
+    eprintln!(
+        "[soak]   both caught up with {end} {:.1}s after the writer stopped",
+        caught.elapsed().as_secs_f64()
+    );
+    for table in user_tables(&p.source, src) {
+        let s = digest(&p.source, src, &table);
+        assert_eq!(
+            s,
+            digest(&p.target, &tf, &table),
+            "pgferry differs in {table}"
+        );
+        assert_eq!(
+            s,
+            digest(&p.target, &tn, &table),
+            "native differs in {table}"
+        );
+    }
+    eprintln!("[soak]   both targets equal the source, table by table");
+
+    let _ = child.kill();
+    let _ = child.wait();
+    p.target.psql(&tn, &format!("DROP SUBSCRIPTION {sub}"));
+    p.source.psql(
+        src,
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name LIKE 'pgferry\\_%' AND NOT active",
+    );
+    p.source.psql(
+        src,
+        &format!("DROP PUBLICATION IF EXISTS soak_native, \"pgferry_{migration}\""),
+    );
+}
+
+fn main() {
+    let a = args();
+    let p = pair();
+    let src = "soak_src";
+    p.source.psql(
+        "postgres",
+        &format!("DROP DATABASE IF EXISTS {src} WITH (FORCE)"),
+    );
+    p.source.psql("postgres", &format!("CREATE DATABASE {src}"));
+    if a.workload == "pgbench" {
+        common::sh(
+            Command::new(p.source.bindir.join("pgbench"))
+                .args(["-i", "-q", "-s", "10", "-h", "127.0.0.1"])
+                .args(["-p", &p.source.port.to_string(), "-U", "postgres", src])
+                .env("PGPASSWORD", PASSWORD)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+            "pgbench -i",
+        );
+        // pgbench_history has no key: native and pgferry need a replica identity for it.
+        p.source.psql(
+            src,
+            "ALTER TABLE public.pgbench_history REPLICA IDENTITY FULL",
+        );
+    } else {
+        assert!(
+            load_pagila(&p.source, src),
+            "Pagila not found: put it under ../shared/data/pagila"
+        );
+    }
+    println!(
+        "\n| workload | rate | follower | lag p50 | lag p99 | lag p50 (s) | lag p99 (s) | growth |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for (n, rate) in a.rates.iter().enumerate() {
+        round(&a, p, src, n, *rate);
+    }
+}
