@@ -20,6 +20,7 @@
 //! ```sh
 //! cargo bench --bench soak -- --workload pagila --rates 200,800,max --seconds 300 --clients 4
 //! cargo bench --bench soak -- --workload pgbench --rates 800 --seconds 300
+//! cargo bench --bench soak -- --rates max --seconds 60 --batch-delay 20ms   # the cdc option
 //! ```
 
 mod common;
@@ -39,6 +40,8 @@ struct Args {
     rates: Vec<Option<u32>>,
     seconds: u64,
     clients: u32,
+    /// The cdc stage's `batch_delay`, when given.
+    batch_delay: Option<String>,
 }
 
 fn args() -> Args {
@@ -47,6 +50,7 @@ fn args() -> Args {
         rates: vec![Some(200), Some(800)],
         seconds: 300,
         clients: 4,
+        batch_delay: None,
     };
     let mut it = std::env::args().skip(1).filter(|x| x != "--bench");
     while let Some(x) = it.next() {
@@ -60,6 +64,7 @@ fn args() -> Args {
                         .collect();
                 }
             }
+            "--batch-delay" => a.batch_delay = it.next(),
             "--seconds" => a.seconds = it.next().and_then(|v| v.parse().ok()).unwrap_or(300),
             "--clients" => a.clients = it.next().and_then(|v| v.parse().ok()).unwrap_or(4).max(1),
             _ => {}
@@ -247,14 +252,16 @@ fn pgbench_writer(src: &Cluster, db: &str, rate: Option<u32>, clients: u32, seco
     .expect("pgbench")
 }
 
-fn stages() -> String {
-    "[stages.schema]\nkind = \"schema_dump\"\n\n\
+fn stages(batch_delay: Option<&str>) -> String {
+    let delay = batch_delay.map_or(String::new(), |d| format!("batch_delay = \"{d}\"\n"));
+    format!(
+        "[stages.schema]\nkind = \"schema_dump\"\n\n\
      [stages.provision]\nkind = \"provision\"\nafter = [\"schema\"]\n\n\
      [stages.load]\nkind = \"full_load\"\nafter = [\"provision\"]\njobs = 2\n\n\
      [stages.indexes]\nkind = \"post_data\"\nafter = [\"load\"]\njobs = 2\n\n\
-     [stages.cdc]\nkind = \"cdc\"\nafter = [\"indexes\"]\n\n\
+     [stages.cdc]\nkind = \"cdc\"\nafter = [\"indexes\"]\n{delay}\n\
      [stages.cutover]\nkind = \"cutover\"\nafter = [\"cdc\"]\napproval = \"manual\"\n"
-        .to_string()
+    )
 }
 
 fn user_tables(c: &Cluster, db: &str) -> Vec<String> {
@@ -290,7 +297,7 @@ fn round(a: &Args, p: &Pair, src: &str, n: usize, rate: Option<u32>) {
     fresh_target(&p.target, &tf);
 
     // pgferry: load and follow (a manual cutover nobody approves keeps cdc running).
-    let plan = TestPlan::new(p, &migration, src, &tf, &stages());
+    let plan = TestPlan::new(p, &migration, src, &tf, &stages(a.batch_delay.as_deref()));
     let (mut cmd, log) = pgferry_cmd(&plan, &["run"], "soak.log");
     let mut child = cmd.spawn().expect("spawn pgferry");
     let tdb = Db::connect_when_created(&p.target, &tf, &mut child, &log);
@@ -369,12 +376,19 @@ fn round(a: &Args, p: &Pair, src: &str, n: usize, rate: Option<u32>) {
             .map_or(0.0, |(t, _)| (now - t).max(0.0))
     };
     let mut last_print = Instant::now();
+    // Samples count once both followers have applied a transaction of the writer's (native has no
+    // remote position before its first one).
+    let begin = lsn(&sdb.one("SELECT pg_current_wal_insert_lsn()::text"));
     while start.elapsed() < Duration::from_secs(a.seconds) {
         let t = start.elapsed().as_secs_f64();
         let src_lsn = lsn(&sdb.one("SELECT pg_current_wal_insert_lsn()::text"));
         let f = lsn(&tdb.one(ferry_applied));
         let nl = lsn(&ndb.one(&origin));
         history.push((t, src_lsn));
+        if ferry.bytes.is_empty() && (f < begin || nl < begin) {
+            std::thread::sleep(SAMPLE_EVERY);
+            continue;
+        }
         for (lags, applied) in [(&mut ferry, f), (&mut native, nl)] {
             lags.bytes.push(src_lsn.saturating_sub(applied) as f64);
             lags.secs.push(lag_secs(&history, t, applied));

@@ -589,3 +589,147 @@ fn random_workloads_apply_equal_with_grouping() {
         .unwrap_or(-1);
     assert!(retried >= 1, "no grouped conflict was exercised");
 }
+
+/// A steady writer (100 transactions a second of an insert, an update and a delete, for 21 s)
+/// while cdc follows: the lag stops growing (the mean of the last third of the samples is not
+/// above the first third's beyond a margin of 2x + 512 kB), the bookkeeping stays far lighter
+/// than the apply (rows pgferry writes to its own tables, beside the exactly-once position in each
+/// applied transaction, against the rows it applies: counters and positions written per applied
+/// batch cost the target more than the stream), the slot
+/// follows the apply within seconds once the writer stops, and the target equals the source.
+#[test]
+fn a_steady_writer_is_followed_with_bounded_lag() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::time::Instant;
+
+    let p = pair();
+    let s = p.source.fresh_database("cdc_steady_src");
+    let t = p.target.fresh_database("cdc_steady_tgt");
+    p.source.psql(&s, SETUP);
+    let stages = format!("{STAGES}\n[stages.cutover]\nkind = \"cutover\"\nafter = [\"cdc\"]\n");
+    let plan = TestPlan::new(p, "cdc_steady", &s, &t, &stages);
+    let mut child = plan.spawn(&["run"]);
+    plan.wait_until_cdc_ready(p, &mut child);
+    // Rows written (inserted, updated, deleted) to the tables of a schema of the target.
+    let rows_written = |schema: &str| -> i64 {
+        p.target
+            .psql(
+                &t,
+                &format!(
+                    "SELECT coalesce(sum(n_tup_ins + n_tup_upd + n_tup_del), 0) FROM pg_stat_user_tables \
+                     WHERE schemaname = '{schema}' AND relname <> 'cdc_applied'"
+                ),
+            )
+            .parse()
+            .expect("a count")
+    };
+    // Statistics reach pg_stat_user_tables within a second or so of a transaction.
+    std::thread::sleep(Duration::from_millis(1500));
+    let (store_before, app_before) = (rows_written("pgferry"), rows_written("public"));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (stop, written, s) = (stop.clone(), written.clone(), s.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let client = pair().source.client(&s).await;
+                let every = Duration::from_millis(10);
+                let mut due = tokio::time::Instant::now();
+                let mut i: u64 = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    i += 1;
+                    due = (due + every).max(tokio::time::Instant::now());
+                    tokio::time::sleep_until(due).await;
+                    client
+                        .batch_execute(&format!(
+                            "BEGIN; INSERT INTO public.logs VALUES ({i}, 'steady {i}'); \
+                             UPDATE public.items SET name = 'steady {i}' WHERE id = {}; \
+                             DELETE FROM public.logs WHERE n = {} AND v LIKE 'steady %'; COMMIT;",
+                            i % 100 + 2,
+                            i.saturating_sub(50)
+                        ))
+                        .await
+                        .expect("the writer's transaction");
+                    written.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+        })
+    };
+    let lsn = |v: &str| -> u64 {
+        let (hi, lo) = v.split_once('/').expect("an LSN");
+        (u64::from_str_radix(hi, 16).expect("hex") << 32)
+            | u64::from_str_radix(lo, 16).expect("hex")
+    };
+    let mut lags = Vec::new();
+    let started = Instant::now();
+    // Samples count once a transaction of the writer's is applied.
+    let begin = lsn(&current_lsn(&p.source, &s));
+    while started.elapsed() < Duration::from_secs(21) {
+        let src = lsn(&current_lsn(&p.source, &s));
+        let applied = lsn(&p.target.psql(
+            &t,
+            "SELECT coalesce(max(lsn), '0/0') FROM pgferry.cdc_applied",
+        ));
+        if lags.is_empty() && applied < begin {
+            std::thread::sleep(Duration::from_millis(250));
+            continue;
+        }
+        lags.push(src.saturating_sub(applied) as f64);
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    stop.store(true, Ordering::SeqCst);
+    writer.join().expect("writer");
+    let n = written.load(Ordering::SeqCst);
+    let end = current_lsn(&p.source, &s);
+    wait_for("cdc to catch up", Duration::from_secs(60), || {
+        caught_up(&t, &end)
+    });
+    let third = lags.len() / 3;
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (first, last) = (mean(&lags[..third]), mean(&lags[lags.len() - third..]));
+    eprintln!(
+        "[test] {n} writer transactions; lag mean first third {:.0} kB, last third {:.0} kB, max {:.0} kB",
+        first / 1024.0,
+        last / 1024.0,
+        lags.iter().copied().fold(0.0, f64::max) / 1024.0
+    );
+    assert!(n >= 500, "the writer barely ran ({n} transactions)");
+    assert!(
+        last <= first * 2.0 + 512.0 * 1024.0,
+        "the lag grows under a steady writer: {first:.0} bytes in the first third, {last:.0} in the last"
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let store_rows = rows_written("pgferry") - store_before;
+    let app_rows = rows_written("public") - app_before;
+    eprintln!("[test] {store_rows} bookkeeping rows written for {app_rows} rows applied");
+    assert!(app_rows >= 3 * 500, "{app_rows} rows applied");
+    assert!(
+        store_rows * 4 < app_rows,
+        "{store_rows} rows written to pgferry's tables for {app_rows} rows applied: the bookkeeping costs the target as much as the stream"
+    );
+    // The slot follows the apply.
+    let applied = p
+        .target
+        .psql(&t, "SELECT max(lsn) FROM pgferry.cdc_applied");
+    wait_for(
+        "the slot to follow the apply",
+        Duration::from_secs(5),
+        || {
+            p.source.psql(
+            &s,
+            &format!(
+                "SELECT confirmed_flush_lsn >= '{applied}'::pg_lsn FROM pg_replication_slots WHERE database = current_database() AND slot_name LIKE 'pgferry%'"
+            ),
+        ) == "t"
+        },
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_same_data(&s, &t);
+}

@@ -102,6 +102,14 @@ const DEFAULT_BATCH_CHANGES: u32 = 10_000;
 const DEFAULT_BATCH_DELAY: Duration = Duration::from_millis(100);
 const STATUS_EVERY: Duration = Duration::from_secs(10);
 const DRAIN_CHECK_EVERY: Duration = Duration::from_millis(500);
+/// How often the change counters and the latency go to the store: they are kept in memory between
+/// (a write per applied batch cost the target more CPU than the apply itself under a live stream),
+/// and written whenever the stream ends.
+const BOOKKEEPING_EVERY: Duration = Duration::from_secs(1);
+/// How often the applied position goes to the store (for `status`, the sampler and the cutover's
+/// lag check); the exactly-once position itself is written in every applied transaction, and the
+/// store's copy is brought up to date whenever the stream stops, holds or drains.
+const STORED_POSITION_EVERY: Duration = Duration::from_millis(100);
 const HOLD_POLL: Duration = Duration::from_millis(100);
 /// The longest cdc stays held for a validation that does not release it (crashed).
 pub const HOLD_MAX: Duration = Duration::from_secs(600);
@@ -215,6 +223,8 @@ struct DbStream<'a> {
     /// For the lag profile: the latency of the last commit, the changes applied by this stream.
     latency_ms: AtomicI64,
     applied_changes: AtomicI64,
+    /// Counts of committed batches not yet written to the store, and when they last were.
+    unwritten: std::sync::Mutex<(Counts, Instant)>,
 }
 
 /// Parses a `SHOW wal_sender_timeout` value (`60s`, `1min`, `500ms`, `0` = disabled).
@@ -249,6 +259,13 @@ struct Loop {
     batch_commit_time: i64,
     counts: Counts,
     last_status: Instant,
+    /// The applied position the source was last told in a status update from the keepalive path.
+    reported: Lsn,
+    /// The applied position last written to the store, and when.
+    stored: Lsn,
+    stored_at: Instant,
+    /// When a keepalive last moved the applied position with nothing pending.
+    idle_at: Instant,
     ready: bool,
     /// Transactions committed at or before this LSN are applied change by change.
     strict_until: Option<Lsn>,
@@ -271,6 +288,7 @@ impl<'a> DbStream<'a> {
             status_every: STATUS_EVERY,
             latency_ms: AtomicI64::new(0),
             applied_changes: AtomicI64::new(0),
+            unwritten: std::sync::Mutex::new((Counts::new(), Instant::now())),
         }
     }
 
@@ -423,6 +441,10 @@ impl<'a> DbStream<'a> {
                 batch_commit_time: 0,
                 counts: HashMap::new(),
                 last_status: Instant::now(),
+                reported: start,
+                stored: start,
+                stored_at: Instant::now(),
+                idle_at: Instant::now(),
                 ready: false,
                 strict_until,
             };
@@ -481,6 +503,7 @@ impl<'a> DbStream<'a> {
                 {
                     repl.send_status(st.applied, st.applied, st.applied, false)
                         .await?;
+                    self.store_position(&mut st, true).await?;
                     self.cx
                         .store
                         .event(
@@ -515,6 +538,7 @@ impl<'a> DbStream<'a> {
                         if st.batch_open && !st.in_source_tx {
                             alive!(self, repl, st, self.flush(&mut ap, &mut st))?;
                         }
+                        self.store_position(&mut st, true).await?;
                         // An unfinished source transaction is rolled back with the session.
                         return Err(Error::interrupted());
                     }
@@ -523,6 +547,12 @@ impl<'a> DbStream<'a> {
                             alive!(self, repl, st, self.flush(&mut ap, &mut st))?;
                             repl.send_status(st.applied, st.applied, st.applied, false).await?;
                             st.last_status = Instant::now();
+                            st.reported = st.applied;
+                            if !st.ready && st.applied >= ready_at {
+                                st.ready = true;
+                                tracing::info!(database = %self.db.name, applied = %st.applied, "cdc caught up");
+                                on_ready();
+                            }
                         }
                         if st.last_status.elapsed() >= self.status_every {
                             repl.send_status(st.applied, st.applied, st.applied, false).await?;
@@ -532,20 +562,32 @@ impl<'a> DbStream<'a> {
                     m = repl.next_message() => {
                         match m.map_err(explain_missing)? {
                             ReplicationMessage::Keepalive(k) => {
-                                if !st.in_source_tx {
-                                    if st.batch_open {
-                                        alive!(self, repl, st, self.flush(&mut ap, &mut st))?;
-                                    }
+                                // The walsender has sent everything: commit what is batched now
+                                // (the lowest lag). Under a live stream that is about once per
+                                // source transaction, so a commit carries no bookkeeping of its
+                                // own: counters and the store's copy of the position are written
+                                // at most every second and every 100 ms.
+                                if !st.in_source_tx && st.batch_open {
+                                    alive!(self, repl, st, self.flush(&mut ap, &mut st))?;
+                                }
+                                if !st.in_source_tx && !st.batch_open {
                                     // Everything committed before the hold has been sent.
                                     self.holds_before(&mut ap, &mut repl, &mut st, &mut hold, &mut drain, k.wal_end).await?;
-                                    // Nothing pending: everything up to the server's position is applied.
-                                    if k.wal_end > st.applied {
+                                    // Nothing pending: everything up to the server's position is
+                                    // applied. Recorded at most every 100 ms under a live stream
+                                    // (a keepalive follows nearly every transaction), at once while
+                                    // a cutover drains or before cdc is ready.
+                                    if k.wal_end > st.applied
+                                        && (drain.is_some() || !st.ready || st.idle_at.elapsed() >= STORED_POSITION_EVERY)
+                                    {
                                         ap.advance_idle(k.wal_end).await?;
                                         st.applied = k.wal_end;
-                                        self.cx.store.advance_position(&applied_position(&self.db.name), &st.applied.to_string()).await?;
+                                        st.idle_at = Instant::now();
+                                        self.store_position(&mut st, drain.is_some()).await?;
                                         // Caught up with nothing to apply: no latency.
-                                        self.cx.store.set_counters(&[(self.db.name.clone(), "cdcLatencyMs".into(), 0)]).await?;
-                                        self.latency_ms.store(0, Ordering::Relaxed);
+                                        if self.latency_ms.swap(0, Ordering::Relaxed) != 0 {
+                                            self.cx.store.set_counters(&[(self.db.name.clone(), "cdcLatencyMs".into(), 0)]).await?;
+                                        }
                                     }
                                     if !st.ready && k.wal_end >= ready_at {
                                         st.ready = true;
@@ -553,9 +595,13 @@ impl<'a> DbStream<'a> {
                                         on_ready();
                                     }
                                 }
-                                if k.reply_requested || st.last_status.elapsed() >= self.status_every {
+                                // The slot follows the apply: a position applied since the last
+                                // report goes to the source now, so it retains no more WAL than
+                                // needed, also once the source is idle.
+                                if k.reply_requested || st.applied > st.reported || st.last_status.elapsed() >= self.status_every {
                                     repl.send_status(st.applied, st.applied, st.applied, false).await?;
                                     st.last_status = Instant::now();
+                                    st.reported = st.applied;
                                 }
                             }
                             ReplicationMessage::XLogData(x) => {
@@ -575,6 +621,14 @@ impl<'a> DbStream<'a> {
                                     alive!(self, repl, st, self.flush(&mut ap, &mut st))?;
                                     repl.send_status(st.applied, st.applied, st.applied, false).await?;
                                     st.last_status = Instant::now();
+                                    st.reported = st.applied;
+                                }
+                                // Under a steady stream the batch may be open at every keepalive:
+                                // caught up is also when a commit past the start is applied.
+                                if !st.ready && !st.batch_open && st.applied >= ready_at {
+                                    st.ready = true;
+                                    tracing::info!(database = %self.db.name, applied = %st.applied, "cdc caught up");
+                                    on_ready();
                                 }
                             }
                         }
@@ -583,6 +637,11 @@ impl<'a> DbStream<'a> {
             }
         }
         .await;
+        // What was applied is counted, whatever ended the stream (best effort on a failure: the
+        // stage's own error is the one to report).
+        if let Err(e) = self.write_counters(true).await {
+            tracing::warn!(database = %self.db.name, error = %e, "could not record the cdc counters");
+        }
         match result {
             Ok(()) => Ok(None),
             Err(e) if e.kind != crate::error::ErrorKind::Interrupted => {
@@ -825,15 +884,60 @@ impl<'a> DbStream<'a> {
         st.applied = st.applied.max(st.batch_end);
         st.batch_open = false;
         st.batch_count = 0;
-        let store = &self.cx.store;
-        let db = &self.db.name;
-        store
-            .advance_position(&applied_position(db), &st.applied.to_string())
+        self.store_position(st, false).await?;
+        let mut sum = 0;
+        {
+            let mut unwritten = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
+            for (table, c) in st.counts.drain() {
+                sum += c.iter().sum::<i64>();
+                let e = unwritten.0.entry(table).or_insert([0; 3]);
+                for i in 0..3 {
+                    e[i] += c[i];
+                }
+            }
+        }
+        self.applied_changes.fetch_add(sum, Ordering::Relaxed);
+        if st.batch_commit_time != 0 {
+            let latency = SystemTime::now()
+                .duration_since(pg_time_to_system(st.batch_commit_time))
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0);
+            self.latency_ms.store(latency, Ordering::Relaxed);
+        }
+        self.write_counters(false).await
+    }
+
+    /// Copies the applied position to the store: at most every [`STORED_POSITION_EVERY`], or now
+    /// with `force`.
+    async fn store_position(&self, st: &mut Loop, force: bool) -> Result<()> {
+        if st.applied <= st.stored || (!force && st.stored_at.elapsed() < STORED_POSITION_EVERY) {
+            return Ok(());
+        }
+        self.cx
+            .store
+            .advance_position(&applied_position(&self.db.name), &st.applied.to_string())
             .await?;
+        st.stored = st.applied;
+        st.stored_at = Instant::now();
+        Ok(())
+    }
+
+    /// Writes the counts of committed batches and the latency to the store: at most every
+    /// [`BOOKKEEPING_EVERY`], or now with `force`.
+    async fn write_counters(&self, force: bool) -> Result<()> {
         const NAMES: [&str; 3] = ["cdcInsertCounter", "cdcUpdateCounter", "cdcDeleteCounter"];
+        let counts = {
+            let mut unwritten = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
+            if !force && unwritten.1.elapsed() < BOOKKEEPING_EVERY {
+                return Ok(());
+            }
+            unwritten.1 = Instant::now();
+            std::mem::take(&mut unwritten.0)
+        };
+        let db = &self.db.name;
         let mut deltas: Vec<(String, String, i64)> = Vec::new();
         let mut totals = [0i64; 3];
-        for (table, c) in st.counts.drain() {
+        for (table, c) in counts {
             let scope = format!("{db}.{table}");
             for (i, name) in NAMES.iter().enumerate() {
                 if c[i] != 0 {
@@ -844,7 +948,6 @@ impl<'a> DbStream<'a> {
             deltas.push((scope, "totalChangesApplied".into(), c.iter().sum()));
         }
         let sum: i64 = totals.iter().sum();
-        self.applied_changes.fetch_add(sum, Ordering::Relaxed);
         if sum > 0 {
             for (i, name) in NAMES.iter().enumerate() {
                 if totals[i] != 0 {
@@ -853,18 +956,17 @@ impl<'a> DbStream<'a> {
             }
             deltas.push((db.clone(), "totalChangesApplied".into(), sum));
         }
-        store.add_counters(&deltas).await?;
-        if st.batch_commit_time != 0 {
-            let latency = SystemTime::now()
-                .duration_since(pg_time_to_system(st.batch_commit_time))
-                .map(|d| d.as_millis() as i64)
-                .unwrap_or(0);
-            self.latency_ms.store(latency, Ordering::Relaxed);
-            store
-                .set_counters(&[(db.clone(), "cdcLatencyMs".into(), latency)])
-                .await?;
+        let store = &self.cx.store;
+        if !deltas.is_empty() {
+            store.add_counters(&deltas).await?;
         }
-        Ok(())
+        store
+            .set_counters(&[(
+                db.clone(),
+                "cdcLatencyMs".into(),
+                self.latency_ms.load(Ordering::Relaxed),
+            )])
+            .await
     }
 }
 
