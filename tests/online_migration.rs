@@ -348,3 +348,199 @@ fn an_approved_cutover_waits_for_the_lag_and_says_why() {
         "on"
     );
 }
+
+/// `status --json` of `plan`: the migration-level state, the database-level one, and the whole
+/// document.
+fn states(plan: &TestPlan) -> (String, String, serde_json::Value) {
+    let out = plan.run(&["status", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    let state = |i: usize| {
+        v["output"][i]["migrationState"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no migrationState in output[{i}]: {v:#}"))
+            .to_string()
+    };
+    (state(0), state(1), v)
+}
+
+fn stage_state(v: &serde_json::Value, stage: &str) -> String {
+    v["stages"]
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["stage"] == stage))
+        .and_then(|r| r["state"].as_str())
+        .unwrap_or("absent")
+        .to_string()
+}
+
+/// Polls `status --json` until `until` holds of it, recording every migration state seen (once
+/// each, in order); fails when the runner stops first.
+fn poll_states(
+    plan: &TestPlan,
+    child: &mut std::process::Child,
+    seen: &mut Vec<String>,
+    what: &str,
+    until: impl Fn(&str, &serde_json::Value) -> bool,
+) {
+    wait_for(what, Duration::from_secs(90), || {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "the runner stopped while waiting for {what}: {status:?}; states seen: {seen:?}"
+            );
+        }
+        let (migration, database, v) = states(plan);
+        assert_eq!(
+            migration, database,
+            "one database: the same state at both levels"
+        );
+        if seen.last() != Some(&migration) {
+            seen.push(migration.clone());
+        }
+        until(&migration, &v)
+    });
+}
+
+/// Azure DMS's migration states appear in `status --json` in order, each held by the test until it
+/// has been seen: the load is held by a gate on the source (an `sql` stage beside it waits for the
+/// gate's lock), cdc's apply by a gate on the target, a manual cutover waits for `pgferry cutover`,
+/// and the approved cutover's drain by the target gate again.
+#[test]
+fn status_shows_each_azure_dms_state_in_order() {
+    use support::gate::{Gate, KEY};
+    let p = pair();
+    let s = p.source.fresh_database("states_src");
+    let t = p.target.fresh_database("states_tgt");
+    p.source.psql(
+        &s,
+        "CREATE TABLE public.items (id int PRIMARY KEY, v text);
+         INSERT INTO public.items SELECT g, 'row ' || g FROM generate_series(1, 1000) g;",
+    );
+    let stages = format!(
+        "[stages.schema]\nkind = \"schema_dump\"\n\n\
+         [stages.provision]\nkind = \"provision\"\nafter = [\"schema\"]\n\n\
+         [stages.load]\nkind = \"full_load\"\nafter = [\"provision\"]\n\n\
+         [stages.hold]\nkind = \"sql\"\non = \"source\"\nafter = [\"load\"]\nsql = \"SELECT pg_advisory_xact_lock_shared({KEY})\"\n\n\
+         [stages.indexes]\nkind = \"post_data\"\nafter = [\"load\", \"hold\"]\n\n\
+         [stages.cdc]\nkind = \"cdc\"\nafter = [\"indexes\"]\n\n\
+         [stages.cutover]\nkind = \"cutover\"\nafter = [\"cdc\"]\napproval = \"manual\"\nmax_lag = \"1s\"\n\n\
+         [stages.cleanup]\nkind = \"cleanup\"\nafter = [\"cutover\"]\n"
+    );
+    let plan = TestPlan::new(p, "states", &s, &t, &stages);
+    let mut seen: Vec<String> = Vec::new();
+
+    // Before the run: PENDING.
+    let (state, _, v) = states(&plan);
+    assert_eq!(state, "PENDING");
+    assert_eq!(v["output"][0]["state"], "PENDING");
+    seen.push(state);
+
+    let load_gate = Gate::close(&p.source, &s);
+    let apply_gate = Gate::close(&p.target, &t);
+    let mut child = plan.spawn(&["run"]);
+
+    // FULL_LOAD: the load is done, the stage beside it holds everything after it.
+    poll_states(
+        &plan,
+        &mut child,
+        &mut seen,
+        "the load to finish",
+        |_, v| stage_state(v, "load") == "done" && stage_state(v, "hold") == "running",
+    );
+    assert_eq!(seen.last().map(String::as_str), Some("FULL_LOAD"));
+    // A change for cdc, which the target gate will stop.
+    Gate::install(&p.target, &t, "public.items");
+    p.source
+        .psql(&s, "INSERT INTO public.items VALUES (1001, 'during cdc')");
+    load_gate.open();
+
+    // CATCHING_UP: cdc runs and is held at the gate applying that change.
+    poll_states(&plan, &mut child, &mut seen, "cdc to run", |state, v| {
+        state == "CATCHING_UP" && stage_state(v, "cdc") == "running"
+    });
+    apply_gate.wait_blocked(&p.target, "pgferry cdc apply", Duration::from_secs(90));
+    let (state, _, _) = states(&plan);
+    assert_eq!(state, "CATCHING_UP", "cdc is held: still catching up");
+    apply_gate.open();
+
+    // READY_TO_COMPLETE: cdc caught up, the manual cutover waits for `pgferry cutover`.
+    poll_states(
+        &plan,
+        &mut child,
+        &mut seen,
+        "the cutover to wait for its approval",
+        |state, v| {
+            state == "READY_TO_COMPLETE"
+                && stage_state(v, "cutover") == "running"
+                && v["stages"]
+                    .as_array()
+                    .and_then(|r| r.iter().find(|r| r["stage"] == "cutover"))
+                    .is_some_and(|r| {
+                        r["detail"]["databases"][s.as_str()]["phase"] == "ready_to_complete"
+                    })
+        },
+    );
+    // It stays there: the cutover never goes on by itself.
+    let (state, _, _) = states(&plan);
+    assert_eq!(state, "READY_TO_COMPLETE");
+
+    // CUTTING_OVER from the approval on, held by a change cdc cannot apply yet.
+    let drain_gate = Gate::close(&p.target, &t);
+    p.source.psql(
+        &s,
+        "INSERT INTO public.items VALUES (1002, 'before the approval')",
+    );
+    drain_gate.wait_blocked(&p.target, "pgferry cdc apply", Duration::from_secs(90));
+    let out = plan.run(&["cutover"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    poll_states(
+        &plan,
+        &mut child,
+        &mut seen,
+        "the cutover to start",
+        |state, _| state == "CUTTING_OVER",
+    );
+    assert_eq!(
+        p.source.psql(&s, "SHOW default_transaction_read_only"),
+        "off",
+        "the approved cutover waits for the lag before it fences"
+    );
+    drain_gate.open();
+
+    let out = child.wait_with_output().expect("the runner");
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let (state, database, v) = states(&plan);
+    assert_eq!(
+        (state.as_str(), database.as_str()),
+        ("COMPLETED", "COMPLETED")
+    );
+    assert_eq!(v["output"][0]["state"], "SUCCEEDED");
+    if seen.last() != Some(&state) {
+        seen.push(state);
+    }
+    assert_eq!(
+        seen,
+        [
+            "PENDING",
+            "FULL_LOAD",
+            "CATCHING_UP",
+            "READY_TO_COMPLETE",
+            "CUTTING_OVER",
+            "COMPLETED"
+        ]
+    );
+    // And the data made it: both changes, every row.
+    Gate::uninstall(&p.target, &t, "public.items");
+    assert_eq!(
+        row_digest(&p.target, &t, "public.items"),
+        row_digest(&p.source, &s, "public.items")
+    );
+    assert_eq!(
+        p.target
+            .psql(&t, "SELECT count(*) FROM public.items WHERE id > 1000"),
+        "2"
+    );
+    assert_eq!(
+        p.source.psql(&s, "SHOW default_transaction_read_only"),
+        "on"
+    );
+}

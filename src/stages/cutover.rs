@@ -35,6 +35,7 @@ use crate::pg::pgoutput::Lsn;
 use crate::plan::{Database, StageOptions};
 use crate::state::StageState;
 use crate::state::postgres::PgStore;
+use crate::status::{CUTOVER_DETAIL_KEY, CutoverPhase};
 
 const POLL: Duration = Duration::from_millis(250);
 
@@ -94,6 +95,20 @@ impl Cutover {
     }
 
     async fn approve(&self, cx: &StageContext, db: &Database, o: &Options) -> Result<()> {
+        let waiting_for = if o.manual && !self.env.rehearsal {
+            format!("waiting for `pgferry cutover {}`", self.env.plan.path)
+        } else {
+            format!(
+                "waiting until cdc stays within max_lag ({}) for {}",
+                humantime::format_duration(o.max_lag),
+                humantime::format_duration(if o.manual {
+                    Duration::ZERO
+                } else {
+                    o.quiet_for
+                })
+            )
+        };
+        record_phase(cx, db, CutoverPhase::ReadyToComplete, &waiting_for).await?;
         if o.manual && self.env.rehearsal {
             let msg = format!(
                 "rehearsal: the cutover of {} has approval = \"manual\"; a rehearsal does not wait for `pgferry cutover` and proceeds once cdc is within max_lag ({})",
@@ -112,6 +127,13 @@ impl Cutover {
             loop {
                 if let Some(at) = store.requested("cutover").await? {
                     tracing::info!(database = %db.name, requested_at = %at, "cutover approved; fencing once cdc is within max_lag");
+                    record_phase(
+                        cx,
+                        db,
+                        CutoverPhase::CuttingOver,
+                        &format!("approved at {at}; fencing once cdc is within max_lag"),
+                    )
+                    .await?;
                     break;
                 }
                 if !said {
@@ -158,6 +180,13 @@ impl Cutover {
                 let since = *quiet_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= quiet_for {
                     tracing::info!(database = %db.name, "cutover: lag within max_lag; proceeding");
+                    record_phase(
+                        cx,
+                        db,
+                        CutoverPhase::CuttingOver,
+                        "cdc is within max_lag: fencing",
+                    )
+                    .await?;
                     return Ok(());
                 }
             } else {
@@ -363,6 +392,14 @@ impl Cutover {
         };
         if earlier.is_none() {
             self.approve(cx, db, o).await?;
+        } else {
+            record_phase(
+                cx,
+                db,
+                CutoverPhase::CuttingOver,
+                "simulated fence taken in an earlier attempt: draining",
+            )
+            .await?;
         }
         let fenced_at = Instant::now();
         let target = match earlier {
@@ -506,7 +543,15 @@ impl Cutover {
             .checkpoint(&cx.stage, &drain_key(&db.name))
             .await?
             .is_some();
-        if !fenced_before {
+        if fenced_before {
+            record_phase(
+                cx,
+                db,
+                CutoverPhase::CuttingOver,
+                "fenced in an earlier attempt: draining",
+            )
+            .await?;
+        } else {
             self.approve(cx, db, o).await?;
         }
         let source = self
@@ -633,6 +678,42 @@ impl Stage for Cutover {
         }
         Ok(())
     }
+}
+
+/// Records how far the cutover of `db` got in the stage's detail, which `status` reads to tell
+/// `READY_TO_COMPLETE` (waiting for the approval or the lag condition) from `CUTTING_OVER`.
+async fn record_phase(
+    cx: &StageContext,
+    db: &Database,
+    phase: CutoverPhase,
+    note: &str,
+) -> Result<()> {
+    let mut detail = cx
+        .store
+        .stages()
+        .await?
+        .into_iter()
+        .find(|r| r.stage == cx.stage)
+        .map(|r| r.detail)
+        .filter(serde_json::Value::is_object)
+        .unwrap_or_else(|| serde_json::json!({}));
+    let entry = serde_json::json!({
+        "phase": phase,
+        "since": crate::state::Timestamp::now(),
+        "note": note,
+    });
+    if let Some(obj) = detail.as_object_mut() {
+        let dbs = obj
+            .entry(CUTOVER_DETAIL_KEY)
+            .or_insert_with(|| serde_json::json!({}));
+        if !dbs.is_object() {
+            *dbs = serde_json::json!({});
+        }
+        if let Some(dbs) = dbs.as_object_mut() {
+            dbs.insert(db.name.clone(), entry);
+        }
+    }
+    cx.store.set_stage_detail(&cx.stage, &detail).await
 }
 
 /// Says `msg` in the log and in the run's events.

@@ -16,7 +16,7 @@ use super::cluster::Cluster;
 use super::plan::wait_for;
 
 /// The advisory lock key the gate trigger and the holding session share.
-const KEY: i64 = 70_014_220;
+pub const KEY: i64 = 70_014_220;
 
 /// An exclusive advisory lock held by a `psql` child until [`Gate::open`] or drop.
 pub struct Gate {
