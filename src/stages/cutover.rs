@@ -4,14 +4,14 @@
 //! - approval "manual" (default) waits for the `cutover` request that `pgferry cutover PLAN` records
 //!   in the store, then for cdc to be within `max_lag` of the source (it says why it waits, every
 //!   10 s, in the log and the store's events). "auto" proceeds once cdc has stayed within `max_lag`
-//!   (default 5s) of the source for `quiet_for` (default 10s): every `max_lag` it samples the
+//!   of the source for `quiet_for` (defaults in `plan::raw::defaults`): every `max_lag` it samples the
 //!   source's WAL position and counts the lag as small when cdc's applied position has reached the
 //!   previous sample (or the current position).
 //! - fence "read_only" (default): `ALTER DATABASE <source> SET default_transaction_read_only = on`,
 //!   then terminates the database's other client sessions (not walsenders). "none": no fence.
 //! - Then it records `pg_current_wal_insert_lsn()` (every commit so far is before it, also with
 //!   asynchronous commit) in its checkpoint `drain:<db>`; cdc applies up to at least that
-//!   position and finishes (done). The cutover waits for that (at most `timeout`, default 10 min),
+//!   position and finishes (done). The cutover waits for that (at most `timeout`),
 //!   then copies what logical decoding does not carry (unlogged tables, large objects; see
 //!   [`super::unreplicated`]) and refreshes materialized views, and reports the downtime: fence to
 //!   all of that done.
@@ -63,15 +63,11 @@ impl Cutover {
             _ => Default::default(),
         };
         Options {
-            manual: o.approval.as_deref().unwrap_or("manual") == "manual",
-            max_lag: o
-                .max_lag
-                .map(|d| d.0)
-                .unwrap_or(Duration::from_secs(5))
-                .max(Duration::from_millis(200)),
-            quiet_for: o.quiet_for.map(|d| d.0).unwrap_or(Duration::from_secs(10)),
-            fence: o.fence.as_deref().unwrap_or("read_only") == "read_only",
-            timeout: o.timeout.map(|d| d.0).unwrap_or(Duration::from_secs(600)),
+            manual: o.manual(),
+            max_lag: o.max_lag().max(Duration::from_millis(200)),
+            quiet_for: o.quiet_for(),
+            fence: o.read_only_fence(),
+            timeout: o.timeout(),
         }
     }
 

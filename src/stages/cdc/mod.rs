@@ -98,8 +98,6 @@ async fn keep_alive<T>(
     }
 }
 
-const DEFAULT_BATCH_CHANGES: u32 = 10_000;
-const DEFAULT_BATCH_DELAY: Duration = Duration::from_millis(100);
 const STATUS_EVERY: Duration = Duration::from_secs(10);
 const DRAIN_CHECK_EVERY: Duration = Duration::from_millis(500);
 const HOLD_POLL: Duration = Duration::from_millis(100);
@@ -118,11 +116,11 @@ impl Cdc {
 
     fn options(&self, db: usize) -> (u64, Duration) {
         match self.env.plan.stages[self.index].options.get(db) {
-            Some(StageOptions::Cdc(o)) => (
-                u64::from(o.batch_changes.unwrap_or(DEFAULT_BATCH_CHANGES).max(1)),
-                o.batch_delay.map(|d| d.0).unwrap_or(DEFAULT_BATCH_DELAY),
-            ),
-            _ => (u64::from(DEFAULT_BATCH_CHANGES), DEFAULT_BATCH_DELAY),
+            Some(StageOptions::Cdc(o)) => (u64::from(o.batch_changes().max(1)), o.batch_delay()),
+            _ => {
+                let o = crate::plan::raw::CdcOptions::default();
+                (u64::from(o.batch_changes()), o.batch_delay())
+            }
         }
     }
 }
