@@ -425,7 +425,8 @@ fn status_shows_each_azure_dms_state_in_order() {
          [stages.cutover]\nkind = \"cutover\"\nafter = [\"cdc\"]\napproval = \"manual\"\nmax_lag = \"1s\"\n\n\
          [stages.cleanup]\nkind = \"cleanup\"\nafter = [\"cutover\"]\n"
     );
-    let plan = TestPlan::new(p, "states", &s, &t, &stages);
+    // A name as a person types it: the slot and publication names are derived from it.
+    let plan = TestPlan::new(p, "Prod Move 2026", &s, &t, &stages);
     let mut seen: Vec<String> = Vec::new();
 
     // Before the run: PENDING.
@@ -482,6 +483,38 @@ fn status_shows_each_azure_dms_state_in_order() {
     // It stays there: the cutover never goes on by itself.
     let (state, _, _) = states(&plan);
     assert_eq!(state, "READY_TO_COMPLETE");
+
+    // `plan` names the slot and the publication the run created on the source.
+    let dry = plan.run(&["plan"]);
+    assert_eq!(dry.status.code(), Some(0), "{}", show(&dry));
+    let text = String::from_utf8_lossy(&dry.stdout);
+    let shown = |label: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(label))
+            .unwrap_or_else(|| panic!("no `{label}` in:\n{text}"))
+            .trim()
+            .to_string()
+    };
+    let slot = shown("replication slot on the source:");
+    let publication = shown("publication on the source:");
+    let count = |sql: String| p.source.psql(&s, &sql);
+    let slots = |name: &str| {
+        count(format!(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{name}'"
+        ))
+    };
+    let publications = |name: &str| {
+        count(format!(
+            "SELECT count(*) FROM pg_publication WHERE pubname = '{name}'"
+        ))
+    };
+    assert!(slot.starts_with("pgferry_prod_move_2026_"), "{slot}");
+    assert!(
+        publication.starts_with("pgferry_prod_move_2026_"),
+        "{publication}"
+    );
+    assert_eq!(slots(&slot), "1", "the slot `plan` shows is the run's");
+    assert_eq!(publications(&publication), "1");
 
     // CUTTING_OVER from the approval on, held by a change cdc cannot apply yet.
     let drain_gate = Gate::close(&p.target, &t);
@@ -543,4 +576,7 @@ fn status_shows_each_azure_dms_state_in_order() {
         p.source.psql(&s, "SHOW default_transaction_read_only"),
         "on"
     );
+    // Cleanup found them by the same derived names.
+    assert_eq!(slots(&slot), "0");
+    assert_eq!(publications(&publication), "0");
 }

@@ -771,9 +771,24 @@ fn schema_rejects_broken_plans() {
             json!({"stages": {"bad id": {"kind": "preflight"}}}),
         ),
         (
-            "a plan name that is not a lowercase identifier",
+            "a plan name with a control character",
             "/name".to_string(),
-            json!({"name": "DVD Rental"}),
+            json!({"name": "DVD\nRental"}),
+        ),
+        (
+            "a plan name ending in a space",
+            "/name".to_string(),
+            json!({"name": "DVD Rental "}),
+        ),
+        (
+            "an empty plan name",
+            "/name".to_string(),
+            json!({"name": ""}),
+        ),
+        (
+            "a plan name of 101 characters",
+            "/name".to_string(),
+            json!({"name": "x".repeat(101)}),
         ),
         (
             "an unknown top-level key",
@@ -787,6 +802,13 @@ fn schema_rejects_broken_plans() {
             json!({"databases": []}),
         ),
     ];
+    // Any name a person would type is a plan name.
+    for name in ["dvd-rental", "Prod Move 2026", "déménagement", "x"] {
+        let mut plan = base.clone();
+        merge(&mut plan, json!({ "name": name }));
+        let errs = errors(&validator, &plan);
+        assert!(errs.is_empty(), "name {name:?}: {}", show(&errs));
+    }
     for (what, location, patch) in broken {
         let mut plan = base.clone();
         merge(&mut plan, patch);

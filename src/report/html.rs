@@ -436,7 +436,7 @@ fn cutover(r: &RunReport) -> String {
         return String::new();
     }
     let mut out = String::from(
-        "<h2>Cutover</h2><table><tr><th>Stage</th><th>Database</th><th>Write downtime</th><th>Fenced</th><th>LSN</th><th>Resync</th></tr>\n",
+        "<h2>Cutover</h2><table><tr><th>Stage</th><th>Database</th><th>Write downtime</th><th>Fenced</th><th>LSN</th><th>Unlogged tables copied again</th><th>Large objects made equal</th><th>Materialized views refreshed</th></tr>\n",
     );
     for c in &r.cutover {
         let downtime = match (c.downtime_seconds, c.simulated_downtime_seconds) {
@@ -444,18 +444,17 @@ fn cutover(r: &RunReport) -> String {
             (None, Some(d)) => format!("{d:.2} s (simulated)"),
             _ => "-".into(),
         };
+        let resync = c.resync_words();
         let _ = writeln!(
             out,
-            "<tr><td>{}</td><td>{}</td><td class=\"n\">{downtime}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td class=\"n\">{downtime}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             escape(&c.stage),
             escape(&c.database),
             c.fenced.map_or("-", |f| if f { "yes" } else { "no" }),
             escape(c.lsn.as_deref().unwrap_or("-")),
-            escape(&if c.resync.is_null() {
-                "-".to_string()
-            } else {
-                c.resync.to_string()
-            }),
+            escape(&resync.unlogged_tables),
+            escape(&resync.large_objects),
+            escape(&resync.materialized_views),
         );
     }
     out.push_str("</table>\n");

@@ -126,6 +126,72 @@ impl CutoverReport {
     pub fn downtime(&self) -> Option<f64> {
         self.downtime_seconds.or(self.simulated_downtime_seconds)
     }
+
+    /// What the cutover copied again after the fence, in words: unlogged tables (with their rows),
+    /// large objects (with their size) and materialized views refreshed; `-` for none.
+    pub fn resync_words(&self) -> ResyncWords {
+        let r = &self.resync;
+        let names = |key: &str| -> Vec<String> {
+            r.get(key)
+                .and_then(serde_json::Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let number = |key: &str| r.get(key).and_then(serde_json::Value::as_u64).unwrap_or(0);
+        let list = |names: &[String]| {
+            const SHOWN: usize = 5;
+            let mut s = names
+                .iter()
+                .take(SHOWN)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ");
+            if names.len() > SHOWN {
+                s.push_str(&format!(" and {} more", names.len() - SHOWN));
+            }
+            s
+        };
+        let unlogged = names("unlogged_tables");
+        let views = names("materialized_views");
+        let large_objects = number("large_objects");
+        ResyncWords {
+            unlogged_tables: if unlogged.is_empty() {
+                "-".into()
+            } else {
+                format!(
+                    "{} ({} rows): {}",
+                    unlogged.len(),
+                    number("unlogged_rows"),
+                    list(&unlogged)
+                )
+            },
+            large_objects: if large_objects == 0 {
+                "-".into()
+            } else {
+                format!(
+                    "{large_objects} ({})",
+                    crate::plan::units::human_bytes(number("large_object_bytes"))
+                )
+            },
+            materialized_views: if views.is_empty() {
+                "-".into()
+            } else {
+                format!("{}: {}", views.len(), list(&views))
+            },
+        }
+    }
+}
+
+/// [`CutoverReport::resync_words`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResyncWords {
+    pub unlogged_tables: String,
+    pub large_objects: String,
+    pub materialized_views: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -221,10 +221,13 @@ pub fn render(r: &RunReport) -> String {
             }
         );
         if !c.resync.is_null() {
+            let w = c.resync_words();
             let _ = writeln!(
                 out,
-                "  resync after the fence: {}",
-                clean(&c.resync.to_string())
+                "  after the fence: unlogged tables copied again {}; large objects made equal {}; materialized views refreshed {}",
+                clean(&w.unlogged_tables),
+                clean(&w.large_objects),
+                clean(&w.materialized_views)
             );
         }
     }

@@ -392,7 +392,12 @@ impl PgStore {
     pub async fn acquire_runner_lock(&self) -> Result<std::result::Result<RunnerLock, LockHolder>> {
         let host = hostname();
         let pid = std::process::id();
-        let app = format!("runner {} host={host} pid={pid}", self.migration);
+        // The stem, not the name itself: `application_name` keeps ASCII only (and 63 bytes), and
+        // the holder is read back from it word by word.
+        let app = format!(
+            "runner {} host={host} pid={pid}",
+            crate::pg::names::name_stem(&self.migration)
+        );
         let client = self
             .conn
             .connect(&app)
