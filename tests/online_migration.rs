@@ -461,6 +461,38 @@ fn status_shows_each_azure_dms_state_in_order() {
     apply_gate.wait_blocked(&p.target, "pgferry cdc apply", Duration::from_secs(90));
     let (state, _, _) = states(&plan);
     assert_eq!(state, "CATCHING_UP", "cdc is held: still catching up");
+    // One lag: in seconds the age of the held commit, growing while it is held; in bytes the
+    // source's position minus the applied one.
+    let mut first: Option<f64> = None;
+    wait_for(
+        "the lag in seconds to grow",
+        Duration::from_secs(30),
+        || {
+            let (_, _, v) = states(&plan);
+            let db = &v["output"][1];
+            let secs = db["lagSeconds"].as_f64().expect("lagSeconds");
+            assert_eq!(
+                db["latency"], db["lagSeconds"],
+                "latency is the lag in seconds"
+            );
+            let lsn = |k: &str| {
+                let text = db[k].as_str().unwrap_or_else(|| panic!("no {k}: {db:#}"));
+                let (hi, lo) = text.split_once('/').expect("an LSN");
+                (u64::from_str_radix(hi, 16).expect("hex") << 32)
+                    + u64::from_str_radix(lo, 16).expect("hex")
+            };
+            let bytes = db["lagBytes"].as_i64().expect("lagBytes");
+            assert_eq!(bytes as u64, lsn("sourceLsn") - lsn("appliedLsn"), "{db:#}");
+            assert!(bytes > 0, "the held change is not applied: {db:#}");
+            let shown = db["lag"].as_str().unwrap_or_default();
+            assert!(
+                shown.ends_with(" behind") && shown.contains(&format!("{secs:.1}s (")),
+                "{shown}"
+            );
+            let first = *first.get_or_insert(secs);
+            secs >= 1.0 && secs > first
+        },
+    );
     apply_gate.open();
 
     // READY_TO_COMPLETE: cdc caught up, the manual cutover waits for `pgferry cutover`.
@@ -481,8 +513,12 @@ fn status_shows_each_azure_dms_state_in_order() {
         },
     );
     // It stays there: the cutover never goes on by itself.
-    let (state, _, _) = states(&plan);
+    let (state, _, v) = states(&plan);
     assert_eq!(state, "READY_TO_COMPLETE");
+    assert_eq!(
+        v["output"][1]["lagSeconds"], 0.0,
+        "caught up: nothing unapplied"
+    );
 
     // `plan` names the slot and the publication the run created on the source.
     let dry = plan.run(&["plan"]);
@@ -531,6 +567,16 @@ fn status_shows_each_azure_dms_state_in_order() {
         &mut seen,
         "the cutover to start",
         |state, _| state == "CUTTING_OVER",
+    );
+    // The cutover says why it waits, in the same terms: seconds and bytes against max_lag.
+    let waiting = format!(
+        "SELECT message FROM pgferry.events WHERE migration = 'Prod Move 2026' \
+          AND message LIKE 'cutover of {s} waits before fencing: cdc is %s (%) behind the source, more than max_lag (1s)' LIMIT 1"
+    );
+    wait_for(
+        "the cutover to say why it waits",
+        Duration::from_secs(60),
+        || !p.target.psql(&t, &waiting).is_empty(),
     );
     assert_eq!(
         p.source.psql(&s, "SHOW default_transaction_read_only"),

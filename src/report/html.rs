@@ -395,14 +395,16 @@ fn lag_svg(r: &RunReport) -> String {
     svg.push_str("</svg>");
     let _ = write!(
         svg,
-        "<p class=\"meta\">{} sample(s); lag max {}, p95 {}; apply latency max {}, p95 {}; {} change(s) applied.</p>",
+        "<p class=\"meta\">{} sample(s); lag in seconds (age of the oldest source commit not yet applied) max {}, p95 {}; in bytes (source WAL insert position minus applied position, the curve) max {}, p95 {}; {} change(s) applied.</p>",
         c.samples.len(),
+        c.max_latency_ms
+            .map_or("-".into(), |v| format!("{:.1}s", v as f64 / 1000.0)),
+        c.p95_latency_ms
+            .map_or("-".into(), |v| format!("{:.1}s", v as f64 / 1000.0)),
         c.max_lag_bytes
             .map_or("-".into(), |v| escape(&human_bytes(v.max(0) as u64))),
         c.p95_lag_bytes
             .map_or("-".into(), |v| escape(&human_bytes(v.max(0) as u64))),
-        c.max_latency_ms.map_or("-".into(), |v| format!("{v} ms")),
-        c.p95_latency_ms.map_or("-".into(), |v| format!("{v} ms")),
         c.applied_changes
     );
     svg

@@ -188,15 +188,15 @@ pub fn render(r: &RunReport) -> String {
             );
         }
         let bytes = |v: Option<i64>| v.map_or("-".into(), |v| human_bytes(v.max(0) as u64));
-        let ms = |v: Option<i64>| v.map_or("-".into(), |v| format!("{v} ms"));
+        let secs = |v: Option<i64>| v.map_or("-".into(), |v| format!("{:.1}s", v as f64 / 1000.0));
         let _ = writeln!(
             out,
-            "  lag profile: {} sample(s); lag max {}, p95 {}; latency max {}, p95 {}",
+            "  lag profile: {} sample(s); lag in seconds (oldest unapplied commit) max {}, p95 {}; in bytes (source WAL minus applied) max {}, p95 {}",
             c.samples.len(),
+            secs(c.max_latency_ms),
+            secs(c.p95_latency_ms),
             bytes(c.max_lag_bytes),
-            bytes(c.p95_lag_bytes),
-            ms(c.max_latency_ms),
-            ms(c.p95_latency_ms)
+            bytes(c.p95_lag_bytes)
         );
     }
 

@@ -166,12 +166,24 @@ impl Cutover {
                 Some(p) => Some(p.parse()?),
                 None => None,
             };
-            // Small: cdc has reached where the source was one `max_lag` ago (or is caught up).
-            let small = match (previous, applied) {
+            let lag = crate::lag::Lag::new(
+                cx.store
+                    .counter(&db.name, crate::lag::OLDEST_UNAPPLIED_GAUGE)
+                    .await?,
+                crate::lag::now_ms(),
+                Some(now),
+                applied,
+            );
+            // Small: the oldest commit cdc has received and not applied is at most `max_lag` old,
+            // and cdc has received everything the source had written one `max_lag` ago (a commit
+            // still in the source's WAL, not yet sent, is behind too).
+            let received = match (previous, applied) {
                 (_, Some(a)) if a >= now => true,
                 (Some(p), Some(a)) => a >= p,
                 _ => false,
             };
+            let recent = lag.seconds.is_none_or(|s| s <= o.max_lag.as_secs_f64());
+            let small = received && recent;
             if small {
                 let since = *quiet_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= quiet_for {
@@ -190,15 +202,25 @@ impl Cutover {
                 if previous.is_some()
                     && last_said.is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
                 {
-                    let behind = applied.map(|a| now.0.saturating_sub(a.0));
-                    let msg = format!(
-                        "cutover of {} waits before fencing: cdc is {} behind the source, more than max_lag ({}) of changes",
-                        db.name,
-                        behind
-                            .map(crate::plan::units::human_bytes)
-                            .unwrap_or_else(|| "not yet started, so everything is".into()),
-                        humantime::format_duration(o.max_lag)
-                    );
+                    let msg = if applied.is_none() {
+                        format!(
+                            "cutover of {} waits before fencing: cdc has applied nothing yet, so it is everything behind the source; max_lag is {}",
+                            db.name,
+                            humantime::format_duration(o.max_lag)
+                        )
+                    } else if recent {
+                        format!(
+                            "cutover of {} waits before fencing: cdc is {lag} the source and has not yet received all the source had written max_lag ({}) ago",
+                            db.name,
+                            humantime::format_duration(o.max_lag)
+                        )
+                    } else {
+                        format!(
+                            "cutover of {} waits before fencing: cdc is {lag} the source, more than max_lag ({})",
+                            db.name,
+                            humantime::format_duration(o.max_lag)
+                        )
+                    };
                     announce(cx, &msg).await?;
                     last_said = Some(Instant::now());
                 }

@@ -653,6 +653,19 @@ pub struct RunRecord {
 
 #[async_trait]
 impl StateStore for PgStore {
+    async fn counter(&self, scope: &str, name: &str) -> Result<Option<i64>> {
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT value FROM {} WHERE migration = $1 AND scope = $2 AND name = $3",
+            self.t("counters")
+        );
+        let row = client
+            .query_opt(&sql, &[&self.migration, &scope, &name])
+            .await
+            .map_err(|e| Error::pg(&e, format!("reading counter {name} of {scope}")))?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
     async fn upsert_table(&self, t: &TableProgress) -> Result<()> {
         let client = self.client().await?;
         let sql = format!(

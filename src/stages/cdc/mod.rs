@@ -31,9 +31,10 @@
 //!   Without step (1) cdc could already have applied past L when it reads the request.
 //! - The store keeps `cdc_applied:<db>` (position) and counters per database and per
 //!   `db.schema.table`: cdcInsertCounter, cdcUpdateCounter, cdcDeleteCounter, totalChangesApplied;
-//!   and per database the gauges cdcLatencyMs (apply time minus source commit time of the last
-//!   applied transaction; 0 when idle and caught up) and incomingChanges (changes sent to the
-//!   target and not yet committed there, sampled every 500 ms).
+//!   and per database the gauges `cdcOldestUnappliedCommitMs` (the commit time of the oldest source
+//!   transaction received and not yet applied, 0 when none: the lag in seconds is its age, see
+//!   [`crate::lag`]) and incomingChanges (changes sent to the target and not yet committed there,
+//!   sampled every 500 ms). [`sample`] logs the progress every 10 s.
 
 pub mod apply;
 pub mod changeset;
@@ -42,7 +43,7 @@ mod sample;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
@@ -211,7 +212,11 @@ struct DbStream<'a> {
     /// most [`STATUS_EVERY`].
     status_every: Duration,
     /// For the lag profile: the latency of the last commit, the changes applied by this stream.
-    latency_ms: AtomicI64,
+    /// The commit time (Unix epoch ms) of the oldest transaction received and not yet applied;
+    /// 0 when none (see [`crate::lag`]).
+    oldest_unapplied_ms: AtomicI64,
+    /// The value of `oldest_unapplied_ms` last written to the store (-1: none yet).
+    oldest_published: AtomicI64,
     applied_changes: AtomicI64,
 }
 
@@ -267,7 +272,8 @@ impl<'a> DbStream<'a> {
             batch_changes,
             batch_delay,
             status_every: STATUS_EVERY,
-            latency_ms: AtomicI64::new(0),
+            oldest_unapplied_ms: AtomicI64::new(0),
+            oldest_published: AtomicI64::new(-1),
             applied_changes: AtomicI64::new(0),
         }
     }
@@ -408,6 +414,14 @@ impl<'a> DbStream<'a> {
                     ),
                 )
                 .await?;
+            // Everything before the start is on the target already (the load's snapshot, or an
+            // earlier stream): the lag in bytes counts from here until the first commit.
+            if start != Lsn::INVALID {
+                self.cx
+                    .store
+                    .advance_position(&applied_position(&self.db.name), &start.to_string())
+                    .await?;
+            }
 
             let mut st = Loop {
                 applied: start,
@@ -456,9 +470,10 @@ impl<'a> DbStream<'a> {
                             .await?;
                         reported_incoming = incoming;
                     }
+                    self.publish_oldest().await?;
                     let gauges = sample::Gauges {
                         applied: st.applied,
-                        latency_ms: self.latency_ms.load(Ordering::Relaxed),
+                        oldest_unapplied_ms: self.oldest_unapplied_ms.load(Ordering::Relaxed),
                         incoming,
                         applied_changes: self.applied_changes.load(Ordering::Relaxed),
                         draining: drain.is_some(),
@@ -541,9 +556,8 @@ impl<'a> DbStream<'a> {
                                         ap.advance_idle(k.wal_end).await?;
                                         st.applied = k.wal_end;
                                         self.cx.store.advance_position(&applied_position(&self.db.name), &st.applied.to_string()).await?;
-                                        // Caught up with nothing to apply: no latency.
-                                        self.cx.store.set_counters(&[(self.db.name.clone(), "cdcLatencyMs".into(), 0)]).await?;
-                                        self.latency_ms.store(0, Ordering::Relaxed);
+                                        // Caught up with nothing to apply: no lag.
+                                        self.oldest_unapplied_ms.store(0, Ordering::Relaxed);
                                     }
                                     if !st.ready && k.wal_end >= ready_at {
                                         st.ready = true;
@@ -728,6 +742,14 @@ impl<'a> DbStream<'a> {
                     let strict = st.strict_until.is_some_and(|u| b.final_lsn <= u);
                     ap.begin_source_tx(b.final_lsn, strict).await?;
                 }
+                if !st.skip_tx && self.oldest_unapplied_ms.load(Ordering::Relaxed) == 0 {
+                    let at = pg_time_to_system(b.commit_time)
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_millis() as i64)
+                        .unwrap_or(1)
+                        .max(1);
+                    self.oldest_unapplied_ms.store(at, Ordering::Relaxed);
+                }
                 if !st.skip_tx && !st.batch_open {
                     st.batch_open = true;
                     st.batch_count = 0;
@@ -817,6 +839,8 @@ impl<'a> DbStream<'a> {
     /// Commits the open batch with its position, then records counters and the position in the
     /// store.
     async fn flush(&self, ap: &mut Applier, st: &mut Loop) -> Result<()> {
+        // Before anything can block on the target: `status` then shows the lag growing.
+        self.publish_oldest().await?;
         if st.batch_end > st.applied || ap.in_tx() {
             ap.commit(st.batch_end.max(st.applied)).await?;
         }
@@ -852,16 +876,28 @@ impl<'a> DbStream<'a> {
             deltas.push((db.clone(), "totalChangesApplied".into(), sum));
         }
         store.add_counters(&deltas).await?;
-        if st.batch_commit_time != 0 {
-            let latency = SystemTime::now()
-                .duration_since(pg_time_to_system(st.batch_commit_time))
-                .map(|d| d.as_millis() as i64)
-                .unwrap_or(0);
-            self.latency_ms.store(latency, Ordering::Relaxed);
-            store
-                .set_counters(&[(db.clone(), "cdcLatencyMs".into(), latency)])
-                .await?;
+        if !st.in_source_tx {
+            // Everything received is applied: nothing is waiting, the lag in seconds is 0.
+            self.oldest_unapplied_ms.store(0, Ordering::Relaxed);
         }
+        self.publish_oldest().await
+    }
+
+    /// Writes the gauge of [`crate::lag`] when it changed since it was last written.
+    async fn publish_oldest(&self) -> Result<()> {
+        let oldest = self.oldest_unapplied_ms.load(Ordering::Relaxed);
+        if self.oldest_published.load(Ordering::Relaxed) == oldest {
+            return Ok(());
+        }
+        self.cx
+            .store
+            .set_counters(&[(
+                self.db.name.clone(),
+                crate::lag::OLDEST_UNAPPLIED_GAUGE.into(),
+                oldest,
+            )])
+            .await?;
+        self.oldest_published.store(oldest, Ordering::Relaxed);
         Ok(())
     }
 }
