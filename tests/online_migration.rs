@@ -625,4 +625,42 @@ fn status_shows_each_azure_dms_state_in_order() {
     // Cleanup found them by the same derived names.
     assert_eq!(slots(&slot), "0");
     assert_eq!(publications(&publication), "0");
+
+    // Planner statistics: every loaded table was analyzed (by pgferry, not autovacuum) before the
+    // fence, though the plan has no ANALYZE stage.
+    assert_eq!(
+        p.target.psql(
+            &t,
+            &format!(
+                "SELECT count(*) FILTER (WHERE s.last_analyze IS NOT NULL AND s.last_analyze < f.at) || '/' || count(*) \
+                   FROM pg_stat_user_tables s, \
+                        (SELECT min(at) AS at FROM pgferry.events WHERE migration = 'Prod Move 2026' \
+                          AND message = 'source database {s} is now read-only') f \
+                  WHERE s.schemaname = 'public'"
+            )
+        ),
+        "1/1",
+        "public.items analyzed before the fence"
+    );
+    assert_ne!(
+        p.target.psql(
+            &t,
+            "SELECT count(*) FROM pg_stats WHERE schemaname = 'public' AND tablename = 'items'"
+        ),
+        "0",
+        "pg_stats has the loaded table's columns"
+    );
+    // The report says when.
+    let out = plan.run(&["report", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("report JSON");
+    let stats = &r["cutover"][0]["statistics"];
+    assert_eq!(stats["tables"], 1, "{r:#}");
+    assert!(stats["finished_at"].as_f64().is_some(), "{stats}");
+    let out = plan.run(&["report"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("planner statistics before the fence: 1 table(s) analyzed in"),
+        "{text}"
+    );
 }

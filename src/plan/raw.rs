@@ -41,6 +41,7 @@ pub mod defaults {
     pub const CUTOVER_QUIET_FOR: Duration = Duration::from_secs(10);
     pub const CUTOVER_FENCE: &str = "read_only";
     pub const CUTOVER_TIMEOUT: Duration = Duration::from_secs(600);
+    pub const CUTOVER_ANALYZE: bool = true;
     pub const CLEANUP_DROP_SLOT: bool = true;
     pub const CLEANUP_DROP_PUBLICATION: bool = true;
     pub const SQL_TRANSACTION: bool = true;
@@ -100,6 +101,7 @@ pub fn defaults_of(definition: &str) -> Vec<(&'static str, DefaultValue)> {
             ("quiet_for", Duration(d::CUTOVER_QUIET_FOR)),
             ("fence", Str(d::CUTOVER_FENCE)),
             ("timeout", Duration(d::CUTOVER_TIMEOUT)),
+            ("analyze", Bool(d::CUTOVER_ANALYZE)),
         ],
         "sequence_reset_stage" => vec![],
         "cleanup_stage" => vec![
@@ -331,6 +333,9 @@ pub struct CutoverOptions {
     pub fence: Option<String>,
     #[serde(default)]
     pub timeout: Option<Dur>,
+    /// ANALYZE every selected table on the target before the fence.
+    #[serde(default)]
+    pub analyze: Option<bool>,
 }
 
 impl ProvisionOptions {
@@ -423,6 +428,10 @@ impl CutoverOptions {
 
     pub fn timeout(&self) -> Duration {
         self.timeout.map_or(defaults::CUTOVER_TIMEOUT, |d| d.0)
+    }
+
+    pub fn analyze(&self) -> bool {
+        self.analyze.unwrap_or(defaults::CUTOVER_ANALYZE)
     }
 }
 

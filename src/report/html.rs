@@ -438,7 +438,7 @@ fn cutover(r: &RunReport) -> String {
         return String::new();
     }
     let mut out = String::from(
-        "<h2>Cutover</h2><table><tr><th>Stage</th><th>Database</th><th>Write downtime</th><th>Fenced</th><th>LSN</th><th>Unlogged tables copied again</th><th>Large objects made equal</th><th>Materialized views refreshed</th></tr>\n",
+        "<h2>Cutover</h2><table><tr><th>Stage</th><th>Database</th><th>Write downtime</th><th>Fenced</th><th>LSN</th><th>Unlogged tables copied again</th><th>Large objects made equal</th><th>Materialized views refreshed</th><th>Planner statistics (before the fence)</th></tr>\n",
     );
     for c in &r.cutover {
         let downtime = match (c.downtime_seconds, c.simulated_downtime_seconds) {
@@ -449,7 +449,7 @@ fn cutover(r: &RunReport) -> String {
         let resync = c.resync_words();
         let _ = writeln!(
             out,
-            "<tr><td>{}</td><td>{}</td><td class=\"n\">{downtime}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td class=\"n\">{downtime}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             escape(&c.stage),
             escape(&c.database),
             c.fenced.map_or("-", |f| if f { "yes" } else { "no" }),
@@ -457,6 +457,7 @@ fn cutover(r: &RunReport) -> String {
             escape(&resync.unlogged_tables),
             escape(&resync.large_objects),
             escape(&resync.materialized_views),
+            escape(&c.statistics_words()),
         );
     }
     out.push_str("</table>\n");

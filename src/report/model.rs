@@ -119,12 +119,36 @@ pub struct CutoverReport {
     pub simulated_downtime_seconds: Option<f64>,
     /// What was copied again after the fence (unlogged tables, large objects, refreshes).
     pub resync: serde_json::Value,
+    /// The target's planner statistics gathered before the fence (`tables`, `seconds`,
+    /// `finished_at`), or `{"analyze": false}`.
+    pub statistics: serde_json::Value,
 }
 
 impl CutoverReport {
     /// The real downtime, else the simulated one.
     pub fn downtime(&self) -> Option<f64> {
         self.downtime_seconds.or(self.simulated_downtime_seconds)
+    }
+
+    /// The planner statistics in words: `12 table(s) analyzed in 0.4s, done 2026-12-04T21:40:01Z`.
+    pub fn statistics_words(&self) -> String {
+        let s = &self.statistics;
+        if s.get("analyze").and_then(serde_json::Value::as_bool) == Some(false) {
+            return "not gathered (analyze = false)".into();
+        }
+        match (
+            s.get("tables").and_then(serde_json::Value::as_u64),
+            s.get("finished_at").and_then(serde_json::Value::as_f64),
+        ) {
+            (Some(n), Some(at)) => format!(
+                "{n} table(s) analyzed in {:.1}s, done {}",
+                s.get("seconds")
+                    .and_then(serde_json::Value::as_f64)
+                    .unwrap_or(0.0),
+                crate::state::Timestamp(at).rfc3339()
+            ),
+            _ => "-".into(),
+        }
     }
 
     /// What the cutover copied again after the fence, in words: unlogged tables (with their rows),

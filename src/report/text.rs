@@ -220,6 +220,13 @@ pub fn render(r: &RunReport) -> String {
                 None => "",
             }
         );
+        if !c.statistics.is_null() {
+            let _ = writeln!(
+                out,
+                "  planner statistics before the fence: {}",
+                clean(&c.statistics_words())
+            );
+        }
         if !c.resync.is_null() {
             let w = c.resync_words();
             let _ = writeln!(

@@ -45,6 +45,7 @@ struct Options {
     quiet_for: Duration,
     fence: bool,
     timeout: Duration,
+    analyze: bool,
 }
 
 pub struct Cutover {
@@ -68,6 +69,7 @@ impl Cutover {
             quiet_for: o.quiet_for(),
             fence: o.read_only_fence(),
             timeout: o.timeout(),
+            analyze: o.analyze(),
         }
     }
 
@@ -228,6 +230,54 @@ impl Cutover {
             previous = Some(now);
             self.sleep(cx, o.max_lag).await?;
         }
+    }
+
+    /// [`Cutover::approve`], with the target's planner statistics gathered meanwhile (unless
+    /// `analyze = false` or an earlier attempt did): both must be done before the fence.
+    async fn approve_and_analyze(
+        &self,
+        cx: &StageContext,
+        db: &Database,
+        o: &Options,
+    ) -> Result<()> {
+        let key = super::analyze::checkpoint_key(&db.name);
+        let analyze = async {
+            if !o.analyze || cx.store.checkpoint(&cx.stage, &key).await?.is_some() {
+                return Ok(());
+            }
+            let done = super::analyze::analyze(&self.env, db, &cx.cancel).await?;
+            cx.store.put_checkpoint(&cx.stage, &key, &done).await?;
+            let msg = format!(
+                "planner statistics of {} gathered on the target: ANALYZE of {} table(s) in {:.1}s, before the fence",
+                db.target,
+                done.get("tables")
+                    .and_then(serde_json::Value::as_u64)
+                    .unwrap_or(0),
+                done.get("seconds")
+                    .and_then(serde_json::Value::as_f64)
+                    .unwrap_or(0.0)
+            );
+            announce(cx, &msg).await
+        };
+        tokio::try_join!(self.approve(cx, db, o), analyze)?;
+        Ok(())
+    }
+
+    /// What the checkpoint says of the statistics of `db`, for the cutover's detail.
+    async fn statistics(
+        &self,
+        cx: &StageContext,
+        db: &Database,
+        o: &Options,
+    ) -> Result<serde_json::Value> {
+        if !o.analyze {
+            return Ok(serde_json::json!({ "analyze": false }));
+        }
+        Ok(cx
+            .store
+            .checkpoint(&cx.stage, &super::analyze::checkpoint_key(&db.name))
+            .await?
+            .unwrap_or(serde_json::Value::Null))
     }
 
     async fn fenced_part(
@@ -409,7 +459,7 @@ impl Cutover {
             None => None,
         };
         if earlier.is_none() {
-            self.approve(cx, db, o).await?;
+            self.approve_and_analyze(cx, db, o).await?;
         } else {
             record_phase(
                 cx,
@@ -446,6 +496,7 @@ impl Cutover {
             "simulated_downtime_seconds": downtime.as_secs_f64(),
             "fenced": false,
             "resync": resync,
+            "statistics": self.statistics(cx, db, o).await?,
         }))
     }
 
@@ -570,7 +621,7 @@ impl Cutover {
             )
             .await?;
         } else {
-            self.approve(cx, db, o).await?;
+            self.approve_and_analyze(cx, db, o).await?;
         }
         let source = self
             .env
@@ -616,6 +667,7 @@ impl Cutover {
                     "downtime_seconds": downtime.as_secs_f64(),
                     "fenced": o.fence,
                     "resync": resync,
+                    "statistics": self.statistics(cx, db, o).await?,
                 }))
             }
             Err(e) => {
@@ -676,6 +728,17 @@ impl Stage for Cutover {
                     "no fence"
                 }
             ));
+            out.push(if o.analyze {
+                format!(
+                    "  planner statistics of {}: ANALYZE every selected table on the target while waiting for the approval, done before the fence (pg_dump carries none before PostgreSQL 18)",
+                    db.target
+                )
+            } else {
+                format!(
+                    "  planner statistics of {}: none gathered (analyze = false); the target's first queries run on whatever statistics it has",
+                    db.target
+                )
+            });
         }
         out
     }
