@@ -437,7 +437,16 @@ fn status_shows_each_azure_dms_state_in_order() {
 
     let load_gate = Gate::close(&p.source, &s);
     let apply_gate = Gate::close(&p.target, &t);
-    let mut child = plan.spawn(&["run"]);
+    // The runner's log goes to a file the test can read while it runs.
+    let log_path = plan.dir.path().join("run.log");
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let mut child = plan
+        .command(&["run"])
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn pgferry");
+    let log_text = || std::fs::read_to_string(&log_path).unwrap_or_default();
 
     // FULL_LOAD: the load is done, the stage beside it holds everything after it.
     poll_states(
@@ -519,6 +528,20 @@ fn status_shows_each_azure_dms_state_in_order() {
         v["output"][1]["lagSeconds"], 0.0,
         "caught up: nothing unapplied"
     );
+    // cdc says how it is doing every 10 s: changes applied, their rate, the lag in both units.
+    p.source.psql(
+        &s,
+        "INSERT INTO public.items SELECT g, 'ready' FROM generate_series(2001, 2005) g",
+    );
+    wait_for("cdc to log its progress", Duration::from_secs(60), || {
+        log_text().lines().any(|l| {
+            l.contains("cdc: ")
+                && l.contains(" change(s) applied in the last ")
+                && l.contains("/s, ")
+                && l.contains("s (")
+                && l.contains(") behind the source")
+        })
+    });
 
     // `plan` names the slot and the publication the run created on the source.
     let dry = plan.run(&["plan"]);
@@ -585,8 +608,8 @@ fn status_shows_each_azure_dms_state_in_order() {
     );
     drain_gate.open();
 
-    let out = child.wait_with_output().expect("the runner");
-    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let status = child.wait().expect("the runner");
+    assert_eq!(status.code(), Some(0), "{}", log_text());
     let (state, database, v) = states(&plan);
     assert_eq!(
         (state.as_str(), database.as_str()),
@@ -616,7 +639,7 @@ fn status_shows_each_azure_dms_state_in_order() {
     assert_eq!(
         p.target
             .psql(&t, "SELECT count(*) FROM public.items WHERE id > 1000"),
-        "2"
+        "7"
     );
     assert_eq!(
         p.source.psql(&s, "SHOW default_transaction_read_only"),

@@ -206,6 +206,23 @@ impl PgStore {
         if !exists {
             return Ok(None);
         }
+        // A first run creates `schema_version` and then, in a second transaction, the tables: a
+        // store with no version applied yet is not there for a reader (`status` polling a run
+        // that is starting).
+        let version: i32 = client
+            .query_one(
+                &format!(
+                    "SELECT coalesce(max(version), 0) FROM {}.schema_version",
+                    quote_ident(schema)
+                ),
+                &[],
+            )
+            .await
+            .map_err(|e| Error::pg(&e, "reading the checkpoint store's version"))?
+            .get(0);
+        if version == 0 {
+            return Ok(None);
+        }
         Ok(Some(PgStore::with_client(conn, schema, migration, client)))
     }
 
