@@ -502,6 +502,12 @@ fn status_shows_each_azure_dms_state_in_order() {
             secs >= 1.0 && secs > first
         },
     );
+    // And the runner's log says the apply is stalled, and where to look.
+    wait_for(
+        "cdc to log the stalled apply",
+        Duration::from_secs(60),
+        || log_text().contains("cdc: applying on the target has been waiting for "),
+    );
     apply_gate.open();
 
     // READY_TO_COMPLETE: cdc caught up, the manual cutover waits for `pgferry cutover`.

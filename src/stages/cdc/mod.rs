@@ -62,7 +62,15 @@ use apply::Applier;
 macro_rules! alive {
     ($self:ident, $repl:ident, $st:ident, $fut:expr) => {{
         let (since, applied) = ($st.last_status, $st.applied);
-        let (result, sent) = keep_alive(&mut $repl, $self.status_every, since, applied, $fut).await;
+        let (result, sent) = keep_alive(
+            &mut $repl,
+            &$self.db.name,
+            $self.status_every,
+            since,
+            applied,
+            $fut,
+        )
+        .await;
         if let Some(t) = sent {
             $st.last_status = $st.last_status.max(t);
         }
@@ -72,9 +80,11 @@ macro_rules! alive {
 
 /// Runs `fut` to completion, sending a standby status update with `applied` (what is durably
 /// applied; the slot is never told more) every `every` since `since` until it completes. Returns
-/// its result and when the last update went, if one did.
+/// its result and when the last update went, if one did. A wait of more than [`STATUS_EVERY`]
+/// is logged every [`STATUS_EVERY`], so a stalled apply says so.
 async fn keep_alive<T>(
     repl: &mut ReplicationClient,
+    database: &str,
     every: Duration,
     since: Instant,
     applied: Lsn,
@@ -83,6 +93,8 @@ async fn keep_alive<T>(
     tokio::pin!(fut);
     let mut last = since;
     let mut sent = None;
+    let started = Instant::now();
+    let mut said = started;
     loop {
         let next = tokio::time::Instant::from_std(last + every);
         tokio::select! {
@@ -94,6 +106,14 @@ async fn keep_alive<T>(
                 }
                 last = Instant::now();
                 sent = Some(last);
+                if said.elapsed() >= STATUS_EVERY {
+                    said = Instant::now();
+                    tracing::warn!(
+                        database = %database,
+                        "cdc: applying on the target has been waiting for {:.0}s (a lock held on the target? see pg_stat_activity for application_name 'pgferry cdc apply'); nothing is lost, the apply goes on once the target answers",
+                        started.elapsed().as_secs_f64()
+                    );
+                }
             }
         }
     }
