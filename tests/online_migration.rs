@@ -560,6 +560,12 @@ fn status_shows_each_azure_dms_state_in_order() {
             .trim()
             .to_string()
     };
+    assert!(
+        text.contains(&format!(
+            "planner statistics of {t}: ANALYZE every selected table on the target while waiting for the approval, done before the fence"
+        )),
+        "`plan` says how the target gets its statistics:\n{text}"
+    );
     let slot = shown("replication slot on the source:");
     let publication = shown("publication on the source:");
     let count = |sql: String| p.source.psql(&s, &sql);
