@@ -1004,8 +1004,10 @@ fn cutover(a: &Args) {
     }
 
     println!(
-        "\ncutover: Pagila, writer at {} tx/s (rental+payment inserts, customer updates, deletes), approval = auto (max_lag 5s, quiet_for 10s), fence = read_only",
-        a.rate
+        "\ncutover: Pagila, writer at {} tx/s (rental+payment inserts, customer updates, deletes), approval = auto (max_lag {}, quiet_for {}: the defaults; lag in seconds is the age of the oldest source commit not yet applied), fence = read_only",
+        a.rate,
+        humantime::format_duration(pgferry::plan::raw::defaults::CUTOVER_MAX_LAG),
+        humantime::format_duration(pgferry::plan::raw::defaults::CUTOVER_QUIET_FOR)
     );
     println!(
         "{:<58} {:>8.1}",

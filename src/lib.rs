@@ -10,6 +10,7 @@ pub mod dag;
 pub mod demo;
 pub mod error;
 pub mod executor;
+pub mod lag;
 pub mod pg;
 pub mod plan;
 pub mod progress;

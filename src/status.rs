@@ -2,7 +2,7 @@
 //! field names of Azure DMS's task output (`output[]` of `MigrationLevelOutput` and
 //! `DatabaseLevelOutput` objects) so scripts written for it keep working.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::plan::Plan;
@@ -17,6 +17,88 @@ pub const LARGE_OBJECTS: &str = "large objects";
 /// not the large objects.
 fn is_table_entry(name: &str) -> bool {
     !name.contains('#') && name != LARGE_OBJECTS
+}
+
+/// Where the cutover stage records, per database, how far it got (its stage detail).
+pub const CUTOVER_DETAIL_KEY: &str = "databases";
+
+/// How far the cutover of one database got, recorded in the cutover stage's detail under
+/// [`CUTOVER_DETAIL_KEY`]: `{"databases": {"<db>": {"phase": "cutting_over", "since": ...}}}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CutoverPhase {
+    /// Waiting for `pgferry cutover` (manual) or for the lag condition (auto).
+    ReadyToComplete,
+    /// Approved, or the lag condition was met: waiting for the lag, fencing, draining, resyncing.
+    CuttingOver,
+}
+
+/// A migration's state, with Azure DMS's names (`migrationState`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum MigrationState {
+    Pending,
+    FullLoad,
+    CatchingUp,
+    ReadyToComplete,
+    CuttingOver,
+    Completed,
+    Failed,
+}
+
+impl MigrationState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationState::Pending => "PENDING",
+            MigrationState::FullLoad => "FULL_LOAD",
+            MigrationState::CatchingUp => "CATCHING_UP",
+            MigrationState::ReadyToComplete => "READY_TO_COMPLETE",
+            MigrationState::CuttingOver => "CUTTING_OVER",
+            MigrationState::Completed => "COMPLETED",
+            MigrationState::Failed => "FAILED",
+        }
+    }
+}
+
+impl std::fmt::Display for MigrationState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Whether anything works on the migration (`state` of the migration-level output).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum OverallState {
+    /// Never run.
+    Pending,
+    /// A runner holds the migration's lock.
+    Running,
+    /// Every stage is done.
+    Succeeded,
+    /// A stage failed.
+    Failed,
+    /// Started, not finished, and no runner holds it (stopped, interrupted or killed): run again
+    /// to resume.
+    Stopped,
+}
+
+impl OverallState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OverallState::Pending => "PENDING",
+            OverallState::Running => "RUNNING",
+            OverallState::Succeeded => "SUCCEEDED",
+            OverallState::Failed => "FAILED",
+            OverallState::Stopped => "STOPPED",
+        }
+    }
+}
+
+impl std::fmt::Display for OverallState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Everything `status` shows.
@@ -51,8 +133,6 @@ pub struct SlotInfo {
     pub confirmed_flush: Option<String>,
     /// WAL the slot keeps on the source (current position minus restart_lsn), bytes.
     pub retained_bytes: Option<i64>,
-    /// Bytes of WAL between the slot's confirmed position and the source's position.
-    pub lag_bytes: Option<i64>,
     pub wal_status: Option<String>,
     pub error: Option<String>,
 }
@@ -163,17 +243,37 @@ impl Status<'_> {
         m
     }
 
-    /// The live cdc fields of a database: positions, lag, latency, retained WAL.
+    /// cdc's lag for `db` now ([`crate::lag`]: seconds from cdc's gauge, bytes from the source's
+    /// position and the applied one).
+    pub fn lag(&self, db: &str) -> crate::lag::Lag {
+        let lsn = |s: Option<&str>| s.and_then(|s| s.parse::<crate::pg::pgoutput::Lsn>().ok());
+        let source = lsn(self
+            .slots
+            .iter()
+            .find(|s| s.database == db)
+            .and_then(|s| s.source_lsn.as_deref()));
+        let applied = lsn(self.position(&format!("cdc_applied:{db}")));
+        let gauge = self
+            .counters
+            .iter()
+            .any(|(s, n, _)| s == db && n == crate::lag::OLDEST_UNAPPLIED_GAUGE)
+            .then(|| self.counter(db, crate::lag::OLDEST_UNAPPLIED_GAUGE));
+        crate::lag::Lag::new(gauge, crate::lag::now_ms(), source, applied)
+    }
+
+    /// The live cdc fields of a database: positions, lag, retained WAL.
     fn cdc_live(&self, db: &str) -> serde_json::Map<String, Value> {
         let mut m = self.cdc_fields(db);
         m.insert(
             "incomingChanges".into(),
             json!(self.counter(db, "incomingChanges")),
         );
-        m.insert(
-            "latency".into(),
-            json!(self.counter(db, "cdcLatencyMs") as f64 / 1000.0),
-        );
+        let lag = self.lag(db);
+        // Azure DMS's `latency` is the lag in seconds.
+        m.insert("latency".into(), json!(lag.seconds));
+        m.insert("lagSeconds".into(), json!(lag.seconds));
+        m.insert("lagBytes".into(), json!(lag.bytes));
+        m.insert("lag".into(), json!(lag.to_string()));
         m.insert(
             "appliedLsn".into(),
             json!(self.position(&format!("cdc_applied:{db}"))),
@@ -182,7 +282,6 @@ impl Status<'_> {
             m.insert("sourceLsn".into(), json!(slot.source_lsn));
             m.insert("slotActive".into(), json!(slot.active));
             m.insert("slotConfirmedLsn".into(), json!(slot.confirmed_flush));
-            m.insert("lagBytes".into(), json!(slot.lag_bytes));
             m.insert("retainedWalBytes".into(), json!(slot.retained_bytes));
             m.insert("walStatus".into(), json!(slot.wal_status));
             m.insert("slotError".into(), json!(slot.error));
@@ -203,8 +302,33 @@ impl Status<'_> {
             .find(|r| ids.contains(&r.stage.as_str()))
     }
 
-    /// `PENDING`, `FULL_LOAD`, `CATCHING_UP`, `READY_TO_COMPLETE`, `CUTTING_OVER`, `COMPLETED`, `FAILED`.
-    pub fn migration_state(&self) -> &'static str {
+    /// The cutover's phase for `db`, as the cutover stage records it in its detail.
+    fn cutover_phase(&self, db: Option<&str>) -> Option<CutoverPhase> {
+        let r = self.record("cutover")?;
+        let dbs = r.detail.get(CUTOVER_DETAIL_KEY)?.as_object()?;
+        let phases = dbs
+            .iter()
+            .filter(|(name, _)| db.is_none_or(|d| d == name.as_str()));
+        phases
+            .filter_map(|(_, v)| {
+                v.get("phase")
+                    .and_then(|p| serde_json::from_value::<CutoverPhase>(p.clone()).ok())
+            })
+            .max()
+    }
+
+    /// The migration's state in Azure DMS's vocabulary (for one database, or the whole migration).
+    ///
+    /// - `FAILED`: a stage failed (the run stopped there; fix and run again).
+    /// - `COMPLETED`: every stage of the plan is done.
+    /// - `CUTTING_OVER`: the cutover was approved (`pgferry cutover`, or an automatic cutover's lag
+    ///   condition was met) or the source is fenced, until every stage is done.
+    /// - `READY_TO_COMPLETE`: cdc has caught up; a manual cutover waits for `pgferry cutover`, an
+    ///   automatic one for its lag condition.
+    /// - `CATCHING_UP`: cdc is applying what was written since the load's snapshot.
+    /// - `FULL_LOAD`: the load (or what follows it before cdc: indexes, constraints) is under way.
+    /// - `PENDING`: nothing of the load has started (preflight, schema and provision count here).
+    fn state_for(&self, db: Option<&str>) -> MigrationState {
         let planned: Vec<&str> = self.plan.stages.iter().map(|s| s.id.as_str()).collect();
         let records: Vec<&StageRecord> = self
             .records
@@ -212,7 +336,7 @@ impl Status<'_> {
             .filter(|r| planned.contains(&r.stage.as_str()))
             .collect();
         if records.iter().any(|r| r.state == StageState::Failed) {
-            return "FAILED";
+            return MigrationState::Failed;
         }
         if !self.plan.stages.is_empty()
             && self.plan.stages.iter().all(|s| {
@@ -221,31 +345,59 @@ impl Status<'_> {
                     .any(|r| r.stage == s.id && r.state == StageState::Done)
             })
         {
-            return "COMPLETED";
+            return MigrationState::Completed;
         }
         let is = |kind: &str, st: StageState| self.record(kind).is_some_and(|r| r.state == st);
-        if is("cutover", StageState::Running) {
-            return "CUTTING_OVER";
+        if is("cutover", StageState::Done)
+            || (is("cutover", StageState::Running)
+                && self.cutover_phase(db) == Some(CutoverPhase::CuttingOver))
+        {
+            return MigrationState::CuttingOver;
         }
-        if is("cdc", StageState::Ready) {
-            return "READY_TO_COMPLETE";
+        if is("cdc", StageState::Ready) || (is("cdc", StageState::Done) && self.has_cutover()) {
+            return MigrationState::ReadyToComplete;
         }
         if is("cdc", StageState::Running) {
-            return "CATCHING_UP";
+            return MigrationState::CatchingUp;
         }
         if self.record("full_load").is_some() {
-            return "FULL_LOAD";
+            return MigrationState::FullLoad;
         }
-        "PENDING"
+        MigrationState::Pending
     }
 
-    pub fn overall(&self) -> &'static str {
+    /// The migration's state (every database).
+    pub fn migration_state(&self) -> MigrationState {
+        self.state_for(None)
+    }
+
+    fn has_cutover(&self) -> bool {
+        self.plan.stages.iter().any(|s| s.kind == "cutover")
+    }
+
+    /// Whether a runner works on the migration, or why none does.
+    pub fn overall(&self) -> OverallState {
         match self.migration_state() {
-            "FAILED" => "FAILED",
-            "COMPLETED" => "SUCCEEDED",
-            _ if self.runner.is_some() => "RUNNING",
-            _ if self.records.is_empty() => "PENDING",
-            _ => "STOPPED",
+            MigrationState::Failed => OverallState::Failed,
+            MigrationState::Completed => OverallState::Succeeded,
+            _ if self.runner.is_some() => OverallState::Running,
+            _ if self.records.is_empty() => OverallState::Pending,
+            _ => OverallState::Stopped,
+        }
+    }
+
+    /// What to do next when no runner works on the migration (None while one does, or when done).
+    pub fn next_step(&self) -> Option<String> {
+        let path = &self.plan.path;
+        match self.overall() {
+            OverallState::Running | OverallState::Succeeded => None,
+            OverallState::Pending => Some(format!("`pgferry run {path}` starts the migration")),
+            OverallState::Stopped => Some(format!(
+                "no runner works on it (stopped or interrupted); `pgferry run {path}` resumes it from its checkpoints"
+            )),
+            OverallState::Failed => Some(format!(
+                "see the failed stage's error below; fix its cause (or the plan), then `pgferry run {path}` resumes from the checkpoints"
+            )),
         }
     }
 
@@ -258,7 +410,7 @@ impl Status<'_> {
                 _ => Some(t),
             },
         );
-        let ended = if self.migration_state() == "COMPLETED" {
+        let ended = if self.migration_state() == MigrationState::Completed {
             self.records
                 .iter()
                 .filter_map(|r| r.ended_at)
@@ -274,6 +426,7 @@ impl Status<'_> {
             "id": self.plan.name,
             "state": self.overall(),
             "migrationState": self.migration_state(),
+            "nextStep": self.next_step(),
             "sourceServer": self.plan.source.display(),
             "targetServer": self.plan.target.display(),
             "startedOn": started.map(|t| t.rfc3339()),
@@ -317,7 +470,7 @@ impl Status<'_> {
                 "resultType": "DatabaseLevelOutput",
                 "databaseName": db.name,
                 "targetDatabaseName": db.target,
-                "migrationState": self.migration_state(),
+                "migrationState": self.state_for(Some(&db.name)),
                 "startedOn": started.map(|t| t.rfc3339()),
                 "endedOn": ended.map(|t| t.rfc3339()),
                 "fullLoadCompletedTables": count(TableState::Copied),
@@ -406,13 +559,12 @@ impl Status<'_> {
                 };
                 let _ = writeln!(
                     out,
-                    "  slot      {}, {} behind, retains {} of WAL{}",
+                    "  slot      {}, retains {} of WAL{}",
                     if s.active {
                         "streaming"
                     } else {
                         "idle (no consumer)"
                     },
-                    human(s.lag_bytes),
                     human(s.retained_bytes),
                     s.wal_status
                         .as_deref()
@@ -422,15 +574,15 @@ impl Status<'_> {
                 );
             }
         }
+        let _ = writeln!(out, "  lag       {} the source", self.lag(db));
         let _ = writeln!(
             out,
-            "  changes   {} applied: {} inserts, {} updates, {} deletes; {} in flight; latency {:.1}s",
+            "  changes   {} applied: {} inserts, {} updates, {} deletes; {} in flight",
             self.counter(db, "totalChangesApplied"),
             self.counter(db, "cdcInsertCounter"),
             self.counter(db, "cdcUpdateCounter"),
             self.counter(db, "cdcDeleteCounter"),
             self.counter(db, "incomingChanges"),
-            self.counter(db, "cdcLatencyMs") as f64 / 1000.0
         );
     }
 
@@ -444,6 +596,9 @@ impl Status<'_> {
             self.overall(),
             self.migration_state()
         );
+        if let Some(next) = self.next_step() {
+            let _ = writeln!(out, "next:      {next}");
+        }
         let _ = writeln!(
             out,
             "runner:    {}",
@@ -594,5 +749,226 @@ impl Status<'_> {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::diagnostic::SourceFile;
+    use crate::plan::{CompileOptions, compile};
+
+    const ONLINE: &str = r#"version = 1
+name = "states"
+[source]
+url = "postgres://u@127.0.0.1:5432/postgres"
+[target]
+url = "postgres://u@127.0.0.1:5433/postgres"
+[[databases]]
+name = "app"
+[stages.pre]
+kind = "preflight"
+[stages.schema]
+kind = "schema_dump"
+after = ["pre"]
+[stages.provision]
+kind = "provision"
+after = ["schema"]
+[stages.load]
+kind = "full_load"
+after = ["provision"]
+[stages.indexes]
+kind = "post_data"
+after = ["load"]
+[stages.cdc]
+kind = "cdc"
+after = ["indexes"]
+[stages.check]
+kind = "validate"
+after = ["cdc"]
+[stages.cutover]
+kind = "cutover"
+after = ["check"]
+[stages.sequences]
+kind = "sequence_reset"
+after = ["cutover"]
+[stages.cleanup]
+kind = "cleanup"
+after = ["sequences"]
+"#;
+
+    fn plan() -> Plan {
+        compile(
+            &SourceFile::new("states.toml", ONLINE),
+            &CompileOptions::default(),
+        )
+        .unwrap_or_else(|d| panic!("{d:?}"))
+    }
+
+    fn record(stage: &str, kind: &str, state: StageState) -> StageRecord {
+        StageRecord {
+            stage: stage.into(),
+            kind: kind.into(),
+            state,
+            fingerprint: None,
+            attempts: 1,
+            started_at: Some(Timestamp(1.0)),
+            ended_at: None,
+            error: None,
+            detail: Value::Null,
+        }
+    }
+
+    fn status(plan: &Plan, records: Vec<StageRecord>, runner: bool) -> Status<'_> {
+        Status {
+            plan,
+            store: String::new(),
+            records,
+            runner: runner.then(|| LockHolder {
+                host: Some("test".into()),
+                pid: Some(1),
+                since: None,
+                backend_pid: 2,
+                application: "pgferry".into(),
+            }),
+            last_run: None,
+            events: Vec::new(),
+            tables: Vec::new(),
+            counters: Vec::new(),
+            positions: Vec::new(),
+            slots: Vec::new(),
+            validation: None,
+        }
+    }
+
+    /// The records of a run that got as far as `stage` (which is in `state`), in plan order.
+    fn up_to(plan: &Plan, stage: &str, state: StageState) -> Vec<StageRecord> {
+        let mut out = Vec::new();
+        for i in plan.dag.order() {
+            let s = &plan.stages[i];
+            if s.id == stage {
+                out.push(record(&s.id, s.kind, state));
+                break;
+            }
+            // cdc keeps running (ready) while the stages after it work.
+            let before = if s.kind == "cdc" {
+                StageState::Ready
+            } else {
+                StageState::Done
+            };
+            out.push(record(&s.id, s.kind, before));
+        }
+        out
+    }
+
+    fn phase(records: &mut [StageRecord], phase: CutoverPhase) {
+        let r = records
+            .iter_mut()
+            .find(|r| r.stage == "cutover")
+            .expect("a cutover record");
+        r.detail = json!({ CUTOVER_DETAIL_KEY: { "app": { "phase": phase } } });
+    }
+
+    #[test]
+    fn states_follow_the_stages_with_azure_dms_semantics() {
+        let plan = plan();
+        let st = |records| status(&plan, records, true).migration_state();
+        use MigrationState::*;
+        assert_eq!(st(Vec::new()), Pending);
+        assert_eq!(st(up_to(&plan, "provision", StageState::Running)), Pending);
+        assert_eq!(st(up_to(&plan, "load", StageState::Running)), FullLoad);
+        assert_eq!(st(up_to(&plan, "indexes", StageState::Running)), FullLoad);
+        assert_eq!(st(up_to(&plan, "cdc", StageState::Running)), CatchingUp);
+        assert_eq!(st(up_to(&plan, "cdc", StageState::Ready)), ReadyToComplete);
+        assert_eq!(
+            st(up_to(&plan, "check", StageState::Running)),
+            ReadyToComplete
+        );
+        // The cutover has started and waits for `pgferry cutover` (or its lag condition).
+        assert_eq!(
+            st(up_to(&plan, "cutover", StageState::Running)),
+            ReadyToComplete
+        );
+        let mut waiting = up_to(&plan, "cutover", StageState::Running);
+        phase(&mut waiting, CutoverPhase::ReadyToComplete);
+        assert_eq!(st(waiting), ReadyToComplete);
+        // Approved: cutting over, also while it still waits for the lag before the fence.
+        let mut approved = up_to(&plan, "cutover", StageState::Running);
+        phase(&mut approved, CutoverPhase::CuttingOver);
+        assert_eq!(st(approved.clone()), CuttingOver);
+        // cdc drained and finished, the cutover copies what replication does not carry.
+        for r in approved.iter_mut().filter(|r| r.kind == "cdc") {
+            r.state = StageState::Done;
+        }
+        assert_eq!(st(approved), CuttingOver);
+        assert_eq!(
+            st(up_to(&plan, "sequences", StageState::Running)),
+            CuttingOver
+        );
+        let mut all = up_to(&plan, "cleanup", StageState::Done);
+        for r in all.iter_mut() {
+            r.state = StageState::Done;
+        }
+        assert_eq!(st(all), Completed);
+    }
+
+    #[test]
+    fn any_stage_failing_is_failed_and_says_how_to_resume() {
+        let plan = plan();
+        for s in &plan.stages {
+            let records = up_to(&plan, &s.id, StageState::Failed);
+            let st = status(&plan, records.clone(), false);
+            assert_eq!(
+                st.migration_state(),
+                MigrationState::Failed,
+                "{} failed",
+                s.id
+            );
+            assert_eq!(st.overall(), OverallState::Failed, "{} failed", s.id);
+            let json = st.to_json();
+            assert_eq!(
+                json["output"][0]["migrationState"], "FAILED",
+                "{} failed",
+                s.id
+            );
+            assert_eq!(
+                json["output"][1]["migrationState"], "FAILED",
+                "{} failed",
+                s.id
+            );
+            assert!(
+                json["output"][0]["nextStep"]
+                    .as_str()
+                    .is_some_and(|n| n.contains("pgferry run states.toml")),
+                "{json:#}"
+            );
+            // With a runner still at work on the other stages, too.
+            assert_eq!(
+                status(&plan, records, true).migration_state(),
+                MigrationState::Failed
+            );
+        }
+    }
+
+    #[test]
+    fn a_started_migration_without_a_runner_is_stopped_and_says_how_to_resume() {
+        let plan = plan();
+        let records = up_to(&plan, "cdc", StageState::Ready);
+        let st = status(&plan, records.clone(), false);
+        assert_eq!(st.overall(), OverallState::Stopped);
+        assert_eq!(st.migration_state(), MigrationState::ReadyToComplete);
+        let json = st.to_json();
+        assert_eq!(json["output"][0]["state"], "STOPPED");
+        let next = json["output"][0]["nextStep"].as_str().unwrap_or_default();
+        assert!(
+            next.contains("`pgferry run states.toml` resumes it"),
+            "{next}"
+        );
+        assert!(st.to_text().contains("next:      no runner works on it"));
+        let running = status(&plan, records, true);
+        assert_eq!(running.overall(), OverallState::Running);
+        assert_eq!(running.to_json()["output"][0]["nextStep"], Value::Null);
+        let never = status(&plan, Vec::new(), false);
+        assert_eq!(never.overall(), OverallState::Pending);
     }
 }

@@ -594,12 +594,12 @@ fn var_overrides_vars_and_is_checked() {
 
     // The overridden value goes through the same checks as the plan's own.
     let run = pgferry(
-        &["check", p, "--var", "missing=1", "--var", "suffix=B"],
+        &["check", p, "--var", "missing=1", "--var", "suffix=B\n"],
         &[],
     );
     assert_eq!(run.code, 2, "{run:?}");
     assert!(
-        run.stderr.contains("is not a migration name") && run.stderr.contains("\"var_B\""),
+        run.stderr.contains("is not a migration name") && run.stderr.contains("\"var_B\\n\""),
         "{run:?}"
     );
 

@@ -66,7 +66,10 @@ fn run_online() -> Fixture {
              CREATE TABLE public.events (id bigserial PRIMARY KEY, v text);
              INSERT INTO public.events (v) SELECT md5(g::text) FROM generate_series(1, 5000) g;
              CREATE TABLE public.\"{HOSTILE}\" (id int PRIMARY KEY, v text);
-             INSERT INTO public.\"{HOSTILE}\" SELECT g, 'x' FROM generate_series(1, 7) g;"
+             INSERT INTO public.\"{HOSTILE}\" SELECT g, 'x' FROM generate_series(1, 7) g;
+             CREATE UNLOGGED TABLE public.scratch (k int PRIMARY KEY, v text);
+             INSERT INTO public.scratch SELECT g, 'scratch' FROM generate_series(1, 3) g;
+             CREATE MATERIALIZED VIEW public.items_by_n AS SELECT n, count(*) AS c FROM public.items GROUP BY n;"
         ),
     );
     let t = p.target.fresh_database("report_tgt");
@@ -129,6 +132,7 @@ fn run_online() -> Fixture {
             &*format!("public.{HOSTILE}"),
             format!("public.\"{HOSTILE}\""),
         ),
+        ("public.scratch", "public.scratch".to_string()),
     ] {
         assert_eq!(
             row_digest(&p.source, &s, &quoted),
@@ -142,6 +146,11 @@ fn run_online() -> Fixture {
             .expect("count");
         counts.push((name.to_string(), n));
     }
+    assert_eq!(
+        row_digest(&p.source, &s, "public.items_by_n"),
+        row_digest(&p.target, &t, "public.items_by_n"),
+        "the materialized view was refreshed at the cutover"
+    );
     let run_id = p.target.psql(
         &t,
         "SELECT max(id) FROM pgferry.runs WHERE migration = 'report_online'",
@@ -155,6 +164,14 @@ fn run_online() -> Fixture {
 }
 
 /// `pgferry report PLAN --run <the fixture's run> args...`
+fn copied_rows(tables: &[serde_json::Value], name: &str) -> i64 {
+    tables
+        .iter()
+        .find(|t| t["table"] == name)
+        .and_then(|t| t["rows"].as_i64())
+        .unwrap_or_else(|| panic!("no copy of {name} in {tables:#?}"))
+}
+
 fn report(f: &Fixture, args: &[&str]) -> String {
     let mut all = vec!["report", "--run", &f.run_id];
     all.extend_from_slice(args);
@@ -200,7 +217,12 @@ fn json_report_matches_the_databases_and_the_store() {
     // Table copies: the untouched tables copied exactly their rows; events copied its rows as of
     // the snapshot, and cdc's inserts and deletes make up the rest.
     let tables = r["tables"].as_array().expect("tables");
-    assert_eq!(tables.len(), 3, "{tables:#?}");
+    assert_eq!(tables.len(), 4, "{tables:#?}");
+    assert_eq!(
+        copied_rows(tables, "public.scratch"),
+        3,
+        "the unlogged table"
+    );
     let copied = |name: &str| {
         tables
             .iter()
@@ -304,7 +326,7 @@ fn json_report_matches_the_databases_and_the_store() {
     );
     let v = &r["validation"];
     assert_eq!(v["clean"], true, "{v:#}");
-    assert_eq!(v["tables"], 3);
+    assert_eq!(v["tables"], 4, "the unlogged table too");
     let total: i64 = f.counts.iter().map(|c| c.1).sum();
     assert_eq!(v["target_rows"], total, "{v:#}");
 
@@ -401,6 +423,31 @@ fn html_report_is_self_contained_and_escapes_names() {
     for id in STAGE_IDS {
         assert!(page.contains(&format!("<title>{id} (")), "node {id}");
     }
+    // The cutover table says in words what was copied again after the fence, one column each.
+    let cutover = page
+        .split("<h2>Cutover</h2>")
+        .nth(1)
+        .and_then(|rest| rest.split("</table>").next())
+        .expect("a cutover table");
+    for heading in [
+        "<th>Unlogged tables copied again</th>",
+        "<th>Large objects made equal</th>",
+        "<th>Materialized views refreshed</th>",
+    ] {
+        assert!(cutover.contains(heading), "{heading} in {cutover}");
+    }
+    assert!(
+        cutover.contains("<td>1 (3 rows): public.scratch</td>"),
+        "{cutover}"
+    );
+    assert!(
+        cutover.contains("<td>1: public.items_by_n</td>"),
+        "{cutover}"
+    );
+    assert!(
+        !cutover.contains('{') && !cutover.contains("&quot;"),
+        "raw JSON in the cutover table: {cutover}"
+    );
 }
 
 fn chromium() -> Option<PathBuf> {

@@ -771,9 +771,24 @@ fn schema_rejects_broken_plans() {
             json!({"stages": {"bad id": {"kind": "preflight"}}}),
         ),
         (
-            "a plan name that is not a lowercase identifier",
+            "a plan name with a control character",
             "/name".to_string(),
-            json!({"name": "DVD Rental"}),
+            json!({"name": "DVD\nRental"}),
+        ),
+        (
+            "a plan name ending in a space",
+            "/name".to_string(),
+            json!({"name": "DVD Rental "}),
+        ),
+        (
+            "an empty plan name",
+            "/name".to_string(),
+            json!({"name": ""}),
+        ),
+        (
+            "a plan name of 101 characters",
+            "/name".to_string(),
+            json!({"name": "x".repeat(101)}),
         ),
         (
             "an unknown top-level key",
@@ -787,6 +802,13 @@ fn schema_rejects_broken_plans() {
             json!({"databases": []}),
         ),
     ];
+    // Any name a person would type is a plan name.
+    for name in ["dvd-rental", "Prod Move 2026", "déménagement", "x"] {
+        let mut plan = base.clone();
+        merge(&mut plan, json!({ "name": name }));
+        let errs = errors(&validator, &plan);
+        assert!(errs.is_empty(), "name {name:?}: {}", show(&errs));
+    }
     for (what, location, patch) in broken {
         let mut plan = base.clone();
         merge(&mut plan, patch);
@@ -826,4 +848,91 @@ fn merge(value: &mut Value, patch: Value) {
         }
         (slot, patch) => *slot = patch,
     }
+}
+
+/// The defaults of the JSON Schema (and so of `docs/plan-reference.md`, generated from it) are
+/// the code's: every `default` of a definition equals the typed default in `plan::raw::defaults`,
+/// and every typed default is documented.
+#[test]
+fn schema_defaults_are_the_codes() {
+    use pgferry::plan::raw::{DefaultValue, defaults_of};
+    let schema = schema();
+    let defs = object(&schema["$defs"], "$defs");
+    let mut checked = 0;
+    let mut wrong = Vec::new();
+    for (name, def) in defs {
+        let Some(props) = def.get("properties").and_then(Value::as_object) else {
+            continue;
+        };
+        let code: BTreeMap<&str, DefaultValue> = defaults_of(name).into_iter().collect();
+        for (key, prop) in props {
+            let documented = prop.get("default");
+            match (documented, code.get(key.as_str())) {
+                (None, None) => {}
+                (Some(d), None) => wrong.push(format!(
+                    "{name}.{key}: the schema documents default {d}, the code has none"
+                )),
+                (None, Some(c)) => wrong.push(format!(
+                    "{name}.{key}: the code defaults to {c:?}, the schema documents no default"
+                )),
+                (Some(d), Some(c)) => {
+                    checked += 1;
+                    // The words say the same as the keyword (editors show the descriptions).
+                    for (field, said) in [
+                        ("description", format!("default: {d}")),
+                        ("markdownDescription", format!("default: `{d}`")),
+                    ] {
+                        let text = prop.get(field).and_then(Value::as_str).unwrap_or("");
+                        if !text.contains(&said) {
+                            wrong.push(format!("{name}.{key}: its {field} does not say `{said}`"));
+                        }
+                    }
+                    let same = match (c, d) {
+                        (DefaultValue::Bool(b), Value::Bool(x)) => b == x,
+                        (DefaultValue::Integer(n), Value::Number(x)) => x.as_u64() == Some(*n),
+                        (DefaultValue::Str(s), Value::String(x)) => s == x,
+                        (DefaultValue::Duration(t), Value::String(x)) => {
+                            Dur::parse(x).is_ok_and(|p| p.0 == *t)
+                        }
+                        (DefaultValue::Size(b), Value::String(x)) => {
+                            ByteSize::parse(x).is_ok_and(|p| p.0 == *b)
+                        }
+                        _ => false,
+                    };
+                    if !same {
+                        wrong.push(format!(
+                            "{name}.{key}: the schema documents default {d}, the code uses {c:?}"
+                        ));
+                    }
+                }
+            }
+        }
+        for key in code.keys() {
+            if !props.contains_key(*key) {
+                wrong.push(format!(
+                    "{name}.{key}: a code default for a key the schema lacks"
+                ));
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "defaults differ:\n  {}",
+        wrong.join("\n  ")
+    );
+    assert!(checked >= 30, "only {checked} defaults compared");
+    // The plain booleans default through serde to `false`: the same as the typed defaults.
+    use pgferry::plan::raw::defaults as d;
+    assert_eq!(
+        pgferry::plan::raw::PreflightOptions::default().fail_on_warning,
+        d::PREFLIGHT_FAIL_ON_WARNING
+    );
+    assert_eq!(
+        pgferry::plan::raw::SchemaDumpOptions::default().no_owner,
+        d::SCHEMA_DUMP_NO_OWNER
+    );
+    assert_eq!(
+        pgferry::plan::raw::SchemaDumpOptions::default().no_privileges,
+        d::SCHEMA_DUMP_NO_PRIVILEGES
+    );
 }

@@ -12,10 +12,7 @@ pub async fn run(args: &PlanArgs) -> u8 {
         Err(code) => return code,
     };
     let manual = plan.stages.iter().find_map(|s| match s.options.first() {
-        Some(StageOptions::Cutover(o)) => Some((
-            s.id.clone(),
-            o.approval.as_deref().unwrap_or("manual") == "manual",
-        )),
+        Some(StageOptions::Cutover(o)) => Some((s.id.clone(), o.manual())),
         _ => None,
     });
     match manual {

@@ -45,6 +45,8 @@ pub async fn run(args: &PlanArgs) -> u8 {
         }
     };
     let mut out = String::new();
+    // The objects an online plan creates on the source, named from the migration's name.
+    let online = plan.has_kind("cdc");
     let _ = writeln!(out, "migration {} ({})", plan.name, plan.path);
     let _ = writeln!(out, "  source: {}", plan.source.display());
     let _ = writeln!(out, "  target: {}", plan.target.display());
@@ -70,6 +72,20 @@ pub async fn run(args: &PlanArgs) -> u8 {
             format!(" except {}", db.exclude.join(", "))
         };
         let _ = writeln!(out, "  database {} -> {}: {sel}{ex}", db.name, db.target);
+        if online {
+            let _ = writeln!(
+                out,
+                "    replication slot on the source: {}",
+                crate::pg::names::slot_name(&plan.name, &db.name)
+            );
+        }
+    }
+    if online {
+        let _ = writeln!(
+            out,
+            "  publication on the source: {}",
+            crate::pg::names::publication_name(&plan.name)
+        );
     }
 
     // States, if the migration has run before (read-only: the store is not created).

@@ -28,7 +28,6 @@ async fn slot_info(plan: &Plan, db: &crate::plan::Database) -> SlotInfo {
                 "SELECT pg_catalog.pg_current_wal_insert_lsn()::text, s.slot_name IS NOT NULL, coalesce(s.active, false), \
                         s.confirmed_flush_lsn::text, \
                         pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_insert_lsn(), s.restart_lsn)::int8, \
-                        pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_insert_lsn(), s.confirmed_flush_lsn)::int8, \
                         s.wal_status \
                    FROM (SELECT 1) one LEFT JOIN pg_catalog.pg_replication_slots s ON s.slot_name = $1",
                 &[&slot],
@@ -44,8 +43,7 @@ async fn slot_info(plan: &Plan, db: &crate::plan::Database) -> SlotInfo {
             info.active = row.get(2);
             info.confirmed_flush = row.get(3);
             info.retained_bytes = row.get(4);
-            info.lag_bytes = row.get(5);
-            info.wal_status = row.get(6);
+            info.wal_status = row.get(5);
             if !info.exists {
                 info.error = Some(format!(
                     "replication slot {slot} does not exist on the source"
@@ -304,6 +302,7 @@ async fn compact(
             }
         );
     }
+    let counters = store.counters().await?;
     if plan.has_kind("cdc") {
         for db in &plan.databases {
             let applied = store
@@ -313,26 +312,25 @@ async fn compact(
                 Some(env) => source_position(env, db).await,
                 None => None,
             };
-            let lag = match (&applied, &source_now) {
-                (Some(a), Some(n)) => match (
-                    a.parse::<crate::pg::pgoutput::Lsn>(),
-                    n.parse::<crate::pg::pgoutput::Lsn>(),
-                ) {
-                    (Ok(a), Ok(n)) => crate::plan::units::human_bytes(n.0.saturating_sub(a.0)),
-                    _ => "?".into(),
-                },
-                _ => "-".into(),
+            let lsn = |s: &Option<String>| {
+                s.as_deref()
+                    .and_then(|s| s.parse::<crate::pg::pgoutput::Lsn>().ok())
             };
+            let gauge = counters
+                .iter()
+                .find(|(s, n, _)| s == &db.name && n == crate::lag::OLDEST_UNAPPLIED_GAUGE)
+                .map(|c| c.2);
+            let lag =
+                crate::lag::Lag::new(gauge, crate::lag::now_ms(), lsn(&source_now), lsn(&applied));
             let _ = writeln!(
                 out,
-                "cdc {}: applied {}, source at {}, lag {lag}",
+                "cdc {}: applied {}, source at {}, {lag} the source",
                 db.name,
                 applied.as_deref().unwrap_or("-"),
                 source_now.as_deref().unwrap_or("unreachable")
             );
         }
     }
-    let counters = store.counters().await?;
     if !counters.is_empty() {
         let _ = writeln!(out, "\ncounters:");
         // Per-migration and per-database counters; per-table ones would not fit a screen.

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde_json::{Map, Value};
 
 use super::diagnostic::{Diagnostic, SourceFile, closest};
-use super::raw::{COMMON_STAGE_KEYS, RawPlan, StageCommon, StageOptions};
+use super::raw::{COMMON_STAGE_KEYS, RawPlan, RawState, StageCommon, StageOptions};
 use super::source::{Path, PlanDocument};
 use super::template::{DatabaseScope, Scope, TemplateError};
 use super::{Database, Endpoint, Plan, Stage, StateLocation, fingerprint};
@@ -261,15 +261,15 @@ pub fn compile(src: &SourceFile, opts: &CompileOptions) -> Result<Plan, Vec<Diag
                 password: s.password.clone().map(Secret::new),
             },
             database: None,
-            schema: s.schema.clone().unwrap_or_else(|| "pgferry".into()),
+            schema: s.schema(),
         },
         other => StateLocation {
             endpoint: target.clone(),
             database: dbs.first().map(|d| d.target.clone()),
             schema: other
                 .as_ref()
-                .and_then(|s| s.schema.clone())
-                .unwrap_or_else(|| "pgferry".into()),
+                .map(RawState::schema)
+                .unwrap_or_else(|| super::raw::defaults::STATE_SCHEMA.into()),
         },
     };
 
@@ -312,7 +312,7 @@ pub fn compile(src: &SourceFile, opts: &CompileOptions) -> Result<Plan, Vec<Diag
             kind,
             after: deps[i].clone(),
             description: common.description.clone(),
-            retries: common.retries.unwrap_or(3),
+            retries: common.retries(),
             options: per_db,
             fingerprint: fp,
         });

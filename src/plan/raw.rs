@@ -3,10 +3,117 @@
 //! a value is deserialized here the schema check has already explained anything wrong with it.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use super::units::{ByteSize, Dur};
+
+/// The default of every option that has one: the only place they are defined. The options' typed
+/// accessors below return them for an unset key; `defaults_of` lists them by schema location, and
+/// `tests/schema_sync.rs` fails when a `default` of `schemas/plan.schema.json` (and so of
+/// `docs/plan-reference.md`, generated from it) differs from them or is missing. Why each value
+/// was chosen is said in the schema's description of its key.
+pub mod defaults {
+    use std::time::Duration;
+
+    /// `[state] schema`.
+    pub const STATE_SCHEMA: &str = "pgferry";
+    /// Every stage's `retries`.
+    pub const RETRIES: u32 = 3;
+    pub const PREFLIGHT_FAIL_ON_WARNING: bool = false;
+    pub const SCHEMA_DUMP_NO_OWNER: bool = false;
+    pub const SCHEMA_DUMP_NO_PRIVILEGES: bool = false;
+    pub const PROVISION_EXISTING: &str = "compare";
+    pub const FULL_LOAD_JOBS: u32 = 4;
+    pub const FULL_LOAD_SPLIT_TABLES_LARGER_THAN: u64 = 1 << 30;
+    pub const POST_DATA_JOBS: u32 = 4;
+    pub const POST_DATA_MAINTENANCE_WORK_MEM: u64 = 1 << 30;
+    pub const CDC_BATCH_CHANGES: u32 = 10_000;
+    pub const CDC_BATCH_DELAY: Duration = Duration::from_millis(100);
+    pub const VALIDATE_MODE: &str = "checksum";
+    pub const VALIDATE_JOBS: u32 = 4;
+    pub const VALIDATE_CHUNK_ROWS: u32 = 20_000;
+    pub const VALIDATE_EXCLUDE_GENERATED: bool = false;
+    pub const VALIDATE_HOLD_TIMEOUT: Duration = Duration::from_secs(300);
+    pub const CUTOVER_APPROVAL: &str = "manual";
+    pub const CUTOVER_MAX_LAG: Duration = Duration::from_secs(1);
+    pub const CUTOVER_QUIET_FOR: Duration = Duration::from_secs(10);
+    pub const CUTOVER_FENCE: &str = "read_only";
+    pub const CUTOVER_TIMEOUT: Duration = Duration::from_secs(600);
+    pub const CUTOVER_ANALYZE: bool = true;
+    pub const CLEANUP_DROP_SLOT: bool = true;
+    pub const CLEANUP_DROP_PUBLICATION: bool = true;
+    pub const SQL_TRANSACTION: bool = true;
+}
+
+/// A default value, typed as its key is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DefaultValue {
+    Bool(bool),
+    Integer(u64),
+    Str(&'static str),
+    Duration(Duration),
+    Size(u64),
+}
+
+/// The defaults of the options of a JSON Schema definition (`state`, `preflight_stage`, ...): every
+/// key that has one, with its value. Each stage definition also has `retries`.
+pub fn defaults_of(definition: &str) -> Vec<(&'static str, DefaultValue)> {
+    use DefaultValue::*;
+    use defaults as d;
+    let mut out = match definition {
+        "state" => return vec![("schema", Str(d::STATE_SCHEMA))],
+        "preflight_stage" => vec![("fail_on_warning", Bool(d::PREFLIGHT_FAIL_ON_WARNING))],
+        "schema_dump_stage" => vec![
+            ("no_owner", Bool(d::SCHEMA_DUMP_NO_OWNER)),
+            ("no_privileges", Bool(d::SCHEMA_DUMP_NO_PRIVILEGES)),
+        ],
+        "provision_stage" => vec![("existing", Str(d::PROVISION_EXISTING))],
+        "full_load_stage" => vec![
+            ("jobs", Integer(d::FULL_LOAD_JOBS.into())),
+            (
+                "split_tables_larger_than",
+                Size(d::FULL_LOAD_SPLIT_TABLES_LARGER_THAN),
+            ),
+        ],
+        "post_data_stage" => vec![
+            ("jobs", Integer(d::POST_DATA_JOBS.into())),
+            (
+                "maintenance_work_mem",
+                Size(d::POST_DATA_MAINTENANCE_WORK_MEM),
+            ),
+        ],
+        "cdc_stage" => vec![
+            ("batch_changes", Integer(d::CDC_BATCH_CHANGES.into())),
+            ("batch_delay", Duration(d::CDC_BATCH_DELAY)),
+        ],
+        "validate_stage" => vec![
+            ("mode", Str(d::VALIDATE_MODE)),
+            ("jobs", Integer(d::VALIDATE_JOBS.into())),
+            ("chunk_rows", Integer(d::VALIDATE_CHUNK_ROWS.into())),
+            ("exclude_generated", Bool(d::VALIDATE_EXCLUDE_GENERATED)),
+            ("hold_timeout", Duration(d::VALIDATE_HOLD_TIMEOUT)),
+        ],
+        "cutover_stage" => vec![
+            ("approval", Str(d::CUTOVER_APPROVAL)),
+            ("max_lag", Duration(d::CUTOVER_MAX_LAG)),
+            ("quiet_for", Duration(d::CUTOVER_QUIET_FOR)),
+            ("fence", Str(d::CUTOVER_FENCE)),
+            ("timeout", Duration(d::CUTOVER_TIMEOUT)),
+            ("analyze", Bool(d::CUTOVER_ANALYZE)),
+        ],
+        "sequence_reset_stage" => vec![],
+        "cleanup_stage" => vec![
+            ("drop_slot", Bool(d::CLEANUP_DROP_SLOT)),
+            ("drop_publication", Bool(d::CLEANUP_DROP_PUBLICATION)),
+        ],
+        "sql_stage" => vec![("transaction", Bool(d::SQL_TRANSACTION))],
+        _ => return Vec::new(),
+    };
+    out.insert(0, ("retries", Integer(d::RETRIES.into())));
+    out
+}
 
 /// The whole plan except its stages, which are deserialized one by one (see [`StageOptions`]).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -74,6 +181,20 @@ pub struct StageCommon {
     /// How many times a transient failure (connection lost, serialization failure, ...) is retried.
     #[serde(default)]
     pub retries: Option<u32>,
+}
+
+impl StageCommon {
+    pub fn retries(&self) -> u32 {
+        self.retries.unwrap_or(defaults::RETRIES)
+    }
+}
+
+impl RawState {
+    pub fn schema(&self) -> String {
+        self.schema
+            .clone()
+            .unwrap_or_else(|| defaults::STATE_SCHEMA.into())
+    }
 }
 
 macro_rules! stage_kinds {
@@ -212,6 +333,106 @@ pub struct CutoverOptions {
     pub fence: Option<String>,
     #[serde(default)]
     pub timeout: Option<Dur>,
+    /// ANALYZE every selected table on the target before the fence.
+    #[serde(default)]
+    pub analyze: Option<bool>,
+}
+
+impl ProvisionOptions {
+    /// "compare" or "refuse".
+    pub fn existing(&self) -> &str {
+        self.existing
+            .as_deref()
+            .unwrap_or(defaults::PROVISION_EXISTING)
+    }
+}
+
+impl FullLoadOptions {
+    pub fn jobs(&self) -> u32 {
+        self.jobs.unwrap_or(defaults::FULL_LOAD_JOBS)
+    }
+
+    pub fn split_tables_larger_than(&self) -> u64 {
+        self.split_tables_larger_than
+            .map_or(defaults::FULL_LOAD_SPLIT_TABLES_LARGER_THAN, |b| b.0)
+    }
+}
+
+impl PostDataOptions {
+    pub fn jobs(&self) -> u32 {
+        self.jobs.unwrap_or(defaults::POST_DATA_JOBS)
+    }
+
+    pub fn maintenance_work_mem(&self) -> u64 {
+        self.maintenance_work_mem
+            .map_or(defaults::POST_DATA_MAINTENANCE_WORK_MEM, |b| b.0)
+    }
+}
+
+impl CdcOptions {
+    pub fn batch_changes(&self) -> u32 {
+        self.batch_changes.unwrap_or(defaults::CDC_BATCH_CHANGES)
+    }
+
+    pub fn batch_delay(&self) -> Duration {
+        self.batch_delay.map_or(defaults::CDC_BATCH_DELAY, |d| d.0)
+    }
+}
+
+impl ValidateOptions {
+    /// "count", "checksum" or "full".
+    pub fn mode(&self) -> &str {
+        self.mode.as_deref().unwrap_or(defaults::VALIDATE_MODE)
+    }
+
+    pub fn jobs(&self) -> u32 {
+        self.jobs.unwrap_or(defaults::VALIDATE_JOBS)
+    }
+
+    pub fn chunk_rows(&self) -> u32 {
+        self.chunk_rows.unwrap_or(defaults::VALIDATE_CHUNK_ROWS)
+    }
+
+    pub fn exclude_generated(&self) -> bool {
+        self.exclude_generated
+            .unwrap_or(defaults::VALIDATE_EXCLUDE_GENERATED)
+    }
+
+    pub fn hold_timeout(&self) -> Duration {
+        self.hold_timeout
+            .map_or(defaults::VALIDATE_HOLD_TIMEOUT, |d| d.0)
+    }
+}
+
+impl CutoverOptions {
+    /// Whether the cutover waits for `pgferry cutover` ("manual") rather than its lag condition.
+    pub fn manual(&self) -> bool {
+        self.approval
+            .as_deref()
+            .unwrap_or(defaults::CUTOVER_APPROVAL)
+            == "manual"
+    }
+
+    pub fn max_lag(&self) -> Duration {
+        self.max_lag.map_or(defaults::CUTOVER_MAX_LAG, |d| d.0)
+    }
+
+    pub fn quiet_for(&self) -> Duration {
+        self.quiet_for.map_or(defaults::CUTOVER_QUIET_FOR, |d| d.0)
+    }
+
+    /// Whether the source is fenced ("read_only") rather than not ("none").
+    pub fn read_only_fence(&self) -> bool {
+        self.fence.as_deref().unwrap_or(defaults::CUTOVER_FENCE) == "read_only"
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout.map_or(defaults::CUTOVER_TIMEOUT, |d| d.0)
+    }
+
+    pub fn analyze(&self) -> bool {
+        self.analyze.unwrap_or(defaults::CUTOVER_ANALYZE)
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -238,4 +459,21 @@ pub struct SqlOptions {
     /// Run the SQL in one transaction (default). Set false for statements such as VACUUM.
     #[serde(default)]
     pub transaction: Option<bool>,
+}
+
+impl SqlOptions {
+    pub fn transaction(&self) -> bool {
+        self.transaction.unwrap_or(defaults::SQL_TRANSACTION)
+    }
+}
+
+impl CleanupOptions {
+    pub fn drop_slot(&self) -> bool {
+        self.drop_slot.unwrap_or(defaults::CLEANUP_DROP_SLOT)
+    }
+
+    pub fn drop_publication(&self) -> bool {
+        self.drop_publication
+            .unwrap_or(defaults::CLEANUP_DROP_PUBLICATION)
+    }
 }

@@ -362,7 +362,7 @@ pub fn check(value: &Value, doc: &PlanDocument) -> Vec<Diagnostic> {
             ValidationErrorKind::Pattern { .. } => {
                 let what = match path.as_slice() {
                     [Seg::Key(k)] if k == "name" => {
-                        "a migration name: lowercase letters, digits and `_`, starting with a letter, at most 48 characters (it names checkpoints and replication slots)"
+                        "a migration name: 1 to 100 characters, no control characters, no space at either end (any other name is fine: the slot and publication names are derived from it)"
                     }
                     [Seg::Key(_), Seg::Key(k)] if k == "schema" => "a plain lowercase identifier",
                     [Seg::Key(s), _] if s == "stages" => {

@@ -216,6 +216,10 @@ pub async fn collect(plan: &Plan, store: &PgStore, run_id: i64) -> Result<RunRep
                     .get("simulated_downtime_seconds")
                     .and_then(serde_json::Value::as_f64),
                 resync: v.get("resync").cloned().unwrap_or(serde_json::Value::Null),
+                statistics: v
+                    .get("statistics")
+                    .cloned()
+                    .unwrap_or(serde_json::Value::Null),
             });
         }
     }

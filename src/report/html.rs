@@ -395,14 +395,16 @@ fn lag_svg(r: &RunReport) -> String {
     svg.push_str("</svg>");
     let _ = write!(
         svg,
-        "<p class=\"meta\">{} sample(s); lag max {}, p95 {}; apply latency max {}, p95 {}; {} change(s) applied.</p>",
+        "<p class=\"meta\">{} sample(s); lag in seconds (age of the oldest source commit not yet applied) max {}, p95 {}; in bytes (source WAL insert position minus applied position, the curve) max {}, p95 {}; {} change(s) applied.</p>",
         c.samples.len(),
+        c.max_latency_ms
+            .map_or("-".into(), |v| format!("{:.1}s", v as f64 / 1000.0)),
+        c.p95_latency_ms
+            .map_or("-".into(), |v| format!("{:.1}s", v as f64 / 1000.0)),
         c.max_lag_bytes
             .map_or("-".into(), |v| escape(&human_bytes(v.max(0) as u64))),
         c.p95_lag_bytes
             .map_or("-".into(), |v| escape(&human_bytes(v.max(0) as u64))),
-        c.max_latency_ms.map_or("-".into(), |v| format!("{v} ms")),
-        c.p95_latency_ms.map_or("-".into(), |v| format!("{v} ms")),
         c.applied_changes
     );
     svg
@@ -436,7 +438,7 @@ fn cutover(r: &RunReport) -> String {
         return String::new();
     }
     let mut out = String::from(
-        "<h2>Cutover</h2><table><tr><th>Stage</th><th>Database</th><th>Write downtime</th><th>Fenced</th><th>LSN</th><th>Resync</th></tr>\n",
+        "<h2>Cutover</h2><table><tr><th>Stage</th><th>Database</th><th>Write downtime</th><th>Fenced</th><th>LSN</th><th>Unlogged tables copied again</th><th>Large objects made equal</th><th>Materialized views refreshed</th><th>Planner statistics (before the fence)</th></tr>\n",
     );
     for c in &r.cutover {
         let downtime = match (c.downtime_seconds, c.simulated_downtime_seconds) {
@@ -444,18 +446,18 @@ fn cutover(r: &RunReport) -> String {
             (None, Some(d)) => format!("{d:.2} s (simulated)"),
             _ => "-".into(),
         };
+        let resync = c.resync_words();
         let _ = writeln!(
             out,
-            "<tr><td>{}</td><td>{}</td><td class=\"n\">{downtime}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td class=\"n\">{downtime}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             escape(&c.stage),
             escape(&c.database),
             c.fenced.map_or("-", |f| if f { "yes" } else { "no" }),
             escape(c.lsn.as_deref().unwrap_or("-")),
-            escape(&if c.resync.is_null() {
-                "-".to_string()
-            } else {
-                c.resync.to_string()
-            }),
+            escape(&resync.unlogged_tables),
+            escape(&resync.large_objects),
+            escape(&resync.materialized_views),
+            escape(&c.statistics_words()),
         );
     }
     out.push_str("</table>\n");

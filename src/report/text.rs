@@ -188,15 +188,15 @@ pub fn render(r: &RunReport) -> String {
             );
         }
         let bytes = |v: Option<i64>| v.map_or("-".into(), |v| human_bytes(v.max(0) as u64));
-        let ms = |v: Option<i64>| v.map_or("-".into(), |v| format!("{v} ms"));
+        let secs = |v: Option<i64>| v.map_or("-".into(), |v| format!("{:.1}s", v as f64 / 1000.0));
         let _ = writeln!(
             out,
-            "  lag profile: {} sample(s); lag max {}, p95 {}; latency max {}, p95 {}",
+            "  lag profile: {} sample(s); lag in seconds (oldest unapplied commit) max {}, p95 {}; in bytes (source WAL minus applied) max {}, p95 {}",
             c.samples.len(),
+            secs(c.max_latency_ms),
+            secs(c.p95_latency_ms),
             bytes(c.max_lag_bytes),
-            bytes(c.p95_lag_bytes),
-            ms(c.max_latency_ms),
-            ms(c.p95_latency_ms)
+            bytes(c.p95_lag_bytes)
         );
     }
 
@@ -220,11 +220,21 @@ pub fn render(r: &RunReport) -> String {
                 None => "",
             }
         );
-        if !c.resync.is_null() {
+        if !c.statistics.is_null() {
             let _ = writeln!(
                 out,
-                "  resync after the fence: {}",
-                clean(&c.resync.to_string())
+                "  planner statistics before the fence: {}",
+                clean(&c.statistics_words())
+            );
+        }
+        if !c.resync.is_null() {
+            let w = c.resync_words();
+            let _ = writeln!(
+                out,
+                "  after the fence: unlogged tables copied again {}; large objects made equal {}; materialized views refreshed {}",
+                clean(&w.unlogged_tables),
+                clean(&w.large_objects),
+                clean(&w.materialized_views)
             );
         }
     }

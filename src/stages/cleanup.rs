@@ -25,11 +25,11 @@ impl Cleanup {
 
     fn options(&self, db: usize) -> (bool, bool) {
         match self.env.plan.stages[self.index].options.get(db) {
-            Some(StageOptions::Cleanup(o)) => (
-                o.drop_slot.unwrap_or(true),
-                o.drop_publication.unwrap_or(true),
-            ),
-            _ => (true, true),
+            Some(StageOptions::Cleanup(o)) => (o.drop_slot(), o.drop_publication()),
+            _ => {
+                let o = crate::plan::raw::CleanupOptions::default();
+                (o.drop_slot(), o.drop_publication())
+            }
         }
     }
 }

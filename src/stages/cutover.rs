@@ -4,14 +4,14 @@
 //! - approval "manual" (default) waits for the `cutover` request that `pgferry cutover PLAN` records
 //!   in the store, then for cdc to be within `max_lag` of the source (it says why it waits, every
 //!   10 s, in the log and the store's events). "auto" proceeds once cdc has stayed within `max_lag`
-//!   (default 5s) of the source for `quiet_for` (default 10s): every `max_lag` it samples the
+//!   of the source for `quiet_for` (defaults in `plan::raw::defaults`): every `max_lag` it samples the
 //!   source's WAL position and counts the lag as small when cdc's applied position has reached the
 //!   previous sample (or the current position).
 //! - fence "read_only" (default): `ALTER DATABASE <source> SET default_transaction_read_only = on`,
 //!   then terminates the database's other client sessions (not walsenders). "none": no fence.
 //! - Then it records `pg_current_wal_insert_lsn()` (every commit so far is before it, also with
 //!   asynchronous commit) in its checkpoint `drain:<db>`; cdc applies up to at least that
-//!   position and finishes (done). The cutover waits for that (at most `timeout`, default 10 min),
+//!   position and finishes (done). The cutover waits for that (at most `timeout`),
 //!   then copies what logical decoding does not carry (unlogged tables, large objects; see
 //!   [`super::unreplicated`]) and refreshes materialized views, and reports the downtime: fence to
 //!   all of that done.
@@ -35,6 +35,7 @@ use crate::pg::pgoutput::Lsn;
 use crate::plan::{Database, StageOptions};
 use crate::state::StageState;
 use crate::state::postgres::PgStore;
+use crate::status::{CUTOVER_DETAIL_KEY, CutoverPhase};
 
 const POLL: Duration = Duration::from_millis(250);
 
@@ -44,6 +45,7 @@ struct Options {
     quiet_for: Duration,
     fence: bool,
     timeout: Duration,
+    analyze: bool,
 }
 
 pub struct Cutover {
@@ -62,15 +64,12 @@ impl Cutover {
             _ => Default::default(),
         };
         Options {
-            manual: o.approval.as_deref().unwrap_or("manual") == "manual",
-            max_lag: o
-                .max_lag
-                .map(|d| d.0)
-                .unwrap_or(Duration::from_secs(5))
-                .max(Duration::from_millis(200)),
-            quiet_for: o.quiet_for.map(|d| d.0).unwrap_or(Duration::from_secs(10)),
-            fence: o.fence.as_deref().unwrap_or("read_only") == "read_only",
-            timeout: o.timeout.map(|d| d.0).unwrap_or(Duration::from_secs(600)),
+            manual: o.manual(),
+            max_lag: o.max_lag().max(Duration::from_millis(200)),
+            quiet_for: o.quiet_for(),
+            fence: o.read_only_fence(),
+            timeout: o.timeout(),
+            analyze: o.analyze(),
         }
     }
 
@@ -94,6 +93,20 @@ impl Cutover {
     }
 
     async fn approve(&self, cx: &StageContext, db: &Database, o: &Options) -> Result<()> {
+        let waiting_for = if o.manual && !self.env.rehearsal {
+            format!("waiting for `pgferry cutover {}`", self.env.plan.path)
+        } else {
+            format!(
+                "waiting until cdc stays within max_lag ({}) for {}",
+                humantime::format_duration(o.max_lag),
+                humantime::format_duration(if o.manual {
+                    Duration::ZERO
+                } else {
+                    o.quiet_for
+                })
+            )
+        };
+        record_phase(cx, db, CutoverPhase::ReadyToComplete, &waiting_for).await?;
         if o.manual && self.env.rehearsal {
             let msg = format!(
                 "rehearsal: the cutover of {} has approval = \"manual\"; a rehearsal does not wait for `pgferry cutover` and proceeds once cdc is within max_lag ({})",
@@ -112,6 +125,13 @@ impl Cutover {
             loop {
                 if let Some(at) = store.requested("cutover").await? {
                     tracing::info!(database = %db.name, requested_at = %at, "cutover approved; fencing once cdc is within max_lag");
+                    record_phase(
+                        cx,
+                        db,
+                        CutoverPhase::CuttingOver,
+                        &format!("approved at {at}; fencing once cdc is within max_lag"),
+                    )
+                    .await?;
                     break;
                 }
                 if !said {
@@ -148,16 +168,35 @@ impl Cutover {
                 Some(p) => Some(p.parse()?),
                 None => None,
             };
-            // Small: cdc has reached where the source was one `max_lag` ago (or is caught up).
-            let small = match (previous, applied) {
+            let lag = crate::lag::Lag::new(
+                cx.store
+                    .counter(&db.name, crate::lag::OLDEST_UNAPPLIED_GAUGE)
+                    .await?,
+                crate::lag::now_ms(),
+                Some(now),
+                applied,
+            );
+            // Small: the oldest commit cdc has received and not applied is at most `max_lag` old,
+            // and cdc has received everything the source had written one `max_lag` ago (a commit
+            // still in the source's WAL, not yet sent, is behind too).
+            let received = match (previous, applied) {
                 (_, Some(a)) if a >= now => true,
                 (Some(p), Some(a)) => a >= p,
                 _ => false,
             };
+            let recent = lag.seconds.is_none_or(|s| s <= o.max_lag.as_secs_f64());
+            let small = received && recent;
             if small {
                 let since = *quiet_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= quiet_for {
                     tracing::info!(database = %db.name, "cutover: lag within max_lag; proceeding");
+                    record_phase(
+                        cx,
+                        db,
+                        CutoverPhase::CuttingOver,
+                        "cdc is within max_lag: fencing",
+                    )
+                    .await?;
                     return Ok(());
                 }
             } else {
@@ -165,15 +204,25 @@ impl Cutover {
                 if previous.is_some()
                     && last_said.is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
                 {
-                    let behind = applied.map(|a| now.0.saturating_sub(a.0));
-                    let msg = format!(
-                        "cutover of {} waits before fencing: cdc is {} behind the source, more than max_lag ({}) of changes",
-                        db.name,
-                        behind
-                            .map(crate::plan::units::human_bytes)
-                            .unwrap_or_else(|| "not yet started, so everything is".into()),
-                        humantime::format_duration(o.max_lag)
-                    );
+                    let msg = if applied.is_none() {
+                        format!(
+                            "cutover of {} waits before fencing: cdc has applied nothing yet, so it is everything behind the source; max_lag is {}",
+                            db.name,
+                            humantime::format_duration(o.max_lag)
+                        )
+                    } else if recent {
+                        format!(
+                            "cutover of {} waits before fencing: cdc is {lag} the source and has not yet received all the source had written max_lag ({}) ago",
+                            db.name,
+                            humantime::format_duration(o.max_lag)
+                        )
+                    } else {
+                        format!(
+                            "cutover of {} waits before fencing: cdc is {lag} the source, more than max_lag ({})",
+                            db.name,
+                            humantime::format_duration(o.max_lag)
+                        )
+                    };
                     announce(cx, &msg).await?;
                     last_said = Some(Instant::now());
                 }
@@ -181,6 +230,54 @@ impl Cutover {
             previous = Some(now);
             self.sleep(cx, o.max_lag).await?;
         }
+    }
+
+    /// [`Cutover::approve`], with the target's planner statistics gathered meanwhile (unless
+    /// `analyze = false` or an earlier attempt did): both must be done before the fence.
+    async fn approve_and_analyze(
+        &self,
+        cx: &StageContext,
+        db: &Database,
+        o: &Options,
+    ) -> Result<()> {
+        let key = super::analyze::checkpoint_key(&db.name);
+        let analyze = async {
+            if !o.analyze || cx.store.checkpoint(&cx.stage, &key).await?.is_some() {
+                return Ok(());
+            }
+            let done = super::analyze::analyze(&self.env, db, &cx.cancel).await?;
+            cx.store.put_checkpoint(&cx.stage, &key, &done).await?;
+            let msg = format!(
+                "planner statistics of {} gathered on the target: ANALYZE of {} table(s) in {:.1}s, before the fence",
+                db.target,
+                done.get("tables")
+                    .and_then(serde_json::Value::as_u64)
+                    .unwrap_or(0),
+                done.get("seconds")
+                    .and_then(serde_json::Value::as_f64)
+                    .unwrap_or(0.0)
+            );
+            announce(cx, &msg).await
+        };
+        tokio::try_join!(self.approve(cx, db, o), analyze)?;
+        Ok(())
+    }
+
+    /// What the checkpoint says of the statistics of `db`, for the cutover's detail.
+    async fn statistics(
+        &self,
+        cx: &StageContext,
+        db: &Database,
+        o: &Options,
+    ) -> Result<serde_json::Value> {
+        if !o.analyze {
+            return Ok(serde_json::json!({ "analyze": false }));
+        }
+        Ok(cx
+            .store
+            .checkpoint(&cx.stage, &super::analyze::checkpoint_key(&db.name))
+            .await?
+            .unwrap_or(serde_json::Value::Null))
     }
 
     async fn fenced_part(
@@ -362,7 +459,15 @@ impl Cutover {
             None => None,
         };
         if earlier.is_none() {
-            self.approve(cx, db, o).await?;
+            self.approve_and_analyze(cx, db, o).await?;
+        } else {
+            record_phase(
+                cx,
+                db,
+                CutoverPhase::CuttingOver,
+                "simulated fence taken in an earlier attempt: draining",
+            )
+            .await?;
         }
         let fenced_at = Instant::now();
         let target = match earlier {
@@ -391,6 +496,7 @@ impl Cutover {
             "simulated_downtime_seconds": downtime.as_secs_f64(),
             "fenced": false,
             "resync": resync,
+            "statistics": self.statistics(cx, db, o).await?,
         }))
     }
 
@@ -506,8 +612,16 @@ impl Cutover {
             .checkpoint(&cx.stage, &drain_key(&db.name))
             .await?
             .is_some();
-        if !fenced_before {
-            self.approve(cx, db, o).await?;
+        if fenced_before {
+            record_phase(
+                cx,
+                db,
+                CutoverPhase::CuttingOver,
+                "fenced in an earlier attempt: draining",
+            )
+            .await?;
+        } else {
+            self.approve_and_analyze(cx, db, o).await?;
         }
         let source = self
             .env
@@ -553,6 +667,7 @@ impl Cutover {
                     "downtime_seconds": downtime.as_secs_f64(),
                     "fenced": o.fence,
                     "resync": resync,
+                    "statistics": self.statistics(cx, db, o).await?,
                 }))
             }
             Err(e) => {
@@ -613,6 +728,17 @@ impl Stage for Cutover {
                     "no fence"
                 }
             ));
+            out.push(if o.analyze {
+                format!(
+                    "  planner statistics of {}: ANALYZE every selected table on the target while waiting for the approval, done before the fence (pg_dump carries none before PostgreSQL 18)",
+                    db.target
+                )
+            } else {
+                format!(
+                    "  planner statistics of {}: none gathered (analyze = false); the target's first queries run on whatever statistics it has",
+                    db.target
+                )
+            });
         }
         out
     }
@@ -633,6 +759,42 @@ impl Stage for Cutover {
         }
         Ok(())
     }
+}
+
+/// Records how far the cutover of `db` got in the stage's detail, which `status` reads to tell
+/// `READY_TO_COMPLETE` (waiting for the approval or the lag condition) from `CUTTING_OVER`.
+async fn record_phase(
+    cx: &StageContext,
+    db: &Database,
+    phase: CutoverPhase,
+    note: &str,
+) -> Result<()> {
+    let mut detail = cx
+        .store
+        .stages()
+        .await?
+        .into_iter()
+        .find(|r| r.stage == cx.stage)
+        .map(|r| r.detail)
+        .filter(serde_json::Value::is_object)
+        .unwrap_or_else(|| serde_json::json!({}));
+    let entry = serde_json::json!({
+        "phase": phase,
+        "since": crate::state::Timestamp::now(),
+        "note": note,
+    });
+    if let Some(obj) = detail.as_object_mut() {
+        let dbs = obj
+            .entry(CUTOVER_DETAIL_KEY)
+            .or_insert_with(|| serde_json::json!({}));
+        if !dbs.is_object() {
+            *dbs = serde_json::json!({});
+        }
+        if let Some(dbs) = dbs.as_object_mut() {
+            dbs.insert(db.name.clone(), entry);
+        }
+    }
+    cx.store.set_stage_detail(&cx.stage, &detail).await
 }
 
 /// Says `msg` in the log and in the run's events.

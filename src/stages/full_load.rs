@@ -38,8 +38,6 @@ use crate::plan::{Database, StageOptions};
 use crate::select::Selection;
 use crate::state::{TableProgress, TableState};
 
-const DEFAULT_JOBS: u32 = 4;
-const DEFAULT_SPLIT: u64 = 1 << 30;
 const MAX_RANGES: u64 = 64;
 
 pub struct FullLoad {
@@ -54,14 +52,13 @@ impl FullLoad {
 
     fn options(&self, db: usize) -> (u32, u64) {
         match self.env.plan.stages[self.index].options.get(db) {
-            Some(StageOptions::FullLoad(o)) => (
-                o.jobs.unwrap_or(DEFAULT_JOBS).max(1),
-                o.split_tables_larger_than
-                    .map(|s| s.0)
-                    .unwrap_or(DEFAULT_SPLIT)
-                    .max(1 << 20),
-            ),
-            _ => (DEFAULT_JOBS, DEFAULT_SPLIT),
+            Some(StageOptions::FullLoad(o)) => {
+                (o.jobs().max(1), o.split_tables_larger_than().max(1 << 20))
+            }
+            _ => {
+                let o = crate::plan::raw::FullLoadOptions::default();
+                (o.jobs(), o.split_tables_larger_than())
+            }
         }
     }
 }

@@ -2,6 +2,7 @@
 //! [`build`]. The executor runs them without knowing what they do; what they need of PostgreSQL they
 //! get from [`Env`].
 
+pub mod analyze;
 pub mod cdc;
 pub mod cleanup;
 pub mod cutover;

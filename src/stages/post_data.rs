@@ -42,9 +42,7 @@ use crate::plan::units::{ByteSize, human_bytes};
 use crate::plan::{Database, StageOptions};
 use crate::state::{TableProgress, TableState};
 
-const DEFAULT_JOBS: u32 = 4;
 const MAX_JOBS: u32 = 256;
-const DEFAULT_MAINTENANCE_WORK_MEM: u64 = 1 << 30;
 /// PostgreSQL's minimum.
 const MIN_MAINTENANCE_WORK_MEM: u64 = 1 << 20;
 /// More than this per session is almost certainly a mistake (the target may use `jobs` times it).
@@ -86,13 +84,12 @@ impl PostData {
     }
 
     fn jobs(o: &PostDataOptions) -> usize {
-        o.jobs.unwrap_or(DEFAULT_JOBS).clamp(1, MAX_JOBS) as usize
+        o.jobs().clamp(1, MAX_JOBS) as usize
     }
 
     /// `maintenance_work_mem` in bytes, within [1 MB, 64 GB].
     fn maintenance_work_mem(o: &PostDataOptions) -> u64 {
-        o.maintenance_work_mem
-            .map_or(DEFAULT_MAINTENANCE_WORK_MEM, |ByteSize(b)| b)
+        o.maintenance_work_mem()
             .clamp(MIN_MAINTENANCE_WORK_MEM, MAX_MAINTENANCE_WORK_MEM)
     }
 

@@ -53,7 +53,7 @@ impl Stage for SqlStage {
             } else {
                 ""
             };
-            let tx = if o.transaction.unwrap_or(true) {
+            let tx = if o.transaction() {
                 "in one transaction"
             } else {
                 "without a transaction"
@@ -87,7 +87,7 @@ impl Stage for SqlStage {
                 .connect(&format!("sql {}", cx.stage))
                 .await
                 .map_err(|e| e.context(label.clone()))?;
-            let sql = if o.transaction.unwrap_or(true) {
+            let sql = if o.transaction() {
                 format!("BEGIN;\n{}\n;COMMIT;", o.sql)
             } else {
                 o.sql.clone()

@@ -134,6 +134,8 @@ pub trait StateStore: Send + Sync {
     async fn add_counter(&self, scope: &str, name: &str, delta: i64) -> Result<i64>;
     /// Adds to several counters at once: `(scope, name, delta)`.
     async fn add_counters(&self, deltas: &[(String, String, i64)]) -> Result<()>;
+    /// A counter's or gauge's value; `None` when it was never written.
+    async fn counter(&self, scope: &str, name: &str) -> Result<Option<i64>>;
     /// Sets gauges (counters that hold a current value, such as a latency): `(scope, name, value)`.
     async fn set_counters(&self, values: &[(String, String, i64)]) -> Result<()>;
     /// Records the progress of one table (or one range or object) of a stage.
@@ -154,7 +156,8 @@ pub struct LagSample {
     /// Source WAL insert position minus the applied position; `None` when the source could not be
     /// asked.
     pub lag_bytes: Option<i64>,
-    /// Apply time minus source commit time of the last applied transaction.
+    /// The lag in seconds (as milliseconds) at `at`: the age of the oldest source commit not yet
+    /// applied ([`crate::lag`]).
     pub latency_ms: Option<i64>,
     /// Changes sent to the target and not yet committed there.
     pub incoming: Option<i64>,

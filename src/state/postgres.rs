@@ -206,6 +206,23 @@ impl PgStore {
         if !exists {
             return Ok(None);
         }
+        // A first run creates `schema_version` and then, in a second transaction, the tables: a
+        // store with no version applied yet is not there for a reader (`status` polling a run
+        // that is starting).
+        let version: i32 = client
+            .query_one(
+                &format!(
+                    "SELECT coalesce(max(version), 0) FROM {}.schema_version",
+                    quote_ident(schema)
+                ),
+                &[],
+            )
+            .await
+            .map_err(|e| Error::pg(&e, "reading the checkpoint store's version"))?
+            .get(0);
+        if version == 0 {
+            return Ok(None);
+        }
         Ok(Some(PgStore::with_client(conn, schema, migration, client)))
     }
 
@@ -392,7 +409,12 @@ impl PgStore {
     pub async fn acquire_runner_lock(&self) -> Result<std::result::Result<RunnerLock, LockHolder>> {
         let host = hostname();
         let pid = std::process::id();
-        let app = format!("runner {} host={host} pid={pid}", self.migration);
+        // The stem, not the name itself: `application_name` keeps ASCII only (and 63 bytes), and
+        // the holder is read back from it word by word.
+        let app = format!(
+            "runner {} host={host} pid={pid}",
+            crate::pg::names::name_stem(&self.migration)
+        );
         let client = self
             .conn
             .connect(&app)
@@ -648,6 +670,19 @@ pub struct RunRecord {
 
 #[async_trait]
 impl StateStore for PgStore {
+    async fn counter(&self, scope: &str, name: &str) -> Result<Option<i64>> {
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT value FROM {} WHERE migration = $1 AND scope = $2 AND name = $3",
+            self.t("counters")
+        );
+        let row = client
+            .query_opt(&sql, &[&self.migration, &scope, &name])
+            .await
+            .map_err(|e| Error::pg(&e, format!("reading counter {name} of {scope}")))?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
     async fn upsert_table(&self, t: &TableProgress) -> Result<()> {
         let client = self.client().await?;
         let sql = format!(

@@ -31,9 +31,10 @@
 //!   Without step (1) cdc could already have applied past L when it reads the request.
 //! - The store keeps `cdc_applied:<db>` (position) and counters per database and per
 //!   `db.schema.table`: cdcInsertCounter, cdcUpdateCounter, cdcDeleteCounter, totalChangesApplied;
-//!   and per database the gauges cdcLatencyMs (apply time minus source commit time of the last
-//!   applied transaction; 0 when idle and caught up) and incomingChanges (changes sent to the
-//!   target and not yet committed there, sampled every 500 ms).
+//!   and per database the gauges `cdcOldestUnappliedCommitMs` (the commit time of the oldest source
+//!   transaction received and not yet applied, 0 when none: the lag in seconds is its age, see
+//!   [`crate::lag`]) and incomingChanges (changes sent to the target and not yet committed there,
+//!   sampled every 500 ms). [`sample`] logs the progress every 10 s.
 
 pub mod apply;
 pub mod changeset;
@@ -42,7 +43,7 @@ mod sample;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
@@ -61,7 +62,15 @@ use apply::Applier;
 macro_rules! alive {
     ($self:ident, $repl:ident, $st:ident, $fut:expr) => {{
         let (since, applied) = ($st.last_status, $st.applied);
-        let (result, sent) = keep_alive(&mut $repl, $self.status_every, since, applied, $fut).await;
+        let (result, sent) = keep_alive(
+            &mut $repl,
+            &$self.db.name,
+            $self.status_every,
+            since,
+            applied,
+            $fut,
+        )
+        .await;
         if let Some(t) = sent {
             $st.last_status = $st.last_status.max(t);
         }
@@ -71,9 +80,11 @@ macro_rules! alive {
 
 /// Runs `fut` to completion, sending a standby status update with `applied` (what is durably
 /// applied; the slot is never told more) every `every` since `since` until it completes. Returns
-/// its result and when the last update went, if one did.
+/// its result and when the last update went, if one did. A wait of more than [`STATUS_EVERY`]
+/// is logged every [`STATUS_EVERY`], so a stalled apply says so.
 async fn keep_alive<T>(
     repl: &mut ReplicationClient,
+    database: &str,
     every: Duration,
     since: Instant,
     applied: Lsn,
@@ -82,6 +93,8 @@ async fn keep_alive<T>(
     tokio::pin!(fut);
     let mut last = since;
     let mut sent = None;
+    let started = Instant::now();
+    let mut said = started;
     loop {
         let next = tokio::time::Instant::from_std(last + every);
         tokio::select! {
@@ -93,13 +106,19 @@ async fn keep_alive<T>(
                 }
                 last = Instant::now();
                 sent = Some(last);
+                if said.elapsed() >= STATUS_EVERY {
+                    said = Instant::now();
+                    tracing::warn!(
+                        database = %database,
+                        "cdc: applying on the target has been waiting for {:.0}s (a lock held on the target? see pg_stat_activity for application_name 'pgferry cdc apply'); nothing is lost, the apply goes on once the target answers",
+                        started.elapsed().as_secs_f64()
+                    );
+                }
             }
         }
     }
 }
 
-const DEFAULT_BATCH_CHANGES: u32 = 10_000;
-const DEFAULT_BATCH_DELAY: Duration = Duration::from_millis(100);
 const STATUS_EVERY: Duration = Duration::from_secs(10);
 const DRAIN_CHECK_EVERY: Duration = Duration::from_millis(500);
 /// How often the change counters and the latency go to the store: they are kept in memory between
@@ -126,11 +145,11 @@ impl Cdc {
 
     fn options(&self, db: usize) -> (u64, Duration) {
         match self.env.plan.stages[self.index].options.get(db) {
-            Some(StageOptions::Cdc(o)) => (
-                u64::from(o.batch_changes.unwrap_or(DEFAULT_BATCH_CHANGES).max(1)),
-                o.batch_delay.map(|d| d.0).unwrap_or(DEFAULT_BATCH_DELAY),
-            ),
-            _ => (u64::from(DEFAULT_BATCH_CHANGES), DEFAULT_BATCH_DELAY),
+            Some(StageOptions::Cdc(o)) => (u64::from(o.batch_changes().max(1)), o.batch_delay()),
+            _ => {
+                let o = crate::plan::raw::CdcOptions::default();
+                (u64::from(o.batch_changes()), o.batch_delay())
+            }
         }
     }
 }
@@ -221,7 +240,11 @@ struct DbStream<'a> {
     /// most [`STATUS_EVERY`].
     status_every: Duration,
     /// For the lag profile: the latency of the last commit, the changes applied by this stream.
-    latency_ms: AtomicI64,
+    /// The commit time (Unix epoch ms) of the oldest transaction received and not yet applied;
+    /// 0 when none (see [`crate::lag`]).
+    oldest_unapplied_ms: AtomicI64,
+    /// The value of `oldest_unapplied_ms` last written to the store (-1: none yet).
+    oldest_published: AtomicI64,
     applied_changes: AtomicI64,
     /// Counts of committed batches not yet written to the store, and when they last were.
     unwritten: std::sync::Mutex<(Counts, Instant)>,
@@ -286,7 +309,8 @@ impl<'a> DbStream<'a> {
             batch_changes,
             batch_delay,
             status_every: STATUS_EVERY,
-            latency_ms: AtomicI64::new(0),
+            oldest_unapplied_ms: AtomicI64::new(0),
+            oldest_published: AtomicI64::new(-1),
             applied_changes: AtomicI64::new(0),
             unwritten: std::sync::Mutex::new((Counts::new(), Instant::now())),
         }
@@ -428,6 +452,14 @@ impl<'a> DbStream<'a> {
                     ),
                 )
                 .await?;
+            // Everything before the start is on the target already (the load's snapshot, or an
+            // earlier stream): the lag in bytes counts from here until the first commit.
+            if start != Lsn::INVALID {
+                self.cx
+                    .store
+                    .advance_position(&applied_position(&self.db.name), &start.to_string())
+                    .await?;
+            }
 
             let mut st = Loop {
                 applied: start,
@@ -480,9 +512,10 @@ impl<'a> DbStream<'a> {
                             .await?;
                         reported_incoming = incoming;
                     }
+                    self.publish_oldest().await?;
                     let gauges = sample::Gauges {
                         applied: st.applied,
-                        latency_ms: self.latency_ms.load(Ordering::Relaxed),
+                        oldest_unapplied_ms: self.oldest_unapplied_ms.load(Ordering::Relaxed),
                         incoming,
                         applied_changes: self.applied_changes.load(Ordering::Relaxed),
                         draining: drain.is_some(),
@@ -584,10 +617,8 @@ impl<'a> DbStream<'a> {
                                         st.applied = k.wal_end;
                                         st.idle_at = Instant::now();
                                         self.store_position(&mut st, drain.is_some()).await?;
-                                        // Caught up with nothing to apply: no latency.
-                                        if self.latency_ms.swap(0, Ordering::Relaxed) != 0 {
-                                            self.cx.store.set_counters(&[(self.db.name.clone(), "cdcLatencyMs".into(), 0)]).await?;
-                                        }
+                                        // Caught up with nothing to apply: no lag.
+                                        self.oldest_unapplied_ms.store(0, Ordering::Relaxed);
                                     }
                                     if !st.ready && k.wal_end >= ready_at {
                                         st.ready = true;
@@ -641,6 +672,9 @@ impl<'a> DbStream<'a> {
         // stage's own error is the one to report).
         if let Err(e) = self.write_counters(true).await {
             tracing::warn!(database = %self.db.name, error = %e, "could not record the cdc counters");
+        }
+        if let Err(e) = self.publish_oldest().await {
+            tracing::warn!(database = %self.db.name, error = %e, "could not record the cdc lag");
         }
         match result {
             Ok(()) => Ok(None),
@@ -789,6 +823,14 @@ impl<'a> DbStream<'a> {
                     let strict = st.strict_until.is_some_and(|u| b.final_lsn <= u);
                     ap.begin_source_tx(b.final_lsn, strict).await?;
                 }
+                if !st.skip_tx && self.oldest_unapplied_ms.load(Ordering::Relaxed) == 0 {
+                    let at = pg_time_to_system(b.commit_time)
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_millis() as i64)
+                        .unwrap_or(1)
+                        .max(1);
+                    self.oldest_unapplied_ms.store(at, Ordering::Relaxed);
+                }
                 if !st.skip_tx && !st.batch_open {
                     st.batch_open = true;
                     st.batch_count = 0;
@@ -878,6 +920,14 @@ impl<'a> DbStream<'a> {
     /// Commits the open batch with its position, then records counters and the position in the
     /// store.
     async fn flush(&self, ap: &mut Applier, st: &mut Loop) -> Result<()> {
+        // Before anything can block on the target, `status` must see that cdc is behind: the
+        // gauge is written when it goes from caught up (0 as last written) to behind. Otherwise it
+        // goes with the 500 ms tick, not with every commit of a live stream.
+        if self.oldest_published.load(Ordering::Relaxed) <= 0
+            && self.oldest_unapplied_ms.load(Ordering::Relaxed) != 0
+        {
+            self.publish_oldest().await?;
+        }
         if st.batch_end > st.applied || ap.in_tx() {
             ap.commit(st.batch_end.max(st.applied)).await?;
         }
@@ -897,12 +947,9 @@ impl<'a> DbStream<'a> {
             }
         }
         self.applied_changes.fetch_add(sum, Ordering::Relaxed);
-        if st.batch_commit_time != 0 {
-            let latency = SystemTime::now()
-                .duration_since(pg_time_to_system(st.batch_commit_time))
-                .map(|d| d.as_millis() as i64)
-                .unwrap_or(0);
-            self.latency_ms.store(latency, Ordering::Relaxed);
+        if !st.in_source_tx {
+            // Everything received is applied: nothing is waiting, the lag in seconds is 0.
+            self.oldest_unapplied_ms.store(0, Ordering::Relaxed);
         }
         self.write_counters(false).await
     }
@@ -956,17 +1003,28 @@ impl<'a> DbStream<'a> {
             }
             deltas.push((db.clone(), "totalChangesApplied".into(), sum));
         }
-        let store = &self.cx.store;
         if !deltas.is_empty() {
-            store.add_counters(&deltas).await?;
+            self.cx.store.add_counters(&deltas).await?;
         }
-        store
+        Ok(())
+    }
+
+    /// Writes the gauge of [`crate::lag`] when it changed since it was last written.
+    async fn publish_oldest(&self) -> Result<()> {
+        let oldest = self.oldest_unapplied_ms.load(Ordering::Relaxed);
+        if self.oldest_published.load(Ordering::Relaxed) == oldest {
+            return Ok(());
+        }
+        self.cx
+            .store
             .set_counters(&[(
-                db.clone(),
-                "cdcLatencyMs".into(),
-                self.latency_ms.load(Ordering::Relaxed),
+                self.db.name.clone(),
+                crate::lag::OLDEST_UNAPPLIED_GAUGE.into(),
+                oldest,
             )])
-            .await
+            .await?;
+        self.oldest_published.store(oldest, Ordering::Relaxed);
+        Ok(())
     }
 }
 

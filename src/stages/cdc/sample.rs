@@ -15,13 +15,16 @@ use crate::state::{LagSample, StateStore, Timestamp};
 
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(2);
 const RECONNECT_AFTER: Duration = Duration::from_secs(30);
+/// How often cdc logs its progress (changes applied, rate, lag).
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 /// One sample (source query and store insert) never holds the apply longer than this.
 const SAMPLE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What the apply loop knows at the moment of a sample.
 pub struct Gauges {
     pub applied: Lsn,
-    pub latency_ms: i64,
+    /// See [`crate::lag::OLDEST_UNAPPLIED_GAUGE`].
+    pub oldest_unapplied_ms: i64,
     pub incoming: i64,
     pub applied_changes: i64,
     /// The cutover asked for a drain: no new session to the source from now on.
@@ -36,6 +39,8 @@ pub struct Sampler {
     next: Instant,
     connect_after: Instant,
     warned: bool,
+    /// When the last progress line was logged, and the changes applied by then.
+    progress_from: Option<(Instant, i64)>,
 }
 
 impl Sampler {
@@ -48,6 +53,7 @@ impl Sampler {
             next: Instant::now(),
             connect_after: Instant::now(),
             warned: false,
+            progress_from: None,
         }
     }
 
@@ -82,12 +88,15 @@ impl Sampler {
                 None
             }
         };
+        let now = crate::lag::now_ms();
+        let lag_seconds = crate::lag::seconds(g.oldest_unapplied_ms, now);
+        self.progress(g, lag_bytes, lag_seconds);
         let sample = LagSample {
             stage: self.stage.clone(),
             database: self.database.clone(),
             at: Timestamp::now().0,
             lag_bytes,
-            latency_ms: Some(g.latency_ms),
+            latency_ms: Some((lag_seconds * 1000.0) as i64),
             incoming: Some(g.incoming),
             applied: Some(g.applied_changes),
         };
@@ -96,6 +105,34 @@ impl Sampler {
             Ok(Err(e)) => self.failed(&format!("writing it: {e}")),
             Err(_) => self.failed("writing it timed out"),
         }
+    }
+
+    /// Every [`PROGRESS_EVERY`]: changes applied, their rate, and the lag in seconds and bytes.
+    fn progress(&mut self, g: &Gauges, lag_bytes: Option<i64>, lag_seconds: f64) {
+        let now = Instant::now();
+        let Some((at, applied)) = self.progress_from else {
+            self.progress_from = Some((now, g.applied_changes));
+            return;
+        };
+        let elapsed = now.duration_since(at);
+        if elapsed < PROGRESS_EVERY {
+            return;
+        }
+        self.progress_from = Some((now, g.applied_changes));
+        let done = g.applied_changes - applied;
+        let lag = crate::lag::Lag {
+            seconds: Some(lag_seconds),
+            bytes: lag_bytes,
+        };
+        tracing::info!(
+            database = %self.database,
+            "cdc: {} change(s) applied in the last {:.0}s ({:.0}/s, {} in total), {} the source",
+            done,
+            elapsed.as_secs_f64(),
+            done as f64 / elapsed.as_secs_f64().max(0.001),
+            g.applied_changes,
+            lag
+        );
     }
 
     fn failed(&mut self, what: &str) {

@@ -36,15 +36,12 @@ use tokio_util::sync::CancellationToken;
 use super::{Env, Stage, StageContext};
 use crate::error::{Error, Result};
 use crate::pg::catalog;
+use crate::plan::raw::ValidateOptions;
 use crate::plan::{Database, StageOptions};
 use crate::select::Selection;
 use crate::state::{StageState, StateStore, Timestamp};
 use report::{Mismatch, MismatchKind, Report, TableSummary};
 use tables::ValTable;
-
-pub const DEFAULT_JOBS: u32 = 4;
-pub const DEFAULT_CHUNK_ROWS: u32 = 20_000;
-pub const DEFAULT_HOLD_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The artifact the latest validation (stage or `verify`) is kept in.
 pub const LATEST_ARTIFACT: &str = "validation/latest.json";
@@ -93,38 +90,27 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Options {
-        Options {
-            mode: Mode::Checksum,
-            jobs: DEFAULT_JOBS as usize,
-            chunk_rows: u64::from(DEFAULT_CHUNK_ROWS),
-            exclude_generated: false,
-            hold_timeout: DEFAULT_HOLD_TIMEOUT,
-        }
+        Options::from_raw(&ValidateOptions::default())
     }
 }
 
 impl Options {
+    fn from_raw(v: &ValidateOptions) -> Options {
+        Options {
+            mode: Mode::parse(v.mode()).unwrap_or(Mode::Checksum),
+            jobs: v.jobs().max(1) as usize,
+            chunk_rows: u64::from(v.chunk_rows().max(1)),
+            exclude_generated: v.exclude_generated(),
+            hold_timeout: v.hold_timeout(),
+        }
+    }
+
     /// The options of stage `index` for database number `db`.
     pub fn of_stage(env: &Env, index: usize, db: usize) -> Options {
-        let mut o = Options::default();
-        if let Some(StageOptions::Validate(v)) = env.plan.stages[index].options.get(db) {
-            if let Some(m) = v.mode.as_deref().and_then(Mode::parse) {
-                o.mode = m;
-            }
-            if let Some(j) = v.jobs {
-                o.jobs = j.max(1) as usize;
-            }
-            if let Some(c) = v.chunk_rows {
-                o.chunk_rows = u64::from(c.max(1));
-            }
-            if let Some(x) = v.exclude_generated {
-                o.exclude_generated = x;
-            }
-            if let Some(t) = v.hold_timeout {
-                o.hold_timeout = t.0;
-            }
+        match env.plan.stages[index].options.get(db) {
+            Some(StageOptions::Validate(v)) => Options::from_raw(v),
+            _ => Options::default(),
         }
-        o
     }
 }
 
