@@ -709,8 +709,10 @@ fn a_steady_writer_is_followed_with_bounded_lag() {
     let app_rows = rows_written("public") - app_before;
     eprintln!("[test] {store_rows} bookkeeping rows written for {app_rows} rows applied");
     assert!(app_rows >= 3 * 500, "{app_rows} rows applied");
+    // Measured: 1,203 rows for 5,461 applied when counters and positions went to the store with
+    // every applied batch; 388 for 6,029 once they are kept in memory between writes.
     assert!(
-        store_rows * 4 < app_rows,
+        store_rows * 6 < app_rows,
         "{store_rows} rows written to pgferry's tables for {app_rows} rows applied: the bookkeeping costs the target as much as the stream"
     );
     // The slot follows the apply.
