@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use super::cluster::{Cluster, pair, row_digest};
+use super::cluster::{Cluster, Pair, pair, row_digest};
 
 /// Every ordinary table and partition, quoted for SQL, with its unquoted `schema.table` name as
 /// pgferry reports it.
@@ -112,7 +112,12 @@ impl Snapshot {
 /// (a) every table's rows, (b) every sequence, (c) the large objects and (d) the schema are equal
 /// on both sides. Returns the source's snapshot.
 pub fn assert_same(sdb: &str, tdb: &str) -> Snapshot {
-    let p = pair();
+    assert_same_on(pair(), sdb, tdb)
+}
+
+/// [`assert_same`] on a pair other than the shared one. Both schemas are printed by the newer
+/// pg_dump of the two clusters' client tools.
+pub fn assert_same_on(p: &Pair, sdb: &str, tdb: &str) -> Snapshot {
     let started = Instant::now();
     let (source, target) = std::thread::scope(|scope| {
         let source = scope.spawn(|| Snapshot::take(&p.source, sdb));
