@@ -14,6 +14,7 @@ use super::{Env, Stage, StageContext};
 use crate::error::{Error, Result};
 use crate::pg::catalog::{self, ServerInfo, TableInfo};
 use crate::pg::connect::ConnInfo;
+use crate::pg::version;
 use crate::plan::{Database, StageOptions};
 use crate::select::{Glob, Selection};
 
@@ -456,15 +457,20 @@ async fn check_pair(
         });
     };
     if let (Some(s), Some(t)) = (&r.source_server, &r.target_server) {
-        if t.major() < s.major() {
+        let (sv, tv) = (s.server_version(), t.server_version());
+        if let Some(why) = version::pair_refusal(sv, tv) {
             add(
                 Level::Error,
                 "versions",
                 format!(
-                    "target PostgreSQL {} is older than source PostgreSQL {}",
-                    t.version, s.version
+                    "cannot migrate from PostgreSQL {} to PostgreSQL {}: {why}",
+                    s.version, t.version
                 ),
-                Some("migrate to a target of the same or a newer major version".into()),
+                Some(format!(
+                    "migrate from a source of PostgreSQL {}-{} to a target of the same or a newer major version (upgrade an older source in place first, e.g. with pg_upgrade)",
+                    version::OLDEST_SUPPORTED_MAJOR,
+                    version::NEWEST_TESTED_MAJOR
+                )),
             );
         } else {
             add(
@@ -476,6 +482,26 @@ async fn check_pair(
                 ),
                 None,
             );
+            if tv.major() > version::NEWEST_TESTED_MAJOR {
+                add(
+                    Level::Warning,
+                    "versions",
+                    format!(
+                        "target PostgreSQL {} is newer than the newest version pgferry is tested with ({})",
+                        t.version,
+                        version::NEWEST_TESTED_MAJOR
+                    ),
+                    Some("rehearse the migration first (run --rehearsal)".into()),
+                );
+            }
+            for limitation in sv.source_limitations() {
+                add(
+                    Level::Info,
+                    "version_limitations",
+                    format!("degraded: {limitation}"),
+                    None,
+                );
+            }
         }
     }
     // Migrating a database onto itself would destroy it.

@@ -386,8 +386,8 @@ impl Cluster {
             .arg("UTF8")
             .arg("--locale=C")
             .arg("--no-sync");
-        if self.major >= 13 {
-            // 13+ only; 12's initdb refuses the option.
+        if self.major >= 14 {
+            // 14+ only; older initdbs refuse the option.
             cmd.arg("--no-instructions");
         }
         let out = run(&mut cmd, "initdb");
