@@ -216,10 +216,50 @@ fn online(source: u32, target: u32) {
         "the source stays fenced"
     );
     assert_same_on(&p, &s, &t);
+    // The commands that read a finished migration.
+    for args in [
+        &["status"][..],
+        &["status", "--json"],
+        &["report"],
+        &["verify"],
+    ] {
+        let out = plan.run(args);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "pgferry {args:?}: {}",
+            show(&out)
+        );
+    }
+    assert_no_version_errors(&p);
     eprintln!(
         "[test] PostgreSQL {source} -> {target} online: {n} writer transactions, {applied} changes applied, {:.2?}",
         started.elapsed()
     );
+}
+
+/// Neither server logged a statement its version does not know (a setting, a function, a column or
+/// a publication option sent without asking the version first).
+fn assert_no_version_errors(p: &Pair) {
+    for c in [&p.source, &p.target] {
+        let log = c.server_log();
+        let bad: Vec<&str> = log
+            .lines()
+            .filter(|l| {
+                l.contains("unrecognized configuration parameter")
+                    || l.contains("unrecognized publication parameter")
+                    || l.contains("does not exist")
+                    || l.contains("syntax error")
+            })
+            .collect();
+        assert!(
+            bad.is_empty(),
+            "PostgreSQL {} ({}) logged errors of statements it does not know:\n{}",
+            c.major,
+            c.name,
+            bad.join("\n")
+        );
+    }
 }
 
 fn wait_output(child: std::process::Child) -> std::process::Output {
@@ -238,6 +278,16 @@ fn offline(source: u32, target: u32) {
     let out = plan.run(&["run"]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     assert_same_on(&p, &s, &t);
+    for args in [&["status"][..], &["report"], &["verify"]] {
+        let out = plan.run(args);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "pgferry {args:?}: {}",
+            show(&out)
+        );
+    }
+    assert_no_version_errors(&p);
     eprintln!(
         "[test] PostgreSQL {source} -> {target} offline: {:.2?}",
         started.elapsed()
