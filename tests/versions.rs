@@ -487,3 +487,65 @@ fn preflight_refuses_a_target_older_than_the_source() {
         "nothing was created on the target"
     );
 }
+
+/// A rehearsal and a reset on the oldest source: the source is never fenced, the rehearsal's
+/// target holds the source's data, and reset leaves nothing behind on either server.
+#[test]
+fn rehearsal_and_reset_from_12_to_18() {
+    let Some(p) = clusters(12, 18) else {
+        return;
+    };
+    let s = p.source.fresh_database("ver_reh_src");
+    // A target database pgferry creates (reset drops only those).
+    let t = format!("ver_reh_tgt_{}", std::process::id());
+    p.source.psql(&s, FIXTURE);
+    let plan = TestPlan::new(&p, "ver_reh", &s, &t, ONLINE);
+    let out = plan.run(&["run", "--rehearsal"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(
+        p.source.psql(&s, "SHOW default_transaction_read_only"),
+        "off",
+        "a rehearsal does not fence the source"
+    );
+    // Nothing was written during the rehearsal: the target holds the source's rows.
+    for table in [
+        "public.items",
+        "public.events_2024",
+        "public.events_2025",
+        "public.orders",
+    ] {
+        assert_eq!(
+            support::row_digest(&p.source, &s, table),
+            support::row_digest(&p.target, &t, table),
+            "{table}"
+        );
+    }
+    let out = plan.run(&["report"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let out = plan.run(&["reset", "--yes"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    // The target database went (it held the checkpoint store, which is created again with the
+    // runs and reports only).
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("dropped target database {t}")),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(
+        p.target.psql(
+            &t,
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
+        ),
+        "0",
+        "the migrated tables are gone from the target"
+    );
+    assert_eq!(
+        p.source.psql(
+            &s,
+            "SELECT (SELECT count(*) FROM pg_replication_slots) + (SELECT count(*) FROM pg_publication)"
+        ),
+        "0",
+        "reset dropped the slot and the publication"
+    );
+    assert_no_version_errors(&p);
+}
