@@ -261,9 +261,11 @@ async fn check_source(
                 unreadable.len(),
                 short_list(&unreadable)
             ),
-            Some(
-                "GRANT SELECT ON ALL TABLES IN SCHEMA ... TO the migration role (or GRANT pg_read_all_data)",
-            ),
+            Some(if info.server_version().has_pg_read_all_data() {
+                "GRANT SELECT ON ALL TABLES IN SCHEMA ... TO the migration role (or GRANT pg_read_all_data)"
+            } else {
+                "GRANT SELECT ON ALL TABLES IN SCHEMA ... TO the migration role"
+            }),
         );
     }
     let unlogged: Vec<String> = selected
@@ -423,7 +425,20 @@ async fn check_target(
             );
         }
     }
-    if online && !info.is_superuser {
+    // PostgreSQL 15+: a role may be granted SET on the parameter instead of being a superuser.
+    let may_set_role = info.is_superuser
+        || (info.server_version().has_grant_set_on_parameter()
+            && client
+                .query_one(
+                    "SELECT pg_catalog.has_parameter_privilege('session_replication_role', 'SET')",
+                    &[],
+                )
+                .await
+                .map_err(|e| {
+                    Error::pg(&e, "checking the privilege to set session_replication_role")
+                })?
+                .get::<_, bool>(0));
+    if online && !may_set_role {
         add(
             Level::Warning,
             "session_replication_role",
@@ -431,9 +446,11 @@ async fn check_target(
                 "target role {} is not a superuser, so it cannot set session_replication_role = replica",
                 info.current_user
             ),
-            Some(
-                "replicated rows must not fire target triggers: pgferry disables user triggers table by table during apply instead (ALTER TABLE ... DISABLE TRIGGER USER), which needs table ownership",
-            ),
+            Some(if info.server_version().has_grant_set_on_parameter() {
+                "replicated rows must not fire target triggers: GRANT SET ON PARAMETER session_replication_role TO the migration role (PostgreSQL 15+), or pgferry disables user triggers table by table during apply instead (ALTER TABLE ... DISABLE TRIGGER USER), which needs table ownership"
+            } else {
+                "replicated rows must not fire target triggers: pgferry disables user triggers table by table during apply instead (ALTER TABLE ... DISABLE TRIGGER USER), which needs table ownership"
+            }),
         );
     }
     r.target_server = Some(info);
