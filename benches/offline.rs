@@ -64,7 +64,7 @@ fn load_dataset(a: &Args, src: &Cluster, db: &str) {
     match a.dataset.as_str() {
         "pgbench" => {
             sh(
-                Command::new(src.bindir.join("pgbench"))
+                Command::new(src.tools_bindir.join("pgbench"))
                     .args([
                         "-i",
                         "-q",

@@ -532,9 +532,29 @@ pub fn pair() -> &'static Pair {
     static PAIR: OnceLock<Result<Pair, String>> = OnceLock::new();
     let result = PAIR.get_or_init(|| {
         let started = Instant::now();
+        // `PGFERRY_TEST_SOURCE_MAJOR` / `PGFERRY_TEST_TARGET_MAJOR` (the benchmarks' old-to-new
+        // runs): clusters of those versions instead of the system's.
+        let major = |var: &str| {
+            std::env::var(var).ok().map(|v| {
+                v.parse::<u32>()
+                    .unwrap_or_else(|_| panic!("{var}={v:?} is not a major version"))
+            })
+        };
+        if major("PGFERRY_TEST_SOURCE_MAJOR").is_some()
+            || major("PGFERRY_TEST_TARGET_MAJOR").is_some()
+        {
+            // pgferry's schema_dump needs a pg_dump at least as new as both servers.
+            super::plan::PG_BINDIR.get_or_init(newest_tools_bindir);
+        }
+        let start = |role: &str, var: &str| match major(var) {
+            Some(m) => Cluster::start_version(m, role).unwrap_or_else(|| {
+                panic!("{var}={m}: PostgreSQL {m} is not installed (scripts/pg-versions.sh {m})")
+            }),
+            None => Cluster::start(role),
+        };
         let (source, target) = std::thread::scope(|s| {
-            let source = s.spawn(|| Cluster::start("source"));
-            let target = s.spawn(|| Cluster::start("target"));
+            let source = s.spawn(|| start("source", "PGFERRY_TEST_SOURCE_MAJOR"));
+            let target = s.spawn(|| start("target", "PGFERRY_TEST_TARGET_MAJOR"));
             (source.join(), target.join())
         });
         match (source, target) {
