@@ -549,3 +549,56 @@ fn rehearsal_and_reset_from_12_to_18() {
     );
     assert_no_version_errors(&p);
 }
+
+/// A target role that is not a superuser: on PostgreSQL 15+ a grant of SET on
+/// `session_replication_role` is enough for the online apply, and preflight says nothing; on 14 it
+/// warns, and its hint does not offer a grant that version lacks.
+#[test]
+fn preflight_knows_grant_set_on_parameter_is_15_and_later() {
+    for (target, grant) in [(18, true), (14, false)] {
+        let Some(p) = clusters(14, target) else {
+            return;
+        };
+        let s = p.source.fresh_database("ver_grant_src");
+        let t = format!("ver_grant_tgt_{}_{target}", std::process::id());
+        p.source.psql(&s, FIXTURE);
+        let password = support::PASSWORD.replace('\'', "''");
+        p.target.psql(
+            "postgres",
+            &format!("CREATE ROLE migrator LOGIN CREATEDB PASSWORD '{password}'"),
+        );
+        p.target
+            .psql("postgres", &format!("CREATE DATABASE {t} OWNER migrator"));
+        if grant {
+            p.target.psql(
+                "postgres",
+                "GRANT SET ON PARAMETER session_replication_role TO migrator",
+            );
+        }
+        let plan = TestPlan::new(
+            &p,
+            "ver_grant",
+            &s,
+            &t,
+            "[stages.pre]\nkind = \"preflight\"\n\n[stages.cdc]\nkind = \"cdc\"\nafter = [\"pre\"]\n",
+        );
+        let text = std::fs::read_to_string(&plan.path).expect("plan");
+        let text = text.replace(
+            &format!("postgres://postgres@127.0.0.1:{}/", p.target.port),
+            &format!("postgres://migrator@127.0.0.1:{}/", p.target.port),
+        );
+        std::fs::write(&plan.path, text).expect("plan");
+        let out = plan.run(&["run", "--until", "pre"]);
+        assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let warned = stderr.contains("cannot set session_replication_role = replica");
+        assert_eq!(warned, !grant, "PostgreSQL {target}:\n{}", show(&out));
+        if warned {
+            assert!(
+                !stderr.contains("GRANT SET ON PARAMETER"),
+                "PostgreSQL {target} has no GRANT SET ON PARAMETER:\n{}",
+                show(&out)
+            );
+        }
+    }
+}
