@@ -145,7 +145,7 @@ impl ServerVersion {
         let v = self.major();
         if !self.publishes_partitioned_tables() {
             out.push(format!(
-                "PostgreSQL {v} cannot publish a partitioned table: its leaf partitions are published one by one (and a partition attached during the migration is not streamed until provision runs again); each change is applied to the same partition on the target"
+                "PostgreSQL {v} cannot publish a partitioned table: its leaf partitions are published one by one and each change is applied to the same partition on the target; a partition created or attached after provision is not published, so its rows would be missing on the target (validate reports them): create the partitions the migration needs before it starts"
             ));
         }
         if !self.has_client_connection_check_interval() {
