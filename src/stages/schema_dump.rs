@@ -75,12 +75,20 @@ impl SchemaDump {
         let (version_num, snapshot): (i32, String) = (row.get(0), row.get(2));
         let source_version = ServerVersion::from_num(u32::try_from(version_num).unwrap_or(0));
         // The target's version too: the dump is applied there with the psql next to pg_dump.
-        let (_, target_version) = self
-            .env
-            .target
-            .connect_versioned(&purpose)
-            .await
-            .map_err(|e| e.context("reading the target server's version"))?;
+        // (The plan's target database may not exist yet: then the server's `postgres` database.)
+        let target_version = match self.env.target.connect_versioned(&purpose).await {
+            Ok((_, v)) => v,
+            Err(e) if e.sqlstate.as_deref() == Some("3D000") => {
+                self.env
+                    .target
+                    .with_dbname("postgres")
+                    .connect_versioned(&purpose)
+                    .await
+                    .map_err(|e| e.context("reading the target server's version"))?
+                    .1
+            }
+            Err(e) => return Err(e.context("reading the target server's version")),
+        };
         tools.check_can_dump(source_version, target_version)?;
         tracing::info!(stage = %cx.stage, database = %db.name, "source PostgreSQL {source_version}, target PostgreSQL {target_version}: dumping with {}", tools.describe());
 
