@@ -123,11 +123,6 @@ impl ServerVersion {
         }
     }
 
-    /// The `pg_stat_replication_slots` view (14+).
-    pub fn has_replication_slot_stats(self) -> bool {
-        self.major() >= 14
-    }
-
     /// `GRANT SET ON PARAMETER` (15+).
     pub fn has_grant_set_on_parameter(self) -> bool {
         self.major() >= 15
@@ -262,7 +257,6 @@ mod tests {
         assert!(v(130023).publishes_partitioned_tables());
         assert_eq!(v(130023).session_setup_sql(), None);
         assert!(v(140022).session_setup_sql().is_some());
-        assert!(!v(130023).has_replication_slot_stats());
         assert!(v(120022).source_limitations().len() == 4);
         assert!(v(180006).source_limitations().is_empty());
     }
