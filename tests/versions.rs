@@ -602,3 +602,53 @@ fn preflight_knows_grant_set_on_parameter_is_15_and_later() {
         }
     }
 }
+
+/// schema_dump refuses a pg_dump older than the target (here 15 for a 13 -> 18 migration) and says
+/// how to get one; with a new enough one it names the one it used.
+#[test]
+fn schema_dump_needs_a_pg_dump_as_new_as_both_servers() {
+    let Some(p) = clusters(13, 18) else {
+        return;
+    };
+    let Some(old_tools) = support::cluster::version_bindir(15) else {
+        return;
+    };
+    let s = p.source.fresh_database("ver_dump_src");
+    let t = p.target.fresh_database("ver_dump_tgt");
+    p.source.psql(&s, FIXTURE);
+    let plan = TestPlan::new(
+        &p,
+        "ver_dump",
+        &s,
+        &t,
+        "[stages.schema]\nkind = \"schema_dump\"\n",
+    );
+    let out = plan
+        .command(&["run"])
+        .env("PGFERRY_PG_BINDIR", &old_tools)
+        .output()
+        .expect("run pgferry");
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for wording in [
+        "older than the target server (PostgreSQL 18.6); schema_dump needs a pg_dump at least as new as both servers",
+        "hint: install the PostgreSQL 18 client programs (or newer)",
+        "or point PGFERRY_PG_BINDIR at a directory holding pg_dump, pg_restore and psql 18+",
+    ] {
+        assert!(
+            stderr.contains(wording),
+            "schema_dump does not say {wording:?}:\n{}",
+            show(&out)
+        );
+    }
+    // The newest (the test's PGFERRY_PG_BINDIR): done, and it says which.
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr
+            .contains("source PostgreSQL 13.23, target PostgreSQL 18.6: dumping with pg_dump 18.6"),
+        "{}",
+        show(&out)
+    );
+}
