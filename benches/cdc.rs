@@ -243,7 +243,7 @@ const PGBENCH_TABLES: &str = "public.pgbench_accounts, public.pgbench_branches, 
 
 fn pgbench(src: &Cluster, db: &str, args: &[&str]) -> Duration {
     sh(
-        Command::new(src.bindir.join("pgbench"))
+        Command::new(src.tools_bindir.join("pgbench"))
             .args(args)
             .args([
                 "-h",

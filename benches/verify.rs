@@ -54,7 +54,7 @@ const TABLES: &[&str] = &[
 ];
 
 fn pgbench_init(c: &Cluster, db: &str, scale: u32) {
-    let out = Command::new(c.bindir.join("pgbench"))
+    let out = Command::new(c.tools_bindir.join("pgbench"))
         .args([
             "-i",
             "-q",

@@ -22,16 +22,17 @@ async fn slot_info(plan: &Plan, db: &crate::plan::Database) -> SlotInfo {
     let slot = slot_name(&plan.name, &db.name);
     let ask = async {
         let conn = ConnInfo::new(&plan.source, Some(&db.name))?;
-        let client = conn.connect("status").await?;
+        let (client, version) = conn.connect_versioned("status").await?;
+        let sql = format!(
+            "SELECT pg_catalog.pg_current_wal_insert_lsn()::text, s.slot_name IS NOT NULL, coalesce(s.active, false), \
+                    s.confirmed_flush_lsn::text, \
+                    pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_insert_lsn(), s.restart_lsn)::int8, \
+                    {} \
+               FROM (SELECT 1) one LEFT JOIN pg_catalog.pg_replication_slots s ON s.slot_name = $1",
+            version.slot_wal_status_column("s")
+        );
         let row = client
-            .query_one(
-                "SELECT pg_catalog.pg_current_wal_insert_lsn()::text, s.slot_name IS NOT NULL, coalesce(s.active, false), \
-                        s.confirmed_flush_lsn::text, \
-                        pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_insert_lsn(), s.restart_lsn)::int8, \
-                        s.wal_status \
-                   FROM (SELECT 1) one LEFT JOIN pg_catalog.pg_replication_slots s ON s.slot_name = $1",
-                &[&slot],
-            )
+            .query_one(&sql, &[&slot])
             .await
             .map_err(|e| crate::error::Error::pg(&e, "reading the replication slot"))?;
         Ok::<_, crate::error::Error>(row)

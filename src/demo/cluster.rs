@@ -304,7 +304,8 @@ impl Cluster {
                 "--auth-host=scram-sha-256",
             ])
             .arg(format!("--pwfile={}", pwfile.display()))
-            .args(["-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions"])
+            // No --no-instructions: 14+ only, and the output is captured anyway.
+            .args(["-E", "UTF8", "--locale=C", "--no-sync"])
             .output();
         let _ = fs::remove_file(&pwfile);
         let out = out.map_err(|e| Error::permanent(format!("running initdb: {e}")))?;

@@ -5,6 +5,7 @@ use tokio_postgres::Client;
 
 use crate::error::{Error, Result};
 use crate::pg::ident::QualifiedName;
+use crate::pg::version::ServerVersion;
 use crate::select::Selection;
 
 /// One table (ordinary or partitioned; partitions are listed under their root).
@@ -54,6 +55,11 @@ pub struct ServerInfo {
 impl ServerInfo {
     pub fn major(&self) -> i32 {
         self.version_num / 10000
+    }
+
+    /// The version with what it can do ([`ServerVersion`]).
+    pub fn server_version(&self) -> ServerVersion {
+        ServerVersion::from_num(u32::try_from(self.version_num).unwrap_or(0))
     }
 }
 

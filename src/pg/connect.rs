@@ -11,6 +11,7 @@ use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::{Client, Config, NoTls};
 
 use crate::error::{Error, Result};
+use crate::pg::version::ServerVersion;
 use crate::plan::Endpoint;
 
 /// How TLS is negotiated (libpq's `sslmode`).
@@ -273,15 +274,25 @@ impl ConnInfo {
     /// Opens a connection. `purpose` becomes part of `application_name`, so a DBA can see in
     /// `pg_stat_activity` what each pgferry session does.
     pub async fn connect(&self, purpose: &str) -> Result<Client> {
+        Ok(self.connect_versioned(purpose).await?.0)
+    }
+
+    /// [`ConnInfo::connect`], also returning the server's version (what it reports at startup, so
+    /// it costs no query).
+    pub async fn connect_versioned(&self, purpose: &str) -> Result<(Client, ServerVersion)> {
         let mut config = self.config.clone();
         config.application_name(format!("pgferry {purpose}"));
         let describe = || format!("connecting to {}", self.describe());
+        let version: Option<ServerVersion>;
         let client = match self.tls {
             TlsMode::Disable => {
                 let (client, conn) = config
                     .connect(NoTls)
                     .await
                     .map_err(|e| connect_error(&e, describe()))?;
+                version = conn
+                    .parameter("server_version")
+                    .and_then(ServerVersion::parse);
                 spawn_connection(conn);
                 client
             }
@@ -289,6 +300,9 @@ impl ConnInfo {
                 let tls = self.tls_connector(mode)?;
                 match config.connect(tls).await {
                     Ok((client, conn)) => {
+                        version = conn
+                            .parameter("server_version")
+                            .and_then(ServerVersion::parse);
                         spawn_connection(conn);
                         client
                     }
@@ -299,6 +313,9 @@ impl ConnInfo {
                             .connect(NoTls)
                             .await
                             .map_err(|e| connect_error(&e, describe()))?;
+                        version = conn
+                            .parameter("server_version")
+                            .and_then(ServerVersion::parse);
                         spawn_connection(conn);
                         client
                     }
@@ -306,12 +323,33 @@ impl ConnInfo {
                 }
             }
         };
+        // A pooler may not pass the startup parameters on: then ask.
+        let version = match version {
+            Some(v) => v,
+            None => {
+                let row = client
+                    .query_one(
+                        "SELECT pg_catalog.current_setting('server_version_num')::int4",
+                        &[],
+                    )
+                    .await
+                    .map_err(|e| {
+                        Error::pg(
+                            &e,
+                            format!("reading the server version of {}", self.describe()),
+                        )
+                    })?;
+                ServerVersion::from_num(u32::try_from(row.get::<_, i32>(0)).unwrap_or(0))
+            }
+        };
         // Let the server notice a vanished client (a killed runner) and abort its statement instead
-        // of finishing and committing it (PostgreSQL 14 and later; ignored by older servers).
-        let _ = client
-            .batch_execute("SET client_connection_check_interval = '1s'")
-            .await;
-        Ok(client)
+        // of finishing and committing it (where the version has the setting).
+        if let Some(sql) = version.session_setup_sql() {
+            client.batch_execute(sql).await.map_err(|e| {
+                Error::pg(&e, format!("setting up the session on {}", self.describe()))
+            })?;
+        }
+        Ok((client, version))
     }
 
     fn tls_connector(&self, mode: TlsMode) -> Result<postgres_native_tls::MakeTlsConnector> {

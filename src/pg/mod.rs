@@ -12,3 +12,4 @@ pub mod pgoutput;
 pub mod post_data_script;
 pub mod replication;
 pub mod tools;
+pub mod version;

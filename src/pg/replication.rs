@@ -35,6 +35,7 @@ use crate::pg::pgoutput::{
     self, Decoder, Lsn, PgOutputMessage, PrimaryKeepalive, StandbyStatusUpdate, StreamMessage,
     XLogData,
 };
+use crate::pg::version::ServerVersion;
 
 /// A byte stream: TCP or Unix socket, with or without TLS.
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -156,6 +157,8 @@ pub struct ReplicationClient {
     /// Set while an operation that is not cancellation-safe runs; still set afterwards if its
     /// future was dropped half-way, which leaves the protocol state unknown.
     busy: Option<&'static str>,
+    /// What the server reported as `server_version` at startup.
+    version: Option<ServerVersion>,
 }
 
 fn io_err(e: std::io::Error, doing: &str, describe: &str) -> Error {
@@ -223,6 +226,7 @@ impl ReplicationClient {
             mode: Mode::Idle,
             decoder: Decoder::new(),
             busy: None,
+            version: None,
         };
         client.startup(conn, purpose, replication).await?;
         Ok(client)
@@ -505,9 +509,12 @@ impl ReplicationClient {
                     ));
                 }
                 backend::Message::ReadyForQuery(_) => return Ok(()),
-                backend::Message::ParameterStatus(_)
-                | backend::Message::BackendKeyData(_)
-                | backend::Message::NoticeResponse(_) => {}
+                backend::Message::ParameterStatus(p) => {
+                    if p.name().ok() == Some("server_version") {
+                        self.version = p.value().ok().and_then(ServerVersion::parse);
+                    }
+                }
+                backend::Message::BackendKeyData(_) | backend::Message::NoticeResponse(_) => {}
                 _ => {
                     return Err(Error::permanent(format!(
                         "{} asked for an authentication method pgferry does not support (only trust, password, md5 and SCRAM-SHA-256)",
@@ -623,7 +630,16 @@ impl ReplicationClient {
         start: Lsn,
         options: &StreamOptions,
     ) -> Result<()> {
-        let sql = start_replication_command(slot, start, options)?;
+        let proto = self
+            .version
+            .map_or(1, ServerVersion::pgoutput_proto_version);
+        if options.messages && !self.version.is_some_and(ServerVersion::pgoutput_messages) {
+            return Err(Error::permanent(format!(
+                "{} cannot send logical decoding messages in the stream (pgoutput's `messages` option is PostgreSQL 14+)",
+                self.describe
+            )));
+        }
+        let sql = start_replication_command(slot, start, proto, options)?;
         self.ready_for_commands().await?;
         self.busy = Some("starting replication");
         let mut out = BytesMut::new();
@@ -925,6 +941,21 @@ impl ReplicationClient {
         ))
     }
 
+    /// The server's version, as it reported it at startup (`None` when it did not: a pooler).
+    pub fn server_version(&self) -> Option<ServerVersion> {
+        self.version
+    }
+
+    /// Sends the version's session setup ([`ServerVersion::session_setup_sql`]) on a plain session.
+    pub async fn set_up_session(&mut self) -> Result<()> {
+        if let Some(sql) = self.version.and_then(ServerVersion::session_setup_sql) {
+            self.simple_query(sql)
+                .await
+                .map_err(|e| e.context("setting up the session"))?;
+        }
+        Ok(())
+    }
+
     /// Ends the session politely.
     pub async fn close(mut self) {
         let mut out = BytesMut::new();
@@ -936,7 +967,12 @@ impl ReplicationClient {
 /// `START_REPLICATION SLOT "slot" LOGICAL X/Y (proto_version '1', publication_names '"a","b"')`.
 /// The replication grammar's string literals know only `''` as an escape (no `E''`), and
 /// `publication_names` is a comma-separated list of identifiers, quoted here.
-fn start_replication_command(slot: &str, start: Lsn, options: &StreamOptions) -> Result<String> {
+fn start_replication_command(
+    slot: &str,
+    start: Lsn,
+    proto: u32,
+    options: &StreamOptions,
+) -> Result<String> {
     if options.publications.is_empty() {
         return Err(Error::permanent(
             "starting replication needs at least one publication",
@@ -949,7 +985,7 @@ fn start_replication_command(slot: &str, start: Lsn, options: &StreamOptions) ->
         .collect::<Vec<_>>()
         .join(",");
     let mut sql = format!(
-        "START_REPLICATION SLOT {} LOGICAL {start} (proto_version '1', publication_names {}",
+        "START_REPLICATION SLOT {} LOGICAL {start} (proto_version '{proto}', publication_names {}",
         quote_ident(slot),
         repl_literal(&names)
     );
@@ -1054,16 +1090,16 @@ mod tests {
         let mut o = StreamOptions::new("p'1");
         o.publications.push("Pub \"2\"".into());
         assert_eq!(
-            start_replication_command("s\"x", Lsn(0x16_B374_D848), &o).unwrap(),
+            start_replication_command("s\"x", Lsn(0x16_B374_D848), 1, &o).unwrap(),
             r#"START_REPLICATION SLOT "s""x" LOGICAL 16/B374D848 (proto_version '1', publication_names '"p''1","Pub ""2"""')"#
         );
         o.messages = true;
         o.publications.truncate(1);
         assert_eq!(
-            start_replication_command("s", Lsn::INVALID, &o).unwrap(),
+            start_replication_command("s", Lsn::INVALID, 1, &o).unwrap(),
             r#"START_REPLICATION SLOT "s" LOGICAL 0/0 (proto_version '1', publication_names '"p''1"', messages 'true')"#
         );
         o.publications.clear();
-        assert!(start_replication_command("s", Lsn::INVALID, &o).is_err());
+        assert!(start_replication_command("s", Lsn::INVALID, 1, &o).is_err());
     }
 }

@@ -1,7 +1,9 @@
 //! Finding the PostgreSQL client programs pgferry runs as child processes: `pg_dump`, `pg_restore`
 //! and `psql`, all three from one directory so that they agree on the dump format.
 //!
-//! pg_dump refuses to dump a server newer than itself, so pgferry uses the NEWEST pg_dump installed:
+//! `PGFERRY_PG_BINDIR`, when set, names the directory to use and nothing else is searched.
+//! Otherwise: pg_dump refuses to dump a server newer than itself, so pgferry uses the NEWEST
+//! pg_dump installed:
 //! it looks in `/usr/lib/postgresql/*/bin` (Debian, Ubuntu), `/usr/pgsql-*/bin` (RHEL), the
 //! directory `pg_config --bindir` names, and every directory of `PATH`; asks each candidate for
 //! `--version`; and keeps the highest version whose directory also has pg_restore and psql (the
@@ -13,6 +15,7 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
 use crate::error::{Error, Result};
+use crate::pg::version::ServerVersion;
 
 /// The client programs of one PostgreSQL installation.
 #[derive(Debug, Clone)]
@@ -45,23 +48,34 @@ impl PgTools {
         format!("pg_dump {} ({})", self.version, self.bindir.display())
     }
 
-    /// Refuses a pg_dump older than the source server's major version: it cannot dump that server.
-    pub fn check_can_dump(&self, server_version_num: i32, server_version: &str) -> Result<()> {
-        if major_num(self.version_num) >= major_num(server_version_num) {
+    /// Refuses a pg_dump older than either server's major version: it cannot dump a newer source,
+    /// and the SQL it writes (applied with the psql next to it) must know the target's version.
+    pub fn check_can_dump(&self, source: ServerVersion, target: ServerVersion) -> Result<()> {
+        let newest = source.max(target);
+        if major_num(self.version_num) >= major_num(newest.num() as i32) {
             return Ok(());
         }
-        let need = major_label(server_version_num);
+        let which = if source.major() >= target.major() {
+            format!("the source server (PostgreSQL {source})")
+        } else {
+            format!("the target server (PostgreSQL {target})")
+        };
+        let need = newest.major();
         Err(Error::permanent(format!(
-            "the newest pg_dump on this machine is {} at {}, older than the source server (PostgreSQL {server_version}); pg_dump cannot dump a server of a newer major version (found: {})",
+            "the newest pg_dump pgferry found is {} at {}, older than {which}; schema_dump needs a pg_dump at least as new as both servers (found: {})",
             self.version,
             self.pg_dump().display(),
             self.found.join(", ")
         ))
         .hint(format!(
-            "install the PostgreSQL {need} client programs (or newer) on this machine, e.g. `apt-get install postgresql-client-{need}`; pgferry picks the newest pg_dump it finds"
+            "install the PostgreSQL {need} client programs (or newer), e.g. `apt-get install postgresql-client-{need}` from the PostgreSQL apt repository, or point {BINDIR_VAR} at a directory holding pg_dump, pg_restore and psql {need}+"
         )))
     }
 }
+
+/// The environment variable that names the directory of the client programs to use, instead of
+/// searching for the newest.
+pub const BINDIR_VAR: &str = "PGFERRY_PG_BINDIR";
 
 /// The major version part of a version number: `150018` -> `150000`, `90624` -> `90600`.
 pub fn major_num(version_num: i32) -> i32 {
@@ -163,6 +177,9 @@ fn version_of(pg_dump: &Path) -> Option<(String, i32)> {
 }
 
 fn search() -> std::result::Result<PgTools, Error> {
+    if let Some(dir) = std::env::var_os(BINDIR_VAR).filter(|d| !d.is_empty()) {
+        return from_bindir(PathBuf::from(dir));
+    }
     let mut seen = std::collections::HashSet::new();
     let mut found = Vec::new();
     let mut best: Option<(PathBuf, String, i32)> = None;
@@ -211,6 +228,40 @@ fn search() -> std::result::Result<PgTools, Error> {
     }
 }
 
+/// The programs of the directory [`BINDIR_VAR`] names, and nothing else.
+fn from_bindir(bindir: PathBuf) -> std::result::Result<PgTools, Error> {
+    let pg_dump = bindir.join("pg_dump");
+    let missing: Vec<&str> = ["pg_dump", "pg_restore", "psql"]
+        .into_iter()
+        .filter(|p| !bindir.join(p).is_file())
+        .collect();
+    if !missing.is_empty() {
+        return Err(Error::permanent(format!(
+            "{BINDIR_VAR} is {}, which has no {}",
+            bindir.display(),
+            missing.join(", ")
+        ))
+        .hint(format!("point {BINDIR_VAR} at the bin directory of a PostgreSQL installation with its client programs, or unset it to use the newest pg_dump found")));
+    }
+    let Some((version, version_num)) = version_of(&pg_dump) else {
+        return Err(Error::permanent(format!(
+            "{} (from {BINDIR_VAR}) does not run or print its version",
+            pg_dump.display()
+        ))
+        .hint(format!("check the installation, or unset {BINDIR_VAR}")));
+    };
+    tracing::debug!(bindir = %bindir.display(), %version, "PostgreSQL client programs from {BINDIR_VAR}");
+    Ok(PgTools {
+        found: vec![format!(
+            "{} ({version}, from {BINDIR_VAR})",
+            pg_dump.display()
+        )],
+        bindir,
+        version,
+        version_num,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,13 +300,24 @@ mod tests {
             version_num: 150018,
             found: vec!["/x/bin/pg_dump (15.18)".into()],
         };
-        assert!(tools.check_can_dump(150002, "15.2").is_ok());
-        assert!(tools.check_can_dump(140010, "14.10").is_ok());
-        let e = tools.check_can_dump(160004, "16.4").unwrap_err();
+        let v = ServerVersion::from_num;
+        assert!(tools.check_can_dump(v(150002), v(150002)).is_ok());
+        assert!(tools.check_can_dump(v(140010), v(150001)).is_ok());
+        let e = tools.check_can_dump(v(160004), v(160004)).unwrap_err();
         assert!(
             e.message
-                .contains("older than the source server (PostgreSQL 16.4)")
+                .contains("older than the source server (PostgreSQL 16.4)"),
+            "{}",
+            e.message
         );
         assert!(e.hint.unwrap().contains("postgresql-client-16"));
+        let e = tools.check_can_dump(v(130023), v(180006)).unwrap_err();
+        assert!(
+            e.message
+                .contains("older than the target server (PostgreSQL 18.6)"),
+            "{}",
+            e.message
+        );
+        assert!(e.hint.unwrap().contains("PGFERRY_PG_BINDIR"));
     }
 }

@@ -465,13 +465,9 @@ async fn worker(
     let _ = target
         .simple_query("SET session_replication_role = replica")
         .await;
-    // Let the servers notice a killed runner mid-copy (PostgreSQL 14+; older servers refuse it).
-    let _ = source
-        .simple_query("SET client_connection_check_interval = '1s'")
-        .await;
-    let _ = target
-        .simple_query("SET client_connection_check_interval = '1s'")
-        .await;
+    // Let the servers notice a killed runner mid-copy (where the version has the setting).
+    source.set_up_session().await?;
+    target.set_up_session().await?;
     loop {
         if stop.is_cancelled() {
             return Err(Error::interrupted());

@@ -14,6 +14,7 @@ use super::{Env, Stage, StageContext};
 use crate::error::{Error, Result};
 use crate::pg::catalog::{self, ServerInfo, TableInfo};
 use crate::pg::connect::ConnInfo;
+use crate::pg::version;
 use crate::plan::{Database, StageOptions};
 use crate::select::{Glob, Selection};
 
@@ -260,9 +261,11 @@ async fn check_source(
                 unreadable.len(),
                 short_list(&unreadable)
             ),
-            Some(
-                "GRANT SELECT ON ALL TABLES IN SCHEMA ... TO the migration role (or GRANT pg_read_all_data)",
-            ),
+            Some(if info.server_version().has_pg_read_all_data() {
+                "GRANT SELECT ON ALL TABLES IN SCHEMA ... TO the migration role (or GRANT pg_read_all_data)"
+            } else {
+                "GRANT SELECT ON ALL TABLES IN SCHEMA ... TO the migration role"
+            }),
         );
     }
     let unlogged: Vec<String> = selected
@@ -422,7 +425,20 @@ async fn check_target(
             );
         }
     }
-    if online && !info.is_superuser {
+    // PostgreSQL 15+: a role may be granted SET on the parameter instead of being a superuser.
+    let may_set_role = info.is_superuser
+        || (info.server_version().has_grant_set_on_parameter()
+            && client
+                .query_one(
+                    "SELECT pg_catalog.has_parameter_privilege('session_replication_role', 'SET')",
+                    &[],
+                )
+                .await
+                .map_err(|e| {
+                    Error::pg(&e, "checking the privilege to set session_replication_role")
+                })?
+                .get::<_, bool>(0));
+    if online && !may_set_role {
         add(
             Level::Warning,
             "session_replication_role",
@@ -430,9 +446,11 @@ async fn check_target(
                 "target role {} is not a superuser, so it cannot set session_replication_role = replica",
                 info.current_user
             ),
-            Some(
-                "replicated rows must not fire target triggers: pgferry disables user triggers table by table during apply instead (ALTER TABLE ... DISABLE TRIGGER USER), which needs table ownership",
-            ),
+            Some(if info.server_version().has_grant_set_on_parameter() {
+                "replicated rows must not fire target triggers: GRANT SET ON PARAMETER session_replication_role TO the migration role (PostgreSQL 15+), or pgferry disables user triggers table by table during apply instead (ALTER TABLE ... DISABLE TRIGGER USER), which needs table ownership"
+            } else {
+                "replicated rows must not fire target triggers: pgferry disables user triggers table by table during apply instead (ALTER TABLE ... DISABLE TRIGGER USER), which needs table ownership"
+            }),
         );
     }
     r.target_server = Some(info);
@@ -456,15 +474,20 @@ async fn check_pair(
         });
     };
     if let (Some(s), Some(t)) = (&r.source_server, &r.target_server) {
-        if t.major() < s.major() {
+        let (sv, tv) = (s.server_version(), t.server_version());
+        if let Some(why) = version::pair_refusal(sv, tv) {
             add(
                 Level::Error,
                 "versions",
                 format!(
-                    "target PostgreSQL {} is older than source PostgreSQL {}",
-                    t.version, s.version
+                    "cannot migrate from PostgreSQL {} to PostgreSQL {}: {why}",
+                    s.version, t.version
                 ),
-                Some("migrate to a target of the same or a newer major version".into()),
+                Some(format!(
+                    "migrate from a source of PostgreSQL {}-{} to a target of the same or a newer major version (upgrade an older source in place first, e.g. with pg_upgrade)",
+                    version::OLDEST_SUPPORTED_MAJOR,
+                    version::NEWEST_TESTED_MAJOR
+                )),
             );
         } else {
             add(
@@ -476,6 +499,26 @@ async fn check_pair(
                 ),
                 None,
             );
+            if tv.major() > version::NEWEST_TESTED_MAJOR {
+                add(
+                    Level::Warning,
+                    "versions",
+                    format!(
+                        "target PostgreSQL {} is newer than the newest version pgferry is tested with ({})",
+                        t.version,
+                        version::NEWEST_TESTED_MAJOR
+                    ),
+                    Some("rehearse the migration first (run --rehearsal)".into()),
+                );
+            }
+            for limitation in sv.source_limitations() {
+                add(
+                    Level::Info,
+                    "version_limitations",
+                    format!("degraded: {limitation}"),
+                    None,
+                );
+            }
         }
     }
     // Migrating a database onto itself would destroy it.

@@ -15,7 +15,9 @@
 //!    is refused.
 //! 3. When the plan has a `cdc` stage, creates (or, when it exists, updates to the current
 //!    selection) the publication CDC reads on the source: the selected tables, partitioned tables
-//!    by their root, `publish_via_partition_root = true`. Unlogged tables cannot be published; they
+//!    by their root, `publish_via_partition_root = true` (13+; a PostgreSQL 12 source cannot
+//!    publish a partitioned table, so there its leaf partitions are published one by one and cdc
+//!    applies each change to the same leaf on the target). Unlogged tables cannot be published; they
 //!    are left out (preflight warns about them). Tables that cannot replicate UPDATE and DELETE (no
 //!    primary key or replica identity) are refused first, since publishing them would make those
 //!    statements fail on the source.
@@ -37,6 +39,7 @@ use crate::pg::dump;
 use crate::pg::ident::{QualifiedName, quote_ident, quote_literal};
 use crate::pg::names::publication_name;
 use crate::pg::tools;
+use crate::pg::version::ServerVersion;
 use crate::plan::{Database, StageOptions};
 use crate::select::Selection;
 
@@ -78,10 +81,10 @@ impl Provision {
         let target_label = format!("target database `{}`", db.target);
 
         // The selection, from the source.
-        let source = self
+        let (source, source_version) = self
             .env
             .source_for(db)
-            .connect(&purpose)
+            .connect_versioned(&purpose)
             .await
             .map_err(|e| e.context(source_label.clone()))?;
         source
@@ -139,7 +142,7 @@ impl Provision {
         let mut published = None;
         if online {
             let n = self
-                .publish(&source, &selected)
+                .publish(&source, source_version, &selected)
                 .await
                 .map_err(|e| e.context(source_label.clone()))?;
             published = Some(n);
@@ -360,8 +363,16 @@ impl Provision {
     }
 
     /// Creates or updates pgferry's publication on the source to publish exactly the selected
-    /// tables (partitioned ones by their root). Returns the number of tables published.
-    async fn publish(&self, source: &Client, selected: &[TableInfo]) -> Result<usize> {
+    /// tables: partitioned ones by their root where the version can
+    /// ([`ServerVersion::publishes_partitioned_tables`]), else each leaf partition. Returns the
+    /// number of tables published.
+    async fn publish(
+        &self,
+        source: &Client,
+        version: ServerVersion,
+        selected: &[TableInfo],
+    ) -> Result<usize> {
+        let by_root = version.publishes_partitioned_tables();
         let name = publication_name(&self.env.plan.name);
         let q = quote_ident(&name);
         let unlogged: Vec<String> = selected
@@ -377,7 +388,14 @@ impl Provision {
         }
         let tables: Vec<String> = selected
             .iter()
-            .filter(|t| t.root.is_none() && !t.unlogged)
+            .filter(|t| !t.unlogged)
+            .filter(|t| {
+                if by_root {
+                    t.root.is_none()
+                } else {
+                    t.kind == "r"
+                }
+            })
             .map(|t| t.name.quoted())
             .collect();
         let exists: bool = source
@@ -388,8 +406,11 @@ impl Provision {
             .await
             .map_err(|e| Error::pg(&e, "looking up the publication"))?
             .get(0);
-        let options =
-            "publish = 'insert, update, delete, truncate', publish_via_partition_root = true";
+        let options = if by_root {
+            "publish = 'insert, update, delete, truncate', publish_via_partition_root = true"
+        } else {
+            "publish = 'insert, update, delete, truncate'"
+        };
         let sql = if !exists {
             if tables.is_empty() {
                 format!("CREATE PUBLICATION {q} WITH ({options})")

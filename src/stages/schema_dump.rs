@@ -22,6 +22,7 @@ use crate::pg::dump::{self, PrivateTempDir};
 use crate::pg::ident::{QualifiedName, quote_ident};
 use crate::pg::names::publication_name;
 use crate::pg::tools::{self, PgTools};
+use crate::pg::version::{self, ServerVersion};
 use crate::plan::raw::SchemaDumpOptions;
 use crate::plan::{Database, StageOptions};
 use crate::select::Selection;
@@ -71,9 +72,25 @@ impl SchemaDump {
             )
             .await
             .map_err(|e| Error::pg(&e, "exporting a snapshot for pg_dump"))?;
-        let (version_num, version, snapshot): (i32, String, String) =
-            (row.get(0), row.get(1), row.get(2));
-        tools.check_can_dump(version_num, &version)?;
+        let (version_num, snapshot): (i32, String) = (row.get(0), row.get(2));
+        let source_version = ServerVersion::from_num(u32::try_from(version_num).unwrap_or(0));
+        // The target's version too: the dump is applied there with the psql next to pg_dump.
+        // (The plan's target database may not exist yet: then the server's `postgres` database.)
+        let target_version = match self.env.target.connect_versioned(&purpose).await {
+            Ok((_, v)) => v,
+            Err(e) if e.sqlstate.as_deref() == Some("3D000") => {
+                self.env
+                    .target
+                    .with_dbname("postgres")
+                    .connect_versioned(&purpose)
+                    .await
+                    .map_err(|e| e.context("reading the target server's version"))?
+                    .1
+            }
+            Err(e) => return Err(e.context("reading the target server's version")),
+        };
+        tools.check_can_dump(source_version, target_version)?;
+        tracing::info!(stage = %cx.stage, database = %db.name, "source PostgreSQL {source_version}, target PostgreSQL {target_version}: dumping with {}", tools.describe());
 
         let state_schema = &self.env.plan.state.schema;
         let all = catalog::tables(&client, state_schema).await?;
@@ -179,7 +196,8 @@ impl SchemaDump {
             }
             let sql = std::fs::read(&file)
                 .map_err(|e| Error::permanent(format!("reading {}: {e}", file.display())))?;
-            sections.push(sql);
+            // A pg_dump newer than the target writes settings the target may not know.
+            sections.push(version::script_for_target(&sql, target_version));
         }
         cx.check_cancelled()?;
         cx.store
@@ -208,7 +226,8 @@ impl SchemaDump {
         );
         Ok(serde_json::json!({
             "pg_dump": tools.version,
-            "source_version": version,
+            "source_version": row.get::<_, String>(1),
+            "target_version": target_version.to_string(),
             "pre_data_bytes": sections[0].len(),
             "post_data_bytes": sections[1].len(),
             "toc_entries": filtered.entries,

@@ -49,8 +49,14 @@ pub struct Cluster {
     pub dir: PathBuf,
     /// The cluster's data directory (`<dir>/data`).
     pub data_dir: PathBuf,
-    /// Directory holding initdb, pg_ctl, postgres, psql, ...
+    /// Directory holding initdb, pg_ctl, postgres (and, for the system installation, psql).
     pub bindir: PathBuf,
+    /// Directory of the client programs (psql, pg_dump, ...) the tests use on this cluster: the
+    /// server's own when it has them, else the newest installation that has them (a client is
+    /// compatible with older servers, never the other way round).
+    pub tools_bindir: PathBuf,
+    /// The server's major version (12, 13, ..., 18).
+    pub major: u32,
     /// Name given to [`Cluster::start`]; used for directory naming and logs.
     pub name: String,
 }
@@ -74,8 +80,26 @@ impl Cluster {
     /// the server starts, mode 0600 and owned by the server's OS user (server keys need both).
     /// For tests that need their own server (TLS, restarts); the shared [`pair`] never uses it.
     pub fn start_with(name: &str, extra_conf: &str, files: &[(&str, &[u8])]) -> Cluster {
+        Cluster::start_in(find_bindir(), name, extra_conf, files)
+    }
+
+    /// Starts a cluster of PostgreSQL `major` (12 to 18), from the binaries
+    /// `scripts/pg-versions.sh` installs (see [`version_bindir`]). `None`, after a loud SKIPPED
+    /// line, when they are not installed; under `CI=true` that is a failure naming the command
+    /// that installs them.
+    pub fn start_version(major: u32, name: &str) -> Option<Cluster> {
+        let bindir = version_bindir(major)?;
+        Some(Cluster::start_in(bindir, name, "", &[]))
+    }
+
+    fn start_in(bindir: PathBuf, name: &str, extra_conf: &str, files: &[(&str, &[u8])]) -> Cluster {
         let started = Instant::now();
-        let bindir = find_bindir();
+        let major = server_major(&bindir);
+        let tools_bindir = if bindir.join("psql").is_file() && bindir.join("pg_dump").is_file() {
+            bindir.clone()
+        } else {
+            newest_tools_bindir()
+        };
         let dir = make_temp_root(name);
         let data_dir = dir.join("data");
         // Arrange for cleanup before anything else can fail.
@@ -89,6 +113,8 @@ impl Cluster {
             dir,
             data_dir,
             bindir,
+            tools_bindir,
+            major,
             name: name.to_string(),
         };
         cluster.initdb();
@@ -250,7 +276,7 @@ impl Cluster {
     /// `db` over TCP with the test password, ignoring any libpq settings of the environment;
     /// returns its stdout, panicking with its stderr when it fails.
     pub fn run_tool(&self, program: &str, db: &str, args: &[&str]) -> String {
-        let mut cmd = Command::new(self.bindir.join(program));
+        let mut cmd = Command::new(self.tools_bindir.join(program));
         for k in [
             "PGHOST",
             "PGHOSTADDR",
@@ -311,7 +337,7 @@ impl Cluster {
     }
 
     pub(crate) fn psql_command(&self, db: &str) -> Command {
-        let mut cmd = Command::new(self.bindir.join("psql"));
+        let mut cmd = Command::new(self.tools_bindir.join("psql"));
         cmd.arg("-X")
             .arg("-v")
             .arg("ON_ERROR_STOP=1")
@@ -359,8 +385,11 @@ impl Cluster {
             .arg("-E")
             .arg("UTF8")
             .arg("--locale=C")
-            .arg("--no-sync")
-            .arg("--no-instructions");
+            .arg("--no-sync");
+        if self.major >= 14 {
+            // 14+ only; older initdbs refuse the option.
+            cmd.arg("--no-instructions");
+        }
         let out = run(&mut cmd, "initdb");
         let _ = fs::remove_file(&pwfile);
         if !out.status.success() {
@@ -503,9 +532,29 @@ pub fn pair() -> &'static Pair {
     static PAIR: OnceLock<Result<Pair, String>> = OnceLock::new();
     let result = PAIR.get_or_init(|| {
         let started = Instant::now();
+        // `PGFERRY_TEST_SOURCE_MAJOR` / `PGFERRY_TEST_TARGET_MAJOR` (the benchmarks' old-to-new
+        // runs): clusters of those versions instead of the system's.
+        let major = |var: &str| {
+            std::env::var(var).ok().map(|v| {
+                v.parse::<u32>()
+                    .unwrap_or_else(|_| panic!("{var}={v:?} is not a major version"))
+            })
+        };
+        if major("PGFERRY_TEST_SOURCE_MAJOR").is_some()
+            || major("PGFERRY_TEST_TARGET_MAJOR").is_some()
+        {
+            // pgferry's schema_dump needs a pg_dump at least as new as both servers.
+            super::plan::PG_BINDIR.get_or_init(newest_tools_bindir);
+        }
+        let start = |role: &str, var: &str| match major(var) {
+            Some(m) => Cluster::start_version(m, role).unwrap_or_else(|| {
+                panic!("{var}={m}: PostgreSQL {m} is not installed (scripts/pg-versions.sh {m})")
+            }),
+            None => Cluster::start(role),
+        };
         let (source, target) = std::thread::scope(|s| {
-            let source = s.spawn(|| Cluster::start("source"));
-            let target = s.spawn(|| Cluster::start("target"));
+            let source = s.spawn(|| start("source", "PGFERRY_TEST_SOURCE_MAJOR"));
+            let target = s.spawn(|| start("target", "PGFERRY_TEST_TARGET_MAJOR"));
             (source.join(), target.join())
         });
         match (source, target) {
@@ -580,7 +629,7 @@ pub fn pgferry() -> Command {
 /// must exist); panics with psql's stderr if either side fails.
 pub fn pipe_dump(source: &Cluster, sdb: &str, dump_args: &[&str], target: &Cluster, tdb: &str) {
     let source_port = source.port.to_string();
-    let mut dump = Command::new(source.bindir.join("pg_dump"))
+    let mut dump = Command::new(source.tools_bindir.join("pg_dump"))
         .args(dump_args)
         .args(["-h", "127.0.0.1", "-p", &source_port, "-U", SUPERUSER, sdb])
         .env("PGPASSWORD", PASSWORD)
@@ -588,7 +637,7 @@ pub fn pipe_dump(source: &Cluster, sdb: &str, dump_args: &[&str], target: &Clust
         .spawn()
         .expect("pg_dump");
     let target_port = target.port.to_string();
-    let out = Command::new(target.bindir.join("psql"))
+    let out = Command::new(target.tools_bindir.join("psql"))
         .args(["-X", "-q", "-v", "ON_ERROR_STOP=1"])
         .args([
             "-h",
@@ -702,6 +751,111 @@ fn find_bindir() -> PathBuf {
             }
         })
         .clone()
+}
+
+/// Where `scripts/pg-versions.sh` installs one directory per major version.
+pub fn versions_dir() -> PathBuf {
+    std::env::var_os("PGFERRY_PG_VERSIONS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/pgferry/pg"))
+}
+
+/// True when the tests run under CI (`CI=true`), where a missing server version fails.
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// The bindir of PostgreSQL `major`: `$PGFERRY_PG<major>_BINDIR`, else
+/// `<versions_dir>/<major>/bin`, else `/usr/lib/postgresql/<major>/bin`. `None` after a loud
+/// SKIPPED line when none has the server; under `CI=true` a panic with the install command.
+pub fn version_bindir(major: u32) -> Option<PathBuf> {
+    let has_server = |dir: &Path| {
+        dir.join("initdb").is_file()
+            && dir.join("pg_ctl").is_file()
+            && dir.join("postgres").is_file()
+    };
+    let mut candidates = Vec::new();
+    if let Some(dir) = std::env::var_os(format!("PGFERRY_PG{major}_BINDIR")) {
+        candidates.push(PathBuf::from(dir));
+    }
+    candidates.push(versions_dir().join(major.to_string()).join("bin"));
+    candidates.push(PathBuf::from(format!("/usr/lib/postgresql/{major}/bin")));
+    if let Some(dir) = candidates.iter().find(|d| has_server(d)) {
+        return Some(dir.clone());
+    }
+    let how = if major == 15 {
+        "apt-get install -y postgresql-15 (what .ci/run does)".to_string()
+    } else {
+        format!("scripts/pg-versions.sh {major} (what .ci/run does)")
+    };
+    let msg = format!(
+        "PostgreSQL {major} server binaries not found (looked in {}); install them with: {how}, \
+         or point PGFERRY_PG{major}_BINDIR at a directory with initdb, pg_ctl and postgres",
+        candidates
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if under_ci() {
+        panic!("{msg}");
+    }
+    eprintln!("\n*** SKIPPED: {msg} ***\n");
+    None
+}
+
+/// The major version `postgres --version` in `bindir` reports.
+fn server_major(bindir: &Path) -> u32 {
+    let exe = bindir.join("postgres");
+    let out = Command::new(&exe)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running {} --version: {e}", exe.display()));
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .last()
+        .and_then(|v| v.split('.').next())
+        .and_then(|m| m.parse().ok())
+        .unwrap_or_else(|| panic!("cannot read the version of {}: {text:?}", exe.display()))
+}
+
+/// The client programs of the newest installation that has psql and pg_dump: the version
+/// cache's (18 first), else the system's.
+pub fn newest_tools_bindir() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let has_tools = |dir: &Path| dir.join("psql").is_file() && dir.join("pg_dump").is_file();
+        let mut best: Option<(u32, PathBuf)> = None;
+        let mut consider = |dir: PathBuf| {
+            if has_tools(&dir) {
+                let out = Command::new(dir.join("pg_dump")).arg("--version").output();
+                let major = out
+                    .ok()
+                    .and_then(|o| {
+                        String::from_utf8_lossy(&o.stdout)
+                            .split_whitespace()
+                            .last()
+                            .and_then(|v| v.split('.').next())
+                            .and_then(|m| m.parse::<u32>().ok())
+                    })
+                    .unwrap_or(0);
+                if best.as_ref().is_none_or(|(m, _)| major > *m) {
+                    best = Some((major, dir));
+                }
+            }
+        };
+        for root in [versions_dir(), PathBuf::from("/usr/lib/postgresql")] {
+            if let Ok(entries) = fs::read_dir(&root) {
+                for entry in entries.flatten() {
+                    consider(entry.path().join("bin"));
+                }
+            }
+        }
+        consider(find_bindir());
+        best.map(|(_, d)| d).unwrap_or_else(find_bindir)
+    })
+    .clone()
 }
 
 /// Creates a fresh directory under /tmp (which the `postgres` user can

@@ -9,6 +9,10 @@ use super::cluster::{PASSWORD, Pair};
 /// The environment variable plans read the password from (`{{ env.PGFERRY_TEST_PASSWORD }}`).
 pub const PASSWORD_VAR: &str = "PGFERRY_TEST_PASSWORD";
 
+/// The client programs every pgferry this test binary runs uses (`PGFERRY_PG_BINDIR`), when set:
+/// the version tests point it at the newest installation.
+pub static PG_BINDIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
 /// A plan file in a temporary directory, for one test.
 pub struct TestPlan {
     pub dir: tempfile::TempDir,
@@ -73,6 +77,9 @@ target = "{tdb}"
     /// `pgferry <args...> PLAN`, ready to run, with the password in its environment.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = super::cluster::pgferry();
+        if let Some(dir) = PG_BINDIR.get() {
+            cmd.env("PGFERRY_PG_BINDIR", dir);
+        }
         cmd.arg(args[0])
             .arg(&self.path)
             .args(&args[1..])
