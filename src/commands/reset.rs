@@ -135,6 +135,30 @@ pub async fn run(args: &PlanArgs, yes: bool, keep_target: bool) -> u8 {
         return EXIT_FAILED;
     }
 
+    // Target databases that stay: what cdc changed there for its apply is put back.
+    for db in &plan.databases {
+        if drops
+            .iter()
+            .any(|d| d.database == db.target && !d.hosts_store)
+        {
+            continue;
+        }
+        match crate::stages::cleanup::restore_target_objects(&env, db).await {
+            Ok(lines) => {
+                for l in lines {
+                    println!("{l}");
+                }
+            }
+            Err(e) => {
+                report(&e.context(format!("target database `{}`", db.target)));
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        return EXIT_FAILED;
+    }
+
     let admin = env.target.with_dbname("postgres");
     for d in drops.iter().filter(|d| !d.hosts_store) {
         match drop_database(&admin, &d.database).await {
