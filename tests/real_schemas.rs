@@ -168,3 +168,142 @@ fn identity_columns_and_columnless_tables_migrate_online() {
     );
     assert_same(&s, &t);
 }
+
+/// `replica_identity = "index"` on provision: every selected keyless table is listed by `plan`
+/// (text and `--json`, all of them, not ten), gets `USING INDEX` on a unique NOT NULL index where it
+/// has one and FULL otherwise before it is published (so UPDATE and DELETE on the source keep
+/// working and are replicated), and gets its own setting back at cleanup. With the default
+/// (`refuse`) `plan --json` lists every table in the finding.
+#[test]
+fn keyless_tables_get_a_replica_identity_from_one_line_of_the_plan() {
+    let p = pair();
+    let s = p.source.fresh_database("keyless_src");
+    let t = p.target.fresh_database("keyless_tgt");
+    let mut setup = String::new();
+    for i in 1..=12 {
+        setup.push_str(&format!(
+            "CREATE TABLE public.k{i} (a int, b text);\n\
+             INSERT INTO public.k{i} SELECT g, 'v' || g FROM generate_series(1, 50) g;\n\
+             INSERT INTO public.k{i} VALUES (1, 'v1');\n"
+        ));
+    }
+    setup.push_str(
+        "CREATE TABLE public.ku (a int NOT NULL, b text, c int UNIQUE);\n\
+         CREATE UNIQUE INDEX ku_a ON public.ku (a);\n\
+         INSERT INTO public.ku SELECT g, 'u' || g, g FROM generate_series(1, 50) g;\n\
+         CREATE TABLE public.kn (a int, b text);\n\
+         ALTER TABLE public.kn REPLICA IDENTITY NOTHING;\n\
+         INSERT INTO public.kn SELECT g, 'n' || g FROM generate_series(1, 50) g;\n\
+         CREATE TABLE public.kp (a int, b text) PARTITION BY RANGE (a);\n\
+         CREATE TABLE public.kp1 PARTITION OF public.kp FOR VALUES FROM (0) TO (25);\n\
+         CREATE TABLE public.kp2 PARTITION OF public.kp FOR VALUES FROM (25) TO (100);\n\
+         INSERT INTO public.kp SELECT g, 'p' || g FROM generate_series(1, 50) g;\n\
+         CREATE TABLE public.keyed (id serial PRIMARY KEY, b text);\n\
+         INSERT INTO public.keyed (b) SELECT 'k' || g FROM generate_series(1, 50) g;\n",
+    );
+    p.source.psql(&s, &setup);
+    let stages = |option: &str| {
+        format!(
+            "[stages.schema]\nkind = \"schema_dump\"\n\n\
+             [stages.provision]\nkind = \"provision\"\nafter = [\"schema\"]\n{option}\n\
+             [stages.load]\nkind = \"full_load\"\nafter = [\"provision\"]\n\n\
+             [stages.indexes]\nkind = \"post_data\"\nafter = [\"load\"]\n\n\
+             [stages.cdc]\nkind = \"cdc\"\nafter = [\"indexes\"]\n{CUTOVER_STAGES}"
+        )
+    };
+    let finding = |out: &std::process::Output| -> serde_json::Value {
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("plan --json: {e}\n{}", show(out)));
+        v["databases"][0]["findings"]
+            .as_array()
+            .and_then(|f| f.iter().find(|f| f["check"] == "replica_identity"))
+            .cloned()
+            .unwrap_or_else(|| panic!("no replica_identity finding: {v}"))
+    };
+    let keyless: Vec<String> = (1..=12)
+        .map(|i| format!("public.k{i}"))
+        .chain(
+            [
+                "public.kn",
+                "public.kp",
+                "public.kp1",
+                "public.kp2",
+                "public.ku",
+            ]
+            .map(String::from),
+        )
+        .collect();
+
+    // The default refuses, naming every table in --json.
+    let plan = TestPlan::new(p, "keyless", &s, &t, &stages(""));
+    let out = plan.run(&["plan", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let f = finding(&out);
+    assert_eq!(f["level"], "error", "{f}");
+    let mut listed: Vec<String> = f["tables"]
+        .as_array()
+        .expect("tables")
+        .iter()
+        .map(|t| t.as_str().expect("name").to_string())
+        .collect();
+    listed.sort();
+    let mut expected = keyless.clone();
+    expected.sort();
+    assert_eq!(listed, expected);
+
+    // One line in the plan: every table listed with what it gets.
+    plan.write(p, &stages("replica_identity = \"index\"\n"));
+    let out = plan.run(&["plan", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let f = finding(&out);
+    assert_eq!(f["level"], "info", "{f}");
+    assert_eq!(f["tables"].as_array().map(Vec::len), Some(17), "{f}");
+    assert!(
+        f["tables"]
+            .as_array()
+            .expect("tables")
+            .iter()
+            .any(|t| t == "public.ku: USING INDEX ku_a"),
+        "{f}"
+    );
+    let out = plan.run(&["plan"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for name in &keyless {
+        assert!(text.contains(&format!("- {name}: ")), "{name} in\n{text}");
+    }
+
+    // Load, then UPDATE and DELETE on every keyless table while cdc runs, then cut over.
+    let mut child = plan.spawn(&["run"]);
+    plan.wait_until_cdc_ready(p, &mut child);
+    let mut writes = String::new();
+    for name in keyless.iter().filter(|n| *n != "public.kp") {
+        let new = if name == "public.kp1" { 20 } else { 99 };
+        writes.push_str(&format!(
+            "UPDATE {name} SET b = b || '!' WHERE a % 3 = 0;\n\
+             DELETE FROM {name} WHERE a % 7 = 0;\n\
+             INSERT INTO {name} (a, b) VALUES ({new}, 'new');\n"
+        ));
+    }
+    writes.push_str("UPDATE public.k1 SET b = 'one of two' WHERE a = 1 AND ctid = (SELECT min(ctid) FROM public.k1 WHERE a = 1);\n");
+    p.source.psql(&s, &writes);
+    let out = child.wait_with_output().expect("the run");
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_same(&s, &t);
+    // The duplicate stayed a duplicate, one copy changed.
+    assert_eq!(
+        p.target.psql(
+            &t,
+            "SELECT string_agg(b, ',' ORDER BY b) FROM public.k1 WHERE a = 1"
+        ),
+        "one of two,v1"
+    );
+    // Cleanup put every original setting back.
+    assert_eq!(
+        p.source.psql(
+            &s,
+            "SELECT string_agg(relname || ':' || relreplident::text, ' ' ORDER BY relname) FROM pg_class \
+              WHERE relnamespace = 'public'::regnamespace AND relkind IN ('r', 'p') AND relname IN ('k1', 'k12', 'kn', 'kp', 'kp1', 'ku')"
+        ),
+        "k1:d k12:d kn:n kp:d kp1:d ku:d"
+    );
+}

@@ -152,6 +152,10 @@ pub struct ProvisionOptions {
     /// match) or "refuse".
     #[serde(default)]
     pub existing: Option<String>,
+    /// Online plans: what to do with selected tables that have no primary key or replica identity:
+    /// "refuse", "index" (a unique index on NOT NULL columns, else FULL) or "full".
+    #[serde(default)]
+    pub replica_identity: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

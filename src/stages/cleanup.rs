@@ -1,7 +1,8 @@
 //! The `cleanup` stage: drops what the migration created on the source — each database's logical
 //! replication slot (which otherwise retains WAL forever) and the publication — once the target has
 //! taken over. The checkpoint store stays as the audit record of the migration until `pgferry reset`.
-//! On the target it makes the identity columns cdc relaxed `GENERATED ALWAYS` again
+//! It puts back the original replica identity of the source tables provision gave one
+//! ([`super::replica_identity`]). On the target it makes the identity columns cdc relaxed `GENERATED ALWAYS` again
 //! ([`super::cdc::identity`]; the cutover does it too, so this finds nothing after one).
 //! `reset` uses the same teardown.
 
@@ -86,6 +87,17 @@ impl Stage for Cleanup {
                 tracing::info!(stage = %cx.stage, "{l}");
                 cx.store.event(Some(&cx.stage), "info", l).await?;
             }
+            let dropped = lines.len();
+            let mut lines = lines;
+            lines.extend(
+                restore_source_identities(&self.env, db, cx.store.as_ref())
+                    .await
+                    .map_err(|e| e.context(format!("source database `{}`", db.name)))?,
+            );
+            for l in lines.iter().skip(dropped) {
+                tracing::info!(stage = %cx.stage, "{l}");
+                cx.store.event(Some(&cx.stage), "info", l).await?;
+            }
             let restored = restore_target_objects(&self.env, db)
                 .await
                 .map_err(|e| e.context(format!("target database `{}`", db.target)))?;
@@ -99,6 +111,26 @@ impl Stage for Cleanup {
         }
         Ok(())
     }
+}
+
+/// Puts back the original replica identity of the source tables provision gave one
+/// (`replica_identity = "index"` / `"full"`), once the publication is gone. Idempotent; a source
+/// database that does not exist has nothing to restore.
+pub async fn restore_source_identities(
+    env: &Env,
+    db: &Database,
+    store: &dyn crate::state::StateStore,
+) -> Result<Vec<String>> {
+    let client = match env.source_for(db).past_fence().connect("cleanup").await {
+        Ok(c) => c,
+        Err(e) if e.sqlstate.as_deref() == Some("3D000") => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    client
+        .batch_execute("SET default_transaction_read_only = off")
+        .await
+        .map_err(|e| Error::pg(&e, "making the cleanup session read-write"))?;
+    super::replica_identity::restore(&client, store, &env.plan.name, &db.name).await
 }
 
 /// Puts back on one target database what cdc changed there for its apply: identity columns it made

@@ -18,7 +18,8 @@
 //!    by their root, `publish_via_partition_root = true`. Unlogged tables cannot be published; they
 //!    are left out (preflight warns about them). Tables that cannot replicate UPDATE and DELETE (no
 //!    primary key or replica identity) are refused first, since publishing them would make those
-//!    statements fail on the source.
+//!    statements fail on the source, unless `replica_identity = "index"` or `"full"` has provision
+//!    give them one first ([`super::replica_identity`], recorded and restored by cleanup).
 //!
 //! Each database is checkpointed when all of this is done.
 
@@ -30,6 +31,7 @@ use tokio::process::Command;
 use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
 
+use super::replica_identity::{self, Mode};
 use super::{Env, Stage, StageContext, pre_data_artifact};
 use crate::error::{Error, Result};
 use crate::pg::catalog::{self, TableInfo};
@@ -96,7 +98,8 @@ impl Provision {
                 .into_iter()
                 .cloned()
                 .collect();
-        if online {
+        let mode = replica_identity::mode(&self.env.plan, i);
+        if online && mode == Mode::Refuse {
             check_identities(&selected).map_err(|e| e.context(source_label.clone()))?;
         }
         cx.check_cancelled()?;
@@ -135,8 +138,23 @@ impl Provision {
         };
         cx.check_cancelled()?;
 
-        // 3. The publication for CDC.
+        // 3. The publication for CDC, once every selected table can replicate UPDATE and DELETE
+        // (before it is published: the source refuses them on a published keyless table).
         let mut published = None;
+        let mut identities = Vec::new();
+        if online && mode != Mode::Refuse {
+            let changes =
+                replica_identity::changes(&source, mode, &replica_identity::lacking(&selected))
+                    .await
+                    .map_err(|e| e.context(source_label.clone()))?;
+            replica_identity::apply(&source, cx.store.as_ref(), &db.name, &changes)
+                .await
+                .map_err(|e| e.context(source_label.clone()))?;
+            for c in &changes {
+                tracing::info!(stage = %cx.stage, database = %db.name, "replica identity of {} (restored by cleanup)", c.describe());
+            }
+            identities = changes.iter().map(|c| c.describe()).collect();
+        }
         if online {
             let n = self
                 .publish(&source, &selected)
@@ -150,6 +168,7 @@ impl Provision {
             "selected_tables": names.len(),
             "publication": published.map(|_| publication_name(&self.env.plan.name)),
             "published_tables": published,
+            "replica_identities_set": identities,
         }))
     }
 
