@@ -171,7 +171,8 @@ fn identity_columns_and_columnless_tables_migrate_online() {
 
 /// `replica_identity = "index"` on provision: every selected keyless table is listed by `plan`
 /// (text and `--json`, all of them, not ten), gets `USING INDEX` on a unique NOT NULL index where it
-/// has one and FULL otherwise before it is published (so UPDATE and DELETE on the source keep
+/// has one and FULL otherwise (also a table whose primary key is a generated column, which
+/// logical replication never sends) before it is published (so UPDATE and DELETE on the source keep
 /// working and are replicated), and gets its own setting back at cleanup. With the default
 /// (`refuse`) `plan --json` lists every table in the finding.
 #[test]
@@ -198,6 +199,8 @@ fn keyless_tables_get_a_replica_identity_from_one_line_of_the_plan() {
          CREATE TABLE public.kp1 PARTITION OF public.kp FOR VALUES FROM (0) TO (25);\n\
          CREATE TABLE public.kp2 PARTITION OF public.kp FOR VALUES FROM (25) TO (100);\n\
          INSERT INTO public.kp SELECT g, 'p' || g FROM generate_series(1, 50) g;\n\
+         CREATE TABLE public.gk (a int, b text, g int GENERATED ALWAYS AS (a * 2) STORED PRIMARY KEY);\n\
+         INSERT INTO public.gk (a, b) SELECT g, 'g' || g FROM generate_series(1, 50) g;\n\
          CREATE TABLE public.keyed (id serial PRIMARY KEY, b text);\n\
          INSERT INTO public.keyed (b) SELECT 'k' || g FROM generate_series(1, 50) g;\n",
     );
@@ -224,6 +227,7 @@ fn keyless_tables_get_a_replica_identity_from_one_line_of_the_plan() {
         .map(|i| format!("public.k{i}"))
         .chain(
             [
+                "public.gk",
                 "public.kn",
                 "public.kp",
                 "public.kp1",
@@ -257,7 +261,7 @@ fn keyless_tables_get_a_replica_identity_from_one_line_of_the_plan() {
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     let f = finding(&out);
     assert_eq!(f["level"], "info", "{f}");
-    assert_eq!(f["tables"].as_array().map(Vec::len), Some(17), "{f}");
+    assert_eq!(f["tables"].as_array().map(Vec::len), Some(18), "{f}");
     assert!(
         f["tables"]
             .as_array()
@@ -302,8 +306,8 @@ fn keyless_tables_get_a_replica_identity_from_one_line_of_the_plan() {
         p.source.psql(
             &s,
             "SELECT string_agg(relname || ':' || relreplident::text, ' ' ORDER BY relname) FROM pg_class \
-              WHERE relnamespace = 'public'::regnamespace AND relkind IN ('r', 'p') AND relname IN ('k1', 'k12', 'kn', 'kp', 'kp1', 'ku')"
+              WHERE relnamespace = 'public'::regnamespace AND relkind IN ('r', 'p') AND relname IN ('gk', 'k1', 'k12', 'kn', 'kp', 'kp1', 'ku')"
         ),
-        "k1:d k12:d kn:n kp:d kp1:d ku:d"
+        "gk:d k1:d k12:d kn:n kp:d kp1:d ku:d"
     );
 }

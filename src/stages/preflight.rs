@@ -376,12 +376,25 @@ async fn check_source(
         if !lacking.is_empty() {
             let finding = if mode == Mode::Refuse {
                 let names: Vec<String> = lacking.iter().map(|t| t.name.to_string()).collect();
+                let generated: Vec<String> = lacking
+                    .iter()
+                    .filter(|t| t.identity_generated)
+                    .map(|t| t.name.to_string())
+                    .collect();
+                let generated = if generated.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " ({}: the key has a generated column, which logical replication does not send)",
+                        short_list(&generated)
+                    )
+                };
                 Finding {
                     level: Level::Error,
                     database: db.name.clone(),
                     check: "replica_identity",
                     message: format!(
-                        "{} table(s) have no primary key or replica identity, so UPDATE and DELETE cannot be replicated (and would fail on the source once published): {}",
+                        "{} table(s) have no primary key or replica identity, so UPDATE and DELETE cannot be replicated (and would fail on the source once published): {}{generated}",
                         names.len(),
                         short_list(&names)
                     ),

@@ -63,8 +63,12 @@ fn record_key(db: &str) -> String {
 pub struct Change {
     pub schema: String,
     pub table: String,
-    /// `relreplident` before: `d` (default, no primary key) or `n` (nothing).
+    /// `relreplident` before: `d` (default: no primary key, or one with a generated column), `n`
+    /// (nothing) or `i` (an index with a generated column, [`Change::original_index`]).
     pub original: String,
+    /// The index of an original `i` identity.
+    #[serde(default)]
+    pub original_index: Option<String>,
     /// The unique index used (`index` mode, when one exists); `None`: FULL.
     pub index: Option<String>,
 }
@@ -95,7 +99,8 @@ impl Change {
 }
 
 /// The selected tables that cannot replicate UPDATE and DELETE (no primary key, no replica
-/// identity): ordinary tables and partitions that can be published (not unlogged), and partitioned
+/// identity, or one whose key has a generated column, which logical replication does not send):
+/// ordinary tables and partitions that can be published (not unlogged), and partitioned
 /// tables. A partitioned table is published by its root (`publish_via_partition_root`), and pgoutput
 /// writes a leaf's old row in the shape of the root's identity: without one on the root, cdc gets no
 /// old row to find the target's by.
@@ -126,8 +131,10 @@ pub async fn changes(client: &Client, mode: Mode, lacking: &[&TableInfo]) -> Res
                         AND i.indpred IS NULL AND i.indexprs IS NULL \
                         AND NOT EXISTS (SELECT 1 FROM pg_catalog.unnest(i.indkey::int2[]) k \
                                          LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum = k \
-                                        WHERE a.attnum IS NULL OR NOT a.attnotnull) \
-                      ORDER BY i.indnatts, ic.relname LIMIT 1) \
+                                        WHERE a.attnum IS NULL OR NOT a.attnotnull OR a.attgenerated <> '') \
+                      ORDER BY i.indnatts, ic.relname LIMIT 1), \
+                    (SELECT ic.relname::text FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid \
+                      WHERE i.indrelid = c.oid AND i.indisreplident) \
                FROM unnest($1::text[], $2::text[]) AS u(s, r) \
                JOIN pg_catalog.pg_namespace n ON n.nspname = u.s \
                JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = u.r \
@@ -143,6 +150,7 @@ pub async fn changes(client: &Client, mode: Mode, lacking: &[&TableInfo]) -> Res
             table: r.get(1),
             original: r.get(2),
             index: r.get(3),
+            original_index: r.get(4),
         })
         .collect())
 }
@@ -256,10 +264,10 @@ pub async fn restore(
             ));
             continue;
         }
-        let back = if c.original == "n" {
-            "NOTHING"
-        } else {
-            "DEFAULT"
+        let back = match (c.original.as_str(), &c.original_index) {
+            ("n", _) => "NOTHING".to_string(),
+            ("i", Some(i)) => format!("USING INDEX {}", quote_ident(i)),
+            _ => "DEFAULT".to_string(),
         };
         sql.push_str(&format!(
             "ALTER TABLE {} REPLICA IDENTITY {back};\n",
