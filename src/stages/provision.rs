@@ -150,10 +150,11 @@ impl Provision {
             replica_identity::apply(&source, cx.store.as_ref(), &db.name, &changes)
                 .await
                 .map_err(|e| e.context(source_label.clone()))?;
-            for c in &changes {
-                tracing::info!(stage = %cx.stage, database = %db.name, "replica identity of {} (restored by cleanup)", c.describe());
-            }
             identities = changes.iter().map(|c| c.describe()).collect();
+            if !changes.is_empty() {
+                let indexed = changes.iter().filter(|c| c.index.is_some()).count();
+                tracing::info!(stage = %cx.stage, database = %db.name, "gave {} keyless table(s) a replica identity ({indexed} USING INDEX, {} FULL; the stage's detail lists them; cleanup restores them)", changes.len(), changes.len() - indexed);
+            }
         }
         if online {
             let n = self

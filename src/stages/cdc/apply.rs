@@ -52,7 +52,9 @@ struct Col {
     /// `format_type` of the target column.
     ty: String,
     key: bool,
-    /// Compared as text (types without an equality operator).
+    /// Compared as text: types without an equality operator, or whose `=` is not the equality of a
+    /// btree or hash operator class (`box = box` compares areas, `path = path` point counts), which
+    /// would match the wrong row of a REPLICA IDENTITY FULL table.
     text_compare: bool,
 }
 
@@ -355,7 +357,14 @@ impl Applier {
             .query(
                 "SELECT c.relkind::text, a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod), \
                         coalesce(a.attgenerated <> '', true), \
-                        NOT EXISTS (SELECT 1 FROM pg_catalog.pg_operator o WHERE o.oprname = '=' AND o.oprleft = a.atttypid AND o.oprright = a.atttypid), \
+                        NOT EXISTS (SELECT 1 FROM pg_catalog.pg_operator o \
+                                     JOIN pg_catalog.pg_amop ao ON ao.amopopr = o.oid AND ao.amopstrategy = 1 \
+                                     JOIN pg_catalog.pg_am am ON am.oid = ao.amopmethod AND am.amname = 'hash' \
+                                    WHERE o.oprname = '=' AND o.oprleft = a.atttypid AND o.oprright = a.atttypid) \
+                          AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_operator o \
+                                     JOIN pg_catalog.pg_amop ao ON ao.amopopr = o.oid AND ao.amopstrategy = 3 \
+                                     JOIN pg_catalog.pg_am am ON am.oid = ao.amopmethod AND am.amname = 'btree' \
+                                    WHERE o.oprname = '=' AND o.oprleft = a.atttypid AND o.oprright = a.atttypid), \
                         coalesce(a.attidentity = 'a', false) \
                    FROM pg_catalog.pg_class c \
                    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
