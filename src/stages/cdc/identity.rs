@@ -14,6 +14,10 @@
 //! `ALTER TABLE`: a crash either keeps both or loses both, so a column is never left relaxed without
 //! a record to restore it from, and a rolled-back apply (re-applied in strict mode) forgets both.
 //! Nothing is sent when the target has no `GENERATED ALWAYS` identity column.
+//!
+//! The same record-and-undo holds the lookup indexes cdc gives REPLICA IDENTITY FULL tables that
+//! have no index on the target ([`lookup_index`], `<state schema>.cdc_indexes`): dropped by the
+//! same paths.
 
 use tokio_postgres::Client;
 
@@ -25,13 +29,83 @@ pub fn record_table(state_schema: &str) -> String {
     format!("{}.cdc_identity", quote_ident(state_schema))
 }
 
-/// `CREATE TABLE IF NOT EXISTS` for the record table (the state schema exists).
+/// The lookup indexes cdc made, in the state schema of each target database.
+pub fn index_table(state_schema: &str) -> String {
+    format!("{}.cdc_indexes", quote_ident(state_schema))
+}
+
+/// `CREATE TABLE IF NOT EXISTS` for the record tables (the state schema exists).
 pub fn create_sql(state_schema: &str) -> String {
     format!(
         "CREATE TABLE IF NOT EXISTS {} (schema_name text NOT NULL, table_name text NOT NULL, column_name text NOT NULL, \
-         relaxed_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (schema_name, table_name, column_name))",
-        record_table(state_schema)
+         relaxed_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (schema_name, table_name, column_name)); \
+         CREATE TABLE IF NOT EXISTS {} (schema_name text NOT NULL, index_name text NOT NULL, table_name text NOT NULL, \
+         created_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (schema_name, index_name))",
+        record_table(state_schema),
+        index_table(state_schema)
     )
+}
+
+/// For a REPLICA IDENTITY FULL table: when target table `schema.table` has no index at all, creates
+/// a hash index on the first of `candidates` (columns compared with a hashable `=`) that has one,
+/// recorded with it, so the apply finds a row without scanning the table. Run inside the apply
+/// transaction. Returns the index's name when it made one.
+pub async fn lookup_index(
+    client: &Client,
+    state_schema: &str,
+    schema: &str,
+    table: &str,
+    candidates: &[String],
+) -> Result<Option<String>> {
+    let q = QualifiedName::new(schema.to_string(), table.to_string());
+    let row = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid), \
+                    (SELECT a.attname::text FROM pg_catalog.pg_attribute a \
+                      WHERE a.attrelid = c.oid AND a.attname = ANY ($3::text[]) \
+                        AND EXISTS (SELECT 1 FROM pg_catalog.pg_opclass oc JOIN pg_catalog.pg_am am ON am.oid = oc.opcmethod \
+                                     WHERE am.amname = 'hash' AND oc.opcdefault AND oc.opcintype = a.atttypid) \
+                      ORDER BY a.attnum LIMIT 1) \
+               FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+              WHERE n.nspname = $1 AND c.relname = $2",
+            &[&schema, &table, &candidates],
+        )
+        .await
+        .map_err(|e| Error::pg(&e, format!("reading the indexes of target table {q}")))?;
+    let (indexed, column): (bool, Option<String>) = (row.get(0), row.get(1));
+    let Some(column) = column.filter(|_| !indexed) else {
+        return Ok(None);
+    };
+    let name: String = client
+        .query_one(
+            "SELECT left('pgferry_cdc_' || c.oid::text, 63) FROM pg_catalog.pg_class c \
+               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2",
+            &[&schema, &table],
+        )
+        .await
+        .map_err(|e| Error::pg(&e, format!("naming a lookup index for {q}")))?
+        .get(0);
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {} (schema_name, index_name, table_name) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                index_table(state_schema)
+            ),
+            &[&schema, &name, &table],
+        )
+        .await
+        .map_err(|e| Error::pg(&e, format!("recording lookup index {name} of {q}")))?;
+    let sql = format!(
+        "CREATE INDEX IF NOT EXISTS {} ON {} USING hash ({})",
+        quote_ident(&name),
+        q.quoted(),
+        quote_ident(&column)
+    );
+    client
+        .batch_execute(&sql)
+        .await
+        .map_err(|e| Error::pg(&e, format!("target table {q}: `{sql}`")))?;
+    Ok(Some(name))
 }
 
 /// Makes the `GENERATED ALWAYS` identity `columns` of target table `schema.table`
@@ -77,6 +151,53 @@ pub async fn relax(
 /// in one transaction. Returns one line per column restored. Idempotent; a column or table that is
 /// gone (or no longer an identity) is only forgotten.
 pub async fn restore(client: &Client, state_schema: &str) -> Result<Vec<String>> {
+    let mut out = drop_lookup_indexes(client, state_schema).await?;
+    out.extend(restore_identities(client, state_schema).await?);
+    Ok(out)
+}
+
+/// Drops the lookup indexes [`lookup_index`] made and forgets them.
+async fn drop_lookup_indexes(client: &Client, state_schema: &str) -> Result<Vec<String>> {
+    let table = index_table(state_schema);
+    let exists: bool = client
+        .query_one("SELECT pg_catalog.to_regclass($1) IS NOT NULL", &[&table])
+        .await
+        .map_err(|e| Error::pg(&e, "looking for the lookup indexes cdc made"))?
+        .get(0);
+    if !exists {
+        return Ok(Vec::new());
+    }
+    let rows = client
+        .query(
+            &format!("SELECT schema_name, index_name, table_name FROM {table} ORDER BY 1, 2"),
+            &[],
+        )
+        .await
+        .map_err(|e| Error::pg(&e, format!("reading {table} on the target")))?;
+    let mut out = Vec::new();
+    for r in &rows {
+        let (schema, index, name): (String, String, String) = (r.get(0), r.get(1), r.get(2));
+        let sql = format!(
+            "DROP INDEX IF EXISTS {}.{}; DELETE FROM {table} WHERE schema_name = {} AND index_name = {}",
+            quote_ident(&schema),
+            quote_ident(&index),
+            crate::pg::ident::quote_literal(&schema),
+            crate::pg::ident::quote_literal(&index)
+        );
+        client.batch_execute(&sql).await.map_err(|e| {
+            Error::pg(
+                &e,
+                format!("dropping lookup index {index} of {schema}.{name}"),
+            )
+        })?;
+        out.push(format!(
+            "dropped cdc's lookup index {index} of {schema}.{name}"
+        ));
+    }
+    Ok(out)
+}
+
+async fn restore_identities(client: &Client, state_schema: &str) -> Result<Vec<String>> {
     let table = record_table(state_schema);
     let exists: bool = client
         .query_one("SELECT pg_catalog.to_regclass($1) IS NOT NULL", &[&table])
