@@ -457,3 +457,48 @@ fn schema_features_of_real_databases_migrate_online() {
         "t:p u:l"
     );
 }
+
+/// Rows that break a foreign key, written by the application with triggers off
+/// (`session_replication_role = replica`): post_data cannot validate the constraint on the target
+/// either, so it adds it NOT VALID (with a warning) instead of failing, and the rows arrive as they
+/// are on the source.
+#[test]
+fn rows_breaking_a_foreign_key_migrate_with_the_key_not_valid() {
+    let p = pair();
+    let s = p.source.fresh_database("fkbroken_src");
+    let t = p.target.fresh_database("fkbroken_tgt");
+    p.source.psql(
+        &s,
+        "CREATE TABLE public.pk (id int PRIMARY KEY);\n\
+         CREATE TABLE public.fk (id serial PRIMARY KEY, ref int REFERENCES public.pk ON DELETE CASCADE);\n\
+         INSERT INTO public.pk SELECT g FROM generate_series(1, 10) g;\n\
+         INSERT INTO public.fk (ref) SELECT g FROM generate_series(1, 10) g;\n\
+         SET session_replication_role = replica;\n\
+         INSERT INTO public.fk (ref) VALUES (999);\n\
+         DELETE FROM public.pk WHERE id = 1;\n",
+    );
+    let stages = "[stages.schema]\nkind = \"schema_dump\"\n\n\
+        [stages.provision]\nkind = \"provision\"\nafter = [\"schema\"]\n\n\
+        [stages.load]\nkind = \"full_load\"\nafter = [\"provision\"]\n\n\
+        [stages.indexes]\nkind = \"post_data\"\nafter = [\"load\"]\n\n\
+        [stages.sequences]\nkind = \"sequence_reset\"\nafter = [\"indexes\"]\n";
+    let plan = TestPlan::new(p, "fkbroken", &s, &t, stages);
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("added NOT VALID"), "{err}");
+    for table in ["public.pk", "public.fk"] {
+        assert_eq!(
+            row_digest(&p.source, &s, table),
+            row_digest(&p.target, &t, table),
+            "{table}"
+        );
+    }
+    assert_eq!(
+        p.target.psql(
+            &t,
+            "SELECT conname || ':' || convalidated || ':' || confdeltype::text FROM pg_constraint WHERE conrelid = 'public.fk'::regclass AND contype = 'f'"
+        ),
+        "fk_ref_fkey:false:c"
+    );
+}
