@@ -502,3 +502,64 @@ fn rows_breaking_a_foreign_key_migrate_with_the_key_not_valid() {
         "fk_ref_fkey:false:c"
     );
 }
+
+/// Triggers set `ENABLE ALWAYS` and `ENABLE REPLICA` fire while cdc applies, as they do under
+/// native logical replication: an ALWAYS trigger that writes an audit row fires on both sides (the
+/// target holds the replicated audit rows and its own), a REPLICA trigger only on the target.
+#[test]
+fn always_and_replica_triggers_fire_during_the_apply() {
+    let p = pair();
+    let s = p.source.fresh_database("trig_src");
+    let t = p.target.fresh_database("trig_tgt");
+    p.source.psql(
+        &s,
+        "CREATE TABLE public.tt (id int PRIMARY KEY, v int);\n\
+         CREATE TABLE public.audit (id int, note text);\n\
+         CREATE FUNCTION public.audit_it() RETURNS trigger LANGUAGE plpgsql AS \
+           $$BEGIN INSERT INTO public.audit VALUES (NEW.id, 'fired'); RETURN NEW; END$$;\n\
+         CREATE FUNCTION public.bump() RETURNS trigger LANGUAGE plpgsql AS \
+           $$BEGIN NEW.v := NEW.v + 1000; RETURN NEW; END$$;\n\
+         CREATE TRIGGER tt_audit AFTER INSERT ON public.tt FOR EACH ROW EXECUTE FUNCTION public.audit_it();\n\
+         ALTER TABLE public.tt ENABLE ALWAYS TRIGGER tt_audit;\n\
+         CREATE TRIGGER tt_bump BEFORE INSERT ON public.tt FOR EACH ROW EXECUTE FUNCTION public.bump();\n\
+         ALTER TABLE public.tt ENABLE REPLICA TRIGGER tt_bump;\n",
+    );
+    let stages = CDC_STAGES.replace(
+        "after = [\"schema\"]\n",
+        "after = [\"schema\"]\nreplica_identity = \"full\"\n",
+    );
+    let plan = TestPlan::new(p, "trig", &s, &t, &stages);
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    p.source.psql(
+        &s,
+        "INSERT INTO public.tt SELECT g, g FROM generate_series(1, 5) g;\n\
+         INSERT INTO public.tt VALUES (6, 6);\n",
+    );
+    assert_eq!(p.source.psql(&s, "SELECT count(*) FROM public.audit"), "6");
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    // The replicated audit rows and the ones the ALWAYS trigger wrote on the target.
+    assert_eq!(
+        p.target.psql(
+            &t,
+            "SELECT count(*) || ' ' || count(DISTINCT id) FROM public.audit"
+        ),
+        "12 6"
+    );
+    // The REPLICA trigger fired on the target only.
+    assert_eq!(
+        p.source.psql(
+            &s,
+            "SELECT string_agg(v::text, ',' ORDER BY id) FROM public.tt"
+        ),
+        "1,2,3,4,5,6"
+    );
+    assert_eq!(
+        p.target.psql(
+            &t,
+            "SELECT string_agg(v::text, ',' ORDER BY id) FROM public.tt"
+        ),
+        "1001,1002,1003,1004,1005,1006"
+    );
+}
