@@ -80,6 +80,9 @@ pub enum Command {
     Plan {
         #[command(flatten)]
         plan: PlanArgs,
+        /// Print what preflight finds (per database: servers, selected tables, findings) as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Draw the stage DAG as Graphviz DOT or Mermaid.
     Graph {

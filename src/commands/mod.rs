@@ -33,7 +33,7 @@ pub const EXIT_INTERRUPTED: u8 = 130;
 pub async fn dispatch(cli: Cli) -> u8 {
     match cli.command {
         Command::Check { plan } => check::run(&plan),
-        Command::Plan { plan } => plan::run(&plan).await,
+        Command::Plan { plan, json } => plan::run(&plan, json).await,
         Command::Graph {
             plan,
             format,

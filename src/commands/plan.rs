@@ -32,7 +32,7 @@ fn summary(kind: &str) -> &'static str {
     }
 }
 
-pub async fn run(args: &PlanArgs) -> u8 {
+pub async fn run(args: &PlanArgs, json: bool) -> u8 {
     let plan = match load(args) {
         Ok(p) => p,
         Err(code) => return code,
@@ -168,8 +168,18 @@ pub async fn run(args: &PlanArgs) -> u8 {
 
     let online = plan.has_kind("cdc");
     let mut errors = 0;
+    let mut reports = Vec::new();
     for db in &plan.databases {
         let r = inspect(&env, db, online).await;
+        errors += r
+            .findings
+            .iter()
+            .filter(|f| f.level == Level::Error)
+            .count();
+        if json {
+            reports.push(r);
+            continue;
+        }
         let _ = writeln!(out, "\ndatabase {} -> {}:", r.database, r.target);
         if let (Some(s), Some(t)) = (&r.source_server, &r.target_server) {
             let _ = writeln!(out, "  PostgreSQL {} -> {}", s.version, t.version);
@@ -216,16 +226,31 @@ pub async fn run(args: &PlanArgs) -> u8 {
         } else {
             let _ = writeln!(out, "  preflight:");
             for f in &r.findings {
-                if f.level == Level::Error {
-                    errors += 1;
-                }
                 for line in f.to_string().lines() {
                     let _ = writeln!(out, "    {line}");
+                }
+                // The message names ten at most: the plan lists them all.
+                if f.tables.len() > 10 {
+                    let _ = writeln!(out, "    all {} table(s):", f.tables.len());
+                    for t in &f.tables {
+                        let _ = writeln!(out, "      - {t}");
+                    }
                 }
             }
         }
     }
-    print!("{out}");
+    if json {
+        let doc = serde_json::json!({ "migration": plan.name, "databases": reports });
+        match serde_json::to_string_pretty(&doc) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("error: internal: the plan's report cannot be written as JSON: {e}");
+                return EXIT_FAILED;
+            }
+        }
+    } else {
+        print!("{out}");
+    }
     if errors > 0 {
         eprintln!("preflight would fail with {errors} error(s); fix them before `pgferry run`");
         return EXIT_FAILED;

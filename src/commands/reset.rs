@@ -130,7 +130,48 @@ pub async fn run(args: &PlanArgs, yes: bool, keep_target: bool) -> u8 {
             }
         }
     }
+    // With the publication gone, the source tables provision gave a replica identity get their
+    // own back (recorded in the store, which is forgotten below).
+    if !failed && let Some(store) = &store {
+        for db in &plan.databases {
+            match crate::stages::cleanup::restore_source_identities(&env, db, store).await {
+                Ok(lines) => {
+                    for l in lines {
+                        println!("{l}");
+                    }
+                }
+                Err(e) => {
+                    report(&e.context(format!("source database `{}`", db.name)));
+                    failed = true;
+                }
+            }
+        }
+    }
     // A failure on the source side leaves everything else as it was: running reset again retries.
+    if failed {
+        return EXIT_FAILED;
+    }
+
+    // Target databases that stay: what cdc changed there for its apply is put back.
+    for db in &plan.databases {
+        if drops
+            .iter()
+            .any(|d| d.database == db.target && !d.hosts_store)
+        {
+            continue;
+        }
+        match crate::stages::cleanup::restore_target_objects(&env, db).await {
+            Ok(lines) => {
+                for l in lines {
+                    println!("{l}");
+                }
+            }
+            Err(e) => {
+                report(&e.context(format!("target database `{}`", db.target)));
+                failed = true;
+            }
+        }
+    }
     if failed {
         return EXIT_FAILED;
     }

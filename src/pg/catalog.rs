@@ -23,6 +23,10 @@ pub struct TableInfo {
     pub replica_identity: String,
     pub unlogged: bool,
     pub can_select: bool,
+    /// The key of its replica identity (primary key or `USING INDEX`) has a stored generated column:
+    /// logical replication does not send generated columns (pgferry's publication never asks
+    /// PostgreSQL 18 to), so cdc would get no key to find rows by.
+    pub identity_generated: bool,
 }
 
 impl TableInfo {
@@ -34,6 +38,7 @@ impl TableInfo {
     /// Can logical replication carry UPDATE and DELETE for this table?
     pub fn has_usable_identity(&self) -> bool {
         match self.replica_identity.as_str() {
+            _ if self.identity_generated => false,
             "f" | "i" => true,
             "d" => self.has_primary_key,
             _ => false,
@@ -101,7 +106,11 @@ pub async fn tables(client: &Client, skip_schema: &str) -> Result<Vec<TableInfo>
                     CASE WHEN c.relkind = 'p' THEN 0 ELSE pg_catalog.pg_total_relation_size(c.oid) END, \
                     EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisprimary), \
                     c.relreplident::text, c.relpersistence = 'u', \
-                    pg_catalog.has_table_privilege(c.oid, 'SELECT') \
+                    pg_catalog.has_table_privilege(c.oid, 'SELECT'), \
+                    EXISTS (SELECT 1 FROM pg_catalog.pg_index i \
+                              JOIN pg_catalog.pg_attribute ga ON ga.attrelid = i.indrelid AND ga.attnum = ANY (i.indkey) \
+                             WHERE i.indrelid = c.oid AND ga.attgenerated <> '' \
+                               AND CASE c.relreplident WHEN 'd' THEN i.indisprimary WHEN 'i' THEN i.indisreplident ELSE false END) \
              FROM pg_catalog.pg_class c \
              JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
              LEFT JOIN pg_catalog.pg_class rc ON c.relispartition AND rc.oid = pg_catalog.pg_partition_root(c.oid) \
@@ -134,6 +143,7 @@ pub async fn tables(client: &Client, skip_schema: &str) -> Result<Vec<TableInfo>
                 replica_identity: r.get(8),
                 unlogged: r.get(9),
                 can_select: r.get(10),
+                identity_generated: r.get(11),
             }
         })
         .collect())

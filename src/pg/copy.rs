@@ -35,6 +35,17 @@ impl CopyTable {
             .join(", ")
     }
 
+    /// ` (a, b)` after the table name in a COPY, or nothing for a table with no column to copy
+    /// (no columns at all, or only generated ones): `COPY t () ...` is a syntax error, while
+    /// `COPY t ...` of such a table carries one empty tuple per row, so the row count survives.
+    fn copy_columns(&self) -> String {
+        if self.columns.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", self.column_list())
+        }
+    }
+
     fn format(&self) -> &'static str {
         if self.binary { "binary" } else { "text" }
     }
@@ -44,9 +55,9 @@ impl CopyTable {
     pub fn copy_out_sql(&self, filter: Option<&str>) -> String {
         match filter {
             None => format!(
-                "COPY {} ({}) TO STDOUT (FORMAT {})",
+                "COPY {}{} TO STDOUT (FORMAT {})",
                 self.name.quoted(),
-                self.column_list(),
+                self.copy_columns(),
                 self.format()
             ),
             Some(f) => format!(
@@ -60,9 +71,9 @@ impl CopyTable {
 
     pub fn copy_in_sql(&self, freeze: bool) -> String {
         format!(
-            "COPY {} ({}) FROM STDIN (FORMAT {}{})",
+            "COPY {}{} FROM STDIN (FORMAT {}{})",
             self.name.quoted(),
-            self.column_list(),
+            self.copy_columns(),
             self.format(),
             if freeze { ", FREEZE" } else { "" }
         )

@@ -25,6 +25,7 @@ pub mod defaults {
     pub const SCHEMA_DUMP_NO_OWNER: bool = false;
     pub const SCHEMA_DUMP_NO_PRIVILEGES: bool = false;
     pub const PROVISION_EXISTING: &str = "compare";
+    pub const PROVISION_REPLICA_IDENTITY: &str = "refuse";
     pub const FULL_LOAD_JOBS: u32 = 4;
     pub const FULL_LOAD_SPLIT_TABLES_LARGER_THAN: u64 = 1 << 30;
     pub const POST_DATA_JOBS: u32 = 4;
@@ -69,7 +70,10 @@ pub fn defaults_of(definition: &str) -> Vec<(&'static str, DefaultValue)> {
             ("no_owner", Bool(d::SCHEMA_DUMP_NO_OWNER)),
             ("no_privileges", Bool(d::SCHEMA_DUMP_NO_PRIVILEGES)),
         ],
-        "provision_stage" => vec![("existing", Str(d::PROVISION_EXISTING))],
+        "provision_stage" => vec![
+            ("existing", Str(d::PROVISION_EXISTING)),
+            ("replica_identity", Str(d::PROVISION_REPLICA_IDENTITY)),
+        ],
         "full_load_stage" => vec![
             ("jobs", Integer(d::FULL_LOAD_JOBS.into())),
             (
@@ -273,6 +277,10 @@ pub struct ProvisionOptions {
     /// match) or "refuse".
     #[serde(default)]
     pub existing: Option<String>,
+    /// Online plans: what to do with selected tables that have no primary key or replica identity:
+    /// "refuse", "index" (a unique index on NOT NULL columns, else FULL) or "full".
+    #[serde(default)]
+    pub replica_identity: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -344,6 +352,13 @@ impl ProvisionOptions {
         self.existing
             .as_deref()
             .unwrap_or(defaults::PROVISION_EXISTING)
+    }
+
+    /// "refuse", "index" or "full".
+    pub fn replica_identity(&self) -> &str {
+        self.replica_identity
+            .as_deref()
+            .unwrap_or(defaults::PROVISION_REPLICA_IDENTITY)
     }
 }
 

@@ -10,6 +10,7 @@ pub mod full_load;
 pub mod post_data;
 pub mod preflight;
 pub mod provision;
+pub mod replica_identity;
 pub mod schema_dump;
 pub mod sequence_reset;
 pub mod sql;

@@ -449,6 +449,24 @@ impl PostData {
                 }
                 return Ok(Outcome::Existed);
             }
+            // Rows that break a foreign key (the application wrote them with triggers off, or
+            // with session_replication_role = replica): the source has them too, so the
+            // constraint is added as it holds there in effect, NOT VALID, and said loudly.
+            if code == "23503"
+                && item.kind == "FK CONSTRAINT"
+                && let Some(not_valid) = not_valid_variant(item)
+            {
+                execute(client, &not_valid, stop)
+                    .await?
+                    .map_err(|e| Error::pg(&e, format!("{} (added NOT VALID)", doing())))?;
+                tracing::warn!(
+                    "{}: existing rows violate it ({}); added NOT VALID, as the source's rows are: fix the rows, then ALTER TABLE ... VALIDATE CONSTRAINT on the target",
+                    item.label(),
+                    err.as_db_error()
+                        .map_or(String::new(), |d| d.message().to_string())
+                );
+                return Ok(Outcome::Built);
+            }
             if matches!(code.as_str(), "40P01" | "55P03") && attempt < LOCK_RETRIES {
                 attempt += 1;
                 let pause = Duration::from_millis(250 << attempt);
@@ -650,6 +668,19 @@ impl Stage for PostData {
         }
         Ok(())
     }
+}
+
+/// The item's SQL with its first statement (`ALTER TABLE ... ADD CONSTRAINT ... FOREIGN KEY ...;`)
+/// made `NOT VALID`, or `None` when it is not of that form or is NOT VALID already.
+fn not_valid_variant(item: &Item) -> Option<String> {
+    let first = item.statements.first()?;
+    let body = first.trim_end().strip_suffix(';')?;
+    if !body.contains("FOREIGN KEY") || body.trim_end().ends_with("NOT VALID") {
+        return None;
+    }
+    let mut statements = item.statements.clone();
+    statements[0] = format!("{body} NOT VALID;");
+    Some(statements.join("\n"))
 }
 
 #[cfg(test)]

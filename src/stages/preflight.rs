@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use serde::Serialize;
 use tokio_postgres::Client;
 
+use super::replica_identity::{self, Change, Mode};
 use super::{Env, Stage, StageContext};
 use crate::error::{Error, Result};
 use crate::pg::catalog::{self, ServerInfo, TableInfo};
@@ -35,6 +36,9 @@ pub struct Finding {
     pub check: &'static str,
     pub message: String,
     pub hint: Option<String>,
+    /// Every table the finding is about, when it is about tables (the message names ten at most).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tables: Vec<String>,
 }
 
 impl std::fmt::Display for Finding {
@@ -94,6 +98,7 @@ pub async fn inspect(env: &Env, db: &Database, online: bool) -> DatabaseReport {
             check,
             message,
             hint,
+            tables: Vec::new(),
         });
     };
 
@@ -158,6 +163,7 @@ pub async fn inspect(env: &Env, db: &Database, online: bool) -> DatabaseReport {
             check: "source_catalog",
             message: e.to_string(),
             hint: None,
+            tables: Vec::new(),
         });
     }
     if let Some(tgt) = &target
@@ -169,6 +175,7 @@ pub async fn inspect(env: &Env, db: &Database, online: bool) -> DatabaseReport {
             check: "target_catalog",
             message: e.to_string(),
             hint: None,
+            tables: Vec::new(),
         });
     }
     if let (Some(src), Some(tgt)) = (&source, &target)
@@ -180,6 +187,7 @@ pub async fn inspect(env: &Env, db: &Database, online: bool) -> DatabaseReport {
             check: "compare",
             message: e.to_string(),
             hint: None,
+            tables: Vec::new(),
         });
     }
     findings.sort_by_key(|f| f.level);
@@ -202,6 +210,7 @@ async fn check_source(
             check,
             message,
             hint: hint.map(str::to_string),
+            tables: Vec::new(),
         });
     };
     let info = catalog::server_info(client).await?;
@@ -360,24 +369,61 @@ async fn check_source(
                 ),
             );
         }
-        let no_identity: Vec<String> = selected
+        let lacking = replica_identity::lacking(&selected);
+        let mode = env
+            .plan
+            .databases
             .iter()
-            .filter(|t| t.kind == "r" && !t.has_usable_identity())
-            .map(|t| t.name.to_string())
-            .collect();
-        if !no_identity.is_empty() {
-            add(
-                Level::Error,
-                "replica_identity",
-                format!(
-                    "{} table(s) have no primary key or replica identity, so UPDATE and DELETE cannot be replicated (and would fail on the source once published): {}",
-                    no_identity.len(),
-                    short_list(&no_identity)
-                ),
-                Some(
-                    "add a primary key, or ALTER TABLE ... REPLICA IDENTITY FULL (or USING INDEX on a unique not-null index)",
-                ),
-            );
+            .position(|d| d.name == db.name)
+            .map_or(Mode::Refuse, |i| replica_identity::mode(&env.plan, i));
+        if !lacking.is_empty() {
+            let finding = if mode == Mode::Refuse {
+                let names: Vec<String> = lacking.iter().map(|t| t.name.to_string()).collect();
+                let generated: Vec<String> = lacking
+                    .iter()
+                    .filter(|t| t.identity_generated)
+                    .map(|t| t.name.to_string())
+                    .collect();
+                let generated = if generated.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " ({}: the key has a generated column, which logical replication does not send)",
+                        short_list(&generated)
+                    )
+                };
+                Finding {
+                    level: Level::Error,
+                    database: db.name.clone(),
+                    check: "replica_identity",
+                    message: format!(
+                        "{} table(s) have no primary key or replica identity, so UPDATE and DELETE cannot be replicated (and would fail on the source once published): {}{generated}",
+                        names.len(),
+                        short_list(&names)
+                    ),
+                    hint: Some(
+                        "add a primary key, or ALTER TABLE ... REPLICA IDENTITY FULL (or USING INDEX on a unique not-null index), or set replica_identity = \"index\" (or \"full\") on the provision stage to have provision do it for them (and cleanup undo it)".into(),
+                    ),
+                    tables: names,
+                }
+            } else {
+                let changes = replica_identity::changes(client, mode, &lacking).await?;
+                let indexed = changes.iter().filter(|c| c.index.is_some()).count();
+                Finding {
+                    level: Level::Info,
+                    database: db.name.clone(),
+                    check: "replica_identity",
+                    message: format!(
+                        "provision will give {} table(s) without a primary key a replica identity ({indexed} USING INDEX, {} FULL), restored by cleanup: {}",
+                        changes.len(),
+                        changes.len() - indexed,
+                        short_list(&changes.iter().map(Change::describe).collect::<Vec<_>>())
+                    ),
+                    hint: None,
+                    tables: changes.iter().map(Change::describe).collect(),
+                }
+            };
+            out.push(finding);
         }
     }
     r.source_server = Some(info);
@@ -399,6 +445,7 @@ async fn check_target(
             check,
             message,
             hint: hint.map(str::to_string),
+            tables: Vec::new(),
         });
     };
     let info = catalog::server_info(client).await?;
@@ -471,6 +518,7 @@ async fn check_pair(
             check,
             message,
             hint,
+            tables: Vec::new(),
         });
     };
     if let (Some(s), Some(t)) = (&r.source_server, &r.target_server) {

@@ -20,7 +20,8 @@
 //!    applies each change to the same leaf on the target). Unlogged tables cannot be published; they
 //!    are left out (preflight warns about them). Tables that cannot replicate UPDATE and DELETE (no
 //!    primary key or replica identity) are refused first, since publishing them would make those
-//!    statements fail on the source.
+//!    statements fail on the source, unless `replica_identity = "index"` or `"full"` has provision
+//!    give them one first ([`super::replica_identity`], recorded and restored by cleanup).
 //!
 //! Each database is checkpointed when all of this is done.
 
@@ -32,6 +33,7 @@ use tokio::process::Command;
 use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
 
+use super::replica_identity::{self, Mode};
 use super::{Env, Stage, StageContext, pre_data_artifact};
 use crate::error::{Error, Result};
 use crate::pg::catalog::{self, TableInfo};
@@ -99,7 +101,8 @@ impl Provision {
                 .into_iter()
                 .cloned()
                 .collect();
-        if online {
+        let mode = replica_identity::mode(&self.env.plan, i);
+        if online && mode == Mode::Refuse {
             check_identities(&selected).map_err(|e| e.context(source_label.clone()))?;
         }
         cx.check_cancelled()?;
@@ -138,8 +141,24 @@ impl Provision {
         };
         cx.check_cancelled()?;
 
-        // 3. The publication for CDC.
+        // 3. The publication for CDC, once every selected table can replicate UPDATE and DELETE
+        // (before it is published: the source refuses them on a published keyless table).
         let mut published = None;
+        let mut identities = Vec::new();
+        if online && mode != Mode::Refuse {
+            let changes =
+                replica_identity::changes(&source, mode, &replica_identity::lacking(&selected))
+                    .await
+                    .map_err(|e| e.context(source_label.clone()))?;
+            replica_identity::apply(&source, cx.store.as_ref(), &db.name, &changes)
+                .await
+                .map_err(|e| e.context(source_label.clone()))?;
+            identities = changes.iter().map(|c| c.describe()).collect();
+            if !changes.is_empty() {
+                let indexed = changes.iter().filter(|c| c.index.is_some()).count();
+                tracing::info!(stage = %cx.stage, database = %db.name, "gave {} keyless table(s) a replica identity ({indexed} USING INDEX, {} FULL; the stage's detail lists them; cleanup restores them)", changes.len(), changes.len() - indexed);
+            }
+        }
         if online {
             let n = self
                 .publish(&source, source_version, &selected)
@@ -153,6 +172,7 @@ impl Provision {
             "selected_tables": names.len(),
             "publication": published.map(|_| publication_name(&self.env.plan.name)),
             "published_tables": published,
+            "replica_identities_set": identities,
         }))
     }
 

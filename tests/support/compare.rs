@@ -7,19 +7,23 @@ use std::time::Instant;
 use super::cluster::{Cluster, Pair, pair, row_digest};
 
 /// Every ordinary table and partition, quoted for SQL, with its unquoted `schema.table` name as
-/// pgferry reports it.
+/// pgferry reports it. (Read hex-encoded: names may hold newlines.)
 pub fn tables(c: &Cluster, db: &str) -> Vec<(String, String)> {
+    let hex = |s: &str| {
+        String::from_utf8(hex::decode(s).expect("hex from the server")).expect("a UTF-8 name")
+    };
     c.psql(
         db,
-        "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) || '|' || n.nspname || '.' || c.relname \
+        "SELECT encode(convert_to(quote_ident(n.nspname) || '.' || quote_ident(c.relname), 'UTF8'), 'hex') || '|' || \
+                encode(convert_to(n.nspname || '.' || c.relname, 'UTF8'), 'hex') \
          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
          WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgferry') \
-           AND n.nspname NOT LIKE 'pg_toast%' ORDER BY 1",
+           AND n.nspname NOT LIKE 'pg_toast%' ORDER BY quote_ident(n.nspname) || '.' || quote_ident(c.relname)",
     )
     .lines()
     .map(|l| {
         let (quoted, plain) = l.split_once('|').expect("quoted|plain");
-        (quoted.to_string(), plain.to_string())
+        (hex(quoted), hex(plain))
     })
     .collect()
 }

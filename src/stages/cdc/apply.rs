@@ -26,8 +26,11 @@
 //!   Everything in flight is settled before a catalog query, a TRUNCATE and the commit, so nothing
 //!   is committed past a failed change (the target transaction is aborted by it).
 //! - Rows are found by the old key tuple (`K`), else by the new tuple's key columns; with REPLICA
-//!   IDENTITY FULL (`O`) by every column (`IS NOT DISTINCT FROM`), and exactly one matching row is
-//!   changed (`(tableoid, ctid) = (SELECT ... LIMIT 1)`), so duplicates stay duplicates.
+//!   IDENTITY FULL (`O`) by every column (`=`, or `IS NULL` for NULLs, NULLs being part of the
+//!   statement's shape), and exactly one matching row is changed (`(tableoid, ctid) = (SELECT ...
+//!   LIMIT 1)`), so duplicates stay duplicates. A FULL table with no index on the target gets a
+//!   hash index on one column while cdc applies ([`identity::lookup_index`]), so a change is not a
+//!   scan of the table.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -41,9 +44,10 @@ use tokio_postgres::{Client, Statement};
 use crate::error::{Error, Result};
 use crate::pg::connect::ConnInfo;
 use crate::pg::ident::{QualifiedName, quote_ident};
-use crate::pg::pgoutput::{Lsn, OldTuple, Relation, TupleData, TupleValue};
+use crate::pg::pgoutput::{Lsn, OldTuple, Relation, ReplicaIdentity, TupleData, TupleValue};
 
 use super::changeset::{ChangeSet, Row, Run, TableQueue, Val, encode_key};
+use super::identity;
 
 /// One target column of a replicated relation, in the Relation message's order.
 struct Col {
@@ -51,7 +55,9 @@ struct Col {
     /// `format_type` of the target column.
     ty: String,
     key: bool,
-    /// Compared as text (types without an equality operator).
+    /// Compared as text: types without an equality operator, or whose `=` is not the equality of a
+    /// btree or hash operator class (`box = box` compares areas, `path = path` point counts), which
+    /// would match the wrong row of a REPLICA IDENTITY FULL table.
     text_compare: bool,
 }
 
@@ -99,8 +105,14 @@ struct InsertBatch {
     columns: Vec<Vec<Option<String>>>,
 }
 
-/// `INSERT INTO t (...) VALUES ($1::text::type, ...)` for one row.
+/// `INSERT INTO t (...) OVERRIDING SYSTEM VALUE VALUES ($1::text::type, ...)` for one row
+/// (`OVERRIDING SYSTEM VALUE`: identity columns take the source's values; a no-op for the others).
+/// A table with no column the stream carries (none at all, or only generated ones) gets
+/// `DEFAULT VALUES`.
 fn insert_sql(rel: &Rel) -> String {
+    if rel.cols.is_empty() {
+        return format!("INSERT INTO {} DEFAULT VALUES", rel.quoted);
+    }
     let names: Vec<&str> = rel.cols.iter().map(|c| c.quoted.as_str()).collect();
     let values: Vec<String> = rel
         .cols
@@ -109,15 +121,20 @@ fn insert_sql(rel: &Rel) -> String {
         .map(|(i, c)| format!("${}::text::{}", i + 1, c.ty))
         .collect();
     format!(
-        "INSERT INTO {} ({}) VALUES ({})",
+        "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE VALUES ({})",
         rel.quoted,
         names.join(", "),
         values.join(", ")
     )
 }
 
-/// `INSERT INTO t (...) SELECT ... FROM unnest($1::text[], ...)`: one row per array element.
+/// `INSERT INTO t (...) OVERRIDING SYSTEM VALUE SELECT ... FROM unnest($1::text[], ...)`: one row
+/// per array element. A table with no column the stream carries takes one array of as many NULLs as
+/// rows (see [`insert_arrays`]).
 fn multi_insert_sql(rel: &Rel) -> String {
+    if rel.cols.is_empty() {
+        return format!("INSERT INTO {} SELECT FROM unnest($1::text[])", rel.quoted);
+    }
     let names: Vec<&str> = rel.cols.iter().map(|c| c.quoted.as_str()).collect();
     let arrays: Vec<String> = (1..=rel.cols.len())
         .map(|i| format!("${i}::text[]"))
@@ -130,7 +147,7 @@ fn multi_insert_sql(rel: &Rel) -> String {
         .map(|(i, c)| format!("u.c{}::{}", i + 1, c.ty))
         .collect();
     format!(
-        "INSERT INTO {} ({}) SELECT {} FROM unnest({}) AS u({})",
+        "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM unnest({}) AS u({})",
         rel.quoted,
         names.join(", "),
         values.join(", "),
@@ -185,6 +202,16 @@ fn grouped_delete_sql(rel: &Rel) -> String {
     )
 }
 
+/// The parameters of a [`multi_insert_sql`] of `rows` rows: its column-major arrays, or for a table
+/// with no column, one array with an element per row.
+fn insert_arrays(columns: Vec<Vec<Option<String>>>, rows: usize) -> Vec<Vec<Option<String>>> {
+    if columns.is_empty() {
+        vec![vec![None; rows]]
+    } else {
+        columns
+    }
+}
+
 /// Row-major rows to column-major arrays of `ncols` columns.
 fn columns_of(rows: Vec<Row>, ncols: usize) -> Vec<Vec<Option<String>>> {
     let mut columns: Vec<Vec<Option<String>>> =
@@ -221,6 +248,7 @@ pub struct Applier {
     inserts: Option<InsertBatch>,
     rows_in_flight: usize,
     position_table: String,
+    state_schema: String,
     slot: String,
     rels: HashMap<u32, Rel>,
     /// `schema.table` -> LSN its copy is consistent with (leaf tables, from full_load).
@@ -276,7 +304,9 @@ impl Applier {
         client
             .batch_execute(&format!(
                 "CREATE SCHEMA IF NOT EXISTS {schema}; \
-                 CREATE TABLE IF NOT EXISTS {position_table} (slot text PRIMARY KEY, lsn pg_lsn NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+                 CREATE TABLE IF NOT EXISTS {position_table} (slot text PRIMARY KEY, lsn pg_lsn NOT NULL, applied_at timestamptz NOT NULL DEFAULT now()); \
+                 {}",
+                identity::create_sql(state_schema)
             ))
             .await
             .map_err(|e| Error::pg(&e, format!("creating {position_table} on the target")))?;
@@ -298,6 +328,7 @@ impl Applier {
                 inserts: None,
                 rows_in_flight: 0,
                 position_table,
+                state_schema: state_schema.to_string(),
                 slot: slot.to_string(),
                 rels: HashMap::new(),
                 copied,
@@ -328,11 +359,19 @@ impl Applier {
             .client
             .query(
                 "SELECT c.relkind::text, a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod), \
-                        a.attgenerated <> '', \
-                        NOT EXISTS (SELECT 1 FROM pg_catalog.pg_operator o WHERE o.oprname = '=' AND o.oprleft = a.atttypid AND o.oprright = a.atttypid) \
+                        coalesce(a.attgenerated <> '', true), \
+                        NOT EXISTS (SELECT 1 FROM pg_catalog.pg_operator o \
+                                     JOIN pg_catalog.pg_amop ao ON ao.amopopr = o.oid AND ao.amopstrategy = 1 \
+                                     JOIN pg_catalog.pg_am am ON am.oid = ao.amopmethod AND am.amname = 'hash' \
+                                    WHERE o.oprname = '=' AND o.oprleft = a.atttypid AND o.oprright = a.atttypid) \
+                          AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_operator o \
+                                     JOIN pg_catalog.pg_amop ao ON ao.amopopr = o.oid AND ao.amopstrategy = 3 \
+                                     JOIN pg_catalog.pg_am am ON am.oid = ao.amopmethod AND am.amname = 'btree' \
+                                    WHERE o.oprname = '=' AND o.oprleft = a.atttypid AND o.oprright = a.atttypid), \
+                        coalesce(a.attidentity = 'a', false) \
                    FROM pg_catalog.pg_class c \
                    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-                   JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+                   LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
                   WHERE n.nspname = $1 AND c.relname = $2 ORDER BY a.attnum",
                 &[&r.namespace, &r.name],
             )
@@ -362,6 +401,7 @@ impl Applier {
         let mut target: HashMap<String, (String, bool)> = HashMap::new();
         let mut target_order = Vec::new();
         for row in &rows {
+            // Generated columns, and the one row of a table with no column (no attribute joined).
             let generated: bool = row.get(3);
             if generated {
                 continue;
@@ -416,6 +456,68 @@ impl Applier {
                 }
             })
             .collect();
+        // GENERATED ALWAYS identity columns take the source's values on UPDATE too (see
+        // [`identity`]); in the open target transaction when there is one, so a rollback forgets
+        // the change and its record together.
+        let always: Vec<String> = rows
+            .iter()
+            .filter(|row| !row.get::<_, bool>(3) && row.get::<_, bool>(5))
+            .map(|row| row.get(1))
+            .collect();
+        if !always.is_empty() {
+            let own_tx = !self.in_tx;
+            if own_tx {
+                self.begin_if_needed().await?;
+            }
+            identity::relax(
+                &self.client,
+                &self.state_schema,
+                &r.namespace,
+                &r.name,
+                &always,
+            )
+            .await?;
+            if own_tx {
+                self.client
+                    .batch_execute("COMMIT")
+                    .await
+                    .map_err(|e| Error::pg(&e, "committing the identity columns' change"))?;
+                self.in_tx = false;
+            }
+            tracing::info!(table = %name, columns = ?always, "cdc: identity columns are GENERATED BY DEFAULT on the target until the cutover");
+        }
+        // REPLICA IDENTITY FULL: rows are found by their values. A target table without any index
+        // would be scanned once per change; cdc gives it a hash index on one column (dropped at
+        // the cutover, see [`identity`]).
+        if matches!(r.replica_identity, ReplicaIdentity::Full) {
+            let candidates: Vec<String> = rows
+                .iter()
+                .filter(|row| !row.get::<_, bool>(3) && !row.get::<_, bool>(4))
+                .map(|row| row.get(1))
+                .collect();
+            let own_tx = !self.in_tx;
+            if own_tx {
+                self.begin_if_needed().await?;
+            }
+            let made = identity::lookup_index(
+                &self.client,
+                &self.state_schema,
+                &r.namespace,
+                &r.name,
+                &candidates,
+            )
+            .await?;
+            if own_tx {
+                self.client
+                    .batch_execute("COMMIT")
+                    .await
+                    .map_err(|e| Error::pg(&e, "committing the lookup index"))?;
+                self.in_tx = false;
+            }
+            if let Some(index) = made {
+                tracing::info!(table = %name, %index, "cdc: REPLICA IDENTITY FULL table without an index on the target: lookup index created until the cutover");
+            }
+        }
         let copied_lsn = self.copied_lsn(&name, &r.namespace, &r.name).await?;
         self.rels.insert(
             r.oid,
@@ -588,7 +690,8 @@ impl Applier {
                     while rows.peek().is_some() {
                         let chunk: Vec<Row> = rows.by_ref().take(MAX_INSERT_ROWS).collect();
                         let n = chunk.len();
-                        let columns = columns_of(chunk, self.rel(oid)?.cols.len());
+                        let columns =
+                            insert_arrays(columns_of(chunk, self.rel(oid)?.cols.len()), n);
                         self.send(
                             oid,
                             "M".into(),
@@ -717,7 +820,7 @@ impl Applier {
             "M".into(),
             multi_insert_sql,
             Type::TEXT_ARRAY,
-            batch.columns,
+            insert_arrays(batch.columns, n),
             n,
             "insert",
             batch.commit_lsn,
@@ -939,21 +1042,28 @@ impl Applier {
                     .map(|v| !matches!(v, TupleValue::UnchangedToast))
                     .collect();
                 shape.push_str(&mask(used.iter().copied()));
+                // NULLs are part of the shape: `c IS NULL` for them and `c = $n` for the others
+                // (what IS NOT DISTINCT FROM means, in a form an index can serve).
+                let nulls: Vec<bool> = t
+                    .values
+                    .iter()
+                    .map(|v| matches!(v, TupleValue::Null))
+                    .collect();
+                shape.push('/');
+                shape.push_str(&mask(nulls.iter().copied()));
                 for (i, c) in rel.cols.iter().enumerate() {
                     if !used[i] {
                         continue;
                     }
+                    if nulls[i] {
+                        conds.push(format!("{} IS NULL", c.quoted));
+                        continue;
+                    }
                     params.push(value_param(&t.values[i])?);
                     if c.text_compare {
-                        conds.push(format!(
-                            "{}::text IS NOT DISTINCT FROM ${n}::text::{}::text",
-                            c.quoted, c.ty
-                        ));
+                        conds.push(format!("{}::text = ${n}::text::{}::text", c.quoted, c.ty));
                     } else {
-                        conds.push(format!(
-                            "{} IS NOT DISTINCT FROM ${n}::text::{}",
-                            c.quoted, c.ty
-                        ));
+                        conds.push(format!("{} = ${n}::text::{}", c.quoted, c.ty));
                     }
                     n += 1;
                 }

@@ -38,6 +38,7 @@
 
 pub mod apply;
 pub mod changeset;
+pub mod identity;
 mod sample;
 
 use std::collections::HashMap;
