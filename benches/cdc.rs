@@ -28,7 +28,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{
-    Db, children_cpu, expect_exit, fresh_target, pgferry_cmd, poll, run_pg_dump, sh, tail,
+    Db, children_cpu, expect_exit, fresh_target, hash_digest, pgferry_cmd, poll, run_pg_dump, sh,
+    tail, user_tables,
 };
 use support::{Cluster, PASSWORD, Pair, TestPlan, load_pagila, pair, row_digest};
 
@@ -202,27 +203,6 @@ fn applied_at_least(db: &Db, lsn: &str) -> bool {
         && db.is(&format!(
             "SELECT coalesce(bool_and(lsn >= '{lsn}'::pg_lsn), false) FROM pgferry.cdc_applied"
         ))
-}
-
-fn user_tables(c: &Cluster, db: &str) -> Vec<String> {
-    c.psql(
-        db,
-        "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-         WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgferry') ORDER BY 1",
-    )
-    .lines()
-    .map(str::to_string)
-    .collect()
-}
-
-/// `count:sum(hashtext(row))` per table: cheap enough for millions of rows.
-fn hash_digest(c: &Cluster, db: &str, table: &str) -> String {
-    c.psql(
-        db,
-        &format!(
-            "SELECT count(*) || ':' || coalesce(sum(hashtext(t::text)::bigint), 0) FROM {table} t"
-        ),
-    )
 }
 
 fn mb(kb: u64) -> f64 {

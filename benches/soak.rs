@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Db, fresh_target, pgferry_cmd, poll, run_pg_dump, tail};
+use common::{Db, fresh_target, hash_digest, pgferry_cmd, poll, run_pg_dump, tail, user_tables};
 use support::{Cluster, PASSWORD, Pair, TestPlan, load_pagila, pair};
 
 struct Args {
@@ -264,26 +264,6 @@ fn stages(batch_delay: Option<&str>) -> String {
     )
 }
 
-fn user_tables(c: &Cluster, db: &str) -> Vec<String> {
-    c.psql(
-        db,
-        "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-         WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgferry') ORDER BY 1",
-    )
-    .lines()
-    .map(str::to_string)
-    .collect()
-}
-
-fn digest(c: &Cluster, db: &str, table: &str) -> String {
-    c.psql(
-        db,
-        &format!(
-            "SELECT count(*) || ':' || coalesce(sum(hashtext(t::text)::bigint), 0) FROM {table} t"
-        ),
-    )
-}
-
 fn round(a: &Args, p: &Pair, src: &str, n: usize, rate: Option<u32>) {
     let rate_s = rate.map_or("max".to_string(), |r| format!("{r} tx/s"));
     eprintln!(
@@ -462,15 +442,15 @@ fn round(a: &Args, p: &Pair, src: &str, n: usize, rate: Option<u32>) {
         caught.elapsed().as_secs_f64()
     );
     for table in user_tables(&p.source, src) {
-        let s = digest(&p.source, src, &table);
+        let s = hash_digest(&p.source, src, &table);
         assert_eq!(
             s,
-            digest(&p.target, &tf, &table),
+            hash_digest(&p.target, &tf, &table),
             "pgferry differs in {table}"
         );
         assert_eq!(
             s,
-            digest(&p.target, &tn, &table),
+            hash_digest(&p.target, &tn, &table),
             "native differs in {table}"
         );
     }

@@ -158,3 +158,25 @@ pub fn poll(what: &str, timeout: Duration, every: Duration, mut check: impl FnMu
         std::thread::sleep(every);
     }
 }
+
+/// The user tables of `db` (schema-qualified, quoted), pgferry's own left out.
+pub fn user_tables(c: &Cluster, db: &str) -> Vec<String> {
+    c.psql(
+        db,
+        "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgferry') ORDER BY 1",
+    )
+    .lines()
+    .map(str::to_string)
+    .collect()
+}
+
+/// `count:sum(hashtext(row))` per table: cheap enough for millions of rows.
+pub fn hash_digest(c: &Cluster, db: &str, table: &str) -> String {
+    c.psql(
+        db,
+        &format!(
+            "SELECT count(*) || ':' || coalesce(sum(hashtext(t::text)::bigint), 0) FROM {table} t"
+        ),
+    )
+}
