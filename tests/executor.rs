@@ -622,3 +622,72 @@ fn the_store_database_is_created_and_positions_only_move_forward() {
         "f"
     );
 }
+
+/// A full_load that fails for real (the target has no table to load into): status says FAILED for
+/// the migration and its database, names the stage with its error, and says how to go on; once the
+/// cause is fixed, the same command resumes and the migration is COMPLETED.
+#[test]
+fn a_failing_full_load_shows_failed_and_the_next_run_completes() {
+    let (s, t) = setup("failload");
+    pair().source.psql(
+        &s,
+        "INSERT INTO public.item SELECT g, 'item ' || g FROM generate_series(1, 50) g",
+    );
+    let stages = "[stages.pre]\nkind = \"preflight\"\n\n[stages.load]\nkind = \"full_load\"\nafter = [\"pre\"]\n";
+    let plan = TestPlan::new(pair(), "failload", &s, &t, stages);
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert_eq!(stage_state(&plan, "pre"), "done");
+    assert_eq!(stage_state(&plan, "load"), "failed");
+
+    let st = plan.run(&["status", "--json"]);
+    assert_eq!(st.status.code(), Some(0), "{}", show(&st));
+    let v: serde_json::Value = serde_json::from_slice(&st.stdout).expect("status JSON");
+    let path = plan.path.display().to_string();
+    assert_eq!(v["output"][0]["state"], "FAILED", "{v:#}");
+    assert_eq!(v["output"][0]["migrationState"], "FAILED", "{v:#}");
+    assert_eq!(v["output"][1]["databaseName"], s.as_str());
+    assert_eq!(v["output"][1]["migrationState"], "FAILED", "{v:#}");
+    assert_eq!(
+        v["output"][0]["nextStep"],
+        format!(
+            "stage `load` failed; fix the cause of its error (shown with it under `failed`), or the plan, then `pgferry run {path}` resumes from the checkpoints"
+        )
+    );
+    let failed = v["output"][0]["failedStages"]
+        .as_array()
+        .expect("failedStages");
+    assert_eq!(failed.len(), 1, "{v:#}");
+    assert_eq!(failed[0]["stage"], "load");
+    assert_eq!(failed[0]["kind"], "full_load");
+    let error = failed[0]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("item"), "the error names the table: {error}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(error.lines().next().unwrap_or("?")),
+        "status shows the error the run printed:\n{error}\n{}",
+        show(&out)
+    );
+
+    // Fixed (the table exists on the target): the next run resumes and completes.
+    pair().target.psql(
+        &t,
+        "CREATE TABLE public.item (id int PRIMARY KEY, name text)",
+    );
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let st = plan.run(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&st.stdout).expect("status JSON");
+    assert_eq!(v["output"][0]["state"], "SUCCEEDED", "{v:#}");
+    assert_eq!(v["output"][0]["migrationState"], "COMPLETED", "{v:#}");
+    assert_eq!(v["output"][0]["failedStages"], serde_json::json!([]));
+    assert_eq!(v["output"][0]["nextStep"], serde_json::Value::Null);
+    assert_eq!(
+        q(&t, "SELECT count(*) || ' ' || sum(id) FROM public.item"),
+        "50 1275"
+    );
+    assert_eq!(
+        support::row_digest(&pair().target, &t, "public.item"),
+        support::row_digest(&pair().source, &s, "public.item")
+    );
+}
