@@ -241,6 +241,21 @@ fn online(source: u32, target: u32) {
         source >= 18 && target >= 18,
         "{stats}"
     );
+    // The report says when each finished.
+    let out = plan.run(&["report"]);
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        report.contains("; 7 table(s) carried over from the source by post_data, done "),
+        source >= 18 && target >= 18,
+        "{report}"
+    );
+    assert!(
+        report.contains(&format!(
+            "planner statistics before the fence: {} table(s) analyzed in",
+            if source >= 18 && target >= 18 { 0 } else { 4 }
+        )),
+        "{report}"
+    );
     // The commands that read a finished migration.
     for args in [
         &["status"][..],

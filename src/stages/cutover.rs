@@ -245,8 +245,14 @@ impl Cutover {
             if !o.analyze || cx.store.checkpoint(&cx.stage, &key).await?.is_some() {
                 return Ok(());
             }
-            let carried = super::statistics::carried_tables(&self.env, cx, db).await?;
-            let done = super::analyze::analyze(&self.env, db, &carried, &cx.cancel).await?;
+            let (carried, carried_at) =
+                super::statistics::carried_tables(&self.env, cx, db).await?;
+            let mut done = super::analyze::analyze(&self.env, db, &carried, &cx.cancel).await?;
+            if let (Some(obj), Some(at)) = (done.as_object_mut(), carried_at) {
+                // Every table carried over, partitions included (ANALYZE counts roots).
+                obj.insert("carried_over".into(), serde_json::json!(carried.len()));
+                obj.insert("carried_over_at".into(), serde_json::json!(at));
+            }
             cx.store.put_checkpoint(&cx.stage, &key, &done).await?;
             let msg = format!(
                 "planner statistics of {} gathered on the target: ANALYZE of {} table(s) in {:.1}s, before the fence{}",

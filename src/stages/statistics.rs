@@ -28,13 +28,14 @@ pub fn checkpoint_key(db: &str) -> String {
 }
 
 /// The tables (`schema.name`, as pg_restore lists them) whose statistics a post_data stage of the
-/// plan carried over to the target for `db`.
+/// plan carried over to the target for `db`, and when that finished (Unix seconds).
 pub async fn carried_tables(
     env: &Env,
     cx: &StageContext,
     db: &Database,
-) -> Result<HashSet<String>> {
+) -> Result<(HashSet<String>, Option<f64>)> {
     let mut out = HashSet::new();
+    let mut finished = None;
     for stage in env.plan.stages.iter().filter(|s| s.kind == "post_data") {
         if let Some(v) = cx
             .store
@@ -43,9 +44,13 @@ pub async fn carried_tables(
             && let Some(tables) = v.get("tables").and_then(serde_json::Value::as_array)
         {
             out.extend(tables.iter().filter_map(|t| t.as_str().map(str::to_string)));
+            finished = v
+                .get("finished_at")
+                .and_then(serde_json::Value::as_f64)
+                .or(finished);
         }
     }
-    Ok(out)
+    Ok((out, finished))
 }
 
 /// Carries the source's statistics of `db` over to the target when the versions allow it; returns
