@@ -392,13 +392,37 @@ impl Status<'_> {
         match self.overall() {
             OverallState::Running | OverallState::Succeeded => None,
             OverallState::Pending => Some(format!("`pgferry run {path}` starts the migration")),
-            OverallState::Stopped => Some(format!(
-                "no runner works on it (stopped or interrupted); `pgferry run {path}` resumes it from its checkpoints"
-            )),
-            OverallState::Failed => Some(format!(
-                "see the failed stage's error below; fix its cause (or the plan), then `pgferry run {path}` resumes from the checkpoints"
-            )),
+            OverallState::Stopped => {
+                let how = match self.last_run.as_ref().and_then(|r| r.outcome.as_deref()) {
+                    Some("interrupted") => "the last run was interrupted (SIGTERM or Ctrl-C)",
+                    _ => "stopped or interrupted",
+                };
+                Some(format!(
+                    "no runner works on it ({how}); `pgferry run {path}` resumes it from its checkpoints"
+                ))
+            }
+            OverallState::Failed => {
+                let failed: Vec<String> = self
+                    .failed_stages()
+                    .iter()
+                    .map(|r| format!("`{}`", r.stage))
+                    .collect();
+                Some(format!(
+                    "stage {} failed; fix the cause of its error (shown with it under `failed`), or the plan, then `pgferry run {path}` resumes from the checkpoints",
+                    failed.join(", ")
+                ))
+            }
         }
+    }
+
+    /// The plan's stages that failed, in the records' order.
+    fn failed_stages(&self) -> Vec<&StageRecord> {
+        self.records
+            .iter()
+            .filter(|r| {
+                r.state == StageState::Failed && self.plan.stages.iter().any(|s| s.id == r.stage)
+            })
+            .collect()
     }
 
     pub fn to_json(&self) -> Value {
@@ -427,6 +451,13 @@ impl Status<'_> {
             "state": self.overall(),
             "migrationState": self.migration_state(),
             "nextStep": self.next_step(),
+            "failedStages": self.failed_stages().iter().map(|r| json!({
+                "stage": r.stage,
+                "kind": self.plan.stages.iter().find(|s| s.id == r.stage).map(|s| s.kind.to_string()),
+                "attempts": r.attempts,
+                "endedOn": r.ended_at.map(|t| t.rfc3339()),
+                "error": r.error,
+            })).collect::<Vec<_>>(),
             "sourceServer": self.plan.source.display(),
             "targetServer": self.plan.target.display(),
             "startedOn": started.map(|t| t.rfc3339()),
@@ -598,6 +629,14 @@ impl Status<'_> {
         );
         if let Some(next) = self.next_step() {
             let _ = writeln!(out, "next:      {next}");
+        }
+        for r in self.failed_stages() {
+            let _ = writeln!(
+                out,
+                "failed:    `{}`: {}",
+                r.stage,
+                r.error.as_deref().unwrap_or("(no error recorded)")
+            );
         }
         let _ = writeln!(
             out,

@@ -381,6 +381,48 @@ fn a_failing_stage_says_where_and_blocks_its_dependents() {
         .unwrap();
     assert_eq!(bad_row["state"], "failed");
     assert!(bad_row["error"].as_str().unwrap().contains("42601"));
+    // The migration and its database are FAILED, no runner works on it, the failed stage is named
+    // with its error, and the next step says what to do.
+    let path = plan.path.display().to_string();
+    assert_eq!(v["output"][0]["state"], "FAILED");
+    assert_eq!(v["output"][0]["runner"], serde_json::Value::Null);
+    assert_eq!(v["output"][1]["migrationState"], "FAILED");
+    assert_eq!(
+        v["output"][0]["nextStep"],
+        format!(
+            "stage `bad` failed; fix the cause of its error (shown with it under `failed`), or the plan, then `pgferry run {path}` resumes from the checkpoints"
+        )
+    );
+    let failed = v["output"][0]["failedStages"]
+        .as_array()
+        .expect("failedStages");
+    assert_eq!(failed.len(), 1, "{v:#}");
+    assert_eq!(failed[0]["stage"], "bad");
+    assert_eq!(failed[0]["kind"], "sql");
+    assert_eq!(failed[0]["attempts"], 1);
+    assert_eq!(failed[0]["error"], bad_row["error"]);
+    assert!(
+        failed[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("syntax error at or near \"SELEC\" (SQLSTATE 42601)")),
+        "{v:#}"
+    );
+    let later_row = v["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["stage"] == "later")
+        .unwrap();
+    assert_eq!(later_row["state"], "pending");
+    // The text view says the same.
+    let st = plan.run(&["status"]);
+    let text = String::from_utf8_lossy(&st.stdout);
+    assert!(text.contains("state:     FAILED / FAILED"), "{text}");
+    assert!(text.contains("next:      stage `bad` failed;"), "{text}");
+    assert!(
+        text.contains("failed:    `bad`: ") && text.contains("(SQLSTATE 42601)"),
+        "{text}"
+    );
 
     // Fixing the SQL of a failed stage lets it start over without --rerun.
     let good = bad.replace("; SELEC 1", "");
@@ -448,6 +490,31 @@ fn sigterm_stops_at_the_next_checkpoint_and_the_next_run_resumes() {
         ),
         "interrupted"
     );
+    // status: STOPPED (no runner), the migration where it stopped, and how to resume.
+    let st = plan.run(&["status", "--json", "--var", "sleep=0"]);
+    assert_eq!(st.status.code(), Some(0), "{}", show(&st));
+    let v: serde_json::Value = serde_json::from_slice(&st.stdout).expect("status JSON");
+    let path = plan.path.display().to_string();
+    assert_eq!(v["output"][0]["state"], "STOPPED", "{v:#}");
+    assert_eq!(v["output"][0]["migrationState"], "PENDING", "{v:#}");
+    assert_eq!(v["output"][0]["runner"], serde_json::Value::Null);
+    assert_eq!(
+        v["output"][0]["failedStages"],
+        serde_json::json!([]),
+        "{v:#}"
+    );
+    assert_eq!(
+        v["output"][0]["nextStep"],
+        format!(
+            "no runner works on it (the last run was interrupted (SIGTERM or Ctrl-C)); `pgferry run {path}` resumes it from its checkpoints"
+        )
+    );
+    assert_eq!(v["lastRun"]["outcome"], "interrupted", "{v:#}");
+    let rows = v["stages"].as_array().expect("stages");
+    assert_eq!(rows[0]["stage"], "pre");
+    assert_eq!(rows[0]["state"], "done");
+    assert_eq!(rows[1]["stage"], "wait");
+    assert_eq!(rows[1]["state"], "pending");
 
     let out = plan.run(&["run", "--var", "sleep=0"]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
@@ -553,5 +620,74 @@ fn the_store_database_is_created_and_positions_only_move_forward() {
             "SELECT has_schema_privilege('public', 'pgferry', 'USAGE')"
         ),
         "f"
+    );
+}
+
+/// A full_load that fails for real (the target has no table to load into): status says FAILED for
+/// the migration and its database, names the stage with its error, and says how to go on; once the
+/// cause is fixed, the same command resumes and the migration is COMPLETED.
+#[test]
+fn a_failing_full_load_shows_failed_and_the_next_run_completes() {
+    let (s, t) = setup("failload");
+    pair().source.psql(
+        &s,
+        "INSERT INTO public.item SELECT g, 'item ' || g FROM generate_series(1, 50) g",
+    );
+    let stages = "[stages.pre]\nkind = \"preflight\"\n\n[stages.load]\nkind = \"full_load\"\nafter = [\"pre\"]\n";
+    let plan = TestPlan::new(pair(), "failload", &s, &t, stages);
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert_eq!(stage_state(&plan, "pre"), "done");
+    assert_eq!(stage_state(&plan, "load"), "failed");
+
+    let st = plan.run(&["status", "--json"]);
+    assert_eq!(st.status.code(), Some(0), "{}", show(&st));
+    let v: serde_json::Value = serde_json::from_slice(&st.stdout).expect("status JSON");
+    let path = plan.path.display().to_string();
+    assert_eq!(v["output"][0]["state"], "FAILED", "{v:#}");
+    assert_eq!(v["output"][0]["migrationState"], "FAILED", "{v:#}");
+    assert_eq!(v["output"][1]["databaseName"], s.as_str());
+    assert_eq!(v["output"][1]["migrationState"], "FAILED", "{v:#}");
+    assert_eq!(
+        v["output"][0]["nextStep"],
+        format!(
+            "stage `load` failed; fix the cause of its error (shown with it under `failed`), or the plan, then `pgferry run {path}` resumes from the checkpoints"
+        )
+    );
+    let failed = v["output"][0]["failedStages"]
+        .as_array()
+        .expect("failedStages");
+    assert_eq!(failed.len(), 1, "{v:#}");
+    assert_eq!(failed[0]["stage"], "load");
+    assert_eq!(failed[0]["kind"], "full_load");
+    let error = failed[0]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("item"), "the error names the table: {error}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(error.lines().next().unwrap_or("?")),
+        "status shows the error the run printed:\n{error}\n{}",
+        show(&out)
+    );
+
+    // Fixed (the table exists on the target): the next run resumes and completes.
+    pair().target.psql(
+        &t,
+        "CREATE TABLE public.item (id int PRIMARY KEY, name text)",
+    );
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let st = plan.run(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&st.stdout).expect("status JSON");
+    assert_eq!(v["output"][0]["state"], "SUCCEEDED", "{v:#}");
+    assert_eq!(v["output"][0]["migrationState"], "COMPLETED", "{v:#}");
+    assert_eq!(v["output"][0]["failedStages"], serde_json::json!([]));
+    assert_eq!(v["output"][0]["nextStep"], serde_json::Value::Null);
+    assert_eq!(
+        q(&t, "SELECT count(*) || ' ' || sum(id) FROM public.item"),
+        "50 1275"
+    );
+    assert_eq!(
+        support::row_digest(&pair().target, &t, "public.item"),
+        support::row_digest(&pair().source, &s, "public.item")
     );
 }

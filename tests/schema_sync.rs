@@ -727,7 +727,6 @@ fn schema_rejects_broken_plans() {
     );
     let load = stage_id(&base, "full_load");
     let cutover = stage_id(&base, "cutover");
-    let sql = stage_id(&base, "sql");
 
     let broken: Vec<(&str, String, Value)> = vec![
         (
@@ -824,9 +823,20 @@ fn schema_rejects_broken_plans() {
     }
 
     // The sql stage's `on` and `sql` are required by the schema (serde alone would default them).
+    // (The pipeline has no sql stage of its own: the cutover gathers the statistics.)
+    let mut with_sql = base.clone();
+    merge(
+        &mut with_sql,
+        json!({"stages": {"notes": {"kind": "sql", "on": "target", "after": [&load], "sql": "SELECT 1"}}}),
+    );
+    assert!(
+        errors(&validator, &with_sql).is_empty(),
+        "a complete sql stage is valid:\n{}",
+        show(&errors(&validator, &with_sql))
+    );
     for key in ["on", "sql"] {
-        let mut plan = base.clone();
-        plan["stages"][&sql].as_object_mut().unwrap().remove(key);
+        let mut plan = with_sql.clone();
+        plan["stages"]["notes"].as_object_mut().unwrap().remove(key);
         assert!(
             !errors(&validator, &plan).is_empty(),
             "a sql stage without `{key}` is accepted"

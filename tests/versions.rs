@@ -177,6 +177,7 @@ fn online(source: u32, target: u32) {
     let s = p.source.fresh_database("ver_on_src");
     let t = p.target.fresh_database("ver_on_tgt");
     p.source.psql(&s, FIXTURE);
+    p.source.psql(&s, "ANALYZE");
     let plan = TestPlan::new(&p, &format!("v{source}to{target}on"), &s, &t, ONLINE);
     let mut child = plan.spawn(&["run"]);
     plan.wait_until_cdc_ready(&p, &mut child);
@@ -216,6 +217,45 @@ fn online(source: u32, target: u32) {
         "the source stays fenced"
     );
     assert_same_on(&p, &s, &t);
+    // Planner statistics before the fence: carried over from an 18 source to an 18 target (the
+    // cutover's ANALYZE then has nothing left to do), gathered with ANALYZE otherwise.
+    let stats = p.target.psql(
+        &t,
+        &format!(
+            "SELECT string_agg(message, ' | ') FROM pgferry.events WHERE migration = 'v{source}to{target}on' AND message LIKE 'planner statistics of %'"
+        ),
+    );
+    let expected = if source >= 18 && target >= 18 {
+        "ANALYZE of 0 table(s)"
+    } else {
+        "ANALYZE of 4 table(s)"
+    };
+    assert!(
+        stats.contains(&format!(
+            "planner statistics of {t} gathered on the target: {expected} in"
+        )),
+        "{stats}"
+    );
+    assert_eq!(
+        stats.contains("(7 carried over from the source by post_data, not analyzed)"),
+        source >= 18 && target >= 18,
+        "{stats}"
+    );
+    // The report says when each finished.
+    let out = plan.run(&["report"]);
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        report.contains("; 7 table(s) carried over from the source by post_data, done "),
+        source >= 18 && target >= 18,
+        "{report}"
+    );
+    assert!(
+        report.contains(&format!(
+            "planner statistics before the fence: {} table(s) analyzed in",
+            if source >= 18 && target >= 18 { 0 } else { 4 }
+        )),
+        "{report}"
+    );
     // The commands that read a finished migration.
     for args in [
         &["status"][..],
@@ -650,5 +690,95 @@ fn schema_dump_needs_a_pg_dump_as_new_as_both_servers() {
             .contains("source PostgreSQL 13.23, target PostgreSQL 18.6: dumping with pg_dump 18.6"),
         "{}",
         show(&out)
+    );
+}
+
+/// Between two PostgreSQL 18 servers with pg_dump 18, post_data carries the source's planner
+/// statistics over: right after it, every loaded table (partitions, the partitioned root and the
+/// materialized view included) has `pg_stats` rows on the target although nothing analyzed it
+/// (autovacuum is off on the target, so only pgferry could have put them there).
+#[test]
+fn statistics_are_carried_over_from_18_to_18() {
+    let Some(p) = clusters(18, 18) else {
+        return;
+    };
+    p.target
+        .psql("postgres", "ALTER SYSTEM SET autovacuum = off");
+    p.target.psql("postgres", "SELECT pg_reload_conf()");
+    let s = p.source.fresh_database("ver_stats_src");
+    let t = p.target.fresh_database("ver_stats_tgt");
+    p.source.psql(&s, FIXTURE);
+    p.source.psql(&s, "ANALYZE");
+    let plan = TestPlan::new(&p, "ver_stats", &s, &t, OFFLINE);
+    // `plan` says which path applies.
+    let out = plan.run(&["plan"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("planner statistics: carried over from the source by post_data (pg_dump 18."),
+        "{}",
+        show(&out)
+    );
+    let out = plan.run(&["run", "--until", "indexes"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "database `{s}`: the source's planner statistics carried over to the target (7 tables,"
+        )),
+        "{}",
+        show(&out)
+    );
+    let tables = "SELECT c.oid, c.relname FROM pg_class c WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p', 'm')";
+    let listed = |db: &str, c: &Cluster| {
+        c.psql(
+            db,
+            &format!("SELECT string_agg(relname, ',' ORDER BY relname) FROM ({tables}) t"),
+        )
+    };
+    assert_eq!(
+        listed(&t, &p.target),
+        "audit,events,events_2024,events_2025,items,kinds,orders"
+    );
+    assert_eq!(listed(&t, &p.target), listed(&s, &p.source));
+    // Every table has statistics on every column the source has them for, and was never analyzed.
+    let per_table = format!(
+        "SELECT string_agg(t.relname || '=' || (SELECT count(*) FROM pg_stats s WHERE s.schemaname = 'public' AND s.tablename = t.relname) \
+           || '/' || coalesce((SELECT (last_analyze IS NULL AND last_autoanalyze IS NULL)::text FROM pg_stat_user_tables u WHERE u.relid = t.oid), 'never'), \
+           ',' ORDER BY t.relname) FROM ({tables}) t"
+    );
+    let on_target = p.target.psql(&t, &per_table);
+    let on_source = p.source.psql(&s, &per_table);
+    assert_eq!(
+        on_target,
+        on_source.replace("/false", "/true"),
+        "pg_stats rows per table (target vs source), and `true` when never analyzed"
+    );
+    for entry in on_target.split(',') {
+        let (table, rest) = entry.split_once('=').unwrap_or((entry, ""));
+        let (rows, never) = rest.split_once('/').unwrap_or((rest, ""));
+        assert!(
+            rows.parse::<i64>().is_ok_and(|n| n > 0),
+            "{table} has no pg_stats rows on the target: {on_target}"
+        );
+        assert!(
+            never == "true" || never == "never",
+            "{table} was analyzed on the target: {on_target}"
+        );
+    }
+    assert_eq!(
+        p.target.psql(
+            &t,
+            "SELECT reltuples::bigint FROM pg_class WHERE oid = 'public.orders'::regclass"
+        ),
+        "1000"
+    );
+    // post_data's checkpoint says so.
+    let detail = p.target.psql(
+        &t,
+        &format!("SELECT value->>'carried' || ' ' || (value->'tables')::text FROM pgferry.checkpoints WHERE migration = 'ver_stats' AND stage = 'indexes' AND key = 'statistics:{s}'"),
+    );
+    assert_eq!(
+        detail,
+        "true [\"public.audit\", \"public.events\", \"public.events_2024\", \"public.events_2025\", \"public.items\", \"public.kinds\", \"public.orders\"]"
     );
 }

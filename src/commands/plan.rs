@@ -12,6 +12,32 @@ use crate::stages::preflight::{Level, inspect};
 use crate::stages::{self, Env};
 use crate::state::StateStore;
 
+/// Which way the target gets its planner statistics (see `stages::statistics`), for `plan`.
+async fn statistics_path(
+    source: &crate::pg::catalog::ServerInfo,
+    target: &crate::pg::catalog::ServerInfo,
+) -> String {
+    use crate::pg::version::{ServerVersion, statistics_carry_over};
+    let tools = tokio::task::spawn_blocking(crate::pg::tools::find).await;
+    let (num, tool) = match tools {
+        Ok(Ok(t)) => (t.version_num, format!("pg_dump {}", t.version)),
+        _ => (0, "no pg_dump found".to_string()),
+    };
+    let version = |n: i32| ServerVersion::from_num(u32::try_from(n).unwrap_or(0));
+    match statistics_carry_over(
+        version(source.version_num),
+        version(target.version_num),
+        num,
+    ) {
+        Ok(()) => format!(
+            "planner statistics: carried over from the source by post_data ({tool}, pg_restore_relation_stats on the target); the cutover's ANALYZE covers only the tables left without"
+        ),
+        Err(reason) => format!(
+            "planner statistics: gathered by the cutover's ANALYZE before the fence, not carried over ({reason})"
+        ),
+    }
+}
+
 /// What a stage kind does, for kinds this version describes without running.
 fn summary(kind: &str) -> &'static str {
     match kind {
@@ -183,6 +209,9 @@ pub async fn run(args: &PlanArgs, json: bool) -> u8 {
         let _ = writeln!(out, "\ndatabase {} -> {}:", r.database, r.target);
         if let (Some(s), Some(t)) = (&r.source_server, &r.target_server) {
             let _ = writeln!(out, "  PostgreSQL {} -> {}", s.version, t.version);
+            if plan.has_kind("post_data") {
+                let _ = writeln!(out, "  {}", statistics_path(s, t).await);
+            }
         }
         if !r.tables.is_empty() {
             // A partitioned table's estimate is the sum of its partitions': count the leaves only.

@@ -202,6 +202,35 @@ pub fn pair_refusal(source: ServerVersion, target: ServerVersion) -> Option<Stri
     None
 }
 
+/// Whether the source's planner statistics can be carried over to the target instead of being
+/// gathered there with ANALYZE: pg_dump 18 dumps them (`--statistics-only`) as calls of
+/// `pg_restore_relation_stats` and `pg_restore_attribute_stats`, functions the target has from 18
+/// on; pgferry carries them only from a source of 18 or newer, the pairing it tests. `Err` says
+/// why not. `pg_dump_num` is pg_dump's version as a `server_version_num`.
+pub fn statistics_carry_over(
+    source: ServerVersion,
+    target: ServerVersion,
+    pg_dump_num: i32,
+) -> std::result::Result<(), String> {
+    const FROM: u32 = 18;
+    if target.major() < FROM {
+        return Err(format!(
+            "the target runs PostgreSQL {target}, which cannot restore statistics (pg_restore_relation_stats is new in {FROM})"
+        ));
+    }
+    if source.major() < FROM {
+        return Err(format!(
+            "the source runs PostgreSQL {source}; statistics are carried over from PostgreSQL {FROM} or newer"
+        ));
+    }
+    if pg_dump_num < (FROM * 10_000) as i32 {
+        return Err(format!(
+            "the pg_dump found is older than {FROM} and cannot dump statistics"
+        ));
+    }
+    Ok(())
+}
+
 /// `script` (a pg_dump/pg_restore SQL script) without the `SET name = ...;` lines of its header
 /// (before the first object) for the settings `target` does not know
 /// ([`ServerVersion::settings_unknown_to_target`]).
@@ -272,6 +301,24 @@ mod tests {
         assert_eq!(
             script_for_target(script, ServerVersion::from_num(170010)),
             script.to_vec()
+        );
+    }
+
+    #[test]
+    fn statistics_are_carried_over_between_18s_with_pg_dump_18() {
+        let v = |n| ServerVersion::from_num(n);
+        assert_eq!(statistics_carry_over(v(180001), v(180006), 180006), Ok(()));
+        assert!(
+            statistics_carry_over(v(170005), v(180006), 180006)
+                .is_err_and(|r| r.contains("the source runs PostgreSQL 17.5"))
+        );
+        assert!(
+            statistics_carry_over(v(180006), v(170005), 180006)
+                .is_err_and(|r| r.contains("the target runs PostgreSQL 17.5"))
+        );
+        assert!(
+            statistics_carry_over(v(180006), v(180006), 170005)
+                .is_err_and(|r| r.contains("older than 18"))
         );
     }
 

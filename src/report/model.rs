@@ -140,13 +140,25 @@ impl CutoverReport {
             s.get("tables").and_then(serde_json::Value::as_u64),
             s.get("finished_at").and_then(serde_json::Value::as_f64),
         ) {
-            (Some(n), Some(at)) => format!(
-                "{n} table(s) analyzed in {:.1}s, done {}",
-                s.get("seconds")
-                    .and_then(serde_json::Value::as_f64)
-                    .unwrap_or(0.0),
-                crate::state::Timestamp(at).rfc3339()
-            ),
+            (Some(n), Some(at)) => {
+                let carried = match (
+                    s.get("carried_over").and_then(serde_json::Value::as_u64),
+                    s.get("carried_over_at").and_then(serde_json::Value::as_f64),
+                ) {
+                    (Some(c), Some(t)) if c > 0 => format!(
+                        "; {c} table(s) carried over from the source by post_data, done {}",
+                        crate::state::Timestamp(t).rfc3339()
+                    ),
+                    _ => String::new(),
+                };
+                format!(
+                    "{n} table(s) analyzed in {:.1}s, done {}{carried}",
+                    s.get("seconds")
+                        .and_then(serde_json::Value::as_f64)
+                        .unwrap_or(0.0),
+                    crate::state::Timestamp(at).rfc3339()
+                )
+            }
             _ => "-".into(),
         }
     }

@@ -6,6 +6,7 @@
 //! (`analyze = false` on the cutover turns it off), records it in its checkpoint `analyze:<db>`
 //! (a re-run does not analyze again) and fences only once it is done.
 
+use std::collections::HashSet;
 use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
@@ -23,9 +24,12 @@ pub fn checkpoint_key(db: &str) -> String {
 }
 
 /// Analyzes every selected table of `db` on the target; returns what the checkpoint records.
+/// Tables in `carried` (`schema.name`: their statistics were carried over from the source by
+/// post_data, see [`super::statistics`]) are left out.
 pub async fn analyze(
     env: &Env,
     db: &Database,
+    carried: &HashSet<String>,
     cancel: &CancellationToken,
 ) -> Result<serde_json::Value> {
     let started = Instant::now();
@@ -37,6 +41,9 @@ pub async fn analyze(
         .into_iter()
         .filter(|t| t.root.is_none())
         .collect();
+    let (skipped, tables): (Vec<_>, Vec<_>) = tables
+        .into_iter()
+        .partition(|t| carried.contains(&format!("{}.{}", t.name.schema, t.name.name)));
     for t in &tables {
         let sql = format!("ANALYZE {}", t.name.quoted());
         tokio::select! {
@@ -53,9 +60,10 @@ pub async fn analyze(
         }
     }
     let seconds = started.elapsed().as_secs_f64();
-    tracing::info!(database = %db.name, tables = tables.len(), "planner statistics gathered on the target (ANALYZE) in {seconds:.1}s");
+    tracing::info!(database = %db.name, tables = tables.len(), carried_over = skipped.len(), "planner statistics gathered on the target (ANALYZE) in {seconds:.1}s");
     Ok(serde_json::json!({
         "tables": tables.len(),
+        "carried_over": skipped.len(),
         "seconds": seconds,
         "finished_at": Timestamp::now().0,
     }))

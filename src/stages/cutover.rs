@@ -245,17 +245,32 @@ impl Cutover {
             if !o.analyze || cx.store.checkpoint(&cx.stage, &key).await?.is_some() {
                 return Ok(());
             }
-            let done = super::analyze::analyze(&self.env, db, &cx.cancel).await?;
+            let (carried, carried_at) =
+                super::statistics::carried_tables(&self.env, cx, db).await?;
+            let mut done = super::analyze::analyze(&self.env, db, &carried, &cx.cancel).await?;
+            if let (Some(obj), Some(at)) = (done.as_object_mut(), carried_at) {
+                // Every table carried over, partitions included (ANALYZE counts roots).
+                obj.insert("carried_over".into(), serde_json::json!(carried.len()));
+                obj.insert("carried_over_at".into(), serde_json::json!(at));
+            }
             cx.store.put_checkpoint(&cx.stage, &key, &done).await?;
             let msg = format!(
-                "planner statistics of {} gathered on the target: ANALYZE of {} table(s) in {:.1}s, before the fence",
+                "planner statistics of {} gathered on the target: ANALYZE of {} table(s) in {:.1}s, before the fence{}",
                 db.target,
                 done.get("tables")
                     .and_then(serde_json::Value::as_u64)
                     .unwrap_or(0),
                 done.get("seconds")
                     .and_then(serde_json::Value::as_f64)
-                    .unwrap_or(0.0)
+                    .unwrap_or(0.0),
+                if carried.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " ({} carried over from the source by post_data, not analyzed)",
+                        carried.len()
+                    )
+                }
             );
             announce(cx, &msg).await
         };

@@ -14,6 +14,7 @@ pub mod replica_identity;
 pub mod schema_dump;
 pub mod sequence_reset;
 pub mod sql;
+pub mod statistics;
 pub mod unreplicated;
 pub mod validate;
 

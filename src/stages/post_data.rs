@@ -664,6 +664,16 @@ impl Stage for PostData {
                 .run_database(cx, i, db)
                 .await
                 .map_err(|e| e.context(format!("database `{}`", db.name)))?;
+            // The source's planner statistics, once the indexes exist (where the versions allow).
+            let stats_key = super::statistics::checkpoint_key(&db.name);
+            if cx.store.checkpoint(&cx.stage, &stats_key).await?.is_none() {
+                let stats = super::statistics::carry_over(&self.env, cx, db)
+                    .await
+                    .map_err(|e| e.context(format!("database `{}`", db.name)))?;
+                cx.store
+                    .put_checkpoint(&cx.stage, &stats_key, &stats)
+                    .await?;
+            }
             cx.mark_done(&key, summary).await?;
         }
         Ok(())
