@@ -753,3 +753,56 @@ fn inheritance_children_with_another_column_order_migrate_by_name() {
         );
     }
 }
+
+/// Offline: a table whose only column is generated, a table with no column, and a NOT VALID check
+/// and a NOT VALID foreign key that existing rows violate (the load copies the rows; post_data must
+/// add the constraints NOT VALID as they are, not validate them). Rows, sequences and schemas equal,
+/// the constraints still not validated.
+#[test]
+fn generated_only_and_not_valid_constraints_migrate_offline() {
+    let p = pair();
+    let s = p.source.fresh_database("offfeat_src");
+    let t = p.target.fresh_database("offfeat_tgt");
+    p.source.psql(
+        &s,
+        "CREATE TABLE public.onlygen (g int GENERATED ALWAYS AS (42) STORED);\n\
+         INSERT INTO public.onlygen DEFAULT VALUES; INSERT INTO public.onlygen DEFAULT VALUES;\n\
+         CREATE TABLE public.zero ();\n\
+         INSERT INTO public.zero DEFAULT VALUES; INSERT INTO public.zero DEFAULT VALUES; INSERT INTO public.zero DEFAULT VALUES;\n\
+         CREATE TABLE public.ref (id int PRIMARY KEY);\n\
+         INSERT INTO public.ref SELECT g FROM generate_series(1, 5) g;\n\
+         CREATE TABLE public.nv (id serial PRIMARY KEY, a int, ref int);\n\
+         INSERT INTO public.nv (a, ref) VALUES (-1, 999), (5, 1), (-7, 3), (2, 1000);\n\
+         ALTER TABLE public.nv ADD CONSTRAINT nv_pos CHECK (a > 0) NOT VALID;\n\
+         ALTER TABLE public.nv ADD CONSTRAINT nv_ref FOREIGN KEY (ref) REFERENCES public.ref (id) NOT VALID;\n",
+    );
+    let stages = "[stages.schema]\nkind = \"schema_dump\"\n\n\
+        [stages.provision]\nkind = \"provision\"\nafter = [\"schema\"]\n\n\
+        [stages.load]\nkind = \"full_load\"\nafter = [\"provision\"]\n\n\
+        [stages.indexes]\nkind = \"post_data\"\nafter = [\"load\"]\n\n\
+        [stages.sequences]\nkind = \"sequence_reset\"\nafter = [\"indexes\"]\n";
+    let plan = TestPlan::new(p, "offfeat", &s, &t, stages);
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(
+        p.target
+            .psql(&t, "SELECT string_agg(g::text, ',') FROM public.onlygen"),
+        "42,42"
+    );
+    assert_eq!(p.target.psql(&t, "SELECT count(*) FROM public.zero"), "3");
+    for table in ["public.onlygen", "public.zero", "public.nv", "public.ref"] {
+        assert_eq!(
+            row_digest(&p.source, &s, table),
+            row_digest(&p.target, &t, table),
+            "{table}"
+        );
+    }
+    let constraints = "SELECT string_agg(conname || ':' || convalidated, ' ' ORDER BY conname) FROM pg_constraint \
+        WHERE conrelid = 'public.nv'::regclass AND contype IN ('c', 'f')";
+    assert_eq!(p.target.psql(&t, constraints), "nv_pos:false nv_ref:false");
+    assert_eq!(
+        p.target.psql(&t, constraints),
+        p.source.psql(&s, constraints)
+    );
+    assert_same(&s, &t);
+}
