@@ -806,3 +806,129 @@ fn generated_only_and_not_valid_constraints_migrate_offline() {
     );
     assert_same(&s, &t);
 }
+
+const RESTORE_SETUP: &str = "\
+    CREATE TABLE public.kd (a int, b text);\n\
+    CREATE TABLE public.kn (a int, b text);\n\
+    ALTER TABLE public.kn REPLICA IDENTITY NOTHING;\n\
+    CREATE TABLE public.ku (a int NOT NULL, b text);\n\
+    CREATE UNIQUE INDEX ku_a ON public.ku (a);\n\
+    CREATE TABLE public.kc (a int, b text);\n\
+    CREATE TABLE public.ida (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, v text);\n\
+    INSERT INTO public.kd SELECT g, 'd' || g FROM generate_series(1, 10) g;\n\
+    INSERT INTO public.kn SELECT g, 'n' || g FROM generate_series(1, 10) g;\n\
+    INSERT INTO public.ku SELECT g, 'u' || g FROM generate_series(1, 10) g;\n\
+    INSERT INTO public.kc SELECT g, 'c' || g FROM generate_series(1, 10) g;\n\
+    INSERT INTO public.ida (v) SELECT 'i' || g FROM generate_series(1, 10) g;\n";
+
+/// `relname:relreplident[:index]` of the test's keyless tables.
+fn replica_identities(c: &support::Cluster, db: &str) -> String {
+    c.psql(
+        db,
+        "SELECT string_agg(c.relname || ':' || c.relreplident::text || coalesce(':' || (SELECT ic.relname FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid \
+           WHERE i.indrelid = c.oid AND i.indisreplident), ''), ' ' ORDER BY c.relname) \
+           FROM pg_class c WHERE c.relnamespace = 'public'::regnamespace AND c.relname IN ('kc', 'kd', 'kn', 'ku')",
+    )
+}
+
+/// Replica identities given by `replica_identity = "index"`, and identity columns cdc made BY
+/// DEFAULT on the target, put back without a cutover: (1) by a cleanup stage after cdc, (2) by
+/// `pgferry reset --keep-target`. Each: the source tables get their original setting back
+/// (`DEFAULT`, `NOTHING`), except one whose setting someone changed since pgferry set it (left as it
+/// is, said in the output); the target's identity column is ALWAYS again and its record gone; slot
+/// and publication dropped. A second reset changes nothing.
+#[test]
+fn cleanup_and_reset_put_back_replica_identities_and_identity_columns() {
+    let p = pair();
+    for by_reset in [false, true] {
+        let name = if by_reset { "ri_reset" } else { "ri_cleanup" };
+        let s = p.source.fresh_database(&format!("{name}_src"));
+        let t = p.target.fresh_database(&format!("{name}_tgt"));
+        p.source.psql(&s, RESTORE_SETUP);
+        let before = replica_identities(&p.source, &s);
+        assert_eq!(before, "kc:d kd:d kn:n ku:d");
+        let cdc = CDC_STAGES.replace(
+            "after = [\"schema\"]\n",
+            "after = [\"schema\"]\nreplica_identity = \"index\"\n",
+        );
+        let plan = TestPlan::new(p, name, &s, &t, &cdc);
+        let out = plan.run(&["run"]);
+        assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+        p.source.psql(
+            &s,
+            "UPDATE public.kd SET b = 'x' WHERE a = 1;\nUPDATE public.ida SET id = DEFAULT WHERE id = 2;\n",
+        );
+        let out = plan.run(&["run"]);
+        assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+        assert_eq!(
+            replica_identities(&p.source, &s),
+            "kc:f kd:f kn:f ku:i:ku_a",
+            "provision gave them one"
+        );
+        assert_eq!(identities(&p.target, &t), "ida.id:d");
+        // Someone changes one of them by hand meanwhile.
+        p.source
+            .psql(&s, "ALTER TABLE public.kc REPLICA IDENTITY DEFAULT;");
+
+        let out = if by_reset {
+            plan.run(&["reset", "--yes", "--keep-target"])
+        } else {
+            plan.write(
+                p,
+                &format!("{cdc}\n[stages.cleanup]\nkind = \"cleanup\"\nafter = [\"cdc\"]\n"),
+            );
+            plan.run(&["run"])
+        };
+        assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            said.contains("left the replica identity of public.kc as it is"),
+            "{said}"
+        );
+        assert_eq!(
+            replica_identities(&p.source, &s),
+            "kc:d kd:d kn:n ku:d",
+            "original settings back: {said}"
+        );
+        assert_eq!(
+            identities(&p.target, &t),
+            identities(&p.source, &s),
+            "identity column ALWAYS again"
+        );
+        assert_eq!(identities(&p.target, &t), "ida.id:a");
+        assert_eq!(
+            p.target
+                .psql(&t, "SELECT count(*) FROM pgferry.cdc_identity"),
+            "0"
+        );
+        assert_eq!(
+            p.source.psql(
+                &s,
+                &format!(
+                    "SELECT (SELECT count(*) FROM pg_replication_slots WHERE database = '{s}') + (SELECT count(*) FROM pg_publication)"
+                )
+            ),
+            "0",
+            "slot and publication dropped"
+        );
+        for table in ["public.kd", "public.ida"] {
+            assert_eq!(
+                row_digest(&p.source, &s, table),
+                row_digest(&p.target, &t, table),
+                "{table}"
+            );
+        }
+        if !by_reset {
+            continue;
+        }
+        // Again: nothing left to change, nothing changed.
+        let out = plan.run(&["reset", "--yes", "--keep-target"]);
+        assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+        assert_eq!(replica_identities(&p.source, &s), "kc:d kd:d kn:n ku:d");
+        assert_eq!(identities(&p.target, &t), "ida.id:a");
+    }
+}
