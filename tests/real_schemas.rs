@@ -563,3 +563,372 @@ fn always_and_replica_triggers_fire_during_the_apply() {
         "1001,1002,1003,1004,1005,1006"
     );
 }
+
+const SEARCH_PATH_SETUP: &str = "\
+    CREATE SCHEMA app;\n\
+    CREATE FUNCTION app.g(int) RETURNS int LANGUAGE sql IMMUTABLE AS 'SELECT $1 * 2';\n\
+    CREATE FUNCTION app.f(int) RETURNS int LANGUAGE sql IMMUTABLE AS 'SELECT g($1) + 1';\n\
+    CREATE TABLE public.sp (id int PRIMARY KEY, v int);\n\
+    INSERT INTO public.sp SELECT g, g FROM generate_series(1, 100) g;\n\
+    CREATE INDEX sp_f ON public.sp (app.f(v));\n\
+    CREATE TABLE public.spseq (id serial PRIMARY KEY, n int);\n\
+    INSERT INTO public.spseq (n) SELECT g FROM generate_series(1, 5) g;\n";
+
+/// The database-level settings of `db`, as `pg_db_role_setting` holds them.
+fn database_settings(c: &support::Cluster, db: &str) -> String {
+    c.psql(
+        "postgres",
+        &format!(
+            "SELECT array_to_string(setconfig, ' | ') FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase \
+              WHERE s.setrole = 0 AND d.datname = '{db}'"
+        ),
+    )
+}
+
+/// `ALTER DATABASE ... SET search_path = app, public` on the source and an expression index on
+/// `app.f(v)`, where `f` calls `g` unqualified: the index cannot be built under pg_dump's empty
+/// search_path (pg_restore fails there too). Provision gives the target database the source
+/// database's settings (quoted: a list element with a space and a quote, a custom setting); post_data
+/// builds the index under that search_path; cdc's inserts, which evaluate the expression, work under
+/// it too. Offline and online; schemas, rows and sequences equal, the index valid.
+#[test]
+fn a_database_search_path_behind_an_expression_index_migrates() {
+    let p = pair();
+    for online in [false, true] {
+        let name = if online { "spath_on" } else { "spath_off" };
+        let s = p.source.fresh_database(&format!("{name}_src"));
+        let t = p.target.fresh_database(&format!("{name}_tgt"));
+        p.source.psql(
+            &s,
+            &format!(
+                "ALTER DATABASE \"{s}\" SET search_path = app, public, \"Odd \"\"Schema\";\n\
+                 ALTER DATABASE \"{s}\" SET app.note = 'it''s';\n\
+                 SET search_path = app, public;\n\
+                 {SEARCH_PATH_SETUP}"
+            ),
+        );
+        let stages = if online {
+            format!("{CDC_STAGES}{CUTOVER_STAGES}")
+        } else {
+            "[stages.schema]\nkind = \"schema_dump\"\n\n\
+             [stages.provision]\nkind = \"provision\"\nafter = [\"schema\"]\n\n\
+             [stages.load]\nkind = \"full_load\"\nafter = [\"provision\"]\n\n\
+             [stages.indexes]\nkind = \"post_data\"\nafter = [\"load\"]\n\n\
+             [stages.sequences]\nkind = \"sequence_reset\"\nafter = [\"indexes\"]\n"
+                .to_string()
+        };
+        let plan = TestPlan::new(p, name, &s, &t, if online { CDC_STAGES } else { &stages });
+        let out = plan.run(&["run"]);
+        assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+        assert_eq!(
+            database_settings(&p.target, &t),
+            database_settings(&p.source, &s),
+            "database settings carried over"
+        );
+        assert_eq!(
+            database_settings(&p.target, &t),
+            "search_path=app, public, \"Odd \"\"Schema\" | app.note=it's"
+        );
+        if online {
+            p.source.psql(
+                &s,
+                "INSERT INTO public.sp SELECT g, g FROM generate_series(101, 120) g;\n\
+                 UPDATE public.sp SET v = v + 1000 WHERE id <= 10;\n\
+                 DELETE FROM public.sp WHERE id = 50;\n\
+                 INSERT INTO public.spseq (n) VALUES (6);\n",
+            );
+            plan.write(p, &stages);
+            let out = plan.run(&["run"]);
+            assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+        }
+        assert_eq!(
+            p.target.psql(
+                &t,
+                "SELECT indisvalid FROM pg_index WHERE indexrelid = 'public.sp_f'::regclass"
+            ),
+            "t"
+        );
+        assert_eq!(
+            row_digest(&p.source, &s, "public.sp"),
+            row_digest(&p.target, &t, "public.sp")
+        );
+        assert_same(&s, &t);
+    }
+}
+
+/// Rows of `table` by column name (jsonb sorts its keys), in a stable order: equal whatever the
+/// order of the columns.
+fn rows_by_name(c: &support::Cluster, db: &str, table: &str) -> String {
+    c.psql(
+        db,
+        &format!(
+            "SELECT count(*) || ':' || coalesce(md5(string_agg(to_jsonb(t)::text, E'\\n' ORDER BY to_jsonb(t)::text)), '') FROM ONLY {table} t"
+        ),
+    )
+}
+
+fn column_order(c: &support::Cluster, db: &str, table: &str) -> String {
+    c.psql(
+        db,
+        &format!(
+            "SELECT string_agg(attname, ',' ORDER BY attnum) FROM pg_attribute WHERE attrelid = '{table}'::regclass AND attnum > 0 AND NOT attisdropped"
+        ),
+    )
+}
+
+/// Inheritance children whose columns are in another order than their parent's (attached with
+/// `ALTER TABLE ... INHERIT`, one with a column of its own): pg_dump writes them with `INHERITS`, so
+/// on the target (as after `pg_dump | pg_restore`) the parent's columns come first; the rows are
+/// equal by column name after the load and after inserts, updates and deletes during cdc. Offline
+/// and online.
+#[test]
+fn inheritance_children_with_another_column_order_migrate_by_name() {
+    let p = pair();
+    for online in [false, true] {
+        let name = if online { "inhord_on" } else { "inhord_off" };
+        let s = p.source.fresh_database(&format!("{name}_src"));
+        let t = p.target.fresh_database(&format!("{name}_tgt"));
+        p.source.psql(
+            &s,
+            "CREATE TABLE public.parent (id int PRIMARY KEY, a int, b text);\n\
+             CREATE TABLE public.child (b text, extra numeric, id int NOT NULL, a int);\n\
+             ALTER TABLE public.child INHERIT public.parent;\n\
+             ALTER TABLE public.child ADD PRIMARY KEY (id);\n\
+             CREATE TABLE public.grandchild (z text, a int, id int NOT NULL, b text, extra numeric);\n\
+             ALTER TABLE public.grandchild INHERIT public.child;\n\
+             ALTER TABLE public.grandchild ADD PRIMARY KEY (id);\n\
+             INSERT INTO public.parent SELECT g, g, 'p' || g FROM generate_series(1, 20) g;\n\
+             INSERT INTO public.child (id, a, b, extra) SELECT g, g * 10, 'c' || g, g / 3.0 FROM generate_series(101, 130) g;\n\
+             INSERT INTO public.grandchild (id, a, b, extra, z) SELECT g, -g, 'g' || g, g, 'z' || g FROM generate_series(201, 215) g;\n\
+             CREATE TABLE public.inhseq (id serial PRIMARY KEY);\n\
+             INSERT INTO public.inhseq DEFAULT VALUES;\n",
+        );
+        let offline = "[stages.schema]\nkind = \"schema_dump\"\n\n\
+             [stages.provision]\nkind = \"provision\"\nafter = [\"schema\"]\n\n\
+             [stages.load]\nkind = \"full_load\"\nafter = [\"provision\"]\n\n\
+             [stages.indexes]\nkind = \"post_data\"\nafter = [\"load\"]\n\n\
+             [stages.sequences]\nkind = \"sequence_reset\"\nafter = [\"indexes\"]\n";
+        let plan = TestPlan::new(p, name, &s, &t, if online { CDC_STAGES } else { offline });
+        let out = plan.run(&["run"]);
+        assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+        if online {
+            p.source.psql(
+                &s,
+                "INSERT INTO public.child (id, a, b, extra) VALUES (131, 1, 'new', 0.5);\n\
+                 UPDATE public.child SET b = b || '!', extra = extra + 1 WHERE id % 4 = 0;\n\
+                 DELETE FROM public.child WHERE id = 105;\n\
+                 INSERT INTO public.grandchild (id, a, b, extra, z) VALUES (216, 2, 'gnew', 1, 'znew');\n\
+                 UPDATE public.grandchild SET z = 'moved', a = a - 1 WHERE id < 205;\n\
+                 UPDATE public.parent SET b = 'via parent' WHERE id > 125;\n\
+                 DELETE FROM public.parent WHERE id = 210;\n\
+                 INSERT INTO public.inhseq DEFAULT VALUES;\n",
+            );
+            plan.write(p, &format!("{CDC_STAGES}{CUTOVER_STAGES}"));
+            let out = plan.run(&["run"]);
+            assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+        }
+        // The target's children have the parent's columns first, as pg_restore's would.
+        assert_eq!(column_order(&p.source, &s, "public.child"), "b,extra,id,a");
+        assert_eq!(column_order(&p.target, &t, "public.child"), "id,a,b,extra");
+        assert_eq!(
+            column_order(&p.target, &t, "public.grandchild"),
+            "id,a,b,extra,z"
+        );
+        for table in ["public.parent", "public.child", "public.grandchild"] {
+            let source = rows_by_name(&p.source, &s, table);
+            assert!(!source.starts_with("0:"), "{table} has rows");
+            assert_eq!(
+                source,
+                rows_by_name(&p.target, &t, table),
+                "{table} differs by column name"
+            );
+        }
+        assert_eq!(
+            p.source.psql(&s, "SELECT count(*) FROM public.parent"),
+            p.target.psql(&t, "SELECT count(*) FROM public.parent"),
+        );
+        assert_eq!(
+            support::compare::sequences(&p.source, &s),
+            support::compare::sequences(&p.target, &t)
+        );
+    }
+}
+
+/// Offline: a table whose only column is generated, a table with no column, and a NOT VALID check
+/// and a NOT VALID foreign key that existing rows violate (the load copies the rows; post_data must
+/// add the constraints NOT VALID as they are, not validate them). Rows, sequences and schemas equal,
+/// the constraints still not validated.
+#[test]
+fn generated_only_and_not_valid_constraints_migrate_offline() {
+    let p = pair();
+    let s = p.source.fresh_database("offfeat_src");
+    let t = p.target.fresh_database("offfeat_tgt");
+    p.source.psql(
+        &s,
+        "CREATE TABLE public.onlygen (g int GENERATED ALWAYS AS (42) STORED);\n\
+         INSERT INTO public.onlygen DEFAULT VALUES; INSERT INTO public.onlygen DEFAULT VALUES;\n\
+         CREATE TABLE public.zero ();\n\
+         INSERT INTO public.zero DEFAULT VALUES; INSERT INTO public.zero DEFAULT VALUES; INSERT INTO public.zero DEFAULT VALUES;\n\
+         CREATE TABLE public.ref (id int PRIMARY KEY);\n\
+         INSERT INTO public.ref SELECT g FROM generate_series(1, 5) g;\n\
+         CREATE TABLE public.nv (id serial PRIMARY KEY, a int, ref int);\n\
+         INSERT INTO public.nv (a, ref) VALUES (-1, 999), (5, 1), (-7, 3), (2, 1000);\n\
+         ALTER TABLE public.nv ADD CONSTRAINT nv_pos CHECK (a > 0) NOT VALID;\n\
+         ALTER TABLE public.nv ADD CONSTRAINT nv_ref FOREIGN KEY (ref) REFERENCES public.ref (id) NOT VALID;\n",
+    );
+    let stages = "[stages.schema]\nkind = \"schema_dump\"\n\n\
+        [stages.provision]\nkind = \"provision\"\nafter = [\"schema\"]\n\n\
+        [stages.load]\nkind = \"full_load\"\nafter = [\"provision\"]\n\n\
+        [stages.indexes]\nkind = \"post_data\"\nafter = [\"load\"]\n\n\
+        [stages.sequences]\nkind = \"sequence_reset\"\nafter = [\"indexes\"]\n";
+    let plan = TestPlan::new(p, "offfeat", &s, &t, stages);
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(
+        p.target
+            .psql(&t, "SELECT string_agg(g::text, ',') FROM public.onlygen"),
+        "42,42"
+    );
+    assert_eq!(p.target.psql(&t, "SELECT count(*) FROM public.zero"), "3");
+    for table in ["public.onlygen", "public.zero", "public.nv", "public.ref"] {
+        assert_eq!(
+            row_digest(&p.source, &s, table),
+            row_digest(&p.target, &t, table),
+            "{table}"
+        );
+    }
+    let constraints = "SELECT string_agg(conname || ':' || convalidated, ' ' ORDER BY conname) FROM pg_constraint \
+        WHERE conrelid = 'public.nv'::regclass AND contype IN ('c', 'f')";
+    assert_eq!(p.target.psql(&t, constraints), "nv_pos:false nv_ref:false");
+    assert_eq!(
+        p.target.psql(&t, constraints),
+        p.source.psql(&s, constraints)
+    );
+    assert_same(&s, &t);
+}
+
+const RESTORE_SETUP: &str = "\
+    CREATE TABLE public.kd (a int, b text);\n\
+    CREATE TABLE public.kn (a int, b text);\n\
+    ALTER TABLE public.kn REPLICA IDENTITY NOTHING;\n\
+    CREATE TABLE public.ku (a int NOT NULL, b text);\n\
+    CREATE UNIQUE INDEX ku_a ON public.ku (a);\n\
+    CREATE TABLE public.kc (a int, b text);\n\
+    CREATE TABLE public.ida (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, v text);\n\
+    INSERT INTO public.kd SELECT g, 'd' || g FROM generate_series(1, 10) g;\n\
+    INSERT INTO public.kn SELECT g, 'n' || g FROM generate_series(1, 10) g;\n\
+    INSERT INTO public.ku SELECT g, 'u' || g FROM generate_series(1, 10) g;\n\
+    INSERT INTO public.kc SELECT g, 'c' || g FROM generate_series(1, 10) g;\n\
+    INSERT INTO public.ida (v) SELECT 'i' || g FROM generate_series(1, 10) g;\n";
+
+/// `relname:relreplident[:index]` of the test's keyless tables.
+fn replica_identities(c: &support::Cluster, db: &str) -> String {
+    c.psql(
+        db,
+        "SELECT string_agg(c.relname || ':' || c.relreplident::text || coalesce(':' || (SELECT ic.relname FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid \
+           WHERE i.indrelid = c.oid AND i.indisreplident), ''), ' ' ORDER BY c.relname) \
+           FROM pg_class c WHERE c.relnamespace = 'public'::regnamespace AND c.relname IN ('kc', 'kd', 'kn', 'ku')",
+    )
+}
+
+/// Replica identities given by `replica_identity = "index"`, and identity columns cdc made BY
+/// DEFAULT on the target, put back without a cutover: (1) by a cleanup stage after cdc, (2) by
+/// `pgferry reset --keep-target`. Each: the source tables get their original setting back
+/// (`DEFAULT`, `NOTHING`), except one whose setting someone changed since pgferry set it (left as it
+/// is, said in the output); the target's identity column is ALWAYS again and its record gone; slot
+/// and publication dropped. A second reset changes nothing.
+#[test]
+fn cleanup_and_reset_put_back_replica_identities_and_identity_columns() {
+    let p = pair();
+    for by_reset in [false, true] {
+        let name = if by_reset { "ri_reset" } else { "ri_cleanup" };
+        let s = p.source.fresh_database(&format!("{name}_src"));
+        let t = p.target.fresh_database(&format!("{name}_tgt"));
+        p.source.psql(&s, RESTORE_SETUP);
+        let before = replica_identities(&p.source, &s);
+        assert_eq!(before, "kc:d kd:d kn:n ku:d");
+        let cdc = CDC_STAGES.replace(
+            "after = [\"schema\"]\n",
+            "after = [\"schema\"]\nreplica_identity = \"index\"\n",
+        );
+        let plan = TestPlan::new(p, name, &s, &t, &cdc);
+        let out = plan.run(&["run"]);
+        assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+        p.source.psql(
+            &s,
+            "UPDATE public.kd SET b = 'x' WHERE a = 1;\nUPDATE public.ida SET id = DEFAULT WHERE id = 2;\n",
+        );
+        let out = plan.run(&["run"]);
+        assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+        assert_eq!(
+            replica_identities(&p.source, &s),
+            "kc:f kd:f kn:f ku:i:ku_a",
+            "provision gave them one"
+        );
+        assert_eq!(identities(&p.target, &t), "ida.id:d");
+        // Someone changes one of them by hand meanwhile.
+        p.source
+            .psql(&s, "ALTER TABLE public.kc REPLICA IDENTITY DEFAULT;");
+
+        let out = if by_reset {
+            plan.run(&["reset", "--yes", "--keep-target"])
+        } else {
+            plan.write(
+                p,
+                &format!("{cdc}\n[stages.cleanup]\nkind = \"cleanup\"\nafter = [\"cdc\"]\n"),
+            );
+            plan.run(&["run"])
+        };
+        assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            said.contains("left the replica identity of public.kc as it is"),
+            "{said}"
+        );
+        assert_eq!(
+            replica_identities(&p.source, &s),
+            "kc:d kd:d kn:n ku:d",
+            "original settings back: {said}"
+        );
+        assert_eq!(
+            identities(&p.target, &t),
+            identities(&p.source, &s),
+            "identity column ALWAYS again"
+        );
+        assert_eq!(identities(&p.target, &t), "ida.id:a");
+        assert_eq!(
+            p.target
+                .psql(&t, "SELECT count(*) FROM pgferry.cdc_identity"),
+            "0"
+        );
+        assert_eq!(
+            p.source.psql(
+                &s,
+                &format!(
+                    "SELECT (SELECT count(*) FROM pg_replication_slots WHERE database = '{s}') + (SELECT count(*) FROM pg_publication)"
+                )
+            ),
+            "0",
+            "slot and publication dropped"
+        );
+        for table in ["public.kd", "public.ida"] {
+            assert_eq!(
+                row_digest(&p.source, &s, table),
+                row_digest(&p.target, &t, table),
+                "{table}"
+            );
+        }
+        if !by_reset {
+            continue;
+        }
+        // Again: nothing left to change, nothing changed.
+        let out = plan.run(&["reset", "--yes", "--keep-target"]);
+        assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+        assert_eq!(replica_identities(&p.source, &s), "kc:d kd:d kn:n ku:d");
+        assert_eq!(identities(&p.target, &t), "ida.id:a");
+    }
+}

@@ -320,11 +320,10 @@ async fn load_database(
         stage: cx.stage.clone(),
         database: db.name.clone(),
     });
-    for t in 0..load.tables.len() {
-        cx.store
-            .upsert_table(&load.progress(load.display(t), TableState::Queued, 0, 0, None))
-            .await?;
-    }
+    let queued: Vec<_> = (0..load.tables.len())
+        .map(|t| load.progress(load.display(t), TableState::Queued, 0, 0, None))
+        .collect();
+    cx.store.upsert_tables(&queued).await?;
 
     // Workers.
     let stop = cx.cancel.child_token();

@@ -429,6 +429,7 @@ impl PostData {
                 })?;
         }
         let mut attempt = 0;
+        let mut retried_with_path = false;
         loop {
             let err = match execute(client, &item.sql(), stop).await? {
                 Ok(()) => return Ok(Outcome::Built),
@@ -467,6 +468,39 @@ impl PostData {
                 );
                 return Ok(Outcome::Built);
             }
+            // An expression (an index's, a constraint's) that calls a function whose body names
+            // things unqualified fails under pg_dump's empty search_path, as it does in pg_restore.
+            // The source built it under its database's search_path, which provision gave the
+            // target database too: build it once more under that one.
+            if matches!(code.as_str(), "42883" | "42P01" | "42704")
+                && !retried_with_path
+                && let Some(path) = database_search_path(client).await?
+            {
+                retried_with_path = true;
+                client
+                    .execute(
+                        "SELECT pg_catalog.set_config('search_path', $1, false)",
+                        &[&path],
+                    )
+                    .await
+                    .map_err(|e| {
+                        Error::pg(&e, format!("setting search_path = {path} for {}", doing()))
+                    })?;
+                let again = execute(client, &item.sql(), stop).await?;
+                client
+                    .batch_execute("SELECT pg_catalog.set_config('search_path', '', false)")
+                    .await
+                    .map_err(|e| Error::pg(&e, "resetting search_path"))?;
+                if again.is_ok() {
+                    tracing::warn!(
+                        "{}: failed under pg_dump's empty search_path ({}); built under the database's search_path ({path}), as on the source. Qualify the names in the functions it calls (or give them SET search_path) to make the schema restorable anywhere",
+                        item.label(),
+                        err.as_db_error()
+                            .map_or(String::new(), |d| d.message().to_string())
+                    );
+                    return Ok(Outcome::Built);
+                }
+            }
             if matches!(code.as_str(), "40P01" | "55P03") && attempt < LOCK_RETRIES {
                 attempt += 1;
                 let pause = Duration::from_millis(250 << attempt);
@@ -486,6 +520,7 @@ impl PostData {
                 e.hint = match code.as_str() {
                     "23505" => Some("the target has duplicate keys for this unique index or constraint: compare the table with the source (a `validate` stage) and fix the rows, then run again".into()),
                     "23503" => Some("rows of the target violate this foreign key: compare both tables with the source, fix the rows, then run again".into()),
+                    "42883" => Some("a function it needs is missing, or one its expression calls names things without their schema (pg_dump builds under an empty search_path): qualify the names in that function (or give it SET search_path), or give the source database the search_path it relies on (ALTER DATABASE ... SET search_path), which provision carries to the target; then run again".into()),
                     "42P01" | "42704" | "3F000" => Some("an object this one needs is missing on the target: check that provision (pre-data) and the table selection include it".into()),
                     "42P16" => Some("the table already has a primary key of another name on the target: drop it, then run again".into()),
                     "42P07" | "42710" if item.tolerates_existing() => Some("an object of that name already exists on the target but is not this one: drop or rename it, then run again".into()),
@@ -554,6 +589,21 @@ impl PostData {
 
 /// Runs `sql` (one or more statements, as one implicit transaction); on cancellation asks the
 /// server to cancel it and returns `Interrupted`. The inner result is the statement's own error.
+/// The `search_path` the current database sets for every role (`ALTER DATABASE ... SET`), when it
+/// sets one.
+async fn database_search_path(client: &Client) -> Result<Option<String>> {
+    let row = client
+        .query_opt(
+            "SELECT pg_catalog.substr(c, 13) FROM pg_catalog.pg_db_role_setting s \
+               JOIN pg_catalog.pg_database d ON d.oid = s.setdatabase, pg_catalog.unnest(s.setconfig) c \
+              WHERE s.setrole = 0 AND d.datname = pg_catalog.current_database() AND c LIKE 'search\\_path=%'",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::pg(&e, "reading the database's search_path (pg_db_role_setting)"))?;
+    Ok(row.map(|r| r.get::<_, String>(0)).filter(|p| !p.is_empty()))
+}
+
 async fn execute(
     client: &Client,
     sql: &str,

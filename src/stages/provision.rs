@@ -112,6 +112,10 @@ impl Provision {
             .ensure_database(db, &source, &purpose)
             .await
             .map_err(|e| e.context(target_label.clone()))?;
+        let database_settings = self
+            .copy_database_settings(db, &source, &purpose)
+            .await
+            .map_err(|e| e.context(target_label.clone()))?;
         cx.check_cancelled()?;
 
         // 2. The pre-data schema.
@@ -168,6 +172,7 @@ impl Provision {
         }
         Ok(serde_json::json!({
             "database_created": created,
+            "database_settings": database_settings,
             "schema": schema,
             "selected_tables": names.len(),
             "publication": published.map(|_| publication_name(&self.env.plan.name)),
@@ -270,6 +275,91 @@ impl Provision {
                 })
             }
         }
+    }
+
+    /// Gives the target database the source database's own settings (`ALTER DATABASE ... SET`, for
+    /// every role; pg_dump carries them only with `--create`), such as a `search_path` that an
+    /// expression index or the application depends on. A setting the target database already has
+    /// is left as it is; one the target server does not know, or refuses, is skipped with a
+    /// warning. Returns the settings applied, as `name = value`.
+    async fn copy_database_settings(
+        &self,
+        db: &Database,
+        source: &Client,
+        purpose: &str,
+    ) -> Result<Vec<String>> {
+        let read = "SELECT pg_catalog.unnest(s.setconfig) FROM pg_catalog.pg_db_role_setting s \
+                    JOIN pg_catalog.pg_database d ON d.oid = s.setdatabase \
+                    WHERE s.setrole = 0 AND d.datname = $1";
+        let theirs: Vec<String> = source
+            .query(read, &[&db.name])
+            .await
+            .map_err(|e| {
+                Error::pg(
+                    &e,
+                    "reading the source database's settings (pg_db_role_setting)",
+                )
+            })?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if theirs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let admin = self
+            .env
+            .target_for(db)
+            .with_dbname("postgres")
+            .connect(purpose)
+            .await?;
+        let ours: HashSet<String> = admin
+            .query(read, &[&db.target])
+            .await
+            .map_err(|e| {
+                Error::pg(
+                    &e,
+                    "reading the target database's settings (pg_db_role_setting)",
+                )
+            })?
+            .iter()
+            .filter_map(|r| setting_parts(&r.get::<_, String>(0)).map(|(n, _)| n.to_lowercase()))
+            .collect();
+        let known: HashSet<String> = admin
+            .query("SELECT name FROM pg_catalog.pg_settings", &[])
+            .await
+            .map_err(|e| Error::pg(&e, "reading the target server's settings (pg_settings)"))?
+            .iter()
+            .map(|r| r.get::<_, String>(0).to_lowercase())
+            .collect();
+        let mut applied = Vec::new();
+        for entry in &theirs {
+            let Some((name, value)) = setting_parts(entry) else {
+                continue;
+            };
+            let key = name.to_lowercase();
+            if ours.contains(&key) {
+                continue;
+            }
+            // Custom settings (`app.x`) need no definition; others must exist on the target.
+            if !key.contains('.') && !known.contains(&key) {
+                tracing::warn!(database = %db.name, "the source database sets {name}, which the target server does not know; not carried over");
+                continue;
+            }
+            let sql = alter_database_set(&db.target, name, value);
+            match admin.batch_execute(&sql).await {
+                Ok(()) => applied.push(format!("{name} = {value}")),
+                Err(e) => {
+                    let why = e
+                        .as_db_error()
+                        .map_or_else(|| e.to_string(), |d| d.message().to_string());
+                    tracing::warn!(database = %db.name, "the source database sets {name} = {value}; the target refused it ({why}); set it yourself with ALTER DATABASE {} SET ...", quote_ident(&db.target));
+                }
+            }
+        }
+        if !applied.is_empty() {
+            tracing::info!(database = %db.name, "target database {} given the source database's settings: {}", db.target, applied.join("; "));
+        }
+        Ok(applied)
     }
 
     /// Looks for the selected tables on the target. Returns true when they are all there and match
@@ -510,6 +600,74 @@ fn check_identities(selected: &[TableInfo]) -> Result<()> {
     .hint("add a primary key, or ALTER TABLE ... REPLICA IDENTITY FULL (or USING INDEX on a unique not-null index), or leave the tables out of the selection"))
 }
 
+/// `name=value` of a `setconfig` entry.
+fn setting_parts(entry: &str) -> Option<(&str, &str)> {
+    entry.split_once('=').filter(|(n, _)| !n.is_empty())
+}
+
+/// Settings whose value is a list of names (pg_dump's `variable_is_guc_list_quote`): each element
+/// is its own literal, so `app, public` stays two schemas.
+const LIST_SETTINGS: [&str; 6] = [
+    "local_preload_libraries",
+    "search_path",
+    "session_preload_libraries",
+    "shared_preload_libraries",
+    "temp_tablespaces",
+    "unix_socket_directories",
+];
+
+/// `ALTER DATABASE db SET name TO value`, everything quoted.
+fn alter_database_set(database: &str, name: &str, value: &str) -> String {
+    let quoted_name = name
+        .split('.')
+        .map(quote_ident)
+        .collect::<Vec<_>>()
+        .join(".");
+    let values = if LIST_SETTINGS.contains(&name.to_lowercase().as_str()) {
+        split_list(value)
+            .iter()
+            .map(|v| quote_literal(v))
+            .collect::<Vec<_>>()
+            .join(", ")
+    } else {
+        quote_literal(value)
+    };
+    let values = if values.is_empty() {
+        "''".to_string()
+    } else {
+        values
+    };
+    format!(
+        "ALTER DATABASE {} SET {quoted_name} TO {values}",
+        quote_ident(database)
+    )
+}
+
+/// The elements of a list setting's stored value (`"$user", public`): split at commas outside
+/// double quotes, trimmed, quotes removed (`""` inside them is one `"`).
+fn split_list(value: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    let mut quoted = false;
+    let mut chars = value.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' if quoted && chars.peek() == Some(&'"') => {
+                chars.next();
+                current.push('"');
+            }
+            '"' => quoted = !quoted,
+            ',' if !quoted => out.push(std::mem::take(&mut current)),
+            c if c.is_whitespace() && !quoted => {}
+            c => current.push(c),
+        }
+    }
+    if !current.is_empty() || !out.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
 fn bullets(items: &[String]) -> String {
     items
         .iter()
@@ -709,6 +867,23 @@ mod tests {
             not_null,
             position,
         }
+    }
+
+    #[test]
+    fn database_settings_are_quoted() {
+        assert_eq!(
+            alter_database_set("my db", "search_path", "app, \"$user\", \"a\"\"b, c\""),
+            "ALTER DATABASE \"my db\" SET \"search_path\" TO 'app', '$user', 'a\"b, c'"
+        );
+        assert_eq!(
+            alter_database_set("d", "work_mem", "64MB"),
+            "ALTER DATABASE \"d\" SET \"work_mem\" TO '64MB'"
+        );
+        assert_eq!(
+            alter_database_set("d", "app.Note", "it's"),
+            "ALTER DATABASE \"d\" SET \"app\".\"Note\" TO 'it''s'"
+        );
+        assert_eq!(setting_parts("a=b=c"), Some(("a", "b=c")));
     }
 
     #[test]

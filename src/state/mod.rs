@@ -140,6 +140,8 @@ pub trait StateStore: Send + Sync {
     async fn set_counters(&self, values: &[(String, String, i64)]) -> Result<()>;
     /// Records the progress of one table (or one range or object) of a stage.
     async fn upsert_table(&self, progress: &TableProgress) -> Result<()>;
+    /// Records the progress of many tables at once (one round trip, not one per table).
+    async fn upsert_tables(&self, progress: &[TableProgress]) -> Result<()>;
     /// The recorded progress of a stage's tables (all stages when `None`).
     async fn tables(&self, stage: Option<&str>) -> Result<Vec<TableProgress>>;
     /// Records one point of the cdc lag profile of the current run (for `pgferry report`).

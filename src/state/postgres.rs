@@ -684,6 +684,13 @@ impl StateStore for PgStore {
     }
 
     async fn upsert_table(&self, t: &TableProgress) -> Result<()> {
+        self.upsert_tables(std::slice::from_ref(t)).await
+    }
+
+    async fn upsert_tables(&self, progress: &[TableProgress]) -> Result<()> {
+        if progress.is_empty() {
+            return Ok(());
+        }
         let client = self.client().await?;
         let sql = format!(
             "INSERT INTO {} (migration, stage, database, table_name, state, rows, bytes, lsn, started_at, ended_at, error) \
@@ -696,23 +703,42 @@ impl StateStore for PgStore {
             self.t("tables"),
             t = self.t("tables"),
         );
-        client
-            .execute(
-                &sql,
-                &[
+        // One table: an unnamed statement (one round trip). Many: prepared once.
+        let statement = if progress.len() == 1 {
+            None
+        } else {
+            Some(
+                client
+                    .prepare(&sql)
+                    .await
+                    .map_err(|e| Error::pg(&e, "preparing the table progress statement"))?,
+            )
+        };
+        // All at once on the one session: tokio-postgres pipelines them (one round trip, not one
+        // per table: a database of many small tables records hundreds before its first copy).
+        let states: Vec<&str> = progress.iter().map(|t| t.state.as_str()).collect();
+        futures_util::future::try_join_all(progress.iter().zip(&states).map(|(t, state)| {
+            let (statement, sql, client) = (&statement, &sql, &client);
+            async move {
+                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
                     &self.migration,
                     &t.stage,
                     &t.database,
                     &t.table,
-                    &t.state.as_str(),
+                    state,
                     &t.rows,
                     &t.bytes,
                     &t.lsn,
                     &t.error,
-                ],
-            )
-            .await
-            .map_err(|e| Error::pg(&e, format!("recording the progress of table {}", t.table)))?;
+                ];
+                match statement {
+                    Some(st) => client.execute(st, &params).await,
+                    None => client.execute(sql.as_str(), &params).await,
+                }
+                .map_err(|e| Error::pg(&e, format!("recording the progress of table {}", t.table)))
+            }
+        }))
+        .await?;
         Ok(())
     }
 
