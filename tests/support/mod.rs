@@ -6,6 +6,7 @@
 
 pub mod cluster;
 pub mod compare;
+pub mod corpus;
 pub mod gate;
 pub mod plan;
 
