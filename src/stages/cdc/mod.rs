@@ -582,11 +582,8 @@ impl<'a> DbStream<'a> {
                             repl.send_status(st.applied, st.applied, st.applied, false).await?;
                             st.last_status = Instant::now();
                             st.reported = st.applied;
-                            if !st.ready && st.applied >= ready_at {
-                                st.ready = true;
-                                tracing::info!(database = %self.db.name, applied = %st.applied, "cdc caught up");
-                                on_ready();
-                            }
+                            let at = st.applied;
+                            self.mark_ready(&mut st, at, ready_at, on_ready);
                         }
                         if st.last_status.elapsed() >= self.status_every {
                             repl.send_status(st.applied, st.applied, st.applied, false).await?;
@@ -621,11 +618,7 @@ impl<'a> DbStream<'a> {
                                         // Caught up with nothing to apply: no lag.
                                         self.oldest_unapplied_ms.store(0, Ordering::Relaxed);
                                     }
-                                    if !st.ready && k.wal_end >= ready_at {
-                                        st.ready = true;
-                                        tracing::info!(database = %self.db.name, applied = %st.applied, "cdc caught up");
-                                        on_ready();
-                                    }
+                                    self.mark_ready(&mut st, k.wal_end, ready_at, on_ready);
                                 }
                                 // The slot follows the apply: a position applied since the last
                                 // report goes to the source now, so it retains no more WAL than
@@ -657,10 +650,9 @@ impl<'a> DbStream<'a> {
                                 }
                                 // Under a steady stream the batch may be open at every keepalive:
                                 // caught up is also when a commit past the start is applied.
-                                if !st.ready && !st.batch_open && st.applied >= ready_at {
-                                    st.ready = true;
-                                    tracing::info!(database = %self.db.name, applied = %st.applied, "cdc caught up");
-                                    on_ready();
+                                if !st.batch_open {
+                                    let at = st.applied;
+                                    self.mark_ready(&mut st, at, ready_at, on_ready);
                                 }
                             }
                         }
@@ -953,6 +945,16 @@ impl<'a> DbStream<'a> {
             self.oldest_unapplied_ms.store(0, Ordering::Relaxed);
         }
         self.write_counters(false).await
+    }
+
+    /// Reports cdc ready once, when everything up to `at` is applied and `at` has reached the
+    /// position the source was at when streaming started.
+    fn mark_ready(&self, st: &mut Loop, at: Lsn, ready_at: Lsn, on_ready: &mut impl FnMut()) {
+        if !st.ready && at >= ready_at {
+            st.ready = true;
+            tracing::info!(database = %self.db.name, applied = %st.applied, "cdc caught up");
+            on_ready();
+        }
     }
 
     /// Copies the applied position to the store: at most every [`STORED_POSITION_EVERY`], or now
