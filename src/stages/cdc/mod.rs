@@ -92,6 +92,11 @@ async fn keep_alive<T>(
     fut: impl std::future::Future<Output = Result<T>>,
 ) -> (Result<T>, Option<Instant>) {
     tokio::pin!(fut);
+    // Most apply steps finish without waiting (statements are buffered): no timer for those, as
+    // a timer per stream message costs the runtime a wake-up each.
+    if let std::task::Poll::Ready(r) = futures_util::poll!(&mut fut) {
+        return (r, None);
+    }
     let mut last = since;
     let mut sent = None;
     let started = Instant::now();
