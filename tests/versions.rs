@@ -591,8 +591,8 @@ fn rehearsal_and_reset_from_12_to_18() {
 }
 
 /// A target role that is not a superuser: on PostgreSQL 15+ a grant of SET on
-/// `session_replication_role` is enough for the online apply, and preflight says nothing; on 14 it
-/// warns, and its hint does not offer a grant that version lacks.
+/// `session_replication_role` is enough for the replica apply mode; on 14 preflight says cdc will
+/// apply in the managed mode, and its hint does not offer a grant that version lacks.
 #[test]
 fn preflight_knows_grant_set_on_parameter_is_15_and_later() {
     for (target, grant) in [(18, true), (14, false)] {
@@ -631,8 +631,14 @@ fn preflight_knows_grant_set_on_parameter_is_15_and_later() {
         let out = plan.run(&["run", "--until", "pre"]);
         assert_eq!(out.status.code(), Some(0), "{}", show(&out));
         let stderr = String::from_utf8_lossy(&out.stderr);
-        let warned = stderr.contains("cannot set session_replication_role = replica");
+        let warned = stderr.contains("apply mode: managed");
         assert_eq!(warned, !grant, "PostgreSQL {target}:\n{}", show(&out));
+        assert_eq!(
+            stderr.contains("apply mode: replica"),
+            grant,
+            "PostgreSQL {target}:\n{}",
+            show(&out)
+        );
         if warned {
             assert!(
                 !stderr.contains("GRANT SET ON PARAMETER"),

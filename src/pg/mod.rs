@@ -10,6 +10,7 @@ pub mod large_objects;
 pub mod names;
 pub mod pgoutput;
 pub mod post_data_script;
+pub mod privileges;
 pub mod replication;
 pub mod tools;
 pub mod version;

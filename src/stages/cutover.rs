@@ -32,6 +32,7 @@ use crate::error::{Error, Result};
 use crate::pg::connect::ConnInfo;
 use crate::pg::ident::quote_ident;
 use crate::pg::pgoutput::Lsn;
+use crate::pg::privileges;
 use crate::plan::{Database, StageOptions};
 use crate::state::StageState;
 use crate::state::postgres::PgStore;
@@ -303,27 +304,24 @@ impl Cutover {
         source: &tokio_postgres::Client,
     ) -> Result<Lsn> {
         if o.fence {
-            source
-                .execute(
-                    "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity \
-                      WHERE datname = $1 AND pid <> pg_catalog.pg_backend_pid() AND backend_type = 'client backend'",
-                    &[&db.name],
-                )
-                .await
-                .map_err(|e| Error::pg(&e, "terminating the source database's sessions"))?;
+            // Sessions of roles this one may not end (a superuser's, on a managed service) would
+            // keep writing past the drain position: refuse (the caller unfences).
+            let stuck = privileges::sessions_it_cannot_end(source, &db.name).await?;
+            if !stuck.is_empty() {
+                let list: Vec<String> = stuck.iter().map(|(r, n)| format!("{r} ({n})")).collect();
+                return Err(Error::permanent(format!(
+                    "the fence cannot end the sessions of role(s) {} on source database {}: the migration role may not signal them",
+                    list.join(", "),
+                    db.name
+                ))
+                .hint("end those sessions first (or stop their application), or GRANT pg_signal_backend (or the roles themselves) to the migration role; preflight lists the roles"));
+            }
+            privileges::end_sessions(source, &db.name).await?;
             // pg_terminate_backend only signals: a session in the middle of its COMMIT may still
             // write its commit record. Wait (briefly) until they are gone before taking the target.
             let gone_by = Instant::now() + Duration::from_secs(10);
             loop {
-                let left: i64 = source
-                    .query_one(
-                        "SELECT count(*) FROM pg_catalog.pg_stat_activity \
-                          WHERE datname = $1 AND pid <> pg_catalog.pg_backend_pid() AND backend_type = 'client backend'",
-                        &[&db.name],
-                    )
-                    .await
-                    .map_err(|e| Error::pg(&e, "waiting for the source's sessions to end"))?
-                    .get(0);
+                let left = privileges::other_sessions(source, &db.name).await?;
                 if left == 0 || Instant::now() > gone_by {
                     break;
                 }
@@ -511,6 +509,7 @@ impl Cutover {
             "simulated_downtime_seconds": downtime.as_secs_f64(),
             "fenced": false,
             "resync": resync,
+            "managed_apply": super::cdc::managed::after_cutover(&self.env, db, cx).await?,
             "statistics": self.statistics(cx, db, o).await?,
         }))
     }
@@ -682,6 +681,7 @@ impl Cutover {
                     "downtime_seconds": downtime.as_secs_f64(),
                     "fenced": o.fence,
                     "resync": resync,
+                    "managed_apply": super::cdc::managed::after_cutover(&self.env, db, cx).await?,
                     "statistics": self.statistics(cx, db, o).await?,
                 }))
             }

@@ -485,20 +485,29 @@ async fn check_target(
                     Error::pg(&e, "checking the privilege to set session_replication_role")
                 })?
                 .get::<_, bool>(0));
-    if online && !may_set_role {
-        add(
-            Level::Warning,
-            "session_replication_role",
-            format!(
-                "target role {} is not a superuser, so it cannot set session_replication_role = replica",
-                info.current_user
-            ),
-            Some(if info.server_version().has_grant_set_on_parameter() {
-                "replicated rows must not fire target triggers: GRANT SET ON PARAMETER session_replication_role TO the migration role (PostgreSQL 15+), or pgferry disables user triggers table by table during apply instead (ALTER TABLE ... DISABLE TRIGGER USER), which needs table ownership"
-            } else {
-                "replicated rows must not fire target triggers: pgferry disables user triggers table by table during apply instead (ALTER TABLE ... DISABLE TRIGGER USER), which needs table ownership"
-            }),
-        );
+    if online {
+        let (message, hint) = if may_set_role {
+            (
+                format!(
+                    "apply mode: replica (target role {} may set session_replication_role, so target triggers and foreign keys stay quiet while cdc applies)",
+                    info.current_user
+                ),
+                None,
+            )
+        } else {
+            (
+                format!(
+                    "apply mode: managed (target role {} is not a superuser and may not set session_replication_role): while cdc applies, the target's user triggers are disabled and its foreign keys dropped, recorded in the target database; the cutover puts them back after the drain (foreign keys NOT VALID, validated once the write downtime is over)",
+                    info.current_user
+                ),
+                Some(if info.server_version().has_grant_set_on_parameter() {
+                    "this needs the role to own the target tables (it does when provision creates them as this role); a superuser may instead GRANT SET ON PARAMETER session_replication_role TO the role, which keeps foreign keys in place during cdc"
+                } else {
+                    "this needs the role to own the target tables (it does when provision creates them as this role)"
+                }),
+            )
+        };
+        add(Level::Info, "apply_mode", message, hint);
     }
     r.target_server = Some(info);
     Ok(())

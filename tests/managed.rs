@@ -1,0 +1,241 @@
+//! Managed services as they are: migrations run with roles that are not superusers on either side
+//! (`tests/support/managed.rs` builds them on the local clusters; `docs/managed-services.md` maps
+//! them to Azure, RDS/Aurora and Cloud SQL). The target's admin may not set
+//! `session_replication_role`, so cdc applies in the managed mode (`src/stages/cdc/managed.rs`):
+//! user triggers disabled and foreign keys dropped while it applies, put back by the cutover.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use support::managed::{
+    self, APP_WRITER, SOURCE_ROLE, TARGET_ADMIN, assert_same_managed, make_managed_source,
+    managed_plan, psql_as,
+};
+use support::{PASSWORD, pair, show};
+
+const ONLINE: &str = "[stages.schema]\nkind = \"schema_dump\"\nno_owner = true\nno_privileges = true\n\n\
+    [stages.preflight]\nkind = \"preflight\"\n\n\
+    [stages.provision]\nkind = \"provision\"\nafter = [\"schema\", \"preflight\"]\n\n\
+    [stages.load]\nkind = \"full_load\"\nafter = [\"provision\"]\njobs = 2\n\n\
+    [stages.indexes]\nkind = \"post_data\"\nafter = [\"load\"]\njobs = 2\n\n\
+    [stages.cdc]\nkind = \"cdc\"\nafter = [\"indexes\"]\n\n\
+    [stages.cutover]\nkind = \"cutover\"\nafter = [\"cdc\"]\napproval = \"auto\"\nmax_lag = \"1s\"\nquiet_for = \"1s\"\nfence = \"read_only\"\n\n\
+    [stages.sequences]\nkind = \"sequence_reset\"\nafter = [\"cutover\"]\n\n\
+    [stages.check]\nkind = \"validate\"\nafter = [\"sequences\"]\n\n\
+    [stages.cleanup]\nkind = \"cleanup\"\nafter = [\"check\"]\n";
+
+#[derive(Default)]
+struct Written {
+    transactions: AtomicU64,
+    fenced: AtomicBool,
+}
+
+/// The application, writing to Pagila as [`APP_WRITER`] (DML privileges only) until the fence stops
+/// it: changes that would fire Pagila's `last_updated` triggers, and rows whose foreign keys the
+/// grouped apply reorders (a payment for a new customer, then the customer's deletion).
+fn writer(db: String, stop: Arc<AtomicBool>, written: Arc<Written>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let mut config = tokio_postgres::Config::new();
+            config
+                .host("127.0.0.1")
+                .port(pair().source.port)
+                .user(APP_WRITER)
+                .password(PASSWORD)
+                .dbname(&db);
+            let (client, conn) = config
+                .connect(tokio_postgres::NoTls)
+                .await
+                .expect("the application connects");
+            tokio::spawn(conn);
+            let mut i: i64 = 0;
+            while !stop.load(Ordering::SeqCst) {
+                i += 1;
+                let customer = (i % 599) + 1;
+                let sql = match i % 6 {
+                    0 => format!(
+                        "INSERT INTO public.payment (customer_id, staff_id, rental_id, amount, payment_date) \
+                         VALUES ({customer}, 1, {}, 0.42, '2022-03-15 10:00:00+00')",
+                        (i % 16000) + 1
+                    ),
+                    1 => format!(
+                        "UPDATE public.customer SET email = 'writer{i}@example.com' WHERE customer_id = {customer}"
+                    ),
+                    2 => format!(
+                        "BEGIN; INSERT INTO public.actor (first_name, last_name) VALUES ('Writer', 'No {i}'); \
+                         INSERT INTO public.film_actor (actor_id, film_id) VALUES (currval('public.actor_actor_id_seq'), {}); COMMIT",
+                        (i % 1000) + 1
+                    ),
+                    3 => "BEGIN; DELETE FROM public.film_actor WHERE actor_id = (SELECT max(actor_id) FROM public.actor WHERE first_name = 'Writer'); \
+                          DELETE FROM public.actor WHERE actor_id = (SELECT max(actor_id) FROM public.actor WHERE first_name = 'Writer'); COMMIT"
+                        .into(),
+                    4 => format!(
+                        "UPDATE public.film SET rental_rate = rental_rate + 0.01 WHERE film_id = {}",
+                        (i % 1000) + 1
+                    ),
+                    _ => format!("INSERT INTO public.scratch VALUES ({i}, 'row {i}')"),
+                };
+                match client.batch_execute(&sql).await {
+                    Ok(()) => {
+                        written.transactions.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(e) => {
+                        let code = e.code().map(|c| c.code().to_string());
+                        if matches!(code.as_deref(), Some("25006") | Some("57P01"))
+                            || client.is_closed()
+                        {
+                            written.fenced.store(true, Ordering::SeqCst);
+                            return;
+                        }
+                        panic!("the application failed on `{sql}`: {e:?}");
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+    })
+}
+
+/// A Pagila source database as on a managed service, with a large object and an unlogged table.
+fn managed_pagila(prefix: &str) -> Option<String> {
+    let p = pair();
+    let s = p.source.fresh_database(prefix);
+    if !support::load_pagila(&p.source, &s) {
+        assert!(
+            !support::cluster::under_ci(),
+            "Pagila is missing: put pagila-schema.sql and pagila-data.sql in ../shared/data/pagila"
+        );
+        return None;
+    }
+    p.source.psql(
+        &s,
+        "CREATE TABLE public.scratch (id bigint PRIMARY KEY, v text);
+         CREATE UNLOGGED TABLE public.cache (k bigint PRIMARY KEY, v text);
+         INSERT INTO public.cache SELECT g, 'initial' FROM generate_series(1, 50) g;
+         SELECT lo_from_bytea(0, convert_to(repeat('a large object in Pagila; ', 2000), 'UTF8'));
+         REFRESH MATERIALIZED VIEW public.rental_by_category;",
+    );
+    make_managed_source(&p.source, &s);
+    Some(s)
+}
+
+fn counter(tdb: &str, plan: &str, scope: &str, name: &str) -> String {
+    pair().target.psql(
+        tdb,
+        &format!(
+            "SELECT coalesce(max(value), -1) FROM pgferry.counters WHERE migration = '{plan}' AND scope = '{scope}' AND name = '{name}'"
+        ),
+    )
+}
+
+/// The roles are what the services give: no superuser, no SET on session_replication_role.
+#[test]
+fn the_managed_roles_are_not_superusers() {
+    let p = pair();
+    managed::managed_pair(p);
+    for (c, role) in [(&p.target, TARGET_ADMIN), (&p.source, SOURCE_ROLE)] {
+        assert_eq!(
+            psql_as(
+                c,
+                role,
+                "postgres",
+                "SELECT rolsuper FROM pg_roles WHERE rolname = current_user"
+            )
+            .unwrap(),
+            "f"
+        );
+        let refused = psql_as(
+            c,
+            role,
+            "postgres",
+            "SET session_replication_role = replica",
+        )
+        .expect_err("a managed role may not set session_replication_role");
+        assert!(refused.contains("permission denied"), "{refused}");
+    }
+}
+
+#[test]
+fn pagila_online_with_managed_roles_on_both_sides() {
+    let p = pair();
+    let Some(s) = managed_pagila("mg_pagila_src") else {
+        return;
+    };
+    let t = format!("{s}_tgt");
+    let name = "mg_pagila";
+    let plan = managed_plan(p, name, &s, &t, ONLINE);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(Written::default());
+    let w = writer(s.clone(), stop.clone(), written.clone());
+    let out = plan.run(&["run"]);
+    stop.store(true, Ordering::SeqCst);
+    w.join().expect("the writer");
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("apply mode: managed"), "{stderr}");
+    assert!(
+        written.fenced.load(Ordering::SeqCst),
+        "the fence stopped the application"
+    );
+    let n = written.transactions.load(Ordering::SeqCst);
+    assert!(n > 50, "the application wrote only {n} transactions");
+
+    // The target database belongs to the managed admin, who created it.
+    assert_eq!(
+        p.target.psql(
+            "postgres",
+            &format!("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = '{t}'")
+        ),
+        TARGET_ADMIN
+    );
+    // cdc applied in the managed mode, held the triggers and foreign keys, and the cutover put
+    // them all back, validated.
+    assert_eq!(counter(&t, name, &s, "managedApply"), "1");
+    assert_eq!(counter(&t, name, &s, "heldTriggers"), "0");
+    assert_eq!(counter(&t, name, &s, "heldForeignKeys"), "0");
+    assert_eq!(counter(&t, name, &s, "unvalidatedForeignKeys"), "0");
+    let applied: i64 = p
+        .target
+        .psql(&t, &format!("SELECT coalesce(sum(value), 0) FROM pgferry.counters WHERE migration = '{name}' AND scope = '{s}' AND name = 'totalChangesApplied'"))
+        .parse()
+        .expect("a number");
+    assert!(applied > 0, "cdc applied nothing");
+    assert_eq!(
+        p.target.psql(&t, "SELECT count(*) FROM pgferry.cdc_held"),
+        "0"
+    );
+    let facts = "SELECT (SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal AND tgenabled <> 'O') || ':' || \
+                        (SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal) || ':' || \
+                        (SELECT count(*) FROM pg_constraint WHERE contype = 'f' AND convalidated)";
+    let (sf, tf) = (p.source.psql(&s, facts), p.target.psql(&t, facts));
+    assert_eq!(sf, tf, "disabled triggers:triggers:valid foreign keys");
+    assert!(!sf.ends_with(":0"), "Pagila has foreign keys: {sf}");
+
+    // Rows (the triggers did not touch last_update), sequences, large objects and the schema.
+    assert_same_managed(p, &s, &t);
+
+    let key = format!("database:{s}");
+    let detail = p.target.psql(
+        &t,
+        &format!("SELECT value::text FROM pgferry.checkpoints WHERE migration = '{name}' AND stage = 'cutover' AND key = '{key}'"),
+    );
+    let v: serde_json::Value = serde_json::from_str(&detail).expect("cutover detail");
+    let downtime = v["downtime_seconds"].as_f64().expect("downtime");
+    let validate = v["managed_apply"]["validate_seconds"]
+        .as_f64()
+        .expect("validate time");
+    let restored = v["resync"]["held_restored"].as_array().map_or(0, Vec::len);
+    assert!(restored > 0, "{detail}");
+    eprintln!(
+        "[measure] managed mode: {n} application transactions, {applied} changes applied, write downtime {downtime:.2}s, \
+         {restored} objects put back inside it, foreign keys validated after it in {validate:.2}s"
+    );
+}
