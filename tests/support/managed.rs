@@ -289,3 +289,21 @@ pub fn assert_same_managed(p: &Pair, sdb: &str, tdb: &str) {
         s.lines().count()
     );
 }
+
+/// Waits until database `db` exists on `c` (a managed plan's run creates its target database, where
+/// its store lives).
+pub fn wait_for_database(c: &Cluster, db: &str) {
+    super::plan::wait_for(
+        "the target database",
+        std::time::Duration::from_secs(60),
+        || {
+            c.psql(
+                "postgres",
+                &format!(
+                    "SELECT count(*) FROM pg_database WHERE datname = '{}'",
+                    db.replace('\'', "''")
+                ),
+            ) == "1"
+        },
+    );
+}
