@@ -239,8 +239,7 @@ fn online_plan_as_managed_roles_migrates_hostile_names() {
         p.target.psql(&t, "SELECT count(*) FROM pgferry.cdc_held"),
         "0"
     );
-    let triggers =
-        "SELECT string_agg(tgname || ' ' || tgenabled::text, ',') FROM pg_trigger WHERE NOT tgisinternal";
+    let triggers = "SELECT string_agg(tgname || ' ' || tgenabled::text, ',') FROM pg_trigger WHERE NOT tgisinternal";
     assert_eq!(p.target.psql(&t, triggers), p.source.psql(&s, triggers));
     assert_eq!(
         p.target.psql(

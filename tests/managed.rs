@@ -392,3 +392,89 @@ fn killed_during_managed_cdc_then_resumed() {
     assert_eq!(trigger_facts(&p.source, &s), trigger_facts(&p.target, &t));
     assert_same_managed(p, &s, &t);
 }
+
+/// A small application database: a foreign key and a trigger on it, owned by the application.
+const SMALL: &str = "CREATE TABLE public.parent (id int PRIMARY KEY, v text);
+     CREATE TABLE public.child (id int PRIMARY KEY, parent int REFERENCES public.parent DEFERRABLE INITIALLY DEFERRED, v text);
+     CREATE FUNCTION public.stamp() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN NEW.v := NEW.v || ' (stamped)'; RETURN NEW; END $$;
+     CREATE TRIGGER stamp BEFORE INSERT OR UPDATE ON public.child FOR EACH ROW EXECUTE FUNCTION public.stamp();
+     INSERT INTO public.parent SELECT g, 'p' || g FROM generate_series(1, 100) g;
+     INSERT INTO public.child SELECT g, 1 + g % 100, 'c' || g FROM generate_series(1, 500) g;";
+
+/// While cdc applies in the managed mode, `status` says so and what it holds; a runner killed then
+/// leaves the target held, and `reset --keep-target` puts the trigger and the foreign key back
+/// (validated) on the target it keeps.
+#[test]
+fn status_shows_the_managed_mode_and_reset_keep_target_puts_everything_back() {
+    let p = pair();
+    let s = p.source.fresh_database("mg_reset_src");
+    p.source.psql(&s, SMALL);
+    make_managed_source(&p.source, &s);
+    let t = format!("{s}_tgt");
+    let plan = managed_plan(
+        p,
+        "mg_reset",
+        &s,
+        &t,
+        "[stages.schema]\nkind = \"schema_dump\"\nno_owner = true\nno_privileges = true\n\n\
+         [stages.provision]\nkind = \"provision\"\nafter = [\"schema\"]\n\n\
+         [stages.load]\nkind = \"full_load\"\nafter = [\"provision\"]\n\n\
+         [stages.indexes]\nkind = \"post_data\"\nafter = [\"load\"]\n\n\
+         [stages.cdc]\nkind = \"cdc\"\nafter = [\"indexes\"]\n\n\
+         [stages.cutover]\nkind = \"cutover\"\nafter = [\"cdc\"]\napproval = \"manual\"\n",
+    );
+    let mut child = plan.spawn(&["run"]);
+    managed::wait_for_database(&p.target, &t);
+    plan.wait_until_cdc_ready(p, &mut child);
+    let held = "SELECT (SELECT string_agg(tgname || ' ' || tgenabled::text, ',') FROM pg_trigger WHERE NOT tgisinternal) || ' | ' || \
+                (SELECT count(*) FROM pg_constraint WHERE contype = 'f' AND convalidated)";
+    assert_eq!(p.target.psql(&t, held), "stamp D | 0");
+    // Changes the trigger must not touch again, and a child whose parent comes later in the same
+    // transaction (reordered by the grouped apply: the foreign key is not there to refuse it).
+    psql_as(
+        &p.source,
+        APP_WRITER,
+        &s,
+        "BEGIN; INSERT INTO public.child VALUES (1000, 1000, 'late parent'); INSERT INTO public.parent VALUES (1000, 'p'); COMMIT;
+         UPDATE public.child SET v = 'updated' WHERE id <= 10;",
+    )
+    .expect("the application's changes");
+    let digest = |c: &support::Cluster, db: &str| support::row_digest(c, db, "public.child");
+    support::wait_for("cdc to apply the changes", Duration::from_secs(60), || {
+        digest(&p.target, &t) == digest(&p.source, &s)
+    });
+
+    let out = plan.run(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("mode      managed (no session_replication_role): 1 trigger(s)/rule(s) disabled and 1 foreign key(s) dropped"),
+        "{}",
+        show(&out)
+    );
+    let out = plan.run(&["status", "--json"]);
+    let json = String::from_utf8_lossy(&out.stdout);
+    assert!(json.contains("\"heldForeignKeys\": 1"), "{json}");
+
+    child.kill().expect("SIGKILL the runner");
+    let _ = child.wait();
+    assert_eq!(
+        p.target.psql(&t, held),
+        "stamp D | 0",
+        "held across the crash"
+    );
+    let out = plan.run(&["reset", "--yes", "--keep-target"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("trigger stamp of public.child is enabled again"),
+        "{}",
+        show(&out)
+    );
+    assert!(
+        stdout.contains("foreign key child_parent_fkey of public.child validated"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(p.target.psql(&t, held), "stamp O | 1");
+    assert_eq!(digest(&p.target, &t), digest(&p.source, &s));
+}

@@ -186,6 +186,15 @@ pub fn render(r: &RunReport) -> String {
                 get("cdcUpdateCounter"),
                 get("cdcDeleteCounter")
             );
+            if get("managedApply") != 0 {
+                let _ = writeln!(
+                    out,
+                    "    apply mode managed (the target role may not set session_replication_role): {} trigger(s)/rule(s) and {} foreign key(s) still held, {} foreign key(s) not validated yet",
+                    get("heldTriggers"),
+                    get("heldForeignKeys"),
+                    get("unvalidatedForeignKeys")
+                );
+            }
         }
         let bytes = |v: Option<i64>| v.map_or("-".into(), |v| human_bytes(v.max(0) as u64));
         let secs = |v: Option<i64>| v.map_or("-".into(), |v| format!("{:.1}s", v as f64 / 1000.0));
