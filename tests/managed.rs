@@ -478,3 +478,130 @@ fn status_shows_the_managed_mode_and_reset_keep_target_puts_everything_back() {
     assert_eq!(p.target.psql(&t, held), "stamp O | 1");
     assert_eq!(digest(&p.target, &t), digest(&p.source, &s));
 }
+
+/// A session of the superuser, held open on `db` until [`end_session`].
+fn superuser_session(c: &support::Cluster, db: &str) -> std::process::Child {
+    let child = c
+        .psql_command(db)
+        .arg("-c")
+        .arg("SELECT pg_sleep(300)")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("psql");
+    support::wait_for("the superuser's session", Duration::from_secs(30), || {
+        c.psql(
+            "postgres",
+            &format!("SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' AND query LIKE 'SELECT pg_sleep(300)%' AND pid <> pg_backend_pid()"),
+        ) == "1"
+    });
+    child
+}
+
+/// Ends the session [`superuser_session`] opened (its server process too: pg_sleep does not notice
+/// its client is gone).
+fn end_session(c: &support::Cluster, db: &str, mut child: std::process::Child) {
+    c.psql(
+        "postgres",
+        &format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}' AND query LIKE 'SELECT pg_sleep(300)%' AND pid <> pg_backend_pid()"),
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Preflight, as a managed source's role: says what it is and may do, names a selected table it
+/// does not own (the publication needs ownership) and the sessions the fence could not end.
+#[test]
+fn preflight_names_what_a_managed_source_role_cannot_do() {
+    let p = pair();
+    let s = p.source.fresh_database("mg_pre_src");
+    p.source.psql(&s, SMALL);
+    make_managed_source(&p.source, &s);
+    p.source.psql(
+        &s,
+        "CREATE TABLE public.not_ours (id int PRIMARY KEY); GRANT SELECT ON public.not_ours TO app_owner;",
+    );
+    let t = format!("{s}_tgt");
+    let plan = managed_plan(
+        p,
+        "mg_pre",
+        &s,
+        &t,
+        "[stages.pre]\nkind = \"preflight\"\n\n\
+         [stages.cdc]\nkind = \"cdc\"\nafter = [\"pre\"]\n\n\
+         [stages.cutover]\nkind = \"cutover\"\nafter = [\"cdc\"]\nfence = \"read_only\"\n",
+    );
+    let session = superuser_session(&p.source, &s);
+    let out = plan.run(&["run", "--until", "pre"]);
+    end_session(&p.source, &s, session);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for wording in [
+        "source role ferry_source does not own 1 selected table(s) (nor has their owner's privileges), which the publication (CREATE PUBLICATION ... FOR TABLE) needs: public.not_ours",
+        "sessions of role(s) postgres (1) are connected to source database",
+        "source role ferry_source is not a superuser: REPLICATION yes, owns 2 of 3 selected table(s); the fence ends the application's sessions as a member of pg_signal_backend",
+        "apply mode: managed (target role ferry_admin is not a superuser",
+    ] {
+        assert!(
+            stderr.contains(wording),
+            "preflight does not say {wording:?}:\n{}",
+            show(&out)
+        );
+    }
+}
+
+/// The cutover, as a managed source's role, refuses to go on past the fence while a session it may
+/// not end (the superuser's) is connected, and makes the source writable again; without it, the
+/// same run finishes with the target equal.
+#[test]
+fn the_fence_refuses_sessions_it_cannot_end_and_unfences() {
+    let p = pair();
+    let s = p.source.fresh_database("mg_fence_src");
+    p.source.psql(&s, SMALL);
+    make_managed_source(&p.source, &s);
+    let t = format!("{s}_tgt");
+    let plan = managed_plan(
+        p,
+        "mg_fence",
+        &s,
+        &t,
+        "[stages.schema]\nkind = \"schema_dump\"\nno_owner = true\nno_privileges = true\n\n\
+         [stages.provision]\nkind = \"provision\"\nafter = [\"schema\"]\n\n\
+         [stages.load]\nkind = \"full_load\"\nafter = [\"provision\"]\n\n\
+         [stages.indexes]\nkind = \"post_data\"\nafter = [\"load\"]\n\n\
+         [stages.cdc]\nkind = \"cdc\"\nafter = [\"indexes\"]\n\n\
+         [stages.cutover]\nkind = \"cutover\"\nafter = [\"cdc\"]\napproval = \"auto\"\nmax_lag = \"1s\"\nquiet_for = \"0s\"\nfence = \"read_only\"\n",
+    );
+    let session = superuser_session(&p.source, &s);
+    let out = plan.run(&["run"]);
+    end_session(&p.source, &s, session);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "the fence cannot end the sessions of role(s) postgres (1) on source database"
+        ) && stderr.contains("is writable again"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(
+        p.source.psql("postgres", &format!("SELECT count(*) FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase WHERE d.datname = '{s}'")),
+        "0",
+        "the fence was lifted"
+    );
+    psql_as(
+        &p.source,
+        APP_WRITER,
+        &s,
+        "UPDATE public.child SET v = 'after the refusal' WHERE id = 1",
+    )
+    .expect("the application writes again");
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    for table in ["public.parent", "public.child"] {
+        assert_eq!(
+            support::row_digest(&p.target, &t, table),
+            support::row_digest(&p.source, &s, table)
+        );
+    }
+}

@@ -58,3 +58,59 @@ pub async fn other_sessions(client: &Client, db: &str) -> Result<i64> {
         .map_err(|e| Error::pg(&e, "waiting for the source's sessions to end"))?
         .get(0))
 }
+
+/// What the source role may do that a migration needs, when it is not a superuser.
+#[derive(Debug, Clone, Default)]
+pub struct SourceCapabilities {
+    /// Selected tables whose owner's privileges the role does not have (`schema.table`): the
+    /// publication (`FOR TABLE`) and replica identity changes need them.
+    pub not_owned: Vec<String>,
+    /// May create a publication in the database (CREATE on it).
+    pub may_create_publication: bool,
+    /// Has the database owner's privileges: may `ALTER DATABASE ... SET` (the fence).
+    pub owns_database: bool,
+    /// Member of `pg_signal_backend`: may end any non-superuser's session.
+    pub signal_backend: bool,
+}
+
+/// Reads [`SourceCapabilities`] for `db` and the selected tables `tables` (`(schema, name)`).
+pub async fn source_capabilities(
+    client: &Client,
+    db: &str,
+    tables: &[(String, String)],
+) -> Result<SourceCapabilities> {
+    let (schemas, names): (Vec<&str>, Vec<&str>) =
+        tables.iter().map(|(s, n)| (s.as_str(), n.as_str())).unzip();
+    let not_owned = client
+        .query(
+            "SELECT n.nspname::text, c.relname::text FROM unnest($1::text[], $2::text[]) AS s(schema_name, table_name) \
+               JOIN pg_catalog.pg_namespace n ON n.nspname = s.schema_name \
+               JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = s.table_name \
+              WHERE NOT pg_catalog.pg_has_role(current_user, c.relowner, 'USAGE') ORDER BY 1, 2",
+            &[&schemas, &names],
+        )
+        .await
+        .map_err(|e| Error::pg(&e, "checking the ownership of the selected tables"))?
+        .iter()
+        .map(|r| {
+            crate::pg::ident::QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1))
+                .to_string()
+        })
+        .collect();
+    let row = client
+        .query_one(
+            "SELECT pg_catalog.has_database_privilege(current_user, d.oid, 'CREATE'), \
+                    pg_catalog.pg_has_role(current_user, d.datdba, 'USAGE'), \
+                    pg_catalog.pg_has_role(current_user, 'pg_signal_backend', 'USAGE') \
+               FROM pg_catalog.pg_database d WHERE d.datname = $1",
+            &[&db],
+        )
+        .await
+        .map_err(|e| Error::pg(&e, format!("checking the privileges on database {db}")))?;
+    Ok(SourceCapabilities {
+        not_owned,
+        may_create_publication: row.get(0),
+        owns_database: row.get(1),
+        signal_backend: row.get(2),
+    })
+}

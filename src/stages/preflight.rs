@@ -15,6 +15,7 @@ use super::{Env, Stage, StageContext};
 use crate::error::{Error, Result};
 use crate::pg::catalog::{self, ServerInfo, TableInfo};
 use crate::pg::connect::ConnInfo;
+use crate::pg::privileges;
 use crate::pg::version;
 use crate::plan::{Database, StageOptions};
 use crate::select::{Glob, Selection};
@@ -369,6 +370,9 @@ async fn check_source(
                 ),
             );
         }
+        if !info.is_superuser {
+            managed_source_findings(env, db, client, &info, &selected, out).await?;
+        }
         let lacking = replica_identity::lacking(&selected);
         let mode = env
             .plan
@@ -428,6 +432,129 @@ async fn check_source(
     }
     r.source_server = Some(info);
     r.tables = selected;
+    Ok(())
+}
+
+/// Whether the plan's cutover fences the source (`fence = "read_only"`).
+fn plan_fences(env: &Env) -> bool {
+    env.plan.stages.iter().any(|s| {
+        s.kind == "cutover"
+            && matches!(s.options.first(), Some(StageOptions::Cutover(o)) if o.read_only_fence())
+    })
+}
+
+/// An online migration whose source role is not a superuser (a managed service's admin): what it
+/// may do, and what it cannot (the publication needs the tables' ownership and CREATE on the
+/// database, the fence the database's ownership and the right to end the application's sessions).
+async fn managed_source_findings(
+    env: &Env,
+    db: &Database,
+    client: &Client,
+    info: &ServerInfo,
+    selected: &[TableInfo],
+    out: &mut Vec<Finding>,
+) -> Result<()> {
+    let mut add = |level, check, message: String, hint: Option<String>, tables: Vec<String>| {
+        out.push(Finding {
+            level,
+            database: db.name.clone(),
+            check,
+            message,
+            hint,
+            tables,
+        });
+    };
+    let tables: Vec<(String, String)> = selected
+        .iter()
+        .map(|t| (t.name.schema.clone(), t.name.name.clone()))
+        .collect();
+    let caps = privileges::source_capabilities(client, &db.name, &tables).await?;
+    let role = &info.current_user;
+    if !caps.not_owned.is_empty() {
+        add(
+            Level::Error,
+            "source_ownership",
+            format!(
+                "source role {role} does not own {} selected table(s) (nor has their owner's privileges), which the publication (CREATE PUBLICATION ... FOR TABLE) needs: {}",
+                caps.not_owned.len(),
+                short_list(&caps.not_owned)
+            ),
+            Some(format!(
+                "GRANT the tables' owner role TO {role} (a managed service's admin may grant itself the application's role), or leave those tables out of the selection"
+            )),
+            caps.not_owned.clone(),
+        );
+    }
+    if !caps.may_create_publication {
+        add(
+            Level::Error,
+            "source_publication",
+            format!(
+                "source role {role} may not create the migration's publication in database {}",
+                db.name
+            ),
+            Some(format!(
+                "GRANT CREATE ON DATABASE {} TO {role}",
+                crate::pg::ident::quote_ident(&db.name)
+            )),
+            Vec::new(),
+        );
+    }
+    let fence = plan_fences(env);
+    if fence && !caps.owns_database {
+        add(
+            Level::Error,
+            "fence",
+            format!(
+                "the cutover's fence sets default_transaction_read_only on source database {} (ALTER DATABASE), which needs its owner's privileges; role {role} does not have them",
+                db.name
+            ),
+            Some(format!(
+                "GRANT the database owner's role TO {role}, or set fence = \"none\" on the cutover and stop the application's writes yourself before approving it"
+            )),
+            Vec::new(),
+        );
+    }
+    let stuck = if fence {
+        privileges::sessions_it_cannot_end(client, &db.name).await?
+    } else {
+        Vec::new()
+    };
+    if !stuck.is_empty() {
+        let list: Vec<String> = stuck.iter().map(|(r, n)| format!("{r} ({n})")).collect();
+        add(
+            Level::Warning,
+            "fence",
+            format!(
+                "sessions of role(s) {} are connected to source database {} and role {role} may not end them: the cutover refuses to fence while such sessions remain",
+                list.join(", "),
+                db.name
+            ),
+            Some(format!(
+                "GRANT pg_signal_backend TO {role} (the managed services' admin roles have it), or GRANT those roles TO {role}, or end their sessions before the cutover"
+            )),
+            Vec::new(),
+        );
+    }
+    add(
+        Level::Info,
+        "source_role",
+        format!(
+            "source role {role} is not a superuser: REPLICATION {}, owns {} of {} selected table(s){}",
+            if info.can_replicate { "yes" } else { "no" },
+            selected.len() - caps.not_owned.len(),
+            selected.len(),
+            if !fence {
+                String::new()
+            } else if caps.signal_backend {
+                "; the fence ends the application's sessions as a member of pg_signal_backend (any role but a superuser)".into()
+            } else {
+                "; the fence may end only the sessions of roles it is a member of (not a member of pg_signal_backend)".into()
+            }
+        ),
+        None,
+        Vec::new(),
+    );
     Ok(())
 }
 
