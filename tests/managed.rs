@@ -36,7 +36,12 @@ struct Written {
 /// The application, writing to Pagila as [`APP_WRITER`] (DML privileges only) until the fence stops
 /// it: changes that would fire Pagila's `last_updated` triggers, and rows whose foreign keys the
 /// grouped apply reorders (a payment for a new customer, then the customer's deletion).
-fn writer(db: String, stop: Arc<AtomicBool>, written: Arc<Written>) -> std::thread::JoinHandle<()> {
+fn writer(
+    db: String,
+    stop: Arc<AtomicBool>,
+    written: Arc<Written>,
+    statement: fn(i64) -> String,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -58,38 +63,18 @@ fn writer(db: String, stop: Arc<AtomicBool>, written: Arc<Written>) -> std::thre
             let mut i: i64 = 0;
             while !stop.load(Ordering::SeqCst) {
                 i += 1;
-                let customer = (i % 599) + 1;
-                let sql = match i % 6 {
-                    0 => format!(
-                        "INSERT INTO public.payment (customer_id, staff_id, rental_id, amount, payment_date) \
-                         VALUES ({customer}, 1, {}, 0.42, '2022-03-15 10:00:00+00')",
-                        (i % 16000) + 1
-                    ),
-                    1 => format!(
-                        "UPDATE public.customer SET email = 'writer{i}@example.com' WHERE customer_id = {customer}"
-                    ),
-                    2 => format!(
-                        "BEGIN; INSERT INTO public.actor (first_name, last_name) VALUES ('Writer', 'No {i}'); \
-                         INSERT INTO public.film_actor (actor_id, film_id) VALUES (currval('public.actor_actor_id_seq'), {}); COMMIT",
-                        (i % 1000) + 1
-                    ),
-                    3 => "BEGIN; DELETE FROM public.film_actor WHERE actor_id = (SELECT max(actor_id) FROM public.actor WHERE first_name = 'Writer'); \
-                          DELETE FROM public.actor WHERE actor_id = (SELECT max(actor_id) FROM public.actor WHERE first_name = 'Writer'); COMMIT"
-                        .into(),
-                    4 => format!(
-                        "UPDATE public.film SET rental_rate = rental_rate + 0.01 WHERE film_id = {}",
-                        (i % 1000) + 1
-                    ),
-                    _ => format!("INSERT INTO public.scratch VALUES ({i}, 'row {i}')"),
-                };
+                let sql = statement(i);
                 match client.batch_execute(&sql).await {
                     Ok(()) => {
                         written.transactions.fetch_add(1, Ordering::SeqCst);
                     }
                     Err(e) => {
                         let code = e.code().map(|c| c.code().to_string());
-                        if matches!(code.as_deref(), Some("25006") | Some("57P01"))
-                            || client.is_closed()
+                        // 25006 read only, 57P01 ended by the fence, 42501 its privileges taken.
+                        if matches!(
+                            code.as_deref(),
+                            Some("25006") | Some("57P01") | Some("42501")
+                        ) || client.is_closed()
                         {
                             written.fenced.store(true, Ordering::SeqCst);
                             return;
@@ -101,6 +86,34 @@ fn writer(db: String, stop: Arc<AtomicBool>, written: Arc<Written>) -> std::thre
             }
         });
     })
+}
+
+/// The application's statements on Pagila.
+fn pagila_statement(i: i64) -> String {
+    let customer = (i % 599) + 1;
+    match i % 6 {
+        0 => format!(
+            "INSERT INTO public.payment (customer_id, staff_id, rental_id, amount, payment_date) \
+             VALUES ({customer}, 1, {}, 0.42, '2022-03-15 10:00:00+00')",
+            (i % 16000) + 1
+        ),
+        1 => format!(
+            "UPDATE public.customer SET email = 'writer{i}@example.com' WHERE customer_id = {customer}"
+        ),
+        2 => format!(
+            "BEGIN; INSERT INTO public.actor (first_name, last_name) VALUES ('Writer', 'No {i}'); \
+             INSERT INTO public.film_actor (actor_id, film_id) VALUES (currval('public.actor_actor_id_seq'), {}); COMMIT",
+            (i % 1000) + 1
+        ),
+        3 => "BEGIN; DELETE FROM public.film_actor WHERE actor_id = (SELECT max(actor_id) FROM public.actor WHERE first_name = 'Writer'); \
+              DELETE FROM public.actor WHERE actor_id = (SELECT max(actor_id) FROM public.actor WHERE first_name = 'Writer'); COMMIT"
+            .into(),
+        4 => format!(
+            "UPDATE public.film SET rental_rate = rental_rate + 0.01 WHERE film_id = {}",
+            (i % 1000) + 1
+        ),
+        _ => format!("INSERT INTO public.scratch VALUES ({i}, 'row {i}')"),
+    }
 }
 
 /// A Pagila source database as on a managed service, with a large object and an unlogged table.
@@ -190,7 +203,7 @@ fn pagila_online(managed: bool) -> Option<Measured> {
 
     let stop = Arc::new(AtomicBool::new(false));
     let written = Arc::new(Written::default());
-    let w = writer(s.clone(), stop.clone(), written.clone());
+    let w = writer(s.clone(), stop.clone(), written.clone(), pagila_statement);
     let out = plan.run(&["run"]);
     stop.store(true, Ordering::SeqCst);
     w.join().expect("the writer");
@@ -604,4 +617,110 @@ fn the_fence_refuses_sessions_it_cannot_end_and_unfences() {
             support::row_digest(&p.source, &s, table)
         );
     }
+}
+
+/// The source role of a service that lets it own the application's tables but neither alter the
+/// database nor end other roles' sessions: REPLICATION, member of [`managed::APP_OWNER`] only.
+const MINIMAL_SOURCE: &str = "ferry_minimal";
+
+/// `fence = "revoke_writes"`, as a role that may not make the database read-only nor end the
+/// application's session: the application, connected across the fence, is refused (42501) instead;
+/// the target is equal; `pgferry unfence` gives every privilege back as it was.
+#[test]
+fn the_revoke_writes_fence_stops_an_application_it_cannot_disconnect() {
+    let p = pair();
+    let s = p.source.fresh_database("mg_revoke_src");
+    p.source.psql(&s, SMALL);
+    make_managed_source(&p.source, &s);
+    p.source.psql(
+        &s,
+        &format!(
+            "ALTER DATABASE \"{s}\" OWNER TO postgres; GRANT CREATE ON DATABASE \"{s}\" TO {};
+             DO $$ BEGIN
+               IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{MINIMAL_SOURCE}') THEN
+                 CREATE ROLE {MINIMAL_SOURCE} LOGIN REPLICATION PASSWORD '{PASSWORD}' IN ROLE {};
+               END IF;
+             END $$;",
+            managed::APP_OWNER,
+            managed::APP_OWNER
+        ),
+    );
+    let acl = "SELECT string_agg(c.relname || '=' || coalesce(c.relacl::text, '-'), ' ' ORDER BY c.relname) \
+               FROM pg_class c WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'S')";
+    let before = p.source.psql(&s, acl);
+    let t = format!("{s}_tgt");
+    let plan = managed_plan(
+        p,
+        "mg_revoke",
+        &s,
+        &t,
+        "[stages.pre]\nkind = \"preflight\"\n\n\
+         [stages.schema]\nkind = \"schema_dump\"\nno_owner = true\nno_privileges = true\n\n\
+         [stages.provision]\nkind = \"provision\"\nafter = [\"schema\", \"pre\"]\n\n\
+         [stages.load]\nkind = \"full_load\"\nafter = [\"provision\"]\n\n\
+         [stages.indexes]\nkind = \"post_data\"\nafter = [\"load\"]\n\n\
+         [stages.cdc]\nkind = \"cdc\"\nafter = [\"indexes\"]\n\n\
+         [stages.cutover]\nkind = \"cutover\"\nafter = [\"cdc\"]\napproval = \"manual\"\nfence = \"revoke_writes\"\n",
+    );
+    let text = std::fs::read_to_string(&plan.path).expect("plan");
+    std::fs::write(&plan.path, text.replace(SOURCE_ROLE, MINIMAL_SOURCE)).expect("plan");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(Written::default());
+    let w = writer(s.clone(), stop.clone(), written.clone(), |i| {
+        format!(
+            "BEGIN; INSERT INTO public.parent VALUES ({} + 1000, 'app'); UPDATE public.child SET v = 'app {i}' WHERE id = {}; COMMIT",
+            i,
+            1 + i % 500
+        )
+    });
+    let mut child = plan.spawn(&["run"]);
+    managed::wait_for_database(&p.target, &t);
+    plan.wait_until_cdc_ready(p, &mut child);
+    let approve = plan.run(&["cutover"]);
+    assert_eq!(approve.status.code(), Some(0), "{}", show(&approve));
+    let out = child.wait_with_output().expect("the run");
+    stop.store(true, Ordering::SeqCst);
+    w.join().expect("the application");
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(
+        written.fenced.load(Ordering::SeqCst),
+        "the application was refused by the fence"
+    );
+    assert!(written.transactions.load(Ordering::SeqCst) > 10);
+    // Fenced: nobody holds a write privilege; the database itself was not touched.
+    assert_eq!(
+        p.source.psql(&s, &format!("SELECT has_table_privilege('{APP_WRITER}', 'public.child', 'UPDATE')::text || has_table_privilege('{}', 'public.parent', 'INSERT')::text", managed::APP_OWNER)),
+        "falsefalse"
+    );
+    assert_eq!(
+        p.source.psql(&s, "SHOW default_transaction_read_only"),
+        "off"
+    );
+    for table in ["public.parent", "public.child"] {
+        assert_eq!(
+            support::row_digest(&p.target, &t, table),
+            support::row_digest(&p.source, &s, table),
+            "{table}"
+        );
+    }
+    let out = plan.run(&["unfence"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("gave back"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(
+        p.source.psql(&s, acl),
+        before,
+        "every privilege is back as it was"
+    );
+    psql_as(
+        &p.source,
+        APP_WRITER,
+        &s,
+        "UPDATE public.child SET v = 'after' WHERE id = 1",
+    )
+    .expect("the application writes again");
 }

@@ -8,7 +8,9 @@
 //!   source's WAL position and counts the lag as small when cdc's applied position has reached the
 //!   previous sample (or the current position).
 //! - fence "read_only" (default): `ALTER DATABASE <source> SET default_transaction_read_only = on`,
-//!   then terminates the database's other client sessions (not walsenders). "none": no fence.
+//!   then terminates the database's other client sessions (not walsenders). "revoke_writes": takes
+//!   the write privileges on the selected tables from every role and waits for the transactions that
+//!   wrote ([`super::fence`]; for a role that may do neither). "none": no fence.
 //! - Then it records `pg_current_wal_insert_lsn()` (every commit so far is before it, also with
 //!   asynchronous commit) in its checkpoint `drain:<db>`; cdc applies up to at least that
 //!   position and finishes (done). The cutover waits for that (at most `timeout`),
@@ -45,6 +47,8 @@ struct Options {
     max_lag: Duration,
     quiet_for: Duration,
     fence: bool,
+    /// The `revoke_writes` fence ([`super::fence`]).
+    revoke: bool,
     timeout: Duration,
     analyze: bool,
 }
@@ -69,6 +73,7 @@ impl Cutover {
             max_lag: o.max_lag().max(Duration::from_millis(200)),
             quiet_for: o.quiet_for(),
             fence: o.read_only_fence(),
+            revoke: o.revoke_writes_fence(),
             timeout: o.timeout(),
             analyze: o.analyze(),
         }
@@ -662,6 +667,26 @@ impl Cutover {
                 .await?;
         }
         let fenced = async {
+            if o.revoke {
+                let n = super::fence::revoke_writes(
+                    &source,
+                    cx.store.as_ref(),
+                    &self.env.plan.state.schema,
+                    db,
+                    o.timeout,
+                )
+                .await?;
+                cx.store
+                    .event(
+                        Some(&cx.stage),
+                        "warn",
+                        &format!(
+                            "source database {}: the fence took {n} write privilege(s) on the selected tables (`pgferry unfence` gives them back)",
+                            db.name
+                        ),
+                    )
+                    .await?;
+            }
             let lsn = self.fenced_part(cx, db, o, &source).await?;
             let resync = self.resync(cx, db).await?;
             Ok::<_, Error>((lsn, resync))
@@ -679,13 +704,29 @@ impl Cutover {
                 Ok(serde_json::json!({
                     "lsn": lsn.to_string(),
                     "downtime_seconds": downtime.as_secs_f64(),
-                    "fenced": o.fence,
+                    "fenced": o.fence || o.revoke,
                     "resync": resync,
                     "managed_apply": super::cdc::managed::after_cutover(&self.env, db, cx).await?,
                     "statistics": self.statistics(cx, db, o).await?,
                 }))
             }
             Err(e) => {
+                if o.revoke {
+                    let given = match self
+                        .env
+                        .source_for(db)
+                        .past_fence()
+                        .connect("cutover unfence")
+                        .await
+                    {
+                        Ok(c) => super::fence::restore(&c, cx.store.as_ref(), &db.name).await,
+                        Err(e) => Err(e),
+                    };
+                    return Err(match given {
+                        Ok(_) => e.context(format!("cutover failed after the fence; the write privileges on source database `{}` are given back", db.name)),
+                        Err(u) => e.context(format!("cutover failed after the fence and the write privileges it took on source database `{}` could NOT be given back ({u}); run `pgferry unfence PLAN`", db.name)),
+                    });
+                }
                 if !o.fence {
                     return Err(e);
                 }
@@ -739,6 +780,8 @@ impl Stage for Cutover {
                 },
                 if o.fence {
                     "make the source database read-only and end its sessions"
+                } else if o.revoke {
+                    "revoke the write privileges on the selected tables and wait for the transactions that wrote"
                 } else {
                     "no fence"
                 }

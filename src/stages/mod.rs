@@ -6,6 +6,7 @@ pub mod analyze;
 pub mod cdc;
 pub mod cleanup;
 pub mod cutover;
+pub mod fence;
 pub mod full_load;
 pub mod post_data;
 pub mod preflight;

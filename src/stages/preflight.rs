@@ -435,7 +435,7 @@ async fn check_source(
     Ok(())
 }
 
-/// Whether the plan's cutover fences the source (`fence = "read_only"`).
+/// Whether the plan's cutover fences the source read-only (`fence = "read_only"`).
 fn plan_fences(env: &Env) -> bool {
     env.plan.stages.iter().any(|s| {
         s.kind == "cutover"
@@ -510,7 +510,7 @@ async fn managed_source_findings(
                 db.name
             ),
             Some(format!(
-                "GRANT the database owner's role TO {role}, or set fence = \"none\" on the cutover and stop the application's writes yourself before approving it"
+                "GRANT the database owner's role TO {role}, or set fence = \"revoke_writes\" on the cutover (it takes the write privileges on the selected tables instead, and needs no session ended)"
             )),
             Vec::new(),
         );
@@ -531,7 +531,7 @@ async fn managed_source_findings(
                 db.name
             ),
             Some(format!(
-                "GRANT pg_signal_backend TO {role} (the managed services' admin roles have it), or GRANT those roles TO {role}, or end their sessions before the cutover"
+                "GRANT pg_signal_backend TO {role} (the managed services' admin roles have it), or GRANT those roles TO {role}, or set fence = \"revoke_writes\" on the cutover (it ends no session)"
             )),
             Vec::new(),
         );
