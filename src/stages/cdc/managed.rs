@@ -12,7 +12,10 @@
 //! - every user trigger and rule that would not fire in replica mode (`tgenabled`/`ev_enabled`
 //!   `O`) is disabled, and those enabled for replica only (`R`) are enabled `ALWAYS`, so exactly
 //!   the triggers a replica session fires still fire;
-//! - every foreign key is dropped, its definition (`pg_get_constraintdef`) kept.
+//! - every foreign key is dropped, its definition (`pg_get_constraintdef`) kept;
+//! - on a target older than 13, a partitioned table's row trigger, whose copies on the partitions are
+//!   internal triggers no one but a superuser may disable, is dropped, its definition
+//!   (`pg_get_triggerdef`) kept, and created again.
 //!
 //! Each object is recorded in `<state schema>.cdc_held` *in the target database*, in the same
 //! transaction as its `ALTER TABLE`: a crash keeps both or loses both, so the target never has a
@@ -101,10 +104,20 @@ pub async fn hold(client: &Client, state_schema: &str) -> Result<Held> {
         .map_err(|e| Error::pg(&e, format!("creating {table} on the target")))?;
     let result = async {
         let mut new = 0;
+        let version: String = client
+            .query_one("SELECT current_setting('server_version_num')", &[])
+            .await
+            .map_err(|e| Error::pg(&e, "reading the target's version"))?
+            .get(0);
+        let version = crate::pg::version::ServerVersion::from_num(version.parse().unwrap_or(0));
+        // Where a partitioned table's row trigger has internal copies on its partitions (before
+        // 13), it is dropped (its definition kept) rather than disabled.
+        let drop_partitioned = version.partition_triggers_are_internal();
         let triggers = client
             .query(
                 &format!(
-                    "SELECT n.nspname::text, c.relname::text, t.tgname::text, t.tgenabled::text \
+                    "SELECT n.nspname::text, c.relname::text, t.tgname::text, t.tgenabled::text, \
+                            c.relkind = 'p', pg_catalog.pg_get_triggerdef(t.oid) \
                        FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
                       WHERE NOT t.tgisinternal AND t.tgenabled IN ('O', 'R') AND {USER_RELATION} ORDER BY 1, 2, 3"
                 ),
@@ -112,6 +125,40 @@ pub async fn hold(client: &Client, state_schema: &str) -> Result<Held> {
             )
             .await
             .map_err(|e| Error::pg(&e, "listing the target's triggers"))?;
+        for r in &triggers {
+            let (schema, name, object, enabled, partitioned, definition): (
+                String,
+                String,
+                String,
+                String,
+                bool,
+                String,
+            ) = (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5));
+            if !(drop_partitioned && partitioned) {
+                continue;
+            }
+            let q = QualifiedName::new(schema.clone(), name.clone());
+            let sql = format!(
+                "INSERT INTO {table} (kind, schema_name, table_name, name, enabled, definition) VALUES ('trigger_def', {}, {}, {}, {}, {}) ON CONFLICT DO NOTHING; \
+                 DROP TRIGGER {} ON {}",
+                quote_literal(&schema),
+                quote_literal(&name),
+                quote_literal(&object),
+                quote_literal(&enabled),
+                quote_literal(&definition),
+                quote_ident(&object),
+                q.quoted()
+            );
+            client
+                .batch_execute(&sql)
+                .await
+                .map_err(|e| fail(&e, format!("target table {q}: dropping trigger {object}")))?;
+            new += 1;
+        }
+        let triggers: Vec<&tokio_postgres::Row> = triggers
+            .iter()
+            .filter(|r| !(drop_partitioned && r.get::<_, bool>(4)))
+            .collect();
         let rules = client
             .query(
                 &format!(
@@ -123,8 +170,9 @@ pub async fn hold(client: &Client, state_schema: &str) -> Result<Held> {
             )
             .await
             .map_err(|e| Error::pg(&e, "listing the target's rules"))?;
+        let rules: Vec<&tokio_postgres::Row> = rules.iter().collect();
         for (kind, rows) in [("trigger", &triggers), ("rule", &rules)] {
-            for r in rows {
+            for r in rows.iter() {
                 let (schema, name, object, enabled): (String, String, String, String) =
                     (r.get(0), r.get(1), r.get(2), r.get(3));
                 let q = QualifiedName::new(schema.clone(), name.clone());
@@ -185,7 +233,7 @@ pub async fn hold(client: &Client, state_schema: &str) -> Result<Held> {
         let row = client
             .query_one(
                 &format!(
-                    "SELECT count(*) FILTER (WHERE kind = 'trigger'), count(*) FILTER (WHERE kind = 'rule'), \
+                    "SELECT count(*) FILTER (WHERE kind IN ('trigger', 'trigger_def')), count(*) FILTER (WHERE kind = 'rule'), \
                             count(*) FILTER (WHERE kind = 'foreign_key') FROM {table}"
                 ),
                 &[],
@@ -239,7 +287,8 @@ pub async fn restore(client: &Client, state_schema: &str) -> Result<Vec<String>>
             &format!(
                 "SELECT r.kind, r.schema_name, r.table_name, r.name, r.enabled, r.definition, \
                         c.oid IS NOT NULL, \
-                        EXISTS (SELECT 1 FROM pg_catalog.pg_constraint k WHERE k.conrelid = c.oid AND k.conname = r.name) \
+                        EXISTS (SELECT 1 FROM pg_catalog.pg_constraint k WHERE k.conrelid = c.oid AND k.conname = r.name), \
+                        EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t WHERE t.tgrelid = c.oid AND t.tgname = r.name) \
                    FROM {table} r \
                    LEFT JOIN pg_catalog.pg_namespace n ON n.nspname = r.schema_name \
                    LEFT JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = r.table_name \
@@ -263,7 +312,8 @@ pub async fn restore(client: &Client, state_schema: &str) -> Result<Vec<String>>
             String,
             String,
         ) = (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5));
-        let (table_exists, constraint_exists): (bool, bool) = (r.get(6), r.get(7));
+        let (table_exists, constraint_exists, trigger_exists): (bool, bool, bool) =
+            (r.get(6), r.get(7), r.get(8));
         let key = format!(
             "kind = {} AND schema_name = {} AND table_name = {} AND name = {}",
             quote_literal(&kind),
@@ -277,6 +327,21 @@ pub async fn restore(client: &Client, state_schema: &str) -> Result<Vec<String>>
             continue;
         }
         match kind.as_str() {
+            "trigger_def" => {
+                if !trigger_exists {
+                    sql.push_str(&definition);
+                    sql.push_str(";\n");
+                    if enabled == "R" {
+                        sql.push_str(&format!(
+                            "ALTER TABLE {} ENABLE REPLICA TRIGGER {};\n",
+                            q.quoted(),
+                            quote_ident(&object)
+                        ));
+                    }
+                    out.push(format!("trigger {object} of {q} is created again"));
+                }
+                sql.push_str(&format!("DELETE FROM {table} WHERE {key};\n"));
+            }
             "foreign_key" => {
                 if !constraint_exists {
                     let not_valid = if definition.ends_with(" NOT VALID") {
