@@ -585,11 +585,13 @@ pub fn pair() -> &'static Pair {
     }
 }
 
-/// `../shared/data/pagila` relative to the crate root, if `pagila-schema.sql` and
-/// `pagila-data.sql` are there. Otherwise [`super::require::missing`]: a failure under CI, a loud
-/// SKIPPED line elsewhere.
+/// `$PGFERRY_PAGILA_DIR`, else `../shared/data/pagila` relative to the crate root, if
+/// `pagila-schema.sql` and `pagila-data.sql` are there. Otherwise [`super::require::missing`]: a
+/// failure under CI, a loud SKIPPED line elsewhere.
 pub fn pagila_dir() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/pagila");
+    let dir = std::env::var_os("PGFERRY_PAGILA_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/pagila"));
     if dir.join("pagila-schema.sql").is_file() && dir.join("pagila-data.sql").is_file() {
         Some(dir.canonicalize().unwrap_or(dir))
     } else {
@@ -599,7 +601,7 @@ pub fn pagila_dir() -> Option<PathBuf> {
                 dir.display()
             ),
             "put Pagila's pagila-schema.sql and pagila-data.sql in shared/data/pagila beside the \
-             checkout (CI's copy of shared/ has them)",
+             checkout (CI's copy of shared/ has them), or point PGFERRY_PAGILA_DIR at them",
         );
         None
     }
