@@ -492,7 +492,9 @@ fn online_verify_on_pagila_while_writes_continue() {
     wait_for("the runner lock to go", Duration::from_secs(10), || {
         p.target.psql(
             &t,
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pgferry runner%'",
+            // This store's runner only: other tests' runners share the cluster.
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name LIKE 'pgferry runner%'",
         ) == "0"
     });
     let out = plan.run(&["verify"]);
