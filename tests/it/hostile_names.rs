@@ -5,11 +5,9 @@
 //! table's rows are equal on both sides (row digests), the index, the foreign key, the partitions
 //! and the sequence value arrived, and `public.y` — the injection's target — still exists.
 
-mod support;
-
 use std::time::Duration;
 
-use support::{Cluster, TestPlan, pair, row_digest, show, wait_for};
+use crate::support::{Cluster, TestPlan, pair, row_digest, show, wait_for};
 
 const SCHEMA: &str = r#""x""; DROP TABLE y; --""#;
 
@@ -181,7 +179,7 @@ fn online_plan_with_cdc_and_cutover_migrates_hostile_names() {
 /// puts back.
 #[test]
 fn online_plan_as_managed_roles_migrates_hostile_names() {
-    use support::managed::{self, APP_WRITER};
+    use crate::support::managed::{self, APP_WRITER};
     let p = pair();
     let s = p.source.fresh_database("hostile_mg_src");
     let t = format!("{s}_tgt");
