@@ -114,3 +114,24 @@ pub async fn source_capabilities(
         signal_backend: row.get(2),
     })
 }
+
+/// The tables of user schemas (not `pgferry`'s state schemas: any schema whose tables the role
+/// created is its own) whose owner's privileges the connected role does not have, `schema.table`.
+pub async fn tables_not_owned(client: &Client) -> Result<Vec<String>> {
+    Ok(client
+        .query(
+            "SELECT n.nspname::text, c.relname::text FROM pg_catalog.pg_class c \
+               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+              WHERE c.relkind IN ('r', 'p') AND n.nspname NOT LIKE 'pg\\_%' AND n.nspname <> 'information_schema' \
+                AND NOT pg_catalog.pg_has_role(current_user, c.relowner, 'USAGE') ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::pg(&e, "checking the ownership of the target's tables"))?
+        .iter()
+        .map(|r| {
+            crate::pg::ident::QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1))
+                .to_string()
+        })
+        .collect())
+}

@@ -635,6 +635,26 @@ async fn check_target(
             )
         };
         add(Level::Info, "apply_mode", message, hint);
+        // The managed mode alters the target's tables: an existing target must be the role's.
+        if !may_set_role && r.target_exists == Some(true) {
+            let foreign = privileges::tables_not_owned(client).await?;
+            if !foreign.is_empty() {
+                add(
+                    Level::Error,
+                    "target_ownership",
+                    format!(
+                        "target role {} does not own {} table(s) of target database {}, whose triggers and foreign keys the managed apply mode must hold: {}",
+                        info.current_user,
+                        foreign.len(),
+                        db.target,
+                        short_list(&foreign)
+                    ),
+                    Some(
+                        "let provision create the tables as this role (drop the target database, or point the plan at a new one), or GRANT the tables' owner role to it",
+                    ),
+                );
+            }
+        }
     }
     r.target_server = Some(info);
     Ok(())

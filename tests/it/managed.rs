@@ -538,6 +538,13 @@ fn preflight_names_what_a_managed_source_role_cannot_do() {
          [stages.cdc]\nkind = \"cdc\"\nafter = [\"pre\"]\n\n\
          [stages.cutover]\nkind = \"cutover\"\nafter = [\"cdc\"]\nfence = \"read_only\"\n",
     );
+    // A target database someone else made, with a table the managed admin does not own.
+    p.target
+        .psql("postgres", &format!("CREATE DATABASE \"{t}\""));
+    p.target.psql(
+        &t,
+        &format!("CREATE TABLE public.theirs (id int); GRANT CREATE ON DATABASE \"{t}\" TO {TARGET_ADMIN}"),
+    );
     let session = superuser_session(&p.source, &s);
     let out = plan.run(&["run", "--until", "pre"]);
     end_session(&p.source, &s, session);
@@ -548,6 +555,7 @@ fn preflight_names_what_a_managed_source_role_cannot_do() {
         "sessions of role(s) postgres (1) are connected to source database",
         "source role ferry_source is not a superuser: REPLICATION yes, owns 2 of 3 selected table(s); the fence ends the application's sessions as a member of pg_signal_backend",
         "apply mode: managed (target role ferry_admin is not a superuser",
+        "target role ferry_admin does not own 1 table(s) of target database",
     ] {
         assert!(
             stderr.contains(wording),
@@ -611,6 +619,14 @@ fn the_fence_refuses_sessions_it_cannot_end_and_unfences() {
             support::row_digest(&p.source, &s, table)
         );
     }
+    // reset after the cutover, as the managed roles: the slot and the publication go (a target
+    // that went through a real cutover is kept: --keep-target).
+    let out = plan.run(&["reset", "--yes", "--keep-target"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(
+        p.source.psql(&s, "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'pgferry_mg_fence%') + (SELECT count(*) FROM pg_publication)"),
+        "0"
+    );
 }
 
 /// The source role of a service that lets it own the application's tables but neither alter the
