@@ -734,3 +734,71 @@ fn the_revoke_writes_fence_stops_an_application_it_cannot_disconnect() {
     )
     .expect("the application writes again");
 }
+
+/// A rehearsal as the managed roles: the simulated cutover puts back what cdc held (the source is
+/// never fenced), and a full `reset` then drops the rehearsal's target database, which the managed
+/// admin created and owns, with the slot and the publication.
+#[test]
+fn a_managed_rehearsal_puts_everything_back_and_reset_drops_its_target() {
+    let p = pair();
+    let s = p.source.fresh_database("mg_reh_src");
+    p.source.psql(&s, SMALL);
+    make_managed_source(&p.source, &s);
+    let t = format!("{s}_tgt");
+    let plan = managed_plan(
+        p,
+        "mg_reh",
+        &s,
+        &t,
+        "[stages.schema]\nkind = \"schema_dump\"\nno_owner = true\nno_privileges = true\n\n\
+         [stages.provision]\nkind = \"provision\"\nafter = [\"schema\"]\n\n\
+         [stages.load]\nkind = \"full_load\"\nafter = [\"provision\"]\n\n\
+         [stages.indexes]\nkind = \"post_data\"\nafter = [\"load\"]\n\n\
+         [stages.cdc]\nkind = \"cdc\"\nafter = [\"indexes\"]\n\n\
+         [stages.cutover]\nkind = \"cutover\"\nafter = [\"cdc\"]\napproval = \"auto\"\nmax_lag = \"1s\"\nquiet_for = \"0s\"\n",
+    );
+    let out = plan.run(&["run", "--rehearsal"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cdc applies to"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(
+        p.source.psql(&s, "SHOW default_transaction_read_only"),
+        "off"
+    );
+    let facts = "SELECT (SELECT string_agg(tgname || ' ' || tgenabled::text, ',') FROM pg_trigger WHERE NOT tgisinternal) || ' | ' || \
+                 (SELECT count(*) FROM pg_constraint WHERE contype = 'f' AND convalidated)";
+    assert_eq!(p.target.psql(&t, facts), "stamp O | 1");
+    assert_eq!(
+        p.target.psql(&t, "SELECT count(*) FROM pgferry.cdc_held"),
+        "0"
+    );
+    for table in ["public.parent", "public.child"] {
+        assert_eq!(
+            support::row_digest(&p.target, &t, table),
+            support::row_digest(&p.source, &s, table)
+        );
+    }
+    let out = plan.run(&["reset", "--yes"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    // Dropped; the database of the same name now holds only the store, made again for the runs
+    // and reports reset keeps.
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("dropped target database {t}")),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(
+        p.target.psql(
+            &t,
+            "SELECT count(*) FROM pg_class WHERE relname IN ('parent', 'child')"
+        ),
+        "0"
+    );
+    assert_eq!(
+        p.source.psql(&s, "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'pgferry_mg_reh%') + (SELECT count(*) FROM pg_publication)"),
+        "0"
+    );
+}
