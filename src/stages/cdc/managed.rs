@@ -109,7 +109,11 @@ pub async fn hold(client: &Client, state_schema: &str) -> Result<Held> {
             .await
             .map_err(|e| Error::pg(&e, "reading the target's version"))?
             .get(0);
-        let version = crate::pg::version::ServerVersion::from_num(version.parse().unwrap_or(0));
+        let version = crate::pg::version::ServerVersion::from_num(version.parse().map_err(|_| {
+            Error::permanent(format!(
+                "the target reports server_version_num {version:?}, which is not a number"
+            ))
+        })?);
         // Where a partitioned table's row trigger has internal copies on its partitions (before
         // 13), it is dropped (its definition kept) rather than disabled.
         let drop_partitioned = version.partition_triggers_are_internal();
