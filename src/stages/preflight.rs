@@ -599,19 +599,9 @@ async fn check_target(
             );
         }
     }
-    // PostgreSQL 15+: a role may be granted SET on the parameter instead of being a superuser.
-    let may_set_role = info.is_superuser
-        || (info.server_version().has_grant_set_on_parameter()
-            && client
-                .query_one(
-                    "SELECT pg_catalog.has_parameter_privilege('session_replication_role', 'SET')",
-                    &[],
-                )
-                .await
-                .map_err(|e| {
-                    Error::pg(&e, "checking the privilege to set session_replication_role")
-                })?
-                .get::<_, bool>(0));
+    // What cdc will do: it tries the SET (a superuser, a grant of SET on 15+, or a managed
+    // service's hook may allow it), so preflight asks the server the same way.
+    let may_set_role = crate::stages::cdc::managed::can_set_replication_role(client).await?;
     if online {
         let (message, hint) = if may_set_role {
             (
