@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::plan::Plan;
+use crate::plan::StageKind;
 use crate::stages::validate::report::Report;
 use crate::state::postgres::{LockHolder, RunRecord};
 use crate::state::{StageRecord, StageState, TableProgress, TableState, Timestamp};
@@ -225,7 +226,7 @@ impl Status<'_> {
     }
 
     fn has_cdc(&self) -> bool {
-        self.plan.stages.iter().any(|s| s.kind == "cdc")
+        self.plan.stages.iter().any(|s| s.kind == StageKind::Cdc)
     }
 
     /// The Azure DMS change-data-capture fields of a database (or a `db.schema.table` scope).
@@ -289,7 +290,7 @@ impl Status<'_> {
         m
     }
 
-    fn record(&self, kind: &str) -> Option<&StageRecord> {
+    fn record(&self, kind: StageKind) -> Option<&StageRecord> {
         let ids: Vec<&str> = self
             .plan
             .stages
@@ -304,7 +305,7 @@ impl Status<'_> {
 
     /// The cutover's phase for `db`, as the cutover stage records it in its detail.
     fn cutover_phase(&self, db: Option<&str>) -> Option<CutoverPhase> {
-        let r = self.record("cutover")?;
+        let r = self.record(StageKind::Cutover)?;
         let dbs = r.detail.get(CUTOVER_DETAIL_KEY)?.as_object()?;
         let phases = dbs
             .iter()
@@ -347,20 +348,22 @@ impl Status<'_> {
         {
             return MigrationState::Completed;
         }
-        let is = |kind: &str, st: StageState| self.record(kind).is_some_and(|r| r.state == st);
-        if is("cutover", StageState::Done)
-            || (is("cutover", StageState::Running)
+        let is = |kind: StageKind, st: StageState| self.record(kind).is_some_and(|r| r.state == st);
+        if is(StageKind::Cutover, StageState::Done)
+            || (is(StageKind::Cutover, StageState::Running)
                 && self.cutover_phase(db) == Some(CutoverPhase::CuttingOver))
         {
             return MigrationState::CuttingOver;
         }
-        if is("cdc", StageState::Ready) || (is("cdc", StageState::Done) && self.has_cutover()) {
+        if is(StageKind::Cdc, StageState::Ready)
+            || (is(StageKind::Cdc, StageState::Done) && self.has_cutover())
+        {
             return MigrationState::ReadyToComplete;
         }
-        if is("cdc", StageState::Running) {
+        if is(StageKind::Cdc, StageState::Running) {
             return MigrationState::CatchingUp;
         }
-        if self.record("full_load").is_some() {
+        if self.record(StageKind::FullLoad).is_some() {
             return MigrationState::FullLoad;
         }
         MigrationState::Pending
@@ -372,7 +375,10 @@ impl Status<'_> {
     }
 
     fn has_cutover(&self) -> bool {
-        self.plan.stages.iter().any(|s| s.kind == "cutover")
+        self.plan
+            .stages
+            .iter()
+            .any(|s| s.kind == StageKind::Cutover)
     }
 
     /// Whether a runner works on the migration, or why none does.
@@ -469,7 +475,7 @@ impl Status<'_> {
             .plan
             .stages
             .iter()
-            .filter(|s| s.kind == "full_load")
+            .filter(|s| s.kind == StageKind::FullLoad)
             .map(|s| s.id.as_str())
             .collect();
         for db in &self.plan.databases {
@@ -718,7 +724,7 @@ impl Status<'_> {
                 .plan
                 .stages
                 .iter()
-                .filter(|s| s.kind == "full_load")
+                .filter(|s| s.kind == StageKind::FullLoad)
                 .map(|s| s.id.as_str())
                 .collect();
             let whole: Vec<&TableProgress> = self
@@ -886,16 +892,16 @@ after = ["sequences"]
         for i in plan.dag.order() {
             let s = &plan.stages[i];
             if s.id == stage {
-                out.push(record(&s.id, s.kind, state));
+                out.push(record(&s.id, s.kind.as_str(), state));
                 break;
             }
             // cdc keeps running (ready) while the stages after it work.
-            let before = if s.kind == "cdc" {
+            let before = if s.kind == StageKind::Cdc {
                 StageState::Ready
             } else {
                 StageState::Done
             };
-            out.push(record(&s.id, s.kind, before));
+            out.push(record(&s.id, s.kind.as_str(), before));
         }
         out
     }
@@ -936,7 +942,10 @@ after = ["sequences"]
         phase(&mut approved, CutoverPhase::CuttingOver);
         assert_eq!(st(approved.clone()), CuttingOver);
         // cdc drained and finished, the cutover copies what replication does not carry.
-        for r in approved.iter_mut().filter(|r| r.kind == "cdc") {
+        for r in approved
+            .iter_mut()
+            .filter(|r| r.kind == StageKind::Cdc.as_str())
+        {
             r.state = StageState::Done;
         }
         assert_eq!(st(approved), CuttingOver);

@@ -74,21 +74,10 @@ pub(crate) async fn execute(
             return EXIT_USAGE;
         }
     };
-    // Build the selected stages before connecting to anything: a stage that cannot run is refused now.
     let selected = crate::executor::selection(&plan.dag, &sel);
     let mut built = vec![None; plan.stages.len()];
-    let mut refused = Vec::new();
     for &i in &selected {
-        match stages::build(&env, i) {
-            Ok(s) => built[i] = Some(s),
-            Err(e) => refused.push(e),
-        }
-    }
-    if !refused.is_empty() {
-        for e in &refused {
-            report(e);
-        }
-        return EXIT_USAGE;
+        built[i] = Some(stages::build(&env, i));
     }
 
     let conn = match store_conn(&plan) {

@@ -7,6 +7,7 @@ use crate::cli::PlanArgs;
 use crate::pg::connect::ConnInfo;
 use crate::pg::names::slot_name;
 use crate::plan::Plan;
+use crate::plan::StageKind;
 use crate::state::StateStore;
 use crate::status::{SlotInfo, Status};
 
@@ -133,7 +134,7 @@ pub async fn run(args: &PlanArgs, json: bool) -> u8 {
             }
         };
     // The slots matter while cdc may stream: a plan with a cdc stage.
-    let slots = if plan.stages.iter().any(|s| s.kind == "cdc") {
+    let slots = if plan.stages.iter().any(|s| s.kind == StageKind::Cdc) {
         futures_util::future::join_all(plan.databases.iter().map(|db| slot_info(&plan, db))).await
     } else {
         Vec::new()
@@ -274,7 +275,7 @@ async fn compact(
     let loads: Vec<&str> = plan
         .stages
         .iter()
-        .filter(|s| s.kind == "full_load")
+        .filter(|s| s.kind == StageKind::FullLoad)
         .map(|s| s.id.as_str())
         .collect();
     let tables: Vec<&crate::state::TableProgress> = st
@@ -304,7 +305,7 @@ async fn compact(
         );
     }
     let counters = store.counters().await?;
-    if plan.has_kind("cdc") {
+    if plan.has_kind(StageKind::Cdc) {
         for db in &plan.databases {
             let applied = store
                 .position(&crate::stages::cdc::applied_position(&db.name))

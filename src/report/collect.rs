@@ -11,6 +11,7 @@ use super::model::{
 };
 use crate::error::{Error, Result};
 use crate::plan::Plan;
+use crate::plan::StageKind;
 use crate::stages::validate::LATEST_ARTIFACT;
 use crate::stages::validate::report::Report as ValidationReport;
 use crate::state::StateStore;
@@ -82,7 +83,7 @@ pub async fn collect(plan: &Plan, store: &PgStore, run_id: i64) -> Result<RunRep
     let kind_of = |id: &str| plan.stages.iter().find(|s| s.id == id).map(|s| s.kind);
     let mut copies: BTreeMap<(String, String, String), TableCopy> = BTreeMap::new();
     for t in store.tables(None).await? {
-        if kind_of(&t.stage) != Some("full_load") {
+        if kind_of(&t.stage) != Some(StageKind::FullLoad) {
             continue;
         }
         let table = t.table.split('#').next().unwrap_or(&t.table).to_string();
@@ -118,7 +119,7 @@ pub async fn collect(plan: &Plan, store: &PgStore, run_id: i64) -> Result<RunRep
     }
 
     // post_data objects, from their checkpoints (`database:<db>:item:<kind>:<name>`).
-    for s in plan.stages.iter().filter(|s| s.kind == "post_data") {
+    for s in plan.stages.iter().filter(|s| s.kind == StageKind::PostData) {
         for (key, value, updated) in store.checkpoints(&s.id).await? {
             let Some(db) = plan
                 .databases
@@ -158,7 +159,7 @@ pub async fn collect(plan: &Plan, store: &PgStore, run_id: i64) -> Result<RunRep
     });
 
     // cdc: counters (migration-wide) and this run's lag samples.
-    if let Some(s) = plan.stages.iter().find(|s| s.kind == "cdc") {
+    if let Some(s) = plan.stages.iter().find(|s| s.kind == StageKind::Cdc) {
         let mut cdc = CdcReport {
             stage: s.id.clone(),
             ..Default::default()
@@ -196,7 +197,7 @@ pub async fn collect(plan: &Plan, store: &PgStore, run_id: i64) -> Result<RunRep
     }
 
     // Cutover: one checkpoint per database.
-    for s in plan.stages.iter().filter(|s| s.kind == "cutover") {
+    for s in plan.stages.iter().filter(|s| s.kind == StageKind::Cutover) {
         for db in &plan.databases {
             let Some(v) = store
                 .checkpoint(&s.id, &format!("database:{}", db.name))

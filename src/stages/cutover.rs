@@ -32,6 +32,7 @@ use crate::error::{Error, Result};
 use crate::pg::connect::ConnInfo;
 use crate::pg::ident::quote_ident;
 use crate::pg::pgoutput::Lsn;
+use crate::plan::StageKind;
 use crate::plan::{Database, StageOptions};
 use crate::state::StageState;
 use crate::state::postgres::PgStore;
@@ -81,7 +82,7 @@ impl Cutover {
             .iter()
             .map(|&i| &plan.stages[i])
             .chain(plan.stages.iter())
-            .find(|s| s.kind == "cdc")
+            .find(|s| s.kind == StageKind::Cdc)
             .map(|s| s.id.clone())
     }
 

@@ -33,6 +33,7 @@ use crate::pg::copy::{self, CopyTable};
 use crate::pg::ident::quote_literal;
 use crate::pg::names::slot_name;
 use crate::pg::replication::ReplicationClient;
+use crate::plan::StageKind;
 use crate::plan::units::human_bytes;
 use crate::plan::{Database, StageOptions};
 use crate::select::Selection;
@@ -66,7 +67,7 @@ impl FullLoad {
 #[async_trait]
 impl Stage for FullLoad {
     fn describe(&self) -> Vec<String> {
-        let online = self.env.plan.has_kind("cdc");
+        let online = self.env.plan.has_kind(StageKind::Cdc);
         let mut out = Vec::new();
         for (i, db) in self.env.plan.databases.iter().enumerate() {
             let (jobs, split) = self.options(i);
@@ -164,7 +165,7 @@ async fn load_database(
 ) -> Result<serde_json::Value> {
     let source_conn = env.source_for(db);
     let target_conn = env.target_for(db);
-    let online = env.plan.has_kind("cdc");
+    let online = env.plan.has_kind(StageKind::Cdc);
     let started = Instant::now();
 
     // What is already done.

@@ -53,6 +53,7 @@ use crate::error::{Error, Result};
 use crate::pg::names::{publication_name, slot_name};
 use crate::pg::pgoutput::{Lsn, PgOutputMessage, pg_time_to_system};
 use crate::pg::replication::{ReplicationClient, ReplicationMessage};
+use crate::plan::StageKind;
 use crate::plan::{Database, StageOptions};
 use crate::state::TableState;
 use apply::Applier;
@@ -330,7 +331,7 @@ impl<'a> DbStream<'a> {
             .plan
             .stages
             .iter()
-            .filter(|s| s.kind == "full_load")
+            .filter(|s| s.kind == StageKind::FullLoad)
         {
             for t in self.cx.store.tables(Some(&s.id)).await? {
                 if t.database != self.db.name || t.state != TableState::Copied {
@@ -730,7 +731,13 @@ impl<'a> DbStream<'a> {
 
     /// The LSN a running cutover asked this database to drain to.
     async fn drain_target(&self) -> Result<Option<Lsn>> {
-        for s in self.env.plan.stages.iter().filter(|s| s.kind == "cutover") {
+        for s in self
+            .env
+            .plan
+            .stages
+            .iter()
+            .filter(|s| s.kind == StageKind::Cutover)
+        {
             if let Some(v) = self
                 .cx
                 .store
