@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::pg::lsn::Lsn;
 use crate::plan::Plan;
 use crate::plan::StageKind;
 use crate::stages::validate::report::Report;
@@ -115,7 +116,7 @@ pub struct Status<'a> {
     /// Counters of the store: `(scope, name, value)`.
     pub counters: Vec<(String, String, i64)>,
     /// Positions of the store: `(name, lsn)`.
-    pub positions: Vec<(String, String)>,
+    pub positions: Vec<(String, Lsn)>,
     /// What the source says of each database's replication slot, when it could be asked.
     pub slots: Vec<SlotInfo>,
     /// The latest validation (validate stage or `pgferry verify`), if any.
@@ -127,11 +128,11 @@ pub struct Status<'a> {
 pub struct SlotInfo {
     pub database: String,
     /// The source's WAL insert position now.
-    pub source_lsn: Option<String>,
+    pub source_lsn: Option<Lsn>,
     /// The slot is missing (None with an error), or the source was unreachable.
     pub exists: bool,
     pub active: bool,
-    pub confirmed_flush: Option<String>,
+    pub confirmed_flush: Option<Lsn>,
     /// WAL the slot keeps on the source (current position minus restart_lsn), bytes.
     pub retained_bytes: Option<i64>,
     pub wal_status: Option<String>,
@@ -218,11 +219,8 @@ impl Status<'_> {
             .unwrap_or(0)
     }
 
-    fn position(&self, name: &str) -> Option<&str> {
-        self.positions
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|p| p.1.as_str())
+    fn position(&self, name: &str) -> Option<Lsn> {
+        self.positions.iter().find(|(n, _)| n == name).map(|p| p.1)
     }
 
     fn has_cdc(&self) -> bool {
@@ -247,13 +245,12 @@ impl Status<'_> {
     /// cdc's lag for `db` now ([`crate::lag`]: seconds from cdc's gauge, bytes from the source's
     /// position and the applied one).
     pub fn lag(&self, db: &str) -> crate::lag::Lag {
-        let lsn = |s: Option<&str>| s.and_then(|s| s.parse::<crate::pg::pgoutput::Lsn>().ok());
-        let source = lsn(self
+        let source = self
             .slots
             .iter()
             .find(|s| s.database == db)
-            .and_then(|s| s.source_lsn.as_deref()));
-        let applied = lsn(self.position(&format!("cdc_applied:{db}")));
+            .and_then(|s| s.source_lsn);
+        let applied = self.position(&format!("cdc_applied:{db}"));
         let gauge = self
             .counters
             .iter()
@@ -583,8 +580,9 @@ impl Status<'_> {
         let _ = writeln!(
             out,
             "  applied   {} (source at {})",
-            applied.unwrap_or("-"),
-            slot.and_then(|s| s.source_lsn.as_deref()).unwrap_or("?")
+            applied.map_or("-".into(), |l| l.to_string()),
+            slot.and_then(|s| s.source_lsn)
+                .map_or("?".into(), |l| l.to_string())
         );
         if let Some(s) = slot {
             if let Some(e) = &s.error {

@@ -138,10 +138,7 @@ pub async fn run(
             "database {}: {} snapshots{}{}",
             s.database,
             s.method,
-            s.lsn
-                .as_deref()
-                .map(|l| format!(" at {l}"))
-                .unwrap_or_default(),
+            s.lsn.map(|l| format!(" at {l}")).unwrap_or_default(),
             s.note
                 .as_deref()
                 .map(|n| format!(" ({n})"))

@@ -7,6 +7,7 @@ pub mod copy;
 pub mod dump;
 pub mod ident;
 pub mod large_objects;
+pub mod lsn;
 pub mod names;
 pub mod pgoutput;
 pub mod post_data_script;

@@ -31,9 +31,9 @@ use tokio_postgres::tls::TlsConnect;
 use crate::error::{Error, Result, classify_sqlstate};
 use crate::pg::connect::{ConnInfo, TlsMode};
 use crate::pg::ident::quote_ident;
+use crate::pg::lsn::Lsn;
 use crate::pg::pgoutput::{
-    self, Decoder, Lsn, PgOutputMessage, PrimaryKeepalive, StandbyStatusUpdate, StreamMessage,
-    XLogData,
+    self, Decoder, PgOutputMessage, PrimaryKeepalive, StandbyStatusUpdate, StreamMessage, XLogData,
 };
 use crate::pg::version::ServerVersion;
 
@@ -88,16 +88,9 @@ impl Row {
 pub struct SlotSnapshot {
     pub slot_name: String,
     /// The LSN from which the slot decodes; the snapshot shows exactly the data committed before it.
-    pub consistent_point: String,
+    pub consistent_point: Lsn,
     /// The exported snapshot, valid while this session stays idle and open.
     pub snapshot_name: String,
-}
-
-impl SlotSnapshot {
-    /// The consistent point as an LSN.
-    pub fn consistent_lsn(&self) -> Result<Lsn> {
-        self.consistent_point.parse()
-    }
 }
 
 /// What to ask pgoutput for in `START_REPLICATION`.
@@ -595,7 +588,7 @@ impl ReplicationClient {
         };
         Ok(SlotSnapshot {
             slot_name: get("slot_name")?,
-            consistent_point: get("consistent_point")?,
+            consistent_point: get("consistent_point")?.parse()?,
             snapshot_name: get("snapshot_name")?,
         })
     }

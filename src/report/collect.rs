@@ -208,7 +208,9 @@ pub async fn collect(plan: &Plan, store: &PgStore, run_id: i64) -> Result<RunRep
             report.cutover.push(CutoverReport {
                 stage: s.id.clone(),
                 database: db.name.clone(),
-                lsn: str_field(&v, "lsn"),
+                lsn: v
+                    .get("lsn")
+                    .and_then(|l| serde_json::from_value(l.clone()).ok()),
                 fenced: v.get("fenced").and_then(serde_json::Value::as_bool),
                 downtime_seconds: v
                     .get("downtime_seconds")

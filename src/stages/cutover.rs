@@ -26,12 +26,12 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use super::cdc::{applied_position, drain_key};
+use super::cdc::{applied_position, drain_key, drain_lsn};
 use super::{Env, Stage, StageContext};
 use crate::error::{Error, Result};
 use crate::pg::connect::ConnInfo;
 use crate::pg::ident::quote_ident;
-use crate::pg::pgoutput::Lsn;
+use crate::pg::lsn::{self, Lsn};
 use crate::plan::StageKind;
 use crate::plan::{Database, StageOptions};
 use crate::state::StageState;
@@ -159,16 +159,8 @@ impl Cutover {
         let mut previous: Option<Lsn> = None;
         let mut last_said: Option<Instant> = None;
         loop {
-            let now: String = control
-                .query_one("SELECT pg_catalog.pg_current_wal_insert_lsn()::text", &[])
-                .await
-                .map_err(|e| Error::pg(&e, "reading the source's WAL position"))?
-                .get(0);
-            let now: Lsn = now.parse()?;
-            let applied: Option<Lsn> = match cx.store.position(&applied_position(&db.name)).await? {
-                Some(p) => Some(p.parse()?),
-                None => None,
-            };
+            let now = lsn::current_insert_lsn(&control).await?;
+            let applied: Option<Lsn> = cx.store.position(&applied_position(&db.name)).await?;
             let lag = crate::lag::Lag::new(
                 cx.store
                     .counter(&db.name, crate::lag::OLDEST_UNAPPLIED_GAUGE)
@@ -339,14 +331,7 @@ impl Cutover {
                 .any(|s| &s.stage == id && s.state == StageState::Done),
         };
         let earlier = cx.store.checkpoint(&cx.stage, &drain_key(&db.name)).await?;
-        let earlier: Option<Lsn> = match earlier
-            .as_ref()
-            .and_then(|v| v.get("lsn"))
-            .and_then(serde_json::Value::as_str)
-        {
-            Some(l) => Some(l.parse()?),
-            None => None,
-        };
+        let earlier = drain_lsn(earlier.as_ref())?;
         if let (Some(target), true) = (earlier, cdc_done(&cx.store.stages().await?)) {
             // An earlier attempt drained cdc and stopped it; nothing may have come since.
             self.nothing_left_in_slot(db, source).await?;
@@ -355,12 +340,7 @@ impl Cutover {
         // The insert position, not pg_current_wal_lsn() (the write position): with
         // synchronous_commit = off the last commit records may still sit in the WAL buffers,
         // behind the write position, and a drain to that position would miss them.
-        let lsn: String = source
-            .query_one("SELECT pg_catalog.pg_current_wal_insert_lsn()::text", &[])
-            .await
-            .map_err(|e| Error::pg(&e, "reading the source's WAL position"))?
-            .get(0);
-        let target: Lsn = lsn.parse()?;
+        let target = lsn::current_insert_lsn(source).await?;
         cx.store
             .put_checkpoint(
                 &cx.stage,
@@ -389,10 +369,7 @@ impl Cutover {
         };
         let deadline = Instant::now() + o.timeout;
         loop {
-            let applied: Option<Lsn> = match cx.store.position(&applied_position(&db.name)).await? {
-                Some(p) => Some(p.parse()?),
-                None => None,
-            };
+            let applied: Option<Lsn> = cx.store.position(&applied_position(&db.name)).await?;
             let drained = applied.is_some_and(|a| a >= target);
             if drained && cdc_done(&cx.store.stages().await?) {
                 return Ok(());
@@ -466,14 +443,7 @@ impl Cutover {
         o: &Options,
     ) -> Result<serde_json::Value> {
         let earlier = cx.store.checkpoint(&cx.stage, &drain_key(&db.name)).await?;
-        let earlier: Option<Lsn> = match earlier
-            .as_ref()
-            .and_then(|v| v.get("lsn"))
-            .and_then(serde_json::Value::as_str)
-        {
-            Some(l) => Some(l.parse()?),
-            None => None,
-        };
+        let earlier = drain_lsn(earlier.as_ref())?;
         if earlier.is_none() {
             self.approve_and_analyze(cx, db, o).await?;
         } else {
@@ -533,14 +503,7 @@ impl Cutover {
     async fn simulated_fence(&self, cx: &StageContext, db: &Database, o: &Options) -> Result<Lsn> {
         use super::cdc::{held_position, hold_release_position, hold_request_position};
         let source = self.env.source_for(db).connect("cutover rehearsal").await?;
-        let insert_lsn = async || -> Result<Lsn> {
-            let l: String = source
-                .query_one("SELECT pg_catalog.pg_current_wal_insert_lsn()::text", &[])
-                .await
-                .map_err(|e| Error::pg(&e, "reading the source's WAL position"))?
-                .get(0);
-            l.parse()
-        };
+        let insert_lsn = async || lsn::current_insert_lsn(&source).await;
         if self.cdc_stage().is_none() {
             let target = insert_lsn().await?;
             cx.store
@@ -566,15 +529,12 @@ impl Cutover {
             .map_err(|e| Error::pg(&e, "waiting for validations of this database to finish"))?;
         let h0 = insert_lsn().await?;
         cx.store
-            .advance_position(&hold_request_position(&db.name), &h0.to_string())
+            .advance_position(&hold_request_position(&db.name), h0)
             .await?;
         let held = async {
             let deadline = Instant::now() + o.timeout;
             loop {
-                let held: Option<Lsn> = match cx.store.position(&held_position(&db.name)).await? {
-                    Some(p) => Some(p.parse()?),
-                    None => None,
-                };
+                let held: Option<Lsn> = cx.store.position(&held_position(&db.name)).await?;
                 if held.is_some_and(|h| h >= h0) {
                     return Ok(());
                 }
@@ -604,7 +564,7 @@ impl Cutover {
         // Whatever happened, cdc must not stay held.
         let released = cx
             .store
-            .advance_position(&hold_release_position(&db.name), &h0.to_string())
+            .advance_position(&hold_release_position(&db.name), h0)
             .await;
         drop(guard);
         let target = taken?;

@@ -31,6 +31,7 @@ use crate::pg::catalog;
 use crate::pg::connect::ConnInfo;
 use crate::pg::copy::{self, CopyTable};
 use crate::pg::ident::quote_literal;
+use crate::pg::lsn::Lsn;
 use crate::pg::names::slot_name;
 use crate::pg::replication::ReplicationClient;
 use crate::plan::StageKind;
@@ -116,7 +117,7 @@ struct Load {
     bytes: AtomicU64,
     rows: AtomicU64,
     tables_done: AtomicU64,
-    lsn: Option<String>,
+    lsn: Option<Lsn>,
     snapshot: String,
     stage: String,
     database: String,
@@ -142,7 +143,7 @@ impl Load {
             state,
             rows: rows as i64,
             bytes: bytes as i64,
-            lsn: self.lsn.clone(),
+            lsn: self.lsn,
             started_at: None,
             ended_at: None,
             error,
@@ -201,7 +202,7 @@ async fn load_database(
                 .await
                 .map_err(|e| e.context(format!("creating replication slot {slot}")))?;
             cx.store
-                .advance_position(&format!("slot:{}", db.name), &s.consistent_point)
+                .advance_position(&format!("slot:{}", db.name), s.consistent_point)
                 .await?;
             cx.store
                 .event(
@@ -235,7 +236,7 @@ async fn load_database(
         (
             SnapshotHolder::Transaction(holder),
             row.get::<_, String>(0),
-            row.get::<_, Option<String>>(1),
+            crate::pg::lsn::parse_opt(row.get(1))?,
         )
     };
 
@@ -316,7 +317,7 @@ async fn load_database(
         bytes: AtomicU64::new(0),
         rows: AtomicU64::new(0),
         tables_done: AtomicU64::new(0),
-        lsn: lsn.clone(),
+        lsn,
         snapshot,
         stage: cx.stage.clone(),
         database: db.name.clone(),

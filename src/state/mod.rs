@@ -12,6 +12,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
+use crate::pg::lsn::Lsn;
 
 /// A stage's lifecycle: `pending -> running -> done | failed`; a continuous stage (cdc) is also
 /// `ready` once it has caught up, which satisfies its dependents while it keeps running.
@@ -125,8 +126,8 @@ pub trait StateStore: Send + Sync {
     async fn event(&self, stage: Option<&str>, level: &str, message: &str) -> Result<()>;
     /// Moves a named position (an LSN such as `0/16B3748`) forward; a lower one is ignored. Returns
     /// the stored position.
-    async fn advance_position(&self, name: &str, lsn: &str) -> Result<String>;
-    async fn position(&self, name: &str) -> Result<Option<String>>;
+    async fn advance_position(&self, name: &str, lsn: Lsn) -> Result<Lsn>;
+    async fn position(&self, name: &str) -> Result<Option<Lsn>>;
     /// Stores an artifact (a schema dump section, a report), replacing an older one of that name.
     async fn put_artifact(&self, name: &str, content: &[u8]) -> Result<()>;
     async fn artifact(&self, name: &str) -> Result<Option<Vec<u8>>>;
@@ -208,7 +209,7 @@ pub struct TableProgress {
     pub rows: i64,
     pub bytes: i64,
     /// The source position the copy is consistent with.
-    pub lsn: Option<String>,
+    pub lsn: Option<Lsn>,
     pub started_at: Option<Timestamp>,
     pub ended_at: Option<Timestamp>,
     pub error: Option<String>,

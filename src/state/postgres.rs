@@ -14,6 +14,7 @@ use super::{LagSample, StageRecord, StageState, StateStore, TableProgress, Table
 use crate::error::{Error, Result};
 use crate::pg::connect::ConnInfo;
 use crate::pg::ident::{quote_ident, quote_literal};
+use crate::pg::lsn::Lsn;
 
 /// The store's schema, step by step. `{s}` is the quoted schema name. Never edit a released step;
 /// append a new one.
@@ -507,7 +508,7 @@ impl PgStore {
     }
 
     /// Every position of this migration: `(name, lsn)`.
-    pub async fn positions(&self) -> Result<Vec<(String, String)>> {
+    pub async fn positions(&self) -> Result<Vec<(String, Lsn)>> {
         let client = self.client().await?;
         let sql = format!(
             "SELECT name, lsn::text FROM {} WHERE migration = $1 ORDER BY 1",
@@ -517,7 +518,9 @@ impl PgStore {
             .query(&sql, &[&self.migration])
             .await
             .map_err(|e| Error::pg(&e, "reading positions"))?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        rows.iter()
+            .map(|r| Ok((r.get(0), r.get::<_, String>(1).parse()?)))
+            .collect()
     }
 
     pub async fn counters(&self) -> Result<Vec<(String, String, i64)>> {
@@ -754,25 +757,26 @@ impl StateStore for PgStore {
             .query(&sql, &[&self.migration, &stage])
             .await
             .map_err(|e| Error::pg(&e, "reading table progress"))?;
-        Ok(rows
-            .iter()
-            .map(|r| TableProgress {
-                stage: r.get(0),
-                database: r.get(1),
-                table: r.get(2),
-                state: TableState::parse(r.get(3)),
-                rows: r.get(4),
-                bytes: r.get(5),
-                lsn: r.get(6),
-                started_at: r.get::<_, Option<f64>>(7).map(Timestamp),
-                ended_at: r.get::<_, Option<f64>>(8).map(Timestamp),
-                error: r.get(9),
+        rows.iter()
+            .map(|r| {
+                Ok(TableProgress {
+                    stage: r.get(0),
+                    database: r.get(1),
+                    table: r.get(2),
+                    state: TableState::parse(r.get(3)),
+                    rows: r.get(4),
+                    bytes: r.get(5),
+                    lsn: crate::pg::lsn::parse_opt(r.get(6))?,
+                    started_at: r.get::<_, Option<f64>>(7).map(Timestamp),
+                    ended_at: r.get::<_, Option<f64>>(8).map(Timestamp),
+                    error: r.get(9),
+                })
             })
-            .collect())
+            .collect()
     }
 
     /// Moves a position forward; a lower LSN than the stored one is ignored. Returns the stored LSN.
-    async fn advance_position(&self, name: &str, lsn: &str) -> Result<String> {
+    async fn advance_position(&self, name: &str, lsn: Lsn) -> Result<Lsn> {
         let client = self.client().await?;
         let sql = format!(
             "INSERT INTO {t} AS p (migration, name, lsn) VALUES ($1, $2, $3::text::pg_lsn) \
@@ -782,13 +786,13 @@ impl StateStore for PgStore {
             t = self.t("positions")
         );
         let row = client
-            .query_one(&sql, &[&self.migration, &name, &lsn])
+            .query_one(&sql, &[&self.migration, &name, &lsn.to_string()])
             .await
             .map_err(|e| Error::pg(&e, format!("recording position {name}")))?;
-        Ok(row.get(0))
+        row.get::<_, String>(0).parse()
     }
 
-    async fn position(&self, name: &str) -> Result<Option<String>> {
+    async fn position(&self, name: &str) -> Result<Option<Lsn>> {
         let client = self.client().await?;
         let sql = format!(
             "SELECT lsn::text FROM {} WHERE migration = $1 AND name = $2",
@@ -798,7 +802,7 @@ impl StateStore for PgStore {
             .query_opt(&sql, &[&self.migration, &name])
             .await
             .map_err(|e| Error::pg(&e, "reading a position"))?;
-        Ok(row.map(|r| r.get(0)))
+        row.map(|r| r.get::<_, String>(0).parse()).transpose()
     }
 
     /// Stores an artifact (for example a schema dump section), replacing an older one.

@@ -50,8 +50,9 @@ use async_trait::async_trait;
 
 use super::{Env, Stage, StageContext};
 use crate::error::{Error, Result};
+use crate::pg::lsn::Lsn;
 use crate::pg::names::{publication_name, slot_name};
-use crate::pg::pgoutput::{Lsn, PgOutputMessage, pg_time_to_system};
+use crate::pg::pgoutput::{PgOutputMessage, pg_time_to_system};
 use crate::pg::replication::{ReplicationClient, ReplicationMessage};
 use crate::plan::StageKind;
 use crate::plan::{Database, StageOptions};
@@ -165,6 +166,16 @@ impl Cdc {
 /// `{"lsn": "..."}`. A checkpoint, not a position, so that `--rerun` of the cutover forgets it.
 pub fn drain_key(db: &str) -> String {
     format!("drain:{db}")
+}
+
+/// The drain target a cutover recorded in its [`drain_key`] checkpoint (`{"lsn": "X/Y", ...}`).
+pub fn drain_lsn(checkpoint: Option<&serde_json::Value>) -> Result<Option<Lsn>> {
+    match checkpoint.and_then(|v| v.get("lsn")) {
+        None => Ok(None),
+        Some(l) => serde_json::from_value(l.clone())
+            .map(Some)
+            .map_err(|e| Error::permanent(format!("the recorded drain target: {e}"))),
+    }
 }
 
 /// The store position of what cdc has applied for `db` (a copy of the target's own record).
@@ -337,10 +348,9 @@ impl<'a> DbStream<'a> {
                 if t.database != self.db.name || t.state != TableState::Copied {
                     continue;
                 }
-                let Some(lsn) = t.lsn.as_deref() else {
+                let Some(lsn) = t.lsn else {
                     continue;
                 };
-                let lsn: Lsn = lsn.parse()?;
                 // `schema.table#range` rows belong to their table.
                 let name = t.table.split('#').next().unwrap_or(&t.table).to_string();
                 let e = out.entry(name).or_insert(lsn);
@@ -373,7 +383,7 @@ impl<'a> DbStream<'a> {
                     tracing::warn!("{msg}");
                     self.cx
                         .store
-                        .advance_position(&strict_position(&self.db.name), &until.to_string())
+                        .advance_position(&strict_position(&self.db.name), until)
                         .await?;
                     self.cx
                         .store
@@ -406,7 +416,7 @@ impl<'a> DbStream<'a> {
                 .position(&format!("slot:{}", self.db.name))
                 .await?
             {
-                Some(p) => p.parse()?,
+                Some(p) => p,
                 None => {
                     return Err(Error::permanent(format!(
                         "no start position for database `{}`: neither an applied position on the target nor the slot's consistent point",
@@ -416,15 +426,11 @@ impl<'a> DbStream<'a> {
                 }
             },
         };
-        let strict_until: Option<Lsn> = match self
+        let strict_until: Option<Lsn> = self
             .cx
             .store
             .position(&strict_position(&self.db.name))
-            .await?
-        {
-            Some(p) => Some(p.parse()?),
-            None => None,
-        };
+            .await?;
         let result: Result<()> = async {
             let mut repl = ReplicationClient::connect(&self.env.source_for(self.db), "cdc").await?;
             // A walsender that hears nothing for wal_sender_timeout ends the stream: answer well
@@ -464,7 +470,7 @@ impl<'a> DbStream<'a> {
             if start != Lsn::INVALID {
                 self.cx
                     .store
-                    .advance_position(&applied_position(&self.db.name), &start.to_string())
+                    .advance_position(&applied_position(&self.db.name), start)
                     .await?;
             }
 
@@ -723,7 +729,7 @@ impl<'a> DbStream<'a> {
             st.applied = target;
             self.cx
                 .store
-                .advance_position(&applied_position(&self.db.name), &target.to_string())
+                .advance_position(&applied_position(&self.db.name), target)
                 .await?;
         }
         Ok(())
@@ -738,14 +744,13 @@ impl<'a> DbStream<'a> {
             .iter()
             .filter(|s| s.kind == StageKind::Cutover)
         {
-            if let Some(v) = self
+            let checkpoint = self
                 .cx
                 .store
                 .checkpoint(&s.id, &drain_key(&self.db.name))
-                .await?
-                && let Some(l) = v.get("lsn").and_then(serde_json::Value::as_str)
-            {
-                return Ok(Some(l.parse()?));
+                .await?;
+            if let Some(l) = drain_lsn(checkpoint.as_ref())? {
+                return Ok(Some(l));
             }
         }
         Ok(None)
@@ -757,14 +762,13 @@ impl<'a> DbStream<'a> {
         let db = &self.db.name;
         // The release first: validation moves the request forward before it releases the previous
         // hold, so a release read here is never newer than the request read after it.
-        let released: Lsn = match store.position(&hold_release_position(db)).await? {
-            Some(p) => p.parse()?,
-            None => Lsn::INVALID,
-        };
+        let released = store
+            .position(&hold_release_position(db))
+            .await?
+            .unwrap_or(Lsn::INVALID);
         let Some(request) = store.position(&hold_request_position(db)).await? else {
             return Ok(None);
         };
-        let request: Lsn = request.parse()?;
         Ok((request > released).then_some(request))
     }
 
@@ -785,9 +789,7 @@ impl<'a> DbStream<'a> {
         st.last_status = Instant::now();
         let store = &self.cx.store;
         let db = &self.db.name;
-        store
-            .advance_position(&held_position(db), &at.to_string())
-            .await?;
+        store.advance_position(&held_position(db), at).await?;
         tracing::info!(database = %db, at = %at, applied = %st.applied, "cdc holding for validation");
         let since = Instant::now();
         loop {
@@ -977,7 +979,7 @@ impl<'a> DbStream<'a> {
         }
         self.cx
             .store
-            .advance_position(&applied_position(&self.db.name), &st.applied.to_string())
+            .advance_position(&applied_position(&self.db.name), st.applied)
             .await?;
         st.stored = st.applied;
         st.stored_at = Instant::now();

@@ -388,7 +388,7 @@ async fn validate_database(
         opts.mode.as_str(),
         opts.jobs,
         info.method,
-        info.lsn.as_deref().map(|l| format!(" at {l}")).unwrap_or_default()
+        info.lsn.map(|l| format!(" at {l}")).unwrap_or_default()
     );
     let work = Arc::new(Work {
         database: db.name.clone(),

@@ -32,7 +32,7 @@ use super::report::SnapshotInfo;
 use crate::error::{Error, Result};
 use crate::pg::connect::ConnInfo;
 use crate::pg::ident::quote_literal;
-use crate::pg::pgoutput::Lsn;
+use crate::pg::lsn::{self, Lsn};
 use crate::pg::replication::{ReplicationClient, SlotSnapshot};
 use crate::stages::cdc::{held_position, hold_release_position, hold_request_position};
 use crate::state::StateStore;
@@ -130,16 +130,14 @@ pub async fn take(
                 .connect(purpose)
                 .await
                 .map_err(|e| e.context("source"))?;
-            let h0: String = control
-                .query_one("SELECT pg_catalog.pg_current_wal_insert_lsn()::text", &[])
+            let h0 = lsn::current_insert_lsn(&control)
                 .await
-                .map_err(|e| Error::pg(&e, "reading the source's WAL position").context("source"))?
-                .get(0);
+                .map_err(|e| e.context("source"))?;
             drop(control);
             store
-                .advance_position(&hold_request_position(database), &h0)
+                .advance_position(&hold_request_position(database), h0)
                 .await?;
-            let mut requested = h0.clone();
+            let mut requested = h0;
             let result = online_steps(
                 source_conn,
                 target_conn,
@@ -149,18 +147,18 @@ pub async fn take(
                 hold_timeout,
                 cancel,
                 purpose,
-                &h0,
+                h0,
                 &mut requested,
             )
             .await;
             // Always let cdc go on, whatever happened.
             let released = store
-                .advance_position(&hold_release_position(database), &requested)
+                .advance_position(&hold_release_position(database), requested)
                 .await;
             drop(guard);
             let (repl, snap, target_holder, target) = result?;
             released?;
-            let l = snap.consistent_point.clone();
+            let l = snap.consistent_point;
             tracing::info!(database, lsn = %l, "target snapshot taken at the source snapshot's position; cdc released");
             Ok(Snapshots {
                 source: snap.snapshot_name,
@@ -192,11 +190,10 @@ async fn online_steps(
     hold_timeout: Duration,
     cancel: &CancellationToken,
     purpose: &str,
-    h0: &str,
-    requested: &mut String,
+    h0: Lsn,
+    requested: &mut Lsn,
 ) -> Result<(ReplicationClient, SlotSnapshot, Client, String)> {
-    let h0_lsn: Lsn = h0.parse()?;
-    wait_held(store, database, h0_lsn, hold_timeout, cancel, cdc_stage).await?;
+    wait_held(store, database, h0, hold_timeout, cancel, cdc_stage).await?;
     tracing::debug!(database, at = %h0, "cdc paused");
     // Step 2: the source snapshot (temporary slot: snapshot and consistent point L), hold at L,
     // then release the pause: cdc applies exactly the transactions committed before L.
@@ -215,17 +212,16 @@ async fn online_steps(
         .create_slot(&slot, true)
         .await
         .map_err(|e| e.context("creating a temporary slot for the validation snapshot"))?;
-    let l = snap.consistent_point.clone();
-    let l_lsn: Lsn = snap.consistent_lsn()?;
+    let l = snap.consistent_point;
     tracing::info!(database, lsn = %l, "source snapshot taken (temporary slot); asking cdc to hold its apply there");
     store
-        .advance_position(&hold_request_position(database), &l)
+        .advance_position(&hold_request_position(database), l)
         .await?;
-    *requested = l.clone();
+    *requested = l;
     store
         .advance_position(&hold_release_position(database), h0)
         .await?;
-    wait_held(store, database, l_lsn, hold_timeout, cancel, cdc_stage).await?;
+    wait_held(store, database, l, hold_timeout, cancel, cdc_stage).await?;
     // Step 3: the target snapshot, showing exactly the source's transactions before L.
     let (target_holder, target, _) = exported(target_conn, purpose, false)
         .await
@@ -245,9 +241,7 @@ async fn wait_held(
     let started = Instant::now();
     let name = held_position(database);
     loop {
-        if let Some(p) = store.position(&name).await?
-            && p.parse::<Lsn>().is_ok_and(|h| h >= lsn)
-        {
+        if store.position(&name).await?.is_some_and(|h| h >= lsn) {
             return Ok(());
         }
         if started.elapsed() > timeout {
@@ -272,7 +266,7 @@ async fn exported(
     conn: &ConnInfo,
     purpose: &str,
     source: bool,
-) -> Result<(Client, String, Option<String>)> {
+) -> Result<(Client, String, Option<Lsn>)> {
     let client = conn.connect(purpose).await?;
     client
         .batch_execute(&format!(
@@ -289,7 +283,11 @@ async fn exported(
         )
         .await
         .map_err(|e| Error::pg(&e, "exporting a snapshot"))?;
-    let lsn = if source { row.get(1) } else { None };
+    let lsn = if source {
+        lsn::parse_opt(row.get(1))?
+    } else {
+        None
+    };
     Ok((client, row.get(0), lsn))
 }
 
