@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use super::cdc::{applied_position, drain_key, drain_lsn};
+use super::hold::{self, Hold};
 use super::{Env, Stage, StageContext};
 use crate::error::{Error, Result};
 use crate::pg::connect::ConnInfo;
@@ -501,7 +502,6 @@ impl Cutover {
     /// Takes the drain target of a rehearsal: with cdc held (so it cannot apply past the target
     /// before it reads it), the source's WAL insert position, recorded as `drain:<db>`.
     async fn simulated_fence(&self, cx: &StageContext, db: &Database, o: &Options) -> Result<Lsn> {
-        use super::cdc::{held_position, hold_release_position, hold_request_position};
         let source = self.env.source_for(db).connect("cutover rehearsal").await?;
         let insert_lsn = async || lsn::current_insert_lsn(&source).await;
         if self.cdc_stage().is_none() {
@@ -520,33 +520,22 @@ impl Cutover {
         guard
             .execute(
                 "SELECT pg_catalog.pg_advisory_lock($1)",
-                &[&crate::stages::validate::snapshot::hold_lock_key(
-                    &self.env.plan.name,
-                    &db.name,
-                )],
+                &[&hold::lock_key(&self.env.plan.name, &db.name)],
             )
             .await
             .map_err(|e| Error::pg(&e, "waiting for validations of this database to finish"))?;
+        let hold = Hold::new(cx.store.as_ref(), &db.name);
         let h0 = insert_lsn().await?;
-        cx.store
-            .advance_position(&hold_request_position(&db.name), h0)
-            .await?;
+        hold.request(h0).await?;
         let held = async {
-            let deadline = Instant::now() + o.timeout;
-            loop {
-                let held: Option<Lsn> = cx.store.position(&held_position(&db.name)).await?;
-                if held.is_some_and(|h| h >= h0) {
-                    return Ok(());
-                }
-                if Instant::now() > deadline {
-                    return Err(Error::permanent(format!(
-                        "cdc did not pause for the simulated fence within {}",
-                        humantime::format_duration(o.timeout)
-                    ))
-                    .hint("look at the cdc stage's state and errors (`pgferry status PLAN`), then run the rehearsal again"));
-                }
-                self.sleep(cx, POLL).await?;
+            if hold.wait_held(h0, o.timeout, &cx.cancel).await? {
+                return Ok(());
             }
+            Err(Error::permanent(format!(
+                "cdc did not pause for the simulated fence within {}",
+                humantime::format_duration(o.timeout)
+            ))
+            .hint("look at the cdc stage's state and errors (`pgferry status PLAN`), then run the rehearsal again"))
         };
         let taken = async {
             held.await?;
@@ -562,10 +551,7 @@ impl Cutover {
         }
         .await;
         // Whatever happened, cdc must not stay held.
-        let released = cx
-            .store
-            .advance_position(&hold_release_position(&db.name), h0)
-            .await;
+        let released = hold.release(h0).await;
         drop(guard);
         let target = taken?;
         released?;

@@ -23,7 +23,8 @@
 //!   is held (`validate_hold`), and cdc reads it again when a hold is released.
 //! - Validation can hold the apply at an LSN (`validate_hold:<db>`): cdc applies every
 //!   transaction committed before it, commits, answers `validate_held:<db>` and applies nothing
-//!   more until `validate_release:<db>` reaches it (at most [`HOLD_MAX`]). A validation uses two
+//!   more until `validate_release:<db>` reaches it (at most [`HOLD_MAX`]); the protocol's positions
+//!   and both of its sides live in [`crate::stages::hold`]. A validation uses two
 //!   holds: (1) hold at the source's current WAL position H0 and wait for `held` >= H0 (cdc is now
 //!   paused, having applied only transactions committed before the next step); (2) create the
 //!   source snapshot (temporary slot, consistent point L), write hold = L and *then* release = H0:
@@ -48,6 +49,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
+use super::hold::{self, Hold};
 use super::{Env, Stage, StageContext};
 use crate::error::{Error, Result};
 use crate::pg::lsn::Lsn;
@@ -137,7 +139,6 @@ const BOOKKEEPING_EVERY: Duration = Duration::from_secs(1);
 /// lag check); the exactly-once position itself is written in every applied transaction, and the
 /// store's copy is brought up to date whenever the stream stops, holds or drains.
 const STORED_POSITION_EVERY: Duration = Duration::from_millis(100);
-const HOLD_POLL: Duration = Duration::from_millis(100);
 /// The longest cdc stays held for a validation that does not release it (crashed).
 pub const HOLD_MAX: Duration = Duration::from_secs(600);
 
@@ -186,22 +187,6 @@ pub fn strict_position(db: &str) -> String {
 
 pub fn applied_position(db: &str) -> String {
     format!("cdc_applied:{db}")
-}
-
-/// Validation asks cdc to stop applying at an LSN (a source snapshot's consistent point): every
-/// transaction committed before it applied, none after.
-pub fn hold_request_position(db: &str) -> String {
-    format!("validate_hold:{db}")
-}
-
-/// cdc answers a hold: the target now holds exactly the source transactions committed before it.
-pub fn held_position(db: &str) -> String {
-    format!("validate_held:{db}")
-}
-
-/// Validation has taken its target snapshot: cdc may go on past the hold.
-pub fn hold_release_position(db: &str) -> String {
-    format!("validate_release:{db}")
 }
 
 #[async_trait]
@@ -756,20 +741,11 @@ impl<'a> DbStream<'a> {
         Ok(None)
     }
 
-    /// The hold validation asked for and has not released yet.
+    /// The hold validation (or a rehearsal's cutover) asked for and has not released yet.
     async fn pending_hold(&self) -> Result<Option<Lsn>> {
-        let store = &self.cx.store;
-        let db = &self.db.name;
-        // The release first: validation moves the request forward before it releases the previous
-        // hold, so a release read here is never newer than the request read after it.
-        let released = store
-            .position(&hold_release_position(db))
-            .await?
-            .unwrap_or(Lsn::INVALID);
-        let Some(request) = store.position(&hold_request_position(db)).await? else {
-            return Ok(None);
-        };
-        Ok((request > released).then_some(request))
+        Hold::new(self.cx.store.as_ref(), &self.db.name)
+            .pending()
+            .await
     }
 
     /// Stops applying at `at` (no transaction in flight, everything committed before `at` applied)
@@ -789,7 +765,7 @@ impl<'a> DbStream<'a> {
         st.last_status = Instant::now();
         let store = &self.cx.store;
         let db = &self.db.name;
-        store.advance_position(&held_position(db), at).await?;
+        Hold::new(store.as_ref(), db).answer(at).await?;
         tracing::info!(database = %db, at = %at, applied = %st.applied, "cdc holding for validation");
         let since = Instant::now();
         loop {
@@ -815,7 +791,7 @@ impl<'a> DbStream<'a> {
             }
             tokio::select! {
                 _ = self.cx.cancel.cancelled() => return Err(Error::interrupted()),
-                _ = tokio::time::sleep(HOLD_POLL) => {}
+                _ = tokio::time::sleep(hold::POLL) => {}
             }
         }
     }
