@@ -425,3 +425,6 @@ async fn run_with_retries(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -15,7 +15,6 @@ use crate::plan::StageKind;
 use crate::stages::validate::LATEST_ARTIFACT;
 use crate::stages::validate::report::Report as ValidationReport;
 use crate::state::StateStore;
-use crate::state::postgres::PgStore;
 
 /// The counters of the cdc stage that the report keeps, per database.
 const CDC_COUNTERS: [&str; 4] = [
@@ -26,7 +25,7 @@ const CDC_COUNTERS: [&str; 4] = [
 ];
 
 /// The report of run `run_id` as the store shows it now.
-pub async fn collect(plan: &Plan, store: &PgStore, run_id: i64) -> Result<RunReport> {
+pub async fn collect(plan: &Plan, store: &dyn StateStore, run_id: i64) -> Result<RunReport> {
     let Some((run, mode)) = store.run_with_mode(run_id).await? else {
         return Err(Error::permanent(format!(
             "migration `{}` has no run {run_id} in its checkpoint store",

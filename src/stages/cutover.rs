@@ -30,13 +30,11 @@ use super::cdc::{applied_position, drain_key, drain_lsn};
 use super::hold::{self, Hold};
 use super::{Env, Stage, StageContext};
 use crate::error::{Error, Result};
-use crate::pg::connect::ConnInfo;
 use crate::pg::ident::quote_ident;
 use crate::pg::lsn::{self, Lsn};
 use crate::plan::StageKind;
 use crate::plan::{Database, StageOptions};
 use crate::state::StageState;
-use crate::state::postgres::PgStore;
 use crate::status::{CUTOVER_DETAIL_KEY, CutoverPhase};
 
 const POLL: Duration = Duration::from_millis(250);
@@ -118,14 +116,9 @@ impl Cutover {
             announce(cx, &msg).await?;
         } else if o.manual {
             let plan = &self.env.plan;
-            let conn = ConnInfo::new(&plan.state.endpoint, plan.state.database.as_deref())
-                .map_err(|e| e.context("[state]"))?;
-            let store = PgStore::open(conn, &plan.state.schema, &plan.name)
-                .await?
-                .ok_or_else(|| Error::permanent("the checkpoint store is gone"))?;
             let mut said = false;
             loop {
-                if let Some(at) = store.requested("cutover").await? {
+                if let Some(at) = cx.store.requested("cutover").await? {
                     tracing::info!(database = %db.name, requested_at = %at, "cutover approved; fencing once cdc is within max_lag");
                     record_phase(
                         cx,

@@ -23,9 +23,9 @@ mod lock;
 mod migrations;
 mod runs;
 
+pub use crate::state::{KeptReport, RunRecord};
 pub use lock::{LockHolder, RunnerLock, hostname};
 use migrations::{ensure_database, migrate};
-pub use runs::{KeptReport, RunRecord};
 
 const STORE_STAGE: &str = "(store)";
 const CREATED_DATABASE_KEY: &str = "created_database";
@@ -266,86 +266,6 @@ impl PgStore {
             .await
             .map_err(|e| Error::pg(&e, "updating counters"))?;
         Ok(())
-    }
-
-    /// Every position of this migration: `(name, lsn)`.
-    pub async fn positions(&self) -> Result<Vec<(String, Lsn)>> {
-        let client = self.client().await?;
-        let sql = format!(
-            "SELECT name, lsn::text FROM {} WHERE migration = $1 ORDER BY 1",
-            self.t("positions")
-        );
-        let rows = client
-            .query(&sql, &[&self.migration])
-            .await
-            .map_err(|e| Error::pg(&e, "reading positions"))?;
-        rows.iter()
-            .map(|r| Ok((r.get(0), r.get::<_, String>(1).parse()?)))
-            .collect()
-    }
-
-    pub async fn counters(&self) -> Result<Vec<(String, String, i64)>> {
-        let client = self.client().await?;
-        let sql = format!(
-            "SELECT scope, name, value FROM {} WHERE migration = $1 ORDER BY 1, 2",
-            self.t("counters")
-        );
-        let rows = client
-            .query(&sql, &[&self.migration])
-            .await
-            .map_err(|e| Error::pg(&e, "reading counters"))?;
-        Ok(rows
-            .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2)))
-            .collect())
-    }
-
-    /// Records an operator request (such as `cutover`) for the running stage to pick up.
-    pub async fn request(&self, name: &str, by: &str) -> Result<()> {
-        let client = self.client().await?;
-        let sql = format!(
-            "INSERT INTO {} (migration, name, requested_by) VALUES ($1, $2, $3) ON CONFLICT (migration, name) DO NOTHING",
-            self.t("requests")
-        );
-        client
-            .execute(&sql, &[&self.migration, &name, &by])
-            .await
-            .map_err(|e| Error::pg(&e, format!("recording the {name} request")))?;
-        Ok(())
-    }
-
-    pub async fn requested(&self, name: &str) -> Result<Option<String>> {
-        let client = self.client().await?;
-        let sql = format!(
-            "SELECT to_char(requested_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') FROM {} WHERE migration = $1 AND name = $2",
-            self.t("requests")
-        );
-        let row = client
-            .query_opt(&sql, &[&self.migration, &name])
-            .await
-            .map_err(|e| Error::pg(&e, "reading requests"))?;
-        Ok(row.map(|r| r.get(0)))
-    }
-
-    /// The run log, oldest first.
-    pub async fn events(
-        &self,
-        limit: i64,
-    ) -> Result<Vec<(Timestamp, Option<String>, String, String)>> {
-        let client = self.client().await?;
-        let sql = format!(
-            "SELECT extract(epoch FROM at)::float8, stage, level, message FROM \
-               (SELECT * FROM {} WHERE migration = $1 ORDER BY id DESC LIMIT $2) e ORDER BY id",
-            self.t("events")
-        );
-        let rows = client
-            .query(&sql, &[&self.migration, &limit])
-            .await
-            .map_err(|e| Error::pg(&e, "reading the run log"))?;
-        Ok(rows
-            .iter()
-            .map(|r| (Timestamp(r.get(0)), r.get(1), r.get(2), r.get(3)))
-            .collect())
     }
 
     /// Removes this migration's stage states, checkpoints, progress, counters, positions,
@@ -789,5 +709,114 @@ impl StateStore for PgStore {
             .await
             .map_err(|e| Error::pg(&e, "recording a cdc lag sample"))?;
         Ok(())
+    }
+
+    /// Records an operator request (such as `cutover`) for the running stage to pick up.
+    async fn request(&self, name: &str, by: &str) -> Result<()> {
+        let client = self.client().await?;
+        let sql = format!(
+            "INSERT INTO {} (migration, name, requested_by) VALUES ($1, $2, $3) ON CONFLICT (migration, name) DO NOTHING",
+            self.t("requests")
+        );
+        client
+            .execute(&sql, &[&self.migration, &name, &by])
+            .await
+            .map_err(|e| Error::pg(&e, format!("recording the {name} request")))?;
+        Ok(())
+    }
+
+    async fn requested(&self, name: &str) -> Result<Option<String>> {
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT to_char(requested_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') FROM {} WHERE migration = $1 AND name = $2",
+            self.t("requests")
+        );
+        let row = client
+            .query_opt(&sql, &[&self.migration, &name])
+            .await
+            .map_err(|e| Error::pg(&e, "reading requests"))?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Every position of this migration: `(name, lsn)`.
+    async fn positions(&self) -> Result<Vec<(String, Lsn)>> {
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT name, lsn::text FROM {} WHERE migration = $1 ORDER BY 1",
+            self.t("positions")
+        );
+        let rows = client
+            .query(&sql, &[&self.migration])
+            .await
+            .map_err(|e| Error::pg(&e, "reading positions"))?;
+        rows.iter()
+            .map(|r| Ok((r.get(0), r.get::<_, String>(1).parse()?)))
+            .collect()
+    }
+
+    async fn counters(&self) -> Result<Vec<(String, String, i64)>> {
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT scope, name, value FROM {} WHERE migration = $1 ORDER BY 1, 2",
+            self.t("counters")
+        );
+        let rows = client
+            .query(&sql, &[&self.migration])
+            .await
+            .map_err(|e| Error::pg(&e, "reading counters"))?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
+    }
+
+    /// The run log, oldest first.
+    async fn events(&self, limit: i64) -> Result<Vec<(Timestamp, Option<String>, String, String)>> {
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT extract(epoch FROM at)::float8, stage, level, message FROM \
+               (SELECT * FROM {} WHERE migration = $1 ORDER BY id DESC LIMIT $2) e ORDER BY id",
+            self.t("events")
+        );
+        let rows = client
+            .query(&sql, &[&self.migration, &limit])
+            .await
+            .map_err(|e| Error::pg(&e, "reading the run log"))?;
+        Ok(rows
+            .iter()
+            .map(|r| (Timestamp(r.get(0)), r.get(1), r.get(2), r.get(3)))
+            .collect())
+    }
+
+    async fn checkpoints(
+        &self,
+        stage: &str,
+    ) -> Result<Vec<(String, serde_json::Value, Timestamp)>> {
+        self.select_checkpoints(stage).await
+    }
+
+    async fn runs(&self, limit: i64) -> Result<Vec<RunRecord>> {
+        self.select_runs(limit).await
+    }
+
+    async fn run_with_mode(&self, id: i64) -> Result<Option<(RunRecord, String)>> {
+        self.select_run_with_mode(id).await
+    }
+
+    async fn samples(&self, run: i64) -> Result<Vec<LagSample>> {
+        self.select_samples(run).await
+    }
+
+    async fn put_report(&self, run: i64, mode: &str, report: &serde_json::Value) -> Result<()> {
+        self.insert_report(run, mode, report).await
+    }
+
+    async fn reports(
+        &self,
+        run: Option<i64>,
+        mode: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<KeptReport>> {
+        self.select_reports(run, mode, limit).await
     }
 }

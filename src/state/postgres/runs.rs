@@ -3,32 +3,11 @@
 
 use super::PgStore;
 use crate::error::{Error, Result};
-use crate::state::{LagSample, Timestamp};
-
-/// A run report kept in the store.
-#[derive(Debug, Clone)]
-pub struct KeptReport {
-    pub run_id: i64,
-    pub mode: String,
-    pub created_at: Timestamp,
-    pub report: serde_json::Value,
-}
-
-/// One run of a migration.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct RunRecord {
-    pub id: i64,
-    pub started_at: Option<Timestamp>,
-    pub ended_at: Option<Timestamp>,
-    pub host: Option<String>,
-    pub pid: Option<i32>,
-    pub outcome: Option<String>,
-    pub args: Option<String>,
-}
+use crate::state::{KeptReport, LagSample, RunRecord, Timestamp};
 
 impl PgStore {
     /// The latest runs, newest first: (id, started, ended, host, pid, outcome).
-    pub async fn runs(&self, limit: i64) -> Result<Vec<RunRecord>> {
+    pub(super) async fn select_runs(&self, limit: i64) -> Result<Vec<RunRecord>> {
         let client = self.client().await?;
         let sql = format!(
             "SELECT id, extract(epoch FROM started_at)::float8, extract(epoch FROM ended_at)::float8, host, pid, outcome, args \
@@ -53,21 +32,11 @@ impl PgStore {
             .collect())
     }
 
-    /// The latest stored report of a run of `mode` (`run` or `rehearsal`): run id, when, report.
-    pub async fn latest_report(
-        &self,
-        mode: &str,
-    ) -> Result<Option<(i64, Timestamp, serde_json::Value)>> {
-        Ok(self
-            .reports(None, Some(mode), 1)
-            .await?
-            .into_iter()
-            .next()
-            .map(|r| (r.run_id, r.created_at, r.report)))
-    }
-
     /// One run with its mode (`run` or `rehearsal`).
-    pub async fn run_with_mode(&self, id: i64) -> Result<Option<(RunRecord, String)>> {
+    pub(super) async fn select_run_with_mode(
+        &self,
+        id: i64,
+    ) -> Result<Option<(RunRecord, String)>> {
         let client = self.client().await?;
         let sql = format!(
             "SELECT id, extract(epoch FROM started_at)::float8, extract(epoch FROM ended_at)::float8, host, pid, outcome, args, mode \
@@ -95,7 +64,7 @@ impl PgStore {
     }
 
     /// The cdc lag samples of a run, oldest first.
-    pub async fn samples(&self, run: i64) -> Result<Vec<LagSample>> {
+    pub(super) async fn select_samples(&self, run: i64) -> Result<Vec<LagSample>> {
         let client = self.client().await?;
         let sql = format!(
             "SELECT stage, database, extract(epoch FROM at)::float8, lag_bytes, latency_ms, incoming, applied \
@@ -121,7 +90,7 @@ impl PgStore {
     }
 
     /// Every checkpoint of a stage: `(key, value, updated at)`, by key.
-    pub async fn checkpoints(
+    pub(super) async fn select_checkpoints(
         &self,
         stage: &str,
     ) -> Result<Vec<(String, serde_json::Value, Timestamp)>> {
@@ -142,7 +111,12 @@ impl PgStore {
     }
 
     /// Keeps a run's report (replacing an earlier one of the same run).
-    pub async fn put_report(&self, run: i64, mode: &str, report: &serde_json::Value) -> Result<()> {
+    pub(super) async fn insert_report(
+        &self,
+        run: i64,
+        mode: &str,
+        report: &serde_json::Value,
+    ) -> Result<()> {
         let client = self.client().await?;
         let sql = format!(
             "INSERT INTO {} (migration, run_id, mode, report) VALUES ($1, $2, $3, $4) \
@@ -158,7 +132,7 @@ impl PgStore {
 
     /// Kept reports, newest first; only run `run` and runs of `mode` when given. None from a
     /// store older than the reports table (read-only commands do not upgrade it).
-    pub async fn reports(
+    pub(super) async fn select_reports(
         &self,
         run: Option<i64>,
         mode: Option<&str>,
