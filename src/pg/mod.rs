@@ -14,3 +14,4 @@ pub mod post_data_script;
 pub mod replication;
 pub mod tools;
 pub mod version;
+pub mod wire;

@@ -34,6 +34,7 @@ use crate::pg::ident::quote_literal;
 use crate::pg::lsn::Lsn;
 use crate::pg::names::slot_name;
 use crate::pg::replication::ReplicationClient;
+use crate::pg::wire::WireClient;
 use crate::plan::StageKind;
 use crate::plan::units::human_bytes;
 use crate::plan::{Database, StageOptions};
@@ -448,7 +449,7 @@ async fn worker(
 ) -> Result<()> {
     // Raw protocol sessions: COPY data is forwarded frame by frame, never decoded row by row.
     let purpose = format!("load worker {id}");
-    let mut source = ReplicationClient::connect_plain(&source_conn, &purpose).await?;
+    let mut source = WireClient::connect_plain(&source_conn, &purpose).await?;
     source
         .simple_query(&format!(
             "{SOURCE_SETTINGS} {}",
@@ -456,7 +457,7 @@ async fn worker(
         ))
         .await
         .map_err(|e| e.context("importing the load snapshot"))?;
-    let mut target = ReplicationClient::connect_plain(&target_conn, &purpose).await?;
+    let mut target = WireClient::connect_plain(&target_conn, &purpose).await?;
     target
         .simple_query(TARGET_SETTINGS)
         .await
@@ -560,8 +561,8 @@ async fn worker(
 }
 
 async fn copy_job(
-    source: &mut ReplicationClient,
-    target: &mut ReplicationClient,
+    source: &mut WireClient,
+    target: &mut WireClient,
     t: &CopyTable,
     job: &Job,
     progress: &AtomicU64,
