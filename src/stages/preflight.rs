@@ -17,6 +17,7 @@ use crate::pg::catalog::{self, ServerInfo, TableInfo};
 use crate::pg::connect::ConnInfo;
 use crate::pg::privileges;
 use crate::pg::version;
+use crate::plan::StageKind;
 use crate::plan::{Database, StageOptions};
 use crate::select::{Glob, Selection};
 
@@ -438,7 +439,7 @@ async fn check_source(
 /// Whether the plan's cutover fences the source read-only (`fence = "read_only"`).
 fn plan_fences(env: &Env) -> bool {
     env.plan.stages.iter().any(|s| {
-        s.kind == "cutover"
+        s.kind == StageKind::Cutover
             && matches!(s.options.first(), Some(StageOptions::Cutover(o)) if o.read_only_fence())
     })
 }
@@ -772,7 +773,7 @@ impl Preflight {
 #[async_trait]
 impl Stage for Preflight {
     fn describe(&self) -> Vec<String> {
-        let online = self.env.plan.has_kind("cdc");
+        let online = self.env.plan.has_kind(StageKind::Cdc);
         let mut v = vec![format!(
             "check {} database(s) on both servers: reachability, versions, selection, privileges, extensions, unlogged tables, large objects",
             self.env.plan.databases.len()
@@ -784,7 +785,7 @@ impl Stage for Preflight {
     }
 
     async fn run(&self, cx: &StageContext) -> Result<()> {
-        let online = self.env.plan.has_kind("cdc");
+        let online = self.env.plan.has_kind(StageKind::Cdc);
         let mut reports = Vec::new();
         for db in &self.env.plan.databases {
             cx.check_cancelled()?;
