@@ -18,10 +18,10 @@ use tokio::process::Command;
 use super::{Env, Stage, StageContext, post_data_artifact, pre_data_artifact};
 use crate::error::{Error, Result};
 use crate::pg::catalog;
-use crate::pg::dump::{self, PrivateTempDir};
+use crate::pg::dump;
 use crate::pg::ident::{QualifiedName, quote_ident};
 use crate::pg::names::publication_name;
-use crate::pg::tools::{self, PgTools};
+use crate::pg::tools::{self, PgTools, PrivateTempDir};
 use crate::pg::version::{self, ServerVersion};
 use crate::plan::raw::SchemaDumpOptions;
 use crate::plan::{Database, StageOptions};
@@ -135,9 +135,9 @@ impl SchemaDump {
             .arg(format!("--file={}", archive.display()));
         conn.configure_child(&mut cmd, &purpose);
         let started = std::time::Instant::now();
-        let out = dump::run_tool(cmd, None, &cx.cancel).await?;
+        let out = tools::run_tool(cmd, None, &cx.cancel).await?;
         if !out.status.success() {
-            return Err(dump::tool_failure(
+            return Err(tools::tool_failure(
                 "pg_dump",
                 &out,
                 &format!("dumping the schema of source database `{}`", db.name),
@@ -154,9 +154,9 @@ impl SchemaDump {
         // The table of contents, filtered to the selection.
         let mut cmd = Command::new(tools.pg_restore());
         cmd.arg("--list").arg(&archive);
-        let out = dump::run_tool(cmd, None, &cx.cancel).await?;
+        let out = tools::run_tool(cmd, None, &cx.cancel).await?;
         if !out.status.success() {
-            return Err(dump::tool_failure(
+            return Err(tools::tool_failure(
                 "pg_restore",
                 &out,
                 &format!("listing the schema dump of source database `{}`", db.name),
@@ -183,9 +183,9 @@ impl SchemaDump {
                 cmd.arg("--no-privileges");
             }
             cmd.arg(&archive);
-            let out = dump::run_tool(cmd, None, &cx.cancel).await?;
+            let out = tools::run_tool(cmd, None, &cx.cancel).await?;
             if !out.status.success() {
-                return Err(dump::tool_failure(
+                return Err(tools::tool_failure(
                     "pg_restore",
                     &out,
                     &format!(
