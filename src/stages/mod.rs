@@ -83,6 +83,29 @@ impl StageContext {
             .unwrap_or(false))
     }
 
+    /// Runs `work` for each of `databases` (index in the plan, database) that this stage has not
+    /// finished yet, in order: checks for cancellation before each, skips a database whose
+    /// [`database_key`] checkpoint is done, and records it done, with the detail `work` returns,
+    /// when `work` succeeds. The one loop of the stages that work database by database.
+    pub async fn for_each_database<'a, I, F, Fut>(&self, databases: I, mut work: F) -> Result<()>
+    where
+        I: IntoIterator<Item = (usize, &'a Database)>,
+        F: FnMut(usize, &'a Database) -> Fut,
+        Fut: std::future::Future<Output = Result<serde_json::Value>>,
+    {
+        for (i, db) in databases {
+            self.check_cancelled()?;
+            let key = database_key(&db.name);
+            if self.is_done(&key).await? {
+                tracing::info!(stage = %self.stage, database = %db.name, "already done, skipping");
+                continue;
+            }
+            let detail = work(i, db).await?;
+            self.mark_done(&key, detail).await?;
+        }
+        Ok(())
+    }
+
     /// Records that this stage finished its work for `key`.
     pub async fn mark_done(&self, key: &str, detail: serde_json::Value) -> Result<()> {
         let mut value = serde_json::json!({ "done": true });
@@ -91,6 +114,11 @@ impl StageContext {
         }
         self.store.put_checkpoint(&self.stage, key, &value).await
     }
+}
+
+/// The checkpoint key of a stage's work on one database: `database:<name>`.
+pub fn database_key(name: &str) -> String {
+    format!("database:{name}")
 }
 
 /// A unit of work in the DAG.

@@ -837,22 +837,18 @@ impl Stage for Provision {
     }
 
     async fn run(&self, cx: &StageContext) -> Result<()> {
-        for (i, db) in self.env.plan.databases.iter().enumerate() {
-            cx.check_cancelled()?;
-            let key = format!("database:{}", db.name);
-            if cx.is_done(&key).await? {
-                tracing::info!(stage = %cx.stage, database = %db.name, "already done, skipping");
-                continue;
-            }
-            // Stopping drops the work: psql is killed and connections are closed, so the server
-            // rolls back whatever was in flight (the schema is applied in one transaction).
-            let detail = tokio::select! {
-                r = self.provision_database(cx, i, db) => r?,
-                _ = cx.cancel.cancelled() => return Err(Error::interrupted()),
-            };
-            cx.mark_done(&key, detail).await?;
-        }
-        Ok(())
+        cx.for_each_database(
+            self.env.plan.databases.iter().enumerate(),
+            |i, db| async move {
+                // Stopping drops the work: psql is killed and connections are closed, so the server
+                // rolls back whatever was in flight (the schema is applied in one transaction).
+                tokio::select! {
+                    r = self.provision_database(cx, i, db) => r,
+                    _ = cx.cancel.cancelled() => Err(Error::interrupted()),
+                }
+            },
+        )
+        .await
     }
 }
 

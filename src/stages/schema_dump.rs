@@ -305,34 +305,29 @@ impl Stage for SchemaDump {
     }
 
     async fn run(&self, cx: &StageContext) -> Result<()> {
-        let mut tools: Option<&PgTools> = None;
-        for (i, db) in self.env.plan.databases.iter().enumerate() {
-            cx.check_cancelled()?;
-            let key = format!("database:{}", db.name);
-            if cx.is_done(&key).await? {
-                tracing::info!(stage = %cx.stage, database = %db.name, "already done, skipping");
-                continue;
-            }
-            let t = match tools {
-                Some(t) => t,
-                None => {
-                    let found = tokio::task::spawn_blocking(tools::find)
-                        .await
-                        .map_err(|e| Error::permanent(format!("internal: {e}")))??;
-                    tools = Some(found);
-                    found
+        // Found once, when a database needs them.
+        let found: tokio::sync::OnceCell<&PgTools> = tokio::sync::OnceCell::new();
+        let found = &found;
+        cx.for_each_database(
+            self.env.plan.databases.iter().enumerate(),
+            |i, db| async move {
+                let t = *found
+                    .get_or_try_init(|| async {
+                        tokio::task::spawn_blocking(tools::find)
+                            .await
+                            .map_err(|e| Error::permanent(format!("internal: {e}")))?
+                    })
+                    .await?;
+                // Stopping drops the work: child processes are killed, connections closed (the
+                // server then aborts their statements), the temporary directory removed.
+                tokio::select! {
+                    r = self.dump_database(cx, i, db, t) => {
+                        r.map_err(|e| e.context(format!("source database `{}`", db.name)))
+                    }
+                    _ = cx.cancel.cancelled() => Err(Error::interrupted()),
                 }
-            };
-            // Stopping drops the work: child processes are killed, connections closed (the
-            // server then aborts their statements), the temporary directory removed.
-            let detail = tokio::select! {
-                r = self.dump_database(cx, i, db, t) => {
-                    r.map_err(|e| e.context(format!("source database `{}`", db.name)))?
-                }
-                _ = cx.cancel.cancelled() => return Err(Error::interrupted()),
-            };
-            cx.mark_done(&key, detail).await?;
-        }
-        Ok(())
+            },
+        )
+        .await
     }
 }
