@@ -189,3 +189,70 @@ pub fn build(env: &Arc<Env>, index: usize) -> Arc<dyn Stage> {
         StageKind::Validate => Arc::new(validate::Validate::new(env, index)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use tokio_util::sync::CancellationToken;
+
+    use super::{StageContext, database_key};
+    use crate::error::{Error, ErrorKind};
+    use crate::plan::Database;
+    use crate::state::memory::MemoryStore;
+
+    fn db(name: &str) -> Database {
+        Database {
+            name: name.into(),
+            target: name.into(),
+            tables: Vec::new(),
+            exclude: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn each_database_runs_once_and_a_failure_resumes_where_it_stopped() {
+        let store = Arc::new(MemoryStore::new());
+        let dbs = [db("a"), db("b")];
+        let ran = Mutex::new(Vec::new());
+        let cx = StageContext::new("s", 1, store.clone(), CancellationToken::new(), None);
+        let fail_b = |i: usize, d: &Database| {
+            ran.lock().expect("ran").push(d.name.clone());
+            let r = if i == 1 {
+                Err(Error::permanent("b broke"))
+            } else {
+                Ok(serde_json::json!({ "rows": 1 }))
+            };
+            async move { r }
+        };
+        let err = cx
+            .for_each_database(dbs.iter().enumerate(), fail_b)
+            .await
+            .expect_err("b fails");
+        assert_eq!(err.message, "b broke");
+        assert!(cx.is_done(&database_key("a")).await.expect("a"));
+        assert!(!cx.is_done(&database_key("b")).await.expect("b"));
+
+        // The next attempt skips `a`.
+        let again = |_: usize, d: &Database| {
+            ran.lock().expect("ran").push(d.name.clone());
+            async { Ok(serde_json::Value::Null) }
+        };
+        cx.for_each_database(dbs.iter().enumerate(), again)
+            .await
+            .expect("second attempt");
+        assert_eq!(*ran.lock().expect("ran"), ["a", "b", "b"]);
+        assert!(cx.is_done(&database_key("b")).await.expect("b"));
+
+        // A stopping run does no work.
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        let cx = StageContext::new("t", 1, store, cancel, None);
+        let err = cx
+            .for_each_database(dbs.iter().enumerate(), again)
+            .await
+            .expect_err("interrupted");
+        assert_eq!(err.kind, ErrorKind::Interrupted);
+        assert_eq!(ran.lock().expect("ran").len(), 3);
+    }
+}
