@@ -13,6 +13,7 @@ pub mod pgoutput;
 pub mod post_data_script;
 pub mod privileges;
 pub mod replication;
+pub mod sql_lexer;
 pub mod tools;
 pub mod version;
 pub mod wire;
