@@ -107,6 +107,9 @@ pub struct StreamOptions {
     pub publications: Vec<String>,
     /// Also send logical decoding messages (`pg_logical_emit_message`); PostgreSQL 14 and later.
     pub messages: bool,
+    /// Leave out changes written under a replication origin (pgoutput's `origin = 'none'`);
+    /// PostgreSQL 16 and later.
+    pub origin_none: bool,
 }
 
 impl StreamOptions {
@@ -114,6 +117,7 @@ impl StreamOptions {
         StreamOptions {
             publications: vec![publication.to_string()],
             messages: false,
+            origin_none: false,
         }
     }
 }
@@ -639,6 +643,16 @@ impl ReplicationClient {
                 self.describe
             )));
         }
+        if options.origin_none
+            && !self
+                .version
+                .is_some_and(ServerVersion::pgoutput_origin_filter)
+        {
+            return Err(Error::permanent(format!(
+                "{} cannot leave changes of a replication origin out of the stream (pgoutput's `origin` option is PostgreSQL 16+)",
+                self.describe
+            )));
+        }
         let sql = start_replication_command(slot, start, proto, options)?;
         self.ready_for_commands().await?;
         self.busy = Some("starting replication");
@@ -991,6 +1005,9 @@ fn start_replication_command(
     );
     if options.messages {
         sql.push_str(", messages 'true'");
+    }
+    if options.origin_none {
+        sql.push_str(", origin 'none'");
     }
     sql.push(')');
     Ok(sql)

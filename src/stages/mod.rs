@@ -6,6 +6,7 @@ pub mod analyze;
 pub mod cdc;
 pub mod cleanup;
 pub mod cutover;
+pub mod fallback;
 pub mod full_load;
 pub mod post_data;
 pub mod preflight;
@@ -146,6 +147,7 @@ pub const RUNNABLE_KINDS: &[&str] = &[
     "cdc",
     "cutover",
     "validate",
+    "fallback",
 ];
 
 /// The artifact holding a database's pre-data schema section (SQL, as pg_restore writes it).
@@ -173,6 +175,7 @@ pub fn build(env: &Arc<Env>, index: usize) -> Result<Arc<dyn Stage>> {
         "cdc" => Ok(Arc::new(cdc::Cdc::new(env.clone(), index))),
         "cutover" => Ok(Arc::new(cutover::Cutover::new(env.clone(), index))),
         "validate" => Ok(Arc::new(validate::Validate::new(env.clone(), index))),
+        "fallback" => Ok(Arc::new(fallback::Fallback::new(env.clone(), index))),
         other => Err(Error::permanent(format!(
             "stage `{}`: kind `{other}` cannot run in pgferry {} yet (runnable kinds: {})",
             spec.id,

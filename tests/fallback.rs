@@ -1,0 +1,422 @@
+//! Taking a cutover back (issue 18): an online migration with a writer on the source, a cutover
+//! that arms the fallback stream, an application writing on the target afterwards (inserts,
+//! updates, deletes, a TRUNCATE, a large transaction, sequences), then `pgferry rollback`: the
+//! source must equal the target exactly, sequences included, and be writable again. The same
+//! with the runner killed while the reverse stream applies and while the rollback drains (a gate
+//! on the source stops the reverse apply exactly there), and across versions (16 -> 18, where the
+//! stream also filters by replication origin).
+
+mod support;
+
+use std::process::Child;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use support::compare::assert_same_on;
+use support::{Cluster, Gate, Pair, TestPlan, pair, show, wait_for};
+
+const PLAN: &str = "[stages.schema]\nkind = \"schema_dump\"\n\n\
+    [stages.provision]\nkind = \"provision\"\nafter = [\"schema\"]\n\n\
+    [stages.load]\nkind = \"full_load\"\nafter = [\"provision\"]\njobs = 2\n\n\
+    [stages.indexes]\nkind = \"post_data\"\nafter = [\"load\"]\njobs = 2\n\n\
+    [stages.cdc]\nkind = \"cdc\"\nafter = [\"indexes\"]\n\n\
+    [stages.cutover]\nkind = \"cutover\"\nafter = [\"cdc\"]\napproval = \"auto\"\nmax_lag = \"1s\"\nquiet_for = \"1s\"\n\n\
+    [stages.sequences]\nkind = \"sequence_reset\"\nafter = [\"cutover\"]\n\n\
+    [stages.cleanup]\nkind = \"cleanup\"\nafter = [\"sequences\"]\n\n\
+    [stages.fallback]\nkind = \"fallback\"\nafter = [\"cutover\"]\n";
+
+/// A partitioned table, identity and serial columns, a standalone sequence, a foreign key, a
+/// REPLICA IDENTITY FULL table, a large object, a materialized view.
+const FIXTURE: &str = "\
+    CREATE TABLE public.items (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, name text NOT NULL, price numeric(10,2));\n\
+    CREATE TABLE public.events (id bigserial, at date NOT NULL, kind text, payload jsonb, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);\n\
+    CREATE TABLE public.events_2024 PARTITION OF public.events FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');\n\
+    CREATE TABLE public.events_2025 PARTITION OF public.events FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');\n\
+    CREATE TABLE public.orders (id serial PRIMARY KEY, item_id int REFERENCES public.items (id), qty int, note text);\n\
+    CREATE TABLE public.audit (id int PRIMARY KEY, v text);\n\
+    ALTER TABLE public.audit REPLICA IDENTITY FULL;\n\
+    CREATE SEQUENCE public.tickets START 100;\n\
+    SELECT nextval('public.tickets') FROM generate_series(1, 7);\n\
+    INSERT INTO public.items (name, price) SELECT 'item ' || g, g * 1.5 FROM generate_series(1, 500) g;\n\
+    INSERT INTO public.events (at, kind, payload) SELECT date '2024-01-01' + (g % 700), 'k' || (g % 5), jsonb_build_object('g', g) FROM generate_series(1, 2000) g;\n\
+    INSERT INTO public.orders (item_id, qty, note) SELECT (g % 500) + 1, g % 7, repeat('n', g % 50) FROM generate_series(1, 1000) g;\n\
+    INSERT INTO public.audit SELECT g, 'a' || g FROM generate_series(1, 100) g;\n\
+    CREATE MATERIALIZED VIEW public.kinds AS SELECT kind, count(*) AS n FROM public.events GROUP BY kind;\n\
+    SELECT lo_from_bytea(0, convert_to(repeat('a large object; ', 500), 'UTF8'));\n";
+
+#[derive(Default)]
+struct Written {
+    transactions: AtomicU64,
+    fenced: AtomicBool,
+}
+
+/// An application writing small transactions to `db` on `cluster` until a fence refuses it (or
+/// `stop`).
+fn writer(
+    cluster: &'static Cluster,
+    db: String,
+    tag: &'static str,
+    stop: Arc<AtomicBool>,
+    written: Arc<Written>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let client = cluster.client(&db).await;
+            let mut i: i64 = 0;
+            while !stop.load(Ordering::SeqCst) {
+                i += 1;
+                let sql = match i % 6 {
+                    0 => format!("INSERT INTO public.items (name, price) VALUES ('{tag} {i}', {i} % 100)"),
+                    1 => format!("UPDATE public.items SET price = price + 1 WHERE id = {}", (i % 500) + 1),
+                    2 => format!(
+                        "INSERT INTO public.events (at, kind, payload) VALUES (date '2024-06-01' + ({i} % 400), '{tag}', '{{\"i\": {i}}}')"
+                    ),
+                    3 => format!(
+                        "BEGIN; INSERT INTO public.orders (item_id, qty, note) VALUES ({}, 1, '{tag}'); UPDATE public.audit SET v = '{tag} {i}' WHERE id = {}; COMMIT",
+                        (i % 500) + 1,
+                        (i % 100) + 1
+                    ),
+                    4 => "DELETE FROM public.orders WHERE id = (SELECT min(id) FROM public.orders WHERE qty = 1)".into(),
+                    _ => "SELECT nextval('public.tickets')".into(),
+                };
+                match client.batch_execute(&sql).await {
+                    Ok(()) => {
+                        written.transactions.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(e) => {
+                        let code = e.code().map(|c| c.code().to_string());
+                        if matches!(code.as_deref(), Some("25006") | Some("57P01")) || client.is_closed() {
+                            written.fenced.store(true, Ordering::SeqCst);
+                            return;
+                        }
+                        panic!("the {tag} writer failed on `{sql}`: {e:?}");
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+    })
+}
+
+fn stage_state(p: &Pair, plan: &TestPlan, stage: &str) -> String {
+    p.target.psql(
+        &plan.target_db,
+        &format!(
+            "SELECT coalesce((SELECT state FROM pgferry.stages WHERE migration = '{}' AND stage = '{stage}'), '')",
+            plan.name
+        ),
+    )
+}
+
+fn wait_stage(p: &Pair, plan: &TestPlan, child: &mut Child, stage: &str, state: &str) {
+    wait_for(
+        &format!("stage {stage} to be {state}"),
+        Duration::from_secs(180),
+        || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("the runner stopped early: {status:?}\n{}", log(plan, "run"));
+            }
+            p.target.psql(
+                &plan.target_db,
+                "SELECT to_regclass('pgferry.stages') IS NOT NULL",
+            ) == "t"
+                && stage_state(p, plan, stage) == state
+        },
+    );
+}
+
+/// Starts `pgferry <what> PLAN` in the background, its output going to files in the plan's
+/// directory (a pipe nobody reads would block a long run).
+fn spawn(plan: &TestPlan, what: &str) -> Child {
+    let file = |ext: &str| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(plan.dir.path().join(format!("{what}.{ext}")))
+            .expect("log file")
+    };
+    plan.command(&[what])
+        .stdout(file("out"))
+        .stderr(file("err"))
+        .spawn()
+        .expect("spawn pgferry")
+}
+
+/// What `pgferry <what>` wrote (every run of it, appended), stdout then stderr.
+fn log(plan: &TestPlan, what: &str) -> String {
+    let read = |ext: &str| {
+        std::fs::read_to_string(plan.dir.path().join(format!("{what}.{ext}"))).unwrap_or_default()
+    };
+    format!(
+        "--- stdout ---\n{}\n--- stderr ---\n{}",
+        read("out"),
+        read("err")
+    )
+}
+
+/// [`wait_for`], printing the runner's log when it times out.
+fn wait_logged(plan: &TestPlan, what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !check() {
+        if start.elapsed() > timeout {
+            panic!(
+                "timed out after {timeout:?} waiting for {what}\n{}",
+                log(plan, "run")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits for a background command; returns its exit code.
+fn finish(mut child: Child, what: &str) -> Option<i32> {
+    wait_for(
+        &format!("pgferry {what} to finish"),
+        Duration::from_secs(180),
+        || matches!(child.try_wait(), Ok(Some(_))),
+    );
+    child.wait().expect("exit status").code()
+}
+
+/// What the application does on the target after the switch, besides the writer: a large
+/// transaction, a TRUNCATE, deletes, updates of the REPLICA IDENTITY FULL table, sequences.
+const ON_TARGET: &str = "\
+    BEGIN; INSERT INTO public.orders (item_id, qty, note) SELECT (g % 500) + 1, 3, md5(g::text) FROM generate_series(1, 30000) g; \
+      UPDATE public.items SET name = name || ' (big)' WHERE id % 7 = 0; COMMIT;\n\
+    TRUNCATE public.audit;\n\
+    INSERT INTO public.audit SELECT g, 'after truncate ' || g FROM generate_series(1, 40) g;\n\
+    UPDATE public.audit SET v = 'changed' WHERE id % 3 = 0;\n\
+    DELETE FROM public.audit WHERE id % 5 = 0;\n\
+    DELETE FROM public.events WHERE at < date '2024-02-01';\n\
+    UPDATE public.events SET at = date '2025-03-01' WHERE id IN (SELECT id FROM public.events WHERE at < date '2024-03-01' LIMIT 20);\n\
+    SELECT setval('public.tickets', 5000);\n";
+
+/// Runs the whole scenario on `p`. `kill`: kill the runner once while the reverse stream
+/// applies and once while the rollback drains. Returns the rollback's output.
+fn scenario(p: &'static Pair, prefix: &str, kill: bool) -> String {
+    let s = p.source.fresh_database(&format!("{prefix}_src"));
+    p.source.psql(&s, FIXTURE);
+    if kill {
+        // A gate the reverse apply's changes to items wait at while the test holds it (the
+        // trigger is part of the schema, so the target has it too, never closed there).
+        Gate::install(&p.source, &s, "public.items");
+    }
+    let t = p.target.fresh_database(&format!("{prefix}_tgt"));
+    let plan = TestPlan::new(p, prefix, &s, &t, PLAN);
+
+    // The online migration, with an application writing to the source until the fence.
+    let stop = Arc::new(AtomicBool::new(false));
+    let on_source = Arc::new(Written::default());
+    let w = writer(
+        &p.source,
+        s.clone(),
+        "source",
+        stop.clone(),
+        on_source.clone(),
+    );
+    let mut child = spawn(&plan, "run");
+    wait_stage(p, &plan, &mut child, "cutover", "done");
+    stop.store(true, Ordering::SeqCst);
+    w.join().expect("the source writer");
+    assert!(
+        on_source.fenced.load(Ordering::SeqCst),
+        "the source writer was not stopped by the cutover's fence"
+    );
+    // The cutover armed the reverse stream: a slot on the target.
+    let slots = p.target.psql(
+        "postgres",
+        &format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'pgferry\\_{}\\_%\\_fb'", plan.name),
+    );
+    assert_eq!(
+        slots, "1",
+        "the cutover created no fallback slot on the target"
+    );
+
+    // The application now writes to the target, once its sequences are set.
+    wait_stage(p, &plan, &mut child, "sequences", "done");
+    let stop = Arc::new(AtomicBool::new(false));
+    let on_target = Arc::new(Written::default());
+    let w = writer(
+        &p.target,
+        t.clone(),
+        "target",
+        stop.clone(),
+        on_target.clone(),
+    );
+    p.target.psql(&t, ON_TARGET);
+    // The reverse stream keeps the source in step while the target is written: the large
+    // transaction reaches the source before any rollback.
+    let gate = kill.then(|| {
+        // The next reverse change to items waits at the gate: the runner is killed there.
+        let gate = Gate::close(&p.source, &s);
+        gate.wait_blocked(&p.source, "pgferry cdc apply", Duration::from_secs(60));
+        let _ = child.kill();
+        let _ = child.wait();
+        gate
+    });
+    if let Some(gate) = gate {
+        child = spawn(&plan, "run");
+        gate.open();
+    }
+    wait_logged(
+        &plan,
+        "the large transaction to reach the source",
+        Duration::from_secs(120),
+        || {
+            p.source.psql(
+                &s,
+                "SELECT count(*) FROM public.orders WHERE qty = 3 AND note ~ '^[0-9a-f]{32}$'",
+            ) == "30000"
+        },
+    );
+    let reverse_applied = p.target.psql(
+        &t,
+        &format!(
+            "SELECT coalesce(sum(value), 0) FROM pgferry.counters WHERE migration = '{prefix}' AND scope = 'fallback:{s}' AND name = 'totalChangesApplied'"
+        ),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+
+    // Roll back. With `kill`, the reverse apply is stopped at the gate during the drain and the
+    // runner killed there, then resumed.
+    let gate = kill.then(|| Gate::close(&p.source, &s));
+    let rollback = spawn(&plan, "rollback");
+    if let Some(gate) = gate {
+        // The writer changes items until the fence: the drain has items to apply, and waits at
+        // the gate with the target fenced and the drain target recorded.
+        gate.wait_blocked(&p.source, "pgferry cdc apply", Duration::from_secs(60));
+        wait_for(
+            "the rollback to fence the target",
+            Duration::from_secs(60),
+            || {
+                p.target.psql(&t, "SHOW default_transaction_read_only") == "on"
+                && p.target.psql(
+                    &t,
+                    &format!("SELECT count(*) FROM pgferry.checkpoints WHERE migration = '{prefix}' AND stage = 'fallback' AND key = 'drain:{s}'"),
+                ) == "1"
+            },
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+        child = spawn(&plan, "run");
+        gate.open();
+    }
+    let code = finish(rollback, "rollback");
+    assert_eq!(code, Some(0), "{}", log(&plan, "rollback"));
+    stop.store(true, Ordering::SeqCst);
+    w.join().expect("the target writer");
+    assert!(
+        on_target.fenced.load(Ordering::SeqCst),
+        "the target writer was not stopped by the rollback's fence"
+    );
+    let code = finish(child, "run");
+    assert_eq!(code, Some(0), "{}", log(&plan, "run"));
+
+    // The source has every write made on the target, sequences included, and is writable again;
+    // the target is fenced; the fallback slot and publication are gone.
+    assert_same_on(p, &s, &t);
+    assert_eq!(
+        p.source.psql(&s, "SHOW default_transaction_read_only"),
+        "off"
+    );
+    assert_eq!(
+        p.target.psql(&t, "SHOW default_transaction_read_only"),
+        "on"
+    );
+    // The target's setval (and the writer's nextval after it) reached the source's sequence.
+    let tickets: i64 = p
+        .source
+        .psql(&s, "SELECT last_value FROM public.tickets")
+        .parse()
+        .expect("a number");
+    assert!(tickets >= 5000, "tickets is {tickets} on the source");
+    assert_eq!(
+        p.target.psql(
+            "postgres",
+            &format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'pgferry\\_{}\\_%\\_fb'", plan.name)
+        ),
+        "0"
+    );
+    assert_eq!(
+        p.target.psql(
+            &t,
+            "SELECT count(*) FROM pg_publication WHERE pubname LIKE 'pgferry%_fb'"
+        ),
+        "0"
+    );
+    // Identity columns are GENERATED ALWAYS on the source again: the application inserts there.
+    p.source.psql(
+        &s,
+        "INSERT INTO public.items (name, price) VALUES ('after rollback', 1)",
+    );
+    let stdout = log(&plan, "rollback");
+    assert!(stdout.contains("write downtime"), "{stdout}");
+    let n = on_target.transactions.load(Ordering::SeqCst);
+    eprintln!(
+        "[test] {n} writer transactions on the target, {reverse_applied} changes applied back before the rollback\n{stdout}"
+    );
+    assert!(n > 20, "the target writer wrote only {n} transactions");
+    stdout
+}
+
+#[test]
+fn rollback_brings_every_target_write_back_to_the_source() {
+    scenario(pair(), "fb_plain", false);
+}
+
+#[test]
+fn rollback_resumes_after_the_runner_is_killed() {
+    scenario(pair(), "fb_kill", true);
+}
+
+#[test]
+fn fallback_stop_drops_the_slot_and_keeps_the_source_fenced() {
+    let p = pair();
+    let s = p.source.fresh_database("fb_stop_src");
+    p.source.psql(&s, FIXTURE);
+    let t = p.target.fresh_database("fb_stop_tgt");
+    let plan = TestPlan::new(p, "fb_stop", &s, &t, PLAN);
+    let mut child = spawn(&plan, "run");
+    wait_stage(p, &plan, &mut child, "cutover", "done");
+    p.target.psql(
+        &t,
+        "INSERT INTO public.audit VALUES (1000, 'on the target')",
+    );
+    wait_for(
+        "the insert to reach the source",
+        Duration::from_secs(60),
+        || {
+            p.source
+                .psql(&s, "SELECT count(*) FROM public.audit WHERE id = 1000")
+                == "1"
+        },
+    );
+    let out = plan.run(&["fallback-stop"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let code = finish(child, "run");
+    assert_eq!(code, Some(0), "{}", log(&plan, "run"));
+    assert_eq!(
+        p.target.psql(
+            "postgres",
+            &format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'pgferry\\_{}\\_%\\_fb'", plan.name)
+        ),
+        "0"
+    );
+    assert_eq!(
+        p.source.psql(&s, "SHOW default_transaction_read_only"),
+        "on"
+    );
+    // A rollback is refused now: the target's writes from here on cannot go back.
+    let out = plan.run(&["rollback"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("fallback-stop"),
+        "{}",
+        show(&out)
+    );
+}
