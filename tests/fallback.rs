@@ -494,3 +494,37 @@ fn fallback_stop_drops_the_slot_and_keeps_the_source_fenced() {
         show(&out)
     );
 }
+
+/// Preflight of a plan with a fallback stage checks the target as a replication source: here its
+/// `wal_level` is `replica`, which it names before anything is changed.
+#[test]
+fn preflight_names_a_target_that_cannot_replicate() {
+    let (source, target) = std::thread::scope(|scope| {
+        let s = scope.spawn(|| Cluster::start("fbpresrc"));
+        let t = scope.spawn(|| Cluster::start_with("fbpretgt", "wal_level = replica\n", &[]));
+        (s.join().expect("source"), t.join().expect("target"))
+    });
+    let p: &'static Pair = Box::leak(Box::new(Pair { source, target }));
+    let s = p.source.fresh_database("fb_pre_src");
+    p.source
+        .psql(&s, "CREATE TABLE public.t (id int PRIMARY KEY, v text)");
+    let t = p.target.fresh_database("fb_pre_tgt");
+    let stages = format!(
+        "[stages.pre]\nkind = \"preflight\"\n\n{}",
+        PLAN.replace("after = [\"schema\"]", "after = [\"pre\"]")
+    );
+    let stages = stages.replacen(
+        "[stages.schema]\nkind = \"schema_dump\"\n",
+        "[stages.schema]\nkind = \"schema_dump\"\nafter = [\"pre\"]\n",
+        1,
+    );
+    let plan = TestPlan::new(p, "fb_pre", &s, &t, &stages);
+    let out = plan.run(&["run", "--until", "pre"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("target wal_level is `replica`; the fallback stream (reverse replication after the cutover) needs `logical` on the target"),
+        "{}",
+        show(&out)
+    );
+}

@@ -145,6 +145,116 @@ pub async fn check_target(env: &Env, db: &Database) -> Result<()> {
     Ok(())
 }
 
+/// What preflight says of a plan with a fallback stage, for `db`: the target must allow logical
+/// replication (`wal_level`, a free slot and WAL sender, the REPLICATION privilege), the source
+/// must let the reverse apply silence its triggers, and a newer target is named with what the
+/// reverse direction means for it. `source`/`target`: what preflight read of each server.
+pub async fn preflight_findings(
+    env: &Env,
+    db: &Database,
+    source: &catalog::ServerInfo,
+    target: &catalog::ServerInfo,
+    target_client: &Client,
+) -> Result<Vec<super::preflight::Finding>> {
+    use super::preflight::{Finding, Level};
+    let mut out = Vec::new();
+    let mut add = |level, check, message: String, hint: &str| {
+        out.push(Finding {
+            level,
+            database: db.name.clone(),
+            check,
+            message,
+            hint: (!hint.is_empty()).then(|| hint.to_string()),
+            tables: Vec::new(),
+        });
+    };
+    let wal_level = catalog::setting(target_client, "wal_level").await?;
+    if wal_level != "logical" {
+        add(
+            Level::Error,
+            "fallback_wal_level",
+            format!(
+                "target wal_level is `{wal_level}`; the fallback stream (reverse replication after the cutover) needs `logical` on the target"
+            ),
+            "ALTER SYSTEM SET wal_level = logical on the target, then restart it (on managed services: the logical replication parameter); or remove the fallback stage",
+        );
+    }
+    let (max_slots, used_slots, max_senders, used_senders) =
+        catalog::replication_capacity(target_client).await?;
+    let need = env.plan.databases.len() as i64;
+    if max_slots - used_slots < need {
+        add(
+            Level::Error,
+            "fallback_replication_slots",
+            format!(
+                "the target has {} free replication slot(s) of {max_slots}; the fallback stream needs {need}",
+                max_slots - used_slots
+            ),
+            "raise max_replication_slots on the target (restart needed)",
+        );
+    }
+    if max_senders - used_senders < need {
+        add(
+            Level::Error,
+            "fallback_wal_senders",
+            format!(
+                "the target has {} free WAL sender(s) of {max_senders}; the fallback stream needs {need}",
+                max_senders - used_senders
+            ),
+            "raise max_wal_senders on the target (restart needed)",
+        );
+    }
+    if !target.is_superuser && !target.can_replicate {
+        add(
+            Level::Error,
+            "fallback_replication_privilege",
+            format!(
+                "target role {} may not replicate, so the fallback stream cannot read the target",
+                target.current_user
+            ),
+            "ALTER ROLE ... REPLICATION on the target (on managed services: the provider's replication role)",
+        );
+    }
+    if !source.is_superuser {
+        add(
+            Level::Warning,
+            "fallback_apply_role",
+            format!(
+                "source role {} is not a superuser: the fallback stream applies to the source with session_replication_role = replica, which needs a superuser or (PostgreSQL 15+) GRANT SET ON PARAMETER session_replication_role",
+                source.current_user
+            ),
+            "grant it before the cutover, or the fallback stage fails at its first change",
+        );
+    }
+    let (sv, tv) = (source.server_version(), target.server_version());
+    if tv.pgoutput_origin_filter() && !target.is_superuser {
+        add(
+            Level::Info,
+            "fallback_origin",
+            format!(
+                "target role {} is not a superuser: the forward apply may not be able to tag its writes with a replication origin; the fallback stream then leaves them out by position only (its slot is created after the last of them)",
+                target.current_user
+            ),
+            "",
+        );
+    }
+    if tv.major() > sv.major() {
+        add(
+            Level::Info,
+            "fallback_versions",
+            format!(
+                "a rollback goes from PostgreSQL {} back to {}: the target's schema came from the source, so every type and table the stream carries exists there; what {} has that {} lacks must not be added on the target after the cutover (new column types or options, virtual generated columns on 18, ...): a schema change on the target stops the fallback stream with the difference named, and the source must be given the same change by hand",
+                target.version,
+                source.version,
+                tv.major(),
+                sv.major()
+            ),
+            "",
+        );
+    }
+    Ok(out)
+}
+
 /// Creates the fallback publication and slot on the target of `db` (or finds them from an earlier
 /// attempt) and records the slot's consistent point as the reverse stream's start. `forward` is
 /// the forward stream's final position (the drain target). Returns what the cutover records.
