@@ -511,12 +511,11 @@ fn preflight_names_a_target_that_cannot_replicate() {
     let t = p.target.fresh_database("fb_pre_tgt");
     let stages = format!(
         "[stages.pre]\nkind = \"preflight\"\n\n{}",
-        PLAN.replace("after = [\"schema\"]", "after = [\"pre\"]")
-    );
-    let stages = stages.replacen(
-        "[stages.schema]\nkind = \"schema_dump\"\n",
-        "[stages.schema]\nkind = \"schema_dump\"\nafter = [\"pre\"]\n",
-        1,
+        PLAN.replacen(
+            "[stages.schema]\nkind = \"schema_dump\"\n",
+            "[stages.schema]\nkind = \"schema_dump\"\nafter = [\"pre\"]\n",
+            1,
+        )
     );
     let plan = TestPlan::new(p, "fb_pre", &s, &t, &stages);
     let out = plan.run(&["run", "--until", "pre"]);
