@@ -283,7 +283,28 @@ fn scenario(p: &'static Pair, prefix: &str, kill: bool, origin: bool) -> String 
             "SELECT coalesce(sum(value), 0) FROM pgferry.counters WHERE migration = '{prefix}' AND scope = 'fallback:{s}' AND name = 'totalChangesApplied'"
         ),
     );
-    std::thread::sleep(Duration::from_millis(500));
+    // `status` shows the reverse stream and its lag.
+    let out = plan.run(&["status"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "fallback {s} (target back to the source): streaming"
+        )) && text.contains("the target\n"),
+        "{text}"
+    );
+    let out = plan.run(&["status", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status --json");
+    let fb = json["output"]
+        .as_array()
+        .and_then(|o| o.iter().find(|d| d["fallback"].is_object()))
+        .map(|d| d["fallback"].clone())
+        .unwrap_or_else(|| panic!("no fallback in status --json: {json}"));
+    assert_eq!(fb["state"], "streaming", "{fb}");
+    assert!(
+        fb["lagBytes"].is_i64() && fb["appliedLsn"].is_string(),
+        "{fb}"
+    );
 
     // Roll back. With `kill`, the reverse apply is stopped at the gate during the drain and the
     // runner killed there, then resumed.
@@ -356,6 +377,14 @@ fn scenario(p: &'static Pair, prefix: &str, kill: bool, origin: bool) -> String 
     p.source.psql(
         &s,
         "INSERT INTO public.items (name, price) VALUES ('after rollback', 1)",
+    );
+    let out = plan.run(&["report"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("fallback (fallback) of {s}: rolled back;"))
+            && text.contains("write downtime"),
+        "{text}"
     );
     let stdout = log(&plan, "rollback");
     assert!(stdout.contains("write downtime"), "{stdout}");

@@ -57,6 +57,35 @@ pub const STOP_REQUEST: &str = "fallback-stop";
 
 const POLL: Duration = Duration::from_millis(250);
 
+/// The key of the fallback stage's detail holding each database's phase (`streaming`,
+/// `rolling_back`, `rolled_back`, `stopped`), which `status` shows.
+pub const DETAIL_KEY: &str = "fallback";
+
+/// Records the phase of `db` in the stage's detail.
+async fn record_phase(cx: &StageContext, db: &Database, phase: &str) -> Result<()> {
+    let mut detail = cx
+        .store
+        .stages()
+        .await?
+        .into_iter()
+        .find(|r| r.stage == cx.stage)
+        .map(|r| r.detail)
+        .filter(serde_json::Value::is_object)
+        .unwrap_or_else(|| serde_json::json!({}));
+    if let Some(obj) = detail.as_object_mut() {
+        let dbs = obj
+            .entry(DETAIL_KEY)
+            .or_insert_with(|| serde_json::json!({}));
+        if !dbs.is_object() {
+            *dbs = serde_json::json!({});
+        }
+        if let Some(dbs) = dbs.as_object_mut() {
+            dbs.insert(db.name.clone(), serde_json::json!(phase));
+        }
+    }
+    cx.store.set_stage_detail(&cx.stage, &detail).await
+}
+
 /// The name of `db` in the store's records of the fallback stream.
 pub fn store_key(db: &str) -> String {
     format!("fallback:{db}")
@@ -645,6 +674,16 @@ impl Fallback {
         let caught_up = move || {
             tracing::info!(database = %name, "fallback stream caught up: the source holds every write committed on the target");
         };
+        record_phase(
+            cx,
+            db,
+            if drain.is_some() {
+                "rolling_back"
+            } else {
+                "streaming"
+            },
+        )
+        .await?;
         let streamed = stream.run(caught_up);
         tokio::pin!(streamed);
         let mut stopped: Option<String> = None;
@@ -656,7 +695,10 @@ impl Fallback {
                     return Err(Error::permanent("internal: the fallback stream ended without a drain target"));
                 }
                 w = self.watch(cx, &store) => match w? {
-                    Ending::Rollback => drain = Some(self.fence_target(cx, db).await?),
+                    Ending::Rollback => {
+                        record_phase(cx, db, "rolling_back").await?;
+                        drain = Some(self.fence_target(cx, db).await?);
+                    }
                     Ending::Stop(why) => stopped = Some(why),
                 },
             }
@@ -679,6 +721,7 @@ impl Fallback {
             );
             tracing::info!("{msg}");
             cx.store.event(Some(&cx.stage), "info", &msg).await?;
+            record_phase(cx, db, "stopped").await?;
             return cx
                 .mark_done(
                     &key,
@@ -711,6 +754,7 @@ impl Fallback {
             }
         }
         let detail = self.finish_rollback(cx, db, lsn, fenced_at).await?;
+        record_phase(cx, db, "rolled_back").await?;
         cx.mark_done(&key, detail).await
     }
 }
