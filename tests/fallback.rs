@@ -556,3 +556,32 @@ fn preflight_names_a_target_that_cannot_replicate() {
         show(&out)
     );
 }
+
+/// `pgferry reset` drops the fallback slot and publication on the target too.
+#[test]
+fn reset_drops_the_fallback_slot() {
+    let p = pair();
+    let s = p.source.fresh_database("fb_reset_src");
+    p.source.psql(&s, FIXTURE);
+    let t = p.target.fresh_database("fb_reset_tgt");
+    let plan = TestPlan::new(p, "fb_reset", &s, &t, PLAN);
+    let mut child = spawn(&plan, "run");
+    wait_stage(p, &plan, &mut child, "fallback", "running");
+    let _ = child.kill();
+    let _ = child.wait();
+    let slots = format!(
+        "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'pgferry\\_{}\\_%\\_fb'",
+        plan.name
+    );
+    assert_eq!(p.target.psql("postgres", &slots), "1");
+    let out = plan.run(&["reset", "--yes", "--keep-target"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(p.target.psql("postgres", &slots), "0", "{}", show(&out));
+    assert_eq!(
+        p.target.psql(
+            &t,
+            "SELECT count(*) FROM pg_publication WHERE pubname LIKE 'pgferry%_fb'"
+        ),
+        "0"
+    );
+}
