@@ -305,6 +305,16 @@ fn scenario(p: &'static Pair, prefix: &str, kill: bool, origin: bool) -> String 
         fb["lagBytes"].is_i64() && fb["appliedLsn"].is_string(),
         "{fb}"
     );
+    // `verify` compares in reverse while the application writes to the target: both sides as of
+    // one target LSN (the fallback stream held there).
+    let out = plan.run(&["verify"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("compared in reverse"), "{text}");
 
     // Roll back. With `kill`, the reverse apply is stopped at the gate during the drain and the
     // runner killed there, then resumed.

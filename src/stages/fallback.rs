@@ -118,7 +118,7 @@ pub fn route(env: &Env, db: &Database, stage: &str) -> Route {
 /// The plan with its sides swapped for `db`: what reads "the source" reads the target, what
 /// writes "the target" writes the source (past its fence). Used to run the resync and the
 /// sequence reset backward.
-fn swapped(env: &Env, db: &Database) -> (Env, Database) {
+pub(crate) fn swapped(env: &Env, db: &Database) -> (Env, Database) {
     (
         Env {
             plan: env.plan.clone(),
