@@ -183,8 +183,9 @@ fn main() {
     // INSERT is the same).
     p.source.psql(
         src,
-        "ALTER TABLE public.pgbench_history REPLICA IDENTITY FULL; VACUUM ANALYZE",
+        "ALTER TABLE public.pgbench_history REPLICA IDENTITY FULL",
     );
+    p.source.psql(src, "VACUUM ANALYZE");
     fresh_target(&p.target, tgt);
     let plan = TestPlan::new(
         p,
@@ -370,8 +371,10 @@ fn main() {
     stop.store(true, Ordering::SeqCst);
     let ws = w.join().expect("writer");
     expect_exit(&mut child, 0, &log, "pgferry run (fallback)");
-    let recorded: f64 = tdb
-        .one(&format!(
+    // The rollback's fence ended the polling session too (it is not pgferry's).
+    let recorded: f64 = p
+        .target
+        .psql(tgt, &format!(
             "SELECT value->>'downtime_seconds' FROM pgferry.checkpoints WHERE migration = '{migration}' AND stage = 'fallback' AND key = 'database:{src}'"
         ))
         .parse()

@@ -287,6 +287,7 @@ fn scenario(p: &'static Pair, prefix: &str, kill: bool, origin: bool) -> String 
     let out = plan.run(&["status"]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("[test] pgferry status:\n{text}");
     assert!(
         text.contains(&format!(
             "fallback {s} (target back to the source): streaming"
@@ -314,6 +315,7 @@ fn scenario(p: &'static Pair, prefix: &str, kill: bool, origin: bool) -> String 
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    eprintln!("[test] pgferry verify:\n{text}");
     assert!(text.contains("compared in reverse"), "{text}");
 
     // Roll back. With `kill`, the reverse apply is stopped at the gate during the drain and the
@@ -391,6 +393,7 @@ fn scenario(p: &'static Pair, prefix: &str, kill: bool, origin: bool) -> String 
     let out = plan.run(&["report"]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("[test] pgferry report:\n{text}");
     assert!(
         text.contains(&format!("fallback (fallback) of {s}: rolled back;"))
             && text.contains("write downtime"),

@@ -588,7 +588,10 @@ pub fn pair() -> &'static Pair {
 /// `../shared/data/pagila` relative to the crate root, if
 /// `pagila-schema.sql` is there. Prints a loud SKIPPED line when it isn't.
 pub fn pagila_dir() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/pagila");
+    // `PGFERRY_PAGILA_DIR` for a checkout elsewhere (a git worktree) than next to `shared/`.
+    let dir = std::env::var_os("PGFERRY_PAGILA_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/pagila"));
     if dir.join("pagila-schema.sql").is_file() {
         Some(dir.canonicalize().unwrap_or(dir))
     } else {
