@@ -6,15 +6,15 @@
 //! on the source stops the reverse apply exactly there), and across versions (16 -> 18, where the
 //! stream also filters by replication origin).
 
-mod support;
+use crate::support;
 
 use std::process::Child;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use support::compare::assert_same_on;
-use support::{Cluster, Gate, Pair, TestPlan, pair, show, wait_for};
+use crate::support::compare::assert_same_on;
+use crate::support::{Cluster, Gate, Pair, TestPlan, pair, show, wait_for};
 
 const PLAN: &str = "[stages.schema]\nkind = \"schema_dump\"\n\n\
     [stages.provision]\nkind = \"provision\"\nafter = [\"schema\"]\n\n\
