@@ -54,6 +54,9 @@ fn summary(kind: &str) -> &'static str {
         "cutover" => "fence the source, drain the last changes, switch over",
         "sequence_reset" => "set every target sequence to the source's value",
         "cleanup" => "drop the replication slot and the publication on the source",
+        "fallback" => {
+            "stream the target's changes back to the fenced source until `pgferry rollback` or `pgferry fallback-stop`"
+        }
         _ => "",
     }
 }

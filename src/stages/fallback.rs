@@ -86,6 +86,12 @@ async fn record_phase(cx: &StageContext, db: &Database, phase: &str) -> Result<(
     cx.store.set_stage_detail(&cx.stage, &detail).await
 }
 
+/// The fallback stage's checkpoint saying that the rollback of `db` has brought everything over
+/// and dropped the slot: only the unfence is left.
+fn synced_key(db: &str) -> String {
+    format!("rollback_synced:{db}")
+}
+
 /// The name of `db` in the store's records of the fallback stream.
 pub fn store_key(db: &str) -> String {
     format!("fallback:{db}")
@@ -583,19 +589,40 @@ impl Fallback {
         lsn: Lsn,
         fenced_at_ms: i64,
     ) -> Result<serde_json::Value> {
-        let (env, back) = swapped(&self.env, db);
-        let env = Arc::new(env);
-        let resync = super::unreplicated::resync(&env, &back, &cx.cancel)
-            .await
-            .map_err(|e| {
-                e.context("copying what logical replication does not carry back to the source")
-            })?;
-        let (sequences, changed) =
-            super::sequence_reset::SequenceReset::new(env.clone(), self.index)
-                .reset(cx, &back)
-                .await
-                .map_err(|e| e.context("setting the source's sequences from the target's"))?;
-        drop_objects(&self.env, db).await?;
+        // Once the source holds everything (resync, sequences) and the slot is gone, a checkpoint
+        // says so: a resumed rollback must not set the sequences again after the unfence (the
+        // application may have moved them on) nor stream from the dropped slot.
+        let synced_key = synced_key(&db.name);
+        let synced = match cx.store.checkpoint(&cx.stage, &synced_key).await? {
+            Some(v) => v,
+            None => {
+                let (env, back) = swapped(&self.env, db);
+                let env = Arc::new(env);
+                let resync = super::unreplicated::resync(&env, &back, &cx.cancel)
+                    .await
+                    .map_err(|e| {
+                        e.context(
+                            "copying what logical replication does not carry back to the source",
+                        )
+                    })?;
+                let (sequences, changed) =
+                    super::sequence_reset::SequenceReset::new(env.clone(), self.index)
+                        .reset(cx, &back)
+                        .await
+                        .map_err(|e| {
+                            e.context("setting the source's sequences from the target's")
+                        })?;
+                drop_objects(&self.env, db).await?;
+                let v = serde_json::json!({
+                    "sequences": sequences,
+                    "sequences_changed": changed,
+                    "resync": resync,
+                });
+                cx.store.put_checkpoint(&cx.stage, &synced_key, &v).await?;
+                v
+            }
+        };
+        let field = |k: &str| synced.get(k).cloned().unwrap_or(serde_json::Value::Null);
         let source = self
             .env
             .source_for(db)
@@ -621,9 +648,9 @@ impl Fallback {
             "outcome": "rolled_back",
             "lsn": lsn.to_string(),
             "downtime_seconds": downtime,
-            "sequences": sequences,
-            "sequences_changed": changed,
-            "resync": resync,
+            "sequences": field("sequences"),
+            "sequences_changed": field("sequences_changed"),
+            "resync": field("resync"),
             "finished_at": Timestamp::now(),
         }))
     }
@@ -653,6 +680,18 @@ impl Fallback {
             .await?
             .ok_or_else(|| Error::permanent("the checkpoint store is gone"))?;
         let mut drain = self.drain(cx, db).await?;
+        if let Some((lsn, fenced_at)) = drain
+            && cx
+                .store
+                .checkpoint(&cx.stage, &synced_key(&db.name))
+                .await?
+                .is_some()
+        {
+            // Killed after the slot was dropped: only the unfence is left.
+            let detail = self.finish_rollback(cx, db, lsn, fenced_at).await?;
+            record_phase(cx, db, "rolled_back").await?;
+            return cx.mark_done(&key, detail).await;
+        }
         let sub_cancel = cx.cancel.child_token();
         let sub = StageContext::new(
             &cx.stage,

@@ -342,6 +342,28 @@ fn scenario(p: &'static Pair, prefix: &str, kill: bool, origin: bool) -> String 
         child = spawn(&plan, "run");
         gate.open();
     }
+    let mut rollback = rollback;
+    if kill {
+        // Then SIGKILLs at random moments of the rest of the rollback (the drain, the resync, the
+        // sequences, the slot's drop, the unfence), each run resumed; the seed is printed.
+        let mut seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos() as u64 | 1)
+            .unwrap_or(1);
+        eprintln!("[test] random kills during the rollback, seed {seed}");
+        for _ in 0..3 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            std::thread::sleep(Duration::from_millis(100 + seed % 700));
+            if matches!(rollback.try_wait(), Ok(Some(_))) {
+                break;
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            child = spawn(&plan, "run");
+        }
+    }
     let code = finish(rollback, "rollback");
     assert_eq!(code, Some(0), "{}", log(&plan, "rollback"));
     stop.store(true, Ordering::SeqCst);
