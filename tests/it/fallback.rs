@@ -496,20 +496,34 @@ fn rollback_resumes_after_the_runner_is_killed() {
 /// 18 target filters by replication origin as well as by position.
 #[test]
 fn rollback_from_an_18_target_to_a_16_source() {
+    across_versions(16, 18);
+}
+
+/// The widest pair of the matrix: a 12 source (whose partitions were published leaf by leaf)
+/// taking back what an 18 target publishes by the partitioned root.
+#[test]
+fn rollback_from_an_18_target_to_a_12_source() {
+    across_versions(12, 18);
+}
+
+fn across_versions(source: u32, target: u32) {
     support::plan::PG_BINDIR.get_or_init(support::cluster::newest_tools_bindir);
     let (s, t) = std::thread::scope(|scope| {
-        let s = scope.spawn(|| Cluster::start_version(16, "fb16src"));
-        let t = scope.spawn(|| Cluster::start_version(18, "fb18tgt"));
-        (s.join().expect("16"), t.join().expect("18"))
+        let s = scope.spawn(|| Cluster::start_version(source, &format!("fb{source}src")));
+        let t = scope.spawn(|| Cluster::start_version(target, &format!("fb{target}tgt")));
+        (s.join().expect("source"), t.join().expect("target"))
     });
-    let (Some(source), Some(target)) = (s, t) else {
+    let (Some(source_cluster), Some(target_cluster)) = (s, t) else {
         eprintln!(
-            "\n*** SKIPPED rollback_from_an_18_target_to_a_16_source: PostgreSQL 16 or 18 is not installed (scripts/pg-versions.sh) ***\n"
+            "\n*** SKIPPED rollback from {target} to {source}: PostgreSQL {source} or {target} is not installed (scripts/pg-versions.sh) ***\n"
         );
         return;
     };
-    let p: &'static Pair = Box::leak(Box::new(Pair { source, target }));
-    scenario(p, "fb_16_18", false, true);
+    let p: &'static Pair = Box::leak(Box::new(Pair {
+        source: source_cluster,
+        target: target_cluster,
+    }));
+    scenario(p, &format!("fb_{source}_{target}"), false, target >= 16);
 }
 
 #[test]
@@ -534,6 +548,18 @@ fn fallback_stop_drops_the_slot_and_keeps_the_source_fenced() {
                 == "1"
         },
     );
+    // While the stream runs, `unfence` is refused: the source is being written by it.
+    let out = plan.run(&["unfence"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is armed"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(
+        p.source.psql(&s, "SHOW default_transaction_read_only"),
+        "on"
+    );
     let out = plan.run(&["fallback-stop"]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     let code = finish(child, "run");
@@ -556,6 +582,13 @@ fn fallback_stop_drops_the_slot_and_keeps_the_source_fenced() {
         String::from_utf8_lossy(&out.stderr).contains("fallback-stop"),
         "{}",
         show(&out)
+    );
+    // The stream is over: `unfence` makes the source writable (without the target's writes).
+    let out = plan.run(&["unfence"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(
+        p.source.psql(&s, "SHOW default_transaction_read_only"),
+        "off"
     );
 }
 
