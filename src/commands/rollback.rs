@@ -15,7 +15,11 @@ use crate::state::{StageState, StateStore};
 
 /// The plan's fallback stage, or the usage error that says it has none.
 fn fallback_stage(plan: &Plan) -> Result<String, u8> {
-    match plan.stages.iter().find(|s| s.kind == "fallback") {
+    match plan
+        .stages
+        .iter()
+        .find(|s| s.kind == crate::plan::StageKind::Fallback)
+    {
         Some(s) => Ok(s.id.clone()),
         None => {
             eprintln!(

@@ -23,7 +23,10 @@ pub async fn run(args: &PlanArgs) -> u8 {
     };
     // With a fallback stream armed and not ended, the source is being written by it: making it
     // writable for the application would mix both. `rollback` or `fallback-stop` first.
-    if plan.stages.iter().any(|s| s.kind == "fallback")
+    if plan
+        .stages
+        .iter()
+        .any(|s| s.kind == crate::plan::StageKind::Fallback)
         && let Ok(Some(store)) = super::open_store(&plan).await
         && let Some(reason) = fallback_active(&plan, &store).await
     {
@@ -72,7 +75,10 @@ async fn fallback_active(
     store: &crate::state::postgres::PgStore,
 ) -> Option<String> {
     use crate::state::StateStore;
-    let stage = plan.stages.iter().find(|s| s.kind == "fallback")?;
+    let stage = plan
+        .stages
+        .iter()
+        .find(|s| s.kind == crate::plan::StageKind::Fallback)?;
     for db in &plan.databases {
         let armed = store
             .position(&crate::stages::fallback::start_position(&db.name))

@@ -43,11 +43,10 @@ use super::cdc::{DbStream, Route, applied_position, drain_key};
 use super::{Env, Stage, StageContext};
 use crate::error::{Error, Result};
 use crate::pg::catalog;
-use crate::pg::connect::ConnInfo;
 use crate::pg::ident::quote_ident;
 use crate::pg::names::{fallback_publication_name, fallback_slot_name, slot_name};
 use crate::pg::pgoutput::Lsn;
-use crate::plan::{Database, StageOptions};
+use crate::plan::{Database, StageKind, StageOptions};
 use crate::select::Selection;
 use crate::state::Timestamp;
 
@@ -143,7 +142,10 @@ pub(crate) fn swapped(env: &Env, db: &Database) -> (Env, Database) {
 
 /// Whether the plan has a fallback stage (the cutover then arms the reverse stream).
 pub fn planned(env: &Env) -> bool {
-    env.plan.stages.iter().any(|s| s.kind == "fallback")
+    env.plan
+        .stages
+        .iter()
+        .any(|s| s.kind == StageKind::Fallback)
 }
 
 /// The selected tables of `db` as the target has them.
@@ -373,7 +375,7 @@ pub async fn arm(
         }
     };
     cx.store
-        .advance_position(&start_position(&db.name), &start.to_string())
+        .advance_position(&start_position(&db.name), start)
         .await?;
     let origin_filter = version.pgoutput_origin_filter();
     let msg = format!(
@@ -503,11 +505,8 @@ impl Fallback {
     }
 
     /// Waits for `pgferry rollback` or `pgferry fallback-stop`.
-    async fn watch(
-        &self,
-        cx: &StageContext,
-        store: &crate::state::postgres::PgStore,
-    ) -> Result<Ending> {
+    async fn watch(&self, cx: &StageContext) -> Result<Ending> {
+        let store = &cx.store;
         loop {
             if store.requested(ROLLBACK_REQUEST).await?.is_some() {
                 return Ok(Ending::Rollback);
@@ -673,12 +672,6 @@ impl Fallback {
             .hint("the cutover arms it when the plan has a fallback stage; a cutover that finished before the stage was added cannot be taken back without losing the target's writes (`pgferry unfence`)"));
         }
         let plan = &self.env.plan;
-        let conn = ConnInfo::new(&plan.state.endpoint, plan.state.database.as_deref())
-            .map_err(|e| e.context("[state]"))?
-            .past_fence();
-        let store = crate::state::postgres::PgStore::open(conn, &plan.state.schema, &plan.name)
-            .await?
-            .ok_or_else(|| Error::permanent("the checkpoint store is gone"))?;
         let mut drain = self.drain(cx, db).await?;
         if let Some((lsn, fenced_at)) = drain
             && cx
@@ -733,7 +726,7 @@ impl Fallback {
                     r?;
                     return Err(Error::permanent("internal: the fallback stream ended without a drain target"));
                 }
-                w = self.watch(cx, &store) => match w? {
+                w = self.watch(cx) => match w? {
                     Ending::Rollback => {
                         record_phase(cx, db, "rolling_back").await?;
                         drain = Some(self.fence_target(cx, db).await?);
@@ -787,7 +780,7 @@ impl Fallback {
                 return Err(Error::permanent(format!(
                     "the fallback stream did not drain to {lsn} within {} (applied: {})",
                     humantime::format_duration(o.timeout),
-                    applied.unwrap_or_else(|| "none".into())
+                    applied.map_or_else(|| "none".into(), |a| a.to_string())
                 ))
                 .hint("the target stays read-only and the source fenced, so nothing is lost; look at the errors (`pgferry status PLAN`), then `pgferry run PLAN` resumes the rollback"));
             }

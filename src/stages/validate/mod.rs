@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Env, Stage, StageContext};
 use crate::error::{Error, Result};
 use crate::pg::catalog;
+use crate::plan::StageKind;
 use crate::plan::raw::ValidateOptions;
 use crate::plan::{Database, StageOptions};
 use crate::select::Selection;
@@ -136,7 +137,7 @@ impl SnapshotSync {
             .plan
             .stages
             .iter()
-            .find(|s| s.kind == "cdc")
+            .find(|s| s.kind == StageKind::Cdc)
             .map(|s| s.id.clone());
         let (Some(store), Some(cdc_id)) = (store, &cdc_stage) else {
             return Ok(SnapshotSync {
@@ -147,7 +148,12 @@ impl SnapshotSync {
             });
         };
         let mut not_comparable = None;
-        for s in env.plan.stages.iter().filter(|s| s.kind == "cutover") {
+        for s in env
+            .plan
+            .stages
+            .iter()
+            .filter(|s| s.kind == StageKind::Cutover)
+        {
             for db in &env.plan.databases {
                 let drain = store
                     .checkpoint(&s.id, &crate::stages::cdc::drain_key(&db.name))
@@ -180,14 +186,14 @@ impl SnapshotSync {
             .plan
             .stages
             .iter()
-            .filter(|s| s.kind == "cutover")
+            .filter(|s| s.kind == StageKind::Cutover)
             .any(|s| state(&s.id) == Some(StageState::Done));
         // The fallback stream runs (a cutover armed it, no rollback or stop has ended it).
         let fallback_running = env
             .plan
             .stages
             .iter()
-            .filter(|s| s.kind == "fallback")
+            .filter(|s| s.kind == StageKind::Fallback)
             .any(|s| state(&s.id) == Some(StageState::Running));
         let reverse = cutover_done && fallback_running;
         Ok(SnapshotSync {
@@ -196,7 +202,7 @@ impl SnapshotSync {
                 env.plan
                     .stages
                     .iter()
-                    .find(|s| s.kind == "fallback")
+                    .find(|s| s.kind == StageKind::Fallback)
                     .map(|s| s.id.clone())
             } else {
                 cdc_stage
@@ -322,7 +328,7 @@ async fn validate_database(
     if sync.reverse {
         info.note = Some(format!(
             "compared in reverse, as of target LSN {}: target database {} (read as the source) against source database {}, which the fallback stream keeps in step; sequences not compared while it runs",
-            info.lsn.as_deref().unwrap_or("?"),
+            info.lsn.map_or_else(|| "?".to_string(), |l| l.to_string()),
             db.name,
             db.target
         ));
@@ -428,7 +434,7 @@ async fn validate_database(
         opts.mode.as_str(),
         opts.jobs,
         info.method,
-        info.lsn.as_deref().map(|l| format!(" at {l}")).unwrap_or_default()
+        info.lsn.map(|l| format!(" at {l}")).unwrap_or_default()
     );
     let work = Arc::new(Work {
         database: db.name.clone(),
