@@ -184,8 +184,8 @@ pub struct Route {
     pub drain_stages: Vec<String>,
     /// Forward only: changes of a table up to the LSN its copy was taken at are skipped.
     pub forward: bool,
-    /// The replication origin the apply session tags its transactions with, if any (the forward
-    /// apply of a plan with a fallback stage, on a PostgreSQL 16+ target).
+    /// The replication origin the apply session tags its transactions with, if any: the forward
+    /// apply of a plan with a fallback stage (a stream from a 16+ target leaves them out).
     pub apply_origin: Option<String>,
 }
 
