@@ -810,6 +810,24 @@ impl Stage for Fallback {
     }
 
     async fn run(&self, cx: &StageContext) -> Result<()> {
+        if self.env.rehearsal {
+            // A rehearsal's cutover fences nothing and arms nothing: the source keeps being
+            // written, so there is no way back to keep in step.
+            for db in &self.env.plan.databases {
+                let msg = format!(
+                    "rehearsal: no fallback stream for {} (the rehearsal's cutover did not fence the source, so it arms none)",
+                    db.name
+                );
+                tracing::info!("{msg}");
+                cx.store.event(Some(&cx.stage), "info", &msg).await?;
+                cx.mark_done(
+                    &format!("database:{}", db.name),
+                    serde_json::json!({ "outcome": "rehearsal" }),
+                )
+                .await?;
+            }
+            return Ok(());
+        }
         let futures = self
             .env
             .plan

@@ -653,3 +653,30 @@ fn reset_drops_the_fallback_slot() {
         "0"
     );
 }
+
+/// A rehearsal of a plan with a fallback stage: the rehearsal's cutover fences nothing and arms
+/// nothing, and the fallback stage says so instead of failing.
+#[test]
+fn a_rehearsal_arms_no_fallback() {
+    let p = pair();
+    let s = p.source.fresh_database("fb_reh_src");
+    p.source.psql(&s, FIXTURE);
+    let t = p.target.fresh_database("fb_reh_tgt");
+    let plan = TestPlan::new(p, "fb_reh", &s, &t, PLAN);
+    let out = plan.run(&["run", "--rehearsal"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("rehearsal: no fallback stream"),
+        "{}",
+        show(&out)
+    );
+    let slots = format!(
+        "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'pgferry\\_{}\\_%\\_fb'",
+        plan.name
+    );
+    assert_eq!(p.target.psql("postgres", &slots), "0");
+    assert_eq!(
+        p.source.psql(&s, "SHOW default_transaction_read_only"),
+        "off"
+    );
+}
