@@ -18,7 +18,7 @@
 //!   position in the source database (`<state schema>.cdc_applied`, keyed by the fallback slot) in
 //!   the same transaction as the changes, so a killed runner resumes without applying anything
 //!   twice. The source stays fenced for the application: the apply session overrides the fence
-//!   at startup ([`ConnInfo::past_fence`]). Its records in the store are under `fallback:<db>`
+//!   at startup ([`crate::pg::connect::ConnInfo::past_fence`]). Its records in the store are under `fallback:<db>`
 //!   (`cdc_applied:fallback:<db>`, counters, samples), which `status` and `report` show.
 //! - **`pgferry rollback PLAN`** records the request `rollback`; the stage then, per database:
 //!   fences the target (`default_transaction_read_only`, ends its client sessions except
@@ -654,6 +654,27 @@ impl Fallback {
         }))
     }
 
+    /// Ends the fallback of `db` without a rollback: drops the slot and publication, puts back
+    /// the source's identity columns the reverse apply relaxed. Idempotent.
+    async fn stop(&self, cx: &StageContext, db: &Database, why: &str) -> Result<()> {
+        drop_objects(&self.env, db).await?;
+        let (env, back) = swapped(&self.env, db);
+        let source = env.target_for(&back).connect("fallback stop").await?;
+        super::cdc::identity::restore(&source, &self.env.plan.state.schema).await?;
+        let msg = format!(
+            "fallback of {} stopped ({why}): slot and publication dropped on the target; the source stays fenced and is no longer kept in step",
+            db.name
+        );
+        tracing::info!("{msg}");
+        cx.store.event(Some(&cx.stage), "info", &msg).await?;
+        record_phase(cx, db, "stopped").await?;
+        cx.mark_done(
+            &format!("database:{}", db.name),
+            serde_json::json!({ "outcome": "stopped", "reason": why, "finished_at": Timestamp::now() }),
+        )
+        .await
+    }
+
     async fn database(&self, cx: &StageContext, db: &Database, o: &Options) -> Result<()> {
         let key = format!("database:{}", db.name);
         if cx.is_done(&key).await? {
@@ -671,7 +692,6 @@ impl Fallback {
             ))
             .hint("the cutover arms it when the plan has a fallback stage; a cutover that finished before the stage was added cannot be taken back without losing the target's writes (`pgferry unfence`)"));
         }
-        let plan = &self.env.plan;
         let mut drain = self.drain(cx, db).await?;
         if let Some((lsn, fenced_at)) = drain
             && cx
@@ -684,6 +704,18 @@ impl Fallback {
             let detail = self.finish_rollback(cx, db, lsn, fenced_at).await?;
             record_phase(cx, db, "rolled_back").await?;
             return cx.mark_done(&key, detail).await;
+        }
+        // A request recorded while no runner streamed (or before a crash): acted on before the
+        // stream starts (a stopped fallback's slot may be gone already).
+        if drain.is_none() {
+            if cx.store.requested(ROLLBACK_REQUEST).await?.is_some() {
+                record_phase(cx, db, "rolling_back").await?;
+                drain = Some(self.fence_target(cx, db).await?);
+            } else if let Some(at) = cx.store.requested(STOP_REQUEST).await? {
+                return self
+                    .stop(cx, db, &format!("`pgferry fallback-stop` at {at}"))
+                    .await;
+            }
         }
         let sub_cancel = cx.cancel.child_token();
         let sub = StageContext::new(
@@ -742,24 +774,7 @@ impl Fallback {
                 Err(e) => return Err(e),
                 Ok(()) => {}
             }
-            drop_objects(&self.env, db).await?;
-            // The source's identity columns the reverse apply relaxed are put back.
-            let (env, back) = swapped(&self.env, db);
-            let source = env.target_for(&back).connect("fallback stop").await?;
-            super::cdc::identity::restore(&source, &plan.state.schema).await?;
-            let msg = format!(
-                "fallback of {} stopped ({why}): slot and publication dropped on the target; the source stays fenced and is no longer kept in step",
-                db.name
-            );
-            tracing::info!("{msg}");
-            cx.store.event(Some(&cx.stage), "info", &msg).await?;
-            record_phase(cx, db, "stopped").await?;
-            return cx
-                .mark_done(
-                    &key,
-                    serde_json::json!({ "outcome": "stopped", "reason": why, "finished_at": Timestamp::now() }),
-                )
-                .await;
+            return self.stop(cx, db, &why).await;
         }
         let Some((lsn, fenced_at)) = drain else {
             return Err(Error::permanent(
