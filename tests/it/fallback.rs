@@ -680,3 +680,42 @@ fn a_rehearsal_arms_no_fallback() {
         "off"
     );
 }
+
+/// `pgferry rollback --no-wait` while no runner runs records the request; the next `pgferry run`
+/// carries it out before streaming (the target written meanwhile loses nothing).
+#[test]
+fn a_rollback_requested_without_a_runner_is_done_by_the_next_run() {
+    let p = pair();
+    let s = p.source.fresh_database("fb_later_src");
+    p.source.psql(&s, FIXTURE);
+    let t = p.target.fresh_database("fb_later_tgt");
+    let plan = TestPlan::new(p, "fb_later", &s, &t, PLAN);
+    let mut child = spawn(&plan, "run");
+    wait_stage(p, &plan, &mut child, "fallback", "running");
+    wait_stage(p, &plan, &mut child, "sequences", "done");
+    let _ = child.kill();
+    let _ = child.wait();
+    // Written while nothing streams back.
+    p.target.psql(
+        &t,
+        "INSERT INTO public.items (name, price) SELECT 'later ' || g, g FROM generate_series(1, 300) g; \
+         DELETE FROM public.audit WHERE id <= 10; SELECT setval('public.tickets', 777)",
+    );
+    let out = plan.run(&["rollback", "--no-wait"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_same_on(p, &s, &t);
+    assert_eq!(
+        p.source.psql(&s, "SHOW default_transaction_read_only"),
+        "off"
+    );
+    assert_eq!(
+        p.target.psql(&t, "SHOW default_transaction_read_only"),
+        "on"
+    );
+    assert_eq!(
+        p.source.psql(&s, "SELECT last_value FROM public.tickets"),
+        "777"
+    );
+}
