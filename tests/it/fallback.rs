@@ -321,7 +321,7 @@ fn scenario(p: &'static Pair, prefix: &str, kill: bool, origin: bool) -> String 
     // Roll back. With `kill`, the reverse apply is stopped at the gate during the drain and the
     // runner killed there, then resumed.
     let gate = kill.then(|| Gate::close(&p.source, &s));
-    let rollback = spawn(&plan, "rollback");
+    let mut rollback = spawn(&plan, "rollback");
     if let Some(gate) = gate {
         // The writer changes items until the fence: the drain has items to apply, and waits at
         // the gate with the target fenced and the drain target recorded.
@@ -342,7 +342,6 @@ fn scenario(p: &'static Pair, prefix: &str, kill: bool, origin: bool) -> String 
         child = spawn(&plan, "run");
         gate.open();
     }
-    let mut rollback = rollback;
     if kill {
         // Then SIGKILLs at random moments of the rest of the rollback (the drain, the resync, the
         // sequences, the slot's drop, the unfence), each run resumed; the seed is printed.
