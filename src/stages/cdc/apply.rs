@@ -297,11 +297,18 @@ impl Applier {
         state_schema: &str,
         slot: &str,
         copied: HashMap<String, Lsn>,
+        allow_managed: bool,
     ) -> Result<(Applier, Option<Lsn>)> {
         let client = conn.connect("cdc apply").await?;
         // Replica mode when the role may set it; else the managed mode holds the target's triggers
-        // and foreign keys instead (below, once the state schema exists).
+        // and foreign keys instead (below, once the state schema exists), where allowed.
         let replica = managed::can_set_replication_role(&client).await?;
+        if !replica && !allow_managed {
+            return Err(Error::permanent(
+                "the apply role may not set session_replication_role = replica on this database",
+            )
+            .hint("this stream applies with target triggers and foreign keys quiet, which needs a superuser (or, on PostgreSQL 15+, a role granted SET on session_replication_role); the managed mode, which holds them instead, is for the forward cdc only"));
+        }
         if replica {
             client
                 .batch_execute("SET session_replication_role = replica")
@@ -357,6 +364,30 @@ impl Applier {
             },
             applied,
         ))
+    }
+
+    /// Tags every transaction this session commits with the replication origin `name` (created
+    /// when missing), so that a stream of the same database with `origin = 'none'` (PostgreSQL
+    /// 16+, the fallback stream of [`crate::stages::fallback`]) leaves them out. The origin
+    /// functions are for superusers unless EXECUTE on them was granted: the caller decides what a
+    /// refusal means.
+    pub async fn use_origin(&mut self, name: &str) -> Result<()> {
+        self.client
+            .execute(
+                "SELECT pg_catalog.pg_replication_origin_create($1) \
+                  WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_replication_origin WHERE roname = $1)",
+                &[&name],
+            )
+            .await
+            .map_err(|e| Error::pg(&e, format!("creating replication origin {name}")))?;
+        self.client
+            .execute(
+                "SELECT pg_catalog.pg_replication_origin_session_setup($1)",
+                &[&name],
+            )
+            .await
+            .map_err(|e| Error::pg(&e, format!("setting up replication origin {name}")))?;
+        Ok(())
     }
 
     pub fn rel(&self, oid: u32) -> Result<&Rel> {
