@@ -37,8 +37,11 @@ use crate::pg::catalog;
 use crate::pg::connect::ConnInfo;
 use crate::pg::copy::{self, CopyTable};
 use crate::pg::ident::quote_literal;
+use crate::pg::lsn::Lsn;
 use crate::pg::names::slot_name;
 use crate::pg::replication::ReplicationClient;
+use crate::pg::wire::WireClient;
+use crate::plan::StageKind;
 use crate::plan::units::human_bytes;
 use crate::plan::{Database, StageOptions};
 use crate::select::Selection;
@@ -72,7 +75,7 @@ impl FullLoad {
 #[async_trait]
 impl Stage for FullLoad {
     fn describe(&self) -> Vec<String> {
-        let online = self.env.plan.has_kind("cdc");
+        let online = self.env.plan.has_kind(StageKind::Cdc);
         let mut out = Vec::new();
         for (i, db) in self.env.plan.databases.iter().enumerate() {
             let (jobs, split) = self.options(i);
@@ -141,7 +144,7 @@ struct Load {
     bytes: AtomicU64,
     rows: AtomicU64,
     tables_done: AtomicU64,
-    lsn: Option<String>,
+    lsn: Option<Lsn>,
     snapshot: String,
     stage: String,
     database: String,
@@ -167,7 +170,7 @@ impl Load {
             state,
             rows: rows as i64,
             bytes: bytes as i64,
-            lsn: self.lsn.clone(),
+            lsn: self.lsn,
             started_at: None,
             ended_at: None,
             error,
@@ -190,7 +193,7 @@ async fn load_database(
 ) -> Result<serde_json::Value> {
     let source_conn = env.source_for(db);
     let target_conn = env.target_for(db);
-    let online = env.plan.has_kind("cdc");
+    let online = env.plan.has_kind(StageKind::Cdc);
     let started = Instant::now();
 
     // What is already done.
@@ -226,7 +229,7 @@ async fn load_database(
                 .await
                 .map_err(|e| e.context(format!("creating replication slot {slot}")))?;
             cx.store
-                .advance_position(&format!("slot:{}", db.name), &s.consistent_point)
+                .advance_position(&format!("slot:{}", db.name), s.consistent_point)
                 .await?;
             cx.store
                 .event(
@@ -260,7 +263,7 @@ async fn load_database(
         (
             SnapshotHolder::Transaction(holder),
             row.get::<_, String>(0),
-            row.get::<_, Option<String>>(1),
+            crate::pg::lsn::parse_opt(row.get(1))?,
         )
     };
 
@@ -413,7 +416,7 @@ async fn load_database(
         bytes: AtomicU64::new(0),
         rows: AtomicU64::new(0),
         tables_done: AtomicU64::new(empty.len() as u64),
-        lsn: lsn.clone(),
+        lsn,
         snapshot,
         stage: cx.stage.clone(),
         database: db.name.clone(),
@@ -555,7 +558,7 @@ async fn worker(
 ) -> Result<()> {
     // Raw protocol sessions: COPY data is forwarded frame by frame, never decoded row by row.
     let purpose = format!("load worker {id}");
-    let mut source = ReplicationClient::connect_plain(&source_conn, &purpose).await?;
+    let mut source = WireClient::connect_plain(&source_conn, &purpose).await?;
     source
         .simple_query(&format!(
             "{SOURCE_SETTINGS} {}",
@@ -563,7 +566,7 @@ async fn worker(
         ))
         .await
         .map_err(|e| e.context("importing the load snapshot"))?;
-    let mut target = ReplicationClient::connect_plain(&target_conn, &purpose).await?;
+    let mut target = WireClient::connect_plain(&target_conn, &purpose).await?;
     target
         .simple_query(TARGET_SETTINGS)
         .await
@@ -608,8 +611,8 @@ async fn worker(
 /// one commit) with one checkpoint write before and one after.
 async fn load_tables(
     load: &Load,
-    source: &mut ReplicationClient,
-    target: &mut ReplicationClient,
+    source: &mut WireClient,
+    target: &mut WireClient,
     store: &dyn crate::state::StateStore,
     stop: &tokio_util::sync::CancellationToken,
     group: &[usize],
@@ -689,8 +692,8 @@ async fn load_tables(
 #[allow(clippy::too_many_arguments)]
 async fn load_range(
     load: &Load,
-    source: &mut ReplicationClient,
-    target: &mut ReplicationClient,
+    source: &mut WireClient,
+    target: &mut WireClient,
     store: &dyn crate::state::StateStore,
     stop: &tokio_util::sync::CancellationToken,
     table: usize,
@@ -750,8 +753,8 @@ async fn load_range(
 /// with the position in `group` of the table it is about (`None`: the group's own statements).
 async fn copy_tables(
     load: &Load,
-    source: &mut ReplicationClient,
-    target: &mut ReplicationClient,
+    source: &mut WireClient,
+    target: &mut WireClient,
     group: &[usize],
 ) -> std::result::Result<Vec<(u64, u64)>, (Option<usize>, Error)> {
     let freeze = group
