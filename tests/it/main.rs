@@ -9,6 +9,7 @@ mod support;
 mod cdc;
 mod demo;
 mod executor;
+mod fallback;
 mod faults;
 mod full_load;
 mod harness;
