@@ -330,15 +330,11 @@ async fn load_database(
             Some(stale) if !stale.is_empty() => {
                 let mut stale: Vec<usize> = stale.into_iter().collect();
                 stale.sort_unstable();
-                let list = stale
-                    .iter()
-                    .map(|&i| tables[i].name.quoted())
-                    .collect::<Vec<_>>()
-                    .join(", ");
+                let sql = truncate_only(stale.iter().map(|&i| &tables[i].name));
                 target
-                    .batch_execute(&format!("TRUNCATE ONLY {list}"))
+                    .batch_execute(&sql)
                     .await
-                    .map_err(|e| Error::pg(&e, format!("emptying the target tables {list}")))?;
+                    .map_err(|e| Error::pg(&e, format!("emptying the target tables: {sql}")))?;
             }
             Some(_) => {}
             None => empty.clear(),
@@ -758,12 +754,10 @@ async fn copy_tables(
         .iter()
         .any(|&t| (load.tables[t].bytes.max(0) as u64) >= GROUP_TABLES_BELOW);
     let empty = if freeze {
-        let list = group
-            .iter()
-            .map(|&t| load.tables[t].name.quoted())
-            .collect::<Vec<_>>()
-            .join(", ");
-        format!("BEGIN; TRUNCATE ONLY {list}")
+        format!(
+            "BEGIN; {}",
+            truncate_only(group.iter().map(|&t| &load.tables[t].name))
+        )
     } else {
         let mut sql = String::from("BEGIN;");
         for &t in group {
@@ -968,4 +962,32 @@ async fn tables_with_rows(
             .map_err(|e| Error::pg(&e, "releasing a savepoint"))?;
     }
     Ok(Some(with_rows))
+}
+
+/// `TRUNCATE ONLY a, ONLY b, ...`: ONLY before every name, since in `TRUNCATE ONLY a, b` it covers
+/// `a` alone and `b` would take its inheritance children (copied by other jobs) with it.
+fn truncate_only<'a>(names: impl Iterator<Item = &'a crate::pg::ident::QualifiedName>) -> String {
+    let list = names
+        .map(|n| format!("ONLY {}", n.quoted()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("TRUNCATE {list}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pg::ident::QualifiedName;
+
+    #[test]
+    fn truncate_spares_every_tables_children() {
+        let names = [
+            QualifiedName::new("public".to_string(), "a".to_string()),
+            QualifiedName::new("public".to_string(), "Person".to_string()),
+        ];
+        assert_eq!(
+            truncate_only(names.iter()),
+            r#"TRUNCATE ONLY "public"."a", ONLY "public"."Person""#
+        );
+    }
 }
