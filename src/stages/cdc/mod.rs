@@ -38,6 +38,7 @@
 
 pub mod apply;
 pub mod changeset;
+pub mod ddl;
 pub mod identity;
 mod sample;
 
@@ -52,7 +53,7 @@ use super::{Env, Stage, StageContext};
 use crate::error::{Error, Result};
 use crate::pg::names::{publication_name, slot_name};
 use crate::pg::pgoutput::{Lsn, PgOutputMessage, pg_time_to_system};
-use crate::pg::replication::{ReplicationClient, ReplicationMessage};
+use crate::pg::replication::{ReplicationClient, ReplicationMessage, StreamOptions};
 use crate::plan::{Database, StageOptions};
 use crate::state::TableState;
 use apply::Applier;
@@ -298,6 +299,15 @@ struct Loop {
     ready: bool,
     /// Transactions committed at or before this LSN are applied change by change.
     strict_until: Option<Lsn>,
+    /// DDL is replayed (`ddl = "replicate"`, see [`ddl`]).
+    replicate_ddl: bool,
+    /// The client query string whose DDL was last handled in this source transaction.
+    ddl_key: Option<String>,
+    /// The source transaction holds DDL: its target transaction ends at its commit.
+    ddl_in_tx: bool,
+    /// Statements to run once the target transaction commits, and the DDL it holds (for the store).
+    deferred: Vec<ddl::Deferred>,
+    ddl_log: Vec<serde_json::Value>,
 }
 
 impl<'a> DbStream<'a> {
@@ -320,6 +330,18 @@ impl<'a> DbStream<'a> {
             applied_changes: AtomicI64::new(0),
             unwritten: std::sync::Mutex::new((Counts::new(), Instant::now())),
         }
+    }
+
+    /// Whether this database's DDL is replayed (`ddl = "replicate"` on this stage).
+    fn replicates_ddl(&self) -> bool {
+        let i = self
+            .env
+            .plan
+            .databases
+            .iter()
+            .position(|d| d.name == self.db.name);
+        let stage = self.env.plan.stages.iter().find(|s| s.id == self.cx.stage);
+        matches!((i, stage), (Some(i), Some(s)) if matches!(s.options.get(i), Some(StageOptions::Cdc(o)) if o.replicates_ddl()))
     }
 
     /// The LSN each table was copied at, from the full_load stage's records.
@@ -397,6 +419,10 @@ impl<'a> DbStream<'a> {
             copied,
         )
         .await?;
+        let replicate_ddl = self.replicates_ddl();
+        if replicate_ddl {
+            self.deferred_left(&mut ap).await?;
+        }
         let start = match applied {
             Some(l) => l,
             None => match self
@@ -443,7 +469,11 @@ impl<'a> DbStream<'a> {
                 .and_then(|r| r.get("xlogpos"))
                 .ok_or_else(|| Error::permanent("IDENTIFY_SYSTEM returned no xlogpos"))?
                 .parse()?;
-            repl.start_replication(&slot, start, &publication)
+            let options = StreamOptions {
+                messages: replicate_ddl,
+                ..StreamOptions::new(&publication)
+            };
+            repl.start_replication_with(&slot, start, &options)
                 .await
                 .map_err(|e| explain_missing(e.context(format!("streaming from slot {slot}"))))?;
             tracing::info!(database = %self.db.name, slot = %slot, from = %start, "cdc streaming");
@@ -485,6 +515,11 @@ impl<'a> DbStream<'a> {
                 idle_at: Instant::now(),
                 ready: false,
                 strict_until,
+                replicate_ddl,
+                ddl_key: None,
+                ddl_in_tx: false,
+                deferred: Vec::new(),
+                ddl_log: Vec::new(),
             };
             let mut drain: Option<Lsn> = None;
             let mut hold: Option<Lsn> = None;
@@ -815,6 +850,8 @@ impl<'a> DbStream<'a> {
         match msg {
             PgOutputMessage::Begin(b) => {
                 st.in_source_tx = true;
+                st.ddl_key = None;
+                st.ddl_in_tx = false;
                 st.commit_lsn = b.final_lsn;
                 st.skip_tx = b.final_lsn < st.applied;
                 if !st.skip_tx {
@@ -840,6 +877,10 @@ impl<'a> DbStream<'a> {
                 if !st.skip_tx {
                     st.batch_end = c.end_lsn;
                     st.batch_commit_time = c.commit_time;
+                    if st.ddl_in_tx {
+                        // Later changes see the committed schema (see [`ddl`]).
+                        st.batch_deadline = Instant::now();
+                    }
                 }
             }
             PgOutputMessage::Relation(r) => ap.relation(&r).await?,
@@ -876,8 +917,8 @@ impl<'a> DbStream<'a> {
                     st.batch_count += 1;
                 }
             }
-            PgOutputMessage::Origin(_) | PgOutputMessage::Type(_) | PgOutputMessage::Message(_) => {
-            }
+            PgOutputMessage::Message(m) => self.message(ap, st, m).await?,
+            PgOutputMessage::Origin(_) | PgOutputMessage::Type(_) => {}
             other => {
                 return Err(Error::permanent(format!(
                     "unexpected `{}` message in the replication stream",
@@ -929,6 +970,7 @@ impl<'a> DbStream<'a> {
         if st.batch_end > st.applied || ap.in_tx() {
             ap.commit(st.batch_end.max(st.applied)).await?;
         }
+        self.after_commit(ap, st).await?;
         st.applied = st.applied.max(st.batch_end);
         st.batch_open = false;
         st.batch_count = 0;

@@ -1,0 +1,688 @@
+//! Schema changes made on the source during cdc (`ddl = "replicate"`): the statements the capture
+//! ([`crate::pg::event_trigger`]) writes into the stream as transactional messages are replayed on
+//! the target at their place, in the same target transaction as the changes around them.
+//!
+//! - A message is decided once per client query string (its `key`; a string of several statements
+//!   fires the event trigger once per statement): [`decide`] ignores what only touches tables
+//!   outside the selection, refuses what cannot be replayed safely, and otherwise gives the text to
+//!   run (the string's statements without its `SET`/`RESET`s, whose effect on `search_path` is
+//!   captured as such).
+//! - Replay: under the captured `search_path` and, when the target has it, the role that ran the
+//!   statement on the source (`SET LOCAL ROLE`), so new objects get the same owner. Each statement
+//!   is recorded in `<state schema>.cdc_ddl` on the target (slot, message LSN, commit LSN, tag,
+//!   statement, status `applied` / `ignored` / `deferred` / `skipped`), in the same transaction.
+//!   The prepared statements of the apply are forgotten; pgoutput describes every relation whose
+//!   shape changed again (a Relation message) before its next change, and the apply re-reads the
+//!   target's columns from it.
+//! - A source transaction holding DDL ends its target transaction at its commit: a value added to
+//!   an enum cannot be used in the transaction that added it, and later changes must see the
+//!   committed schema.
+//! - `CREATE INDEX CONCURRENTLY` / `DROP INDEX CONCURRENTLY` cannot run in a transaction: recorded
+//!   `deferred` in the target transaction, run right after it commits, then recorded `applied`; a
+//!   deferred statement left by a crash runs when cdc starts again.
+//! - Refused, or failing on the target: cdc stops with the statement, its LSN, the reason, and the
+//!   commands that resolve it: fix the target so the statement can run, or apply the equivalent
+//!   change by hand and mark the statement `skipped` in `cdc_ddl` (an `INSERT` the message spells
+//!   out); then `pgferry run` resumes with that source transaction.
+//! - Every replayed, ignored or deferred statement is also listed in the cdc stage's checkpoint
+//!   `ddl:<db>` (for `status` and `report`).
+
+use serde::Deserialize;
+
+use super::apply::Applier;
+use super::{DbStream, Loop};
+use crate::error::{Error, Result};
+use crate::pg::event_trigger::MESSAGE_PREFIX;
+use crate::pg::ident::{quote_ident, quote_literal};
+use crate::pg::names::name_stem;
+use crate::pg::pgoutput::{LogicalMessage, Lsn};
+use crate::plan::{Plan, StageOptions};
+use crate::select::Selection;
+
+/// Whether the plan's cdc stage replicates DDL for database `db` (`ddl = "replicate"`).
+pub fn replicates(plan: &Plan, db: usize) -> bool {
+    plan.stages
+        .iter()
+        .filter(|s| s.kind == "cdc")
+        .any(|s| matches!(s.options.get(db), Some(StageOptions::Cdc(o)) if o.replicates_ddl()))
+}
+
+/// The record of replayed DDL in a target database.
+pub fn record_table(state_schema: &str) -> String {
+    format!("{}.cdc_ddl", quote_ident(state_schema))
+}
+
+pub fn create_sql(state_schema: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {} (slot text NOT NULL, lsn pg_lsn NOT NULL, commit_lsn pg_lsn NOT NULL, \
+         tag text NOT NULL, statement text NOT NULL, status text NOT NULL, \
+         recorded_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (slot, lsn));",
+        record_table(state_schema)
+    )
+}
+
+/// The checkpoint (of the cdc stage) listing the DDL of database `db`.
+pub fn checkpoint_key(db: &str) -> String {
+    format!("ddl:{db}")
+}
+
+/// One captured statement, as the event trigger wrote it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Captured {
+    /// The migration (its name stem) whose capture wrote it.
+    pub m: String,
+    pub event: String,
+    pub tag: String,
+    #[serde(default)]
+    pub query: Option<String>,
+    #[serde(default)]
+    pub search_path: Option<String>,
+    #[serde(default)]
+    pub role: Option<String>,
+    pub key: String,
+    #[serde(default)]
+    pub objects: Vec<Object>,
+    #[serde(default)]
+    pub published: Vec<Vec<String>>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Object {
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub identity: Option<String>,
+    /// `[schema, table]` of the table the object is or belongs to.
+    #[serde(default)]
+    pub table: Option<Vec<String>>,
+}
+
+/// What to do with a captured statement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Nothing on the target (why).
+    Ignore(String),
+    /// Run `sql` on the target; after the transaction commits when `concurrently`.
+    Replay { sql: String, concurrently: bool },
+    /// Cannot be replayed safely (why).
+    Refuse(String),
+}
+
+/// The upper-cased leading words of a statement (comments and whitespace skipped).
+fn leading_words(stmt: &str, n: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = stmt;
+    while out.len() < n {
+        rest = rest.trim_start();
+        if let Some(r) = rest.strip_prefix("--") {
+            rest = r.find('\n').map_or("", |i| &r[i..]);
+            continue;
+        }
+        if let Some(r) = rest.strip_prefix("/*") {
+            rest = r.find("*/").map_or("", |i| &r[i + 2..]);
+            continue;
+        }
+        let end = rest
+            .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+            .unwrap_or(rest.len());
+        if end == 0 {
+            break;
+        }
+        out.push(rest[..end].to_ascii_uppercase());
+        rest = &rest[end..];
+    }
+    out
+}
+
+/// Statements that change the schema and can be replayed as they are.
+const REPLAYABLE: &[&str] = &[
+    "CREATE", "ALTER", "DROP", "COMMENT", "GRANT", "REVOKE", "SECURITY", "REFRESH",
+];
+
+/// Decides what to do with a captured statement for a plan selecting `selection`.
+pub fn decide(c: &Captured, selection: &Selection) -> Decision {
+    if let Some(e) = &c.error {
+        return Decision::Refuse(format!(
+            "the capture could not add the new table to the publication ({e}), so its rows would not reach the target"
+        ));
+    }
+    let Some(query) = c.query.as_deref().filter(|q| !q.trim().is_empty()) else {
+        return Decision::Refuse("the source did not say which statement ran".into());
+    };
+    let statements = match crate::pg::post_data_script::split_statements(query) {
+        Ok(s) => s,
+        Err(e) => return Decision::Refuse(format!("the query string cannot be split: {e}")),
+    };
+    let mut replay = Vec::new();
+    for stmt in &statements {
+        let words = leading_words(stmt, 5);
+        let first = words.first().map(String::as_str).unwrap_or("");
+        if matches!(first, "SET" | "RESET") {
+            continue;
+        }
+        if !REPLAYABLE.contains(&first) {
+            return Decision::Refuse(if statements.len() == 1 {
+                format!(
+                    "the DDL ran inside a `{first}` statement (a function, a DO block or a data-changing statement): replaying it would run its data changes twice"
+                )
+            } else {
+                format!(
+                    "the DDL came in one query string with a `{first}` statement: replaying the string would run it on the target too"
+                )
+            });
+        }
+        let w: Vec<&str> = words.iter().map(String::as_str).collect();
+        match w.as_slice() {
+            ["CREATE" | "ALTER", "EXTENSION", ..] => {
+                return Decision::Refuse(
+                    "an extension needs its files on the target server (installed with the server's packages) and may run scripts of its own".into(),
+                );
+            }
+            ["CREATE" | "ALTER" | "DROP", "SUBSCRIPTION", ..] => {
+                return Decision::Refuse(
+                    "a subscription connects to another server; it is not part of the migrated schema".into(),
+                );
+            }
+            ["IMPORT", ..] => {}
+            _ => {}
+        }
+        if matches!(
+            w.as_slice(),
+            ["CREATE", "OR", "REPLACE", "FUNCTION" | "PROCEDURE", ..]
+                | ["CREATE", "FUNCTION" | "PROCEDURE", ..]
+        ) && is_c_language(stmt)
+        {
+            return Decision::Refuse(
+                "a C-language function needs its shared library on the target server".into(),
+            );
+        }
+        replay.push(stmt.as_str());
+    }
+    if replay.is_empty() {
+        return Decision::Ignore("only session settings".into());
+    }
+    if matches!(
+        c.tag.as_str(),
+        "CREATE PUBLICATION" | "ALTER PUBLICATION" | "DROP PUBLICATION"
+    ) {
+        return Decision::Ignore("publications are not part of the migrated schema".into());
+    }
+    // Objects of tables: a statement that touches only tables outside the selection is not for
+    // the target (where those tables do not exist).
+    let tables: Vec<(&str, &str)> = c
+        .objects
+        .iter()
+        .filter_map(|o| match o.table.as_deref() {
+            Some([s, t, ..]) => Some((s.as_str(), t.as_str())),
+            _ => None,
+        })
+        .collect();
+    let selected = tables.iter().any(|(s, t)| selection.selects(s, t));
+    if statements.len() == 1 && !tables.is_empty() && !selected {
+        let (s, t) = tables[0];
+        return Decision::Ignore(format!("{s}.{t} is not selected"));
+    }
+    if matches!(c.tag.as_str(), "CREATE TABLE AS" | "SELECT INTO") && selected {
+        return Decision::Refuse(
+            "a table created with its rows (CREATE TABLE AS / SELECT INTO) got them before it was published, so the stream does not carry them".into(),
+        );
+    }
+    let concurrently = replay.len() == 1
+        && matches!(
+            leading_words(replay[0], 4)
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+                .as_slice(),
+            ["CREATE", "INDEX", "CONCURRENTLY", ..]
+                | ["CREATE", "UNIQUE", "INDEX", "CONCURRENTLY"]
+                | ["DROP", "INDEX", "CONCURRENTLY", ..]
+        );
+    Decision::Replay {
+        sql: replay.join("\n"),
+        concurrently,
+    }
+}
+
+/// `LANGUAGE c` (or `'c'`) in a function's definition.
+fn is_c_language(stmt: &str) -> bool {
+    let words: Vec<String> = stmt
+        .split(|c: char| c.is_whitespace() || c == ';')
+        .filter(|w| !w.is_empty())
+        .map(|w| w.trim_matches('\'').to_ascii_lowercase())
+        .collect();
+    words
+        .windows(2)
+        .any(|w| w[0] == "language" && (w[1] == "c" || w[1] == "internal"))
+}
+
+/// A statement to run after the target transaction commits.
+pub struct Deferred {
+    pub lsn: Lsn,
+    pub sql: String,
+    pub search_path: Option<String>,
+    pub role: Option<String>,
+}
+
+impl DbStream<'_> {
+    /// A logical decoding message of the current source transaction.
+    pub(super) async fn message(
+        &self,
+        ap: &mut Applier,
+        st: &mut Loop,
+        m: LogicalMessage,
+    ) -> Result<()> {
+        if st.skip_tx || !m.transactional || m.prefix != MESSAGE_PREFIX || !st.replicate_ddl {
+            return Ok(());
+        }
+        let c: Captured = serde_json::from_slice(&m.content).map_err(|e| {
+            Error::permanent(format!(
+                "a DDL capture message at {} cannot be read: {e}",
+                m.lsn
+            ))
+        })?;
+        if c.m != name_stem(&self.env.plan.name) || st.ddl_key.as_deref() == Some(c.key.as_str()) {
+            // Another migration's capture, or a further statement of a query string replayed
+            // already.
+            return Ok(());
+        }
+        st.ddl_key = Some(c.key.clone());
+        st.ddl_in_tx = true;
+        let i = self
+            .env
+            .plan
+            .databases
+            .iter()
+            .position(|d| d.name == self.db.name)
+            .unwrap_or(0);
+        let db = &self.env.plan.databases[i];
+        let decision = decide(&c, &Selection::new(&db.tables, &db.exclude));
+        let client = ap.before_ddl().await?;
+        let table = record_table(ap.state_schema());
+        let slot = ap.slot().to_string();
+        let marked: Option<String> = client
+            .query_opt(
+                &format!("SELECT status FROM {table} WHERE slot = $1 AND lsn = $2::text::pg_lsn"),
+                &[&slot, &m.lsn.to_string()],
+            )
+            .await
+            .map_err(|e| Error::pg(&e, "reading the record of replayed DDL"))?
+            .map(|r| r.get(0));
+        let query = c.query.clone().unwrap_or_default();
+        let commit_lsn = st.commit_lsn;
+        let record = |status: &str, sql: &str| {
+            serde_json::json!({
+                "lsn": m.lsn.to_string(),
+                "commit_lsn": commit_lsn.to_string(),
+                "tag": c.tag,
+                "statement": sql,
+                "status": status,
+            })
+        };
+        if let Some(status) = marked {
+            tracing::info!(database = %self.db.name, lsn = %m.lsn, %status, "cdc: DDL statement already handled on the target, not replayed: {query}");
+            st.ddl_log.push(record(&status, &query));
+            return Ok(());
+        }
+        let insert = format!(
+            "INSERT INTO {table} (slot, lsn, commit_lsn, tag, statement, status) VALUES ($1, $2::text::pg_lsn, $3::text::pg_lsn, $4, $5, $6)"
+        );
+        let write = |status: &'static str, sql: String| {
+            let client = client.clone();
+            let insert = insert.clone();
+            let slot = slot.clone();
+            let lsn = m.lsn.to_string();
+            let commit = commit_lsn.to_string();
+            let tag = c.tag.clone();
+            async move {
+                client
+                    .execute(&insert, &[&slot, &lsn, &commit, &tag, &sql, &status])
+                    .await
+                    .map_err(|e| Error::pg(&e, "recording a replayed DDL statement"))
+            }
+        };
+        match decision {
+            Decision::Ignore(why) => {
+                tracing::info!(database = %self.db.name, lsn = %m.lsn, "cdc: DDL not replayed ({why}): {query}");
+                write("ignored", query.clone()).await?;
+                st.ddl_log.push(record("ignored", &query));
+            }
+            Decision::Refuse(why) => {
+                return Err(self.ddl_stop(ap, st, &c, m.lsn, &why, &query, false));
+            }
+            Decision::Replay {
+                sql,
+                concurrently: true,
+            } => {
+                write("deferred", sql.clone()).await?;
+                st.deferred.push(Deferred {
+                    lsn: m.lsn,
+                    sql: sql.clone(),
+                    search_path: c.search_path.clone(),
+                    role: c.role.clone(),
+                });
+                st.ddl_log
+                    .push(record("applied after its transaction", &sql));
+            }
+            Decision::Replay {
+                sql,
+                concurrently: false,
+            } => {
+                let role = match &c.role {
+                    Some(r) => target_has_role(&client, r).await?.then(|| r.clone()),
+                    None => None,
+                };
+                let old: String = client
+                    .query_one("SELECT pg_catalog.current_setting('search_path')", &[])
+                    .await
+                    .map_err(|e| Error::pg(&e, "reading the apply session's search_path"))?
+                    .get(0);
+                let mut setup = String::new();
+                if let Some(r) = &role {
+                    setup.push_str(&format!("SET LOCAL ROLE {};", quote_ident(r)));
+                }
+                if let Some(p) = &c.search_path {
+                    setup.push_str(&format!(
+                        "SELECT pg_catalog.set_config('search_path', {}, true);",
+                        quote_literal(p)
+                    ));
+                }
+                client
+                    .batch_execute(&setup)
+                    .await
+                    .map_err(|e| Error::pg(&e, "preparing to replay a DDL statement"))?;
+                if let Err(e) = client.batch_execute(&sql).await {
+                    let why = match e.as_db_error() {
+                        Some(d) => format!("the target refused it: {}", d.message()),
+                        None => format!("the target refused it: {e}"),
+                    };
+                    if e.as_db_error().is_none() {
+                        return Err(Error::pg(&e, "replaying a DDL statement"));
+                    }
+                    return Err(self.ddl_stop(ap, st, &c, m.lsn, &why, &sql, true));
+                }
+                client
+                    .batch_execute(&format!(
+                        "{}SELECT pg_catalog.set_config('search_path', {}, true);",
+                        if role.is_some() { "RESET ROLE;" } else { "" },
+                        quote_literal(&old)
+                    ))
+                    .await
+                    .map_err(|e| {
+                        Error::pg(&e, "restoring the apply session after a DDL statement")
+                    })?;
+                write("applied", sql.clone()).await?;
+                ap.forget_prepared();
+                tracing::info!(database = %self.db.name, lsn = %m.lsn, commit = %st.commit_lsn, "cdc: replayed DDL: {sql}");
+                st.ddl_log.push(record("applied", &sql));
+            }
+        }
+        Ok(())
+    }
+
+    /// The error that stops cdc at a statement it cannot replay.
+    #[allow(clippy::too_many_arguments)]
+    fn ddl_stop(
+        &self,
+        ap: &Applier,
+        st: &Loop,
+        c: &Captured,
+        lsn: Lsn,
+        why: &str,
+        statement: &str,
+        failed: bool,
+    ) -> Error {
+        let table = record_table(ap.state_schema());
+        let mark = format!(
+            "INSERT INTO {table} (slot, lsn, commit_lsn, tag, statement, status) VALUES ({}, '{lsn}', '{}', {}, {}, 'skipped')",
+            quote_literal(ap.slot()),
+            st.commit_lsn,
+            quote_literal(&c.tag),
+            quote_literal(statement),
+        );
+        let first = if failed {
+            "make the target accept it (create what it needs there) and run the plan again, cdc replays it; or"
+        } else {
+            ""
+        };
+        Error::permanent(format!(
+            "database {}: cdc stopped at the {} statement at {lsn} (source transaction committed at {}): {why}. Statement: {statement}",
+            self.db.name, c.tag, st.commit_lsn
+        ))
+        .hint(format!(
+            "{first} apply the equivalent change to target database {} yourself, mark the statement handled there with\n    {mark};\nthen run the plan again (`pgferry run PLAN`): cdc resumes with this source transaction, applies its other changes and skips the statement",
+            self.db.target
+        ))
+    }
+
+    /// Runs the statements deferred until their target transaction committed, and records them
+    /// applied; then lists the transaction's DDL in the store.
+    pub(super) async fn after_commit(&self, ap: &mut Applier, st: &mut Loop) -> Result<()> {
+        let deferred = std::mem::take(&mut st.deferred);
+        for d in deferred {
+            self.run_deferred(ap, &d).await?;
+        }
+        if !st.ddl_log.is_empty() {
+            let entries = std::mem::take(&mut st.ddl_log);
+            let key = checkpoint_key(&self.db.name);
+            let mut list = match self.cx.store.checkpoint(&self.cx.stage, &key).await? {
+                Some(serde_json::Value::Array(a)) => a,
+                _ => Vec::new(),
+            };
+            let known: std::collections::HashSet<String> = list
+                .iter()
+                .filter_map(|e| e.get("lsn").and_then(|l| l.as_str()).map(String::from))
+                .collect();
+            for e in entries {
+                let lsn = e.get("lsn").and_then(|l| l.as_str()).unwrap_or("");
+                if !known.contains(lsn) {
+                    list.push(e);
+                }
+            }
+            self.cx
+                .store
+                .put_checkpoint(&self.cx.stage, &key, &serde_json::Value::Array(list))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Runs the deferred statements a stopped run left (recorded `deferred` on the target).
+    pub(super) async fn deferred_left(&self, ap: &mut Applier) -> Result<()> {
+        let client = ap.session();
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT lsn::text, statement FROM {} WHERE slot = $1 AND status = 'deferred' ORDER BY lsn",
+                    record_table(ap.state_schema())
+                ),
+                &[&ap.slot()],
+            )
+            .await
+            .map_err(|e| Error::pg(&e, "reading the deferred DDL statements"))?;
+        for r in rows {
+            let lsn: Lsn = r.get::<_, String>(0).parse()?;
+            let d = Deferred {
+                lsn,
+                sql: r.get(1),
+                search_path: None,
+                role: None,
+            };
+            self.run_deferred(ap, &d).await?;
+        }
+        Ok(())
+    }
+
+    async fn run_deferred(&self, ap: &mut Applier, d: &Deferred) -> Result<()> {
+        let client = ap.session();
+        let role = match &d.role {
+            Some(r) => target_has_role(&client, r).await?.then(|| r.clone()),
+            None => None,
+        };
+        let mut setup = String::new();
+        if let Some(r) = &role {
+            setup.push_str(&format!("SET ROLE {};", quote_ident(r)));
+        }
+        if let Some(p) = &d.search_path {
+            setup.push_str(&format!(
+                "SELECT pg_catalog.set_config('search_path', {}, false);",
+                quote_literal(p)
+            ));
+        }
+        if !setup.is_empty() {
+            client
+                .batch_execute(&setup)
+                .await
+                .map_err(|e| Error::pg(&e, "preparing to replay a DDL statement"))?;
+        }
+        let result = client.batch_execute(&d.sql).await;
+        client
+            .batch_execute("RESET ROLE; RESET search_path;")
+            .await
+            .map_err(|e| Error::pg(&e, "restoring the apply session after a DDL statement"))?;
+        match result {
+            Ok(()) => {}
+            // A stopped run's index build that got as far as creating it.
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_TABLE) => {
+                tracing::warn!(database = %self.db.name, lsn = %d.lsn, "cdc: the deferred statement's object exists on the target already: {}", d.sql);
+            }
+            Err(e) => {
+                return Err(Error::pg(&e, format!("replaying `{}` (at {}) after its transaction", d.sql, d.lsn))
+                    .hint(format!(
+                        "make the target accept it, or run the equivalent yourself on target database {} and set its record's status to 'applied': UPDATE {} SET status = 'applied' WHERE slot = {} AND lsn = '{}'; then run the plan again",
+                        self.db.target,
+                        record_table(ap.state_schema()),
+                        quote_literal(ap.slot()),
+                        d.lsn
+                    )));
+            }
+        }
+        client
+            .execute(
+                &format!(
+                    "UPDATE {} SET status = 'applied', recorded_at = now() WHERE slot = $1 AND lsn = $2::text::pg_lsn",
+                    record_table(ap.state_schema())
+                ),
+                &[&ap.slot(), &d.lsn.to_string()],
+            )
+            .await
+            .map_err(|e| Error::pg(&e, "recording a deferred DDL statement applied"))?;
+        tracing::info!(database = %self.db.name, lsn = %d.lsn, "cdc: replayed DDL after its transaction: {}", d.sql);
+        Ok(())
+    }
+}
+
+async fn target_has_role(client: &tokio_postgres::Client, role: &str) -> Result<bool> {
+    Ok(client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1)",
+            &[&role],
+        )
+        .await
+        .map_err(|e| Error::pg(&e, "looking up a role on the target"))?
+        .get(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn captured(tag: &str, query: &str, tables: &[(&str, &str)]) -> Captured {
+        Captured {
+            m: "m".into(),
+            event: "ddl_command_end".into(),
+            tag: tag.into(),
+            query: Some(query.into()),
+            search_path: None,
+            role: None,
+            key: "k".into(),
+            objects: tables
+                .iter()
+                .map(|(s, t)| Object {
+                    kind: Some("table".into()),
+                    identity: None,
+                    table: Some(vec![s.to_string(), t.to_string()]),
+                })
+                .collect(),
+            published: Vec::new(),
+            error: None,
+        }
+    }
+
+    #[test]
+    fn decisions() {
+        let sel = Selection::new(&["app.*".into()], &[]);
+        let d = |tag, q, t: &[(&str, &str)]| decide(&captured(tag, q, t), &sel);
+        assert_eq!(
+            d("ALTER TABLE", "ALTER TABLE t ADD c int", &[("app", "t")]),
+            Decision::Replay {
+                sql: "ALTER TABLE t ADD c int".into(),
+                concurrently: false
+            }
+        );
+        assert!(matches!(
+            d("ALTER TABLE", "alter table t add c int", &[("other", "t")]),
+            Decision::Ignore(_)
+        ));
+        assert_eq!(
+            d(
+                "CREATE INDEX",
+                "/* m */ create index concurrently i on t (c);",
+                &[("app", "t")]
+            ),
+            Decision::Replay {
+                sql: "/* m */ create index concurrently i on t (c);".into(),
+                concurrently: true
+            }
+        );
+        assert_eq!(
+            d(
+                "ALTER TABLE",
+                "SET lock_timeout = '1s'; ALTER TABLE t ADD c int; ALTER TABLE t ADD d int;",
+                &[("app", "t")]
+            ),
+            Decision::Replay {
+                sql: "ALTER TABLE t ADD c int;\nALTER TABLE t ADD d int;".into(),
+                concurrently: false
+            }
+        );
+        assert!(matches!(
+            d(
+                "ALTER TABLE",
+                "ALTER TABLE t ADD c int; INSERT INTO t VALUES (1)",
+                &[]
+            ),
+            Decision::Refuse(_)
+        ));
+        assert!(matches!(
+            d(
+                "ALTER TABLE",
+                "DO $$ BEGIN EXECUTE 'ALTER TABLE t ADD c int'; END $$",
+                &[]
+            ),
+            Decision::Refuse(_)
+        ));
+        assert!(matches!(
+            d("CREATE EXTENSION", "CREATE EXTENSION hstore", &[]),
+            Decision::Refuse(_)
+        ));
+        assert!(matches!(
+            d(
+                "CREATE FUNCTION",
+                "CREATE FUNCTION f() RETURNS int AS 'lib', 'f' LANGUAGE C",
+                &[]
+            ),
+            Decision::Refuse(_)
+        ));
+        assert!(matches!(
+            d(
+                "CREATE FUNCTION",
+                "CREATE FUNCTION f() RETURNS int LANGUAGE sql AS $$ SELECT 1; $$",
+                &[]
+            ),
+            Decision::Replay { .. }
+        ));
+    }
+}
