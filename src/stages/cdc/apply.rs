@@ -305,7 +305,7 @@ impl Applier {
             .batch_execute(&format!(
                 "CREATE SCHEMA IF NOT EXISTS {schema}; \
                  CREATE TABLE IF NOT EXISTS {position_table} (slot text PRIMARY KEY, lsn pg_lsn NOT NULL, applied_at timestamptz NOT NULL DEFAULT now()); \
-                 {} {}",
+                 {}; {}",
                 identity::create_sql(state_schema),
                 super::ddl::create_sql(state_schema)
             ))

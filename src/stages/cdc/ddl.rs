@@ -24,8 +24,8 @@
 //!   commands that resolve it: fix the target so the statement can run, or apply the equivalent
 //!   change by hand and mark the statement `skipped` in `cdc_ddl` (an `INSERT` the message spells
 //!   out); then `pgferry run` resumes with that source transaction.
-//! - Every replayed, ignored or deferred statement is also listed in the cdc stage's checkpoint
-//!   `ddl:<db>` (for `status` and `report`).
+//! - Every replayed, ignored or deferred statement is also listed in the cdc stage's detail
+//!   ([`DETAIL_KEY`]), for `status` and `report`.
 
 use serde::Deserialize;
 
@@ -61,10 +61,11 @@ pub fn create_sql(state_schema: &str) -> String {
     )
 }
 
-/// The checkpoint (of the cdc stage) listing the DDL of database `db`.
-pub fn checkpoint_key(db: &str) -> String {
-    format!("ddl:{db}")
-}
+/// Where the cdc stage's detail lists the DDL of each database: `{"ddl": {"<db>": [{"lsn",
+/// "commit_lsn", "tag", "statement", "status"}, ...]}}` (for `status` and `report`).
+pub const DETAIL_KEY: &str = "ddl";
+
+static DETAIL_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// One captured statement, as the event trigger wrote it.
 #[derive(Debug, Clone, Deserialize)]
@@ -389,6 +390,12 @@ impl DbStream<'_> {
                         quote_literal(p)
                     ));
                 }
+                // Columns before, to find the ones the statement adds (see [`resync_columns`]).
+                let tables = touched_tables(&c, &Selection::new(&db.tables, &db.exclude));
+                let mut before = Vec::new();
+                for (schema, table) in &tables {
+                    before.push(column_numbers(&client, schema, table).await?);
+                }
                 client
                     .batch_execute(&setup)
                     .await
@@ -413,6 +420,20 @@ impl DbStream<'_> {
                     .map_err(|e| {
                         Error::pg(&e, "restoring the apply session after a DDL statement")
                     })?;
+                for ((schema, table), before) in tables.iter().zip(&before) {
+                    let added = rewritten_columns(&client, schema, table, before).await?;
+                    if !added.is_empty() {
+                        self.resync_columns(&client, schema, table, &added)
+                            .await
+                            .map_err(|e| {
+                                e.context(format!(
+                                    "copying the values of {schema}.{table}'s new column(s) {} from the source (replayed at {})",
+                                    added.join(", "),
+                                    m.lsn
+                                ))
+                            })?;
+                    }
+                }
                 write("applied", sql.clone()).await?;
                 ap.forget_prepared();
                 tracing::info!(database = %self.db.name, lsn = %m.lsn, commit = %st.commit_lsn, "cdc: replayed DDL: {sql}");
@@ -466,24 +487,38 @@ impl DbStream<'_> {
         }
         if !st.ddl_log.is_empty() {
             let entries = std::mem::take(&mut st.ddl_log);
-            let key = checkpoint_key(&self.db.name);
-            let mut list = match self.cx.store.checkpoint(&self.cx.stage, &key).await? {
-                Some(serde_json::Value::Array(a)) => a,
-                _ => Vec::new(),
-            };
-            let known: std::collections::HashSet<String> = list
-                .iter()
-                .filter_map(|e| e.get("lsn").and_then(|l| l.as_str()).map(String::from))
-                .collect();
-            for e in entries {
-                let lsn = e.get("lsn").and_then(|l| l.as_str()).unwrap_or("");
-                if !known.contains(lsn) {
-                    list.push(e);
+            // The databases' streams share the stage's detail.
+            let _guard = DETAIL_LOCK.lock().await;
+            let mut detail = self
+                .cx
+                .store
+                .stages()
+                .await?
+                .into_iter()
+                .find(|r| r.stage == self.cx.stage)
+                .map(|r| r.detail)
+                .filter(serde_json::Value::is_object)
+                .unwrap_or_else(|| serde_json::json!({}));
+            let list = detail
+                .as_object_mut()
+                .map(|o| o.entry(DETAIL_KEY).or_insert_with(|| serde_json::json!({})))
+                .and_then(serde_json::Value::as_object_mut)
+                .map(|o| {
+                    o.entry(self.db.name.clone())
+                        .or_insert_with(|| serde_json::json!([]))
+                })
+                .and_then(serde_json::Value::as_array_mut);
+            if let Some(list) = list {
+                for e in entries {
+                    let lsn = e.get("lsn").cloned();
+                    if !list.iter().any(|x| x.get("lsn") == lsn.as_ref()) {
+                        list.push(e);
+                    }
                 }
             }
             self.cx
                 .store
-                .put_checkpoint(&self.cx.stage, &key, &serde_json::Value::Array(list))
+                .set_stage_detail(&self.cx.stage, &detail)
                 .await?;
         }
         Ok(())
@@ -570,6 +605,191 @@ impl DbStream<'_> {
             .await
             .map_err(|e| Error::pg(&e, "recording a deferred DDL statement applied"))?;
         tracing::info!(database = %self.db.name, lsn = %d.lsn, "cdc: replayed DDL after its transaction: {}", d.sql);
+        Ok(())
+    }
+}
+
+/// The selected tables an `ALTER TABLE` touched (for [`rewritten_columns`]).
+fn touched_tables(c: &Captured, selection: &Selection) -> Vec<(String, String)> {
+    if c.tag != "ALTER TABLE" {
+        return Vec::new();
+    }
+    let mut out: Vec<(String, String)> = Vec::new();
+    for o in &c.objects {
+        if let Some([s, t, ..]) = o.table.as_deref()
+            && selection.selects(s, t)
+            && !out.iter().any(|(a, b)| a == s && b == t)
+        {
+            out.push((s.clone(), t.clone()));
+        }
+    }
+    out
+}
+
+async fn column_numbers(
+    client: &tokio_postgres::Client,
+    schema: &str,
+    table: &str,
+) -> Result<Vec<i16>> {
+    Ok(client
+        .query(
+            "SELECT a.attnum FROM pg_catalog.pg_attribute a \
+               JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
+               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+              WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
+            &[&schema, &table],
+        )
+        .await
+        .map_err(|e| Error::pg(&e, format!("reading the columns of {schema}.{table}")))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// The columns a replayed statement added whose values were computed row by row: a default that
+/// is not stored as the column's "missing" value (a volatile one such as `clock_timestamp()` or a
+/// sequence's `nextval`, which rewrites the table). The source computed other values than the
+/// target just did, and logical decoding carries none of them.
+async fn rewritten_columns(
+    client: &tokio_postgres::Client,
+    schema: &str,
+    table: &str,
+    before: &[i16],
+) -> Result<Vec<String>> {
+    let before: Vec<i16> = before.to_vec();
+    Ok(client
+        .query(
+            "SELECT a.attname::text FROM pg_catalog.pg_attribute a \
+               JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
+               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+              WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped \
+                AND a.atthasdef AND NOT a.atthasmissing AND a.attgenerated = '' \
+                AND NOT (a.attnum = ANY ($3)) ORDER BY a.attnum",
+            &[&schema, &table, &before],
+        )
+        .await
+        .map_err(|e| Error::pg(&e, format!("reading the new columns of {schema}.{table}")))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+impl DbStream<'_> {
+    /// Gives the target's rows of `schema.table` the source's values of the columns `cols`, by key
+    /// (the source's primary key or replica identity index), in the open target transaction. The
+    /// values are the source's current ones, which may be newer than the statement: every later
+    /// change of such a row is in the stream after it and carries the column, so the target
+    /// converges to the source as those changes are applied.
+    async fn resync_columns(
+        &self,
+        target: &tokio_postgres::Client,
+        schema: &str,
+        table: &str,
+        cols: &[String],
+    ) -> Result<()> {
+        use futures_util::{StreamExt, pin_mut};
+        let source = self.env.source_for(self.db).connect("cdc ddl").await?;
+        let keys: Vec<String> = source
+            .query(
+                "SELECT a.attname::text FROM pg_catalog.pg_index i \
+                   JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) \
+                  WHERE i.indrelid = pg_catalog.format('%I.%I', $1::text, $2::text)::regclass \
+                    AND (i.indisreplident OR (i.indisprimary AND NOT EXISTS ( \
+                         SELECT 1 FROM pg_catalog.pg_index r WHERE r.indrelid = i.indrelid AND r.indisreplident))) \
+                  ORDER BY pg_catalog.array_position(i.indkey::int2[], a.attnum)",
+                &[&schema, &table],
+            )
+            .await
+            .map_err(|e| Error::pg(&e, "reading the table's key on the source"))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if keys.is_empty() {
+            return Err(Error::permanent(format!(
+                "{schema}.{table} has no primary key or replica identity index on the source, so the values the source computed for its new column(s) cannot be matched to the target's rows"
+            )));
+        }
+        let all: Vec<&String> = keys.iter().chain(cols).collect();
+        let mut types = Vec::new();
+        for c in &all {
+            let ty: String = target
+                .query_one(
+                    "SELECT pg_catalog.format_type(a.atttypid, a.atttypmod) FROM pg_catalog.pg_attribute a \
+                      WHERE a.attrelid = pg_catalog.format('%I.%I', $1::text, $2::text)::regclass AND a.attname = $3",
+                    &[&schema, &table, c],
+                )
+                .await
+                .map_err(|e| Error::pg(&e, "reading a column's type on the target"))?
+                .get(0);
+            types.push(ty);
+        }
+        let quoted = format!("{}.{}", quote_ident(schema), quote_ident(table));
+        let select = format!(
+            "SELECT {} FROM {quoted}",
+            all.iter()
+                .map(|c| format!("{}::text", quote_ident(c)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let arrays: Vec<String> = (1..=all.len()).map(|i| format!("${i}::text[]")).collect();
+        let aliases: Vec<String> = (1..=all.len()).map(|i| format!("a{i}")).collect();
+        let conds: Vec<String> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| format!("t.{} = u.a{}::{}", quote_ident(k), i + 1, types[i]))
+            .collect();
+        let sets: Vec<String> = cols
+            .iter()
+            .enumerate()
+            .map(|(j, c)| {
+                let i = keys.len() + j;
+                format!("{} = u.a{}::{}", quote_ident(c), i + 1, types[i])
+            })
+            .collect();
+        let update = format!(
+            "UPDATE {quoted} AS t SET {} FROM unnest({}) AS u({}) WHERE {}",
+            sets.join(", "),
+            arrays.join(", "),
+            aliases.join(", "),
+            conds.join(" AND ")
+        );
+        let update = target
+            .prepare(&update)
+            .await
+            .map_err(|e| Error::pg(&e, "preparing the copy of the new column's values"))?;
+        let rows = source
+            .query_raw(&select, std::iter::empty::<i32>())
+            .await
+            .map_err(|e| Error::pg(&e, "reading the new column's values on the source"))?;
+        pin_mut!(rows);
+        let mut batch: Vec<Vec<Option<String>>> = vec![Vec::new(); all.len()];
+        let mut total = 0u64;
+        loop {
+            let next = rows.next().await;
+            let done = next.is_none();
+            if let Some(row) = next {
+                let row = row
+                    .map_err(|e| Error::pg(&e, "reading the new column's values on the source"))?;
+                for (i, col) in batch.iter_mut().enumerate() {
+                    col.push(row.get(i));
+                }
+            }
+            if batch[0].len() >= 5000 || (done && !batch[0].is_empty()) {
+                let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = batch
+                    .iter()
+                    .map(|v| v as &(dyn tokio_postgres::types::ToSql + Sync))
+                    .collect();
+                total += target
+                    .execute(&update, &params)
+                    .await
+                    .map_err(|e| Error::pg(&e, "copying the new column's values"))?;
+                batch = vec![Vec::new(); all.len()];
+            }
+            if done {
+                break;
+            }
+        }
+        tracing::info!(database = %self.db.name, table = %format!("{schema}.{table}"), columns = ?cols, rows = total, "cdc: the values the source computed for new column(s) copied to the target");
         Ok(())
     }
 }

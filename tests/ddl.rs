@@ -1,0 +1,349 @@
+//! Schema changes during cdc (`ddl = "replicate"` on the cdc stage): an application migration
+//! interleaved with a writer is replayed on the target at its place in the stream, and after the
+//! cutover the target equals the source (rows, sequences and `pg_dump --schema-only`); a kill in
+//! the middle of a transaction holding DDL applies it exactly once; a statement that cannot be
+//! replayed stops cdc with the commands that resolve it, and cdc resumes after the operator's fix.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use support::compare::assert_same;
+use support::{Cluster, Gate, TestPlan, pair, row_digest, show, wait_for};
+
+const SETUP: &str = "\
+    CREATE TYPE public.mood AS ENUM ('calm', 'busy');\n\
+    CREATE TABLE public.accounts (id int PRIMARY KEY, name text NOT NULL, balance int NOT NULL DEFAULT 0, mood public.mood, legacy text);\n\
+    CREATE TABLE public.events (id bigserial PRIMARY KEY, account int NOT NULL, note text);\n\
+    CREATE FUNCTION public.stamp() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN NEW.note := coalesce(NEW.note, '') || ' v1'; RETURN NEW; END $$;\n\
+    CREATE TRIGGER events_stamp BEFORE INSERT ON public.events FOR EACH ROW EXECUTE FUNCTION public.stamp();\n\
+    INSERT INTO public.accounts SELECT g, 'acct ' || g, g, 'calm', 'old' FROM generate_series(1, 200) g;\n\
+    INSERT INTO public.events (account, note) SELECT g % 200 + 1, 'e' FROM generate_series(1, 500) g;\n";
+
+fn stages(cdc_extra: &str, rest: &str) -> String {
+    format!(
+        "[stages.schema]\nkind = \"schema_dump\"\n\n\
+         [stages.provision]\nkind = \"provision\"\nafter = [\"schema\"]\n\n\
+         [stages.load]\nkind = \"full_load\"\nafter = [\"provision\"]\n\n\
+         [stages.indexes]\nkind = \"post_data\"\nafter = [\"load\"]\n\n\
+         [stages.cdc]\nkind = \"cdc\"\nafter = [\"indexes\"]\nddl = \"replicate\"\n{cdc_extra}\n{rest}"
+    )
+}
+
+/// Runs SQL the way a migration tool does: one statement at a time (`psql -f`).
+fn migrate(c: &Cluster, db: &str, sql: &str) {
+    let file = tempfile::NamedTempFile::new().expect("a temporary file");
+    std::fs::write(file.path(), sql).expect("writing the migration");
+    c.psql_file(db, file.path());
+}
+
+fn capture_installed(c: &Cluster, db: &str) -> bool {
+    c.psql(
+        db,
+        "SELECT count(*) FROM pg_event_trigger WHERE evtname LIKE 'pgferry_ddl_%'",
+    ) != "0"
+}
+
+/// The application keeps writing while the migration runs.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    writes: Arc<AtomicUsize>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    fn start(db: &str) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let writes = Arc::new(AtomicUsize::new(0));
+        let (s, w, db) = (stop.clone(), writes.clone(), db.to_string());
+        let thread = std::thread::spawn(move || {
+            let p = pair();
+            let mut i = 0usize;
+            while !s.load(Ordering::SeqCst) {
+                i += 1;
+                p.source.psql(
+                    &db,
+                    &format!(
+                        "INSERT INTO public.events (account, note) VALUES ({a}, 'w{i}'); \
+                         UPDATE public.accounts SET balance = balance + 1 WHERE id = {a}",
+                        a = i % 200 + 1
+                    ),
+                );
+                w.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        Writer {
+            stop,
+            writes,
+            thread: Some(thread),
+        }
+    }
+
+    fn wait_writes(&self, n: usize) {
+        let start = self.writes.load(Ordering::SeqCst);
+        wait_for("the writer", Duration::from_secs(30), || {
+            self.writes.load(Ordering::SeqCst) >= start + n
+        });
+    }
+
+    fn stop(mut self) -> usize {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().expect("the writer");
+        }
+        self.writes.load(Ordering::SeqCst)
+    }
+}
+
+#[test]
+fn an_application_migration_during_cdc_is_replayed_and_the_cutover_is_exact() {
+    let p = pair();
+    let s = p.source.fresh_database("ddl_app_src");
+    let t = p.target.fresh_database("ddl_app_tgt");
+    p.source.psql(&s, SETUP);
+    let plan = TestPlan::new(
+        p,
+        "ddl_app",
+        &s,
+        &t,
+        &stages(
+            "",
+            "[stages.cutover]\nkind = \"cutover\"\nafter = [\"cdc\"]\napproval = \"manual\"\n\n\
+             [stages.sequences]\nkind = \"sequence_reset\"\nafter = [\"cutover\"]\n\n\
+             [stages.cleanup]\nkind = \"cleanup\"\nafter = [\"sequences\"]\n",
+        ),
+    );
+    let mut child = plan.spawn(&["run"]);
+    plan.wait_until_cdc_ready(p, &mut child);
+    assert!(
+        capture_installed(&p.source, &s),
+        "provision installs the capture"
+    );
+
+    let writer = Writer::start(&s);
+    let steps = [
+        // A volatile default: the source computes a value per row, which the stream does not carry.
+        "ALTER TABLE public.accounts ADD COLUMN opened_at timestamptz NOT NULL DEFAULT clock_timestamp();",
+        "ALTER TABLE public.accounts RENAME COLUMN name TO title;",
+        "ALTER TABLE public.accounts ALTER COLUMN balance TYPE bigint;\n\
+         UPDATE public.accounts SET balance = balance + 3000000000 WHERE id = 1;",
+        "ALTER TYPE public.mood ADD VALUE 'ecstatic';\n\
+         UPDATE public.accounts SET mood = 'ecstatic' WHERE id <= 10;",
+        "CREATE TABLE public.audit (id bigserial PRIMARY KEY, account int, what text, at timestamptz NOT NULL DEFAULT now());\n\
+         INSERT INTO public.audit (account, what) SELECT g, 'opened' FROM generate_series(1, 50) g;",
+        "CREATE INDEX CONCURRENTLY accounts_opened_idx ON public.accounts (opened_at);",
+        "ALTER TABLE public.accounts DROP COLUMN legacy;",
+        "CREATE OR REPLACE FUNCTION public.stamp() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN NEW.note := coalesce(NEW.note, '') || ' v2'; RETURN NEW; END $$;\n\
+         DROP TRIGGER events_stamp ON public.events;\n\
+         CREATE TRIGGER events_stamp BEFORE INSERT OR UPDATE ON public.events FOR EACH ROW EXECUTE FUNCTION public.stamp();",
+        // DDL and data changes in one transaction.
+        "BEGIN;\n\
+         ALTER TABLE public.events ADD COLUMN origin text DEFAULT 'app';\n\
+         INSERT INTO public.events (account, note, origin) VALUES (1, 'with origin', 'migration');\n\
+         COMMIT;",
+    ];
+    for step in steps {
+        writer.wait_writes(3);
+        migrate(&p.source, &s, step);
+    }
+    writer.wait_writes(3);
+    let writes = writer.stop();
+    assert!(
+        writes > 20,
+        "the writer wrote during the migration ({writes})"
+    );
+    p.source.psql(
+        &s,
+        "INSERT INTO public.audit (account, what) VALUES (1, 'last')",
+    );
+
+    let out = plan.run(&["cutover"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    wait_for("the run to finish", Duration::from_secs(120), || {
+        matches!(child.try_wait(), Ok(Some(_)))
+    });
+    let out = child.wait_with_output().expect("runner output");
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(
+        !capture_installed(&p.source, &s),
+        "cleanup removes the capture"
+    );
+    assert_eq!(
+        p.source.psql(
+            &s,
+            "SELECT count(*) FROM pg_namespace WHERE nspname = 'pgferry_capture'"
+        ),
+        "0"
+    );
+    // Rows (the source's values of the volatile default too), sequences and the schema dump.
+    assert_same(&s, &t);
+    assert_eq!(
+        p.target.psql(
+            &t,
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = 'public.accounts_opened_idx'::regclass"
+        ),
+        "t"
+    );
+    // The record on the target: every statement, none left deferred.
+    let statuses = p.target.psql(
+        &t,
+        "SELECT status || ':' || count(*) FROM pgferry.cdc_ddl GROUP BY status ORDER BY status",
+    );
+    assert!(!statuses.contains("deferred"), "{statuses}");
+    assert_eq!(
+        p.target.psql(
+            &t,
+            "SELECT count(*) FROM pgferry.cdc_ddl WHERE status = 'applied'"
+        ),
+        "11",
+        "{}",
+        p.target.psql(
+            &t,
+            "SELECT lsn || ' ' || status || ' ' || statement FROM pgferry.cdc_ddl ORDER BY lsn"
+        )
+    );
+    // `status` lists them with their positions.
+    let out = plan.run(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("ALTER TABLE public.accounts RENAME COLUMN name TO title"),
+        "{}",
+        show(&out)
+    );
+}
+
+#[test]
+fn a_kill_in_a_transaction_holding_ddl_applies_it_exactly_once() {
+    let p = pair();
+    let s = p.source.fresh_database("ddl_kill_src");
+    let t = p.target.fresh_database("ddl_kill_tgt");
+    p.source.psql(&s, SETUP);
+    let plan = TestPlan::new(p, "ddl_kill", &s, &t, &stages("", ""));
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+
+    // The transaction's DDL is replayed, then its row waits at the gate inside the same target
+    // transaction when the runner is killed.
+    Gate::install_when(&p.target, &t, "public.events", "NEW.note = 'gated v1'");
+    migrate(
+        &p.source,
+        &s,
+        "BEGIN;\n\
+         ALTER TABLE public.accounts ADD COLUMN tier int NOT NULL DEFAULT 1;\n\
+         UPDATE public.accounts SET tier = 2 WHERE id <= 5;\n\
+         INSERT INTO public.events (account, note) VALUES (1, 'gated');\n\
+         COMMIT;\n\
+         INSERT INTO public.events (account, note) VALUES (2, 'after');",
+    );
+    let gate = Gate::close(&p.target, &t);
+    let mut child = plan.spawn(&["run"]);
+    gate.wait_blocked(&p.target, "pgferry cdc apply", Duration::from_secs(60));
+    if let Ok(Some(status)) = child.try_wait() {
+        panic!("the runner finished before it could be killed: {status:?}");
+    }
+    child.kill().expect("SIGKILL the runner");
+    let _ = child.wait();
+    gate.open();
+    assert_eq!(
+        p.target.psql(
+            &t,
+            "SELECT count(*) FROM pg_attribute WHERE attrelid = 'public.accounts'::regclass AND attname = 'tier'"
+        ),
+        "0",
+        "the killed transaction's DDL was rolled back with it"
+    );
+    assert_eq!(
+        p.target.psql(
+            &t,
+            "SELECT count(*) FROM pgferry.cdc_ddl WHERE status = 'applied'"
+        ),
+        "0"
+    );
+
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    Gate::uninstall(&p.target, &t, "public.events");
+    for table in ["public.accounts", "public.events"] {
+        assert_eq!(
+            row_digest(&p.source, &s, table),
+            row_digest(&p.target, &t, table),
+            "{table} differs"
+        );
+    }
+    assert_eq!(
+        p.target.psql(
+            &t,
+            "SELECT count(*) || ' ' || string_agg(statement, ' | ') FROM pgferry.cdc_ddl WHERE status = 'applied'"
+        ),
+        "1 ALTER TABLE public.accounts ADD COLUMN tier int NOT NULL DEFAULT 1;"
+    );
+}
+
+#[test]
+fn a_statement_that_cannot_be_replayed_stops_cdc_until_the_operator_resolves_it() {
+    let p = pair();
+    let s = p.source.fresh_database("ddl_stop_src");
+    let t = p.target.fresh_database("ddl_stop_tgt");
+    p.source.psql(&s, SETUP);
+    let plan = TestPlan::new(p, "ddl_stop", &s, &t, &stages("", ""));
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+
+    // DDL from a DO block: replaying the block could run data changes twice.
+    migrate(
+        &p.source,
+        &s,
+        "INSERT INTO public.events (account, note) VALUES (3, 'before');\n\
+         DO $$ BEGIN EXECUTE 'ALTER TABLE public.accounts ADD COLUMN nickname text'; END $$;\n\
+         UPDATE public.accounts SET nickname = 'n' || id WHERE id <= 3;\n\
+         INSERT INTO public.events (account, note) VALUES (4, 'after');",
+    );
+    let out = plan.run(&["run"]);
+    assert_ne!(out.status.code(), Some(0), "{}", show(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cdc stopped at the ALTER TABLE statement at")
+            && stderr.contains("DO $$ BEGIN EXECUTE"),
+        "{}",
+        show(&out)
+    );
+    // Nothing of the statement's transaction or after it is applied (what came before may be, as
+    // cdc groups small transactions).
+    assert_eq!(
+        p.target.psql(
+            &t,
+            "SELECT count(*) FROM public.events WHERE note LIKE 'after%'"
+        ),
+        "0"
+    );
+    // The operator does what the message says: the change by hand, then the mark.
+    let mark = stderr
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("INSERT INTO"))
+        .unwrap_or_else(|| panic!("the message names the command to mark it: {stderr}"))
+        .trim_end_matches(';')
+        .to_string();
+    p.target
+        .psql(&t, "ALTER TABLE public.accounts ADD COLUMN nickname text");
+    p.target.psql(&t, &mark);
+
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    for table in ["public.accounts", "public.events"] {
+        assert_eq!(
+            row_digest(&p.source, &s, table),
+            row_digest(&p.target, &t, table),
+            "{table} differs"
+        );
+    }
+    assert_eq!(
+        p.target.psql(
+            &t,
+            "SELECT count(*) FROM public.accounts WHERE nickname IS NOT NULL"
+        ),
+        "3"
+    );
+}
