@@ -262,6 +262,15 @@ fn a_kill_in_a_transaction_holding_ddl_applies_it_exactly_once() {
         "0"
     );
 
+    // A backlog, streamed at once: a value added to an enum and, in the next transaction, used.
+    // Both would land in one target transaction, where the value cannot be used yet.
+    migrate(
+        &p.source,
+        &s,
+        "ALTER TYPE public.mood ADD VALUE 'ecstatic';
+         UPDATE public.accounts SET mood = 'ecstatic' WHERE id <= 3;",
+    );
+
     let out = plan.run(&["run"]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     Gate::uninstall(&p.target, &t, "public.events");
@@ -275,9 +284,9 @@ fn a_kill_in_a_transaction_holding_ddl_applies_it_exactly_once() {
     assert_eq!(
         p.target.psql(
             &t,
-            "SELECT count(*) || ' ' || string_agg(statement, ' | ') FROM pgferry.cdc_ddl WHERE status = 'applied'"
+            "SELECT count(*) || ' ' || string_agg(statement, ' | ' ORDER BY lsn) FROM pgferry.cdc_ddl WHERE status = 'applied'"
         ),
-        "1 ALTER TABLE public.accounts ADD COLUMN tier int NOT NULL DEFAULT 1;"
+        "2 ALTER TABLE public.accounts ADD COLUMN tier int NOT NULL DEFAULT 1; | ALTER TYPE public.mood ADD VALUE 'ecstatic';"
     );
 }
 
