@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use support::compare::assert_same;
-use support::{Cluster, Gate, TestPlan, pair, row_digest, show, wait_for};
+use support::{Cluster, Gate, PASSWORD, TestPlan, pair, row_digest, show, wait_for};
 
 const SETUP: &str = "\
     CREATE TYPE public.mood AS ENUM ('calm', 'busy');\n\
@@ -354,5 +354,62 @@ fn a_statement_that_cannot_be_replayed_stops_cdc_until_the_operator_resolves_it(
             "SELECT count(*) FROM public.accounts WHERE nickname IS NOT NULL"
         ),
         "3"
+    );
+}
+
+#[test]
+fn preflight_refuses_replicate_where_the_source_cannot_capture() {
+    let p = pair();
+    // A role that may replicate but not create event triggers.
+    let s = p.source.fresh_database("ddl_pf_src");
+    let t = p.target.fresh_database("ddl_pf_tgt");
+    let role = format!("{s}_app");
+    p.source.psql(
+        &s,
+        &format!(
+            "{SETUP}\nCREATE ROLE {role} LOGIN REPLICATION PASSWORD '{PASSWORD}';\n\
+             GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role};"
+        ),
+    );
+    let preflight = format!("[stages.pre]\nkind = \"preflight\"\n\n{}", stages("", ""));
+    let plan = TestPlan::new(p, "ddl_pf", &s, &t, &preflight);
+    let text = std::fs::read_to_string(&plan.path).unwrap().replacen(
+        "postgres://postgres@",
+        &format!("postgres://{role}@"),
+        1,
+    );
+    std::fs::write(&plan.path, text).unwrap();
+    let out = plan.run(&["run", "--until", "pre"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the cdc stage has ddl = \"replicate\", which this source cannot do")
+            && err.contains(&format!("role {role} may not create event triggers")),
+        "{}",
+        show(&out)
+    );
+
+    // A PostgreSQL 13 source: pgoutput cannot carry the captured statements.
+    let Some(old) = Cluster::start_version(13, "ddl13") else {
+        return;
+    };
+    let s13 = old.fresh_database("ddl_pf13_src");
+    let plan = TestPlan::new(p, "ddl_pf13", &s13, &t, &preflight);
+    let text = std::fs::read_to_string(&plan.path).unwrap().replacen(
+        &format!("127.0.0.1:{}/", p.source.port),
+        &format!("127.0.0.1:{}/", old.port),
+        1,
+    );
+    std::fs::write(&plan.path, text).unwrap();
+    old.psql(&s13, "CREATE TABLE public.t (id int PRIMARY KEY)");
+    let out = plan.run(&["run", "--until", "pre"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "the source is PostgreSQL 13, whose pgoutput cannot carry the captured statements"
+        ),
+        "{}",
+        show(&out)
     );
 }
