@@ -297,17 +297,33 @@ fn a_statement_that_cannot_be_replayed_stops_cdc_until_the_operator_resolves_it(
     let t = p.target.fresh_database("ddl_stop_tgt");
     p.source.psql(&s, SETUP);
     let plan = TestPlan::new(p, "ddl_stop", &s, &t, &stages("", ""));
+    let text = std::fs::read_to_string(&plan.path).unwrap().replacen(
+        &format!("target = \"{t}\"\n"),
+        &format!("target = \"{t}\"\nexclude = [\"public.scratch*\"]\n"),
+        1,
+    );
+    std::fs::write(&plan.path, text).unwrap();
     let out = plan.run(&["run"]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    // A table the target has already (made by hand): replaying its CREATE fails there.
+    p.target.psql(&t, "CREATE TABLE public.clash (id int)");
 
-    // DDL from a DO block: replaying the block could run data changes twice.
     migrate(
         &p.source,
         &s,
-        "INSERT INTO public.events (account, note) VALUES (3, 'before');\n\
+        // Outside the selection, and temporary: not for the target. Then DDL from a DO block:
+        // replaying the block could run data changes twice.
+        "CREATE TABLE public.scratch (id int);\n\
+         INSERT INTO public.scratch VALUES (1);\n\
+         ALTER TABLE public.scratch ADD COLUMN v text;\n\
+         CREATE TEMP TABLE tmp AS SELECT 1 AS one;\n\
+         CREATE INDEX ON tmp (one);\n\
+         INSERT INTO public.events (account, note) VALUES (3, 'before');\n\
          DO $$ BEGIN EXECUTE 'ALTER TABLE public.accounts ADD COLUMN nickname text'; END $$;\n\
          UPDATE public.accounts SET nickname = 'n' || id WHERE id <= 3;\n\
-         INSERT INTO public.events (account, note) VALUES (4, 'after');",
+         INSERT INTO public.events (account, note) VALUES (4, 'after');\n\
+         CREATE TABLE public.clash (id int PRIMARY KEY, v text);\n\
+         INSERT INTO public.clash VALUES (1, 'one'), (2, 'two');",
     );
     let out = plan.run(&["run"]);
     assert_ne!(out.status.code(), Some(0), "{}", show(&out));
@@ -339,9 +355,22 @@ fn a_statement_that_cannot_be_replayed_stops_cdc_until_the_operator_resolves_it(
         .psql(&t, "ALTER TABLE public.accounts ADD COLUMN nickname text");
     p.target.psql(&t, &mark);
 
+    // Next stop: the statement the target rejects, with the target's reason.
+    let out = plan.run(&["run"]);
+    assert_ne!(out.status.code(), Some(0), "{}", show(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cdc stopped at the CREATE TABLE statement at")
+            && stderr.contains("the target refused it: relation \"clash\" already exists"),
+        "{}",
+        show(&out)
+    );
+    // The first way out: make the target accept it.
+    p.target.psql(&t, "DROP TABLE public.clash");
+
     let out = plan.run(&["run"]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
-    for table in ["public.accounts", "public.events"] {
+    for table in ["public.accounts", "public.events", "public.clash"] {
         assert_eq!(
             row_digest(&p.source, &s, table),
             row_digest(&p.target, &t, table),
@@ -354,6 +383,18 @@ fn a_statement_that_cannot_be_replayed_stops_cdc_until_the_operator_resolves_it(
             "SELECT count(*) FROM public.accounts WHERE nickname IS NOT NULL"
         ),
         "3"
+    );
+    assert_eq!(
+        p.target
+            .psql(&t, "SELECT to_regclass('public.scratch') IS NULL"),
+        "t"
+    );
+    assert_eq!(
+        p.target.psql(
+            &t,
+            "SELECT string_agg(status, ',' ORDER BY lsn) FROM pgferry.cdc_ddl"
+        ),
+        "ignored,ignored,ignored,ignored,skipped,applied"
     );
 }
 

@@ -16,7 +16,8 @@
 //!   query string (`current_query()`), `search_path`, the role (the caller's, when the session's
 //!   user may be it), a key identifying the client query string (`statement_timestamp()` and its
 //!   md5: one string with several statements fires once per statement, cdc replays it once), the
-//!   objects with the `[schema, table]` each belongs to, and the tables it published.
+//!   objects with the `[schema, table]` each belongs to (a partition's: its root's), and the tables
+//!   it published.
 //! - the event triggers `pgferry_ddl_end_<migration>` and `pgferry_ddl_drop_<migration>`.
 //!
 //! pgferry's own sessions (`application_name` `pgferry ...`) are not captured: the DDL the tool
@@ -93,7 +94,11 @@ BEGIN
              'type', c.object_type, 'identity', c.object_identity,
              'table', (SELECT jsonb_build_array(n.nspname, t.relname)
                          FROM pg_class t JOIN pg_namespace n ON n.oid = t.relnamespace
-                        WHERE t.relkind IN ('r', 'p') AND t.oid = CASE c.classid
+                        WHERE t.relkind IN ('r', 'p')
+                          AND t.oid = coalesce(pg_partition_root(r.rel), r.rel))))
+      INTO objs
+      FROM pg_event_trigger_ddl_commands() c,
+           LATERAL (SELECT CASE c.classid
                           WHEN 'pg_class'::regclass THEN
                             coalesce((SELECT i.indrelid FROM pg_index i WHERE i.indexrelid = c.objid), c.objid)
                           WHEN 'pg_trigger'::regclass THEN
@@ -102,8 +107,8 @@ BEGIN
                             (SELECT k.conrelid FROM pg_constraint k WHERE k.oid = c.objid)
                           WHEN 'pg_attrdef'::regclass THEN
                             (SELECT a.adrelid FROM pg_attrdef a WHERE a.oid = c.objid)
-                          END)))
-      INTO objs FROM pg_event_trigger_ddl_commands() c WHERE NOT c.in_extension;
+                          END::regclass AS rel) r
+     WHERE NOT c.in_extension;
     SELECT jsonb_agg(DISTINCT jsonb_build_array(n.nspname, t.relname))
       INTO tabs
       FROM pg_event_trigger_ddl_commands() c

@@ -142,8 +142,40 @@ const REPLAYABLE: &[&str] = &[
     "CREATE", "ALTER", "DROP", "COMMENT", "GRANT", "REVOKE", "SECURITY", "REFRESH",
 ];
 
-/// Decides what to do with a captured statement for a plan selecting `selection`.
-pub fn decide(c: &Captured, selection: &Selection) -> Decision {
+/// The `[schema, table]` of each object that is or belongs to a table.
+fn object_tables(c: &Captured) -> Vec<(&str, &str)> {
+    c.objects
+        .iter()
+        .filter_map(|o| match o.table.as_deref() {
+            Some([s, t, ..]) => Some((s.as_str(), t.as_str())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Whether every object of the statement is temporary (`pg_temp...`): session-local, nothing for
+/// the target.
+fn only_temporary(c: &Captured) -> bool {
+    let temp = |o: &Object| {
+        o.table
+            .as_deref()
+            .and_then(|t| t.first())
+            .is_some_and(|s| s.starts_with("pg_temp"))
+            || o.identity
+                .as_deref()
+                .is_some_and(|i| i.starts_with("pg_temp"))
+    };
+    !c.objects.is_empty() && c.objects.iter().all(temp)
+}
+
+/// Decides what to do with a captured statement for a plan selecting `selection`; `on_target`
+/// tells whether a table exists in the target database (a table outside the selection that does is
+/// kept in step too).
+pub fn decide(
+    c: &Captured,
+    selection: &Selection,
+    on_target: impl Fn(&str, &str) -> bool,
+) -> Decision {
     if let Some(e) = &c.error {
         return Decision::Refuse(format!(
             "the capture could not add the new table to the publication ({e}), so its rows would not reach the target"
@@ -204,6 +236,9 @@ pub fn decide(c: &Captured, selection: &Selection) -> Decision {
     if replay.is_empty() {
         return Decision::Ignore("only session settings".into());
     }
+    if only_temporary(c) {
+        return Decision::Ignore("temporary objects live in the source's session only".into());
+    }
     if matches!(
         c.tag.as_str(),
         "CREATE PUBLICATION" | "ALTER PUBLICATION" | "DROP PUBLICATION"
@@ -212,16 +247,13 @@ pub fn decide(c: &Captured, selection: &Selection) -> Decision {
     }
     // Objects of tables: a statement that touches only tables outside the selection is not for
     // the target (where those tables do not exist).
-    let tables: Vec<(&str, &str)> = c
-        .objects
-        .iter()
-        .filter_map(|o| match o.table.as_deref() {
-            Some([s, t, ..]) => Some((s.as_str(), t.as_str())),
-            _ => None,
-        })
-        .collect();
+    let tables = object_tables(c);
     let selected = tables.iter().any(|(s, t)| selection.selects(s, t));
-    if statements.len() == 1 && !tables.is_empty() && !selected {
+    if statements.len() == 1
+        && !tables.is_empty()
+        && !selected
+        && !tables.iter().any(|(s, t)| on_target(s, t))
+    {
         let (s, t) = tables[0];
         return Decision::Ignore(format!("{s}.{t} is not selected"));
     }
@@ -299,8 +331,26 @@ impl DbStream<'_> {
             .position(|d| d.name == self.db.name)
             .unwrap_or(0);
         let db = &self.env.plan.databases[i];
-        let decision = decide(&c, &Selection::new(&db.tables, &db.exclude));
         let client = ap.before_ddl().await?;
+        let (schemas, names): (Vec<String>, Vec<String>) = object_tables(&c)
+            .into_iter()
+            .map(|(s, t)| (s.to_string(), t.to_string()))
+            .unzip();
+        let present: Vec<(String, String)> = client
+            .query(
+                "SELECT n.nspname::text, c.relname::text FROM pg_catalog.pg_class c \
+                   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                   JOIN unnest($1::text[], $2::text[]) AS u(s, t) ON u.s = n.nspname AND u.t = c.relname",
+                &[&schemas, &names],
+            )
+            .await
+            .map_err(|e| Error::pg(&e, "looking up the DDL statement's tables on the target"))?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let decision = decide(&c, &Selection::new(&db.tables, &db.exclude), |s, t| {
+            present.iter().any(|(a, b)| a == s && b == t)
+        });
         let table = record_table(ap.state_schema());
         let slot = ap.slot().to_string();
         let marked: Option<String> = client
@@ -834,7 +884,7 @@ mod tests {
     #[test]
     fn decisions() {
         let sel = Selection::new(&["app.*".into()], &[]);
-        let d = |tag, q, t: &[(&str, &str)]| decide(&captured(tag, q, t), &sel);
+        let d = |tag, q, t: &[(&str, &str)]| decide(&captured(tag, q, t), &sel, |_, _| false);
         assert_eq!(
             d("ALTER TABLE", "ALTER TABLE t ADD c int", &[("app", "t")]),
             Decision::Replay {
@@ -883,6 +933,23 @@ mod tests {
                 &[]
             ),
             Decision::Refuse(_)
+        ));
+        assert!(matches!(
+            d(
+                "CREATE TABLE AS",
+                "CREATE TEMP TABLE x AS SELECT 1",
+                &[("pg_temp_3", "x")]
+            ),
+            Decision::Ignore(_)
+        ));
+        // Outside the selection but on the target: kept in step.
+        assert!(matches!(
+            decide(
+                &captured("DROP TABLE", "DROP TABLE other.t", &[("other", "t")]),
+                &sel,
+                |s, t| s == "other" && t == "t"
+            ),
+            Decision::Replay { .. }
         ));
         assert!(matches!(
             d("CREATE EXTENSION", "CREATE EXTENSION hstore", &[]),
