@@ -852,6 +852,13 @@ impl Stage for Provision {
                     publication_name(&self.env.plan.name),
                     db.name
                 ));
+                if crate::stages::cdc::ddl::replicates(&self.env.plan, i) {
+                    out.push(format!(
+                        "install the DDL capture on source database {} (event triggers and functions in schema {}; cleanup removes them)",
+                        db.name,
+                        crate::pg::names::CAPTURE_SCHEMA
+                    ));
+                }
             }
         }
         out

@@ -200,12 +200,17 @@ impl Stage for Cdc {
         for (i, db) in self.env.plan.databases.iter().enumerate() {
             let (n, d) = self.options(i);
             out.push(format!(
-                "stream the changes of {} from slot {} (publication {}) and apply them to {} in commit order, up to {n} changes or {} per target transaction; keep running until the cutover",
+                "stream the changes of {} from slot {} (publication {}) and apply them to {} in commit order, up to {n} changes or {} per target transaction; {}; keep running until the cutover",
                 db.name,
                 slot_name(&self.env.plan.name, &db.name),
                 publication_name(&self.env.plan.name),
                 db.target,
-                humantime::format_duration(d)
+                humantime::format_duration(d),
+                if ddl::replicates(&self.env.plan, i) {
+                    "replay the source's DDL in place (ddl = \"replicate\")"
+                } else {
+                    "stop when a table's columns change (ddl = \"stop\")"
+                }
             ));
         }
         out
