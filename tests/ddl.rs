@@ -210,11 +210,23 @@ fn an_application_migration_during_cdc_is_replayed_and_the_cutover_is_exact() {
             "SELECT lsn || ' ' || status || ' ' || statement FROM pgferry.cdc_ddl ORDER BY lsn"
         )
     );
-    // `status` lists them with their positions.
+    // `status` and `report` list them with their positions.
     let out = plan.run(&["status"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("ALTER TABLE public.accounts RENAME COLUMN name TO title"),
+        text.contains("ddl       12 statement(s):")
+            && text.contains("applied: ALTER TABLE public.accounts RENAME COLUMN name TO title;")
+            && text.contains(
+                "applied after its transaction: CREATE INDEX CONCURRENTLY accounts_opened_idx"
+            ),
+        "{}",
+        show(&out)
+    );
+    let out = plan.run(&["report"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("{s}: 12 DDL statement(s)"))
+            && text.contains("applied: ALTER TYPE public.mood ADD VALUE 'ecstatic';"),
         "{}",
         show(&out)
     );
