@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the PostgreSQL server binaries the version-matrix tests need
-# (tests/versions.rs), one directory per major version:
+# (tests/it/versions.rs), one directory per major version:
 #
 #   $PGFERRY_PG_VERSIONS_DIR/<major>/bin/{initdb,pg_ctl,postgres,...}
 #

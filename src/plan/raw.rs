@@ -11,7 +11,7 @@ use super::units::{ByteSize, Dur};
 
 /// The default of every option that has one: the only place they are defined. The options' typed
 /// accessors below return them for an unset key; `defaults_of` lists them by schema location, and
-/// `tests/schema_sync.rs` fails when a `default` of `schemas/plan.schema.json` (and so of
+/// `tests/it/schema_sync.rs` fails when a `default` of `schemas/plan.schema.json` (and so of
 /// `docs/plan-reference.md`, generated from it) differs from them or is missing. Why each value
 /// was chosen is said in the schema's description of its key.
 pub mod defaults {

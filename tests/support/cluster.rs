@@ -585,23 +585,30 @@ pub fn pair() -> &'static Pair {
     }
 }
 
-/// `../shared/data/pagila` relative to the crate root, if
-/// `pagila-schema.sql` is there. Prints a loud SKIPPED line when it isn't.
+/// `$PGFERRY_PAGILA_DIR`, else `../shared/data/pagila` relative to the crate root, if
+/// `pagila-schema.sql` and `pagila-data.sql` are there. Otherwise [`super::require::missing`]: a
+/// failure under CI, a loud SKIPPED line elsewhere.
 pub fn pagila_dir() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/pagila");
-    if dir.join("pagila-schema.sql").is_file() {
+    let dir = std::env::var_os("PGFERRY_PAGILA_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/pagila"));
+    if dir.join("pagila-schema.sql").is_file() && dir.join("pagila-data.sql").is_file() {
         Some(dir.canonicalize().unwrap_or(dir))
     } else {
-        eprintln!(
-            "\n*** SKIPPED: Pagila not found at {} (expected pagila-schema.sql and pagila-data.sql there) ***\n",
-            dir.display()
+        super::require::missing(
+            &format!(
+                "Pagila is not at {} (pagila-schema.sql and pagila-data.sql)",
+                dir.display()
+            ),
+            "put Pagila's pagila-schema.sql and pagila-data.sql in shared/data/pagila beside the \
+             checkout (CI's copy of shared/ has them), or point PGFERRY_PAGILA_DIR at them",
         );
         None
     }
 }
 
-/// Loads Pagila's schema and then its data into `db` on `cluster`. Returns
-/// false (after the loud SKIPPED line) when Pagila isn't available.
+/// Loads Pagila's schema and then its data into `db` on `cluster`. Returns false when Pagila
+/// isn't available (a failure under CI, see [`pagila_dir`]); the caller returns.
 pub fn load_pagila(cluster: &Cluster, db: &str) -> bool {
     let Some(dir) = pagila_dir() else {
         return false;
@@ -760,11 +767,6 @@ pub fn versions_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/var/cache/pgferry/pg"))
 }
 
-/// True when the tests run under CI (`CI=true`), where a missing server version fails.
-pub fn under_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
-
 /// The bindir of PostgreSQL `major`: `$PGFERRY_PG<major>_BINDIR`, else
 /// `<versions_dir>/<major>/bin`, else `/usr/lib/postgresql/<major>/bin`. `None` after a loud
 /// SKIPPED line when none has the server; under `CI=true` a panic with the install command.
@@ -789,18 +791,19 @@ pub fn version_bindir(major: u32) -> Option<PathBuf> {
         format!("scripts/pg-versions.sh {major} (what .ci/run does)")
     };
     let msg = format!(
-        "PostgreSQL {major} server binaries not found (looked in {}); install them with: {how}, \
-         or point PGFERRY_PG{major}_BINDIR at a directory with initdb, pg_ctl and postgres",
+        "PostgreSQL {major} server binaries not found (looked in {})",
         candidates
             .iter()
             .map(|d| d.display().to_string())
             .collect::<Vec<_>>()
             .join(", ")
     );
-    if under_ci() {
-        panic!("{msg}");
-    }
-    eprintln!("\n*** SKIPPED: {msg} ***\n");
+    super::require::missing(
+        &msg,
+        &format!(
+            "{how}, or point PGFERRY_PG{major}_BINDIR at a directory with initdb, pg_ctl and postgres"
+        ),
+    );
     None
 }
 

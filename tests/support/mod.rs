@@ -1,7 +1,7 @@
 //! Shared integration-test support: throwaway PostgreSQL clusters and helpers.
 //!
-//! Every integration test binary includes this with `mod support;`. Not every
-//! binary uses every helper, hence the crate-wide `dead_code` allowance.
+//! The one integration-test binary (`tests/it/main.rs`) includes this once with `mod support;`.
+//! Not every helper is used by every build of it, hence the module-wide `dead_code` allowance.
 #![allow(dead_code)]
 
 pub mod cluster;
@@ -9,6 +9,7 @@ pub mod compare;
 pub mod corpus;
 pub mod gate;
 pub mod plan;
+pub mod require;
 
 // Not every test binary uses every re-export.
 #[allow(unused_imports)]
@@ -19,3 +20,5 @@ pub use cluster::{
 pub use gate::Gate;
 #[allow(unused_imports)]
 pub use plan::{PASSWORD_VAR, TestPlan, show, wait_for};
+#[allow(unused_imports)]
+pub use require::{missing, under_ci};

@@ -4,12 +4,12 @@
 //! post-data section (`pg_dump --section=post-data`, the same SQL `pg_restore --section=post-data
 //! -f` writes) is put into the checkpoint store as the artifact schema_dump would store.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::time::Duration;
 
-use support::{Cluster, TestPlan, pair, show, wait_for};
+use crate::support::{Cluster, TestPlan, pair, show, wait_for};
 
 const PREFLIGHT: &str = "[stages.pre]\nkind = \"preflight\"\n\n";
 
@@ -190,9 +190,6 @@ fn pagila_post_data_and_sequences_match_the_source() {
     let p = pair();
     let s_db = p.source.fresh_database("pagila_pd_src");
     if !support::load_pagila(&p.source, &s_db) {
-        eprintln!(
-            "*** SKIPPED pagila_post_data_and_sequences_match_the_source: Pagila is not available ***"
-        );
         return;
     }
     // Pagila creates its materialized view WITH NO DATA; populate it so the dump refreshes it.

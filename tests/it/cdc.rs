@@ -1,11 +1,9 @@
 //! The cdc stage against real clusters: every kind of change applied exactly (row digests on both
 //! sides), and exactly-once apply across a SIGKILL in the middle of a large transaction.
 
-mod support;
-
 use std::time::Duration;
 
-use support::{Cluster, Gate, TestPlan, pair, row_digest, show, wait_for};
+use crate::support::{Cluster, Gate, TestPlan, pair, row_digest, show, wait_for};
 
 const STAGES: &str = "[stages.schema]\nkind = \"schema_dump\"\n\n\
     [stages.provision]\nkind = \"provision\"\nafter = [\"schema\"]\n\n\

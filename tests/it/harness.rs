@@ -1,12 +1,10 @@
 //! Tests of the integration-test harness itself (tests/support).
 
-mod support;
-
 use std::collections::HashSet;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use support::{Cluster, PASSWORD, load_pagila, pair, pgferry, row_digest};
+use crate::support::{Cluster, PASSWORD, load_pagila, pair, pgferry, row_digest};
 
 fn clusters() -> [&'static Cluster; 2] {
     let p = pair();

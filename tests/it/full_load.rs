@@ -2,11 +2,11 @@
 //! split tables, generated and identity columns, large objects, the online slot snapshot, and resume
 //! after SIGKILL.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 
-use support::{Cluster, Gate, TestPlan, pair, row_digest, show, wait_for};
+use crate::support::{Cluster, Gate, TestPlan, pair, row_digest, show, wait_for};
 
 /// Applies the source's pre-data schema to the target with the installed pg_dump | psql, standing in
 /// for the schema_dump and provision stages.

@@ -6,13 +6,13 @@
 //! nothing on stdout). After an intended change to a message, rewrite the `.stderr` files with
 //!
 //! ```text
-//! UPDATE_EXPECT=1 cargo test --test plan_errors
+//! UPDATE_EXPECT=1 cargo test --test it -- plan_errors::
 //! ```
 //!
 //! then read the diff (`git diff tests/fixtures/plans`) before committing it: every message must stay
 //! right, point at the right place and carry a useful hint. A fixture marked `#[ignore]` holds the
 //! output the message *should* have and currently does not (the reason names the bug); once fixed,
-//! remove the `#[ignore]` and run `cargo test --test plan_errors -- --include-ignored`.
+//! remove the `#[ignore]` and run `cargo test --test it -- plan_errors:: --include-ignored`.
 //!
 //! The binary runs with an empty environment (`PATH` only) plus exactly the variables each test
 //! needs, so no result depends on the machine. Needs no database: nothing here connects anywhere.
@@ -88,7 +88,7 @@ fn expect_file(path: &str, actual: &[u8]) {
     }
     let Some(expected) = expected else {
         panic!(
-            "{path} is missing; create it with `UPDATE_EXPECT=1 cargo test --test plan_errors` and read it.\nactual:\n{}",
+            "{path} is missing; create it with `UPDATE_EXPECT=1 cargo test --test it -- plan_errors::` and read it.\nactual:\n{}",
             String::from_utf8_lossy(actual)
         );
     };

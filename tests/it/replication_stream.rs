@@ -3,11 +3,10 @@
 //! ordered, a 100k-row transaction consumed in bounded memory, progress confirmed on the slot, and
 //! keepalives answered on an idle stream.
 
-mod support;
-
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use crate::support::{Cluster, PASSWORD, pair, wait_for};
 use bytes::Bytes;
 use pgferry::pg::connect::ConnInfo;
 use pgferry::pg::pgoutput::{
@@ -18,7 +17,6 @@ use pgferry::pg::pgoutput::{
 use pgferry::pg::replication::{ReplicationClient, ReplicationMessage, StreamOptions};
 use pgferry::plan::Endpoint;
 use pgferry::secret::Secret;
-use support::{Cluster, PASSWORD, pair, wait_for};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 

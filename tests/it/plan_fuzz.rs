@@ -9,7 +9,7 @@ use pgferry::plan::compile::{CompileOptions, compile};
 use pgferry::plan::diagnostic::{SourceFile, render_all};
 use proptest::prelude::*;
 
-const BASE: &str = include_str!("../pipelines/dvdrental.toml");
+const BASE: &str = include_str!("../../pipelines/dvdrental.toml");
 
 /// Pieces of TOML and of our template and glob syntax, to splice into a real plan.
 const TOKENS: &[&str] = &[

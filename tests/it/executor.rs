@@ -2,12 +2,12 @@
 //! changed configuration, the runner lock, retries of transient errors, failures with context, and a
 //! clean stop on SIGTERM. Stages here are `preflight` and `sql`, which touch real databases.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 
+use crate::support::{Gate, TestPlan, pair, show, wait_for};
 use pgferry::state::StateStore;
-use support::{Gate, TestPlan, pair, show, wait_for};
 
 /// Fresh source and target databases, with a `log` table on the target that stages write to.
 fn setup(prefix: &str) -> (String, String) {
@@ -162,7 +162,7 @@ fn sigkill_during_a_stage_then_resume_finishes_exactly_once() {
             q(
                 &t,
                 &format!(
-                    "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_advisory_xact_lock_shared({})%' AND pid <> pg_backend_pid()",
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE '%pg_advisory_xact_lock_shared({})%' AND pid <> pg_backend_pid()",
                     support::gate::KEY
                 ),
             ) == "0"
@@ -453,7 +453,7 @@ fn sigterm_stops_at_the_next_checkpoint_and_the_next_run_resumes() {
             && stage_state(&plan, "wait") == "running"
             && q(
                 &t,
-                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(60)%' AND pid <> pg_backend_pid()",
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE '%pg_sleep(60)%' AND pid <> pg_backend_pid()",
             ) == "1"
     });
     let started = std::time::Instant::now();
@@ -478,7 +478,7 @@ fn sigterm_stops_at_the_next_checkpoint_and_the_next_run_resumes() {
         || {
             q(
                 &t,
-                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(60)%' AND pid <> pg_backend_pid()",
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE '%pg_sleep(60)%' AND pid <> pg_backend_pid()",
             ) == "0"
         },
     );

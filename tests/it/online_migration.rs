@@ -4,14 +4,14 @@
 //! read-only, and then every table, sequence, large object and the schema equal on both sides; and a
 //! runner killed during the cutover's drain, resumed to the same result with nothing applied twice.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use support::compare::assert_same;
-use support::{Gate, TestPlan, pair, row_digest, show, wait_for};
+use crate::support::compare::assert_same;
+use crate::support::{Gate, TestPlan, pair, row_digest, show, wait_for};
 
 const ONLINE: &str = "[stages.schema]\nkind = \"schema_dump\"\n\n\
     [stages.provision]\nkind = \"provision\"\nafter = [\"schema\"]\n\n\
@@ -115,9 +115,6 @@ fn pagila_with_a_concurrent_writer_cuts_over_to_an_equal_copy() {
     let p = pair();
     let s = p.source.fresh_database("on_pagila_src");
     if !support::load_pagila(&p.source, &s) {
-        eprintln!(
-            "\n*** SKIPPED pagila_with_a_concurrent_writer_cuts_over_to_an_equal_copy: Pagila is not available ***\n"
-        );
         return;
     }
     p.source.psql(
@@ -429,7 +426,7 @@ fn poll_states(
 /// and the approved cutover's drain by the target gate again.
 #[test]
 fn status_shows_each_azure_dms_state_in_order() {
-    use support::gate::{Gate, KEY};
+    use crate::support::gate::{Gate, KEY};
     let p = pair();
     let s = p.source.fresh_database("states_src");
     let t = p.target.fresh_database("states_tgt");

@@ -2,13 +2,11 @@
 //! stages' states once a run exists (without `--state`) and draws the plain graph when the store
 //! cannot be reached.
 
-mod support;
-
 use std::io::{BufRead, BufReader, Read};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use support::{TestPlan, pair, pgferry, row_digest, show};
+use crate::support::{TestPlan, pair, pgferry, row_digest, show};
 
 const STAGES: &str = "[stages.schema]\nkind = \"schema_dump\"\n\n\
     [stages.provision]\nkind = \"provision\"\nafter = [\"schema\"]\n\n\

@@ -7,18 +7,16 @@
 //! Each kill is aimed at a stage: once the store shows it running (or cdc ready), the runner is
 //! killed after a random 0-0.8 s (0-0.15 s for the short sequence_reset and cleanup). Which stages
 //! and how long to wait come from a seeded xorshift generator; the seed is printed
-//! (`PGFERRY_KILL_SEED=N` replays the choices). CI kills in 4 random stages; `cargo test --
-//! --ignored` runs the full matrix (3 migrations x all 8 stages: 24 kills aimed, at least 20 must
+//! (`PGFERRY_KILL_SEED=N` replays the choices). CI kills in 4 random stages; `cargo test --test it
+//! -- kill_matrix:: --ignored` runs the full matrix (3 migrations x all 8 stages: 24 kills aimed, at least 20 must
 //! land in a running runner).
-
-mod support;
 
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use support::{PASSWORD, TestPlan, pair, row_digest, show, wait_for};
+use crate::support::{PASSWORD, TestPlan, pair, row_digest, show, wait_for};
 
 /// xorshift64*: enough randomness for choosing kill moments, reproducible from the seed.
 struct Rng(u64);

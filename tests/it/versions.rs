@@ -5,17 +5,17 @@
 //! `scripts/pg-versions.sh` (see `tests/support/cluster.rs`); under `CI=true` a missing version
 //! fails with the command that installs it.
 //!
-//! [`TESTED`] is run by CI; the rest of the matrix is `#[ignore]`d (`cargo test --test versions --
-//! --ignored`). `readme_lists_the_tested_matrix` checks the README's table against both lists.
+//! [`TESTED`] is run by CI; the rest of the matrix is `#[ignore]`d (`cargo test --test it --
+//! versions:: --ignored`). `readme_lists_the_tested_matrix` checks the README's table against both lists.
 
-mod support;
+use crate::support;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use support::cluster::{Cluster, Pair};
-use support::compare::assert_same_on;
-use support::{TestPlan, show, wait_for};
+use crate::support::cluster::{Cluster, Pair};
+use crate::support::compare::assert_same_on;
+use crate::support::{TestPlan, show, wait_for};
 
 /// The pairs (source major, target major) CI runs, each online and offline.
 const TESTED: &[(u32, u32)] = &[(12, 18), (13, 17), (14, 16), (16, 18), (18, 18), (15, 15)];

@@ -3,10 +3,10 @@
 //! (grouped, row by row, strict re-apply) and back to ALWAYS after the cutover; tables with no
 //! column and tables whose only column is generated, copied and replicated.
 
-mod support;
+use crate::support;
 
-use support::compare::assert_same;
-use support::{TestPlan, pair, row_digest, show};
+use crate::support::compare::assert_same;
+use crate::support::{TestPlan, pair, row_digest, show};
 
 const CDC_STAGES: &str = "[stages.schema]\nkind = \"schema_dump\"\n\n\
     [stages.provision]\nkind = \"provision\"\nafter = [\"schema\"]\n\n\

@@ -5,13 +5,11 @@
 //! estimates from the latest rehearsal report, and reset refusing a target database it did not
 //! create (then `--keep-target`, and a real run allowed after the reset).
 
-mod support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
-use support::{Cluster, TestPlan, pair, row_digest, show};
+use crate::support::{Cluster, TestPlan, pair, row_digest, show};
 
 /// Validation while cdc runs (`check`), then the cutover (manual approval, which a rehearsal does
 /// not wait for), then a validation after it (`final`), which a rehearsal cannot do honestly.

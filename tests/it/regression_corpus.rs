@@ -10,15 +10,15 @@
 //! first). Without it the test fails under `CI=true` saying how to build it, and is skipped loudly
 //! otherwise.
 
-mod support;
+use crate::support;
 
 use std::process::Command;
 use std::time::Instant;
 
-use support::compare::first_differences;
-use support::{Cluster, TestPlan, pair, show};
+use crate::support::compare::first_differences;
+use crate::support::{Cluster, TestPlan, pair, show};
 
-use support::corpus::{corpus, restore};
+use crate::support::corpus::{corpus, restore};
 
 /// `schema.table count:md5` of every table of the database, one query per table run inside the
 /// server (`\gexec`), sorted.

@@ -8,13 +8,11 @@
 //!
 //! The offline plan's outputs and store are covered by `offline_migration::password_never_leaks`.
 
-mod support;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use support::{PASSWORD, PASSWORD_VAR, TestPlan, pair, row_digest, show};
+use crate::support::{PASSWORD, PASSWORD_VAR, TestPlan, pair, row_digest, show};
 
 /// The password without its last character (`!` percent-encodes as `%21`), so any spelling of it
 /// — raw, percent-encoded, JSON-escaped — contains this.

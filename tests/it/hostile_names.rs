@@ -5,11 +5,9 @@
 //! table's rows are equal on both sides (row digests), the index, the foreign key, the partitions
 //! and the sequence value arrived, and `public.y` — the injection's target — still exists.
 
-mod support;
-
 use std::time::Duration;
 
-use support::{Cluster, TestPlan, pair, row_digest, show, wait_for};
+use crate::support::{Cluster, TestPlan, pair, row_digest, show, wait_for};
 
 const SCHEMA: &str = r#""x""; DROP TABLE y; --""#;
 

@@ -2,8 +2,6 @@
 //! numbers are checked against what the generator and the writer must have produced, and the
 //! clusters' directories must be gone afterwards (also after Ctrl-C).
 
-mod support;
-
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -11,7 +9,7 @@ use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use support::{pgferry, show};
+use crate::support::{pgferry, show};
 
 /// A private temporary directory the `postgres` OS user can enter (the demo puts its clusters in
 /// `$TMPDIR`).

@@ -10,13 +10,13 @@
 //! `post_data_stages::a_terminated_session_is_retried_and_the_stage_resumes`, a second runner by
 //! `executor::a_second_runner_is_refused_and_names_the_holder`.
 
-mod support;
+use crate::support;
 
 use std::process::{Child, Output};
 use std::sync::{OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
-use support::{Cluster, Gate, Pair, TestPlan, row_digest, show, wait_for};
+use crate::support::{Cluster, Gate, Pair, TestPlan, row_digest, show, wait_for};
 
 const TIMEOUT: Duration = Duration::from_secs(90);
 
