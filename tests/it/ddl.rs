@@ -4,14 +4,12 @@
 //! the middle of a transaction holding DDL applies it exactly once; a statement that cannot be
 //! replayed stops cdc with the commands that resolve it, and cdc resumes after the operator's fix.
 
-mod support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use support::compare::assert_same;
-use support::{Cluster, Gate, PASSWORD, TestPlan, pair, row_digest, show, wait_for};
+use crate::support::compare::assert_same;
+use crate::support::{Cluster, Gate, PASSWORD, TestPlan, pair, row_digest, show, wait_for};
 
 const SETUP: &str = "\
     CREATE TYPE public.mood AS ENUM ('calm', 'busy');\n\
@@ -478,7 +476,7 @@ fn preflight_refuses_replicate_where_the_source_cannot_capture() {
 /// target equals the source (its schema as the 18 server prints it).
 #[test]
 fn ddl_is_replayed_from_14_to_18() {
-    support::plan::PG_BINDIR.get_or_init(support::cluster::newest_tools_bindir);
+    crate::support::plan::PG_BINDIR.get_or_init(crate::support::cluster::newest_tools_bindir);
     let (old, new) = std::thread::scope(|scope| {
         let s = scope.spawn(|| Cluster::start_version(14, "ddl14src"));
         let t = scope.spawn(|| Cluster::start_version(18, "ddl18tgt"));
@@ -487,7 +485,7 @@ fn ddl_is_replayed_from_14_to_18() {
     let (Some(source), Some(target)) = (old, new) else {
         return;
     };
-    let p = support::Pair { source, target };
+    let p = crate::support::Pair { source, target };
     let s = p.source.fresh_database("ddl_v_src");
     let t = p.target.fresh_database("ddl_v_tgt");
     p.source.psql(&s, SETUP);
@@ -527,7 +525,7 @@ fn ddl_is_replayed_from_14_to_18() {
     });
     let out = child.wait_with_output().expect("runner output");
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
-    support::compare::assert_same_on(&p, &s, &t);
+    crate::support::compare::assert_same_on(&p, &s, &t);
     assert_eq!(
         p.target.psql(
             &t,
