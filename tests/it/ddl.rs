@@ -123,6 +123,14 @@ fn an_application_migration_during_cdc_is_replayed_and_the_cutover_is_exact() {
         "provision installs the capture"
     );
 
+    let owner = format!("{s}_owner");
+    for c in [&p.source, &p.target] {
+        c.psql("postgres", &format!("CREATE ROLE {owner}"));
+    }
+    // (Captured too: the GRANT reaches the target through cdc.)
+    p.source
+        .psql(&s, &format!("GRANT CREATE ON SCHEMA public TO {owner}"));
+
     let writer = Writer::start(&s);
     let steps = [
         // A volatile default: the source computes a value per row, which the stream does not carry.
@@ -152,6 +160,19 @@ fn an_application_migration_during_cdc_is_replayed_and_the_cutover_is_exact() {
         writer.wait_writes(3);
         migrate(&p.source, &s, step);
     }
+    // DDL run by the application's own role: the target's new table has the same owner (the
+    // schema dumps below compare the owners).
+    writer.wait_writes(3);
+    migrate(
+        &p.source,
+        &s,
+        &format!(
+            "SET ROLE {owner};\n\
+             CREATE TABLE public.owned (id int PRIMARY KEY, v text);\n\
+             INSERT INTO public.owned VALUES (1, 'mine');\n\
+             RESET ROLE;"
+        ),
+    );
     writer.wait_writes(3);
     let writes = writer.stop();
     assert!(
@@ -186,6 +207,13 @@ fn an_application_migration_during_cdc_is_replayed_and_the_cutover_is_exact() {
     assert_eq!(
         p.target.psql(
             &t,
+            "SELECT tableowner FROM pg_tables WHERE tablename = 'owned'"
+        ),
+        owner
+    );
+    assert_eq!(
+        p.target.psql(
+            &t,
             "SELECT indisvalid FROM pg_index WHERE indexrelid = 'public.accounts_opened_idx'::regclass"
         ),
         "t"
@@ -201,7 +229,7 @@ fn an_application_migration_during_cdc_is_replayed_and_the_cutover_is_exact() {
             &t,
             "SELECT count(*) FROM pgferry.cdc_ddl WHERE status = 'applied'"
         ),
-        "12",
+        "14",
         "{}",
         p.target.psql(
             &t,
@@ -212,7 +240,7 @@ fn an_application_migration_during_cdc_is_replayed_and_the_cutover_is_exact() {
     let out = plan.run(&["status"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("ddl       12 statement(s):")
+        text.contains("ddl       14 statement(s):")
             && text.contains("applied: ALTER TABLE public.accounts RENAME COLUMN name TO title;")
             && text.contains(
                 "applied after its transaction: CREATE INDEX CONCURRENTLY accounts_opened_idx"
@@ -223,7 +251,7 @@ fn an_application_migration_during_cdc_is_replayed_and_the_cutover_is_exact() {
     let out = plan.run(&["report"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains(&format!("{s}: 12 DDL statement(s)"))
+        text.contains(&format!("{s}: 14 DDL statement(s)"))
             && text.contains("applied: ALTER TYPE public.mood ADD VALUE 'ecstatic';"),
         "{}",
         show(&out)

@@ -421,10 +421,7 @@ impl DbStream<'_> {
                 sql,
                 concurrently: false,
             } => {
-                let role = match &c.role {
-                    Some(r) => target_has_role(&client, r).await?.then(|| r.clone()),
-                    None => None,
-                };
+                let role = self.replay_role(&client, c.role.as_deref()).await?;
                 let old: String = client
                     .query_one("SELECT pg_catalog.current_setting('search_path')", &[])
                     .await
@@ -574,6 +571,30 @@ impl DbStream<'_> {
         Ok(())
     }
 
+    /// The role a statement is replayed as: the one that ran it on the source, so new objects get
+    /// the same owner, when the target has it and the plan's schema kept owners; otherwise (None)
+    /// cdc's own role, which then owns what the statement creates, as it owns the objects
+    /// provision created from a dump without owners.
+    async fn replay_role(
+        &self,
+        client: &tokio_postgres::Client,
+        role: Option<&str>,
+    ) -> Result<Option<String>> {
+        let no_owner = self.env.plan.stages.iter().any(|s| {
+            s.options
+                .iter()
+                .any(|o| matches!(o, StageOptions::SchemaDump(o) if o.no_owner))
+        });
+        let Some(role) = role.filter(|_| !no_owner) else {
+            return Ok(None);
+        };
+        if target_has_role(client, role).await? {
+            return Ok(Some(role.to_string()));
+        }
+        tracing::warn!(database = %self.db.name, role, "cdc: the role that ran a DDL statement on the source does not exist on the target; replaying it as cdc's own role, which will own what it creates");
+        Ok(None)
+    }
+
     /// Runs the deferred statements a stopped run left (recorded `deferred` on the target).
     pub(super) async fn deferred_left(&self, ap: &mut Applier) -> Result<()> {
         let client = ap.session();
@@ -602,10 +623,7 @@ impl DbStream<'_> {
 
     async fn run_deferred(&self, ap: &mut Applier, d: &Deferred) -> Result<()> {
         let client = ap.session();
-        let role = match &d.role {
-            Some(r) => target_has_role(&client, r).await?.then(|| r.clone()),
-            None => None,
-        };
+        let role = self.replay_role(&client, d.role.as_deref()).await?;
         let mut setup = String::new();
         if let Some(r) = &role {
             setup.push_str(&format!("SET ROLE {};", quote_ident(r)));
