@@ -144,6 +144,8 @@ fn an_application_migration_during_cdc_is_replayed_and_the_cutover_is_exact() {
          INSERT INTO public.audit (account, what) SELECT g, 'opened' FROM generate_series(1, 50) g;",
         "CREATE INDEX CONCURRENTLY accounts_opened_idx ON public.accounts (opened_at);",
         "ALTER TABLE public.accounts DROP COLUMN legacy;",
+        // An identity added to a table with rows: numbered by the rewrite, in each server's order.
+        "ALTER TABLE public.accounts ADD COLUMN seq_no bigint GENERATED ALWAYS AS IDENTITY;",
         // A new partition of a selected partitioned table (its name matches nothing by itself).
         "CREATE TABLE public.orders_2027 PARTITION OF public.orders FOR VALUES FROM ('2027-01-01') TO ('2028-01-01');\n\
          INSERT INTO public.orders (at, qty) SELECT date '2027-01-01' + g, g FROM generate_series(1, 50) g;",
@@ -229,7 +231,7 @@ fn an_application_migration_during_cdc_is_replayed_and_the_cutover_is_exact() {
             &t,
             "SELECT count(*) FROM pgferry.cdc_ddl WHERE status = 'applied'"
         ),
-        "14",
+        "15",
         "{}",
         p.target.psql(
             &t,
@@ -240,7 +242,7 @@ fn an_application_migration_during_cdc_is_replayed_and_the_cutover_is_exact() {
     let out = plan.run(&["status"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("ddl       14 statement(s):")
+        text.contains("ddl       15 statement(s):")
             && text.contains("applied: ALTER TABLE public.accounts RENAME COLUMN name TO title;")
             && text.contains(
                 "applied after its transaction: CREATE INDEX CONCURRENTLY accounts_opened_idx"
@@ -251,7 +253,7 @@ fn an_application_migration_during_cdc_is_replayed_and_the_cutover_is_exact() {
     let out = plan.run(&["report"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains(&format!("{s}: 14 DDL statement(s)"))
+        text.contains(&format!("{s}: 15 DDL statement(s)"))
             && text.contains("applied: ALTER TYPE public.mood ADD VALUE 'ecstatic';"),
         "{}",
         show(&out)

@@ -470,6 +470,30 @@ impl DbStream<'_> {
                 for ((schema, table), before) in tables.iter().zip(&before) {
                     let added = rewritten_columns(&client, schema, table, before).await?;
                     if !added.is_empty() {
+                        // A GENERATED ALWAYS identity takes the source's values only BY DEFAULT
+                        // (until the cutover, as for every such column cdc writes).
+                        let always: Vec<String> = client
+                            .query(
+                                "SELECT a.attname::text FROM pg_catalog.pg_attribute a \
+                                  WHERE a.attrelid = pg_catalog.format('%I.%I', $1::text, $2::text)::regclass \
+                                    AND a.attname = ANY ($3) AND a.attidentity = 'a'",
+                                &[schema, table, &added],
+                            )
+                            .await
+                            .map_err(|e| Error::pg(&e, "reading the new identity columns"))?
+                            .iter()
+                            .map(|r| r.get(0))
+                            .collect();
+                        if !always.is_empty() {
+                            super::identity::relax(
+                                &client,
+                                ap.state_schema(),
+                                schema,
+                                table,
+                                &always,
+                            )
+                            .await?;
+                        }
                         self.resync_columns(&client, schema, table, &added)
                             .await
                             .map_err(|e| {
@@ -716,8 +740,8 @@ async fn column_numbers(
 
 /// The columns a replayed statement added whose values were computed row by row: a default that
 /// is not stored as the column's "missing" value (a volatile one such as `clock_timestamp()` or a
-/// sequence's `nextval`, which rewrites the table). The source computed other values than the
-/// target just did, and logical decoding carries none of them.
+/// sequence's `nextval`, which rewrites the table), or an identity. The source computed other
+/// values than the target just did, and logical decoding carries none of them.
 async fn rewritten_columns(
     client: &tokio_postgres::Client,
     schema: &str,
@@ -731,7 +755,7 @@ async fn rewritten_columns(
                JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
                JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
               WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped \
-                AND a.atthasdef AND NOT a.atthasmissing AND a.attgenerated = '' \
+                AND a.attgenerated = '' AND ((a.atthasdef AND NOT a.atthasmissing) OR a.attidentity <> '') \
                 AND NOT (a.attnum = ANY ($3)) ORDER BY a.attnum",
             &[&schema, &table, &before],
         )
