@@ -12,7 +12,8 @@
 //!   what the statement touched (`pg_event_trigger_ddl_commands()` / `..._dropped_objects()`, which
 //!   refuse to run outside an event trigger: calling it by hand emits nothing), adds a new table
 //!   that matches the plan's selection to the publication (in the same transaction, so none of its
-//!   rows is missed), and emits the message: the migration, the event, the tag, the whole client
+//!   rows is missed; a keyless one gets `REPLICA IDENTITY FULL` first, as its UPDATEs and DELETEs
+//!   would fail once published, and cdc records it for cleanup to undo), and emits the message: the migration, the event, the tag, the whole client
 //!   query string (`current_query()`), `search_path`, the role (the caller's, when the session's
 //!   user may be it), a key identifying the client query string (`statement_timestamp()` and its
 //!   md5: one string with several statements fires once per statement, cdc replays it once), the
@@ -80,6 +81,7 @@ DECLARE
   objs jsonb;
   tabs jsonb;
   t jsonb;
+  fulls jsonb := '[]';
   failure text;
 BEGIN
   IF event = 'sql_drop' THEN
@@ -120,12 +122,22 @@ BEGIN
     BEGIN
       PERFORM set_config('pgferry.capture_off', 'on', true);
       FOR t IN SELECT * FROM jsonb_array_elements(coalesce(tabs, '[]')) LOOP
+        -- A published table without a key would refuse its UPDATEs and DELETEs on the source.
+        IF NOT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                        WHERE n.nspname = t->>0 AND c.relname = t->>1
+                          AND (c.relkind = 'p' OR c.relreplident IN ('f', 'i')
+                               OR (c.relreplident = 'd' AND EXISTS (
+                                     SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)))) THEN
+          EXECUTE format('ALTER TABLE %I.%I REPLICA IDENTITY FULL', t->>0, t->>1);
+          fulls := fulls || jsonb_build_array(t);
+        END IF;
         EXECUTE format('ALTER PUBLICATION %I ADD TABLE %I.%I', {publication}, t->>0, t->>1);
       END LOOP;
       PERFORM set_config('pgferry.capture_off', 'off', true);
     EXCEPTION WHEN OTHERS THEN
       failure := SQLERRM;
       tabs := NULL;
+      fulls := '[]';
     END;
   END IF;
   PERFORM pg_logical_emit_message(true, 'pgferry', jsonb_build_object(
@@ -136,6 +148,7 @@ BEGIN
     'key', statement_timestamp()::text || ' ' || md5(coalesce(current_query(), '')),
     'objects', coalesce(objs, '[]'),
     'published', coalesce(tabs, '[]'),
+    'identity_full', fulls,
     'error', failure)::text);
 END
 $pgferry$;

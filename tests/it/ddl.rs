@@ -146,6 +146,11 @@ fn an_application_migration_during_cdc_is_replayed_and_the_cutover_is_exact() {
         "ALTER TABLE public.accounts DROP COLUMN legacy;",
         // An identity added to a table with rows: numbered by the rewrite, in each server's order.
         "ALTER TABLE public.accounts ADD COLUMN seq_no bigint GENERATED ALWAYS AS IDENTITY;",
+        // A new table without a key: published, its UPDATEs and DELETEs still work on the source.
+        "CREATE TABLE public.notes (k int, v text);\n\
+         INSERT INTO public.notes SELECT g, 'note ' || g FROM generate_series(1, 20) g;\n\
+         UPDATE public.notes SET v = 'edited' WHERE k <= 3;\n\
+         DELETE FROM public.notes WHERE k = 20;",
         // A new partition of a selected partitioned table (its name matches nothing by itself).
         "CREATE TABLE public.orders_2027 PARTITION OF public.orders FOR VALUES FROM ('2027-01-01') TO ('2028-01-01');\n\
          INSERT INTO public.orders (at, qty) SELECT date '2027-01-01' + g, g FROM generate_series(1, 50) g;",
@@ -204,6 +209,14 @@ fn an_application_migration_during_cdc_is_replayed_and_the_cutover_is_exact() {
         ),
         "0"
     );
+    assert_eq!(
+        p.source.psql(
+            &s,
+            "SELECT relreplident FROM pg_class WHERE oid = 'public.notes'::regclass"
+        ),
+        "d",
+        "cleanup put back the keyless table's replica identity"
+    );
     // Rows (the source's values of the volatile default too), sequences and the schema dump.
     assert_same(&s, &t);
     assert_eq!(
@@ -231,7 +244,7 @@ fn an_application_migration_during_cdc_is_replayed_and_the_cutover_is_exact() {
             &t,
             "SELECT count(*) FROM pgferry.cdc_ddl WHERE status = 'applied'"
         ),
-        "15",
+        "16",
         "{}",
         p.target.psql(
             &t,
@@ -242,7 +255,7 @@ fn an_application_migration_during_cdc_is_replayed_and_the_cutover_is_exact() {
     let out = plan.run(&["status"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("ddl       15 statement(s):")
+        text.contains("ddl       16 statement(s):")
             && text.contains("applied: ALTER TABLE public.accounts RENAME COLUMN name TO title;")
             && text.contains(
                 "applied after its transaction: CREATE INDEX CONCURRENTLY accounts_opened_idx"
@@ -253,7 +266,7 @@ fn an_application_migration_during_cdc_is_replayed_and_the_cutover_is_exact() {
     let out = plan.run(&["report"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains(&format!("{s}: 15 DDL statement(s)"))
+        text.contains(&format!("{s}: 16 DDL statement(s)"))
             && text.contains("applied: ALTER TYPE public.mood ADD VALUE 'ecstatic';"),
         "{}",
         show(&out)

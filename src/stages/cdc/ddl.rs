@@ -85,6 +85,9 @@ pub struct Captured {
     pub objects: Vec<Object>,
     #[serde(default)]
     pub published: Vec<Vec<String>>,
+    /// New keyless tables the capture gave `REPLICA IDENTITY FULL` (to be undone by cleanup).
+    #[serde(default)]
+    pub identity_full: Vec<Vec<String>>,
     #[serde(default)]
     pub error: Option<String>,
 }
@@ -323,6 +326,28 @@ impl DbStream<'_> {
         }
         st.ddl_key = Some(c.key.clone());
         st.ddl_in_tx = true;
+        let made_full: Vec<crate::stages::replica_identity::Change> = c
+            .identity_full
+            .iter()
+            .filter_map(|t| match t.as_slice() {
+                [schema, table] => Some(crate::stages::replica_identity::Change {
+                    schema: schema.clone(),
+                    table: table.clone(),
+                    original: "d".into(),
+                    original_index: None,
+                    index: None,
+                }),
+                _ => None,
+            })
+            .collect();
+        if !made_full.is_empty() {
+            crate::stages::replica_identity::record(
+                self.cx.store.as_ref(),
+                &self.db.name,
+                &made_full,
+            )
+            .await?;
+        }
         let i = self
             .env
             .plan
@@ -919,6 +944,7 @@ mod tests {
                 })
                 .collect(),
             published: Vec::new(),
+            identity_full: Vec::new(),
             error: None,
         }
     }
