@@ -577,3 +577,97 @@ fn ddl_is_replayed_from_14_to_18() {
         "6"
     );
 }
+
+/// `CREATE INDEX CONCURRENTLY` runs after its target transaction commits: it is recorded
+/// `deferred` in that transaction, so a kill while it waits leaves the record, and the next run
+/// builds the index before it streams on.
+#[test]
+fn an_index_built_after_its_transaction_survives_a_kill() {
+    use std::io::Write as _;
+    let p = pair();
+    let s = p.source.fresh_database("ddl_cic_src");
+    let t = p.target.fresh_database("ddl_cic_tgt");
+    p.source.psql(&s, SETUP);
+    let plan = TestPlan::new(p, "ddl_cic", &s, &t, &stages("", ""));
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+
+    // A session on the target holds the lock CREATE INDEX CONCURRENTLY waits for.
+    let mut holder = p
+        .target
+        .psql_command(&t)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("psql");
+    holder
+        .stdin
+        .as_mut()
+        .expect("stdin")
+        .write_all(b"BEGIN; LOCK TABLE public.accounts IN SHARE UPDATE EXCLUSIVE MODE;\n")
+        .expect("lock");
+    wait_for("the lock", Duration::from_secs(30), || {
+        p.target.psql(
+            &t,
+            "SELECT count(*) FROM pg_locks WHERE relation = 'public.accounts'::regclass AND mode = 'ShareUpdateExclusiveLock' AND granted",
+        ) == "1"
+    });
+    migrate(
+        &p.source,
+        &s,
+        "CREATE INDEX CONCURRENTLY accounts_name_idx ON public.accounts (name);\n\
+         INSERT INTO public.events (account, note) VALUES (1, 'after the index');",
+    );
+    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgferry cdc apply' \
+                   AND query LIKE 'CREATE INDEX CONCURRENTLY%'";
+    let mut child = plan.spawn(&["run"]);
+    wait_for("the index build to wait", Duration::from_secs(60), || {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the runner stopped early: {status:?}");
+        }
+        p.target
+            .psql(&t, &format!("{waiting} AND wait_event_type = 'Lock'"))
+            == "1"
+    });
+    child.kill().expect("SIGKILL the runner");
+    let _ = child.wait();
+    // The server ends the killed runner's statement (client_connection_check_interval).
+    wait_for("the killed build to end", Duration::from_secs(30), || {
+        p.target.psql(&t, waiting) == "0"
+    });
+    assert_eq!(
+        p.target.psql(
+            &t,
+            "SELECT status FROM pgferry.cdc_ddl WHERE statement LIKE 'CREATE INDEX CONCURRENTLY%'"
+        ),
+        "deferred"
+    );
+    assert_eq!(
+        p.target
+            .psql(&t, "SELECT to_regclass('public.accounts_name_idx') IS NULL"),
+        "t"
+    );
+    let _ = holder.kill();
+    let _ = holder.wait();
+
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(
+        p.target.psql(
+            &t,
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = 'public.accounts_name_idx'::regclass"
+        ),
+        "t"
+    );
+    assert_eq!(
+        p.target.psql(
+            &t,
+            "SELECT status FROM pgferry.cdc_ddl WHERE statement LIKE 'CREATE INDEX CONCURRENTLY%'"
+        ),
+        "applied"
+    );
+    assert_eq!(
+        row_digest(&p.source, &s, "public.events"),
+        row_digest(&p.target, &t, "public.events")
+    );
+}

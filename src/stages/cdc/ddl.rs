@@ -55,7 +55,7 @@ pub fn record_table(state_schema: &str) -> String {
 pub fn create_sql(state_schema: &str) -> String {
     format!(
         "CREATE TABLE IF NOT EXISTS {} (slot text NOT NULL, lsn pg_lsn NOT NULL, commit_lsn pg_lsn NOT NULL, \
-         tag text NOT NULL, statement text NOT NULL, status text NOT NULL, \
+         tag text NOT NULL, statement text NOT NULL, status text NOT NULL, search_path text, role text, \
          recorded_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (slot, lsn));",
         record_table(state_schema)
     )
@@ -403,7 +403,7 @@ impl DbStream<'_> {
             return Ok(());
         }
         let insert = format!(
-            "INSERT INTO {table} (slot, lsn, commit_lsn, tag, statement, status) VALUES ($1, $2::text::pg_lsn, $3::text::pg_lsn, $4, $5, $6)"
+            "INSERT INTO {table} (slot, lsn, commit_lsn, tag, statement, status, search_path, role) VALUES ($1, $2::text::pg_lsn, $3::text::pg_lsn, $4, $5, $6, $7, $8)"
         );
         let write = |status: &'static str, sql: String| {
             let client = client.clone();
@@ -412,9 +412,22 @@ impl DbStream<'_> {
             let lsn = m.lsn.to_string();
             let commit = commit_lsn.to_string();
             let tag = c.tag.clone();
+            let (search_path, role) = (c.search_path.clone(), c.role.clone());
             async move {
                 client
-                    .execute(&insert, &[&slot, &lsn, &commit, &tag, &sql, &status])
+                    .execute(
+                        &insert,
+                        &[
+                            &slot,
+                            &lsn,
+                            &commit,
+                            &tag,
+                            &sql,
+                            &status,
+                            &search_path,
+                            &role,
+                        ],
+                    )
                     .await
                     .map_err(|e| Error::pg(&e, "recording a replayed DDL statement"))
             }
@@ -650,7 +663,7 @@ impl DbStream<'_> {
         let rows = client
             .query(
                 &format!(
-                    "SELECT lsn::text, statement FROM {} WHERE slot = $1 AND status = 'deferred' ORDER BY lsn",
+                    "SELECT lsn::text, statement, search_path, role FROM {} WHERE slot = $1 AND status = 'deferred' ORDER BY lsn",
                     record_table(ap.state_schema())
                 ),
                 &[&ap.slot()],
@@ -662,8 +675,8 @@ impl DbStream<'_> {
             let d = Deferred {
                 lsn,
                 sql: r.get(1),
-                search_path: None,
-                role: None,
+                search_path: r.get(2),
+                role: r.get(3),
             };
             self.run_deferred(ap, &d).await?;
         }
@@ -689,15 +702,50 @@ impl DbStream<'_> {
                 .await
                 .map_err(|e| Error::pg(&e, "preparing to replay a DDL statement"))?;
         }
-        let result = client.batch_execute(&d.sql).await;
+        let mut result = client.batch_execute(&d.sql).await;
+        // A stopped run's index build that got as far as creating the index leaves it invalid:
+        // dropped and built again.
+        if result
+            .as_ref()
+            .err()
+            .and_then(|e| e.code())
+            .is_some_and(|c| *c == tokio_postgres::error::SqlState::DUPLICATE_TABLE)
+            && let Some(name) = concurrent_index_name(&d.sql)
+        {
+            let invalid: Vec<String> = client
+                .query(
+                    "SELECT c.oid::pg_catalog.regclass::text FROM pg_catalog.pg_class c \
+                       JOIN pg_catalog.pg_index i ON i.indexrelid = c.oid \
+                      WHERE c.relname = $1 AND NOT i.indisvalid AND pg_catalog.pg_table_is_visible(c.oid)",
+                    &[&name],
+                )
+                .await
+                .map_err(|e| Error::pg(&e, "looking for an invalid index left by a stopped build"))?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            if let [index] = invalid.as_slice() {
+                tracing::warn!(database = %self.db.name, lsn = %d.lsn, %index, "cdc: an invalid index left by a stopped build; dropping it and building it again");
+                client
+                    .batch_execute(&format!("DROP INDEX CONCURRENTLY {index}"))
+                    .await
+                    .map_err(|e| Error::pg(&e, format!("dropping the invalid index {index}")))?;
+                result = client.batch_execute(&d.sql).await;
+            }
+        }
         client
             .batch_execute("RESET ROLE; RESET search_path;")
             .await
             .map_err(|e| Error::pg(&e, "restoring the apply session after a DDL statement"))?;
         match result {
             Ok(()) => {}
-            // A stopped run's index build that got as far as creating it.
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_TABLE) => {
+            // A stopped run's statement that got done before it stopped.
+            Err(e)
+                if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_TABLE)
+                    || (e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_OBJECT)
+                        && leading_words(&d.sql, 1).first().map(String::as_str)
+                            == Some("DROP")) =>
+            {
                 tracing::warn!(database = %self.db.name, lsn = %d.lsn, "cdc: the deferred statement's object exists on the target already: {}", d.sql);
             }
             Err(e) => {
@@ -911,6 +959,61 @@ impl DbStream<'_> {
     }
 }
 
+/// The name of the index a `CREATE [UNIQUE] INDEX CONCURRENTLY [IF NOT EXISTS] name ...` builds, as
+/// the catalog spells it (a quoted name as written, another folded to lower case).
+fn concurrent_index_name(sql: &str) -> Option<String> {
+    let words = leading_words(sql, 7);
+    let w: Vec<&str> = words.iter().map(String::as_str).collect();
+    let skip = match w.as_slice() {
+        ["CREATE", "INDEX", "CONCURRENTLY", "IF", "NOT", "EXISTS", ..] => 6,
+        [
+            "CREATE",
+            "UNIQUE",
+            "INDEX",
+            "CONCURRENTLY",
+            "IF",
+            "NOT",
+            "EXISTS",
+            ..,
+        ] => 7,
+        ["CREATE", "INDEX", "CONCURRENTLY", ..] => 3,
+        ["CREATE", "UNIQUE", "INDEX", "CONCURRENTLY", ..] => 4,
+        _ => return None,
+    };
+    // The text after those keywords.
+    let mut rest = sql;
+    for _ in 0..skip {
+        rest = rest.trim_start();
+        let end = rest
+            .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+            .unwrap_or(rest.len());
+        rest = &rest[end..];
+    }
+    let rest = rest.trim_start();
+    if let Some(q) = rest.strip_prefix('"') {
+        let mut name = String::new();
+        let mut chars = q.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c == '"' {
+                if chars.peek() == Some(&'"') {
+                    chars.next();
+                    name.push('"');
+                } else {
+                    return Some(name);
+                }
+            } else {
+                name.push(c);
+            }
+        }
+        return None;
+    }
+    let end = rest
+        .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == '$'))
+        .unwrap_or(rest.len());
+    let name = &rest[..end];
+    (!name.is_empty() && !name.eq_ignore_ascii_case("ON")).then(|| name.to_lowercase())
+}
+
 async fn target_has_role(client: &tokio_postgres::Client, role: &str) -> Result<bool> {
     Ok(client
         .query_one(
@@ -947,6 +1050,26 @@ mod tests {
             identity_full: Vec::new(),
             error: None,
         }
+    }
+
+    #[test]
+    fn concurrent_index_names() {
+        assert_eq!(
+            concurrent_index_name("create index concurrently Acc_I on t (c)").as_deref(),
+            Some("acc_i")
+        );
+        assert_eq!(
+            concurrent_index_name(
+                "CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS \"My \"\"x\" ON t (c)"
+            )
+            .as_deref(),
+            Some("My \"x")
+        );
+        assert_eq!(
+            concurrent_index_name("CREATE INDEX CONCURRENTLY ON t (c)"),
+            None
+        );
+        assert_eq!(concurrent_index_name("DROP INDEX CONCURRENTLY i"), None);
     }
 
     #[test]
