@@ -325,7 +325,12 @@ impl DbStream<'_> {
             return Ok(());
         }
         st.ddl_key = Some(c.key.clone());
-        st.ddl_in_tx = true;
+        if only_temporary(&c) && c.error.is_none() {
+            // Session-local objects (an application may create temporary tables all day): not
+            // recorded, and the batch goes on.
+            tracing::debug!(database = %self.db.name, lsn = %m.lsn, "cdc: DDL on temporary objects not replayed");
+            return Ok(());
+        }
         let made_full: Vec<crate::stages::replica_identity::Change> = c
             .identity_full
             .iter()
@@ -434,6 +439,7 @@ impl DbStream<'_> {
         };
         match decision {
             Decision::Ignore(why) => {
+                // Nothing changes on the target: the batch goes on.
                 tracing::info!(database = %self.db.name, lsn = %m.lsn, "cdc: DDL not replayed ({why}): {query}");
                 write("ignored", query.clone()).await?;
                 st.ddl_log.push(record("ignored", &query));
@@ -445,6 +451,7 @@ impl DbStream<'_> {
                 sql,
                 concurrently: true,
             } => {
+                st.ddl_in_tx = true;
                 write("deferred", sql.clone()).await?;
                 st.deferred.push(Deferred {
                     lsn: m.lsn,
@@ -459,6 +466,7 @@ impl DbStream<'_> {
                 sql,
                 concurrently: false,
             } => {
+                st.ddl_in_tx = true;
                 let role = self.replay_role(&client, c.role.as_deref()).await?;
                 let old: String = client
                     .query_one("SELECT pg_catalog.current_setting('search_path')", &[])
