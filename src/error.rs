@@ -17,6 +17,10 @@ pub enum ErrorKind {
     /// Validation found that the source and the target hold different data (exit code 3). Not
     /// retried: the data has to be fixed (or the migration rerun) first.
     DataDiffers,
+    /// The configuration of a stage that is done (or running, or ready) changed since it ran: the
+    /// run is refused before it starts anything (exit code 2), until the configuration is restored
+    /// or the stage is rerun on purpose (`--rerun`).
+    ConfigChanged,
 }
 
 #[derive(Debug, Clone)]
@@ -53,6 +57,14 @@ impl Error {
     pub fn data_differs(message: impl Into<String>) -> Error {
         Error {
             kind: ErrorKind::DataDiffers,
+            ..Error::permanent(message)
+        }
+    }
+
+    /// A stage that has run would run with another configuration (see [`ErrorKind::ConfigChanged`]).
+    pub fn config_changed(message: impl Into<String>) -> Error {
+        Error {
+            kind: ErrorKind::ConfigChanged,
             ..Error::permanent(message)
         }
     }

@@ -161,7 +161,7 @@ impl Executor {
                 .map(|c| format!("`{}` ({})", c.id, c.state))
                 .collect();
             let first = &changed[0].id;
-            return Err(Error::permanent(format!(
+            return Err(Error::config_changed(format!(
                 "the configuration of stage{} {} changed since {} ran",
                 if changed.len() == 1 { "" } else { "s" },
                 list.join(", "),
@@ -425,3 +425,6 @@ async fn run_with_retries(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -12,7 +12,7 @@
 
 use std::fmt;
 
-use crate::pg::pgoutput::Lsn;
+use crate::pg::lsn::Lsn;
 use crate::plan::units::human_bytes;
 
 /// The per-database gauge (a store counter) holding the commit time, in milliseconds since the

@@ -5,7 +5,9 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::pg::lsn::Lsn;
 use crate::plan::Plan;
+use crate::plan::StageKind;
 use crate::stages::validate::report::Report;
 use crate::state::postgres::{LockHolder, RunRecord};
 use crate::state::{StageRecord, StageState, TableProgress, TableState, Timestamp};
@@ -114,7 +116,7 @@ pub struct Status<'a> {
     /// Counters of the store: `(scope, name, value)`.
     pub counters: Vec<(String, String, i64)>,
     /// Positions of the store: `(name, lsn)`.
-    pub positions: Vec<(String, String)>,
+    pub positions: Vec<(String, Lsn)>,
     /// What the source says of each database's replication slot, when it could be asked.
     pub slots: Vec<SlotInfo>,
     /// The latest validation (validate stage or `pgferry verify`), if any.
@@ -126,11 +128,11 @@ pub struct Status<'a> {
 pub struct SlotInfo {
     pub database: String,
     /// The source's WAL insert position now.
-    pub source_lsn: Option<String>,
+    pub source_lsn: Option<Lsn>,
     /// The slot is missing (None with an error), or the source was unreachable.
     pub exists: bool,
     pub active: bool,
-    pub confirmed_flush: Option<String>,
+    pub confirmed_flush: Option<Lsn>,
     /// WAL the slot keeps on the source (current position minus restart_lsn), bytes.
     pub retained_bytes: Option<i64>,
     pub wal_status: Option<String>,
@@ -217,15 +219,12 @@ impl Status<'_> {
             .unwrap_or(0)
     }
 
-    fn position(&self, name: &str) -> Option<&str> {
-        self.positions
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|p| p.1.as_str())
+    fn position(&self, name: &str) -> Option<Lsn> {
+        self.positions.iter().find(|(n, _)| n == name).map(|p| p.1)
     }
 
     fn has_cdc(&self) -> bool {
-        self.plan.stages.iter().any(|s| s.kind == "cdc")
+        self.plan.stages.iter().any(|s| s.kind == StageKind::Cdc)
     }
 
     /// The Azure DMS change-data-capture fields of a database (or a `db.schema.table` scope).
@@ -246,13 +245,12 @@ impl Status<'_> {
     /// cdc's lag for `db` now ([`crate::lag`]: seconds from cdc's gauge, bytes from the source's
     /// position and the applied one).
     pub fn lag(&self, db: &str) -> crate::lag::Lag {
-        let lsn = |s: Option<&str>| s.and_then(|s| s.parse::<crate::pg::pgoutput::Lsn>().ok());
-        let source = lsn(self
+        let source = self
             .slots
             .iter()
             .find(|s| s.database == db)
-            .and_then(|s| s.source_lsn.as_deref()));
-        let applied = lsn(self.position(&format!("cdc_applied:{db}")));
+            .and_then(|s| s.source_lsn);
+        let applied = self.position(&format!("cdc_applied:{db}"));
         let gauge = self
             .counters
             .iter()
@@ -296,7 +294,7 @@ impl Status<'_> {
         self.plan
             .stages
             .iter()
-            .filter(|s| s.kind == "cdc")
+            .filter(|s| s.kind == StageKind::Cdc)
             .filter_map(|s| self.records.iter().find(|r| r.stage == s.id))
             .filter_map(|r| {
                 r.detail
@@ -309,7 +307,7 @@ impl Status<'_> {
             .collect()
     }
 
-    fn record(&self, kind: &str) -> Option<&StageRecord> {
+    fn record(&self, kind: StageKind) -> Option<&StageRecord> {
         let ids: Vec<&str> = self
             .plan
             .stages
@@ -324,7 +322,7 @@ impl Status<'_> {
 
     /// The cutover's phase for `db`, as the cutover stage records it in its detail.
     fn cutover_phase(&self, db: Option<&str>) -> Option<CutoverPhase> {
-        let r = self.record("cutover")?;
+        let r = self.record(StageKind::Cutover)?;
         let dbs = r.detail.get(CUTOVER_DETAIL_KEY)?.as_object()?;
         let phases = dbs
             .iter()
@@ -367,20 +365,22 @@ impl Status<'_> {
         {
             return MigrationState::Completed;
         }
-        let is = |kind: &str, st: StageState| self.record(kind).is_some_and(|r| r.state == st);
-        if is("cutover", StageState::Done)
-            || (is("cutover", StageState::Running)
+        let is = |kind: StageKind, st: StageState| self.record(kind).is_some_and(|r| r.state == st);
+        if is(StageKind::Cutover, StageState::Done)
+            || (is(StageKind::Cutover, StageState::Running)
                 && self.cutover_phase(db) == Some(CutoverPhase::CuttingOver))
         {
             return MigrationState::CuttingOver;
         }
-        if is("cdc", StageState::Ready) || (is("cdc", StageState::Done) && self.has_cutover()) {
+        if is(StageKind::Cdc, StageState::Ready)
+            || (is(StageKind::Cdc, StageState::Done) && self.has_cutover())
+        {
             return MigrationState::ReadyToComplete;
         }
-        if is("cdc", StageState::Running) {
+        if is(StageKind::Cdc, StageState::Running) {
             return MigrationState::CatchingUp;
         }
-        if self.record("full_load").is_some() {
+        if self.record(StageKind::FullLoad).is_some() {
             return MigrationState::FullLoad;
         }
         MigrationState::Pending
@@ -392,7 +392,10 @@ impl Status<'_> {
     }
 
     fn has_cutover(&self) -> bool {
-        self.plan.stages.iter().any(|s| s.kind == "cutover")
+        self.plan
+            .stages
+            .iter()
+            .any(|s| s.kind == StageKind::Cutover)
     }
 
     /// Whether a runner works on the migration, or why none does.
@@ -489,7 +492,7 @@ impl Status<'_> {
             .plan
             .stages
             .iter()
-            .filter(|s| s.kind == "full_load")
+            .filter(|s| s.kind == StageKind::FullLoad)
             .map(|s| s.id.as_str())
             .collect();
         for db in &self.plan.databases {
@@ -597,8 +600,9 @@ impl Status<'_> {
         let _ = writeln!(
             out,
             "  applied   {} (source at {})",
-            applied.unwrap_or("-"),
-            slot.and_then(|s| s.source_lsn.as_deref()).unwrap_or("?")
+            applied.map_or("-".into(), |l| l.to_string()),
+            slot.and_then(|s| s.source_lsn)
+                .map_or("?".into(), |l| l.to_string())
         );
         if let Some(s) = slot {
             if let Some(e) = &s.error {
@@ -760,7 +764,7 @@ impl Status<'_> {
                 .plan
                 .stages
                 .iter()
-                .filter(|s| s.kind == "full_load")
+                .filter(|s| s.kind == StageKind::FullLoad)
                 .map(|s| s.id.as_str())
                 .collect();
             let whole: Vec<&TableProgress> = self
@@ -928,16 +932,16 @@ after = ["sequences"]
         for i in plan.dag.order() {
             let s = &plan.stages[i];
             if s.id == stage {
-                out.push(record(&s.id, s.kind, state));
+                out.push(record(&s.id, s.kind.as_str(), state));
                 break;
             }
             // cdc keeps running (ready) while the stages after it work.
-            let before = if s.kind == "cdc" {
+            let before = if s.kind == StageKind::Cdc {
                 StageState::Ready
             } else {
                 StageState::Done
             };
-            out.push(record(&s.id, s.kind, before));
+            out.push(record(&s.id, s.kind.as_str(), before));
         }
         out
     }
@@ -978,7 +982,10 @@ after = ["sequences"]
         phase(&mut approved, CutoverPhase::CuttingOver);
         assert_eq!(st(approved.clone()), CuttingOver);
         // cdc drained and finished, the cutover copies what replication does not carry.
-        for r in approved.iter_mut().filter(|r| r.kind == "cdc") {
+        for r in approved
+            .iter_mut()
+            .filter(|r| r.kind == StageKind::Cdc.as_str())
+        {
             r.state = StageState::Done;
         }
         assert_eq!(st(approved), CuttingOver);

@@ -4,6 +4,7 @@
 use super::{EXIT_FAILED, EXIT_OK, EXIT_USAGE, load, open_store, report};
 use crate::cli::PlanArgs;
 use crate::plan::StageOptions;
+use crate::state::StateStore;
 use crate::state::postgres::hostname;
 
 pub async fn run(args: &PlanArgs) -> u8 {

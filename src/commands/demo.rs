@@ -15,6 +15,7 @@ use crate::demo::{generator, plan as demo_plan, writer};
 use crate::error::{Error, Result};
 use crate::executor::Selection;
 use crate::plan::Plan;
+use crate::plan::StageKind;
 use crate::stages::Env;
 use crate::state::StateStore;
 
@@ -274,7 +275,7 @@ async fn validation(plan: &Arc<Plan>) -> Result<Option<crate::stages::validate::
     let Some(store) = open_store(plan).await? else {
         return Ok(None);
     };
-    let Some(stage) = plan.stages.iter().find(|s| s.kind == "validate") else {
+    let Some(stage) = plan.stages.iter().find(|s| s.kind == StageKind::Validate) else {
         return Ok(None);
     };
     let Some(bytes) = store
@@ -291,7 +292,7 @@ async fn downtime(plan: &Arc<Plan>) -> Result<Option<f64>> {
     let Some(store) = open_store(plan).await? else {
         return Ok(None);
     };
-    let Some(stage) = plan.stages.iter().find(|s| s.kind == "cutover") else {
+    let Some(stage) = plan.stages.iter().find(|s| s.kind == StageKind::Cutover) else {
         return Ok(None);
     };
     let key = format!("database:{}", plan.databases[0].name);

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use super::{EXIT_FAILED, EXIT_OK, EXIT_USAGE, load, open_store, report};
 use crate::cli::PlanArgs;
+use crate::plan::StageKind;
 use crate::plan::units::human_bytes;
 use crate::stages::preflight::{Level, inspect};
 use crate::stages::{self, Env};
@@ -38,26 +39,6 @@ async fn statistics_path(
     }
 }
 
-/// What a stage kind does, for kinds this version describes without running.
-fn summary(kind: &str) -> &'static str {
-    match kind {
-        "schema_dump" => {
-            "dump the schema with pg_dump --schema-only, split into pre-data and post-data sections"
-        }
-        "provision" => {
-            "create the target databases and apply the pre-data schema in one transaction"
-        }
-        "full_load" => "copy every selected table from one consistent snapshot, in parallel",
-        "post_data" => "build indexes, then constraints, triggers and rules",
-        "cdc" => "stream changes over logical replication and apply them in commit order",
-        "validate" => "compare source and target as of the same point, chunk by chunk",
-        "cutover" => "fence the source, drain the last changes, switch over",
-        "sequence_reset" => "set every target sequence to the source's value",
-        "cleanup" => "drop the replication slot and the publication on the source",
-        _ => "",
-    }
-}
-
 pub async fn run(args: &PlanArgs, json: bool) -> u8 {
     let plan = match load(args) {
         Ok(p) => p,
@@ -72,7 +53,7 @@ pub async fn run(args: &PlanArgs, json: bool) -> u8 {
     };
     let mut out = String::new();
     // The objects an online plan creates on the source, named from the migration's name.
-    let online = plan.has_kind("cdc");
+    let online = plan.has_kind(StageKind::Cdc);
     let _ = writeln!(out, "migration {} ({})", plan.name, plan.path);
     let _ = writeln!(out, "  source: {}", plan.source.display());
     let _ = writeln!(out, "  target: {}", plan.target.display());
@@ -156,19 +137,8 @@ pub async fn run(args: &PlanArgs, json: bool) -> u8 {
         if let Some(d) = &s.description {
             let _ = writeln!(out, "       {d}");
         }
-        match stages::build(&env, i) {
-            Ok(stage) => {
-                for line in stage.describe() {
-                    let _ = writeln!(out, "       {line}");
-                }
-            }
-            Err(_) => {
-                let _ = writeln!(
-                    out,
-                    "       {} (not runnable in this version)",
-                    summary(s.kind)
-                );
-            }
+        for line in stages::build(&env, i).describe() {
+            let _ = writeln!(out, "       {line}");
         }
     }
 
@@ -192,7 +162,7 @@ pub async fn run(args: &PlanArgs, json: bool) -> u8 {
         }
     }
 
-    let online = plan.has_kind("cdc");
+    let online = plan.has_kind(StageKind::Cdc);
     let mut errors = 0;
     let mut reports = Vec::new();
     for db in &plan.databases {
@@ -209,7 +179,7 @@ pub async fn run(args: &PlanArgs, json: bool) -> u8 {
         let _ = writeln!(out, "\ndatabase {} -> {}:", r.database, r.target);
         if let (Some(s), Some(t)) = (&r.source_server, &r.target_server) {
             let _ = writeln!(out, "  PostgreSQL {} -> {}", s.version, t.version);
-            if plan.has_kind("post_data") {
+            if plan.has_kind(StageKind::PostData) {
                 let _ = writeln!(out, "  {}", statistics_path(s, t).await);
             }
         }
@@ -371,7 +341,7 @@ fn estimates(
         for (db, d) in &per_database {
             let _ = writeln!(out, "    {db}: ~{}", seconds_text(*d));
         }
-    } else if plan.has_kind("cutover") {
+    } else if plan.has_kind(StageKind::Cutover) {
         let _ = writeln!(out, "  write downtime: not in the report");
     }
     out

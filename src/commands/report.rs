@@ -6,7 +6,7 @@ use super::{EXIT_FAILED, EXIT_OK, load, open_store, report as print_error};
 use crate::cli::PlanArgs;
 use crate::error::Error;
 use crate::report::{RunReport, collect, html, text};
-use crate::state::postgres::PgStore;
+use crate::state::StateStore;
 
 pub async fn run(
     args: &PlanArgs,
@@ -80,7 +80,7 @@ pub async fn run(
 /// ones before it.
 async fn gather(
     plan: &crate::plan::Plan,
-    store: &PgStore,
+    store: &dyn StateStore,
     run: Option<i64>,
     compare: u32,
 ) -> Result<Vec<RunReport>, Error> {

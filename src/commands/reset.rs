@@ -19,6 +19,7 @@ use crate::cli::PlanArgs;
 use crate::error::{Error, Result};
 use crate::pg::ident::quote_ident;
 use crate::plan::Plan;
+use crate::plan::StageKind;
 use crate::stages::Env;
 use crate::state::StateStore;
 use crate::state::postgres::PgStore;
@@ -240,8 +241,11 @@ async fn target_drops(plan: &Plan, env: &Env, store: Option<&PgStore>) -> Result
             s.conn_info().dbname().to_string(),
         )
     });
-    let provision = plan.stages.iter().filter(|s| s.kind == "provision");
-    let cutovers = plan.stages.iter().filter(|s| s.kind == "cutover");
+    let provision = plan
+        .stages
+        .iter()
+        .filter(|s| s.kind == StageKind::Provision);
+    let cutovers = plan.stages.iter().filter(|s| s.kind == StageKind::Cutover);
     let mut out = Vec::new();
     let mut refused = Vec::new();
     let mut cut_over = Vec::new();

@@ -10,6 +10,7 @@ use super::{
     store_conn,
 };
 use crate::cli::PlanArgs;
+use crate::error::ErrorKind;
 use crate::executor::{Executor, Node, Outcome, Selection};
 use crate::plan::Plan;
 use crate::stages::{self, Env};
@@ -74,21 +75,10 @@ pub(crate) async fn execute(
             return EXIT_USAGE;
         }
     };
-    // Build the selected stages before connecting to anything: a stage that cannot run is refused now.
     let selected = crate::executor::selection(&plan.dag, &sel);
     let mut built = vec![None; plan.stages.len()];
-    let mut refused = Vec::new();
     for &i in &selected {
-        match stages::build(&env, i) {
-            Ok(s) => built[i] = Some(s),
-            Err(e) => refused.push(e),
-        }
-    }
-    if !refused.is_empty() {
-        for e in &refused {
-            report(e);
-        }
-        return EXIT_USAGE;
+        built[i] = Some(stages::build(&env, i));
     }
 
     let conn = match store_conn(&plan) {
@@ -230,14 +220,8 @@ pub(crate) async fn execute(
         }
         Err(e) => {
             report(e);
-            (
-                "failed",
-                if e.message.contains("configuration of stage") {
-                    EXIT_USAGE
-                } else {
-                    EXIT_FAILED
-                },
-            )
+            let code = error_exit_code(e);
+            ("failed", code)
         }
     };
     if let Err(e) = store.end_run(run_id, outcome).await {
@@ -245,6 +229,20 @@ pub(crate) async fn execute(
     }
     keep_report(&plan, &store, run_id).await;
     code
+}
+
+/// The exit code of a run the executor refused or could not carry on (an error, not an outcome):
+/// chosen by the error's kind, never by its text.
+fn error_exit_code(e: &crate::error::Error) -> u8 {
+    match e.kind {
+        ErrorKind::ConfigChanged => EXIT_USAGE,
+        // The executor reports a stage's failure as an outcome; an error here is the store's (or
+        // an internal one).
+        ErrorKind::Transient
+        | ErrorKind::Permanent
+        | ErrorKind::Interrupted
+        | ErrorKind::DataDiffers => EXIT_FAILED,
+    }
 }
 
 /// Snapshots the run's report into the store (`pgferry report`). Never fails the run: a report
@@ -381,7 +379,22 @@ pub(super) fn spawn_signal_handler(cancel: CancellationToken) {
 
 #[cfg(test)]
 mod tests {
-    use super::redact_args;
+    use super::{EXIT_FAILED, EXIT_USAGE, error_exit_code, redact_args};
+    use crate::error::Error;
+
+    #[test]
+    fn the_exit_code_follows_the_error_kind_not_its_text() {
+        assert_eq!(
+            error_exit_code(&Error::config_changed("reworded")),
+            EXIT_USAGE
+        );
+        assert_eq!(
+            error_exit_code(&Error::permanent(
+                "the configuration of stage `x` changed since it ran"
+            )),
+            EXIT_FAILED
+        );
+    }
 
     #[test]
     fn var_values_are_not_recorded() {

@@ -5,8 +5,10 @@ use std::time::Duration;
 
 use crate::cli::PlanArgs;
 use crate::pg::connect::ConnInfo;
+use crate::pg::lsn::Lsn;
 use crate::pg::names::slot_name;
 use crate::plan::Plan;
+use crate::plan::StageKind;
 use crate::state::StateStore;
 use crate::status::{SlotInfo, Status};
 
@@ -39,10 +41,11 @@ async fn slot_info(plan: &Plan, db: &crate::plan::Database) -> SlotInfo {
     };
     match tokio::time::timeout(SOURCE_TIMEOUT, ask).await {
         Ok(Ok(row)) => {
-            info.source_lsn = row.get(0);
+            let lsn = |i: usize| row.get::<_, Option<String>>(i).and_then(|s| s.parse().ok());
+            info.source_lsn = lsn(0);
             info.exists = row.get(1);
             info.active = row.get(2);
-            info.confirmed_flush = row.get(3);
+            info.confirmed_flush = lsn(3);
             info.retained_bytes = row.get(4);
             info.wal_status = row.get(5);
             if !info.exists {
@@ -133,7 +136,7 @@ pub async fn run(args: &PlanArgs, json: bool) -> u8 {
             }
         };
     // The slots matter while cdc may stream: a plan with a cdc stage.
-    let slots = if plan.stages.iter().any(|s| s.kind == "cdc") {
+    let slots = if plan.stages.iter().any(|s| s.kind == StageKind::Cdc) {
         futures_util::future::join_all(plan.databases.iter().map(|db| slot_info(&plan, db))).await
     } else {
         Vec::new()
@@ -274,7 +277,7 @@ async fn compact(
     let loads: Vec<&str> = plan
         .stages
         .iter()
-        .filter(|s| s.kind == "full_load")
+        .filter(|s| s.kind == StageKind::FullLoad)
         .map(|s| s.id.as_str())
         .collect();
     let tables: Vec<&crate::state::TableProgress> = st
@@ -304,7 +307,7 @@ async fn compact(
         );
     }
     let counters = store.counters().await?;
-    if plan.has_kind("cdc") {
+    if plan.has_kind(StageKind::Cdc) {
         for db in &plan.databases {
             let applied = store
                 .position(&crate::stages::cdc::applied_position(&db.name))
@@ -313,22 +316,17 @@ async fn compact(
                 Some(env) => source_position(env, db).await,
                 None => None,
             };
-            let lsn = |s: &Option<String>| {
-                s.as_deref()
-                    .and_then(|s| s.parse::<crate::pg::pgoutput::Lsn>().ok())
-            };
             let gauge = counters
                 .iter()
                 .find(|(s, n, _)| s == &db.name && n == crate::lag::OLDEST_UNAPPLIED_GAUGE)
                 .map(|c| c.2);
-            let lag =
-                crate::lag::Lag::new(gauge, crate::lag::now_ms(), lsn(&source_now), lsn(&applied));
+            let lag = crate::lag::Lag::new(gauge, crate::lag::now_ms(), source_now, applied);
             let _ = writeln!(
                 out,
                 "cdc {}: applied {}, source at {}, {lag} the source",
                 db.name,
-                applied.as_deref().unwrap_or("-"),
-                source_now.as_deref().unwrap_or("unreachable")
+                applied.map_or("-".into(), |l| l.to_string()),
+                source_now.map_or("unreachable".into(), |l| l.to_string())
             );
         }
     }
@@ -346,7 +344,7 @@ async fn compact(
 }
 
 /// The source's current WAL position, or `None` when it cannot be read within a few seconds.
-async fn source_position(env: &crate::stages::Env, db: &crate::plan::Database) -> Option<String> {
+async fn source_position(env: &crate::stages::Env, db: &crate::plan::Database) -> Option<Lsn> {
     let read = async {
         let client = env.source_for(db).connect("status").await.ok()?;
         client
@@ -357,7 +355,9 @@ async fn source_position(env: &crate::stages::Env, db: &crate::plan::Database) -
             )
             .await
             .ok()?
-            .get::<_, Option<String>>(0)
+            .get::<_, Option<String>>(0)?
+            .parse()
+            .ok()
     };
     tokio::time::timeout(std::time::Duration::from_secs(3), read)
         .await

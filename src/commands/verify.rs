@@ -13,6 +13,7 @@ use super::{
 };
 use crate::cli::{PlanArgs, VerifyMode};
 use crate::error::ErrorKind;
+use crate::plan::StageKind;
 use crate::stages::Env;
 use crate::stages::validate::{self, Mode, Options, SnapshotSync};
 use crate::state::StateStore;
@@ -75,7 +76,10 @@ pub async fn run(
         );
         return EXIT_FAILED;
     }
-    let stage = plan.stages.iter().position(|s| s.kind == "validate");
+    let stage = plan
+        .stages
+        .iter()
+        .position(|s| s.kind == StageKind::Validate);
     let options = {
         let env = env.clone();
         move |db: usize| {
@@ -134,10 +138,7 @@ pub async fn run(
             "database {}: {} snapshots{}{}",
             s.database,
             s.method,
-            s.lsn
-                .as_deref()
-                .map(|l| format!(" at {l}"))
-                .unwrap_or_default(),
+            s.lsn.map(|l| format!(" at {l}")).unwrap_or_default(),
             s.note
                 .as_deref()
                 .map(|n| format!(" ({n})"))

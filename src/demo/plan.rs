@@ -80,12 +80,14 @@ pub fn compile(
 
 #[cfg(test)]
 mod tests {
+    use crate::plan::StageKind;
+
     #[test]
     fn bundled_plan_compiles() {
         let dir = tempfile::tempdir().expect("temp dir");
         let plan = super::compile(dir.path(), 5432, 5433, "pw").expect("compiles");
-        assert!(plan.has_kind("cutover"));
-        assert!(plan.has_kind("cdc"));
+        assert!(plan.has_kind(StageKind::Cutover));
+        assert!(plan.has_kind(StageKind::Cdc));
         assert_eq!(plan.databases[0].name, super::DATABASE);
         let written = std::fs::read_to_string(dir.path().join("demo.toml")).expect("plan");
         assert!(written.contains("source_port = \"5432\""), "{written}");

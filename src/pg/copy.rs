@@ -2,7 +2,7 @@
 //! format when every column's type can be sent and received in binary, text otherwise), and the
 //! catalog facts — the leaf tables to copy, their columns (generated columns excluded), sizes and an
 //! integer primary key to split by. The data itself is forwarded by
-//! [`crate::pg::replication::ReplicationClient::copy_into`].
+//! [`crate::pg::wire::WireClient::copy_into`].
 
 use tokio_postgres::Client;
 

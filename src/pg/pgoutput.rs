@@ -12,54 +12,15 @@
 //! [`pg_time_to_system`]).
 
 use std::fmt;
-use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::error::Error;
+/// The LSN type lives in [`crate::pg::lsn`]; the messages here carry it.
+pub use crate::pg::lsn::Lsn;
 
-// ----- LSNs and timestamps ---------------------------------------------------------------------
-
-/// A WAL position (`XLogRecPtr`). Displays as PostgreSQL does, `16/B374D848`; parses that form
-/// (any case, with or without zero padding).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct Lsn(pub u64);
-
-impl Lsn {
-    /// `0/0`: no position. As a start position it means "where the slot left off".
-    pub const INVALID: Lsn = Lsn(0);
-}
-
-impl fmt::Display for Lsn {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xFFFF_FFFF)
-    }
-}
-
-impl FromStr for Lsn {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Lsn, Error> {
-        let invalid = || {
-            Error::permanent(format!("invalid LSN `{s}`"))
-                .hint("an LSN is two hexadecimal numbers separated by a slash, such as 16/B374D848")
-        };
-        let (hi, lo) = s.split_once('/').ok_or_else(invalid)?;
-        let part = |p: &str| {
-            if p.is_empty() || p.len() > 8 || !p.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(invalid());
-            }
-            u32::from_str_radix(p, 16).map_err(|_| invalid())
-        };
-        Ok(Lsn((u64::from(part(hi)?) << 32) | u64::from(part(lo)?)))
-    }
-}
-
-impl From<u64> for Lsn {
-    fn from(v: u64) -> Lsn {
-        Lsn(v)
-    }
-}
+// ----- timestamps ---------------------------------------------------------------------
 
 /// Seconds from the Unix epoch to PostgreSQL's (2000-01-01 00:00:00 UTC).
 pub const PG_EPOCH_UNIX_SECS: u64 = 946_684_800;
@@ -1300,35 +1261,6 @@ mod tests {
         );
         let bad_utf8 = W::tag(b'Y').u32(1).raw(&[0xff, 0]).s("t").done();
         assert!(decode(bad_utf8).unwrap_err().message.contains("UTF-8"));
-    }
-
-    #[test]
-    fn pgoutput_lsn_formats_parses_and_orders() {
-        let l = Lsn(0x16_B374_D848);
-        assert_eq!(l.to_string(), "16/B374D848");
-        assert_eq!("16/B374D848".parse::<Lsn>().unwrap(), l);
-        assert_eq!("16/b374d848".parse::<Lsn>().unwrap(), l);
-        assert_eq!("0/0".parse::<Lsn>().unwrap(), Lsn::INVALID);
-        assert_eq!(Lsn::INVALID.to_string(), "0/0");
-        assert_eq!("0/000001A0".parse::<Lsn>().unwrap(), Lsn(0x1A0));
-        assert_eq!(Lsn(u64::MAX).to_string(), "FFFFFFFF/FFFFFFFF");
-        assert_eq!("FFFFFFFF/FFFFFFFF".parse::<Lsn>().unwrap(), Lsn(u64::MAX));
-        for bad in [
-            "",
-            "/",
-            "1/",
-            "/1",
-            "12",
-            "1/2/3",
-            "g/1",
-            "1/123456789",
-            "+1/2",
-            " 1/2",
-        ] {
-            assert!(bad.parse::<Lsn>().is_err(), "{bad:?}");
-        }
-        assert!(Lsn(0x1_0000_0000) > Lsn(0xFFFF_FFFF));
-        assert!("1/0".parse::<Lsn>().unwrap() > "0/FFFFFFFF".parse::<Lsn>().unwrap());
     }
 
     #[test]

@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use crate::dag::Dag;
 use crate::secret::{Secret, redact_url};
 pub use compile::{CompileOptions, compile, compile_file};
-pub use raw::StageOptions;
+pub use raw::{StageKind, StageOptions};
 
 /// A server the plan connects to.
 #[derive(Debug, Clone)]
@@ -55,7 +55,7 @@ pub struct Database {
 #[derive(Debug, Clone)]
 pub struct Stage {
     pub id: String,
-    pub kind: &'static str,
+    pub kind: StageKind,
     /// Indices (into [`Plan::stages`]) of the stages this one runs after.
     pub after: Vec<usize>,
     pub description: Option<String>,
@@ -69,7 +69,19 @@ pub struct Stage {
 impl Stage {
     /// A stage that keeps running after it has caught up (`ready`), until a later stage stops it.
     pub fn is_continuous(&self) -> bool {
-        self.kind == "cdc"
+        match self.kind {
+            StageKind::Cdc => true,
+            StageKind::Preflight
+            | StageKind::SchemaDump
+            | StageKind::Provision
+            | StageKind::FullLoad
+            | StageKind::PostData
+            | StageKind::Validate
+            | StageKind::Cutover
+            | StageKind::SequenceReset
+            | StageKind::Cleanup
+            | StageKind::Sql => false,
+        }
     }
 }
 
@@ -93,7 +105,7 @@ impl Plan {
         self.stages.iter().position(|s| s.id == id)
     }
 
-    pub fn has_kind(&self, kind: &str) -> bool {
+    pub fn has_kind(&self, kind: StageKind) -> bool {
         self.stages.iter().any(|s| s.kind == kind)
     }
 }
@@ -101,7 +113,7 @@ impl Plan {
 /// The fingerprint of a stage: a SHA-256 over its kind, rendered options, the databases and the
 /// servers it touches (never a password).
 pub(crate) fn fingerprint(
-    kind: &str,
+    kind: StageKind,
     options: &[StageOptions],
     databases: &[Database],
     source: &Endpoint,

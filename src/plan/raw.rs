@@ -208,6 +208,33 @@ macro_rules! stage_kinds {
         /// Every stage kind, in the order a migration usually runs them.
         pub const STAGE_KINDS: &[&str] = &[$($kind),*];
 
+        /// A stage kind. Code that chooses by kind matches on this exhaustively, so the compiler
+        /// lists every place a new kind must be handled.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum StageKind {
+            $($variant),*
+        }
+
+        impl StageKind {
+            /// Every kind, in the order of [`STAGE_KINDS`].
+            pub const ALL: &[StageKind] = &[$(StageKind::$variant),*];
+
+            /// The kind as written in plans (`kind = "full_load"`) and in the store.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(StageKind::$variant => $kind,)*
+                }
+            }
+
+            /// The kind written `s`, if there is one.
+            pub fn parse(s: &str) -> Option<StageKind> {
+                match s {
+                    $($kind => Some(StageKind::$variant),)*
+                    _ => None,
+                }
+            }
+        }
+
         /// The kind-specific options of a stage.
         #[derive(Debug, Clone, Serialize)]
         #[serde(untagged)]
@@ -232,13 +259,25 @@ macro_rules! stage_kinds {
                 }
             }
 
-            pub fn kind(&self) -> &'static str {
+            pub fn kind(&self) -> StageKind {
                 match self {
-                    $(StageOptions::$variant(_) => $kind,)*
+                    $(StageOptions::$variant(_) => StageKind::$variant,)*
                 }
             }
         }
     };
+}
+
+impl std::fmt::Display for StageKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+impl Serialize for StageKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
 }
 
 stage_kinds! {

@@ -11,10 +11,10 @@ use super::model::{
 };
 use crate::error::{Error, Result};
 use crate::plan::Plan;
+use crate::plan::StageKind;
 use crate::stages::validate::LATEST_ARTIFACT;
 use crate::stages::validate::report::Report as ValidationReport;
 use crate::state::StateStore;
-use crate::state::postgres::PgStore;
 
 /// The counters of the cdc stage that the report keeps, per database.
 const CDC_COUNTERS: [&str; 4] = [
@@ -25,7 +25,7 @@ const CDC_COUNTERS: [&str; 4] = [
 ];
 
 /// The report of run `run_id` as the store shows it now.
-pub async fn collect(plan: &Plan, store: &PgStore, run_id: i64) -> Result<RunReport> {
+pub async fn collect(plan: &Plan, store: &dyn StateStore, run_id: i64) -> Result<RunReport> {
     let Some((run, mode)) = store.run_with_mode(run_id).await? else {
         return Err(Error::permanent(format!(
             "migration `{}` has no run {run_id} in its checkpoint store",
@@ -82,7 +82,7 @@ pub async fn collect(plan: &Plan, store: &PgStore, run_id: i64) -> Result<RunRep
     let kind_of = |id: &str| plan.stages.iter().find(|s| s.id == id).map(|s| s.kind);
     let mut copies: BTreeMap<(String, String, String), TableCopy> = BTreeMap::new();
     for t in store.tables(None).await? {
-        if kind_of(&t.stage) != Some("full_load") {
+        if kind_of(&t.stage) != Some(StageKind::FullLoad) {
             continue;
         }
         let table = t.table.split('#').next().unwrap_or(&t.table).to_string();
@@ -118,7 +118,7 @@ pub async fn collect(plan: &Plan, store: &PgStore, run_id: i64) -> Result<RunRep
     }
 
     // post_data objects, from their checkpoints (`database:<db>:item:<kind>:<name>`).
-    for s in plan.stages.iter().filter(|s| s.kind == "post_data") {
+    for s in plan.stages.iter().filter(|s| s.kind == StageKind::PostData) {
         for (key, value, updated) in store.checkpoints(&s.id).await? {
             let Some(db) = plan
                 .databases
@@ -158,7 +158,7 @@ pub async fn collect(plan: &Plan, store: &PgStore, run_id: i64) -> Result<RunRep
     });
 
     // cdc: counters (migration-wide) and this run's lag samples.
-    if let Some(s) = plan.stages.iter().find(|s| s.kind == "cdc") {
+    if let Some(s) = plan.stages.iter().find(|s| s.kind == StageKind::Cdc) {
         let mut cdc = CdcReport {
             stage: s.id.clone(),
             ..Default::default()
@@ -210,7 +210,7 @@ pub async fn collect(plan: &Plan, store: &PgStore, run_id: i64) -> Result<RunRep
     }
 
     // Cutover: one checkpoint per database.
-    for s in plan.stages.iter().filter(|s| s.kind == "cutover") {
+    for s in plan.stages.iter().filter(|s| s.kind == StageKind::Cutover) {
         for db in &plan.databases {
             let Some(v) = store
                 .checkpoint(&s.id, &format!("database:{}", db.name))
@@ -221,7 +221,9 @@ pub async fn collect(plan: &Plan, store: &PgStore, run_id: i64) -> Result<RunRep
             report.cutover.push(CutoverReport {
                 stage: s.id.clone(),
                 database: db.name.clone(),
-                lsn: str_field(&v, "lsn"),
+                lsn: v
+                    .get("lsn")
+                    .and_then(|l| serde_json::from_value(l.clone()).ok()),
                 fenced: v.get("fenced").and_then(serde_json::Value::as_bool),
                 downtime_seconds: v
                     .get("downtime_seconds")

@@ -453,7 +453,7 @@ fn cutover(r: &RunReport) -> String {
             escape(&c.stage),
             escape(&c.database),
             c.fenced.map_or("-", |f| if f { "yes" } else { "no" }),
-            escape(c.lsn.as_deref().unwrap_or("-")),
+            escape(&c.lsn.map_or("-".into(), |l| l.to_string())),
             escape(&resync.unlogged_tables),
             escape(&resync.large_objects),
             escape(&resync.materialized_views),

@@ -127,7 +127,7 @@ pub struct Sample {
 pub struct CutoverReport {
     pub stage: String,
     pub database: String,
-    pub lsn: Option<String>,
+    pub lsn: Option<crate::pg::lsn::Lsn>,
     pub fenced: Option<bool>,
     pub downtime_seconds: Option<f64>,
     /// A rehearsal's downtime: what the fence would have cost.

@@ -225,9 +225,7 @@ pub fn render(r: &RunReport) -> String {
             "\ncutover ({}) of {}: {what}{}{}",
             clean(&c.stage),
             clean(&c.database),
-            c.lsn
-                .as_deref()
-                .map_or(String::new(), |l| format!(", at {l}")),
+            c.lsn.map_or(String::new(), |l| format!(", at {l}")),
             match c.fenced {
                 Some(true) => ", source fenced",
                 Some(false) => ", no fence",

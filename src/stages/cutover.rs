@@ -26,15 +26,15 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use super::cdc::{applied_position, drain_key};
+use super::cdc::{applied_position, drain_key, drain_lsn};
+use super::hold::{self, Hold};
 use super::{Env, Stage, StageContext};
 use crate::error::{Error, Result};
-use crate::pg::connect::ConnInfo;
 use crate::pg::ident::quote_ident;
-use crate::pg::pgoutput::Lsn;
+use crate::pg::lsn::{self, Lsn};
+use crate::plan::StageKind;
 use crate::plan::{Database, StageOptions};
 use crate::state::StageState;
-use crate::state::postgres::PgStore;
 use crate::status::{CUTOVER_DETAIL_KEY, CutoverPhase};
 
 const POLL: Duration = Duration::from_millis(250);
@@ -81,7 +81,7 @@ impl Cutover {
             .iter()
             .map(|&i| &plan.stages[i])
             .chain(plan.stages.iter())
-            .find(|s| s.kind == "cdc")
+            .find(|s| s.kind == StageKind::Cdc)
             .map(|s| s.id.clone())
     }
 
@@ -116,14 +116,9 @@ impl Cutover {
             announce(cx, &msg).await?;
         } else if o.manual {
             let plan = &self.env.plan;
-            let conn = ConnInfo::new(&plan.state.endpoint, plan.state.database.as_deref())
-                .map_err(|e| e.context("[state]"))?;
-            let store = PgStore::open(conn, &plan.state.schema, &plan.name)
-                .await?
-                .ok_or_else(|| Error::permanent("the checkpoint store is gone"))?;
             let mut said = false;
             loop {
-                if let Some(at) = store.requested("cutover").await? {
+                if let Some(at) = cx.store.requested("cutover").await? {
                     tracing::info!(database = %db.name, requested_at = %at, "cutover approved; fencing once cdc is within max_lag");
                     record_phase(
                         cx,
@@ -158,16 +153,8 @@ impl Cutover {
         let mut previous: Option<Lsn> = None;
         let mut last_said: Option<Instant> = None;
         loop {
-            let now: String = control
-                .query_one("SELECT pg_catalog.pg_current_wal_insert_lsn()::text", &[])
-                .await
-                .map_err(|e| Error::pg(&e, "reading the source's WAL position"))?
-                .get(0);
-            let now: Lsn = now.parse()?;
-            let applied: Option<Lsn> = match cx.store.position(&applied_position(&db.name)).await? {
-                Some(p) => Some(p.parse()?),
-                None => None,
-            };
+            let now = lsn::current_insert_lsn(&control).await?;
+            let applied: Option<Lsn> = cx.store.position(&applied_position(&db.name)).await?;
             let lag = crate::lag::Lag::new(
                 cx.store
                     .counter(&db.name, crate::lag::OLDEST_UNAPPLIED_GAUGE)
@@ -338,14 +325,7 @@ impl Cutover {
                 .any(|s| &s.stage == id && s.state == StageState::Done),
         };
         let earlier = cx.store.checkpoint(&cx.stage, &drain_key(&db.name)).await?;
-        let earlier: Option<Lsn> = match earlier
-            .as_ref()
-            .and_then(|v| v.get("lsn"))
-            .and_then(serde_json::Value::as_str)
-        {
-            Some(l) => Some(l.parse()?),
-            None => None,
-        };
+        let earlier = drain_lsn(earlier.as_ref())?;
         if let (Some(target), true) = (earlier, cdc_done(&cx.store.stages().await?)) {
             // An earlier attempt drained cdc and stopped it; nothing may have come since.
             self.nothing_left_in_slot(db, source).await?;
@@ -354,12 +334,7 @@ impl Cutover {
         // The insert position, not pg_current_wal_lsn() (the write position): with
         // synchronous_commit = off the last commit records may still sit in the WAL buffers,
         // behind the write position, and a drain to that position would miss them.
-        let lsn: String = source
-            .query_one("SELECT pg_catalog.pg_current_wal_insert_lsn()::text", &[])
-            .await
-            .map_err(|e| Error::pg(&e, "reading the source's WAL position"))?
-            .get(0);
-        let target: Lsn = lsn.parse()?;
+        let target = lsn::current_insert_lsn(source).await?;
         cx.store
             .put_checkpoint(
                 &cx.stage,
@@ -388,10 +363,7 @@ impl Cutover {
         };
         let deadline = Instant::now() + o.timeout;
         loop {
-            let applied: Option<Lsn> = match cx.store.position(&applied_position(&db.name)).await? {
-                Some(p) => Some(p.parse()?),
-                None => None,
-            };
+            let applied: Option<Lsn> = cx.store.position(&applied_position(&db.name)).await?;
             let drained = applied.is_some_and(|a| a >= target);
             if drained && cdc_done(&cx.store.stages().await?) {
                 return Ok(());
@@ -465,14 +437,7 @@ impl Cutover {
         o: &Options,
     ) -> Result<serde_json::Value> {
         let earlier = cx.store.checkpoint(&cx.stage, &drain_key(&db.name)).await?;
-        let earlier: Option<Lsn> = match earlier
-            .as_ref()
-            .and_then(|v| v.get("lsn"))
-            .and_then(serde_json::Value::as_str)
-        {
-            Some(l) => Some(l.parse()?),
-            None => None,
-        };
+        let earlier = drain_lsn(earlier.as_ref())?;
         if earlier.is_none() {
             self.approve_and_analyze(cx, db, o).await?;
         } else {
@@ -530,16 +495,8 @@ impl Cutover {
     /// Takes the drain target of a rehearsal: with cdc held (so it cannot apply past the target
     /// before it reads it), the source's WAL insert position, recorded as `drain:<db>`.
     async fn simulated_fence(&self, cx: &StageContext, db: &Database, o: &Options) -> Result<Lsn> {
-        use super::cdc::{held_position, hold_release_position, hold_request_position};
         let source = self.env.source_for(db).connect("cutover rehearsal").await?;
-        let insert_lsn = async || -> Result<Lsn> {
-            let l: String = source
-                .query_one("SELECT pg_catalog.pg_current_wal_insert_lsn()::text", &[])
-                .await
-                .map_err(|e| Error::pg(&e, "reading the source's WAL position"))?
-                .get(0);
-            l.parse()
-        };
+        let insert_lsn = async || lsn::current_insert_lsn(&source).await;
         if self.cdc_stage().is_none() {
             let target = insert_lsn().await?;
             cx.store
@@ -556,36 +513,22 @@ impl Cutover {
         guard
             .execute(
                 "SELECT pg_catalog.pg_advisory_lock($1)",
-                &[&crate::stages::validate::snapshot::hold_lock_key(
-                    &self.env.plan.name,
-                    &db.name,
-                )],
+                &[&hold::lock_key(&self.env.plan.name, &db.name)],
             )
             .await
             .map_err(|e| Error::pg(&e, "waiting for validations of this database to finish"))?;
+        let hold = Hold::new(cx.store.as_ref(), &db.name);
         let h0 = insert_lsn().await?;
-        cx.store
-            .advance_position(&hold_request_position(&db.name), &h0.to_string())
-            .await?;
+        hold.request(h0).await?;
         let held = async {
-            let deadline = Instant::now() + o.timeout;
-            loop {
-                let held: Option<Lsn> = match cx.store.position(&held_position(&db.name)).await? {
-                    Some(p) => Some(p.parse()?),
-                    None => None,
-                };
-                if held.is_some_and(|h| h >= h0) {
-                    return Ok(());
-                }
-                if Instant::now() > deadline {
-                    return Err(Error::permanent(format!(
-                        "cdc did not pause for the simulated fence within {}",
-                        humantime::format_duration(o.timeout)
-                    ))
-                    .hint("look at the cdc stage's state and errors (`pgferry status PLAN`), then run the rehearsal again"));
-                }
-                self.sleep(cx, POLL).await?;
+            if hold.wait_held(h0, o.timeout, &cx.cancel).await? {
+                return Ok(());
             }
+            Err(Error::permanent(format!(
+                "cdc did not pause for the simulated fence within {}",
+                humantime::format_duration(o.timeout)
+            ))
+            .hint("look at the cdc stage's state and errors (`pgferry status PLAN`), then run the rehearsal again"))
         };
         let taken = async {
             held.await?;
@@ -601,10 +544,7 @@ impl Cutover {
         }
         .await;
         // Whatever happened, cdc must not stay held.
-        let released = cx
-            .store
-            .advance_position(&hold_release_position(&db.name), &h0.to_string())
-            .await;
+        let released = hold.release(h0).await;
         drop(guard);
         let target = taken?;
         released?;

@@ -31,8 +31,11 @@ use crate::pg::catalog;
 use crate::pg::connect::ConnInfo;
 use crate::pg::copy::{self, CopyTable};
 use crate::pg::ident::quote_literal;
+use crate::pg::lsn::Lsn;
 use crate::pg::names::slot_name;
 use crate::pg::replication::ReplicationClient;
+use crate::pg::wire::WireClient;
+use crate::plan::StageKind;
 use crate::plan::units::human_bytes;
 use crate::plan::{Database, StageOptions};
 use crate::select::Selection;
@@ -66,7 +69,7 @@ impl FullLoad {
 #[async_trait]
 impl Stage for FullLoad {
     fn describe(&self) -> Vec<String> {
-        let online = self.env.plan.has_kind("cdc");
+        let online = self.env.plan.has_kind(StageKind::Cdc);
         let mut out = Vec::new();
         for (i, db) in self.env.plan.databases.iter().enumerate() {
             let (jobs, split) = self.options(i);
@@ -115,7 +118,7 @@ struct Load {
     bytes: AtomicU64,
     rows: AtomicU64,
     tables_done: AtomicU64,
-    lsn: Option<String>,
+    lsn: Option<Lsn>,
     snapshot: String,
     stage: String,
     database: String,
@@ -141,7 +144,7 @@ impl Load {
             state,
             rows: rows as i64,
             bytes: bytes as i64,
-            lsn: self.lsn.clone(),
+            lsn: self.lsn,
             started_at: None,
             ended_at: None,
             error,
@@ -164,7 +167,7 @@ async fn load_database(
 ) -> Result<serde_json::Value> {
     let source_conn = env.source_for(db);
     let target_conn = env.target_for(db);
-    let online = env.plan.has_kind("cdc");
+    let online = env.plan.has_kind(StageKind::Cdc);
     let started = Instant::now();
 
     // What is already done.
@@ -200,7 +203,7 @@ async fn load_database(
                 .await
                 .map_err(|e| e.context(format!("creating replication slot {slot}")))?;
             cx.store
-                .advance_position(&format!("slot:{}", db.name), &s.consistent_point)
+                .advance_position(&format!("slot:{}", db.name), s.consistent_point)
                 .await?;
             cx.store
                 .event(
@@ -234,7 +237,7 @@ async fn load_database(
         (
             SnapshotHolder::Transaction(holder),
             row.get::<_, String>(0),
-            row.get::<_, Option<String>>(1),
+            crate::pg::lsn::parse_opt(row.get(1))?,
         )
     };
 
@@ -315,7 +318,7 @@ async fn load_database(
         bytes: AtomicU64::new(0),
         rows: AtomicU64::new(0),
         tables_done: AtomicU64::new(0),
-        lsn: lsn.clone(),
+        lsn,
         snapshot,
         stage: cx.stage.clone(),
         database: db.name.clone(),
@@ -446,7 +449,7 @@ async fn worker(
 ) -> Result<()> {
     // Raw protocol sessions: COPY data is forwarded frame by frame, never decoded row by row.
     let purpose = format!("load worker {id}");
-    let mut source = ReplicationClient::connect_plain(&source_conn, &purpose).await?;
+    let mut source = WireClient::connect_plain(&source_conn, &purpose).await?;
     source
         .simple_query(&format!(
             "{SOURCE_SETTINGS} {}",
@@ -454,7 +457,7 @@ async fn worker(
         ))
         .await
         .map_err(|e| e.context("importing the load snapshot"))?;
-    let mut target = ReplicationClient::connect_plain(&target_conn, &purpose).await?;
+    let mut target = WireClient::connect_plain(&target_conn, &purpose).await?;
     target
         .simple_query(TARGET_SETTINGS)
         .await
@@ -558,8 +561,8 @@ async fn worker(
 }
 
 async fn copy_job(
-    source: &mut ReplicationClient,
-    target: &mut ReplicationClient,
+    source: &mut WireClient,
+    target: &mut WireClient,
     t: &CopyTable,
     job: &Job,
     progress: &AtomicU64,

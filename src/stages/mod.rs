@@ -7,6 +7,7 @@ pub mod cdc;
 pub mod cleanup;
 pub mod cutover;
 pub mod full_load;
+pub mod hold;
 pub mod post_data;
 pub mod preflight;
 pub mod provision;
@@ -25,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 use crate::pg::connect::ConnInfo;
-use crate::plan::{Database, Plan};
+use crate::plan::{Database, Plan, StageKind};
 use crate::state::StateStore;
 
 /// What a running stage gets from the executor.
@@ -133,21 +134,6 @@ impl Env {
     }
 }
 
-/// Stage kinds this version of pgferry can run.
-pub const RUNNABLE_KINDS: &[&str] = &[
-    "preflight",
-    "schema_dump",
-    "provision",
-    "full_load",
-    "post_data",
-    "sequence_reset",
-    "cleanup",
-    "sql",
-    "cdc",
-    "cutover",
-    "validate",
-];
-
 /// The artifact holding a database's pre-data schema section (SQL, as pg_restore writes it).
 pub fn pre_data_artifact(db: &Database) -> String {
     format!("schema/{}/pre-data.sql", db.name)
@@ -159,28 +145,19 @@ pub fn post_data_artifact(db: &Database) -> String {
 }
 
 /// Builds the stage at `index` of the plan.
-pub fn build(env: &Arc<Env>, index: usize) -> Result<Arc<dyn Stage>> {
-    let spec = &env.plan.stages[index];
-    match spec.kind {
-        "preflight" => Ok(Arc::new(preflight::Preflight::new(env.clone(), index))),
-        "sql" => Ok(Arc::new(sql::SqlStage::new(env.clone(), index))),
-        "cleanup" => Ok(Arc::new(cleanup::Cleanup::new(env.clone(), index))),
-        "schema_dump" => Ok(Arc::new(schema_dump::SchemaDump::new(env.clone(), index))),
-        "provision" => Ok(Arc::new(provision::Provision::new(env.clone(), index))),
-        "full_load" => Ok(Arc::new(full_load::FullLoad::new(env.clone(), index))),
-        "post_data" => Ok(Arc::new(post_data::PostData::new(env.clone(), index))),
-        "sequence_reset" => Ok(Arc::new(sequence_reset::SequenceReset::new(env.clone(), index))),
-        "cdc" => Ok(Arc::new(cdc::Cdc::new(env.clone(), index))),
-        "cutover" => Ok(Arc::new(cutover::Cutover::new(env.clone(), index))),
-        "validate" => Ok(Arc::new(validate::Validate::new(env.clone(), index))),
-        other => Err(Error::permanent(format!(
-            "stage `{}`: kind `{other}` cannot run in pgferry {} yet (runnable kinds: {})",
-            spec.id,
-            env!("CARGO_PKG_VERSION"),
-            RUNNABLE_KINDS.join(", ")
-        ))
-        .hint(format!(
-            "run the stages before it with `--until STAGE`; `{other}` arrives in a later release (see CHANGELOG.md)"
-        ))),
+pub fn build(env: &Arc<Env>, index: usize) -> Arc<dyn Stage> {
+    let env = env.clone();
+    match env.plan.stages[index].kind {
+        StageKind::Preflight => Arc::new(preflight::Preflight::new(env, index)),
+        StageKind::Sql => Arc::new(sql::SqlStage::new(env, index)),
+        StageKind::Cleanup => Arc::new(cleanup::Cleanup::new(env, index)),
+        StageKind::SchemaDump => Arc::new(schema_dump::SchemaDump::new(env, index)),
+        StageKind::Provision => Arc::new(provision::Provision::new(env, index)),
+        StageKind::FullLoad => Arc::new(full_load::FullLoad::new(env, index)),
+        StageKind::PostData => Arc::new(post_data::PostData::new(env, index)),
+        StageKind::SequenceReset => Arc::new(sequence_reset::SequenceReset::new(env, index)),
+        StageKind::Cdc => Arc::new(cdc::Cdc::new(env, index)),
+        StageKind::Cutover => Arc::new(cutover::Cutover::new(env, index)),
+        StageKind::Validate => Arc::new(validate::Validate::new(env, index)),
     }
 }

@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::pg::catalog::{self, ServerInfo, TableInfo};
 use crate::pg::connect::ConnInfo;
 use crate::pg::version;
+use crate::plan::StageKind;
 use crate::plan::{Database, StageOptions};
 use crate::select::{Glob, Selection};
 
@@ -669,7 +670,7 @@ impl Preflight {
 #[async_trait]
 impl Stage for Preflight {
     fn describe(&self) -> Vec<String> {
-        let online = self.env.plan.has_kind("cdc");
+        let online = self.env.plan.has_kind(StageKind::Cdc);
         let mut v = vec![format!(
             "check {} database(s) on both servers: reachability, versions, selection, privileges, extensions, unlogged tables, large objects",
             self.env.plan.databases.len()
@@ -681,7 +682,7 @@ impl Stage for Preflight {
     }
 
     async fn run(&self, cx: &StageContext) -> Result<()> {
-        let online = self.env.plan.has_kind("cdc");
+        let online = self.env.plan.has_kind(StageKind::Cdc);
         let mut reports = Vec::new();
         for db in &self.env.plan.databases {
             cx.check_cancelled()?;

@@ -42,6 +42,7 @@ use crate::pg::ident::{QualifiedName, quote_ident, quote_literal};
 use crate::pg::names::publication_name;
 use crate::pg::tools;
 use crate::pg::version::ServerVersion;
+use crate::plan::StageKind;
 use crate::plan::{Database, StageOptions};
 use crate::select::Selection;
 
@@ -78,7 +79,7 @@ impl Provision {
         db: &Database,
     ) -> Result<serde_json::Value> {
         let purpose = format!("provision {}", cx.stage);
-        let online = self.env.plan.has_kind("cdc");
+        let online = self.env.plan.has_kind(StageKind::Cdc);
         let source_label = format!("source database `{}`", db.name);
         let target_label = format!("target database `{}`", db.target);
 
@@ -835,7 +836,7 @@ fn compare_shapes(
 #[async_trait]
 impl Stage for Provision {
     fn describe(&self) -> Vec<String> {
-        let online = self.env.plan.has_kind("cdc");
+        let online = self.env.plan.has_kind(StageKind::Cdc);
         let mut out = Vec::new();
         for (i, db) in self.env.plan.databases.iter().enumerate() {
             let existing = match self.existing(i) {

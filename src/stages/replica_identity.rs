@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::pg::catalog::TableInfo;
 use crate::pg::ident::{QualifiedName, quote_ident};
 use crate::pg::names::publication_name;
+use crate::plan::StageKind;
 use crate::plan::{Plan, StageOptions};
 use crate::state::StateStore;
 
@@ -47,7 +48,7 @@ impl Mode {
 pub fn mode(plan: &Plan, db: usize) -> Mode {
     plan.stages
         .iter()
-        .filter(|s| s.kind == "provision")
+        .filter(|s| s.kind == StageKind::Provision)
         .find_map(|s| match s.options.get(db) {
             Some(StageOptions::Provision(o)) => Some(Mode::parse(o.replica_identity())),
             _ => None,

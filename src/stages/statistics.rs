@@ -20,6 +20,7 @@ use crate::pg::ident::quote_ident;
 use crate::pg::tools;
 use crate::pg::version;
 use crate::plan::Database;
+use crate::plan::StageKind;
 use crate::state::Timestamp;
 
 /// The checkpoint key (of the post_data stage) recording the statistics carried over for `db`.
@@ -36,7 +37,12 @@ pub async fn carried_tables(
 ) -> Result<(HashSet<String>, Option<f64>)> {
     let mut out = HashSet::new();
     let mut finished = None;
-    for stage in env.plan.stages.iter().filter(|s| s.kind == "post_data") {
+    for stage in env
+        .plan
+        .stages
+        .iter()
+        .filter(|s| s.kind == StageKind::PostData)
+    {
         if let Some(v) = cx
             .store
             .checkpoint(&stage.id, &checkpoint_key(&db.name))

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Env;
 use crate::error::{Error, Result};
-use crate::pg::replication::ReplicationClient;
+use crate::pg::wire::WireClient;
 use crate::pg::{catalog, copy, large_objects};
 use crate::plan::Database;
 use crate::select::Selection;
@@ -60,8 +60,8 @@ pub async fn resync(env: &Env, db: &Database, cancel: &CancellationToken) -> Res
             .into_iter()
             .filter(|t| unlogged.contains(&t.name.to_string()))
             .collect();
-        let mut from = ReplicationClient::connect_plain(&source_conn, "cutover resync").await?;
-        let mut to = ReplicationClient::connect_plain(&target_conn, "cutover resync").await?;
+        let mut from = WireClient::connect_plain(&source_conn, "cutover resync").await?;
+        let mut to = WireClient::connect_plain(&target_conn, "cutover resync").await?;
         for t in &tables {
             if cancel.is_cancelled() {
                 return Err(Error::interrupted());

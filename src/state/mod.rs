@@ -4,6 +4,7 @@
 //! trait; [`postgres::PgStore`] keeps it all in a PostgreSQL schema so any machine can resume or
 //! report a migration.
 
+pub mod memory;
 pub mod postgres;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -12,6 +13,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
+use crate::pg::lsn::Lsn;
 
 /// A stage's lifecycle: `pending -> running -> done | failed`; a continuous stage (cdc) is also
 /// `ready` once it has caught up, which satisfies its dependents while it keeps running.
@@ -125,8 +127,8 @@ pub trait StateStore: Send + Sync {
     async fn event(&self, stage: Option<&str>, level: &str, message: &str) -> Result<()>;
     /// Moves a named position (an LSN such as `0/16B3748`) forward; a lower one is ignored. Returns
     /// the stored position.
-    async fn advance_position(&self, name: &str, lsn: &str) -> Result<String>;
-    async fn position(&self, name: &str) -> Result<Option<String>>;
+    async fn advance_position(&self, name: &str, lsn: Lsn) -> Result<Lsn>;
+    async fn position(&self, name: &str) -> Result<Option<Lsn>>;
     /// Stores an artifact (a schema dump section, a report), replacing an older one of that name.
     async fn put_artifact(&self, name: &str, content: &[u8]) -> Result<()>;
     async fn artifact(&self, name: &str) -> Result<Option<Vec<u8>>>;
@@ -146,6 +148,72 @@ pub trait StateStore: Send + Sync {
     async fn tables(&self, stage: Option<&str>) -> Result<Vec<TableProgress>>;
     /// Records one point of the cdc lag profile of the current run (for `pgferry report`).
     async fn add_sample(&self, sample: &LagSample) -> Result<()>;
+
+    // What commands, `status` and reports read back.
+
+    /// Records an operator request (such as `cutover`) for the running stage to pick up; a second
+    /// request of the same name keeps the first.
+    async fn request(&self, name: &str, by: &str) -> Result<()>;
+    /// When `name` was requested (RFC 3339, UTC), if it was.
+    async fn requested(&self, name: &str) -> Result<Option<String>>;
+    /// Every position: `(name, lsn)`, by name.
+    async fn positions(&self) -> Result<Vec<(String, Lsn)>>;
+    /// Every counter and gauge: `(scope, name, value)`, by scope and name.
+    async fn counters(&self) -> Result<Vec<(String, String, i64)>>;
+    /// The last `limit` entries of the run log, oldest first: `(at, stage, level, message)`.
+    async fn events(&self, limit: i64) -> Result<Vec<(Timestamp, Option<String>, String, String)>>;
+    /// Every checkpoint of a stage: `(key, value, updated at)`, by key.
+    async fn checkpoints(&self, stage: &str)
+    -> Result<Vec<(String, serde_json::Value, Timestamp)>>;
+    /// The latest runs, newest first.
+    async fn runs(&self, limit: i64) -> Result<Vec<RunRecord>>;
+    /// One run with its mode (`run` or `rehearsal`).
+    async fn run_with_mode(&self, id: i64) -> Result<Option<(RunRecord, String)>>;
+    /// The cdc lag samples of a run, oldest first.
+    async fn samples(&self, run: i64) -> Result<Vec<LagSample>>;
+    /// Keeps a run's report (replacing an earlier one of the same run).
+    async fn put_report(&self, run: i64, mode: &str, report: &serde_json::Value) -> Result<()>;
+    /// Kept reports, newest first; only run `run` and runs of `mode` when given.
+    async fn reports(
+        &self,
+        run: Option<i64>,
+        mode: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<KeptReport>>;
+
+    /// The latest kept report of a run of `mode`: run id, when, report.
+    async fn latest_report(
+        &self,
+        mode: &str,
+    ) -> Result<Option<(i64, Timestamp, serde_json::Value)>> {
+        Ok(self
+            .reports(None, Some(mode), 1)
+            .await?
+            .into_iter()
+            .next()
+            .map(|r| (r.run_id, r.created_at, r.report)))
+    }
+}
+
+/// A run report kept in the store.
+#[derive(Debug, Clone)]
+pub struct KeptReport {
+    pub run_id: i64,
+    pub mode: String,
+    pub created_at: Timestamp,
+    pub report: serde_json::Value,
+}
+
+/// One run of a migration.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunRecord {
+    pub id: i64,
+    pub started_at: Option<Timestamp>,
+    pub ended_at: Option<Timestamp>,
+    pub host: Option<String>,
+    pub pid: Option<i32>,
+    pub outcome: Option<String>,
+    pub args: Option<String>,
 }
 
 /// One point of a database's cdc lag profile, written every few seconds while cdc runs.
@@ -208,7 +276,7 @@ pub struct TableProgress {
     pub rows: i64,
     pub bytes: i64,
     /// The source position the copy is consistent with.
-    pub lsn: Option<String>,
+    pub lsn: Option<Lsn>,
     pub started_at: Option<Timestamp>,
     pub ended_at: Option<Timestamp>,
     pub error: Option<String>,

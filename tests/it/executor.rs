@@ -7,6 +7,7 @@ use crate::support;
 use std::time::Duration;
 
 use crate::support::{Gate, TestPlan, pair, show, wait_for};
+use pgferry::pg::lsn::Lsn;
 use pgferry::state::StateStore;
 
 /// Fresh source and target databases, with a `log` table on the target that stages write to.
@@ -584,22 +585,23 @@ fn the_store_database_is_created_and_positions_only_move_forward() {
             .await
             .expect("open store")
             .expect("the store exists");
+        let lsn = |s: &str| s.parse::<Lsn>().unwrap();
         assert_eq!(
-            store.advance_position("applied", "0/10").await.unwrap(),
-            "0/10"
+            store
+                .advance_position("applied", lsn("0/10"))
+                .await
+                .unwrap(),
+            lsn("0/10")
         );
         assert_eq!(
-            store.advance_position("applied", "0/5").await.unwrap(),
-            "0/10"
+            store.advance_position("applied", lsn("0/5")).await.unwrap(),
+            lsn("0/10")
         );
         assert_eq!(
-            store.advance_position("applied", "1/0").await.unwrap(),
-            "1/0"
+            store.advance_position("applied", lsn("1/0")).await.unwrap(),
+            lsn("1/0")
         );
-        assert_eq!(
-            store.position("applied").await.unwrap().as_deref(),
-            Some("1/0")
-        );
+        assert_eq!(store.position("applied").await.unwrap(), Some(lsn("1/0")));
         assert_eq!(store.position("other").await.unwrap(), None);
         // Artifacts and counters round-trip.
         store

@@ -150,7 +150,7 @@ async fn every_kind_of_change_is_decoded_exactly() {
     let mut client = connect(src, &db, None).await;
     let slot = format!("rs_changes_{}", std::process::id());
     let created = client.create_slot(&slot, false).await.expect("slot");
-    let start = created.consistent_lsn().expect("consistent point");
+    let start = created.consistent_point;
 
     // The changes, one transaction per psql call unless BEGIN/COMMIT say otherwise.
     src.psql(
@@ -526,8 +526,7 @@ async fn a_huge_transaction_streams_in_bounded_memory() {
         .create_slot(&slot, false)
         .await
         .expect("slot")
-        .consistent_lsn()
-        .expect("LSN");
+        .consistent_point;
     // About 65 MB of row data in one transaction.
     const ROWS: usize = 100_000;
     const PAD: usize = 600;
@@ -612,8 +611,7 @@ async fn idle_streams_get_keepalives_and_answering_them_keeps_the_session() {
         .create_slot(&slot, false)
         .await
         .expect("slot")
-        .consistent_lsn()
-        .expect("LSN");
+        .consistent_point;
     client
         .start_replication(&slot, start, "k_pub")
         .await

@@ -233,7 +233,7 @@ fn stage_kinds_match_raw_rs() {
     for kind in STAGE_KINDS {
         let options = StageOptions::default_for(kind)
             .unwrap_or_else(|| panic!("StageOptions::default_for({kind:?}) is None"));
-        assert_eq!(options.kind(), *kind);
+        assert_eq!(options.kind().as_str(), *kind);
         assert_eq!(
             node(
                 &schema,

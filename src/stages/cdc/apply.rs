@@ -44,7 +44,8 @@ use tokio_postgres::{Client, Statement};
 use crate::error::{Error, Result};
 use crate::pg::connect::ConnInfo;
 use crate::pg::ident::{QualifiedName, quote_ident};
-use crate::pg::pgoutput::{Lsn, OldTuple, Relation, ReplicaIdentity, TupleData, TupleValue};
+use crate::pg::lsn::Lsn;
+use crate::pg::pgoutput::{OldTuple, Relation, ReplicaIdentity, TupleData, TupleValue};
 
 use super::changeset::{ChangeSet, Row, Run, TableQueue, Val, encode_key};
 use super::identity;
@@ -318,10 +319,7 @@ impl Applier {
             )
             .await
             .map_err(|e| Error::pg(&e, "reading the applied position"))?;
-        let applied = match row {
-            Some(r) => Some(r.get::<_, String>(0).parse::<Lsn>()?),
-            None => None,
-        };
+        let applied = crate::pg::lsn::parse_opt(row.map(|r| r.get(0)))?;
         Ok((
             Applier {
                 client: Arc::new(client),

@@ -34,8 +34,9 @@ use super::{DbStream, Loop};
 use crate::error::{Error, Result};
 use crate::pg::event_trigger::MESSAGE_PREFIX;
 use crate::pg::ident::{quote_ident, quote_literal};
+use crate::pg::lsn::Lsn;
 use crate::pg::names::name_stem;
-use crate::pg::pgoutput::{LogicalMessage, Lsn};
+use crate::pg::pgoutput::LogicalMessage;
 use crate::plan::{Plan, StageOptions};
 use crate::select::Selection;
 
@@ -43,7 +44,7 @@ use crate::select::Selection;
 pub fn replicates(plan: &Plan, db: usize) -> bool {
     plan.stages
         .iter()
-        .filter(|s| s.kind == "cdc")
+        .filter(|s| s.kind == crate::plan::StageKind::Cdc)
         .any(|s| matches!(s.options.get(db), Some(StageOptions::Cdc(o)) if o.replicates_ddl()))
 }
 

@@ -23,7 +23,8 @@
 //!   is held (`validate_hold`), and cdc reads it again when a hold is released.
 //! - Validation can hold the apply at an LSN (`validate_hold:<db>`): cdc applies every
 //!   transaction committed before it, commits, answers `validate_held:<db>` and applies nothing
-//!   more until `validate_release:<db>` reaches it (at most [`HOLD_MAX`]). A validation uses two
+//!   more until `validate_release:<db>` reaches it (at most [`HOLD_MAX`]); the protocol's positions
+//!   and both of its sides live in [`crate::stages::hold`]. A validation uses two
 //!   holds: (1) hold at the source's current WAL position H0 and wait for `held` >= H0 (cdc is now
 //!   paused, having applied only transactions committed before the next step); (2) create the
 //!   source snapshot (temporary slot, consistent point L), write hold = L and *then* release = H0:
@@ -49,11 +50,14 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
+use super::hold::{self, Hold};
 use super::{Env, Stage, StageContext};
 use crate::error::{Error, Result};
+use crate::pg::lsn::Lsn;
 use crate::pg::names::{publication_name, slot_name};
-use crate::pg::pgoutput::{Lsn, PgOutputMessage, pg_time_to_system};
+use crate::pg::pgoutput::{PgOutputMessage, pg_time_to_system};
 use crate::pg::replication::{ReplicationClient, ReplicationMessage, StreamOptions};
+use crate::plan::StageKind;
 use crate::plan::{Database, StageOptions};
 use crate::state::TableState;
 use apply::Applier;
@@ -136,7 +140,6 @@ const BOOKKEEPING_EVERY: Duration = Duration::from_secs(1);
 /// lag check); the exactly-once position itself is written in every applied transaction, and the
 /// store's copy is brought up to date whenever the stream stops, holds or drains.
 const STORED_POSITION_EVERY: Duration = Duration::from_millis(100);
-const HOLD_POLL: Duration = Duration::from_millis(100);
 /// The longest cdc stays held for a validation that does not release it (crashed).
 pub const HOLD_MAX: Duration = Duration::from_secs(600);
 
@@ -167,6 +170,16 @@ pub fn drain_key(db: &str) -> String {
     format!("drain:{db}")
 }
 
+/// The drain target a cutover recorded in its [`drain_key`] checkpoint (`{"lsn": "X/Y", ...}`).
+pub fn drain_lsn(checkpoint: Option<&serde_json::Value>) -> Result<Option<Lsn>> {
+    match checkpoint.and_then(|v| v.get("lsn")) {
+        None => Ok(None),
+        Some(l) => serde_json::from_value(l.clone())
+            .map(Some)
+            .map_err(|e| Error::permanent(format!("the recorded drain target: {e}"))),
+    }
+}
+
 /// The store position of what cdc has applied for `db` (a copy of the target's own record).
 /// The store position up to which cdc applies change by change (a grouped statement failed there).
 pub fn strict_position(db: &str) -> String {
@@ -175,22 +188,6 @@ pub fn strict_position(db: &str) -> String {
 
 pub fn applied_position(db: &str) -> String {
     format!("cdc_applied:{db}")
-}
-
-/// Validation asks cdc to stop applying at an LSN (a source snapshot's consistent point): every
-/// transaction committed before it applied, none after.
-pub fn hold_request_position(db: &str) -> String {
-    format!("validate_hold:{db}")
-}
-
-/// cdc answers a hold: the target now holds exactly the source transactions committed before it.
-pub fn held_position(db: &str) -> String {
-    format!("validate_held:{db}")
-}
-
-/// Validation has taken its target snapshot: cdc may go on past the hold.
-pub fn hold_release_position(db: &str) -> String {
-    format!("validate_release:{db}")
 }
 
 #[async_trait]
@@ -357,16 +354,15 @@ impl<'a> DbStream<'a> {
             .plan
             .stages
             .iter()
-            .filter(|s| s.kind == "full_load")
+            .filter(|s| s.kind == StageKind::FullLoad)
         {
             for t in self.cx.store.tables(Some(&s.id)).await? {
                 if t.database != self.db.name || t.state != TableState::Copied {
                     continue;
                 }
-                let Some(lsn) = t.lsn.as_deref() else {
+                let Some(lsn) = t.lsn else {
                     continue;
                 };
-                let lsn: Lsn = lsn.parse()?;
                 // `schema.table#range` rows belong to their table.
                 let name = t.table.split('#').next().unwrap_or(&t.table).to_string();
                 let e = out.entry(name).or_insert(lsn);
@@ -399,7 +395,7 @@ impl<'a> DbStream<'a> {
                     tracing::warn!("{msg}");
                     self.cx
                         .store
-                        .advance_position(&strict_position(&self.db.name), &until.to_string())
+                        .advance_position(&strict_position(&self.db.name), until)
                         .await?;
                     self.cx
                         .store
@@ -436,7 +432,7 @@ impl<'a> DbStream<'a> {
                 .position(&format!("slot:{}", self.db.name))
                 .await?
             {
-                Some(p) => p.parse()?,
+                Some(p) => p,
                 None => {
                     return Err(Error::permanent(format!(
                         "no start position for database `{}`: neither an applied position on the target nor the slot's consistent point",
@@ -446,15 +442,11 @@ impl<'a> DbStream<'a> {
                 }
             },
         };
-        let strict_until: Option<Lsn> = match self
+        let strict_until: Option<Lsn> = self
             .cx
             .store
             .position(&strict_position(&self.db.name))
-            .await?
-        {
-            Some(p) => Some(p.parse()?),
-            None => None,
-        };
+            .await?;
         let result: Result<()> = async {
             let mut repl = ReplicationClient::connect(&self.env.source_for(self.db), "cdc").await?;
             // A walsender that hears nothing for wal_sender_timeout ends the stream: answer well
@@ -498,7 +490,7 @@ impl<'a> DbStream<'a> {
             if start != Lsn::INVALID {
                 self.cx
                     .store
-                    .advance_position(&applied_position(&self.db.name), &start.to_string())
+                    .advance_position(&applied_position(&self.db.name), start)
                     .await?;
             }
 
@@ -762,7 +754,7 @@ impl<'a> DbStream<'a> {
             st.applied = target;
             self.cx
                 .store
-                .advance_position(&applied_position(&self.db.name), &target.to_string())
+                .advance_position(&applied_position(&self.db.name), target)
                 .await?;
         }
         Ok(())
@@ -770,35 +762,30 @@ impl<'a> DbStream<'a> {
 
     /// The LSN a running cutover asked this database to drain to.
     async fn drain_target(&self) -> Result<Option<Lsn>> {
-        for s in self.env.plan.stages.iter().filter(|s| s.kind == "cutover") {
-            if let Some(v) = self
+        for s in self
+            .env
+            .plan
+            .stages
+            .iter()
+            .filter(|s| s.kind == StageKind::Cutover)
+        {
+            let checkpoint = self
                 .cx
                 .store
                 .checkpoint(&s.id, &drain_key(&self.db.name))
-                .await?
-                && let Some(l) = v.get("lsn").and_then(serde_json::Value::as_str)
-            {
-                return Ok(Some(l.parse()?));
+                .await?;
+            if let Some(l) = drain_lsn(checkpoint.as_ref())? {
+                return Ok(Some(l));
             }
         }
         Ok(None)
     }
 
-    /// The hold validation asked for and has not released yet.
+    /// The hold validation (or a rehearsal's cutover) asked for and has not released yet.
     async fn pending_hold(&self) -> Result<Option<Lsn>> {
-        let store = &self.cx.store;
-        let db = &self.db.name;
-        // The release first: validation moves the request forward before it releases the previous
-        // hold, so a release read here is never newer than the request read after it.
-        let released: Lsn = match store.position(&hold_release_position(db)).await? {
-            Some(p) => p.parse()?,
-            None => Lsn::INVALID,
-        };
-        let Some(request) = store.position(&hold_request_position(db)).await? else {
-            return Ok(None);
-        };
-        let request: Lsn = request.parse()?;
-        Ok((request > released).then_some(request))
+        Hold::new(self.cx.store.as_ref(), &self.db.name)
+            .pending()
+            .await
     }
 
     /// Stops applying at `at` (no transaction in flight, everything committed before `at` applied)
@@ -818,9 +805,7 @@ impl<'a> DbStream<'a> {
         st.last_status = Instant::now();
         let store = &self.cx.store;
         let db = &self.db.name;
-        store
-            .advance_position(&held_position(db), &at.to_string())
-            .await?;
+        Hold::new(store.as_ref(), db).answer(at).await?;
         tracing::info!(database = %db, at = %at, applied = %st.applied, "cdc holding for validation");
         let since = Instant::now();
         loop {
@@ -846,7 +831,7 @@ impl<'a> DbStream<'a> {
             }
             tokio::select! {
                 _ = self.cx.cancel.cancelled() => return Err(Error::interrupted()),
-                _ = tokio::time::sleep(HOLD_POLL) => {}
+                _ = tokio::time::sleep(hold::POLL) => {}
             }
         }
     }
@@ -1017,7 +1002,7 @@ impl<'a> DbStream<'a> {
         }
         self.cx
             .store
-            .advance_position(&applied_position(&self.db.name), &st.applied.to_string())
+            .advance_position(&applied_position(&self.db.name), st.applied)
             .await?;
         st.stored = st.applied;
         st.stored_at = Instant::now();

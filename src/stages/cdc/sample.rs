@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
 use crate::pg::connect::ConnInfo;
-use crate::pg::pgoutput::Lsn;
+use crate::pg::lsn::Lsn;
 use crate::state::{LagSample, StateStore, Timestamp};
 
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(2);

@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Env, Stage, StageContext};
 use crate::error::{Error, Result};
 use crate::pg::catalog;
+use crate::plan::StageKind;
 use crate::plan::raw::ValidateOptions;
 use crate::plan::{Database, StageOptions};
 use crate::select::Selection;
@@ -132,7 +133,7 @@ impl SnapshotSync {
             .plan
             .stages
             .iter()
-            .find(|s| s.kind == "cdc")
+            .find(|s| s.kind == StageKind::Cdc)
             .map(|s| s.id.clone());
         let (Some(store), Some(cdc_id)) = (store, &cdc_stage) else {
             return Ok(SnapshotSync {
@@ -142,7 +143,12 @@ impl SnapshotSync {
             });
         };
         let mut not_comparable = None;
-        for s in env.plan.stages.iter().filter(|s| s.kind == "cutover") {
+        for s in env
+            .plan
+            .stages
+            .iter()
+            .filter(|s| s.kind == StageKind::Cutover)
+        {
             for db in &env.plan.databases {
                 let drain = store
                     .checkpoint(&s.id, &crate::stages::cdc::drain_key(&db.name))
@@ -175,7 +181,7 @@ impl SnapshotSync {
             .plan
             .stages
             .iter()
-            .filter(|s| s.kind == "cutover")
+            .filter(|s| s.kind == StageKind::Cutover)
             .any(|s| state(&s.id) == Some(StageState::Done));
         Ok(SnapshotSync {
             online: (cdc_running && !cutover_done).then(|| store.clone()),
@@ -382,7 +388,7 @@ async fn validate_database(
         opts.mode.as_str(),
         opts.jobs,
         info.method,
-        info.lsn.as_deref().map(|l| format!(" at {l}")).unwrap_or_default()
+        info.lsn.map(|l| format!(" at {l}")).unwrap_or_default()
     );
     let work = Arc::new(Work {
         database: db.name.clone(),

@@ -113,7 +113,7 @@ pub struct SnapshotInfo {
     /// of a temporary slot, the target's taken while cdc held its apply at the same position).
     pub method: String,
     /// The source position both snapshots show (online), or the source's WAL position (offline).
-    pub lsn: Option<String>,
+    pub lsn: Option<crate::pg::lsn::Lsn>,
     /// Why sequences were not compared, if they were not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,

@@ -15,6 +15,8 @@
 //!   by `hold_timeout`; whatever fails after the first request, the latest hold is released, so
 //!   cdc is never left holding.
 //!
+//! The protocol's positions and both of its sides live in [`crate::stages::hold`].
+//!
 //! Validations of one database take turns through this protocol (a session advisory lock on the
 //! target database from the first request to the release): two at once would move each other's
 //! holds.
@@ -23,7 +25,7 @@
 //! of one side see one snapshot. The holders stay open and idle until the comparison is over.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
@@ -32,9 +34,9 @@ use super::report::SnapshotInfo;
 use crate::error::{Error, Result};
 use crate::pg::connect::ConnInfo;
 use crate::pg::ident::quote_literal;
-use crate::pg::pgoutput::Lsn;
+use crate::pg::lsn::{self, Lsn};
 use crate::pg::replication::{ReplicationClient, SlotSnapshot};
-use crate::stages::cdc::{held_position, hold_release_position, hold_request_position};
+use crate::stages::hold::{self, Hold};
 use crate::state::StateStore;
 
 /// Session settings that make both servers print every value the same way.
@@ -42,9 +44,6 @@ pub const SETTINGS: &str = "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; \
      SET IntervalStyle = 'postgres'; SET extra_float_digits = 1; SET bytea_output = 'hex'; \
      SET lc_monetary = 'C'; SET search_path = ''; SET statement_timeout = 0; \
      SET idle_in_transaction_session_timeout = 0; SET lock_timeout = 0;";
-
-/// How often the hold is polled.
-const POLL: Duration = Duration::from_millis(100);
 
 /// What keeps a snapshot alive.
 pub enum Holder {
@@ -115,7 +114,7 @@ pub async fn take(
             guard
                 .execute(
                     "SELECT pg_catalog.pg_advisory_lock($1)",
-                    &[&hold_lock_key(migration, database)],
+                    &[&hold::lock_key(migration, database)],
                 )
                 .await
                 .map_err(|e| {
@@ -130,37 +129,32 @@ pub async fn take(
                 .connect(purpose)
                 .await
                 .map_err(|e| e.context("source"))?;
-            let h0: String = control
-                .query_one("SELECT pg_catalog.pg_current_wal_insert_lsn()::text", &[])
+            let h0 = lsn::current_insert_lsn(&control)
                 .await
-                .map_err(|e| Error::pg(&e, "reading the source's WAL position").context("source"))?
-                .get(0);
+                .map_err(|e| e.context("source"))?;
             drop(control);
-            store
-                .advance_position(&hold_request_position(database), &h0)
-                .await?;
-            let mut requested = h0.clone();
+            let hold = Hold::new(store.as_ref(), database);
+            hold.request(h0).await?;
+            let mut requested = h0;
             let result = online_steps(
                 source_conn,
                 target_conn,
                 database,
-                store.as_ref(),
+                hold,
                 cdc_stage,
                 hold_timeout,
                 cancel,
                 purpose,
-                &h0,
+                h0,
                 &mut requested,
             )
             .await;
             // Always let cdc go on, whatever happened.
-            let released = store
-                .advance_position(&hold_release_position(database), &requested)
-                .await;
+            let released = hold.release(requested).await;
             drop(guard);
             let (repl, snap, target_holder, target) = result?;
             released?;
-            let l = snap.consistent_point.clone();
+            let l = snap.consistent_point;
             tracing::info!(database, lsn = %l, "target snapshot taken at the source snapshot's position; cdc released");
             Ok(Snapshots {
                 source: snap.snapshot_name,
@@ -187,16 +181,15 @@ async fn online_steps(
     source_conn: &ConnInfo,
     target_conn: &ConnInfo,
     database: &str,
-    store: &dyn StateStore,
+    hold: Hold<'_>,
     cdc_stage: Option<&str>,
     hold_timeout: Duration,
     cancel: &CancellationToken,
     purpose: &str,
-    h0: &str,
-    requested: &mut String,
+    h0: Lsn,
+    requested: &mut Lsn,
 ) -> Result<(ReplicationClient, SlotSnapshot, Client, String)> {
-    let h0_lsn: Lsn = h0.parse()?;
-    wait_held(store, database, h0_lsn, hold_timeout, cancel, cdc_stage).await?;
+    wait_held(hold, h0, hold_timeout, cancel, cdc_stage).await?;
     tracing::debug!(database, at = %h0, "cdc paused");
     // Step 2: the source snapshot (temporary slot: snapshot and consistent point L), hold at L,
     // then release the pause: cdc applies exactly the transactions committed before L.
@@ -215,17 +208,12 @@ async fn online_steps(
         .create_slot(&slot, true)
         .await
         .map_err(|e| e.context("creating a temporary slot for the validation snapshot"))?;
-    let l = snap.consistent_point.clone();
-    let l_lsn: Lsn = snap.consistent_lsn()?;
+    let l = snap.consistent_point;
     tracing::info!(database, lsn = %l, "source snapshot taken (temporary slot); asking cdc to hold its apply there");
-    store
-        .advance_position(&hold_request_position(database), &l)
-        .await?;
-    *requested = l.clone();
-    store
-        .advance_position(&hold_release_position(database), h0)
-        .await?;
-    wait_held(store, database, l_lsn, hold_timeout, cancel, cdc_stage).await?;
+    hold.request(l).await?;
+    *requested = l;
+    hold.release(h0).await?;
+    wait_held(hold, l, hold_timeout, cancel, cdc_stage).await?;
     // Step 3: the target snapshot, showing exactly the source's transactions before L.
     let (target_holder, target, _) = exported(target_conn, purpose, false)
         .await
@@ -235,36 +223,24 @@ async fn online_steps(
 
 /// Waits until cdc reports holding at `lsn` or beyond.
 async fn wait_held(
-    store: &dyn StateStore,
-    database: &str,
+    hold: Hold<'_>,
     lsn: Lsn,
     timeout: Duration,
     cancel: &CancellationToken,
     cdc_stage: Option<&str>,
 ) -> Result<()> {
-    let started = Instant::now();
-    let name = held_position(database);
-    loop {
-        if let Some(p) = store.position(&name).await?
-            && p.parse::<Lsn>().is_ok_and(|h| h >= lsn)
-        {
-            return Ok(());
-        }
-        if started.elapsed() > timeout {
-            let stage = cdc_stage.unwrap_or("cdc");
-            return Err(Error::permanent(format!(
-                "the cdc stage `{stage}` did not hold its apply at {lsn} within {} (store position `{name}`)",
-                humantime::format_duration(timeout)
-            ))
-            .hint(format!(
-                "validation of a running migration needs stage `{stage}` running (`pgferry run` in progress) and caught up; check `pgferry status`, or raise `hold_timeout`"
-            )));
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(POLL) => {}
-            _ = cancel.cancelled() => return Err(Error::interrupted()),
-        }
+    if hold.wait_held(lsn, timeout, cancel).await? {
+        return Ok(());
     }
+    let stage = cdc_stage.unwrap_or("cdc");
+    Err(Error::permanent(format!(
+        "the cdc stage `{stage}` did not hold its apply at {lsn} within {} (store position `{}`)",
+        humantime::format_duration(timeout),
+        hold::held_position(hold.database())
+    ))
+    .hint(format!(
+        "validation of a running migration needs stage `{stage}` running (`pgferry run` in progress) and caught up; check `pgferry status`, or raise `hold_timeout`"
+    )))
 }
 
 /// A repeatable-read transaction that exported its snapshot: (session, snapshot, WAL position).
@@ -272,7 +248,7 @@ async fn exported(
     conn: &ConnInfo,
     purpose: &str,
     source: bool,
-) -> Result<(Client, String, Option<String>)> {
+) -> Result<(Client, String, Option<Lsn>)> {
     let client = conn.connect(purpose).await?;
     client
         .batch_execute(&format!(
@@ -289,7 +265,11 @@ async fn exported(
         )
         .await
         .map_err(|e| Error::pg(&e, "exporting a snapshot"))?;
-    let lsn = if source { row.get(1) } else { None };
+    let lsn = if source {
+        lsn::parse_opt(row.get(1))?
+    } else {
+        None
+    };
     Ok((client, row.get(0), lsn))
 }
 
@@ -304,14 +284,4 @@ pub async fn open_worker(conn: &ConnInfo, snapshot: &str, purpose: &str) -> Resu
         .await
         .map_err(|e| Error::pg(&e, "importing the validation snapshot"))?;
     Ok(client)
-}
-
-/// The advisory lock key serializing the validations of one database of one migration.
-pub(crate) fn hold_lock_key(migration: &str, database: &str) -> i64 {
-    use sha2::{Digest, Sha256};
-    let digest =
-        Sha256::digest(format!("pgferry validation hold: {migration}/{database}").as_bytes());
-    let mut bytes = [0u8; 8];
-    bytes.copy_from_slice(&digest[..8]);
-    i64::from_be_bytes(bytes)
 }

@@ -2,6 +2,9 @@
 //! wherever `[state]` says, created on first use together with its database. The schema is versioned:
 //! each release appends migration steps, applied once under an advisory lock. Every row is keyed by
 //! the migration's name, so one store can hold several migrations.
+//!
+//! This file has the connection and the [`StateStore`] implementation; `lock.rs` the runner lock,
+//! `runs.rs` the run history, kept reports and lag samples, `migrations.rs` the schema's steps.
 
 use std::sync::Arc;
 
@@ -14,125 +17,16 @@ use super::{LagSample, StageRecord, StageState, StateStore, TableProgress, Table
 use crate::error::{Error, Result};
 use crate::pg::connect::ConnInfo;
 use crate::pg::ident::{quote_ident, quote_literal};
+use crate::pg::lsn::Lsn;
 
-/// The store's schema, step by step. `{s}` is the quoted schema name. Never edit a released step;
-/// append a new one.
-const MIGRATIONS: &[&str] = &[
-    // 1: the first layout
-    r#"
-    CREATE TABLE {s}.runs (
-        id bigserial PRIMARY KEY,
-        migration text NOT NULL,
-        started_at timestamptz NOT NULL DEFAULT now(),
-        ended_at timestamptz,
-        host text, pid integer, version text, args text,
-        outcome text
-    );
-    CREATE TABLE {s}.stages (
-        migration text NOT NULL,
-        stage text NOT NULL,
-        kind text NOT NULL,
-        state text NOT NULL CHECK (state IN ('pending','running','ready','done','failed')),
-        fingerprint text,
-        attempts integer NOT NULL DEFAULT 0,
-        started_at timestamptz,
-        ended_at timestamptz,
-        updated_at timestamptz NOT NULL DEFAULT now(),
-        error text,
-        detail jsonb NOT NULL DEFAULT '{}',
-        PRIMARY KEY (migration, stage)
-    );
-    CREATE TABLE {s}.checkpoints (
-        migration text NOT NULL,
-        stage text NOT NULL,
-        key text NOT NULL,
-        value jsonb NOT NULL,
-        updated_at timestamptz NOT NULL DEFAULT now(),
-        PRIMARY KEY (migration, stage, key)
-    );
-    CREATE TABLE {s}.tables (
-        migration text NOT NULL,
-        stage text NOT NULL,
-        database text NOT NULL,
-        table_name text NOT NULL,
-        state text NOT NULL,
-        rows bigint NOT NULL DEFAULT 0,
-        bytes bigint NOT NULL DEFAULT 0,
-        lsn pg_lsn,
-        started_at timestamptz,
-        ended_at timestamptz,
-        error text,
-        PRIMARY KEY (migration, stage, database, table_name)
-    );
-    CREATE TABLE {s}.counters (
-        migration text NOT NULL,
-        scope text NOT NULL,
-        name text NOT NULL,
-        value bigint NOT NULL DEFAULT 0,
-        PRIMARY KEY (migration, scope, name)
-    );
-    CREATE TABLE {s}.positions (
-        migration text NOT NULL,
-        name text NOT NULL,
-        lsn pg_lsn NOT NULL,
-        updated_at timestamptz NOT NULL DEFAULT now(),
-        PRIMARY KEY (migration, name)
-    );
-    CREATE TABLE {s}.artifacts (
-        migration text NOT NULL,
-        name text NOT NULL,
-        content bytea NOT NULL,
-        sha256 text NOT NULL,
-        created_at timestamptz NOT NULL DEFAULT now(),
-        PRIMARY KEY (migration, name)
-    );
-    CREATE TABLE {s}.events (
-        id bigserial PRIMARY KEY,
-        migration text NOT NULL,
-        run_id bigint,
-        at timestamptz NOT NULL DEFAULT now(),
-        stage text,
-        level text NOT NULL,
-        message text NOT NULL
-    );
-    CREATE TABLE {s}.requests (
-        migration text NOT NULL,
-        name text NOT NULL,
-        requested_at timestamptz NOT NULL DEFAULT now(),
-        requested_by text,
-        PRIMARY KEY (migration, name)
-    );
-    "#,
-    // 2: rehearsals and reports. `runs.mode` tells a rehearsal from a real run; `samples` keeps the
-    // cdc lag profile of each run; `reports` keeps each finished run's report (a JSON snapshot),
-    // which `reset` leaves in place so rehearsals can be compared after the target is torn down.
-    r#"
-    ALTER TABLE {s}.runs ADD COLUMN mode text NOT NULL DEFAULT 'run'
-        CHECK (mode IN ('run', 'rehearsal'));
-    CREATE TABLE {s}.samples (
-        migration text NOT NULL,
-        run_id bigint NOT NULL,
-        stage text NOT NULL,
-        database text NOT NULL,
-        at timestamptz NOT NULL DEFAULT now(),
-        lag_bytes bigint,
-        latency_ms bigint,
-        incoming bigint,
-        applied bigint
-    );
-    CREATE INDEX ON {s}.samples (migration, run_id, at);
-    CREATE TABLE {s}.reports (
-        migration text NOT NULL,
-        run_id bigint NOT NULL,
-        mode text NOT NULL,
-        created_at timestamptz NOT NULL DEFAULT now(),
-        report jsonb NOT NULL,
-        PRIMARY KEY (migration, run_id)
-    );
-    "#,
-];
+mod lock;
+mod migrations;
+mod runs;
 
-/// The pseudo-stage (no plan stage can be named so) of the store's own checkpoints.
+pub use crate::state::{KeptReport, RunRecord};
+pub use lock::{LockHolder, RunnerLock, hostname};
+use migrations::{ensure_database, migrate};
+
 const STORE_STAGE: &str = "(store)";
 const CREATED_DATABASE_KEY: &str = "created_database";
 /// The pseudo-stage of what the migration's checkpoints belong to (`run` or `rehearsal`).
@@ -141,15 +35,6 @@ const MODE_KEY: &str = "mode";
 /// What `reset` keeps of a migration.
 const KEPT_TABLES: &[&str] = &["runs", "reports", "samples"];
 
-/// A run report kept in the store.
-#[derive(Debug, Clone)]
-pub struct KeptReport {
-    pub run_id: i64,
-    pub mode: String,
-    pub created_at: Timestamp,
-    pub report: serde_json::Value,
-}
-
 /// The store of one migration.
 pub struct PgStore {
     conn: ConnInfo,
@@ -157,35 +42,6 @@ pub struct PgStore {
     migration: String,
     client: Mutex<Arc<Client>>,
     run: std::sync::atomic::AtomicI64,
-}
-
-/// Who holds a migration's runner lock.
-#[derive(Debug, Clone)]
-pub struct LockHolder {
-    pub host: Option<String>,
-    pub pid: Option<i32>,
-    pub since: Option<String>,
-    pub backend_pid: i32,
-    pub application: String,
-}
-
-impl std::fmt::Display for LockHolder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match (&self.host, self.pid) {
-            (Some(h), Some(p)) => write!(f, "pgferry on host {h}, pid {p}")?,
-            _ => write!(f, "session `{}`", self.application)?,
-        }
-        if let Some(s) = &self.since {
-            write!(f, ", since {s}")?;
-        }
-        write!(f, " (server backend pid {})", self.backend_pid)
-    }
-}
-
-/// The runner lock: held for as long as this value (and its dedicated session) lives. A killed runner
-/// loses it with its connection.
-pub struct RunnerLock {
-    _client: Client,
 }
 
 impl PgStore {
@@ -300,19 +156,6 @@ impl PgStore {
         .await
     }
 
-    /// The latest stored report of a run of `mode` (`run` or `rehearsal`): run id, when, report.
-    pub async fn latest_report(
-        &self,
-        mode: &str,
-    ) -> Result<Option<(i64, Timestamp, serde_json::Value)>> {
-        Ok(self
-            .reports(None, Some(mode), 1)
-            .await?
-            .into_iter()
-            .next()
-            .map(|r| (r.run_id, r.created_at, r.report)))
-    }
-
     /// What `reset` keeps of this migration (runs, reports, cdc lag samples), as JSON rows.
     pub async fn kept_rows(&self) -> Result<serde_json::Value> {
         let client = self.client().await?;
@@ -397,87 +240,6 @@ impl PgStore {
         format!("{}.{}", quote_ident(&self.schema), quote_ident(table))
     }
 
-    /// The advisory lock key of a migration.
-    fn lock_key(&self) -> i64 {
-        let digest = Sha256::digest(format!("pgferry runner lock: {}", self.migration).as_bytes());
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&digest[..8]);
-        i64::from_be_bytes(b)
-    }
-
-    /// Takes the runner lock on a session of its own, or says who holds it.
-    pub async fn acquire_runner_lock(&self) -> Result<std::result::Result<RunnerLock, LockHolder>> {
-        let host = hostname();
-        let pid = std::process::id();
-        // The stem, not the name itself: `application_name` keeps ASCII only (and 63 bytes), and
-        // the holder is read back from it word by word.
-        let app = format!(
-            "runner {} host={host} pid={pid}",
-            crate::pg::names::name_stem(&self.migration)
-        );
-        let client = self
-            .conn
-            .connect(&app)
-            .await
-            .map_err(|e| e.context("runner lock"))?;
-        let key = self.lock_key();
-        let got: bool = client
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
-            .await
-            .map_err(|e| Error::pg(&e, "taking the runner lock"))?
-            .get(0);
-        if got {
-            return Ok(Ok(RunnerLock { _client: client }));
-        }
-        Ok(Err(self.lock_holder(&client, key).await?.unwrap_or(
-            LockHolder {
-                host: None,
-                pid: None,
-                since: None,
-                backend_pid: 0,
-                application: "unknown (the lock was released meanwhile; try again)".into(),
-            },
-        )))
-    }
-
-    /// Who holds the runner lock right now, if anyone.
-    pub async fn runner(&self) -> Result<Option<LockHolder>> {
-        let client = self.client().await?;
-        self.lock_holder(&client, self.lock_key()).await
-    }
-
-    async fn lock_holder(&self, client: &Client, key: i64) -> Result<Option<LockHolder>> {
-        let hi = ((key as u64) >> 32) as u32;
-        let lo = (key as u64 & 0xffff_ffff) as u32;
-        let row = client
-            .query_opt(
-                "SELECT a.pid, coalesce(a.application_name, ''), \
-                        to_char(a.backend_start AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') \
-                 FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid \
-                 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
-                   AND l.classid::text::bigint = $1 AND l.objid::text::bigint = $2 \
-                   AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())",
-                &[&i64::from(hi), &i64::from(lo)],
-            )
-            .await
-            .map_err(|e| Error::pg(&e, "looking up the runner lock's holder"))?;
-        let Some(row) = row else { return Ok(None) };
-        let application: String = row.get(1);
-        // application_name is "pgferry runner NAME host=H pid=P"
-        let field = |k: &str| {
-            application
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix(k).map(str::to_string))
-        };
-        Ok(Some(LockHolder {
-            host: field("host="),
-            pid: field("pid=").and_then(|p| p.parse().ok()),
-            since: row.get(2),
-            backend_pid: row.get(0),
-            application,
-        }))
-    }
-
     /// Upserts counters in one statement; rows naming the same counter are combined with
     /// `combine` (an aggregate); `update` is the new value in terms of `c` (stored) and `excluded`.
     async fn write_counters(
@@ -504,110 +266,6 @@ impl PgStore {
             .await
             .map_err(|e| Error::pg(&e, "updating counters"))?;
         Ok(())
-    }
-
-    /// Every position of this migration: `(name, lsn)`.
-    pub async fn positions(&self) -> Result<Vec<(String, String)>> {
-        let client = self.client().await?;
-        let sql = format!(
-            "SELECT name, lsn::text FROM {} WHERE migration = $1 ORDER BY 1",
-            self.t("positions")
-        );
-        let rows = client
-            .query(&sql, &[&self.migration])
-            .await
-            .map_err(|e| Error::pg(&e, "reading positions"))?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
-    }
-
-    pub async fn counters(&self) -> Result<Vec<(String, String, i64)>> {
-        let client = self.client().await?;
-        let sql = format!(
-            "SELECT scope, name, value FROM {} WHERE migration = $1 ORDER BY 1, 2",
-            self.t("counters")
-        );
-        let rows = client
-            .query(&sql, &[&self.migration])
-            .await
-            .map_err(|e| Error::pg(&e, "reading counters"))?;
-        Ok(rows
-            .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2)))
-            .collect())
-    }
-
-    /// Records an operator request (such as `cutover`) for the running stage to pick up.
-    pub async fn request(&self, name: &str, by: &str) -> Result<()> {
-        let client = self.client().await?;
-        let sql = format!(
-            "INSERT INTO {} (migration, name, requested_by) VALUES ($1, $2, $3) ON CONFLICT (migration, name) DO NOTHING",
-            self.t("requests")
-        );
-        client
-            .execute(&sql, &[&self.migration, &name, &by])
-            .await
-            .map_err(|e| Error::pg(&e, format!("recording the {name} request")))?;
-        Ok(())
-    }
-
-    pub async fn requested(&self, name: &str) -> Result<Option<String>> {
-        let client = self.client().await?;
-        let sql = format!(
-            "SELECT to_char(requested_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') FROM {} WHERE migration = $1 AND name = $2",
-            self.t("requests")
-        );
-        let row = client
-            .query_opt(&sql, &[&self.migration, &name])
-            .await
-            .map_err(|e| Error::pg(&e, "reading requests"))?;
-        Ok(row.map(|r| r.get(0)))
-    }
-
-    /// The latest runs, newest first: (id, started, ended, host, pid, outcome).
-    pub async fn runs(&self, limit: i64) -> Result<Vec<RunRecord>> {
-        let client = self.client().await?;
-        let sql = format!(
-            "SELECT id, extract(epoch FROM started_at)::float8, extract(epoch FROM ended_at)::float8, host, pid, outcome, args \
-             FROM {} WHERE migration = $1 ORDER BY id DESC LIMIT $2",
-            self.t("runs")
-        );
-        let rows = client
-            .query(&sql, &[&self.migration, &limit])
-            .await
-            .map_err(|e| Error::pg(&e, "reading runs"))?;
-        Ok(rows
-            .iter()
-            .map(|r| RunRecord {
-                id: r.get(0),
-                started_at: r.get::<_, Option<f64>>(1).map(Timestamp),
-                ended_at: r.get::<_, Option<f64>>(2).map(Timestamp),
-                host: r.get(3),
-                pid: r.get(4),
-                outcome: r.get(5),
-                args: r.get(6),
-            })
-            .collect())
-    }
-
-    /// The run log, oldest first.
-    pub async fn events(
-        &self,
-        limit: i64,
-    ) -> Result<Vec<(Timestamp, Option<String>, String, String)>> {
-        let client = self.client().await?;
-        let sql = format!(
-            "SELECT extract(epoch FROM at)::float8, stage, level, message FROM \
-               (SELECT * FROM {} WHERE migration = $1 ORDER BY id DESC LIMIT $2) e ORDER BY id",
-            self.t("events")
-        );
-        let rows = client
-            .query(&sql, &[&self.migration, &limit])
-            .await
-            .map_err(|e| Error::pg(&e, "reading the run log"))?;
-        Ok(rows
-            .iter()
-            .map(|r| (Timestamp(r.get(0)), r.get(1), r.get(2), r.get(3)))
-            .collect())
     }
 
     /// Removes this migration's stage states, checkpoints, progress, counters, positions,
@@ -654,18 +312,6 @@ impl PgStore {
             .map_err(|e| Error::pg(&e, "reading the checkpoint store"))?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
-}
-
-/// One run of a migration.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct RunRecord {
-    pub id: i64,
-    pub started_at: Option<Timestamp>,
-    pub ended_at: Option<Timestamp>,
-    pub host: Option<String>,
-    pub pid: Option<i32>,
-    pub outcome: Option<String>,
-    pub args: Option<String>,
 }
 
 #[async_trait]
@@ -754,25 +400,26 @@ impl StateStore for PgStore {
             .query(&sql, &[&self.migration, &stage])
             .await
             .map_err(|e| Error::pg(&e, "reading table progress"))?;
-        Ok(rows
-            .iter()
-            .map(|r| TableProgress {
-                stage: r.get(0),
-                database: r.get(1),
-                table: r.get(2),
-                state: TableState::parse(r.get(3)),
-                rows: r.get(4),
-                bytes: r.get(5),
-                lsn: r.get(6),
-                started_at: r.get::<_, Option<f64>>(7).map(Timestamp),
-                ended_at: r.get::<_, Option<f64>>(8).map(Timestamp),
-                error: r.get(9),
+        rows.iter()
+            .map(|r| {
+                Ok(TableProgress {
+                    stage: r.get(0),
+                    database: r.get(1),
+                    table: r.get(2),
+                    state: TableState::parse(r.get(3)),
+                    rows: r.get(4),
+                    bytes: r.get(5),
+                    lsn: crate::pg::lsn::parse_opt(r.get(6))?,
+                    started_at: r.get::<_, Option<f64>>(7).map(Timestamp),
+                    ended_at: r.get::<_, Option<f64>>(8).map(Timestamp),
+                    error: r.get(9),
+                })
             })
-            .collect())
+            .collect()
     }
 
     /// Moves a position forward; a lower LSN than the stored one is ignored. Returns the stored LSN.
-    async fn advance_position(&self, name: &str, lsn: &str) -> Result<String> {
+    async fn advance_position(&self, name: &str, lsn: Lsn) -> Result<Lsn> {
         let client = self.client().await?;
         let sql = format!(
             "INSERT INTO {t} AS p (migration, name, lsn) VALUES ($1, $2, $3::text::pg_lsn) \
@@ -782,13 +429,13 @@ impl StateStore for PgStore {
             t = self.t("positions")
         );
         let row = client
-            .query_one(&sql, &[&self.migration, &name, &lsn])
+            .query_one(&sql, &[&self.migration, &name, &lsn.to_string()])
             .await
             .map_err(|e| Error::pg(&e, format!("recording position {name}")))?;
-        Ok(row.get(0))
+        row.get::<_, String>(0).parse()
     }
 
-    async fn position(&self, name: &str) -> Result<Option<String>> {
+    async fn position(&self, name: &str) -> Result<Option<Lsn>> {
         let client = self.client().await?;
         let sql = format!(
             "SELECT lsn::text FROM {} WHERE migration = $1 AND name = $2",
@@ -798,7 +445,7 @@ impl StateStore for PgStore {
             .query_opt(&sql, &[&self.migration, &name])
             .await
             .map_err(|e| Error::pg(&e, "reading a position"))?;
-        Ok(row.map(|r| r.get(0)))
+        row.map(|r| r.get::<_, String>(0).parse()).transpose()
     }
 
     /// Stores an artifact (for example a schema dump section), replacing an older one.
@@ -1063,246 +710,113 @@ impl StateStore for PgStore {
             .map_err(|e| Error::pg(&e, "recording a cdc lag sample"))?;
         Ok(())
     }
-}
 
-/// What `pgferry report` reads and keeps: runs with their mode, lag samples, checkpoints, reports.
-impl PgStore {
-    /// One run with its mode (`run` or `rehearsal`).
-    pub async fn run_with_mode(&self, id: i64) -> Result<Option<(RunRecord, String)>> {
+    /// Records an operator request (such as `cutover`) for the running stage to pick up.
+    async fn request(&self, name: &str, by: &str) -> Result<()> {
         let client = self.client().await?;
         let sql = format!(
-            "SELECT id, extract(epoch FROM started_at)::float8, extract(epoch FROM ended_at)::float8, host, pid, outcome, args, mode \
-             FROM {} WHERE migration = $1 AND id = $2",
-            self.t("runs")
-        );
-        let row = client
-            .query_opt(&sql, &[&self.migration, &id])
-            .await
-            .map_err(|e| Error::pg(&e, "reading a run"))?;
-        Ok(row.map(|r| {
-            (
-                RunRecord {
-                    id: r.get(0),
-                    started_at: r.get::<_, Option<f64>>(1).map(Timestamp),
-                    ended_at: r.get::<_, Option<f64>>(2).map(Timestamp),
-                    host: r.get(3),
-                    pid: r.get(4),
-                    outcome: r.get(5),
-                    args: r.get(6),
-                },
-                r.get(7),
-            )
-        }))
-    }
-
-    /// The cdc lag samples of a run, oldest first.
-    pub async fn samples(&self, run: i64) -> Result<Vec<LagSample>> {
-        let client = self.client().await?;
-        let sql = format!(
-            "SELECT stage, database, extract(epoch FROM at)::float8, lag_bytes, latency_ms, incoming, applied \
-             FROM {} WHERE migration = $1 AND run_id = $2 ORDER BY at, database",
-            self.t("samples")
-        );
-        let rows = client
-            .query(&sql, &[&self.migration, &run])
-            .await
-            .map_err(|e| Error::pg(&e, "reading the cdc lag samples"))?;
-        Ok(rows
-            .iter()
-            .map(|r| LagSample {
-                stage: r.get(0),
-                database: r.get(1),
-                at: r.get(2),
-                lag_bytes: r.get(3),
-                latency_ms: r.get(4),
-                incoming: r.get(5),
-                applied: r.get(6),
-            })
-            .collect())
-    }
-
-    /// Every checkpoint of a stage: `(key, value, updated at)`, by key.
-    pub async fn checkpoints(
-        &self,
-        stage: &str,
-    ) -> Result<Vec<(String, serde_json::Value, Timestamp)>> {
-        let client = self.client().await?;
-        let sql = format!(
-            "SELECT key, value, extract(epoch FROM updated_at)::float8 FROM {} \
-             WHERE migration = $1 AND stage = $2 ORDER BY key",
-            self.t("checkpoints")
-        );
-        let rows = client
-            .query(&sql, &[&self.migration, &stage])
-            .await
-            .map_err(|e| Error::pg(&e, format!("reading the checkpoints of stage `{stage}`")))?;
-        Ok(rows
-            .iter()
-            .map(|r| (r.get(0), r.get(1), Timestamp(r.get(2))))
-            .collect())
-    }
-
-    /// Keeps a run's report (replacing an earlier one of the same run).
-    pub async fn put_report(&self, run: i64, mode: &str, report: &serde_json::Value) -> Result<()> {
-        let client = self.client().await?;
-        let sql = format!(
-            "INSERT INTO {} (migration, run_id, mode, report) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (migration, run_id) DO UPDATE SET mode = excluded.mode, report = excluded.report, created_at = now()",
-            self.t("reports")
+            "INSERT INTO {} (migration, name, requested_by) VALUES ($1, $2, $3) ON CONFLICT (migration, name) DO NOTHING",
+            self.t("requests")
         );
         client
-            .execute(&sql, &[&self.migration, &run, &mode, report])
+            .execute(&sql, &[&self.migration, &name, &by])
             .await
-            .map_err(|e| Error::pg(&e, "keeping the run report"))?;
+            .map_err(|e| Error::pg(&e, format!("recording the {name} request")))?;
         Ok(())
     }
 
-    /// Kept reports, newest first; only run `run` and runs of `mode` when given. None from a
-    /// store older than the reports table (read-only commands do not upgrade it).
-    pub async fn reports(
+    async fn requested(&self, name: &str) -> Result<Option<String>> {
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT to_char(requested_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') FROM {} WHERE migration = $1 AND name = $2",
+            self.t("requests")
+        );
+        let row = client
+            .query_opt(&sql, &[&self.migration, &name])
+            .await
+            .map_err(|e| Error::pg(&e, "reading requests"))?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Every position of this migration: `(name, lsn)`.
+    async fn positions(&self) -> Result<Vec<(String, Lsn)>> {
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT name, lsn::text FROM {} WHERE migration = $1 ORDER BY 1",
+            self.t("positions")
+        );
+        let rows = client
+            .query(&sql, &[&self.migration])
+            .await
+            .map_err(|e| Error::pg(&e, "reading positions"))?;
+        rows.iter()
+            .map(|r| Ok((r.get(0), r.get::<_, String>(1).parse()?)))
+            .collect()
+    }
+
+    async fn counters(&self) -> Result<Vec<(String, String, i64)>> {
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT scope, name, value FROM {} WHERE migration = $1 ORDER BY 1, 2",
+            self.t("counters")
+        );
+        let rows = client
+            .query(&sql, &[&self.migration])
+            .await
+            .map_err(|e| Error::pg(&e, "reading counters"))?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
+    }
+
+    /// The run log, oldest first.
+    async fn events(&self, limit: i64) -> Result<Vec<(Timestamp, Option<String>, String, String)>> {
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT extract(epoch FROM at)::float8, stage, level, message FROM \
+               (SELECT * FROM {} WHERE migration = $1 ORDER BY id DESC LIMIT $2) e ORDER BY id",
+            self.t("events")
+        );
+        let rows = client
+            .query(&sql, &[&self.migration, &limit])
+            .await
+            .map_err(|e| Error::pg(&e, "reading the run log"))?;
+        Ok(rows
+            .iter()
+            .map(|r| (Timestamp(r.get(0)), r.get(1), r.get(2), r.get(3)))
+            .collect())
+    }
+
+    async fn checkpoints(
+        &self,
+        stage: &str,
+    ) -> Result<Vec<(String, serde_json::Value, Timestamp)>> {
+        self.select_checkpoints(stage).await
+    }
+
+    async fn runs(&self, limit: i64) -> Result<Vec<RunRecord>> {
+        self.select_runs(limit).await
+    }
+
+    async fn run_with_mode(&self, id: i64) -> Result<Option<(RunRecord, String)>> {
+        self.select_run_with_mode(id).await
+    }
+
+    async fn samples(&self, run: i64) -> Result<Vec<LagSample>> {
+        self.select_samples(run).await
+    }
+
+    async fn put_report(&self, run: i64, mode: &str, report: &serde_json::Value) -> Result<()> {
+        self.insert_report(run, mode, report).await
+    }
+
+    async fn reports(
         &self,
         run: Option<i64>,
         mode: Option<&str>,
         limit: i64,
     ) -> Result<Vec<KeptReport>> {
-        let client = self.client().await?;
-        let present: bool = client
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&self.t("reports")])
-            .await
-            .map_err(|e| Error::pg(&e, "reading the checkpoint store"))?
-            .get(0);
-        if !present {
-            return Ok(Vec::new());
-        }
-        let sql = format!(
-            "SELECT run_id, mode, extract(epoch FROM created_at)::float8, report FROM {} \
-              WHERE migration = $1 AND ($2::int8 IS NULL OR run_id = $2) AND ($3::text IS NULL OR mode = $3) \
-              ORDER BY created_at DESC, run_id DESC LIMIT $4",
-            self.t("reports")
-        );
-        let rows = client
-            .query(&sql, &[&self.migration, &run, &mode, &limit])
-            .await
-            .map_err(|e| Error::pg(&e, "reading the kept run reports"))?;
-        Ok(rows
-            .iter()
-            .map(|r| KeptReport {
-                run_id: r.get(0),
-                mode: r.get(1),
-                created_at: Timestamp(r.get(2)),
-                report: r.get(3),
-            })
-            .collect())
+        self.select_reports(run, mode, limit).await
     }
-}
-
-/// Creates the store's schema or brings it up to the current version, under a transaction-level
-/// advisory lock so two first runs cannot race.
-async fn migrate(client: &Client, schema: &str) -> Result<()> {
-    let s = quote_ident(schema);
-    let lock_key: i64 = 0x7067_6665_7272_7901; // "pgferry" + 1
-    let mut sql = format!(
-        "BEGIN; SELECT pg_advisory_xact_lock({lock_key}); \
-         CREATE SCHEMA IF NOT EXISTS {s}; REVOKE ALL ON SCHEMA {s} FROM PUBLIC; \
-         CREATE TABLE IF NOT EXISTS {s}.schema_version (version integer NOT NULL, applied_at timestamptz NOT NULL DEFAULT now());"
-    );
-    sql.push_str("COMMIT;");
-    client
-        .batch_execute(&sql)
-        .await
-        .map_err(|e| Error::pg(&e, format!("creating schema {schema}")))?;
-    let current: i32 = client
-        .query_one(
-            &format!("SELECT coalesce(max(version), 0) FROM {s}.schema_version"),
-            &[],
-        )
-        .await
-        .map_err(|e| Error::pg(&e, "reading the store version"))?
-        .get(0);
-    let latest = MIGRATIONS.len() as i32;
-    if current > latest {
-        return Err(Error::permanent(format!(
-            "the checkpoint store {schema} has version {current}, newer than this pgferry understands ({latest})"
-        ))
-        .hint("use the pgferry version that created it, or a newer one"));
-    }
-    if current == latest {
-        return Ok(());
-    }
-    let mut sql = format!("BEGIN; SELECT pg_advisory_xact_lock({lock_key});");
-    // Re-check under the lock: another runner may have migrated meanwhile.
-    sql.push_str(&format!(
-        "DO $$ BEGIN IF (SELECT coalesce(max(version), 0) FROM {s}.schema_version) <> {current} THEN \
-           RAISE EXCEPTION 'checkpoint store changed concurrently' USING ERRCODE = '40001'; END IF; END $$;"
-    ));
-    for (i, step) in MIGRATIONS.iter().enumerate().skip(current as usize) {
-        sql.push_str(&step.replace("{s}", &s));
-        sql.push_str(&format!(
-            "INSERT INTO {s}.schema_version (version) VALUES ({});",
-            i + 1
-        ));
-    }
-    sql.push_str("COMMIT;");
-    client.batch_execute(&sql).await.map_err(|e| {
-        Error::pg(
-            &e,
-            format!("upgrading the checkpoint store {schema} from version {current}"),
-        )
-    })?;
-    Ok(())
-}
-
-/// Creates the store's database when it does not exist, from the server's maintenance database.
-async fn ensure_database(conn: &ConnInfo) -> Result<bool> {
-    let db = conn.dbname().to_string();
-    if db.is_empty() {
-        return Ok(false);
-    }
-    let mut last_err = None;
-    for maintenance in ["postgres", "template1"] {
-        if maintenance == db {
-            return Ok(false);
-        }
-        let client = match conn.with_dbname(maintenance).connect("state setup").await {
-            Ok(c) => c,
-            Err(e) => {
-                last_err = Some(e);
-                continue;
-            }
-        };
-        let exists: bool = client
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_database WHERE datname = $1)",
-                &[&db],
-            )
-            .await
-            .map_err(|e| Error::pg(&e, "looking for the checkpoint database"))?
-            .get(0);
-        if !exists {
-            tracing::info!(database = %db, "creating the database for the checkpoint store");
-            match client.batch_execute(&format!("CREATE DATABASE {}", quote_ident(&db))).await {
-                Ok(()) => return Ok(true),
-                // Created by someone else meanwhile.
-                Err(e) if e.code().map(|c| c.code()) == Some("42P04") => {}
-                Err(e) => {
-                    return Err(Error::pg(&e, format!("creating database {db} for the checkpoint store"))
-                        .hint("grant CREATEDB to the migration role, create the database by hand, or point [state] url elsewhere"))
-                }
-            }
-        }
-        return Ok(false);
-    }
-    match last_err {
-        Some(e) => Err(e.context(format!("checking that database {db} exists"))),
-        None => Ok(false),
-    }
-}
-
-pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .ok()
-        .filter(|s| !s.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "unknown".into())
 }
