@@ -670,4 +670,22 @@ fn an_index_built_after_its_transaction_survives_a_kill() {
         row_digest(&p.source, &s, "public.events"),
         row_digest(&p.target, &t, "public.events")
     );
+
+    // A schema dump taken again while the capture is installed leaves it out.
+    assert!(capture_installed(&p.source, &s));
+    let out = plan.run(&["run", "--rerun", "schema", "--until", "schema"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    for section in ["pre-data", "post-data"] {
+        let dump = p.target.psql(
+            &t,
+            &format!(
+                "SELECT convert_from(content, 'UTF8') FROM pgferry.artifacts WHERE migration = 'ddl_cic' AND name = 'schema/{s}/{section}.sql'"
+            ),
+        );
+        assert!(dump.contains("CREATE"), "{section}: {dump}");
+        assert!(
+            !dump.contains("pgferry_capture") && !dump.contains("pgferry_ddl_"),
+            "{section}: {dump}"
+        );
+    }
 }
