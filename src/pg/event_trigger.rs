@@ -82,6 +82,7 @@ DECLARE
   tabs jsonb;
   t jsonb;
   fulls jsonb := '[]';
+  outside jsonb;
   failure text;
 BEGIN
   IF event = 'sql_drop' THEN
@@ -119,6 +120,17 @@ BEGIN
      WHERE c.command_tag IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO')
        AND t.relkind IN ('r', 'p') AND t.relpersistence = 'p' AND NOT t.relispartition
        AND {selected};
+    -- A table renamed or moved into the selection is not published: cdc stops on it.
+    SELECT jsonb_agg(DISTINCT jsonb_build_array(n.nspname, t.relname))
+      INTO outside
+      FROM pg_event_trigger_ddl_commands() c
+      JOIN pg_class t ON c.classid = 'pg_class'::regclass AND t.oid = c.objid
+      JOIN pg_namespace n ON n.oid = t.relnamespace
+     WHERE c.command_tag IN ('ALTER TABLE')
+       AND t.relkind IN ('r', 'p') AND t.relpersistence = 'p' AND NOT t.relispartition
+       AND NOT EXISTS (SELECT 1 FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
+                        WHERE p.pubname = {publication} AND pr.prrelid = t.oid)
+       AND {selected};
     BEGIN
       PERFORM set_config('pgferry.capture_off', 'on', true);
       FOR t IN SELECT * FROM jsonb_array_elements(coalesce(tabs, '[]')) LOOP
@@ -149,6 +161,7 @@ BEGIN
     'objects', coalesce(objs, '[]'),
     'published', coalesce(tabs, '[]'),
     'identity_full', fulls,
+    'unpublished', coalesce(outside, '[]'),
     'error', failure)::text);
 END
 $pgferry$;

@@ -382,7 +382,9 @@ fn a_statement_that_cannot_be_replayed_stops_cdc_until_the_operator_resolves_it(
          UPDATE public.accounts SET nickname = 'n' || id WHERE id <= 3;\n\
          INSERT INTO public.events (account, note) VALUES (4, 'after');\n\
          CREATE TABLE public.clash (id int PRIMARY KEY, v text);\n\
-         INSERT INTO public.clash VALUES (1, 'one'), (2, 'two');",
+         INSERT INTO public.clash VALUES (1, 'one'), (2, 'two');\n\
+         ALTER TABLE public.scratch RENAME TO moved;\n\
+         INSERT INTO public.moved VALUES (2, 'two');",
     );
     let out = plan.run(&["run"]);
     assert_ne!(out.status.code(), Some(0), "{}", show(&out));
@@ -427,9 +429,42 @@ fn a_statement_that_cannot_be_replayed_stops_cdc_until_the_operator_resolves_it(
     // The first way out: make the target accept it.
     p.target.psql(&t, "DROP TABLE public.clash");
 
+    // Next: a table renamed into the selection (from `scratch`, excluded), which nothing publishes.
+    let out = plan.run(&["run"]);
+    assert_ne!(out.status.code(), Some(0), "{}", show(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cdc stopped at the ALTER TABLE statement at")
+            && stderr.contains("public.moved entered the selection by a rename or a move"),
+        "{}",
+        show(&out)
+    );
+    let mark = stderr
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("INSERT INTO"))
+        .unwrap_or_else(|| panic!("the message names the command to mark it: {stderr}"))
+        .trim_end_matches(';')
+        .to_string();
+    // What the message says: publish it, copy it, mark the statement.
+    p.source.psql(
+        &s,
+        "ALTER PUBLICATION pgferry_ddl_stop ADD TABLE public.moved",
+    );
+    p.target.psql(
+        &t,
+        "CREATE TABLE public.moved (id int, v text); INSERT INTO public.moved VALUES (1, NULL), (2, 'two')",
+    );
+    p.target.psql(&t, &mark);
+
     let out = plan.run(&["run"]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
-    for table in ["public.accounts", "public.events", "public.clash"] {
+    for table in [
+        "public.accounts",
+        "public.events",
+        "public.clash",
+        "public.moved",
+    ] {
         assert_eq!(
             row_digest(&p.source, &s, table),
             row_digest(&p.target, &t, table),
@@ -453,7 +488,7 @@ fn a_statement_that_cannot_be_replayed_stops_cdc_until_the_operator_resolves_it(
             &t,
             "SELECT string_agg(status, ',' ORDER BY lsn) FROM pgferry.cdc_ddl"
         ),
-        "ignored,ignored,skipped,applied"
+        "ignored,ignored,skipped,applied,skipped,ignored"
     );
 }
 

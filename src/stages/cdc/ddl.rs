@@ -89,6 +89,10 @@ pub struct Captured {
     /// New keyless tables the capture gave `REPLICA IDENTITY FULL` (to be undone by cleanup).
     #[serde(default)]
     pub identity_full: Vec<Vec<String>>,
+    /// Tables an `ALTER TABLE` left matching the selection but not published (renamed or moved
+    /// into it).
+    #[serde(default)]
+    pub unpublished: Vec<Vec<String>>,
     #[serde(default)]
     pub error: Option<String>,
 }
@@ -183,6 +187,12 @@ pub fn decide(
     if let Some(e) = &c.error {
         return Decision::Refuse(format!(
             "the capture could not add the new table to the publication ({e}), so its rows would not reach the target"
+        ));
+    }
+    if let Some(t) = c.unpublished.first() {
+        return Decision::Refuse(format!(
+            "{} entered the selection by a rename or a move, so it is not published and its rows are not on the target (copy it to the target, add it to the publication with ALTER PUBLICATION ... ADD TABLE on the source, then mark the statement)",
+            t.join(".")
         ));
     }
     let Some(query) = c.query.as_deref().filter(|q| !q.trim().is_empty()) else {
@@ -1057,6 +1067,7 @@ mod tests {
                 .collect(),
             published: Vec::new(),
             identity_full: Vec::new(),
+            unpublished: Vec::new(),
             error: None,
         }
     }
@@ -1150,6 +1161,16 @@ mod tests {
                 |s, t| s == "other" && t == "t"
             ),
             Decision::Replay { .. }
+        ));
+        let mut renamed = captured(
+            "ALTER TABLE",
+            "ALTER TABLE other.t SET SCHEMA app",
+            &[("app", "t")],
+        );
+        renamed.unpublished = vec![vec!["app".into(), "t".into()]];
+        assert!(matches!(
+            decide(&renamed, &sel, |_, _| false),
+            Decision::Refuse(_)
         ));
         assert!(matches!(
             d("CREATE EXTENSION", "CREATE EXTENSION hstore", &[]),
