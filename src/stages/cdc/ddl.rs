@@ -300,9 +300,7 @@ fn is_c_language(stmt: &str) -> bool {
         .filter(|w| !w.is_empty())
         .map(|w| w.trim_matches('\'').to_ascii_lowercase())
         .collect();
-    words
-        .windows(2)
-        .any(|w| w[0] == "language" && (w[1] == "c" || w[1] == "internal"))
+    words.windows(2).any(|w| w[0] == "language" && w[1] == "c")
 }
 
 /// A statement to run after the target transaction commits.
