@@ -724,3 +724,47 @@ fn an_index_built_after_its_transaction_survives_a_kill() {
         );
     }
 }
+
+/// The default, `ddl = "stop"`: nothing is installed on the source, and a column added there stops
+/// cdc with the difference named; the same change on the target resumes it.
+#[test]
+fn the_stop_policy_names_the_column_difference_and_resumes_after_the_same_change() {
+    let p = pair();
+    let s = p.source.fresh_database("ddl_pol_src");
+    let t = p.target.fresh_database("ddl_pol_tgt");
+    p.source.psql(&s, SETUP);
+    let plan = TestPlan::new(
+        p,
+        "ddl_pol",
+        &s,
+        &t,
+        &stages("", "").replace("ddl = \"replicate\"\n", ""),
+    );
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(!capture_installed(&p.source, &s), "stop installs nothing");
+    migrate(
+        &p.source,
+        &s,
+        "ALTER TABLE public.accounts ADD COLUMN tier int;\n\
+         UPDATE public.accounts SET tier = 2 WHERE id <= 5;",
+    );
+    let out = plan.run(&["run"]);
+    assert_ne!(out.status.code(), Some(0), "{}", show(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "the schema of table `public.accounts` changed on the source: the source has column(s) tier that the target lacks"
+        ),
+        "{}",
+        show(&out)
+    );
+    p.target
+        .psql(&t, "ALTER TABLE public.accounts ADD COLUMN tier int");
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(
+        row_digest(&p.source, &s, "public.accounts"),
+        row_digest(&p.target, &t, "public.accounts")
+    );
+}
