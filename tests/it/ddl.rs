@@ -271,6 +271,15 @@ fn an_application_migration_during_cdc_is_replayed_and_the_cutover_is_exact() {
         "{}",
         show(&out)
     );
+    let page = plan.dir.path().join("report.html");
+    let out = plan.run(&["report", "--html", page.to_str().expect("utf-8 path")]);
+    assert!(out.status.success(), "{}", show(&out));
+    let page = std::fs::read_to_string(&page).expect("the HTML report");
+    assert!(
+        page.contains(&format!("Schema changes replayed in {s} (16)"))
+            && page.contains("<code>ALTER TYPE public.mood ADD VALUE &#39;ecstatic&#39;;</code>"),
+        "{page}"
+    );
 }
 
 #[test]
