@@ -251,6 +251,11 @@ pub fn decide(
         return Decision::Ignore("only session settings".into());
     }
     if only_temporary(c) {
+        if statements.len() > 1 {
+            return Decision::Refuse(
+                "the query string creates or changes temporary objects along with other DDL: replaying it would leave them in cdc's session".into(),
+            );
+        }
         return Decision::Ignore("temporary objects live in the source's session only".into());
     }
     if matches!(
@@ -333,8 +338,13 @@ impl DbStream<'_> {
             // already.
             return Ok(());
         }
+        let single = c
+            .query
+            .as_deref()
+            .and_then(|q| crate::pg::post_data_script::split_statements(q).ok())
+            .is_some_and(|v| v.len() == 1);
         st.ddl_key = Some(c.key.clone());
-        if only_temporary(&c) && c.error.is_none() {
+        if only_temporary(&c) && c.error.is_none() && single {
             // Session-local objects (an application may create temporary tables all day): not
             // recorded, and the batch goes on.
             tracing::debug!(database = %self.db.name, lsn = %m.lsn, "cdc: DDL on temporary objects not replayed");
@@ -1150,6 +1160,14 @@ mod tests {
                 &[("pg_temp_3", "x")]
             ),
             Decision::Ignore(_)
+        ));
+        assert!(matches!(
+            d(
+                "CREATE TABLE",
+                "CREATE TEMP TABLE x (a int); CREATE INDEX i ON app.t (c);",
+                &[("pg_temp_3", "x")]
+            ),
+            Decision::Refuse(_)
         ));
         // Outside the selection but on the target: kept in step.
         assert!(matches!(
