@@ -295,7 +295,7 @@ async fn downtime(plan: &Arc<Plan>) -> Result<Option<f64>> {
     let Some(stage) = plan.stages.iter().find(|s| s.kind == StageKind::Cutover) else {
         return Ok(None);
     };
-    let key = format!("database:{}", plan.databases[0].name);
+    let key = crate::stages::database_key(&plan.databases[0].name);
     Ok(store.checkpoint(&stage.id, &key).await?.and_then(|v| {
         v.get("downtime_seconds")
             .and_then(serde_json::Value::as_f64)

@@ -268,7 +268,7 @@ async fn target_drops(plan: &Plan, env: &Env, store: Option<&PgStore>) -> Result
         if let Some(store) = store {
             for stage in provision.clone() {
                 let detail = store
-                    .checkpoint(&stage.id, &format!("database:{}", db.name))
+                    .checkpoint(&stage.id, &crate::stages::database_key(&db.name))
                     .await?;
                 created |= detail
                     .as_ref()
@@ -286,7 +286,7 @@ async fn target_drops(plan: &Plan, env: &Env, store: Option<&PgStore>) -> Result
             let mut real = false;
             for stage in cutovers.clone() {
                 for key in [
-                    format!("database:{}", db.name),
+                    crate::stages::database_key(&db.name),
                     crate::stages::cdc::drain_key(&db.name),
                 ] {
                     if let Some(v) = store.checkpoint(&stage.id, &key).await? {

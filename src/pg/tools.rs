@@ -1,5 +1,6 @@
 //! Finding the PostgreSQL client programs pgferry runs as child processes: `pg_dump`, `pg_restore`
-//! and `psql`, all three from one directory so that they agree on the dump format.
+//! and `psql`, all three from one directory so that they agree on the dump format; and running them
+//! ([`run_tool`]: cancellable, passwords only in their environment, in a [`PrivateTempDir`]).
 //!
 //! `PGFERRY_PG_BINDIR`, when set, names the directory to use and nothing else is searched.
 //! Otherwise: pg_dump refuses to dump a server newer than itself, so pgferry uses the NEWEST
@@ -11,8 +12,11 @@
 //! `/usr/bin`). The search runs once per process.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 use crate::pg::version::ServerVersion;
@@ -260,6 +264,203 @@ fn from_bindir(bindir: PathBuf) -> std::result::Result<PgTools, Error> {
         version,
         version_num,
     })
+}
+
+// ----- a private temporary directory ------------------------------------------------------------
+
+/// A directory under the system temp dir, mode 0700, removed (with its contents) on drop.
+pub struct PrivateTempDir {
+    path: PathBuf,
+}
+
+impl PrivateTempDir {
+    pub fn new(prefix: &str) -> Result<PrivateTempDir> {
+        use std::os::unix::fs::DirBuilderExt;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let base = std::env::temp_dir();
+        for _ in 0..100 {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0);
+            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+            let path = base.join(format!("{prefix}-{}-{n}-{nanos:08x}", std::process::id()));
+            match std::fs::DirBuilder::new().mode(0o700).create(&path) {
+                Ok(()) => return Ok(PrivateTempDir { path }),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => {
+                    return Err(Error::permanent(format!(
+                        "cannot create a temporary directory in {}: {e}",
+                        base.display()
+                    ))
+                    .hint("check that TMPDIR (or /tmp) exists, is writable and has free space"));
+                }
+            }
+        }
+        Err(Error::permanent(format!(
+            "cannot create a unique temporary directory in {}",
+            base.display()
+        )))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for PrivateTempDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.path) {
+            tracing::warn!(dir = %self.path.display(), "could not remove a temporary directory: {e}");
+        }
+    }
+}
+
+// ----- running a client program -----------------------------------------------------------------
+
+/// What a finished child process left.
+pub struct ToolOutput {
+    pub status: ExitStatus,
+    pub stdout: Vec<u8>,
+    pub stderr: String,
+}
+
+/// Runs a prepared command to completion, feeding `stdin` when given (else /dev/null) and collecting
+/// stdout and stderr. When `cancel` fires, the child is killed and `Interrupted` returned.
+pub async fn run_tool(
+    mut cmd: tokio::process::Command,
+    stdin: Option<Vec<u8>>,
+    cancel: &CancellationToken,
+) -> Result<ToolOutput> {
+    let program = Path::new(cmd.as_std().get_program())
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(|e| {
+        Error::permanent(format!(
+            "cannot start {}: {e}",
+            cmd.as_std().get_program().to_string_lossy()
+        ))
+    })?;
+    let writer = match (stdin, child.stdin.take()) {
+        (Some(data), Some(mut pipe)) => Some(tokio::spawn(async move {
+            // The child may exit before reading everything (psql stops at the first error).
+            let _ = pipe.write_all(&data).await;
+            let _ = pipe.shutdown().await;
+        })),
+        _ => None,
+    };
+    let mut out = child.stdout.take();
+    let mut err = child.stderr.take();
+    let out_task = tokio::spawn(async move {
+        let mut buf = Vec::new();
+        if let Some(o) = out.as_mut() {
+            let _ = o.read_to_end(&mut buf).await;
+        }
+        buf
+    });
+    let err_task = tokio::spawn(async move {
+        let mut buf = Vec::new();
+        if let Some(e) = err.as_mut() {
+            let _ = e.read_to_end(&mut buf).await;
+        }
+        buf
+    });
+    let status = tokio::select! {
+        s = child.wait() => s.map_err(|e| Error::permanent(format!("waiting for {program}: {e}")))?,
+        _ = cancel.cancelled() => {
+            let _ = child.kill().await;
+            if let Some(w) = writer {
+                w.abort();
+            }
+            out_task.abort();
+            err_task.abort();
+            return Err(Error::interrupted());
+        }
+    };
+    if let Some(w) = writer {
+        let _ = w.await;
+    }
+    let stdout = out_task.await.unwrap_or_default();
+    let stderr = String::from_utf8_lossy(&err_task.await.unwrap_or_default()).into_owned();
+    Ok(ToolOutput {
+        status,
+        stdout,
+        stderr,
+    })
+}
+
+/// The last `n` non-empty lines of a program's stderr, indented for an error message.
+pub fn stderr_tail(stderr: &str, n: usize) -> String {
+    let lines: Vec<&str> = stderr
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    let start = lines.len().saturating_sub(n);
+    let mut out = String::new();
+    if start > 0 {
+        out.push_str(&format!("    ... ({start} earlier line(s))\n"));
+    }
+    out.push_str(
+        &lines[start..]
+            .iter()
+            .map(|l| format!("    {l}"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    );
+    out
+}
+
+/// Whether a client program's stderr says the connection failed or broke (worth retrying), as
+/// opposed to an error in what it was asked to do.
+pub fn is_connection_failure(stderr: &str) -> bool {
+    const SIGNS: &[&str] = &[
+        "could not connect to server",
+        "Connection refused",
+        "server closed the connection unexpectedly",
+        "terminating connection due to administrator command",
+        "the database system is starting up",
+        "the database system is shutting down",
+        "the database system is in recovery mode",
+        "remaining connection slots are reserved",
+        "too many clients already",
+        "could not receive data from server",
+        "could not send data to server",
+        "SSL SYSCALL error",
+        "timeout expired",
+    ];
+    SIGNS.iter().any(|s| stderr.contains(s))
+}
+
+/// The error for a client program that exited unsuccessfully: what it was doing, its exit status
+/// and the end of its stderr. Transient when the connection failed, permanent otherwise.
+pub fn tool_failure(program: &str, out: &ToolOutput, doing: &str) -> Error {
+    let message = format!(
+        "{program} failed ({}) {doing}:\n{}",
+        out.status,
+        stderr_tail(&out.stderr, 20)
+    );
+    let mut e = if is_connection_failure(&out.stderr) {
+        Error::transient(message)
+    } else {
+        Error::permanent(message)
+    };
+    if out.stderr.contains("password authentication failed")
+        || out.stderr.contains("no password supplied")
+    {
+        e = e.hint("check the user and password: `password` in the plan, PGPASSWORD, or ~/.pgpass");
+    }
+    e
 }
 
 #[cfg(test)]

@@ -213,7 +213,7 @@ pub async fn collect(plan: &Plan, store: &dyn StateStore, run_id: i64) -> Result
     for s in plan.stages.iter().filter(|s| s.kind == StageKind::Cutover) {
         for db in &plan.databases {
             let Some(v) = store
-                .checkpoint(&s.id, &format!("database:{}", db.name))
+                .checkpoint(&s.id, &crate::stages::database_key(&db.name))
                 .await?
             else {
                 continue;

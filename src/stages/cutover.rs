@@ -699,20 +699,16 @@ impl Stage for Cutover {
     }
 
     async fn run(&self, cx: &StageContext) -> Result<()> {
-        for (i, db) in self.env.plan.databases.iter().enumerate() {
-            cx.check_cancelled()?;
-            let key = format!("database:{}", db.name);
-            if cx.is_done(&key).await? {
-                continue;
-            }
-            let o = self.options(i);
-            let detail = self
-                .cut(cx, db, &o)
-                .await
-                .map_err(|e| e.context(format!("database `{}`", db.name)))?;
-            cx.mark_done(&key, detail).await?;
-        }
-        Ok(())
+        cx.for_each_database(
+            self.env.plan.databases.iter().enumerate(),
+            |i, db| async move {
+                let o = self.options(i);
+                self.cut(cx, db, &o)
+                    .await
+                    .map_err(|e| e.context(format!("database `{}`", db.name)))
+            },
+        )
+        .await
     }
 }
 

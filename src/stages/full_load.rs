@@ -85,19 +85,16 @@ impl Stage for FullLoad {
     }
 
     async fn run(&self, cx: &StageContext) -> Result<()> {
-        for (i, db) in self.env.plan.databases.iter().enumerate() {
-            cx.check_cancelled()?;
-            let key = format!("database:{}", db.name);
-            if cx.is_done(&key).await? {
-                continue;
-            }
-            let (jobs, split) = self.options(i);
-            let summary = load_database(&self.env, cx, db, jobs, split)
-                .await
-                .map_err(|e| e.context(format!("database `{}`", db.name)))?;
-            cx.mark_done(&key, summary).await?;
-        }
-        Ok(())
+        cx.for_each_database(
+            self.env.plan.databases.iter().enumerate(),
+            |i, db| async move {
+                let (jobs, split) = self.options(i);
+                load_database(&self.env, cx, db, jobs, split)
+                    .await
+                    .map_err(|e| e.context(format!("database `{}`", db.name)))
+            },
+        )
+        .await
     }
 }
 

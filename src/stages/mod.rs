@@ -83,6 +83,29 @@ impl StageContext {
             .unwrap_or(false))
     }
 
+    /// Runs `work` for each of `databases` (index in the plan, database) that this stage has not
+    /// finished yet, in order: checks for cancellation before each, skips a database whose
+    /// [`database_key`] checkpoint is done, and records it done, with the detail `work` returns,
+    /// when `work` succeeds. The one loop of the stages that work database by database.
+    pub async fn for_each_database<'a, I, F, Fut>(&self, databases: I, mut work: F) -> Result<()>
+    where
+        I: IntoIterator<Item = (usize, &'a Database)>,
+        F: FnMut(usize, &'a Database) -> Fut,
+        Fut: std::future::Future<Output = Result<serde_json::Value>>,
+    {
+        for (i, db) in databases {
+            self.check_cancelled()?;
+            let key = database_key(&db.name);
+            if self.is_done(&key).await? {
+                tracing::info!(stage = %self.stage, database = %db.name, "already done, skipping");
+                continue;
+            }
+            let detail = work(i, db).await?;
+            self.mark_done(&key, detail).await?;
+        }
+        Ok(())
+    }
+
     /// Records that this stage finished its work for `key`.
     pub async fn mark_done(&self, key: &str, detail: serde_json::Value) -> Result<()> {
         let mut value = serde_json::json!({ "done": true });
@@ -91,6 +114,11 @@ impl StageContext {
         }
         self.store.put_checkpoint(&self.stage, key, &value).await
     }
+}
+
+/// The checkpoint key of a stage's work on one database: `database:<name>`.
+pub fn database_key(name: &str) -> String {
+    format!("database:{name}")
 }
 
 /// A unit of work in the DAG.
@@ -159,5 +187,72 @@ pub fn build(env: &Arc<Env>, index: usize) -> Arc<dyn Stage> {
         StageKind::Cdc => Arc::new(cdc::Cdc::new(env, index)),
         StageKind::Cutover => Arc::new(cutover::Cutover::new(env, index)),
         StageKind::Validate => Arc::new(validate::Validate::new(env, index)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use tokio_util::sync::CancellationToken;
+
+    use super::{StageContext, database_key};
+    use crate::error::{Error, ErrorKind};
+    use crate::plan::Database;
+    use crate::state::memory::MemoryStore;
+
+    fn db(name: &str) -> Database {
+        Database {
+            name: name.into(),
+            target: name.into(),
+            tables: Vec::new(),
+            exclude: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn each_database_runs_once_and_a_failure_resumes_where_it_stopped() {
+        let store = Arc::new(MemoryStore::new());
+        let dbs = [db("a"), db("b")];
+        let ran = Mutex::new(Vec::new());
+        let cx = StageContext::new("s", 1, store.clone(), CancellationToken::new(), None);
+        let fail_b = |i: usize, d: &Database| {
+            ran.lock().expect("ran").push(d.name.clone());
+            let r = if i == 1 {
+                Err(Error::permanent("b broke"))
+            } else {
+                Ok(serde_json::json!({ "rows": 1 }))
+            };
+            async move { r }
+        };
+        let err = cx
+            .for_each_database(dbs.iter().enumerate(), fail_b)
+            .await
+            .expect_err("b fails");
+        assert_eq!(err.message, "b broke");
+        assert!(cx.is_done(&database_key("a")).await.expect("a"));
+        assert!(!cx.is_done(&database_key("b")).await.expect("b"));
+
+        // The next attempt skips `a`.
+        let again = |_: usize, d: &Database| {
+            ran.lock().expect("ran").push(d.name.clone());
+            async { Ok(serde_json::Value::Null) }
+        };
+        cx.for_each_database(dbs.iter().enumerate(), again)
+            .await
+            .expect("second attempt");
+        assert_eq!(*ran.lock().expect("ran"), ["a", "b", "b"]);
+        assert!(cx.is_done(&database_key("b")).await.expect("b"));
+
+        // A stopping run does no work.
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        let cx = StageContext::new("t", 1, store, cancel, None);
+        let err = cx
+            .for_each_database(dbs.iter().enumerate(), again)
+            .await
+            .expect_err("interrupted");
+        assert_eq!(err.kind, ErrorKind::Interrupted);
+        assert_eq!(ran.lock().expect("ran").len(), 3);
     }
 }

@@ -703,30 +703,27 @@ impl Stage for PostData {
     }
 
     async fn run(&self, cx: &StageContext) -> Result<()> {
-        for (i, db) in self.env.plan.databases.iter().enumerate() {
-            cx.check_cancelled()?;
-            let key = format!("database:{}", db.name);
-            if cx.is_done(&key).await? {
-                tracing::info!(stage = %cx.stage, database = %db.name, "already done, skipping");
-                continue;
-            }
-            let summary = self
-                .run_database(cx, i, db)
-                .await
-                .map_err(|e| e.context(format!("database `{}`", db.name)))?;
-            // The source's planner statistics, once the indexes exist (where the versions allow).
-            let stats_key = super::statistics::checkpoint_key(&db.name);
-            if cx.store.checkpoint(&cx.stage, &stats_key).await?.is_none() {
-                let stats = super::statistics::carry_over(&self.env, cx, db)
+        cx.for_each_database(
+            self.env.plan.databases.iter().enumerate(),
+            |i, db| async move {
+                let summary = self
+                    .run_database(cx, i, db)
                     .await
                     .map_err(|e| e.context(format!("database `{}`", db.name)))?;
-                cx.store
-                    .put_checkpoint(&cx.stage, &stats_key, &stats)
-                    .await?;
-            }
-            cx.mark_done(&key, summary).await?;
-        }
-        Ok(())
+                // The source's planner statistics, once the indexes exist (where the versions allow).
+                let stats_key = super::statistics::checkpoint_key(&db.name);
+                if cx.store.checkpoint(&cx.stage, &stats_key).await?.is_none() {
+                    let stats = super::statistics::carry_over(&self.env, cx, db)
+                        .await
+                        .map_err(|e| e.context(format!("database `{}`", db.name)))?;
+                    cx.store
+                        .put_checkpoint(&cx.stage, &stats_key, &stats)
+                        .await?;
+                }
+                Ok(summary)
+            },
+        )
+        .await
     }
 }
 

@@ -37,7 +37,6 @@ use super::replica_identity::{self, Mode};
 use super::{Env, Stage, StageContext, pre_data_artifact};
 use crate::error::{Error, Result};
 use crate::pg::catalog::{self, TableInfo};
-use crate::pg::dump;
 use crate::pg::ident::{QualifiedName, quote_ident, quote_literal};
 use crate::pg::names::publication_name;
 use crate::pg::tools;
@@ -446,7 +445,7 @@ impl Provision {
         // psql reads the script from a file, not a pipe: with --single-transaction, psql commits at
         // the end of its input, so a pipe cut short (pgferry killed mid-write) would commit half a
         // schema. A file is always read whole.
-        let dir = dump::PrivateTempDir::new("pgferry-provision")?;
+        let dir = tools::PrivateTempDir::new("pgferry-provision")?;
         let script = dir.path().join("pre-data.sql");
         std::fs::write(&script, &sql).map_err(|e| {
             Error::permanent(format!(
@@ -463,9 +462,9 @@ impl Provision {
             .arg(format!("--file={}", script.display()));
         self.env.target_for(db).configure_child(&mut cmd, purpose);
         let started = std::time::Instant::now();
-        let out = dump::run_tool(cmd, None, &cx.cancel).await?;
+        let out = tools::run_tool(cmd, None, &cx.cancel).await?;
         if !out.status.success() {
-            let e = dump::tool_failure(
+            let e = tools::tool_failure(
                 "psql",
                 &out,
                 "applying the pre-data schema (in one transaction, so nothing of it was applied)",
@@ -866,22 +865,18 @@ impl Stage for Provision {
     }
 
     async fn run(&self, cx: &StageContext) -> Result<()> {
-        for (i, db) in self.env.plan.databases.iter().enumerate() {
-            cx.check_cancelled()?;
-            let key = format!("database:{}", db.name);
-            if cx.is_done(&key).await? {
-                tracing::info!(stage = %cx.stage, database = %db.name, "already done, skipping");
-                continue;
-            }
-            // Stopping drops the work: psql is killed and connections are closed, so the server
-            // rolls back whatever was in flight (the schema is applied in one transaction).
-            let detail = tokio::select! {
-                r = self.provision_database(cx, i, db) => r?,
-                _ = cx.cancel.cancelled() => return Err(Error::interrupted()),
-            };
-            cx.mark_done(&key, detail).await?;
-        }
-        Ok(())
+        cx.for_each_database(
+            self.env.plan.databases.iter().enumerate(),
+            |i, db| async move {
+                // Stopping drops the work: psql is killed and connections are closed, so the server
+                // rolls back whatever was in flight (the schema is applied in one transaction).
+                tokio::select! {
+                    r = self.provision_database(cx, i, db) => r,
+                    _ = cx.cancel.cancelled() => Err(Error::interrupted()),
+                }
+            },
+        )
+        .await
     }
 }
 

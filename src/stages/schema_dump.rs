@@ -18,10 +18,10 @@ use tokio::process::Command;
 use super::{Env, Stage, StageContext, post_data_artifact, pre_data_artifact};
 use crate::error::{Error, Result};
 use crate::pg::catalog;
-use crate::pg::dump::{self, PrivateTempDir};
+use crate::pg::dump;
 use crate::pg::ident::{QualifiedName, quote_ident};
 use crate::pg::names::publication_name;
-use crate::pg::tools::{self, PgTools};
+use crate::pg::tools::{self, PgTools, PrivateTempDir};
 use crate::pg::version::{self, ServerVersion};
 use crate::plan::raw::SchemaDumpOptions;
 use crate::plan::{Database, StageOptions};
@@ -140,9 +140,9 @@ impl SchemaDump {
             .arg(format!("--file={}", archive.display()));
         conn.configure_child(&mut cmd, &purpose);
         let started = std::time::Instant::now();
-        let out = dump::run_tool(cmd, None, &cx.cancel).await?;
+        let out = tools::run_tool(cmd, None, &cx.cancel).await?;
         if !out.status.success() {
-            return Err(dump::tool_failure(
+            return Err(tools::tool_failure(
                 "pg_dump",
                 &out,
                 &format!("dumping the schema of source database `{}`", db.name),
@@ -159,9 +159,9 @@ impl SchemaDump {
         // The table of contents, filtered to the selection.
         let mut cmd = Command::new(tools.pg_restore());
         cmd.arg("--list").arg(&archive);
-        let out = dump::run_tool(cmd, None, &cx.cancel).await?;
+        let out = tools::run_tool(cmd, None, &cx.cancel).await?;
         if !out.status.success() {
-            return Err(dump::tool_failure(
+            return Err(tools::tool_failure(
                 "pg_restore",
                 &out,
                 &format!("listing the schema dump of source database `{}`", db.name),
@@ -188,9 +188,9 @@ impl SchemaDump {
                 cmd.arg("--no-privileges");
             }
             cmd.arg(&archive);
-            let out = dump::run_tool(cmd, None, &cx.cancel).await?;
+            let out = tools::run_tool(cmd, None, &cx.cancel).await?;
             if !out.status.success() {
-                return Err(dump::tool_failure(
+                return Err(tools::tool_failure(
                     "pg_restore",
                     &out,
                     &format!(
@@ -310,34 +310,29 @@ impl Stage for SchemaDump {
     }
 
     async fn run(&self, cx: &StageContext) -> Result<()> {
-        let mut tools: Option<&PgTools> = None;
-        for (i, db) in self.env.plan.databases.iter().enumerate() {
-            cx.check_cancelled()?;
-            let key = format!("database:{}", db.name);
-            if cx.is_done(&key).await? {
-                tracing::info!(stage = %cx.stage, database = %db.name, "already done, skipping");
-                continue;
-            }
-            let t = match tools {
-                Some(t) => t,
-                None => {
-                    let found = tokio::task::spawn_blocking(tools::find)
-                        .await
-                        .map_err(|e| Error::permanent(format!("internal: {e}")))??;
-                    tools = Some(found);
-                    found
+        // Found once, when a database needs them.
+        let found: tokio::sync::OnceCell<&PgTools> = tokio::sync::OnceCell::new();
+        let found = &found;
+        cx.for_each_database(
+            self.env.plan.databases.iter().enumerate(),
+            |i, db| async move {
+                let t = *found
+                    .get_or_try_init(|| async {
+                        tokio::task::spawn_blocking(tools::find)
+                            .await
+                            .map_err(|e| Error::permanent(format!("internal: {e}")))?
+                    })
+                    .await?;
+                // Stopping drops the work: child processes are killed, connections closed (the
+                // server then aborts their statements), the temporary directory removed.
+                tokio::select! {
+                    r = self.dump_database(cx, i, db, t) => {
+                        r.map_err(|e| e.context(format!("source database `{}`", db.name)))
+                    }
+                    _ = cx.cancel.cancelled() => Err(Error::interrupted()),
                 }
-            };
-            // Stopping drops the work: child processes are killed, connections closed (the
-            // server then aborts their statements), the temporary directory removed.
-            let detail = tokio::select! {
-                r = self.dump_database(cx, i, db, t) => {
-                    r.map_err(|e| e.context(format!("source database `{}`", db.name)))?
-                }
-                _ = cx.cancel.cancelled() => return Err(Error::interrupted()),
-            };
-            cx.mark_done(&key, detail).await?;
-        }
-        Ok(())
+            },
+        )
+        .await
     }
 }

@@ -249,27 +249,23 @@ impl Stage for SequenceReset {
     }
 
     async fn run(&self, cx: &StageContext) -> Result<()> {
-        for db in &self.env.plan.databases {
-            cx.check_cancelled()?;
-            let key = format!("database:{}", db.name);
-            if cx.is_done(&key).await? {
-                tracing::info!(stage = %cx.stage, database = %db.name, "already done, skipping");
-                continue;
-            }
-            let (n, changed) = self
-                .reset(cx, db)
-                .await
-                .map_err(|e| e.context(format!("database `{}`", db.name)))?;
-            let msg = format!(
-                "database `{}`: {changed} of {n} sequence{} set to the source's values",
-                db.name,
-                if n == 1 { "" } else { "s" }
-            );
-            tracing::info!(stage = %cx.stage, "{msg}");
-            cx.store.event(Some(&cx.stage), "info", &msg).await?;
-            cx.mark_done(&key, json!({ "sequences": n, "changed": changed }))
-                .await?;
-        }
-        Ok(())
+        cx.for_each_database(
+            self.env.plan.databases.iter().enumerate(),
+            |_, db| async move {
+                let (n, changed) = self
+                    .reset(cx, db)
+                    .await
+                    .map_err(|e| e.context(format!("database `{}`", db.name)))?;
+                let msg = format!(
+                    "database `{}`: {changed} of {n} sequence{} set to the source's values",
+                    db.name,
+                    if n == 1 { "" } else { "s" }
+                );
+                tracing::info!(stage = %cx.stage, "{msg}");
+                cx.store.event(Some(&cx.stage), "info", &msg).await?;
+                Ok(json!({ "sequences": n, "changed": changed }))
+            },
+        )
+        .await
     }
 }

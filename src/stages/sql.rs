@@ -64,14 +64,15 @@ impl Stage for SqlStage {
     }
 
     async fn run(&self, cx: &StageContext) -> Result<()> {
-        for (i, db) in self.env.plan.databases.iter().enumerate() {
-            cx.check_cancelled()?;
-            let Some(o) = self.options(i) else { continue };
-            let key = format!("database:{}", db.name);
-            if cx.is_done(&key).await? {
-                tracing::info!(stage = %cx.stage, database = %db.name, "already done, skipping");
-                continue;
-            }
+        // The databases the stage has SQL for (a database's rendering can leave it out).
+        let with_sql: Vec<(usize, &crate::plan::Database)> = (self.env.plan.databases.iter())
+            .enumerate()
+            .filter(|(i, _)| self.options(*i).is_some())
+            .collect();
+        cx.for_each_database(with_sql, |i, db| async move {
+            let Some(o) = self.options(i) else {
+                return Ok(serde_json::Value::Null);
+            };
             let (conn, label) = if o.on == "source" {
                 (
                     self.env.source_for(db),
@@ -104,10 +105,9 @@ impl Stage for SqlStage {
                 }
             }
             let ms = started.elapsed().as_millis() as u64;
-            cx.mark_done(&key, serde_json::json!({ "elapsed_ms": ms }))
-                .await?;
             tracing::info!(stage = %cx.stage, database = %db.name, elapsed_ms = ms, "SQL done on {label}");
-        }
-        Ok(())
+            Ok(serde_json::json!({ "elapsed_ms": ms }))
+        })
+        .await
     }
 }

@@ -15,9 +15,9 @@ use tokio::process::Command;
 
 use super::{Env, StageContext};
 use crate::error::{Error, Result};
-use crate::pg::dump::{self, PrivateTempDir};
+use crate::pg::dump;
 use crate::pg::ident::quote_ident;
-use crate::pg::tools;
+use crate::pg::tools::{self, PrivateTempDir};
 use crate::pg::version;
 use crate::plan::Database;
 use crate::plan::StageKind;
@@ -90,9 +90,9 @@ pub async fn carry_over(env: &Env, cx: &StageContext, db: &Database) -> Result<s
         ))
         .arg(format!("--file={}", archive.display()));
     source_conn.configure_child(&mut cmd, &purpose);
-    let out = dump::run_tool(cmd, None, &cx.cancel).await?;
+    let out = tools::run_tool(cmd, None, &cx.cancel).await?;
     if !out.status.success() {
-        return Err(dump::tool_failure(
+        return Err(tools::tool_failure(
             "pg_dump",
             &out,
             &format!(
@@ -103,9 +103,9 @@ pub async fn carry_over(env: &Env, cx: &StageContext, db: &Database) -> Result<s
     }
     let mut cmd = Command::new(tools.pg_restore());
     cmd.arg("--list").arg(&archive);
-    let out = dump::run_tool(cmd, None, &cx.cancel).await?;
+    let out = tools::run_tool(cmd, None, &cx.cancel).await?;
     if !out.status.success() {
-        return Err(dump::tool_failure(
+        return Err(tools::tool_failure(
             "pg_restore",
             &out,
             &format!(
@@ -161,9 +161,9 @@ pub async fn carry_over(env: &Env, cx: &StageContext, db: &Database) -> Result<s
     cmd.arg(format!("--use-list={}", list_file.display()))
         .arg(format!("--file={}", script.display()))
         .arg(&archive);
-    let out = dump::run_tool(cmd, None, &cx.cancel).await?;
+    let out = tools::run_tool(cmd, None, &cx.cancel).await?;
     if !out.status.success() {
-        return Err(dump::tool_failure(
+        return Err(tools::tool_failure(
             "pg_restore",
             &out,
             &format!("writing the statistics of source database `{}`", db.name),
