@@ -324,19 +324,6 @@ pub fn compatible(
     })
 }
 
-/// Splits SQL text (a client's query string) into its statements, each up to and including its
-/// `;`, with the comments between statements left out. Quotes, dollar quotes and comments are
-/// respected, so a `;` inside a function body does not end its statement.
-pub fn split_statements(text: &str) -> Result<Vec<String>> {
-    Ok(lex(text)?
-        .into_iter()
-        .filter_map(|s| match s {
-            Segment::Statement { text, .. } => Some(text),
-            _ => None,
-        })
-        .collect())
-}
-
 /// Parses a post-data script.
 pub fn parse(text: &str) -> Result<Script> {
     let segments = lex(text)?;

@@ -198,7 +198,7 @@ pub fn decide(
     let Some(query) = c.query.as_deref().filter(|q| !q.trim().is_empty()) else {
         return Decision::Refuse("the source did not say which statement ran".into());
     };
-    let statements = match crate::pg::post_data_script::split_statements(query) {
+    let statements = match crate::pg::sql_lexer::split_statements(query) {
         Ok(s) => s,
         Err(e) => return Decision::Refuse(format!("the query string cannot be split: {e}")),
     };
@@ -341,7 +341,7 @@ impl DbStream<'_> {
         let single = c
             .query
             .as_deref()
-            .and_then(|q| crate::pg::post_data_script::split_statements(q).ok())
+            .and_then(|q| crate::pg::sql_lexer::split_statements(q).ok())
             .is_some_and(|v| v.len() == 1);
         st.ddl_key = Some(c.key.clone());
         if only_temporary(&c) && c.error.is_none() && single {
