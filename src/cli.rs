@@ -150,6 +150,21 @@ pub enum Command {
         #[command(flatten)]
         plan: PlanArgs,
     },
+    /// Take the cutover back (plans with a `fallback` stage): fence the target, apply its last
+    /// changes to the source, set the source's sequences, make the source writable again.
+    Rollback {
+        #[command(flatten)]
+        plan: PlanArgs,
+        /// Record the request and return without waiting for the rollback to finish.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// End the fallback stream of a plan with a `fallback` stage: drop its slot and publication on
+    /// the target, so the cutover can no longer be taken back without losing writes.
+    FallbackStop {
+        #[command(flatten)]
+        plan: PlanArgs,
+    },
     /// Tear down what the plan created: replication slots, publications, the checkpoints (runs and
     /// reports are kept) and the target databases pgferry created, so a rehearsal can be repeated.
     Reset {

@@ -541,6 +541,13 @@ impl Status<'_> {
                 && let Some(obj) = database.as_object_mut()
             {
                 obj.extend(self.cdc_live(&db.name));
+                // The fallback stream (target back to the source), once the cutover armed it.
+                let key = crate::stages::fallback::store_key(&db.name);
+                if self.fallback_armed(&db.name) {
+                    let mut fb = self.cdc_live(&key);
+                    fb.insert("state".into(), json!(self.fallback_state(&db.name)));
+                    obj.insert("fallback".into(), Value::Object(fb));
+                }
             }
             output.push(database);
             for t in &tables {
@@ -588,6 +595,87 @@ impl Status<'_> {
                 "mismatches": v.mismatches.iter().take(100).collect::<Vec<_>>(),
             })),
         })
+    }
+
+    /// Whether the cutover armed a fallback stream for `db` (see [`crate::stages::fallback`]).
+    fn fallback_armed(&self, db: &str) -> bool {
+        self.position(&crate::stages::fallback::start_position(db))
+            .is_some()
+    }
+
+    /// Where the fallback stream of `db` is: `streaming`, `rolling back` (target fenced,
+    /// draining), `rolled back`, `stopped`, or the fallback stage's state.
+    fn fallback_state(&self, db: &str) -> String {
+        let Some(spec) = self
+            .plan
+            .stages
+            .iter()
+            .find(|s| s.kind == crate::plan::StageKind::Fallback)
+        else {
+            return "not planned".into();
+        };
+        let Some(r) = self.records.iter().find(|r| r.stage == spec.id) else {
+            return "armed (the fallback stage has not started)".into();
+        };
+        let outcome = r
+            .detail
+            .get(crate::stages::fallback::DETAIL_KEY)
+            .and_then(|d| d.get(db))
+            .and_then(Value::as_str);
+        match (r.state, outcome) {
+            (_, Some(o)) => o.replace('_', " "),
+            (crate::state::StageState::Running, None) => "streaming".into(),
+            (state, None) => state.to_string(),
+        }
+    }
+
+    fn fallback_text(&self, out: &mut String, db: &str) {
+        use std::fmt::Write as _;
+        let key = crate::stages::fallback::store_key(db);
+        let slot = self.slots.iter().find(|s| s.database == key);
+        let _ = writeln!(
+            out,
+            "
+fallback {db} (target back to the source): {}",
+            self.fallback_state(db)
+        );
+        let _ = writeln!(
+            out,
+            "  applied   {} (target at {})",
+            self.position(&format!("cdc_applied:{key}"))
+                .map_or_else(|| "-".to_string(), |l| l.to_string()),
+            slot.and_then(|s| s.source_lsn)
+                .map_or_else(|| "?".to_string(), |l| l.to_string())
+        );
+        if let Some(s) = slot {
+            match (&s.error, s.retained_bytes) {
+                (Some(e), _) => {
+                    let _ = writeln!(out, "  slot      {e}");
+                }
+                (None, b) => {
+                    let _ = writeln!(
+                        out,
+                        "  slot      {}, retains {} of WAL on the target",
+                        if s.active {
+                            "streaming"
+                        } else {
+                            "idle (no consumer)"
+                        },
+                        b.map(|b| crate::plan::units::human_bytes(b.max(0) as u64))
+                            .unwrap_or_else(|| "?".into())
+                    );
+                }
+            }
+        }
+        let _ = writeln!(out, "  lag       {} the target", self.lag(&key));
+        let _ = writeln!(
+            out,
+            "  changes   {} applied to the source: {} inserts, {} updates, {} deletes",
+            self.counter(&key, "totalChangesApplied"),
+            self.counter(&key, "cdcInsertCounter"),
+            self.counter(&key, "cdcUpdateCounter"),
+            self.counter(&key, "cdcDeleteCounter"),
+        );
     }
 
     fn cdc_text(&self, out: &mut String, db: &str) {
@@ -819,6 +907,9 @@ impl Status<'_> {
         if self.has_cdc() {
             for db in &self.plan.databases {
                 self.cdc_text(&mut out, &db.name);
+                if self.fallback_armed(&db.name) {
+                    self.fallback_text(&mut out, &db.name);
+                }
             }
         }
         if !self.events.is_empty() {

@@ -9,6 +9,7 @@ mod init;
 mod plan;
 mod report;
 mod reset;
+mod rollback;
 mod run;
 mod status;
 mod unfence;
@@ -65,6 +66,8 @@ pub async fn dispatch(cli: Cli) -> u8 {
         }
         Command::Cutover { plan } => cutover::run(&plan).await,
         Command::Unfence { plan } => unfence::run(&plan).await,
+        Command::Rollback { plan, no_wait } => rollback::rollback(&plan, !no_wait).await,
+        Command::FallbackStop { plan } => rollback::stop(&plan).await,
         Command::Reset {
             plan,
             yes,
@@ -145,7 +148,9 @@ pub fn stage_arg(plan: &Plan, id: &str, flag: &str) -> Result<usize, u8> {
 
 /// Where the plan's checkpoint store lives.
 pub fn store_conn(plan: &Plan) -> Result<ConnInfo, Error> {
+    // Past the fence: the store may live in a database a cutover or a rollback fences.
     ConnInfo::new(&plan.state.endpoint, plan.state.database.as_deref())
+        .map(|c| c.past_fence())
         .map_err(|e| e.context("[state]"))
 }
 

@@ -1,6 +1,7 @@
 //! `pgferry reset PLAN`: tears down what the plan created, so that a rehearsal can be repeated:
 //!
-//! - each source database's replication slot and publication;
+//! - each source database's replication slot and publication (and, for a plan with a fallback
+//!   stage, the fallback slot and publication on each target database);
 //! - the target databases pgferry created (the provision stage's record, or the checkpoint store's
 //!   record of creating its own database), unless `--keep-target`. A target database pgferry has no
 //!   record of creating is never dropped: reset refuses before changing anything;
@@ -128,6 +129,23 @@ pub async fn run(args: &PlanArgs, yes: bool, keep_target: bool) -> u8 {
             Err(e) => {
                 report(&e.context(format!("source database `{}`", db.name)));
                 failed = true;
+            }
+        }
+    }
+    // The fallback stream's slot and publication on the target (a cutover of a plan with a
+    // fallback stage armed them); a target database that does not exist has none.
+    if crate::stages::fallback::planned(&env) {
+        for db in &plan.databases {
+            match crate::stages::fallback::drop_objects(&env, db).await {
+                Ok(()) => println!(
+                    "dropped the fallback slot and publication (if any) on target database {}",
+                    db.target
+                ),
+                Err(e) if e.sqlstate.as_deref() == Some("3D000") => {}
+                Err(e) => {
+                    report(&e.context(format!("target database `{}`", db.target)));
+                    failed = true;
+                }
             }
         }
     }

@@ -17,13 +17,34 @@ const SOURCE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Asks the source about `db`'s replication slot. Never fails: what went wrong goes in `error`.
 async fn slot_info(plan: &Plan, db: &crate::plan::Database) -> SlotInfo {
+    let conn = ConnInfo::new(&plan.source, Some(&db.name));
+    slot_info_on(conn, &slot_name(&plan.name, &db.name), &db.name, "source").await
+}
+
+/// The fallback stream's slot of `db`, on the target (see [`crate::stages::fallback`]).
+async fn fallback_slot_info(plan: &Plan, db: &crate::plan::Database) -> SlotInfo {
+    let conn = ConnInfo::new(&plan.target, Some(&db.target));
+    slot_info_on(
+        conn,
+        &crate::pg::names::fallback_slot_name(&plan.name, &db.name),
+        &crate::stages::fallback::store_key(&db.name),
+        "target",
+    )
+    .await
+}
+
+async fn slot_info_on(
+    conn: crate::error::Result<ConnInfo>,
+    slot: &str,
+    key: &str,
+    side: &str,
+) -> SlotInfo {
     let mut info = SlotInfo {
-        database: db.name.clone(),
+        database: key.to_string(),
         ..Default::default()
     };
-    let slot = slot_name(&plan.name, &db.name);
     let ask = async {
-        let conn = ConnInfo::new(&plan.source, Some(&db.name))?;
+        let conn = conn?;
         let (client, version) = conn.connect_versioned("status").await?;
         let sql = format!(
             "SELECT pg_catalog.pg_current_wal_insert_lsn()::text, s.slot_name IS NOT NULL, coalesce(s.active, false), \
@@ -34,7 +55,7 @@ async fn slot_info(plan: &Plan, db: &crate::plan::Database) -> SlotInfo {
             version.slot_wal_status_column("s")
         );
         let row = client
-            .query_one(&sql, &[&slot])
+            .query_one(&sql, &[&slot.to_string()])
             .await
             .map_err(|e| crate::error::Error::pg(&e, "reading the replication slot"))?;
         Ok::<_, crate::error::Error>(row)
@@ -50,19 +71,19 @@ async fn slot_info(plan: &Plan, db: &crate::plan::Database) -> SlotInfo {
             info.wal_status = row.get(5);
             if !info.exists {
                 info.error = Some(format!(
-                    "replication slot {slot} does not exist on the source"
+                    "replication slot {slot} does not exist on the {side}"
                 ));
             }
         }
         Ok(Err(e)) => {
             info.error = Some(format!(
-                "source not reachable: {}",
+                "{side} not reachable: {}",
                 e.to_string().lines().next().unwrap_or("")
             ))
         }
         Err(_) => {
             info.error = Some(format!(
-                "source did not answer within {}",
+                "{side} did not answer within {}",
                 humantime::format_duration(SOURCE_TIMEOUT)
             ))
         }
@@ -136,11 +157,24 @@ pub async fn run(args: &PlanArgs, json: bool) -> u8 {
             }
         };
     // The slots matter while cdc may stream: a plan with a cdc stage.
-    let slots = if plan.stages.iter().any(|s| s.kind == StageKind::Cdc) {
+    let mut slots = if plan.stages.iter().any(|s| s.kind == StageKind::Cdc) {
         futures_util::future::join_all(plan.databases.iter().map(|db| slot_info(&plan, db))).await
     } else {
         Vec::new()
     };
+    // The fallback stream's slots on the target, where the cutover armed one.
+    let armed: Vec<&crate::plan::Database> = plan
+        .databases
+        .iter()
+        .filter(|db| {
+            let p = crate::stages::fallback::start_position(&db.name);
+            positions.iter().any(|(n, _)| *n == p)
+        })
+        .collect();
+    slots.extend(
+        futures_util::future::join_all(armed.into_iter().map(|db| fallback_slot_info(&plan, db)))
+            .await,
+    );
     let st = Status {
         plan: &plan,
         store: store.describe(),

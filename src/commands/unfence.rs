@@ -21,6 +21,21 @@ pub async fn run(args: &PlanArgs) -> u8 {
             return EXIT_USAGE;
         }
     };
+    // With a fallback stream armed and not ended, the source is being written by it: making it
+    // writable for the application would mix both. `rollback` or `fallback-stop` first.
+    if plan
+        .stages
+        .iter()
+        .any(|s| s.kind == crate::plan::StageKind::Fallback)
+        && let Ok(Some(store)) = super::open_store(&plan).await
+        && let Some(reason) = fallback_active(&plan, &store).await
+    {
+        eprintln!(
+            "error: {reason}\n  hint: `pgferry rollback {path}` goes back to the source keeping the target's writes; `pgferry fallback-stop {path}` ends the stream, after which `pgferry unfence {path}` makes the source writable without them",
+            path = args.plan
+        );
+        return EXIT_FAILED;
+    }
     let mut failed = false;
     for db in &plan.databases {
         let result = async {
@@ -51,4 +66,38 @@ pub async fn run(args: &PlanArgs) -> u8 {
         }
     }
     if failed { EXIT_FAILED } else { EXIT_OK }
+}
+
+/// Why the source must not be unfenced: a database whose cutover armed a fallback stream that no
+/// rollback or stop has ended yet.
+async fn fallback_active(
+    plan: &crate::plan::Plan,
+    store: &crate::state::postgres::PgStore,
+) -> Option<String> {
+    use crate::state::StateStore;
+    let stage = plan
+        .stages
+        .iter()
+        .find(|s| s.kind == crate::plan::StageKind::Fallback)?;
+    for db in &plan.databases {
+        let armed = store
+            .position(&crate::stages::fallback::start_position(&db.name))
+            .await
+            .ok()
+            .flatten()
+            .is_some();
+        let ended = store
+            .checkpoint(&stage.id, &format!("database:{}", db.name))
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|v| v.get("done").and_then(serde_json::Value::as_bool) == Some(true));
+        if armed && !ended {
+            return Some(format!(
+                "the fallback stream of database `{}` is armed: it writes the target's changes to the source, which must stay fenced for the application until a rollback or a stop ends it",
+                db.name
+            ));
+        }
+    }
+    None
 }

@@ -85,6 +85,17 @@ pub fn capture_object_name(migration: &str, what: &str) -> String {
     bounded(format!("pgferry_ddl_{what}_{}", name_stem(migration)))
 }
 
+/// The fallback stream's slot on the target (see `stages::fallback`): the forward slot's name
+/// with `_fb`, kept within 63 bytes.
+pub fn fallback_slot_name(migration: &str, database: &str) -> String {
+    bounded(format!("{}_fb", slot_name(migration, database)))
+}
+
+/// The fallback stream's publication on the target.
+pub fn fallback_publication_name(migration: &str) -> String {
+    bounded(format!("pgferry_{}_fb", name_stem(migration)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

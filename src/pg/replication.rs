@@ -48,6 +48,9 @@ pub struct StreamOptions {
     pub publications: Vec<String>,
     /// Also send logical decoding messages (`pg_logical_emit_message`); PostgreSQL 14 and later.
     pub messages: bool,
+    /// Leave out changes written under a replication origin (pgoutput's `origin = 'none'`);
+    /// PostgreSQL 16 and later.
+    pub origin_none: bool,
 }
 
 impl StreamOptions {
@@ -55,6 +58,7 @@ impl StreamOptions {
         StreamOptions {
             publications: vec![publication.to_string()],
             messages: false,
+            origin_none: false,
         }
     }
 }
@@ -135,6 +139,16 @@ impl WireClient {
         if options.messages && !self.version.is_some_and(ServerVersion::pgoutput_messages) {
             return Err(Error::permanent(format!(
                 "{} cannot send logical decoding messages in the stream (pgoutput's `messages` option is PostgreSQL 14+)",
+                self.describe
+            )));
+        }
+        if options.origin_none
+            && !self
+                .version
+                .is_some_and(ServerVersion::pgoutput_origin_filter)
+        {
+            return Err(Error::permanent(format!(
+                "{} cannot leave changes of a replication origin out of the stream (pgoutput's `origin` option is PostgreSQL 16+)",
                 self.describe
             )));
         }
@@ -303,6 +317,9 @@ fn start_replication_command(
     );
     if options.messages {
         sql.push_str(", messages 'true'");
+    }
+    if options.origin_none {
+        sql.push_str(", origin 'none'");
     }
     sql.push(')');
     Ok(sql)

@@ -84,6 +84,13 @@ impl ServerVersion {
         self.major() >= 14
     }
 
+    /// pgoutput's `origin` option (16+): with `origin = 'none'` a stream leaves out the changes
+    /// written by a session that had set up a replication origin. The fallback stream uses it so
+    /// that nothing pgferry's forward apply wrote to the target goes back to the source.
+    pub fn pgoutput_origin_filter(self) -> bool {
+        self.major() >= 16
+    }
+
     /// pgoutput's `streaming` of large in-progress transactions (protocol version 2): 14+. pgferry
     /// asks for protocol version 1 on every version (see [`ServerVersion::pgoutput_proto_version`]).
     pub fn pgoutput_streaming(self) -> bool {

@@ -80,7 +80,9 @@ impl Stage {
             | StageKind::Cutover
             | StageKind::SequenceReset
             | StageKind::Cleanup
-            | StageKind::Sql => false,
+            | StageKind::Sql
+            // Runs until `pgferry rollback` or `pgferry fallback-stop` ends it: done, not ready.
+            | StageKind::Fallback => false,
         }
     }
 }

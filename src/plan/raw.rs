@@ -44,6 +44,7 @@ pub mod defaults {
     pub const CUTOVER_FENCE: &str = "read_only";
     pub const CUTOVER_TIMEOUT: Duration = Duration::from_secs(600);
     pub const CUTOVER_ANALYZE: bool = true;
+    pub const FALLBACK_TIMEOUT: Duration = Duration::from_secs(600);
     pub const CLEANUP_DROP_SLOT: bool = true;
     pub const CLEANUP_DROP_PUBLICATION: bool = true;
     pub const SQL_TRANSACTION: bool = true;
@@ -110,6 +111,7 @@ pub fn defaults_of(definition: &str) -> Vec<(&'static str, DefaultValue)> {
             ("analyze", Bool(d::CUTOVER_ANALYZE)),
         ],
         "sequence_reset_stage" => vec![],
+        "fallback_stage" => vec![("timeout", Duration(d::FALLBACK_TIMEOUT))],
         "cleanup_stage" => vec![
             ("drop_slot", Bool(d::CLEANUP_DROP_SLOT)),
             ("drop_publication", Bool(d::CLEANUP_DROP_PUBLICATION)),
@@ -290,6 +292,7 @@ stage_kinds! {
     "validate" => Validate(ValidateOptions),
     "cutover" => Cutover(CutoverOptions),
     "sequence_reset" => SequenceReset(SequenceResetOptions),
+    "fallback" => Fallback(FallbackOptions),
     "cleanup" => Cleanup(CleanupOptions),
     "sql" => Sql(SqlOptions),
 }
@@ -510,6 +513,20 @@ pub struct CleanupOptions {
     pub drop_slot: Option<bool>,
     #[serde(default)]
     pub drop_publication: Option<bool>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FallbackOptions {
+    /// The longest the target stays fenced while a rollback drains the fallback stream.
+    #[serde(default)]
+    pub timeout: Option<Dur>,
+}
+
+impl FallbackOptions {
+    pub fn timeout(&self) -> Duration {
+        self.timeout.map_or(defaults::FALLBACK_TIMEOUT, |d| d.0)
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 
 use super::model::{
-    Build, CdcReport, CutoverReport, RunReport, Sample, StageReport, TableCopy, VERSION,
-    ValidationSummary, quantile,
+    Build, CdcReport, CutoverReport, FallbackReport, RunReport, Sample, StageReport, TableCopy,
+    VERSION, ValidationSummary, quantile,
 };
 use crate::error::{Error, Result};
 use crate::plan::Plan;
@@ -177,6 +177,8 @@ pub async fn collect(plan: &Plan, store: &dyn StateStore, run_id: i64) -> Result
             .samples(run_id)
             .await?
             .into_iter()
+            // The fallback stream's samples (`fallback:<db>`) go to its own report below.
+            .filter(|x| plan.databases.iter().any(|d| d.name == x.database))
             .map(|x| Sample {
                 database: x.database,
                 at: x.at,
@@ -236,6 +238,62 @@ pub async fn collect(plan: &Plan, store: &dyn StateStore, run_id: i64) -> Result
                     .get("statistics")
                     .cloned()
                     .unwrap_or(serde_json::Value::Null),
+            });
+        }
+    }
+
+    // The fallback stream: per database whose cutover armed it.
+    if let Some(s) = plan
+        .stages
+        .iter()
+        .find(|s| s.kind == crate::plan::StageKind::Fallback)
+    {
+        let samples = store.samples(run_id).await?;
+        let detail = store
+            .stages()
+            .await?
+            .into_iter()
+            .find(|r| r.stage == s.id)
+            .map(|r| r.detail);
+        for db in &plan.databases {
+            let key = crate::stages::fallback::store_key(&db.name);
+            if store
+                .position(&crate::stages::fallback::start_position(&db.name))
+                .await?
+                .is_none()
+            {
+                continue;
+            }
+            let done = store
+                .checkpoint(&s.id, &format!("database:{}", db.name))
+                .await?
+                .unwrap_or(serde_json::Value::Null);
+            let state = detail
+                .as_ref()
+                .and_then(|d| d.get(crate::stages::fallback::DETAIL_KEY))
+                .and_then(|d| d.get(&db.name))
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or("armed")
+                .to_string();
+            let lags: Vec<i64> = samples
+                .iter()
+                .filter(|x| x.database == key)
+                .filter_map(|x| x.lag_bytes)
+                .collect();
+            report.fallback.push(FallbackReport {
+                stage: s.id.clone(),
+                database: db.name.clone(),
+                state,
+                applied_changes: store
+                    .counter(&key, "totalChangesApplied")
+                    .await?
+                    .unwrap_or(0),
+                max_lag_bytes: lags.iter().copied().max(),
+                p95_lag_bytes: quantile(&lags, 0.95),
+                lsn: str_field(&done, "lsn"),
+                downtime_seconds: done
+                    .get("downtime_seconds")
+                    .and_then(serde_json::Value::as_f64),
             });
         }
     }

@@ -29,7 +29,27 @@ pub struct RunReport {
     pub builds: Vec<Build>,
     pub cdc: Option<CdcReport>,
     pub cutover: Vec<CutoverReport>,
+    /// The fallback stream of each database whose cutover armed one (reverse replication after
+    /// the switch, `pgferry rollback`).
+    pub fallback: Vec<FallbackReport>,
     pub validation: Option<ValidationSummary>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FallbackReport {
+    pub stage: String,
+    pub database: String,
+    /// `streaming`, `rolling_back`, `rolled_back` or `stopped`.
+    pub state: String,
+    /// Changes applied back to the source.
+    pub applied_changes: i64,
+    /// The reverse lag over this run's samples (target WAL minus applied), bytes.
+    pub max_lag_bytes: Option<i64>,
+    pub p95_lag_bytes: Option<i64>,
+    /// A rollback: where the target was fenced, and the write downtime (fence to unfence).
+    pub lsn: Option<String>,
+    pub downtime_seconds: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -251,6 +251,29 @@ pub fn render(r: &RunReport) -> String {
         }
     }
 
+    for f in &r.fallback {
+        let bytes = |b: Option<i64>| {
+            b.map(|b| crate::plan::units::human_bytes(b.max(0) as u64))
+                .unwrap_or_else(|| "-".into())
+        };
+        let _ = writeln!(
+            out,
+            "\nfallback ({}) of {}: {}; {} change(s) applied back to the source; reverse lag max {}, p95 {}{}",
+            clean(&f.stage),
+            clean(&f.database),
+            clean(&f.state.replace('_', " ")),
+            f.applied_changes,
+            bytes(f.max_lag_bytes),
+            bytes(f.p95_lag_bytes),
+            match (f.downtime_seconds, &f.lsn) {
+                (Some(d), Some(l)) =>
+                    format!("; rollback at {}, write downtime {d:.2} s", clean(l)),
+                (Some(d), None) => format!("; rollback write downtime {d:.2} s"),
+                _ => String::new(),
+            }
+        );
+    }
+
     match &r.validation {
         Some(v) => {
             let _ = writeln!(

@@ -578,6 +578,10 @@ impl Cutover {
         } else {
             self.approve_and_analyze(cx, db, o).await?;
         }
+        let fallback = super::fallback::planned(&self.env);
+        if fallback && !fenced_before {
+            super::fallback::check_target(&self.env, db).await?;
+        }
         let source = self
             .env
             .source_for(db)
@@ -605,10 +609,16 @@ impl Cutover {
         let fenced = async {
             let lsn = self.fenced_part(cx, db, o, &source).await?;
             let resync = self.resync(cx, db).await?;
-            Ok::<_, Error>((lsn, resync))
+            // The reverse stream starts here: after every write of pgferry's, before any of the
+            // application's (see `fallback`).
+            let armed = match fallback {
+                true => Some(super::fallback::arm(&self.env, cx, db, lsn).await?),
+                false => None,
+            };
+            Ok::<_, Error>((lsn, resync, armed))
         };
         match fenced.await {
-            Ok((lsn, resync)) => {
+            Ok((lsn, resync, armed)) => {
                 let downtime = fenced_at.elapsed();
                 let msg = format!(
                     "cutover of {} -> {} done at {lsn}; write downtime {:.1}s",
@@ -623,6 +633,7 @@ impl Cutover {
                     "fenced": o.fence,
                     "resync": resync,
                     "statistics": self.statistics(cx, db, o).await?,
+                    "fallback": armed,
                 }))
             }
             Err(e) => {

@@ -6,6 +6,7 @@ pub mod analyze;
 pub mod cdc;
 pub mod cleanup;
 pub mod cutover;
+pub mod fallback;
 pub mod full_load;
 pub mod hold;
 pub mod post_data;
@@ -187,6 +188,7 @@ pub fn build(env: &Arc<Env>, index: usize) -> Arc<dyn Stage> {
         StageKind::Cdc => Arc::new(cdc::Cdc::new(env, index)),
         StageKind::Cutover => Arc::new(cutover::Cutover::new(env, index)),
         StageKind::Validate => Arc::new(validate::Validate::new(env, index)),
+        StageKind::Fallback => Arc::new(fallback::Fallback::new(env, index)),
     }
 }
 

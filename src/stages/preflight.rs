@@ -191,6 +191,22 @@ pub async fn inspect(env: &Env, db: &Database, online: bool) -> DatabaseReport {
             tables: Vec::new(),
         });
     }
+    if online
+        && super::fallback::planned(env)
+        && let (Some(s), Some(t), Some(tgt)) = (&r.source_server, &r.target_server, &target)
+    {
+        match super::fallback::preflight_findings(env, db, s, t, tgt).await {
+            Ok(f) => findings.extend(f),
+            Err(e) => findings.push(Finding {
+                level: Level::Error,
+                database: db.name.clone(),
+                check: "fallback",
+                message: e.to_string(),
+                hint: None,
+                tables: Vec::new(),
+            }),
+        }
+    }
     findings.sort_by_key(|f| f.level);
     r.findings = findings;
     r

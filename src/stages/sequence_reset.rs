@@ -58,7 +58,7 @@ impl SequenceReset {
     }
 
     /// Resets one database's sequences; returns (sequences, changed).
-    async fn reset(&self, cx: &StageContext, db: &Database) -> Result<(usize, usize)> {
+    pub(crate) async fn reset(&self, cx: &StageContext, db: &Database) -> Result<(usize, usize)> {
         let source_label = format!("source database `{}`", db.name);
         let target_label = format!("target database `{}`", db.target);
         let purpose = format!("sequence_reset {}", cx.stage);

@@ -10,6 +10,7 @@ mod cdc;
 mod ddl;
 mod demo;
 mod executor;
+mod fallback;
 mod faults;
 mod full_load;
 mod harness;

@@ -65,7 +65,7 @@ fn reference_covers_every_stage_kind_and_option() {
     let kinds = schema["$defs"]["stage"]["properties"]["kind"]["enum"]
         .as_array()
         .expect("kind enum");
-    assert_eq!(kinds.len(), 11, "a kind was added or removed: {kinds:?}");
+    assert_eq!(kinds.len(), 12, "a kind was added or removed: {kinds:?}");
     for kind in kinds {
         let kind = kind.as_str().expect("kind is a string");
         assert!(
@@ -117,7 +117,7 @@ fn plan_with_every_key_compiles() {
             render_all(&diags, &src)
         ),
     };
-    assert_eq!(plan.stages.len(), 11);
+    assert_eq!(plan.stages.len(), 12);
     // The examples are not the defaults where that matters: the compiled plan carries them.
     let load = plan
         .stages

@@ -341,6 +341,30 @@ impl Applier {
         ))
     }
 
+    /// Tags every transaction this session commits with the replication origin `name` (created
+    /// when missing), so that a stream of the same database with `origin = 'none'` (PostgreSQL
+    /// 16+, the fallback stream of [`crate::stages::fallback`]) leaves them out. The origin
+    /// functions are for superusers unless EXECUTE on them was granted: the caller decides what a
+    /// refusal means.
+    pub async fn use_origin(&mut self, name: &str) -> Result<()> {
+        self.client
+            .execute(
+                "SELECT pg_catalog.pg_replication_origin_create($1) \
+                  WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_replication_origin WHERE roname = $1)",
+                &[&name],
+            )
+            .await
+            .map_err(|e| Error::pg(&e, format!("creating replication origin {name}")))?;
+        self.client
+            .execute(
+                "SELECT pg_catalog.pg_replication_origin_session_setup($1)",
+                &[&name],
+            )
+            .await
+            .map_err(|e| Error::pg(&e, format!("setting up replication origin {name}")))?;
+        Ok(())
+    }
+
     pub fn rel(&self, oid: u32) -> Result<&Rel> {
         self.rels.get(&oid).ok_or_else(|| {
             Error::permanent(format!(

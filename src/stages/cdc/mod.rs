@@ -53,10 +53,12 @@ use async_trait::async_trait;
 use super::hold::{self, Hold};
 use super::{Env, Stage, StageContext};
 use crate::error::{Error, Result};
+use crate::pg::connect::ConnInfo;
 use crate::pg::lsn::Lsn;
 use crate::pg::names::{publication_name, slot_name};
 use crate::pg::pgoutput::{PgOutputMessage, pg_time_to_system};
-use crate::pg::replication::{ReplicationClient, ReplicationMessage, StreamOptions};
+use crate::pg::replication::StreamOptions;
+use crate::pg::replication::{ReplicationClient, ReplicationMessage};
 use crate::plan::StageKind;
 use crate::plan::{Database, StageOptions};
 use crate::state::TableState;
@@ -70,7 +72,7 @@ macro_rules! alive {
         let (since, applied) = ($st.last_status, $st.applied);
         let (result, sent) = keep_alive(
             &mut $repl,
-            &$self.db.name,
+            &$self.route.key,
             $self.status_every,
             since,
             applied,
@@ -164,6 +166,54 @@ impl Cdc {
     }
 }
 
+/// Which way a stream goes and what it is called: the forward cdc (source to target, this stage)
+/// or the fallback stream the cutover arms (target to the old source, [`super::fallback`]). The
+/// engine is the same; only the endpoints, the slot, the publication and the names of its records
+/// differ.
+#[derive(Clone)]
+pub struct Route {
+    /// Where the changes come from (a replication session), and where they are applied.
+    pub from: ConnInfo,
+    pub to: ConnInfo,
+    pub slot: String,
+    pub publication: String,
+    /// The database's name in the store's positions, counters, samples and events: `db.name`
+    /// forward, `fallback:<db>` (see [`super::fallback::store_key`]) backward.
+    pub key: String,
+    /// The stages whose checkpoint `drain:<db>` ends the stream (the cutover stages forward, the
+    /// fallback stage backward).
+    pub drain_stages: Vec<String>,
+    /// Forward only: changes of a table up to the LSN its copy was taken at are skipped.
+    pub forward: bool,
+    /// The replication origin the apply session tags its transactions with, if any: the forward
+    /// apply of a plan with a fallback stage (a stream from a 16+ target leaves them out).
+    pub apply_origin: Option<String>,
+}
+
+impl Route {
+    /// The forward route of `db`: the plan's slot and publication on the source, applied to the
+    /// target.
+    pub fn forward(env: &Env, db: &Database) -> Route {
+        let plan = &env.plan;
+        let has_fallback = plan.stages.iter().any(|s| s.kind == StageKind::Fallback);
+        Route {
+            from: env.source_for(db),
+            to: env.target_for(db),
+            slot: slot_name(&plan.name, &db.name),
+            publication: publication_name(&plan.name),
+            key: db.name.clone(),
+            drain_stages: plan
+                .stages
+                .iter()
+                .filter(|s| s.kind == StageKind::Cutover)
+                .map(|s| s.id.clone())
+                .collect(),
+            forward: true,
+            apply_origin: has_fallback.then(|| super::fallback::origin_name(&plan.name, &db.name)),
+        }
+    }
+}
+
 /// The checkpoint key (of the cutover stage) that asks cdc to drain `db` up to an LSN and stop:
 /// `{"lsn": "..."}`. A checkpoint, not a position, so that `--rerun` of the cutover forgets it.
 pub fn drain_key(db: &str) -> String {
@@ -220,7 +270,8 @@ impl Stage for Cdc {
             let ready = ready.clone();
             let (n, d) = self.options(i);
             async move {
-                let mut stream = DbStream::new(&self.env, cx, db, n, d);
+                let mut stream =
+                    DbStream::new(&self.env, cx, db, Route::forward(&self.env, db), n, d);
                 stream
                     .run(|| {
                         if ready.fetch_add(1, Ordering::SeqCst) + 1 == total {
@@ -239,10 +290,11 @@ impl Stage for Cdc {
 /// Per-table change counts of the current batch: inserts, updates, deletes.
 type Counts = HashMap<String, [i64; 3]>;
 
-struct DbStream<'a> {
+pub(crate) struct DbStream<'a> {
     env: &'a Env,
     cx: &'a StageContext,
     db: &'a Database,
+    route: Route,
     batch_changes: u64,
     batch_delay: Duration,
     /// How often the source hears from us at least: a quarter of its `wal_sender_timeout`, at
@@ -313,10 +365,11 @@ struct Loop {
 }
 
 impl<'a> DbStream<'a> {
-    fn new(
+    pub(crate) fn new(
         env: &'a Env,
         cx: &'a StageContext,
         db: &'a Database,
+        route: Route,
         batch_changes: u64,
         batch_delay: Duration,
     ) -> DbStream<'a> {
@@ -324,6 +377,7 @@ impl<'a> DbStream<'a> {
             env,
             cx,
             db,
+            route,
             batch_changes,
             batch_delay,
             status_every: STATUS_EVERY,
@@ -349,6 +403,9 @@ impl<'a> DbStream<'a> {
     /// The LSN each table was copied at, from the full_load stage's records.
     async fn copied_lsns(&self) -> Result<HashMap<String, Lsn>> {
         let mut out: HashMap<String, Lsn> = HashMap::new();
+        if !self.route.forward {
+            return Ok(out);
+        }
         for s in self
             .env
             .plan
@@ -376,7 +433,7 @@ impl<'a> DbStream<'a> {
     /// target transaction is rolled back; the stretch up to the highest commit LSN it held is
     /// recorded (`cdc_strict:<db>`, so a crash keeps it too) and streamed again, applied change by
     /// change in source order.
-    async fn run(&mut self, mut on_ready: impl FnMut()) -> Result<()> {
+    pub(crate) async fn run(&mut self, mut on_ready: impl FnMut()) -> Result<()> {
         let mut ready_sent = false;
         let mut once = || {
             if !ready_sent {
@@ -390,12 +447,12 @@ impl<'a> DbStream<'a> {
                 Some((until, cause)) => {
                     let msg = format!(
                         "database {}: a grouped apply failed ({}); applying again, change by change in source order, up to {until}",
-                        self.db.name, cause.message
+                        self.route.key, cause.message
                     );
                     tracing::warn!("{msg}");
                     self.cx
                         .store
-                        .advance_position(&strict_position(&self.db.name), until)
+                        .advance_position(&strict_position(&self.route.key), until)
                         .await?;
                     self.cx
                         .store
@@ -410,17 +467,20 @@ impl<'a> DbStream<'a> {
     /// failed and the stream must be applied again change by change up to `lsn`.
     async fn stream(&mut self, on_ready: &mut impl FnMut()) -> Result<Option<(Lsn, Error)>> {
         let plan = &self.env.plan;
-        let slot = slot_name(&plan.name, &self.db.name);
-        let publication = publication_name(&plan.name);
+        let slot = self.route.slot.clone();
+        let publication = self.route.publication.clone();
         let copied = self.copied_lsns().await?;
-        let (mut ap, applied) = Applier::open(
-            &self.env.target_for(self.db),
-            &plan.state.schema,
-            &slot,
-            copied,
-        )
-        .await?;
-        let replicate_ddl = self.replicates_ddl();
+        let (mut ap, applied) =
+            Applier::open(&self.route.to, &plan.state.schema, &slot, copied).await?;
+        if let Some(origin) = &self.route.apply_origin
+            && let Err(e) = ap.use_origin(origin).await
+        {
+            // The fallback stream leaves out the forward apply's writes by position anyway (its
+            // slot is created after the drain): the origin is a second guard, not a requirement.
+            tracing::warn!(database = %self.route.key, error = %e, "cdc: the apply runs without replication origin {origin}; the fallback stream filters by position only");
+        }
+        // DDL is replayed forward only (the capture is on the source).
+        let replicate_ddl = self.route.forward && self.replicates_ddl();
         if replicate_ddl {
             self.deferred_left(&mut ap).await?;
         }
@@ -429,14 +489,14 @@ impl<'a> DbStream<'a> {
             None => match self
                 .cx
                 .store
-                .position(&format!("slot:{}", self.db.name))
+                .position(&format!("slot:{}", self.route.key))
                 .await?
             {
                 Some(p) => p,
                 None => {
                     return Err(Error::permanent(format!(
                         "no start position for database `{}`: neither an applied position on the target nor the slot's consistent point",
-                        self.db.name
+                        self.route.key
                     ))
                     .hint("run the full_load stage (with this plan, which has a cdc stage) first: it creates the slot"));
                 }
@@ -445,10 +505,10 @@ impl<'a> DbStream<'a> {
         let strict_until: Option<Lsn> = self
             .cx
             .store
-            .position(&strict_position(&self.db.name))
+            .position(&strict_position(&self.route.key))
             .await?;
         let result: Result<()> = async {
-            let mut repl = ReplicationClient::connect(&self.env.source_for(self.db), "cdc").await?;
+            let mut repl = ReplicationClient::connect(&self.route.from, if self.route.forward { "cdc" } else { "fallback" }).await?;
             // A walsender that hears nothing for wal_sender_timeout ends the stream: answer well
             // within it, also while a long apply keeps the loop busy.
             if let Ok(rows) = repl.simple_query("SHOW wal_sender_timeout").await
@@ -466,14 +526,18 @@ impl<'a> DbStream<'a> {
                 .and_then(|r| r.get("xlogpos"))
                 .ok_or_else(|| Error::permanent("IDENTIFY_SYSTEM returned no xlogpos"))?
                 .parse()?;
-            let options = StreamOptions {
-                messages: replicate_ddl,
-                ..StreamOptions::new(&publication)
-            };
+            let mut options = StreamOptions::new(&publication);
+            // Backward, on a 16+ target: nothing written under a replication origin (the forward
+            // apply's) is sent back.
+            options.origin_none = !self.route.forward
+                && repl
+                    .server_version()
+                    .is_some_and(crate::pg::version::ServerVersion::pgoutput_origin_filter);
+            options.messages = replicate_ddl;
             repl.start_replication_with(&slot, start, &options)
                 .await
                 .map_err(|e| explain_missing(e.context(format!("streaming from slot {slot}"))))?;
-            tracing::info!(database = %self.db.name, slot = %slot, from = %start, "cdc streaming");
+            tracing::info!(database = %self.route.key, slot = %slot, from = %start, "cdc streaming");
             self.cx
                 .store
                 .event(
@@ -481,7 +545,7 @@ impl<'a> DbStream<'a> {
                     "info",
                     &format!(
                         "database {}: streaming from {start}, ready once past {ready_at}",
-                        self.db.name
+                        self.route.key
                     ),
                 )
                 .await?;
@@ -490,7 +554,7 @@ impl<'a> DbStream<'a> {
             if start != Lsn::INVALID {
                 self.cx
                     .store
-                    .advance_position(&applied_position(&self.db.name), start)
+                    .advance_position(&applied_position(&self.route.key), start)
                     .await?;
             }
 
@@ -525,13 +589,13 @@ impl<'a> DbStream<'a> {
             let sleep = tokio::time::sleep(DRAIN_CHECK_EVERY);
             tokio::pin!(sleep);
             let mut sampler =
-                sample::Sampler::new(self.env.source_for(self.db), &self.cx.stage, &self.db.name);
+                sample::Sampler::new(self.route.from.clone(), &self.cx.stage, &self.route.key);
             loop {
                 if last_drain_check.elapsed() >= DRAIN_CHECK_EVERY {
                     last_drain_check = Instant::now();
                     if let Some(target) = self.drain_target().await? {
                         if drain != Some(target) {
-                            tracing::info!(database = %self.db.name, to = %target, "cdc draining for the cutover");
+                            tracing::info!(database = %self.route.key, to = %target, "cdc draining for the cutover");
                         }
                         drain = Some(target);
                         // Ask for a keepalive: it lets an idle stream reach the target.
@@ -546,7 +610,7 @@ impl<'a> DbStream<'a> {
                     if incoming != reported_incoming {
                         self.cx
                             .store
-                            .set_counters(&[(self.db.name.clone(), "incomingChanges".into(), incoming)])
+                            .set_counters(&[(self.route.key.clone(), "incomingChanges".into(), incoming)])
                             .await?;
                         reported_incoming = incoming;
                     }
@@ -562,7 +626,7 @@ impl<'a> DbStream<'a> {
                     let was = hold;
                     hold = self.pending_hold().await?;
                     if hold.is_some() && hold != was {
-                        tracing::info!(database = %self.db.name, at = %hold.unwrap_or_default(), "cdc asked to hold for validation");
+                        tracing::info!(database = %self.route.key, at = %hold.unwrap_or_default(), "cdc asked to hold for validation");
                         repl.send_status(st.applied, st.applied, st.applied, true)
                             .await?;
                     }
@@ -582,7 +646,7 @@ impl<'a> DbStream<'a> {
                             "info",
                             &format!(
                                 "database {}: drained to {} (cutover target {target})",
-                                self.db.name, st.applied
+                                self.route.key, st.applied
                             ),
                         )
                         .await?;
@@ -701,10 +765,10 @@ impl<'a> DbStream<'a> {
         // What was applied is counted, whatever ended the stream (best effort on a failure: the
         // stage's own error is the one to report).
         if let Err(e) = self.write_counters(true).await {
-            tracing::warn!(database = %self.db.name, error = %e, "could not record the cdc counters");
+            tracing::warn!(database = %self.route.key, error = %e, "could not record the cdc counters");
         }
         if let Err(e) = self.publish_oldest().await {
-            tracing::warn!(database = %self.db.name, error = %e, "could not record the cdc lag");
+            tracing::warn!(database = %self.route.key, error = %e, "could not record the cdc lag");
         }
         match result {
             Ok(()) => Ok(None),
@@ -754,7 +818,7 @@ impl<'a> DbStream<'a> {
             st.applied = target;
             self.cx
                 .store
-                .advance_position(&applied_position(&self.db.name), target)
+                .advance_position(&applied_position(&self.route.key), target)
                 .await?;
         }
         Ok(())
@@ -762,17 +826,11 @@ impl<'a> DbStream<'a> {
 
     /// The LSN a running cutover asked this database to drain to.
     async fn drain_target(&self) -> Result<Option<Lsn>> {
-        for s in self
-            .env
-            .plan
-            .stages
-            .iter()
-            .filter(|s| s.kind == StageKind::Cutover)
-        {
+        for s in &self.route.drain_stages {
             let checkpoint = self
                 .cx
                 .store
-                .checkpoint(&s.id, &drain_key(&self.db.name))
+                .checkpoint(s, &drain_key(&self.db.name))
                 .await?;
             if let Some(l) = drain_lsn(checkpoint.as_ref())? {
                 return Ok(Some(l));
@@ -783,7 +841,7 @@ impl<'a> DbStream<'a> {
 
     /// The hold validation (or a rehearsal's cutover) asked for and has not released yet.
     async fn pending_hold(&self) -> Result<Option<Lsn>> {
-        Hold::new(self.cx.store.as_ref(), &self.db.name)
+        Hold::new(self.cx.store.as_ref(), &self.route.key)
             .pending()
             .await
     }
@@ -804,7 +862,7 @@ impl<'a> DbStream<'a> {
             .await?;
         st.last_status = Instant::now();
         let store = &self.cx.store;
-        let db = &self.db.name;
+        let db = &self.route.key;
         Hold::new(store.as_ref(), db).answer(at).await?;
         tracing::info!(database = %db, at = %at, applied = %st.applied, "cdc holding for validation");
         let since = Instant::now();
@@ -989,7 +1047,7 @@ impl<'a> DbStream<'a> {
     fn mark_ready(&self, st: &mut Loop, at: Lsn, ready_at: Lsn, on_ready: &mut impl FnMut()) {
         if !st.ready && at >= ready_at {
             st.ready = true;
-            tracing::info!(database = %self.db.name, applied = %st.applied, "cdc caught up");
+            tracing::info!(database = %self.route.key, applied = %st.applied, "cdc caught up");
             on_ready();
         }
     }
@@ -1002,7 +1060,7 @@ impl<'a> DbStream<'a> {
         }
         self.cx
             .store
-            .advance_position(&applied_position(&self.db.name), st.applied)
+            .advance_position(&applied_position(&self.route.key), st.applied)
             .await?;
         st.stored = st.applied;
         st.stored_at = Instant::now();
@@ -1021,7 +1079,7 @@ impl<'a> DbStream<'a> {
             unwritten.1 = Instant::now();
             std::mem::take(&mut unwritten.0)
         };
-        let db = &self.db.name;
+        let db = &self.route.key;
         let mut deltas: Vec<(String, String, i64)> = Vec::new();
         let mut totals = [0i64; 3];
         for (table, c) in counts {
@@ -1058,7 +1116,7 @@ impl<'a> DbStream<'a> {
         self.cx
             .store
             .set_counters(&[(
-                self.db.name.clone(),
+                self.route.key.clone(),
                 crate::lag::OLDEST_UNAPPLIED_GAUGE.into(),
                 oldest,
             )])

@@ -124,6 +124,10 @@ pub struct SnapshotSync {
     /// to its simulated fence while the source kept being written, and no snapshot of the source
     /// as of that position can be taken any more.
     pub not_comparable: Option<String>,
+    /// After a cutover that armed a fallback stream, while that stream runs: the comparison goes
+    /// the other way (the target, where the application writes, against the source the fallback
+    /// stream keeps in step), holding the fallback stream as of one target LSN.
+    pub reverse: bool,
 }
 
 impl SnapshotSync {
@@ -140,6 +144,7 @@ impl SnapshotSync {
                 online: None,
                 cdc_stage,
                 not_comparable: None,
+                reverse: false,
             });
         };
         let mut not_comparable = None;
@@ -183,10 +188,27 @@ impl SnapshotSync {
             .iter()
             .filter(|s| s.kind == StageKind::Cutover)
             .any(|s| state(&s.id) == Some(StageState::Done));
+        // The fallback stream runs (a cutover armed it, no rollback or stop has ended it).
+        let fallback_running = env
+            .plan
+            .stages
+            .iter()
+            .filter(|s| s.kind == StageKind::Fallback)
+            .any(|s| state(&s.id) == Some(StageState::Running));
+        let reverse = cutover_done && fallback_running;
         Ok(SnapshotSync {
-            online: (cdc_running && !cutover_done).then(|| store.clone()),
-            cdc_stage,
+            online: ((cdc_running && !cutover_done) || reverse).then(|| store.clone()),
+            cdc_stage: if reverse {
+                env.plan
+                    .stages
+                    .iter()
+                    .find(|s| s.kind == StageKind::Fallback)
+                    .map(|s| s.id.clone())
+            } else {
+                cdc_stage
+            },
             not_comparable,
+            reverse,
         })
     }
 }
@@ -209,9 +231,24 @@ pub async fn validate(
     };
     for (i, db) in env.plan.databases.iter().enumerate() {
         let opts = options(i);
-        validate_database(env, db, &opts, sync, cancel, &mut report)
+        let result = if sync.reverse {
+            // The sides swapped: the target is read as "the source", the old source as "the
+            // target", and the fallback stream is held under its own name.
+            let (back_env, back) = crate::stages::fallback::swapped(env, db);
+            validate_database(
+                &back_env,
+                &back,
+                &crate::stages::fallback::store_key(&db.name),
+                &opts,
+                sync,
+                cancel,
+                &mut report,
+            )
             .await
-            .map_err(|e| e.context(format!("database `{}`", db.name)))?;
+        } else {
+            validate_database(env, db, &db.name, &opts, sync, cancel, &mut report).await
+        };
+        result.map_err(|e| e.context(format!("database `{}`", db.name)))?;
     }
     report.finished_at = Timestamp::now().rfc3339();
     report.seconds = (started.elapsed().as_secs_f64() * 10.0).round() / 10.0;
@@ -266,6 +303,7 @@ impl Work {
 async fn validate_database(
     env: &Env,
     db: &Database,
+    hold_key: &str,
     opts: &Options,
     sync: &SnapshotSync,
     cancel: &CancellationToken,
@@ -278,7 +316,7 @@ async fn validate_database(
         &source_conn,
         &target_conn,
         &env.plan.name,
-        &db.name,
+        hold_key,
         sync.online.as_ref(),
         sync.cdc_stage.as_deref(),
         opts.hold_timeout,
@@ -287,6 +325,14 @@ async fn validate_database(
     )
     .await?;
     let mut info = snaps.info.clone();
+    if sync.reverse {
+        info.note = Some(format!(
+            "compared in reverse, as of target LSN {}: target database {} (read as the source) against source database {}, which the fallback stream keeps in step; sequences not compared while it runs",
+            info.lsn.map_or_else(|| "?".to_string(), |l| l.to_string()),
+            db.name,
+            db.target
+        ));
+    }
 
     // The worker session pairs.
     let mut pairs = Vec::with_capacity(opts.jobs);
