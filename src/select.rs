@@ -104,6 +104,41 @@ impl Glob {
         &self.text
     }
 
+    /// The same pattern as a PostgreSQL (ARE) regular expression anchored at both ends, for
+    /// matching `schema || '.' || table` on the server (the DDL capture's event trigger).
+    pub fn to_regex(&self) -> String {
+        fn push_escaped(out: &mut String, c: char) {
+            if !c.is_alphanumeric() && c != '_' && c.is_ascii() {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        let mut out = String::from("^");
+        for t in &self.tokens {
+            match t {
+                Tok::Lit(c) => push_escaped(&mut out, *c),
+                Tok::Any => out.push_str(".*"),
+                Tok::One => out.push('.'),
+                Tok::Class { negated, ranges } => {
+                    out.push('[');
+                    if *negated {
+                        out.push('^');
+                    }
+                    for &(lo, hi) in ranges {
+                        push_escaped(&mut out, lo);
+                        if hi != lo {
+                            out.push('-');
+                            push_escaped(&mut out, hi);
+                        }
+                    }
+                    out.push(']');
+                }
+            }
+        }
+        out.push('$');
+        out
+    }
+
     /// Does `schema.table` match?
     pub fn matches(&self, schema: &str, table: &str) -> bool {
         let name: Vec<char> = format!("{schema}.{table}").chars().collect();
@@ -201,6 +236,15 @@ impl Selection {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn globs_as_regexes() {
+        let re = |g: &str| Glob::parse(g).unwrap().to_regex();
+        assert_eq!(re("public.audit_*"), "^public\\.audit_.*$");
+        assert_eq!(re("p?blic.[a-c!]x"), "^p.blic\\.[a-c\\!]x$");
+        assert_eq!(re("s.[!a]"), "^s\\.[^a]$");
+        assert_eq!(re("s.a\\*"), "^s\\.a\\*$");
+    }
 
     #[test]
     fn globs() {

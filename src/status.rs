@@ -296,7 +296,27 @@ impl Status<'_> {
             m.insert("walStatus".into(), json!(slot.wal_status));
             m.insert("slotError".into(), json!(slot.error));
         }
+        m.insert("ddlStatements".into(), Value::Array(self.ddl(db)));
         m
+    }
+
+    /// The DDL cdc replayed (or ignored, or left to the operator) for `db`, in stream order, as
+    /// its stage's detail lists it ([`crate::stages::cdc::ddl::DETAIL_KEY`]).
+    pub fn ddl(&self, db: &str) -> Vec<Value> {
+        self.plan
+            .stages
+            .iter()
+            .filter(|s| s.kind == StageKind::Cdc)
+            .filter_map(|s| self.records.iter().find(|r| r.stage == s.id))
+            .filter_map(|r| {
+                r.detail
+                    .get(crate::stages::cdc::ddl::DETAIL_KEY)?
+                    .get(db)?
+                    .as_array()
+                    .cloned()
+            })
+            .flatten()
+            .collect()
     }
 
     fn record(&self, kind: StageKind) -> Option<&StageRecord> {
@@ -719,6 +739,28 @@ fallback {db} (target back to the source): {}",
             self.counter(db, "cdcDeleteCounter"),
             self.counter(db, "incomingChanges"),
         );
+        let ddl = self.ddl(db);
+        if !ddl.is_empty() {
+            let _ = writeln!(out, "  ddl       {} statement(s):", ddl.len());
+            let text = |e: &Value, k: &str| {
+                e.get(k)
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            for e in &ddl {
+                let _ = writeln!(
+                    out,
+                    "    at {} (commit {}) {}: {}",
+                    text(e, "lsn"),
+                    text(e, "commit_lsn"),
+                    text(e, "status"),
+                    text(e, "statement")
+                );
+            }
+        }
         if let Some(line) = self.managed_apply_text(db) {
             let _ = writeln!(out, "  mode      {line}");
         }

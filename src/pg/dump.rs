@@ -45,6 +45,7 @@ const PG_CONSTRAINT: u32 = 2606;
 const PG_PUBLICATION: u32 = 6104;
 const PG_PUBLICATION_REL: u32 = 6106;
 const PG_PUBLICATION_NAMESPACE: u32 = 6237;
+const PG_EVENT_TRIGGER: u32 = 3466;
 /// OIDs below this belong to initdb's objects; user objects start here.
 const FIRST_NORMAL_OID: u32 = 16384;
 
@@ -284,6 +285,21 @@ pub async fn analyze_selection(
                 crate::pg::ident::quote_ident(own_publication)
             )));
         }
+    }
+
+    // Nor do the DDL capture's event triggers (`ddl = "replicate"`; their functions live in a
+    // schema pg_dump is told to leave out).
+    let capture_rows = client
+        .query(
+            "SELECT oid FROM pg_catalog.pg_event_trigger WHERE evtname LIKE 'pgferry\\_ddl\\_%'",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::pg(&e, "looking up pgferry's event triggers"))?;
+    for r in &capture_rows {
+        filter
+            .catalog_ids
+            .insert((PG_EVENT_TRIGGER, r.get::<_, u32>(0)));
     }
 
     if unselected.is_empty() {

@@ -5,6 +5,7 @@ pub mod catalog;
 pub mod connect;
 pub mod copy;
 pub mod dump;
+pub mod event_trigger;
 pub mod ident;
 pub mod large_objects;
 pub mod lsn;

@@ -75,6 +75,16 @@ pub fn publication_name(migration: &str) -> String {
     bounded(format!("pgferry_{}", name_stem(migration)))
 }
 
+/// The schema on each source database that holds the DDL capture's functions (`ddl = "replicate"`),
+/// shared by every migration of that database (each has its own functions and event triggers in it).
+pub const CAPTURE_SCHEMA: &str = "pgferry_capture";
+
+/// The name of one object of a migration's DDL capture: its functions (`capture`, `trigger`) and
+/// event triggers (`end`, `drop`).
+pub fn capture_object_name(migration: &str, what: &str) -> String {
+    bounded(format!("pgferry_ddl_{what}_{}", name_stem(migration)))
+}
+
 /// The fallback stream's slot on the target (see `stages::fallback`): the forward slot's name
 /// with `_fb`, kept within 63 bytes.
 pub fn fallback_slot_name(migration: &str, database: &str) -> String {

@@ -21,6 +21,20 @@ pub(crate) enum Segment {
     Statement { text: String, line: usize },
 }
 
+/// Splits SQL text (a client's query string, for the DDL replay of
+/// [`crate::stages::cdc::ddl`]) into its statements, each up to and including its `;`, with the
+/// comments between statements left out: a `;` inside a string, a dollar-quoted function body or a
+/// comment does not end a statement.
+pub fn split_statements(text: &str) -> Result<Vec<String>> {
+    Ok(lex(text)?
+        .into_iter()
+        .filter_map(|s| match s {
+            Segment::Statement { text, .. } => Some(text),
+            _ => None,
+        })
+        .collect())
+}
+
 /// Splits a script into comment lines, meta-command lines and statements.
 pub(crate) fn lex(text: &str) -> Result<Vec<Segment>> {
     let b = text.as_bytes();

@@ -32,6 +32,7 @@ pub mod defaults {
     pub const POST_DATA_MAINTENANCE_WORK_MEM: u64 = 1 << 30;
     pub const CDC_BATCH_CHANGES: u32 = 10_000;
     pub const CDC_BATCH_DELAY: Duration = Duration::from_millis(100);
+    pub const CDC_DDL: &str = "stop";
     pub const VALIDATE_MODE: &str = "checksum";
     pub const VALIDATE_JOBS: u32 = 4;
     pub const VALIDATE_CHUNK_ROWS: u32 = 20_000;
@@ -92,6 +93,7 @@ pub fn defaults_of(definition: &str) -> Vec<(&'static str, DefaultValue)> {
         "cdc_stage" => vec![
             ("batch_changes", Integer(d::CDC_BATCH_CHANGES.into())),
             ("batch_delay", Duration(d::CDC_BATCH_DELAY)),
+            ("ddl", Str(d::CDC_DDL)),
         ],
         "validate_stage" => vec![
             ("mode", Str(d::VALIDATE_MODE)),
@@ -350,6 +352,9 @@ pub struct CdcOptions {
     pub batch_changes: Option<u32>,
     #[serde(default)]
     pub batch_delay: Option<Dur>,
+    /// Schema changes on the source during cdc: "stop" or "replicate".
+    #[serde(default)]
+    pub ddl: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -433,6 +438,11 @@ impl CdcOptions {
 
     pub fn batch_delay(&self) -> Duration {
         self.batch_delay.map_or(defaults::CDC_BATCH_DELAY, |d| d.0)
+    }
+
+    /// Whether DDL is captured on the source and replayed on the target (`ddl = "replicate"`).
+    pub fn replicates_ddl(&self) -> bool {
+        self.ddl.as_deref().unwrap_or(defaults::CDC_DDL) == "replicate"
     }
 }
 

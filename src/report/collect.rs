@@ -194,6 +194,20 @@ pub async fn collect(plan: &Plan, store: &dyn StateStore, run_id: i64) -> Result
         cdc.p95_lag_bytes = quantile(&lags, 0.95);
         cdc.max_latency_ms = lat.iter().copied().max();
         cdc.p95_latency_ms = quantile(&lat, 0.95);
+        if let Some(r) = records.iter().find(|r| r.stage == s.id)
+            && let Some(dbs) = r
+                .detail
+                .get(crate::stages::cdc::ddl::DETAIL_KEY)
+                .and_then(serde_json::Value::as_object)
+        {
+            for (db, list) in dbs {
+                let list: Vec<super::model::DdlStatement> =
+                    serde_json::from_value(list.clone()).unwrap_or_default();
+                if !list.is_empty() {
+                    cdc.ddl.insert(db.clone(), list);
+                }
+            }
+        }
         report.cdc = Some(cdc);
     }
 

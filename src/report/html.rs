@@ -407,6 +407,25 @@ fn lag_svg(r: &RunReport) -> String {
             .map_or("-".into(), |v| escape(&human_bytes(v.max(0) as u64))),
         c.applied_changes
     );
+    for (db, list) in &c.ddl {
+        let _ = writeln!(
+            svg,
+            "<h3>Schema changes replayed in {} ({})</h3><table><tr><th>LSN</th><th>commit</th><th>status</th><th>statement</th></tr>",
+            escape(db),
+            list.len()
+        );
+        for d in list {
+            let _ = writeln!(
+                svg,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td></tr>",
+                escape(&d.lsn),
+                escape(&d.commit_lsn),
+                escape(&d.status),
+                escape(&d.statement)
+            );
+        }
+        svg.push_str("</table>\n");
+    }
     svg
 }
 

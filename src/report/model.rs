@@ -114,6 +114,21 @@ pub struct CdcReport {
     pub p95_lag_bytes: Option<i64>,
     pub max_latency_ms: Option<i64>,
     pub p95_latency_ms: Option<i64>,
+    /// Schema changes cdc met in the stream (`ddl = "replicate"`), per database, in stream order.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub ddl: BTreeMap<String, Vec<DdlStatement>>,
+}
+
+/// One DDL statement cdc met: where it was in the stream and what became of it (`applied`,
+/// `applied after its transaction`, `ignored`, `skipped` by the operator).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DdlStatement {
+    pub lsn: String,
+    pub commit_lsn: String,
+    pub tag: String,
+    pub status: String,
+    pub statement: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

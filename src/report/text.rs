@@ -196,6 +196,20 @@ pub fn render(r: &RunReport) -> String {
                 );
             }
         }
+        for (db, list) in &c.ddl {
+            let _ = writeln!(out, "  {}: {} DDL statement(s)", clean(db), list.len());
+            for d in list {
+                let one_line = d.statement.split_whitespace().collect::<Vec<_>>().join(" ");
+                let _ = writeln!(
+                    out,
+                    "    at {} (commit {}) {}: {}",
+                    clean(&d.lsn),
+                    clean(&d.commit_lsn),
+                    clean(&d.status),
+                    clean(&one_line)
+                );
+            }
+        }
         let bytes = |v: Option<i64>| v.map_or("-".into(), |v| human_bytes(v.max(0) as u64));
         let secs = |v: Option<i64>| v.map_or("-".into(), |v| format!("{:.1}s", v as f64 / 1000.0));
         let _ = writeln!(

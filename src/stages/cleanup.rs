@@ -225,6 +225,13 @@ pub async fn drop_source_objects(
             ));
         }
     }
+    // The DDL capture (`ddl = "replicate"`) has no use once cdc is over, whatever is kept.
+    if crate::pg::event_trigger::remove(&client, migration).await? {
+        out.push(format!(
+            "removed the DDL capture (event triggers) from source database {}",
+            db.name
+        ));
+    }
     if drop_publication {
         let publication = publication_name(migration);
         let exists: bool = client

@@ -7,8 +7,14 @@
 //!   copied from the snapshot of a *temporary* slot, whose consistent point is recorded per table;
 //!   CDC skips a table's changes up to the LSN its copy was taken at. Offline, an exported snapshot
 //!   of an ordinary repeatable-read transaction.
-//! - A table copied whole is loaded with `TRUNCATE` + `COPY ... FREEZE` in one transaction: atomic,
-//!   idempotent, and no anti-wraparound vacuum needed later.
+//! - A table copied whole (1 MB or more) is loaded with `TRUNCATE` + `COPY ... FREEZE` in one
+//!   transaction: atomic, idempotent, and no anti-wraparound vacuum needed later. Smaller tables are
+//!   loaded in groups (up to 50 tables or 8 MB), each group in one transaction with `DELETE` +
+//!   `COPY` per table and one checkpoint write: a database of hundreds of small tables pays neither
+//!   a `TRUNCATE` (new files for the table and its TOAST) nor a commit and two checkpoint writes per
+//!   table. A crash reloads the whole group.
+//! - Tables the snapshot sees empty (asked in one query per 100 tables) are not copied: their
+//!   target tables are emptied where they hold rows, and all are checkpointed in one write.
 //! - A table larger than `split_tables_larger_than` is split into ranges (by its integer primary key,
 //!   else by ctid block ranges on PostgreSQL 14+) copied in parallel from the same snapshot, after one
 //!   `TRUNCATE`. A split table that was interrupted is copied again whole (one LSN per table).
@@ -100,11 +106,31 @@ impl Stage for FullLoad {
 
 /// One unit of copy work.
 #[derive(Debug, Clone)]
-struct Job {
-    table: usize,
-    /// `None`: the whole table (TRUNCATE + COPY FREEZE). `Some((n, filter))`: range `n`.
-    range: Option<(usize, String)>,
+enum Job {
+    /// Whole tables (indices into [`Load::tables`]), loaded in one target transaction: `TRUNCATE`
+    /// of all of them, then `COPY ... FREEZE` of each, then one commit and one checkpoint write. A
+    /// big table is a group of its own; small ones share a group, so a database of many small
+    /// tables does not pay a transaction and two checkpoint writes per table. A crash reloads the
+    /// whole group.
+    Tables(Vec<usize>),
+    /// Range `n` of a split table: the rows matching `filter`.
+    Range {
+        table: usize,
+        n: usize,
+        filter: String,
+    },
 }
+
+/// Whole tables smaller than this are loaded in groups; larger ones one per transaction.
+const GROUP_TABLES_BELOW: u64 = 1 << 20;
+/// A group closes once its tables reach this size ...
+const GROUP_MAX_BYTES: u64 = 8 << 20;
+/// ... or this many tables.
+const GROUP_MAX_TABLES: usize = 50;
+/// Tables up to this size are asked (in one query per [`EMPTY_CHECK_CHUNK`]) whether the snapshot
+/// sees any row in them: an empty one is not copied, only made empty on the target.
+const EMPTY_CHECK_BELOW: u64 = 1 << 20;
+const EMPTY_CHECK_CHUNK: usize = 100;
 
 /// Shared state of one database's load.
 struct Load {
@@ -269,31 +295,99 @@ async fn load_database(
         if lo_count > 0 { format!(", {lo_count} large object(s)") } else { String::new() }
     );
 
+    // Tables the snapshot sees empty are not copied: their target tables only have to be empty.
+    let small: Vec<usize> = (0..tables.len())
+        .filter(|&i| (tables[i].bytes.max(0) as u64) <= EMPTY_CHECK_BELOW)
+        .collect();
+    let mut empty: Vec<usize> = match tables_with_rows(&snap_client, &tables, &small, true).await? {
+        Some(with_rows) => small
+            .into_iter()
+            .filter(|i| !with_rows.contains(i))
+            .collect(),
+        None => Vec::new(),
+    };
+
     // Split big tables into ranges.
-    let mut jobs_list = Vec::new();
-    let mut remaining = HashMap::new();
-    for (i, t) in tables.iter().enumerate() {
-        let ranges = if (t.bytes.max(0) as u64) > split && jobs > 1 {
-            split_ranges(&snap_client, t, split, server.version_num).await?
-        } else {
-            Vec::new()
-        };
-        if ranges.len() > 1 {
-            remaining.insert(i, (ranges.len(), 0, 0));
-            for (n, f) in ranges.into_iter().enumerate() {
-                jobs_list.push(Job {
-                    table: i,
-                    range: Some((n, f)),
-                });
+    let mut ranges: HashMap<usize, Vec<String>> = HashMap::new();
+    if jobs > 1 {
+        for (i, t) in tables.iter().enumerate() {
+            if (t.bytes.max(0) as u64) > split {
+                let r = split_ranges(&snap_client, t, split, server.version_num).await?;
+                if r.len() > 1 {
+                    ranges.insert(i, r);
+                }
             }
-        } else {
-            jobs_list.push(Job {
-                table: i,
-                range: None,
-            });
         }
     }
     drop(snap_client);
+
+    // The empty tables' target tables: emptied where they hold rows (a load killed between its
+    // commit and its checkpoint, or rows put there by hand). When that cannot be asked, they are
+    // copied like the others, and the copy says what is wrong.
+    if !empty.is_empty() {
+        let target = open_target(&target_conn, "load").await?;
+        match tables_with_rows(&target, &tables, &empty, false).await? {
+            Some(stale) if !stale.is_empty() => {
+                let mut stale: Vec<usize> = stale.into_iter().collect();
+                stale.sort_unstable();
+                let sql = truncate_only(stale.iter().map(|&i| &tables[i].name));
+                target
+                    .batch_execute(&sql)
+                    .await
+                    .map_err(|e| Error::pg(&e, format!("emptying the target tables: {sql}")))?;
+            }
+            Some(_) => {}
+            None => empty.clear(),
+        }
+    }
+    let is_empty: HashSet<usize> = empty.iter().copied().collect();
+
+    // The jobs, largest first: split tables by range, big tables alone, small ones in groups.
+    let mut jobs_list = Vec::new();
+    let mut remaining = HashMap::new();
+    let n_small = (0..tables.len())
+        .filter(|i| {
+            !is_empty.contains(i)
+                && !ranges.contains_key(i)
+                && (tables[*i].bytes.max(0) as u64) < GROUP_TABLES_BELOW
+        })
+        .count();
+    // Enough groups to keep every worker busy.
+    let per_group = GROUP_MAX_TABLES
+        .min(n_small.div_ceil(jobs.max(1) as usize))
+        .max(1);
+    let mut group: Vec<usize> = Vec::new();
+    let mut group_bytes = 0u64;
+    for (i, table) in tables.iter().enumerate() {
+        if is_empty.contains(&i) {
+            continue;
+        }
+        if let Some(r) = ranges.remove(&i) {
+            remaining.insert(i, (r.len(), 0, 0));
+            for (n, filter) in r.into_iter().enumerate() {
+                jobs_list.push(Job::Range {
+                    table: i,
+                    n,
+                    filter,
+                });
+            }
+            continue;
+        }
+        let bytes = table.bytes.max(0) as u64;
+        if bytes >= GROUP_TABLES_BELOW {
+            jobs_list.push(Job::Tables(vec![i]));
+            continue;
+        }
+        group.push(i);
+        group_bytes += bytes;
+        if group.len() >= per_group || group_bytes >= GROUP_MAX_BYTES {
+            jobs_list.push(Job::Tables(std::mem::take(&mut group)));
+            group_bytes = 0;
+        }
+    }
+    if !group.is_empty() {
+        jobs_list.push(Job::Tables(group));
+    }
     // Split tables start empty: truncate them once, before their ranges.
     if !remaining.is_empty() {
         let target = target_conn.connect("load truncate").await?;
@@ -314,16 +408,27 @@ async fn load_database(
         remaining: Mutex::new(remaining),
         bytes: AtomicU64::new(0),
         rows: AtomicU64::new(0),
-        tables_done: AtomicU64::new(0),
+        tables_done: AtomicU64::new(empty.len() as u64),
         lsn,
         snapshot,
         stage: cx.stage.clone(),
         database: db.name.clone(),
     });
-    let queued: Vec<_> = (0..load.tables.len())
-        .map(|t| load.progress(load.display(t), TableState::Queued, 0, 0, None))
+    // Every table queued, the empty ones copied already: one pipelined write.
+    let marks: Vec<_> = (0..load.tables.len())
+        .map(|t| {
+            let state = if is_empty.contains(&t) {
+                TableState::Copied
+            } else {
+                TableState::Queued
+            };
+            load.progress(load.display(t), state, 0, 0, None)
+        })
         .collect();
-    cx.store.upsert_tables(&queued).await?;
+    cx.store.upsert_tables(&marks).await?;
+    if !empty.is_empty() {
+        tracing::debug!(database = %db.name, "{} table(s) empty in the snapshot: nothing to copy", empty.len());
+    }
 
     // Workers.
     let stop = cx.cancel.child_token();
@@ -474,128 +579,227 @@ async fn worker(
         let Some(job) = load.queue.lock().await.pop_front() else {
             return Ok(());
         };
-        let t = &load.tables[job.table];
-        let name = match &job.range {
-            None => t.name.to_string(),
-            Some((n, _)) => format!("{}#{}", t.name, n + 1),
-        };
-        if job.range.is_none() {
-            store
-                .upsert_table(&load.progress(name.clone(), TableState::Copying, 0, 0, None))
-                .await?;
-        }
-        let started = Instant::now();
-        // Live progress (terminal bars, the periodic log line): this job's bytes as they stream.
-        let expected = if job.range.is_none() {
-            t.bytes.max(0) as u64
-        } else {
-            0
-        };
-        let live = crate::progress::begin(&load.stage, &load.database, &name, expected);
-        let work = copy_job(&mut source, &mut target, t, &job, &live.bytes);
-        let result = tokio::select! {
-            r = work => r,
-            _ = stop.cancelled() => {
-                // Abandon both sessions: the target transaction rolls back when they close.
-                return Err(Error::interrupted());
+        match job {
+            Job::Tables(group) => {
+                load_tables(&load, &mut source, &mut target, &*store, &stop, &group).await?
             }
-        };
-        load.bytes
-            .fetch_add(live.bytes.load(Ordering::Relaxed), Ordering::Relaxed);
-        drop(live);
-        let (rows, bytes) = match result {
-            Ok(x) => x,
-            Err(e) => {
-                let e = e.context(format!("table `{}`", t.name));
-                let _ = store
-                    .upsert_table(&load.progress(
-                        name,
-                        TableState::Failed,
-                        0,
-                        0,
-                        Some(e.to_string()),
-                    ))
-                    .await;
-                return Err(e);
-            }
-        };
-        load.rows.fetch_add(rows, Ordering::Relaxed);
-        tracing::debug!(table = %name, rows, bytes, elapsed = ?started.elapsed(), "copied");
-        match &job.range {
-            None => {
-                store
-                    .upsert_table(&load.progress(name, TableState::Copied, rows, bytes, None))
-                    .await?;
-                load.tables_done.fetch_add(1, Ordering::Relaxed);
-            }
-            Some(_) => {
-                store
-                    .upsert_table(&load.progress(name, TableState::Copied, rows, bytes, None))
-                    .await?;
-                let finished = {
-                    let mut rem = load.remaining.lock().await;
-                    let entry = rem.entry(job.table).or_insert((1, 0, 0));
-                    entry.0 -= 1;
-                    entry.1 += rows;
-                    entry.2 += bytes;
-                    (entry.0 == 0).then_some((entry.1, entry.2))
-                };
-                if let Some((r, b)) = finished {
-                    store
-                        .upsert_table(&load.progress(
-                            t.name.to_string(),
-                            TableState::Copied,
-                            r,
-                            b,
-                            None,
-                        ))
-                        .await?;
-                    load.tables_done.fetch_add(1, Ordering::Relaxed);
-                }
+            Job::Range { table, n, filter } => {
+                load_range(
+                    &load,
+                    &mut source,
+                    &mut target,
+                    &*store,
+                    &stop,
+                    table,
+                    n,
+                    &filter,
+                )
+                .await?
             }
         }
     }
 }
 
-async fn copy_job(
+/// Loads whole tables in one target transaction (`TRUNCATE` of all, `COPY ... FREEZE` of each,
+/// one commit) with one checkpoint write before and one after.
+async fn load_tables(
+    load: &Load,
     source: &mut WireClient,
     target: &mut WireClient,
-    t: &CopyTable,
-    job: &Job,
-    progress: &AtomicU64,
-) -> Result<(u64, u64)> {
-    match &job.range {
-        None => {
-            // TRUNCATE and COPY FREEZE in one transaction: atomic, idempotent, rows frozen.
-            target
-                .simple_query(&format!("BEGIN; TRUNCATE ONLY {}", t.name.quoted()))
-                .await
-                .map_err(|e| e.context("emptying the target table"))?;
-            let copied = source
-                .copy_into(
-                    &t.copy_out_sql(None),
-                    target,
-                    &t.copy_in_sql(true),
-                    progress,
-                )
-                .await?;
-            target
-                .simple_query("COMMIT")
-                .await
-                .map_err(|e| e.context("committing the copy"))?;
-            Ok(copied)
+    store: &dyn crate::state::StateStore,
+    stop: &tokio_util::sync::CancellationToken,
+    group: &[usize],
+) -> Result<()> {
+    let mark = |state: TableState| -> Vec<TableProgress> {
+        group
+            .iter()
+            .map(|&t| load.progress(load.display(t), state, 0, 0, None))
+            .collect()
+    };
+    store.upsert_tables(&mark(TableState::Copying)).await?;
+    let started = Instant::now();
+    let result = tokio::select! {
+        r = copy_tables(load, source, target, group) => r,
+        _ = stop.cancelled() => {
+            // Abandon both sessions: the target transaction rolls back when they close.
+            return Err(Error::interrupted());
         }
-        Some((_, filter)) => {
-            source
-                .copy_into(
-                    &t.copy_out_sql(Some(filter)),
-                    target,
-                    &t.copy_in_sql(false),
-                    progress,
-                )
-                .await
+    };
+    let copied = match result {
+        Ok(x) => x,
+        Err((failed, e)) => {
+            // Nothing of the group was committed: the table that failed is `failed`, the others
+            // are queued again (all failed when the group's own statements did).
+            let e = match failed {
+                Some(k) => e.context(format!("table `{}`", load.display(group[k]))),
+                None if group.len() == 1 => {
+                    e.context(format!("table `{}`", load.display(group[0])))
+                }
+                None => e.context(format!(
+                    "tables {}",
+                    group
+                        .iter()
+                        .map(|&t| format!("`{}`", load.display(t)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
+            };
+            let marks: Vec<TableProgress> = group
+                .iter()
+                .enumerate()
+                .map(|(k, &t)| {
+                    if failed.is_none() || failed == Some(k) {
+                        load.progress(
+                            load.display(t),
+                            TableState::Failed,
+                            0,
+                            0,
+                            Some(e.to_string()),
+                        )
+                    } else {
+                        load.progress(load.display(t), TableState::Queued, 0, 0, None)
+                    }
+                })
+                .collect();
+            let _ = store.upsert_tables(&marks).await;
+            return Err(e);
         }
+    };
+    let done: Vec<TableProgress> = group
+        .iter()
+        .zip(&copied)
+        .map(|(&t, &(rows, bytes))| {
+            load.progress(load.display(t), TableState::Copied, rows, bytes, None)
+        })
+        .collect();
+    let rows: u64 = copied.iter().map(|c| c.0).sum();
+    load.rows.fetch_add(rows, Ordering::Relaxed);
+    tracing::debug!(tables = group.len(), first = %load.display(group[0]), rows, elapsed = ?started.elapsed(), "copied");
+    store.upsert_tables(&done).await?;
+    load.tables_done
+        .fetch_add(group.len() as u64, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Copies one range of a split table (its own transaction: the table was emptied before).
+#[allow(clippy::too_many_arguments)]
+async fn load_range(
+    load: &Load,
+    source: &mut WireClient,
+    target: &mut WireClient,
+    store: &dyn crate::state::StateStore,
+    stop: &tokio_util::sync::CancellationToken,
+    table: usize,
+    n: usize,
+    filter: &str,
+) -> Result<()> {
+    let t = &load.tables[table];
+    let name = format!("{}#{}", t.name, n + 1);
+    let started = Instant::now();
+    let live = crate::progress::begin(&load.stage, &load.database, &name, 0);
+    let (copy_out, copy_in) = (t.copy_out_sql(Some(filter)), t.copy_in_sql(false));
+    let work = source.copy_into(&copy_out, target, &copy_in, &live.bytes);
+    let result = tokio::select! {
+        r = work => r,
+        _ = stop.cancelled() => return Err(Error::interrupted()),
+    };
+    load.bytes
+        .fetch_add(live.bytes.load(Ordering::Relaxed), Ordering::Relaxed);
+    drop(live);
+    let (rows, bytes) = match result {
+        Ok(x) => x,
+        Err(e) => {
+            let e = e.context(format!("table `{}`", t.name));
+            let _ = store
+                .upsert_table(&load.progress(name, TableState::Failed, 0, 0, Some(e.to_string())))
+                .await;
+            return Err(e);
+        }
+    };
+    load.rows.fetch_add(rows, Ordering::Relaxed);
+    tracing::debug!(table = %name, rows, bytes, elapsed = ?started.elapsed(), "copied");
+    store
+        .upsert_table(&load.progress(name, TableState::Copied, rows, bytes, None))
+        .await?;
+    let finished = {
+        let mut rem = load.remaining.lock().await;
+        let entry = rem.entry(table).or_insert((1, 0, 0));
+        entry.0 -= 1;
+        entry.1 += rows;
+        entry.2 += bytes;
+        (entry.0 == 0).then_some((entry.1, entry.2))
+    };
+    if let Some((r, b)) = finished {
+        store
+            .upsert_table(&load.progress(t.name.to_string(), TableState::Copied, r, b, None))
+            .await?;
+        load.tables_done.fetch_add(1, Ordering::Relaxed);
     }
+    Ok(())
+}
+
+/// Every table of `group` emptied and copied in one transaction: atomic and idempotent. A big table
+/// is emptied with `TRUNCATE` and copied with `COPY ... FREEZE` (no anti-wraparound vacuum later);
+/// small ones with `DELETE`, which costs nothing on an empty table, where `TRUNCATE` makes new
+/// files for the table, its TOAST table and index and drops the old ones (about 4 ms per table,
+/// most of the time of a small table's copy). Returns each table's (rows, bytes), or the error
+/// with the position in `group` of the table it is about (`None`: the group's own statements).
+async fn copy_tables(
+    load: &Load,
+    source: &mut WireClient,
+    target: &mut WireClient,
+    group: &[usize],
+) -> std::result::Result<Vec<(u64, u64)>, (Option<usize>, Error)> {
+    let freeze = group
+        .iter()
+        .any(|&t| (load.tables[t].bytes.max(0) as u64) >= GROUP_TABLES_BELOW);
+    let empty = if freeze {
+        format!(
+            "BEGIN; {}",
+            truncate_only(group.iter().map(|&t| &load.tables[t].name))
+        )
+    } else {
+        let mut sql = String::from("BEGIN;");
+        for &t in group {
+            sql.push_str(&format!(
+                " DELETE FROM ONLY {};",
+                load.tables[t].name.quoted()
+            ));
+        }
+        sql
+    };
+    target
+        .simple_query(&empty)
+        .await
+        .map_err(|e| (None, e.context("emptying the target table(s)")))?;
+    let mut copied = Vec::with_capacity(group.len());
+    for (k, &t) in group.iter().enumerate() {
+        let table = &load.tables[t];
+        // Live progress (terminal bars, the periodic log line): this table's bytes as they stream.
+        let live = crate::progress::begin(
+            &load.stage,
+            &load.database,
+            &load.display(t),
+            table.bytes.max(0) as u64,
+        );
+        let result = source
+            .copy_into(
+                &table.copy_out_sql(None),
+                target,
+                &table.copy_in_sql(freeze),
+                &live.bytes,
+            )
+            .await;
+        load.bytes
+            .fetch_add(live.bytes.load(Ordering::Relaxed), Ordering::Relaxed);
+        drop(live);
+        copied.push(result.map_err(|e| (Some(k), e))?);
+    }
+    target
+        .simple_query("COMMIT")
+        .await
+        .map_err(|e| (None, e.context("committing the copy")))?;
+    Ok(copied)
 }
 
 /// Source session settings that make text output exact and keep long copies alive.
@@ -696,4 +900,94 @@ async fn copy_large_objects(
     let (n, bytes) = crate::pg::large_objects::copy_all(&source, &target, cancel).await?;
     load.bytes.fetch_add(bytes, Ordering::Relaxed);
     Ok((n, bytes))
+}
+
+/// Which of `candidates` (indices into `tables`) hold at least one row as `client` sees them (in
+/// its snapshot), asked `EMPTY_CHECK_CHUNK` tables per query. `None` when a query fails (a table
+/// the session may not read, or one missing): the caller copies those tables the ordinary way,
+/// whose error says which. `in_transaction`: `client` is in a transaction that must stay usable.
+async fn tables_with_rows(
+    client: &Client,
+    tables: &[CopyTable],
+    candidates: &[usize],
+    in_transaction: bool,
+) -> Result<Option<HashSet<usize>>> {
+    let mut with_rows = HashSet::new();
+    if candidates.is_empty() {
+        return Ok(Some(with_rows));
+    }
+    if in_transaction {
+        client
+            .batch_execute("SAVEPOINT pgferry_rows")
+            .await
+            .map_err(|e| Error::pg(&e, "setting a savepoint"))?;
+    }
+    for chunk in candidates.chunks(EMPTY_CHECK_CHUNK) {
+        let sql = chunk
+            .iter()
+            .map(|&i| {
+                format!(
+                    "SELECT {i} WHERE EXISTS (SELECT FROM ONLY {})",
+                    tables[i].name.quoted()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ");
+        match client.simple_query(&sql).await {
+            Ok(messages) => {
+                for m in messages {
+                    if let tokio_postgres::SimpleQueryMessage::Row(row) = m
+                        && let Some(i) = row.get(0).and_then(|v| v.parse::<usize>().ok())
+                    {
+                        with_rows.insert(i);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!("could not ask which tables hold rows ({e}); copying them all");
+                if in_transaction {
+                    client
+                        .batch_execute("ROLLBACK TO SAVEPOINT pgferry_rows")
+                        .await
+                        .map_err(|e| Error::pg(&e, "rolling back to a savepoint"))?;
+                }
+                return Ok(None);
+            }
+        }
+    }
+    if in_transaction {
+        client
+            .batch_execute("RELEASE SAVEPOINT pgferry_rows")
+            .await
+            .map_err(|e| Error::pg(&e, "releasing a savepoint"))?;
+    }
+    Ok(Some(with_rows))
+}
+
+/// `TRUNCATE ONLY a, ONLY b, ...`: ONLY before every name, since in `TRUNCATE ONLY a, b` it covers
+/// `a` alone and `b` would take its inheritance children (copied by other jobs) with it.
+fn truncate_only<'a>(names: impl Iterator<Item = &'a crate::pg::ident::QualifiedName>) -> String {
+    let list = names
+        .map(|n| format!("ONLY {}", n.quoted()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("TRUNCATE {list}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pg::ident::QualifiedName;
+
+    #[test]
+    fn truncate_spares_every_tables_children() {
+        let names = [
+            QualifiedName::new("public".to_string(), "a".to_string()),
+            QualifiedName::new("public".to_string(), "Person".to_string()),
+        ];
+        assert_eq!(
+            truncate_only(names.iter()),
+            r#"TRUNCATE ONLY "public"."a", ONLY "public"."Person""#
+        );
+    }
 }

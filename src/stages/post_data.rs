@@ -49,6 +49,8 @@ const MIN_MAINTENANCE_WORK_MEM: u64 = 1 << 20;
 const MAX_MAINTENANCE_WORK_MEM: u64 = 64 << 30;
 /// Deadlocks and lock timeouts are retried in place this many times before the stage gives up.
 const LOCK_RETRIES: u32 = 3;
+/// At most this many objects of a serial phase run in one transaction.
+const MAX_GROUP: usize = 50;
 
 pub struct PostData {
     env: Arc<Env>,
@@ -69,6 +71,9 @@ struct DbRun<'a> {
     cx: &'a StageContext,
     db: &'a Database,
     clients: Vec<Client>,
+    /// Per session: the script's settings last applied on it, when known (an object with the same
+    /// settings does not send them again).
+    applied: Vec<std::sync::Mutex<Option<Vec<String>>>>,
 }
 
 impl PostData {
@@ -117,13 +122,11 @@ impl PostData {
             post_data_script::parse(&text).map_err(|e| e.context(format!("artifact `{name}`")))?;
         let keys = item_keys(&db.name, &script.items);
 
-        // What earlier runs or attempts finished.
-        let mut pending: Vec<usize> = Vec::new();
-        for (n, key) in keys.iter().enumerate() {
-            if !cx.is_done(key).await? {
-                pending.push(n);
-            }
-        }
+        // What earlier runs or attempts finished: asked all at once (the store's session pipelines
+        // the reads; one round trip each, in sequence, is most of a second on hundreds of objects).
+        let done =
+            futures_util::future::try_join_all(keys.iter().map(|key| cx.is_done(key))).await?;
+        let pending: Vec<usize> = (0..keys.len()).filter(|&n| !done[n]).collect();
         let total = script.items.len();
         let skipped = total - pending.len();
         if skipped > 0 {
@@ -179,7 +182,16 @@ impl PostData {
         let sizes = table_sizes(&clients[0])
             .await
             .map_err(|e| e.context(label.clone()))?;
-        let run = DbRun { cx, db, clients };
+        let applied = clients
+            .iter()
+            .map(|_| std::sync::Mutex::new(None))
+            .collect();
+        let run = DbRun {
+            cx,
+            db,
+            clients,
+            applied,
+        };
 
         let mut built = 0;
         let mut existed = 0;
@@ -214,9 +226,12 @@ impl PostData {
             };
             tracing::info!(stage = %cx.stage, database = %db.name,
                 "building {} {} ({} at a time)", items.len(), phase.describe(), limit);
-            let (b, e) = self
-                .run_phase(&run, &script.items, &keys, &items, limit)
-                .await?;
+            let (b, e) = if matches!(phase, Phase::Attach | Phase::Other) {
+                self.run_grouped(&run, &script.items, &keys, &items).await?
+            } else {
+                self.run_phase(&run, &script.items, &keys, &items, limit)
+                    .await?
+            };
             built += b;
             existed += e;
         }
@@ -279,9 +294,7 @@ impl PostData {
                     busy.push((slot, n));
                     let stop = &stop;
                     running.push(async move {
-                        let r = self
-                            .build_item(run, &run.clients[slot], &items[n], &keys[n], stop)
-                            .await;
+                        let r = self.build_item(run, slot, &items[n], &keys[n], stop).await;
                         (slot, n, r)
                     });
                 }
@@ -320,11 +333,109 @@ impl PostData {
         Ok((built, existed))
     }
 
+    /// Builds the objects of a serial phase (in `order`) in groups: consecutive objects with the
+    /// same session settings run in one transaction, followed by one pipelined checkpoint write. A
+    /// group that fails is rolled back and its objects built one by one, which tolerates what
+    /// already exists, retries under the database's search_path and names the object that fails.
+    /// A run killed between a group's commit and its checkpoints builds the group again the same
+    /// way. Returns (built, found already built).
+    async fn run_grouped(
+        &self,
+        run: &DbRun<'_>,
+        items: &[Item],
+        keys: &[String],
+        order: &[usize],
+    ) -> Result<(usize, usize)> {
+        let stop = run.cx.cancel.child_token();
+        let (mut built, mut existed) = (0, 0);
+        let mut start = 0;
+        while start < order.len() {
+            run.cx.check_cancelled()?;
+            let settings = &items[order[start]].settings;
+            let mut end = start + 1;
+            while end < order.len()
+                && end - start < MAX_GROUP
+                && items[order[end]].settings == *settings
+            {
+                end += 1;
+            }
+            let group = &order[start..end];
+            start = end;
+            if group.len() > 1 && self.build_group(run, items, keys, group, &stop).await? {
+                built += group.len();
+                continue;
+            }
+            for &n in group {
+                match self.build_item(run, 0, &items[n], &keys[n], &stop).await? {
+                    Outcome::Built => built += 1,
+                    Outcome::Existed => existed += 1,
+                }
+            }
+        }
+        Ok((built, existed))
+    }
+
+    /// Runs `group` in one transaction on the first session and checkpoints each object; `false`
+    /// (nothing changed) when the transaction failed.
+    async fn build_group(
+        &self,
+        run: &DbRun<'_>,
+        items: &[Item],
+        keys: &[String],
+        group: &[usize],
+        stop: &CancellationToken,
+    ) -> Result<bool> {
+        let cx = run.cx;
+        let client = &run.clients[0];
+        let applied = &run.applied[0];
+        let first = &items[group[0]];
+        let started = Instant::now();
+        let started_at = crate::state::Timestamp::now().0;
+        let wanted = apply_settings(client, applied, first, stop).await?;
+        let mut sql = String::from("BEGIN;\n");
+        for &n in group {
+            sql.push_str(&items[n].sql());
+            sql.push('\n');
+        }
+        sql.push_str("COMMIT;");
+        if let Err(e) = execute(client, &sql, stop).await? {
+            tracing::debug!(stage = %cx.stage, database = %run.db.name,
+                "{} objects from {} on in one transaction: {e}; building them one by one", group.len(), first.label());
+            execute(client, "ROLLBACK", stop)
+                .await?
+                .map_err(|e| Error::pg(&e, "rolling back a group of post-data objects"))?;
+            return Ok(false);
+        }
+        set_applied(applied, Some(wanted));
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        let marks = group.iter().map(|&n| {
+            cx.mark_done(
+                &keys[n],
+                json!({
+                    "type": items[n].kind,
+                    "object": items[n].label(),
+                    "elapsed_ms": elapsed_ms,
+                    "started_at": started_at,
+                    "already_existed": false,
+                    "group": group.len(),
+                }),
+            )
+        });
+        tokio::try_join!(
+            futures_util::future::try_join_all(marks),
+            cx.store
+                .add_counter(&run.db.name, "post_data_items_done", group.len() as i64),
+        )?;
+        tracing::debug!(stage = %cx.stage, database = %run.db.name,
+            "ran {} objects from {} on in one transaction", group.len(), first.label());
+        Ok(true)
+    }
+
     /// Builds one object on `client` and checkpoints it.
     async fn build_item(
         &self,
         run: &DbRun<'_>,
-        client: &Client,
+        slot: usize,
         item: &Item,
         key: &str,
         stop: &CancellationToken,
@@ -345,12 +456,21 @@ impl PostData {
             ended_at: None,
             error,
         };
-        if tracked {
-            cx.store
-                .upsert_table(&progress(TableState::Copying, None))
-                .await?;
-        }
-        let result = self.execute_item(client, item, stop).await;
+        // The progress write goes to the store while the object builds on the target.
+        let copying = async {
+            if tracked {
+                cx.store
+                    .upsert_table(&progress(TableState::Copying, None))
+                    .await
+            } else {
+                Ok(())
+            }
+        };
+        let (copying, result) = tokio::join!(
+            copying,
+            self.execute_item(&run.clients[slot], &run.applied[slot], item, stop)
+        );
+        copying?;
         let outcome = match result {
             Ok(o) => o,
             Err(e) => {
@@ -366,25 +486,31 @@ impl PostData {
             }
         };
         let elapsed_ms = started.elapsed().as_millis() as u64;
-        cx.mark_done(
-            key,
-            json!({
-                "type": item.kind,
-                "object": item.label(),
-                "elapsed_ms": elapsed_ms,
-                "started_at": started_at,
-                "already_existed": outcome == Outcome::Existed,
-            }),
-        )
-        .await?;
-        cx.store
-            .add_counter(&run.db.name, "post_data_items_done", 1)
-            .await?;
-        if tracked {
+        // The checkpoint, the counter and the progress, pipelined on the store's session.
+        let copied = async {
+            if tracked {
+                cx.store
+                    .upsert_table(&progress(TableState::Copied, None))
+                    .await
+            } else {
+                Ok(())
+            }
+        };
+        tokio::try_join!(
+            cx.mark_done(
+                key,
+                json!({
+                    "type": item.kind,
+                    "object": item.label(),
+                    "elapsed_ms": elapsed_ms,
+                    "started_at": started_at,
+                    "already_existed": outcome == Outcome::Existed,
+                }),
+            ),
             cx.store
-                .upsert_table(&progress(TableState::Copied, None))
-                .await?;
-        }
+                .add_counter(&run.db.name, "post_data_items_done", 1),
+            copied,
+        )?;
         match outcome {
             Outcome::Built if tracked => tracing::info!(stage = %cx.stage, database = %run.db.name,
                 "built {} in {:.1}s", item.label(), elapsed_ms as f64 / 1000.0),
@@ -402,6 +528,7 @@ impl PostData {
     async fn execute_item(
         &self,
         client: &Client,
+        applied: &std::sync::Mutex<Option<Vec<String>>>,
         item: &Item,
         stop: &CancellationToken,
     ) -> Result<Outcome> {
@@ -413,25 +540,15 @@ impl PostData {
                 item.first_line()
             )
         };
-        // The session state pg_restore's session would have here; never the client encoding (this
-        // connection speaks UTF-8).
-        let settings: Vec<&str> = item
-            .settings
-            .iter()
-            .filter(|s| post_data_script::setting_key(s).as_deref() != Some("client_encoding"))
-            .map(String::as_str)
-            .collect();
-        if !settings.is_empty() {
-            execute(client, &settings.join("\n"), stop)
-                .await?
-                .map_err(|e| {
-                    Error::pg(&e, format!("applying the session settings for {}", doing()))
-                })?;
-        }
+        let wanted = apply_settings(client, applied, item, stop).await?;
         let mut attempt = 0;
         let mut retried_with_path = false;
         loop {
             let err = match execute(client, &item.sql(), stop).await? {
+                Ok(()) if attempt == 0 && !retried_with_path => {
+                    set_applied(applied, Some(wanted));
+                    return Ok(Outcome::Built);
+                }
                 Ok(()) => return Ok(Outcome::Built),
                 Err(e) => e,
             };
@@ -584,6 +701,51 @@ impl PostData {
             ))),
             None => Ok(false),
         }
+    }
+}
+
+/// Gives the session the state pg_restore's session would have at `item` (never the client
+/// encoding: this connection speaks UTF-8), unless it has exactly those settings already. Returns
+/// them; the session's settings count as unknown until the caller records them after success (a
+/// failure may leave them changed).
+async fn apply_settings(
+    client: &Client,
+    applied: &std::sync::Mutex<Option<Vec<String>>>,
+    item: &Item,
+    stop: &CancellationToken,
+) -> Result<Vec<String>> {
+    let wanted: Vec<String> = item
+        .settings
+        .iter()
+        .filter(|s| post_data_script::setting_key(s).as_deref() != Some("client_encoding"))
+        .cloned()
+        .collect();
+    let known = applied
+        .lock()
+        .map(|a| a.as_ref() == Some(&wanted))
+        .unwrap_or(false);
+    set_applied(applied, None);
+    if !wanted.is_empty() && !known {
+        execute(client, &wanted.join("\n"), stop)
+            .await?
+            .map_err(|e| {
+                Error::pg(
+                    &e,
+                    format!(
+                        "applying the session settings for {} (line {} of the post-data script)",
+                        item.label(),
+                        item.line
+                    ),
+                )
+            })?;
+    }
+    Ok(wanted)
+}
+
+/// Records the settings a session has (`None`: unknown).
+fn set_applied(applied: &std::sync::Mutex<Option<Vec<String>>>, settings: Option<Vec<String>>) {
+    if let Ok(mut a) = applied.lock() {
+        *a = settings;
     }
 }
 

@@ -447,6 +447,10 @@ async fn check_source(
             out.push(finding);
         }
     }
+    let index = env.plan.databases.iter().position(|d| d.name == db.name);
+    if online && index.is_some_and(|i| crate::stages::cdc::ddl::replicates(&env.plan, i)) {
+        ddl_capture_findings(db, client, &info, out).await?;
+    }
     r.source_server = Some(info);
     r.tables = selected;
     Ok(())
@@ -572,6 +576,45 @@ async fn managed_source_findings(
         None,
         Vec::new(),
     );
+    Ok(())
+}
+
+/// `ddl = "replicate"`: the source must send logical decoding messages (14+) and let the role
+/// create the capture's event triggers.
+async fn ddl_capture_findings(
+    db: &Database,
+    client: &Client,
+    info: &catalog::ServerInfo,
+    out: &mut Vec<Finding>,
+) -> Result<()> {
+    let mut problems = Vec::new();
+    if !info.server_version().pgoutput_messages() {
+        problems.push(format!(
+            "the source is PostgreSQL {}, whose pgoutput cannot carry the captured statements (the `messages` option is 14+)",
+            info.major()
+        ));
+    }
+    if !crate::pg::event_trigger::can_install(client).await? {
+        problems.push(format!(
+            "role {} may not create event triggers (a superuser may; on Amazon RDS a member of rds_superuser)",
+            info.current_user
+        ));
+    }
+    if !problems.is_empty() {
+        out.push(Finding {
+            level: Level::Error,
+            database: db.name.clone(),
+            check: "ddl_capture",
+            message: format!(
+                "the cdc stage has ddl = \"replicate\", which this source cannot do: {}",
+                problems.join("; ")
+            ),
+            hint: Some(
+                "connect as a role that may create event triggers on a source of PostgreSQL 14 or later, or set ddl = \"stop\" on the cdc stage (cdc then stops when a replicated table's columns change, naming the difference)".into(),
+            ),
+            tables: Vec::new(),
+        });
+    }
     Ok(())
 }
 

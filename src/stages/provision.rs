@@ -170,7 +170,28 @@ impl Provision {
                 .map_err(|e| e.context(source_label.clone()))?;
             published = Some(n);
         }
+        // 4. The DDL capture (`ddl = "replicate"`), once the publication it adds new tables to
+        // exists.
+        let ddl_capture = online && crate::stages::cdc::ddl::replicates(&self.env.plan, i);
+        if ddl_capture {
+            if !source_version.pgoutput_messages() {
+                return Err(Error::permanent(format!(
+                    "`ddl = \"replicate\"` needs a source of PostgreSQL 14 or later (pgoutput's `messages` option); this source is {source_version}"
+                ))
+                .hint("set `ddl = \"stop\"` on the cdc stage")
+                .context(source_label.clone()));
+            }
+            crate::pg::event_trigger::install(
+                &source,
+                &self.env.plan.name,
+                &Selection::new(&db.tables, &db.exclude),
+            )
+            .await
+            .map_err(|e| e.context(source_label.clone()))?;
+            tracing::info!(stage = %cx.stage, database = %db.name, "DDL capture installed (event triggers; cleanup removes them)");
+        }
         Ok(serde_json::json!({
+            "ddl_capture": ddl_capture,
             "database_created": created,
             "database_settings": database_settings,
             "schema": schema,
@@ -831,6 +852,13 @@ impl Stage for Provision {
                     publication_name(&self.env.plan.name),
                     db.name
                 ));
+                if crate::stages::cdc::ddl::replicates(&self.env.plan, i) {
+                    out.push(format!(
+                        "install the DDL capture on source database {} (event triggers and functions in schema {}; cleanup removes them)",
+                        db.name,
+                        crate::pg::names::CAPTURE_SCHEMA
+                    ));
+                }
             }
         }
         out

@@ -168,6 +168,26 @@ pub async fn apply(
     if changes.is_empty() {
         return Ok(());
     }
+    record(store, db, changes).await?;
+    let mut sql = String::from("BEGIN;\n");
+    for c in changes {
+        sql.push_str(&c.alter_sql());
+        sql.push_str(";\n");
+    }
+    sql.push_str("COMMIT;");
+    if let Err(e) = source.batch_execute(&sql).await {
+        let _ = source.batch_execute("ROLLBACK").await;
+        return Err(Error::pg(&e, "giving the keyless tables a replica identity").hint(
+            "the source role must own the tables (or be a superuser); or set replica_identity = \"refuse\" and give them a primary key yourself",
+        ));
+    }
+    Ok(())
+}
+
+/// Records `changes` made (or about to be made) for source database `db`, merged with earlier
+/// records (the first original setting kept), so cleanup and `reset` put them back. The DDL
+/// capture's new keyless tables, given `REPLICA IDENTITY FULL`, are recorded here too.
+pub async fn record(store: &dyn StateStore, db: &str, changes: &[Change]) -> Result<()> {
     let mut recorded = recorded(store, db).await?;
     for c in changes {
         if !recorded
@@ -184,20 +204,7 @@ pub async fn apply(
             &serde_json::to_value(&recorded)
                 .map_err(|e| Error::permanent(format!("internal: {e}")))?,
         )
-        .await?;
-    let mut sql = String::from("BEGIN;\n");
-    for c in changes {
-        sql.push_str(&c.alter_sql());
-        sql.push_str(";\n");
-    }
-    sql.push_str("COMMIT;");
-    if let Err(e) = source.batch_execute(&sql).await {
-        let _ = source.batch_execute("ROLLBACK").await;
-        return Err(Error::pg(&e, "giving the keyless tables a replica identity").hint(
-            "the source role must own the tables (or be a superuser); or set replica_identity = \"refuse\" and give them a primary key yourself",
-        ));
-    }
-    Ok(())
+        .await
 }
 
 async fn recorded(store: &dyn StateStore, db: &str) -> Result<Vec<Change>> {

@@ -132,6 +132,11 @@ impl SchemaDump {
             .arg(format!("--snapshot={snapshot}"))
             // A quoted pattern matches the name exactly.
             .arg(format!("--exclude-schema={}", quote_ident(state_schema)))
+            // The DDL capture's functions (`ddl = "replicate"`), when a dump is taken again.
+            .arg(format!(
+                "--exclude-schema={}",
+                quote_ident(crate::pg::names::CAPTURE_SCHEMA)
+            ))
             .arg(format!("--file={}", archive.display()));
         conn.configure_child(&mut cmd, &purpose);
         let started = std::time::Instant::now();

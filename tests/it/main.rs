@@ -7,6 +7,7 @@
 mod support;
 
 mod cdc;
+mod ddl;
 mod demo;
 mod executor;
 mod fallback;

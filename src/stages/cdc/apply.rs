@@ -326,8 +326,9 @@ impl Applier {
             .batch_execute(&format!(
                 "CREATE SCHEMA IF NOT EXISTS {schema}; \
                  CREATE TABLE IF NOT EXISTS {position_table} (slot text PRIMARY KEY, lsn pg_lsn NOT NULL, applied_at timestamptz NOT NULL DEFAULT now()); \
-                 {}",
-                identity::create_sql(state_schema)
+                 {}; {}",
+                identity::create_sql(state_schema),
+                super::ddl::create_sql(state_schema)
             ))
             .await
             .map_err(|e| Error::pg(&e, format!("creating {position_table} on the target")))?;
@@ -622,6 +623,37 @@ impl Applier {
 
     pub fn in_tx(&self) -> bool {
         self.in_tx
+    }
+
+    /// For a replayed DDL statement ([`super::ddl`]): everything gathered before it is sent and
+    /// settled, a target transaction is open, and the session is returned to run it on.
+    pub async fn before_ddl(&mut self) -> Result<Arc<Client>> {
+        self.settle().await?;
+        self.begin_if_needed().await?;
+        Ok(self.client.clone())
+    }
+
+    /// The apply session, outside any transaction (a statement that cannot run in one).
+    pub fn session(&self) -> Arc<Client> {
+        debug_assert!(!self.in_tx);
+        self.client.clone()
+    }
+
+    /// After a replayed DDL statement: the statements prepared for the old shapes are forgotten
+    /// (pgoutput describes a changed relation again before its next change).
+    pub fn forget_prepared(&mut self) {
+        for rel in self.rels.values_mut() {
+            rel.statements.clear();
+        }
+    }
+
+    /// The target's `<state schema>` (unquoted) and the slot this applier records positions for.
+    pub fn state_schema(&self) -> &str {
+        &self.state_schema
+    }
+
+    pub fn slot(&self) -> &str {
+        &self.slot
     }
 
     /// Makes the changes applied so far durable together with the position `lsn`.

@@ -39,6 +39,7 @@
 
 pub mod apply;
 pub mod changeset;
+pub mod ddl;
 pub mod identity;
 pub mod managed;
 mod sample;
@@ -247,12 +248,17 @@ impl Stage for Cdc {
         for (i, db) in self.env.plan.databases.iter().enumerate() {
             let (n, d) = self.options(i);
             out.push(format!(
-                "stream the changes of {} from slot {} (publication {}) and apply them to {} in commit order, up to {n} changes or {} per target transaction; keep running until the cutover",
+                "stream the changes of {} from slot {} (publication {}) and apply them to {} in commit order, up to {n} changes or {} per target transaction; {}; keep running until the cutover",
                 db.name,
                 slot_name(&self.env.plan.name, &db.name),
                 publication_name(&self.env.plan.name),
                 db.target,
-                humantime::format_duration(d)
+                humantime::format_duration(d),
+                if ddl::replicates(&self.env.plan, i) {
+                    "replay the source's DDL in place (ddl = \"replicate\")"
+                } else {
+                    "stop when a table's columns change (ddl = \"stop\")"
+                }
             ));
         }
         out
@@ -348,6 +354,15 @@ struct Loop {
     ready: bool,
     /// Transactions committed at or before this LSN are applied change by change.
     strict_until: Option<Lsn>,
+    /// DDL is replayed (`ddl = "replicate"`, see [`ddl`]).
+    replicate_ddl: bool,
+    /// The client query string whose DDL was last handled in this source transaction.
+    ddl_key: Option<String>,
+    /// The source transaction holds DDL: its target transaction ends at its commit.
+    ddl_in_tx: bool,
+    /// Statements to run once the target transaction commits, and the DDL it holds (for the store).
+    deferred: Vec<ddl::Deferred>,
+    ddl_log: Vec<serde_json::Value>,
 }
 
 impl<'a> DbStream<'a> {
@@ -372,6 +387,18 @@ impl<'a> DbStream<'a> {
             applied_changes: AtomicI64::new(0),
             unwritten: std::sync::Mutex::new((Counts::new(), Instant::now())),
         }
+    }
+
+    /// Whether this database's DDL is replayed (`ddl = "replicate"` on this stage).
+    fn replicates_ddl(&self) -> bool {
+        let i = self
+            .env
+            .plan
+            .databases
+            .iter()
+            .position(|d| d.name == self.db.name);
+        let stage = self.env.plan.stages.iter().find(|s| s.id == self.cx.stage);
+        matches!((i, stage), (Some(i), Some(s)) if matches!(s.options.get(i), Some(StageOptions::Cdc(o)) if o.replicates_ddl()))
     }
 
     /// The LSN each table was copied at, from the full_load stage's records.
@@ -499,6 +526,11 @@ impl<'a> DbStream<'a> {
             // slot is created after the drain): the origin is a second guard, not a requirement.
             tracing::warn!(database = %self.route.key, error = %e, "cdc: the apply runs without replication origin {origin}; the fallback stream filters by position only");
         }
+        // DDL is replayed forward only (the capture is on the source).
+        let replicate_ddl = self.route.forward && self.replicates_ddl();
+        if replicate_ddl {
+            self.deferred_left(&mut ap).await?;
+        }
         let start = match applied {
             Some(l) => l,
             None => match self
@@ -548,6 +580,7 @@ impl<'a> DbStream<'a> {
                 && repl
                     .server_version()
                     .is_some_and(crate::pg::version::ServerVersion::pgoutput_origin_filter);
+            options.messages = replicate_ddl;
             repl.start_replication_with(&slot, start, &options)
                 .await
                 .map_err(|e| explain_missing(e.context(format!("streaming from slot {slot}"))))?;
@@ -590,6 +623,11 @@ impl<'a> DbStream<'a> {
                 idle_at: Instant::now(),
                 ready: false,
                 strict_until,
+                replicate_ddl,
+                ddl_key: None,
+                ddl_in_tx: false,
+                deferred: Vec::new(),
+                ddl_log: Vec::new(),
             };
             let mut drain: Option<Lsn> = None;
             let mut hold: Option<Lsn> = None;
@@ -907,6 +945,8 @@ impl<'a> DbStream<'a> {
         match msg {
             PgOutputMessage::Begin(b) => {
                 st.in_source_tx = true;
+                st.ddl_key = None;
+                st.ddl_in_tx = false;
                 st.commit_lsn = b.final_lsn;
                 st.skip_tx = b.final_lsn < st.applied;
                 if !st.skip_tx {
@@ -932,6 +972,10 @@ impl<'a> DbStream<'a> {
                 if !st.skip_tx {
                     st.batch_end = c.end_lsn;
                     st.batch_commit_time = c.commit_time;
+                    if st.ddl_in_tx {
+                        // Later changes see the committed schema (see [`ddl`]).
+                        st.batch_deadline = Instant::now();
+                    }
                 }
             }
             PgOutputMessage::Relation(r) => ap.relation(&r).await?,
@@ -968,8 +1012,8 @@ impl<'a> DbStream<'a> {
                     st.batch_count += 1;
                 }
             }
-            PgOutputMessage::Origin(_) | PgOutputMessage::Type(_) | PgOutputMessage::Message(_) => {
-            }
+            PgOutputMessage::Message(m) => self.message(ap, st, m).await?,
+            PgOutputMessage::Origin(_) | PgOutputMessage::Type(_) => {}
             other => {
                 return Err(Error::permanent(format!(
                     "unexpected `{}` message in the replication stream",
@@ -1021,6 +1065,7 @@ impl<'a> DbStream<'a> {
         if st.batch_end > st.applied || ap.in_tx() {
             ap.commit(st.batch_end.max(st.applied)).await?;
         }
+        self.after_commit(ap, st).await?;
         st.applied = st.applied.max(st.batch_end);
         st.batch_open = false;
         st.batch_count = 0;
