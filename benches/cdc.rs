@@ -9,11 +9,14 @@
 //!   runner's RSS every 50 ms (target: peak < 200 MB).
 //! - `cutover`: Pagila with a concurrent writer, auto cutover with `fence = "read_only"`; the write
 //!   downtime pgferry records and the one the writer sees (target < 5 s).
+//! - `cutover-managed`: the same as the managed services' roles on both sides (no superuser: cdc in
+//!   the managed apply mode, `docs/managed-services.md`), then as the superuser; both downtimes.
 //!
 //! ```sh
 //! cargo bench --bench cdc -- drain --scale 10 --tx 200000 --clients 4 --repeat 2
 //! cargo bench --bench cdc -- bigtx --rows 1000000
 //! cargo bench --bench cdc -- cutover --rate 200
+//! cargo bench --bench cdc -- cutover-managed --rate 200
 //! cargo bench --bench cdc -- all
 //! BENCH_VERBOSE=1 cargo bench --bench cdc -- drain     # pgferry's log and status after each run
 //! ```
@@ -67,7 +70,7 @@ fn args() -> Args {
             "--rows" => a.rows = num(a.rows),
             "--rate" => a.rate = num(a.rate).max(1),
             "--wal-sender-timeout" => a.wal_sender_timeout = it.next(),
-            "drain" | "bigtx" | "cutover" | "all" => a.what = x,
+            "drain" | "bigtx" | "cutover" | "cutover-managed" | "all" => a.what = x,
             _ => {}
         }
     }
@@ -758,7 +761,13 @@ struct WriterStats {
 
 /// Small transactions against Pagila at `rate` per second until `stop`: a rental with its
 /// payment, a customer update, the deletion of a payment and rental it inserted earlier.
-fn writer(port: u16, db: String, rate: u32, stop: Arc<AtomicBool>) -> WriterStats {
+fn writer(
+    port: u16,
+    db: String,
+    rate: u32,
+    stop: Arc<AtomicBool>,
+    user: &'static str,
+) -> WriterStats {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -769,7 +778,7 @@ fn writer(port: u16, db: String, rate: u32, stop: Arc<AtomicBool>) -> WriterStat
         config
             .host("127.0.0.1")
             .port(port)
-            .user("postgres")
+            .user(user)
             .password(PASSWORD)
             .dbname(&db)
             .application_name("bench writer")
@@ -856,11 +865,17 @@ fn writer(port: u16, db: String, rate: u32, stop: Arc<AtomicBool>) -> WriterStat
     })
 }
 
-fn cutover(a: &Args) {
+/// The Pagila cutover under a writer. `managed`: as the managed services' roles on both sides
+/// (`tests/support/managed.rs`; cdc applies in the managed mode, the writer is the application's
+/// role); otherwise as the superuser. Returns the write downtime pgferry recorded, or `None` when
+/// Pagila is missing.
+fn cutover(a: &Args, managed: bool) -> Option<f64> {
     let p = pair();
-    let src = "cut_src";
-    let tgt = "cut_tgt";
-    let migration = "cdccut";
+    let (src, tgt, migration) = if managed {
+        ("cutmg_src", "cutmg_tgt", "cdccutmg")
+    } else {
+        ("cut_src", "cut_tgt", "cdccut")
+    };
     p.source.psql(
         "postgres",
         &format!("DROP DATABASE IF EXISTS {src} WITH (FORCE)"),
@@ -868,25 +883,33 @@ fn cutover(a: &Args) {
     p.source.psql("postgres", &format!("CREATE DATABASE {src}"));
     if !load_pagila(&p.source, src) {
         println!("\ncutover: SKIPPED (Pagila not found)");
-        return;
+        return None;
     }
     fresh_target(&p.target, tgt);
-    let plan = TestPlan::new(
-        p,
-        migration,
-        src,
-        tgt,
-        &online_stages(
-            "[stages.cutover]\nkind = \"cutover\"\nafter = [\"cdc\"]\napproval = \"auto\"\nfence = \"read_only\"\n",
-        ),
+    let stages = online_stages(
+        "[stages.cutover]\nkind = \"cutover\"\nafter = [\"cdc\"]\napproval = \"auto\"\nfence = \"read_only\"\n",
     );
+    let (plan, user) = if managed {
+        support::managed::make_managed_source(&p.source, src);
+        let stages = stages.replacen(
+            "kind = \"schema_dump\"\n",
+            "kind = \"schema_dump\"\nno_owner = true\nno_privileges = true\n",
+            1,
+        );
+        (
+            support::managed::managed_plan(p, migration, src, tgt, &stages),
+            support::managed::APP_WRITER,
+        )
+    } else {
+        (TestPlan::new(p, migration, src, tgt, &stages), "postgres")
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let w = {
         let stop = stop.clone();
         let port = p.source.port;
         let rate = a.rate;
         let db = src.to_string();
-        std::thread::spawn(move || writer(port, db, rate, stop))
+        std::thread::spawn(move || writer(port, db, rate, stop, user))
     };
     // Let the writer get going, so the load and cdc run under writes.
     std::thread::sleep(Duration::from_secs(2));
@@ -926,7 +949,7 @@ fn cutover(a: &Args) {
     }
 
     let recorded = tdb.one(&format!(
-        "SELECT value->>'downtime_seconds' FROM pgferry.checkpoints WHERE migration = '{migration}' AND stage = 'cutover'"
+        "SELECT value->>'downtime_seconds' FROM pgferry.checkpoints WHERE migration = '{migration}' AND stage = 'cutover' AND key = 'database:{src}'"
     ));
     let event = tdb.one(&format!(
         "SELECT message FROM pgferry.events WHERE migration = '{migration}' AND message LIKE '%write downtime%' ORDER BY id DESC LIMIT 1"
@@ -967,7 +990,7 @@ fn cutover(a: &Args) {
         eprintln!(
             "[bench] cutover target LSN: {}; writer's last successful writes (number, ms before cutover done): {:?}; first failure {:?} ms before done",
             tdb.one(&format!(
-                "SELECT value->>'lsn' FROM pgferry.checkpoints WHERE migration = '{migration}' AND stage = 'cutover'"
+                "SELECT value->>'lsn' FROM pgferry.checkpoints WHERE migration = '{migration}' AND stage = 'cutover' AND key = 'database:{src}'"
             )),
             ws.recent
                 .iter()
@@ -984,7 +1007,12 @@ fn cutover(a: &Args) {
     }
 
     println!(
-        "\ncutover: Pagila, writer at {} tx/s (rental+payment inserts, customer updates, deletes), approval = auto (max_lag {}, quiet_for {}: the defaults; lag in seconds is the age of the oldest source commit not yet applied), fence = read_only",
+        "\ncutover{}: Pagila, writer at {} tx/s (rental+payment inserts, customer updates, deletes), approval = auto (max_lag {}, quiet_for {}: the defaults; lag in seconds is the age of the oldest source commit not yet applied), fence = read_only",
+        if managed {
+            " as the managed services' roles (no superuser; cdc in the managed apply mode)"
+        } else {
+            " as the superuser"
+        },
         a.rate,
         humantime::format_duration(pgferry::plan::raw::defaults::CUTOVER_MAX_LAG),
         humantime::format_duration(pgferry::plan::raw::defaults::CUTOVER_QUIET_FOR)
@@ -1029,6 +1057,15 @@ fn cutover(a: &Args) {
         ws.ok_after_failure, 0,
         "writes succeeded after the fence: {ws:?}"
     );
+    if managed {
+        let detail = tdb.one(&format!(
+            "SELECT value->'managed_apply'->>'validate_seconds' FROM pgferry.checkpoints WHERE migration = '{migration}' AND stage = 'cutover' AND key = 'database:{src}'"
+        ));
+        println!(
+            "{:<58} {:>8}",
+            "foreign keys validated after the downtime (s)", detail
+        );
+    }
     println!(
         "write downtime vs target < 5 s: {}",
         if recorded.max(writer_side) < 5.0 {
@@ -1037,6 +1074,21 @@ fn cutover(a: &Args) {
             "NOT met"
         }
     );
+    Some(recorded)
+}
+
+/// The cutover as the managed roles and as the superuser, same clusters, same run.
+fn cutover_managed(a: &Args) {
+    let Some(managed) = cutover(a, true) else {
+        return;
+    };
+    let Some(superuser) = cutover(a, false) else {
+        return;
+    };
+    println!(
+        "\nwrite downtime, managed roles {managed:.2} s vs superuser {superuser:.2} s: {:.2}x",
+        managed / superuser
+    );
 }
 
 fn main() {
@@ -1044,11 +1096,15 @@ fn main() {
     match a.what.as_str() {
         "drain" => drain(&a),
         "bigtx" => bigtx(&a),
-        "cutover" => cutover(&a),
+        "cutover" => {
+            cutover(&a, false);
+        }
+        "cutover-managed" => cutover_managed(&a),
         _ => {
             drain(&a);
             bigtx(&a);
-            cutover(&a);
+            cutover(&a, false);
+            cutover(&a, true);
         }
     }
 }

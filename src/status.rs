@@ -240,6 +240,17 @@ impl Status<'_> {
         m.insert("cdcDeleteCounter".into(), json!(deletes));
         m.insert("totalChangesApplied".into(), json!(total));
         m.insert("appliedChanges".into(), json!(total));
+        if self.counter(scope, "managedApply") != 0 {
+            m.insert(
+                "applyMode".into(),
+                json!({
+                    "mode": "managed",
+                    "heldTriggers": self.counter(scope, "heldTriggers"),
+                    "heldForeignKeys": self.counter(scope, "heldForeignKeys"),
+                    "unvalidatedForeignKeys": self.counter(scope, "unvalidatedForeignKeys"),
+                }),
+            );
+        }
         m
     }
 
@@ -750,6 +761,28 @@ fallback {db} (target back to the source): {}",
                 );
             }
         }
+        if let Some(line) = self.managed_apply_text(db) {
+            let _ = writeln!(out, "  mode      {line}");
+        }
+    }
+
+    /// The managed apply mode of `db` (cdc's counters, see `stages::cdc::managed`), when cdc used it.
+    fn managed_apply_text(&self, db: &str) -> Option<String> {
+        if self.counter(db, "managedApply") == 0 {
+            return None;
+        }
+        let (triggers, fks, unvalidated) = (
+            self.counter(db, "heldTriggers"),
+            self.counter(db, "heldForeignKeys"),
+            self.counter(db, "unvalidatedForeignKeys"),
+        );
+        Some(if triggers + fks + unvalidated == 0 {
+            "managed (no session_replication_role): every trigger and foreign key it held is back and validated".into()
+        } else {
+            format!(
+                "managed (no session_replication_role): {triggers} trigger(s)/rule(s) disabled and {fks} foreign key(s) dropped on the target until the cutover, {unvalidated} foreign key(s) back but not validated yet"
+            )
+        })
     }
 
     pub fn to_text(&self) -> String {

@@ -153,6 +153,17 @@ pub async fn run(args: &PlanArgs, yes: bool, keep_target: bool) -> u8 {
     // own back (recorded in the store, which is forgotten below).
     if !failed && let Some(store) = &store {
         for db in &plan.databases {
+            match restore_fence(&env, db, store).await {
+                Ok(lines) => {
+                    for l in lines {
+                        println!("{l}");
+                    }
+                }
+                Err(e) => {
+                    report(&e.context(format!("source database `{}`", db.name)));
+                    failed = true;
+                }
+            }
             match crate::stages::cleanup::restore_source_identities(&env, db, store).await {
                 Ok(lines) => {
                     for l in lines {
@@ -438,4 +449,19 @@ async fn recreate_store_database(
             plan.name
         ),
     ])
+}
+
+/// Gives back the write privileges a `revoke_writes` fence took (recorded in the store, which reset
+/// forgets), so a reset never leaves the source without them.
+async fn restore_fence(
+    env: &Env,
+    db: &crate::plan::Database,
+    store: &PgStore,
+) -> Result<Vec<String>> {
+    let client = match env.source_for(db).past_fence().connect("reset").await {
+        Ok(c) => c,
+        Err(e) if e.sqlstate.as_deref() == Some("3D000") => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    crate::stages::fence::restore(&client, store, &db.name).await
 }

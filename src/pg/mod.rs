@@ -12,6 +12,7 @@ pub mod lsn;
 pub mod names;
 pub mod pgoutput;
 pub mod post_data_script;
+pub mod privileges;
 pub mod replication;
 pub mod sql_lexer;
 pub mod tools;

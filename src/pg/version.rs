@@ -135,6 +135,13 @@ impl ServerVersion {
         self.major() >= 15
     }
 
+    /// A row trigger of a partitioned table is copied to each partition as an *internal* trigger
+    /// (before 13; from 13 on the copies are ordinary triggers with `tgparentid`): only a superuser
+    /// may disable the copies, so cdc's managed mode drops and recreates such a trigger instead.
+    pub fn partition_triggers_are_internal(self) -> bool {
+        self.major() < 13
+    }
+
     /// The predefined role `pg_read_all_data` (14+).
     pub fn has_pg_read_all_data(self) -> bool {
         self.major() >= 14

@@ -488,9 +488,14 @@ impl CutoverOptions {
         self.quiet_for.map_or(defaults::CUTOVER_QUIET_FOR, |d| d.0)
     }
 
-    /// Whether the source is fenced ("read_only") rather than not ("none").
+    /// Whether the source is fenced read-only ("read_only").
     pub fn read_only_fence(&self) -> bool {
         self.fence.as_deref().unwrap_or(defaults::CUTOVER_FENCE) == "read_only"
+    }
+
+    /// Whether the source is fenced by revoking the write privileges ("revoke_writes").
+    pub fn revoke_writes_fence(&self) -> bool {
+        self.fence.as_deref().unwrap_or(defaults::CUTOVER_FENCE) == "revoke_writes"
     }
 
     pub fn timeout(&self) -> Duration {

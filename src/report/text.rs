@@ -186,6 +186,15 @@ pub fn render(r: &RunReport) -> String {
                 get("cdcUpdateCounter"),
                 get("cdcDeleteCounter")
             );
+            if get("managedApply") != 0 {
+                let _ = writeln!(
+                    out,
+                    "    apply mode managed (the target role may not set session_replication_role): {} trigger(s)/rule(s) and {} foreign key(s) still held, {} foreign key(s) not validated yet",
+                    get("heldTriggers"),
+                    get("heldForeignKeys"),
+                    get("unvalidatedForeignKeys")
+                );
+            }
         }
         for (db, list) in &c.ddl {
             let _ = writeln!(out, "  {}: {} DDL statement(s)", clean(db), list.len());

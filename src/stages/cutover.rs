@@ -8,7 +8,9 @@
 //!   source's WAL position and counts the lag as small when cdc's applied position has reached the
 //!   previous sample (or the current position).
 //! - fence "read_only" (default): `ALTER DATABASE <source> SET default_transaction_read_only = on`,
-//!   then terminates the database's other client sessions (not walsenders). "none": no fence.
+//!   then terminates the database's other client sessions (not walsenders). "revoke_writes": takes
+//!   the write privileges on the selected tables from every role and waits for the transactions that
+//!   wrote ([`super::fence`]; for a role that may do neither). "none": no fence.
 //! - Then it records `pg_current_wal_insert_lsn()` (every commit so far is before it, also with
 //!   asynchronous commit) in its checkpoint `drain:<db>`; cdc applies up to at least that
 //!   position and finishes (done). The cutover waits for that (at most `timeout`),
@@ -32,6 +34,7 @@ use super::{Env, Stage, StageContext};
 use crate::error::{Error, Result};
 use crate::pg::ident::quote_ident;
 use crate::pg::lsn::{self, Lsn};
+use crate::pg::privileges;
 use crate::plan::StageKind;
 use crate::plan::{Database, StageOptions};
 use crate::state::StageState;
@@ -44,6 +47,8 @@ struct Options {
     max_lag: Duration,
     quiet_for: Duration,
     fence: bool,
+    /// The `revoke_writes` fence ([`super::fence`]).
+    revoke: bool,
     timeout: Duration,
     analyze: bool,
 }
@@ -68,6 +73,7 @@ impl Cutover {
             max_lag: o.max_lag().max(Duration::from_millis(200)),
             quiet_for: o.quiet_for(),
             fence: o.read_only_fence(),
+            revoke: o.revoke_writes_fence(),
             timeout: o.timeout(),
             analyze: o.analyze(),
         }
@@ -290,27 +296,24 @@ impl Cutover {
         source: &tokio_postgres::Client,
     ) -> Result<Lsn> {
         if o.fence {
-            source
-                .execute(
-                    "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity \
-                      WHERE datname = $1 AND pid <> pg_catalog.pg_backend_pid() AND backend_type = 'client backend'",
-                    &[&db.name],
-                )
-                .await
-                .map_err(|e| Error::pg(&e, "terminating the source database's sessions"))?;
+            // Sessions of roles this one may not end (a superuser's, on a managed service) would
+            // keep writing past the drain position: refuse (the caller unfences).
+            let stuck = privileges::sessions_it_cannot_end(source, &db.name).await?;
+            if !stuck.is_empty() {
+                let list: Vec<String> = stuck.iter().map(|(r, n)| format!("{r} ({n})")).collect();
+                return Err(Error::permanent(format!(
+                    "the fence cannot end the sessions of role(s) {} on source database {}: the migration role may not signal them",
+                    list.join(", "),
+                    db.name
+                ))
+                .hint("end those sessions first (or stop their application), or GRANT pg_signal_backend (or the roles themselves) to the migration role; preflight lists the roles"));
+            }
+            privileges::end_sessions(source, &db.name).await?;
             // pg_terminate_backend only signals: a session in the middle of its COMMIT may still
             // write its commit record. Wait (briefly) until they are gone before taking the target.
             let gone_by = Instant::now() + Duration::from_secs(10);
             loop {
-                let left: i64 = source
-                    .query_one(
-                        "SELECT count(*) FROM pg_catalog.pg_stat_activity \
-                          WHERE datname = $1 AND pid <> pg_catalog.pg_backend_pid() AND backend_type = 'client backend'",
-                        &[&db.name],
-                    )
-                    .await
-                    .map_err(|e| Error::pg(&e, "waiting for the source's sessions to end"))?
-                    .get(0);
+                let left = privileges::other_sessions(source, &db.name).await?;
                 if left == 0 || Instant::now() > gone_by {
                     break;
                 }
@@ -476,6 +479,7 @@ impl Cutover {
             "simulated_downtime_seconds": downtime.as_secs_f64(),
             "fenced": false,
             "resync": resync,
+            "managed_apply": super::cdc::managed::after_cutover(&self.env, db, cx).await?,
             "statistics": self.statistics(cx, db, o).await?,
         }))
     }
@@ -607,6 +611,26 @@ impl Cutover {
                 .await?;
         }
         let fenced = async {
+            if o.revoke {
+                let n = super::fence::revoke_writes(
+                    &source,
+                    cx.store.as_ref(),
+                    &self.env.plan.state.schema,
+                    db,
+                    o.timeout,
+                )
+                .await?;
+                cx.store
+                    .event(
+                        Some(&cx.stage),
+                        "warn",
+                        &format!(
+                            "source database {}: the fence took {n} write privilege(s) on the selected tables (`pgferry unfence` gives them back)",
+                            db.name
+                        ),
+                    )
+                    .await?;
+            }
             let lsn = self.fenced_part(cx, db, o, &source).await?;
             let resync = self.resync(cx, db).await?;
             // The reverse stream starts here: after every write of pgferry's, before any of the
@@ -630,13 +654,30 @@ impl Cutover {
                 Ok(serde_json::json!({
                     "lsn": lsn.to_string(),
                     "downtime_seconds": downtime.as_secs_f64(),
-                    "fenced": o.fence,
+                    "fenced": o.fence || o.revoke,
                     "resync": resync,
+                    "managed_apply": super::cdc::managed::after_cutover(&self.env, db, cx).await?,
                     "statistics": self.statistics(cx, db, o).await?,
                     "fallback": armed,
                 }))
             }
             Err(e) => {
+                if o.revoke {
+                    let given = match self
+                        .env
+                        .source_for(db)
+                        .past_fence()
+                        .connect("cutover unfence")
+                        .await
+                    {
+                        Ok(c) => super::fence::restore(&c, cx.store.as_ref(), &db.name).await,
+                        Err(e) => Err(e),
+                    };
+                    return Err(match given {
+                        Ok(_) => e.context(format!("cutover failed after the fence; the write privileges on source database `{}` are given back", db.name)),
+                        Err(u) => e.context(format!("cutover failed after the fence and the write privileges it took on source database `{}` could NOT be given back ({u}); run `pgferry unfence PLAN`", db.name)),
+                    });
+                }
                 if !o.fence {
                     return Err(e);
                 }
@@ -690,6 +731,8 @@ impl Stage for Cutover {
                 },
                 if o.fence {
                     "make the source database read-only and end its sessions"
+                } else if o.revoke {
+                    "revoke the write privileges on the selected tables and wait for the transactions that wrote"
                 } else {
                     "no fence"
                 }

@@ -7,6 +7,7 @@ pub mod cdc;
 pub mod cleanup;
 pub mod cutover;
 pub mod fallback;
+pub mod fence;
 pub mod full_load;
 pub mod hold;
 pub mod post_data;

@@ -15,6 +15,7 @@ use super::{Env, Stage, StageContext};
 use crate::error::{Error, Result};
 use crate::pg::catalog::{self, ServerInfo, TableInfo};
 use crate::pg::connect::ConnInfo;
+use crate::pg::privileges;
 use crate::pg::version;
 use crate::plan::StageKind;
 use crate::plan::{Database, StageOptions};
@@ -386,6 +387,9 @@ async fn check_source(
                 ),
             );
         }
+        if !info.is_superuser {
+            managed_source_findings(env, db, client, &info, &selected, out).await?;
+        }
         let lacking = replica_identity::lacking(&selected);
         let mode = env
             .plan
@@ -449,6 +453,129 @@ async fn check_source(
     }
     r.source_server = Some(info);
     r.tables = selected;
+    Ok(())
+}
+
+/// Whether the plan's cutover fences the source read-only (`fence = "read_only"`).
+fn plan_fences(env: &Env) -> bool {
+    env.plan.stages.iter().any(|s| {
+        s.kind == StageKind::Cutover
+            && matches!(s.options.first(), Some(StageOptions::Cutover(o)) if o.read_only_fence())
+    })
+}
+
+/// An online migration whose source role is not a superuser (a managed service's admin): what it
+/// may do, and what it cannot (the publication needs the tables' ownership and CREATE on the
+/// database, the fence the database's ownership and the right to end the application's sessions).
+async fn managed_source_findings(
+    env: &Env,
+    db: &Database,
+    client: &Client,
+    info: &ServerInfo,
+    selected: &[TableInfo],
+    out: &mut Vec<Finding>,
+) -> Result<()> {
+    let mut add = |level, check, message: String, hint: Option<String>, tables: Vec<String>| {
+        out.push(Finding {
+            level,
+            database: db.name.clone(),
+            check,
+            message,
+            hint,
+            tables,
+        });
+    };
+    let tables: Vec<(String, String)> = selected
+        .iter()
+        .map(|t| (t.name.schema.clone(), t.name.name.clone()))
+        .collect();
+    let caps = privileges::source_capabilities(client, &db.name, &tables).await?;
+    let role = &info.current_user;
+    if !caps.not_owned.is_empty() {
+        add(
+            Level::Error,
+            "source_ownership",
+            format!(
+                "source role {role} does not own {} selected table(s) (nor has their owner's privileges), which the publication (CREATE PUBLICATION ... FOR TABLE) needs: {}",
+                caps.not_owned.len(),
+                short_list(&caps.not_owned)
+            ),
+            Some(format!(
+                "GRANT the tables' owner role TO {role} (a managed service's admin may grant itself the application's role), or leave those tables out of the selection"
+            )),
+            caps.not_owned.clone(),
+        );
+    }
+    if !caps.may_create_publication {
+        add(
+            Level::Error,
+            "source_publication",
+            format!(
+                "source role {role} may not create the migration's publication in database {}",
+                db.name
+            ),
+            Some(format!(
+                "GRANT CREATE ON DATABASE {} TO {role}",
+                crate::pg::ident::quote_ident(&db.name)
+            )),
+            Vec::new(),
+        );
+    }
+    let fence = plan_fences(env);
+    if fence && !caps.owns_database {
+        add(
+            Level::Error,
+            "fence",
+            format!(
+                "the cutover's fence sets default_transaction_read_only on source database {} (ALTER DATABASE), which needs its owner's privileges; role {role} does not have them",
+                db.name
+            ),
+            Some(format!(
+                "GRANT the database owner's role TO {role}, or set fence = \"revoke_writes\" on the cutover (it takes the write privileges on the selected tables instead, and needs no session ended)"
+            )),
+            Vec::new(),
+        );
+    }
+    let stuck = if fence {
+        privileges::sessions_it_cannot_end(client, &db.name).await?
+    } else {
+        Vec::new()
+    };
+    if !stuck.is_empty() {
+        let list: Vec<String> = stuck.iter().map(|(r, n)| format!("{r} ({n})")).collect();
+        add(
+            Level::Warning,
+            "fence",
+            format!(
+                "sessions of role(s) {} are connected to source database {} and role {role} may not end them: the cutover refuses to fence while such sessions remain",
+                list.join(", "),
+                db.name
+            ),
+            Some(format!(
+                "GRANT pg_signal_backend TO {role} (the managed services' admin roles have it), or GRANT those roles TO {role}, or set fence = \"revoke_writes\" on the cutover (it ends no session)"
+            )),
+            Vec::new(),
+        );
+    }
+    add(
+        Level::Info,
+        "source_role",
+        format!(
+            "source role {role} is not a superuser: REPLICATION {}, owns {} of {} selected table(s){}",
+            if info.can_replicate { "yes" } else { "no" },
+            selected.len() - caps.not_owned.len(),
+            selected.len(),
+            if !fence {
+                String::new()
+            } else if caps.signal_backend {
+                "; the fence ends the application's sessions as a member of pg_signal_backend (any role but a superuser)".into()
+            } else {
+                "; the fence may end only the sessions of roles it is a member of (not a member of pg_signal_backend)".into()
+            }
+        ),
+        None,
+        Vec::new(),
+    );
     Ok(())
 }
 
@@ -532,33 +659,52 @@ async fn check_target(
             );
         }
     }
-    // PostgreSQL 15+: a role may be granted SET on the parameter instead of being a superuser.
-    let may_set_role = info.is_superuser
-        || (info.server_version().has_grant_set_on_parameter()
-            && client
-                .query_one(
-                    "SELECT pg_catalog.has_parameter_privilege('session_replication_role', 'SET')",
-                    &[],
-                )
-                .await
-                .map_err(|e| {
-                    Error::pg(&e, "checking the privilege to set session_replication_role")
-                })?
-                .get::<_, bool>(0));
-    if online && !may_set_role {
-        add(
-            Level::Warning,
-            "session_replication_role",
-            format!(
-                "target role {} is not a superuser, so it cannot set session_replication_role = replica",
-                info.current_user
-            ),
-            Some(if info.server_version().has_grant_set_on_parameter() {
-                "replicated rows must not fire target triggers: GRANT SET ON PARAMETER session_replication_role TO the migration role (PostgreSQL 15+), or pgferry disables user triggers table by table during apply instead (ALTER TABLE ... DISABLE TRIGGER USER), which needs table ownership"
-            } else {
-                "replicated rows must not fire target triggers: pgferry disables user triggers table by table during apply instead (ALTER TABLE ... DISABLE TRIGGER USER), which needs table ownership"
-            }),
-        );
+    // What cdc will do: it tries the SET (a superuser, a grant of SET on 15+, or a managed
+    // service's hook may allow it), so preflight asks the server the same way.
+    let may_set_role = crate::stages::cdc::managed::can_set_replication_role(client).await?;
+    if online {
+        let (message, hint) = if may_set_role {
+            (
+                format!(
+                    "apply mode: replica (target role {} may set session_replication_role, so target triggers and foreign keys stay quiet while cdc applies)",
+                    info.current_user
+                ),
+                None,
+            )
+        } else {
+            (
+                format!(
+                    "apply mode: managed (target role {} is not a superuser and may not set session_replication_role): while cdc applies, the target's user triggers are disabled and its foreign keys dropped, recorded in the target database; the cutover puts them back after the drain (foreign keys NOT VALID, validated once the write downtime is over)",
+                    info.current_user
+                ),
+                Some(if info.server_version().has_grant_set_on_parameter() {
+                    "this needs the role to own the target tables (it does when provision creates them as this role); a superuser may instead GRANT SET ON PARAMETER session_replication_role TO the role, which keeps foreign keys in place during cdc"
+                } else {
+                    "this needs the role to own the target tables (it does when provision creates them as this role)"
+                }),
+            )
+        };
+        add(Level::Info, "apply_mode", message, hint);
+        // The managed mode alters the target's tables: an existing target must be the role's.
+        if !may_set_role && r.target_exists == Some(true) {
+            let foreign = privileges::tables_not_owned(client).await?;
+            if !foreign.is_empty() {
+                add(
+                    Level::Error,
+                    "target_ownership",
+                    format!(
+                        "target role {} does not own {} table(s) of target database {}, whose triggers and foreign keys the managed apply mode must hold: {}",
+                        info.current_user,
+                        foreign.len(),
+                        db.target,
+                        short_list(&foreign)
+                    ),
+                    Some(
+                        "let provision create the tables as this role (drop the target database, or point the plan at a new one), or GRANT the tables' owner role to it",
+                    ),
+                );
+            }
+        }
     }
     r.target_server = Some(info);
     Ok(())

@@ -172,3 +172,85 @@ fn online_plan_with_cdc_and_cutover_migrates_hostile_names() {
     assert_eq!(sequence_value(&p.source, &s), "301 true");
     assert_eq!(sequence_value(&p.target, &t), "301 true");
 }
+
+/// The online plan as a managed service's roles on both sides (`tests/support/managed.rs`): the
+/// source's objects owned by the application's role, the target's admin no superuser, so cdc applies
+/// in the managed mode, holding a trigger and the foreign key with hostile names, which the cutover
+/// puts back.
+#[test]
+fn online_plan_as_managed_roles_migrates_hostile_names() {
+    use crate::support::managed::{self, APP_WRITER};
+    let p = pair();
+    let s = p.source.fresh_database("hostile_mg_src");
+    let t = format!("{s}_tgt");
+    let schema = SCHEMA;
+    p.source.psql(
+        &s,
+        &format!(
+            "{}CREATE FUNCTION {schema}.\"trg; fn\"() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN NEW.\"semi;colon\" := NEW.\"semi;colon\" || ' (trigger)'; RETURN NEW; END $$;\n\
+             CREATE TRIGGER \"trg \"\"x\"\"; DROP TABLE y; --\" BEFORE INSERT OR UPDATE ON {schema}.\"select\" FOR EACH ROW EXECUTE FUNCTION {schema}.\"trg; fn\"();\n",
+            setup_sql()
+        ),
+    );
+    managed::make_managed_source(&p.source, &s);
+    let plan = managed::managed_plan(
+        p,
+        "hostile_managed",
+        &s,
+        &t,
+        "[stages.schema]\nkind = \"schema_dump\"\nno_owner = true\nno_privileges = true\n\n\
+         [stages.provision]\nkind = \"provision\"\nafter = [\"schema\"]\n\n\
+         [stages.load]\nkind = \"full_load\"\nafter = [\"provision\"]\n\n\
+         [stages.indexes]\nkind = \"post_data\"\nafter = [\"load\"]\n\n\
+         [stages.cdc]\nkind = \"cdc\"\nafter = [\"indexes\"]\n\n\
+         [stages.cutover]\nkind = \"cutover\"\nafter = [\"cdc\"]\napproval = \"manual\"\nfence = \"read_only\"\n\n\
+         [stages.sequences]\nkind = \"sequence_reset\"\nafter = [\"cutover\"]\n\n\
+         [stages.cleanup]\nkind = \"cleanup\"\nafter = [\"sequences\"]\n",
+    );
+    let mut child = plan.spawn(&["run"]);
+    managed::wait_for_database(&p.target, &t);
+    plan.wait_until_cdc_ready(p, &mut child);
+    // Held while cdc applies: the hostile trigger disabled, the foreign key dropped.
+    assert_eq!(
+        p.target.psql(
+            &t,
+            "SELECT string_agg(kind || ' ' || name, ',' ORDER BY kind) FROM pgferry.cdc_held"
+        ),
+        "foreign_key Ünïcødé table_ref a b_fkey,trigger trg \"x\"; DROP TABLE y; --"
+    );
+    managed::psql_as(&p.source, APP_WRITER, &s, &changes_sql()).expect("the application's changes");
+    let out = plan.run(&["cutover"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    wait_for("the run to finish", Duration::from_secs(60), || {
+        matches!(child.try_wait(), Ok(Some(_)))
+    });
+    let out = child.wait_with_output().expect("runner output");
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    // The trigger fired on the source only; cdc carried its result, not a second firing.
+    assert_eq!(
+        p.source.psql(&s, &format!("SELECT count(*) FROM {schema}.\"select\" WHERE \"semi;colon\" LIKE '% (trigger) (trigger)'")),
+        "0"
+    );
+    assert_same(&s, &t);
+    assert_eq!(sequence_value(&p.target, &t), sequence_value(&p.source, &s));
+    assert_eq!(
+        p.target.psql(&t, "SELECT count(*) FROM pgferry.cdc_held"),
+        "0"
+    );
+    let triggers = "SELECT string_agg(tgname || ' ' || tgenabled::text, ',') FROM pg_trigger WHERE NOT tgisinternal";
+    assert_eq!(p.target.psql(&t, triggers), p.source.psql(&s, triggers));
+    assert_eq!(
+        p.target.psql(
+            &t,
+            "SELECT count(*) FROM pg_constraint WHERE contype = 'f' AND convalidated"
+        ),
+        "1"
+    );
+    assert_eq!(
+        p.source.psql(
+            &s,
+            "SELECT pg_get_userbyid(relowner) FROM pg_class WHERE relname = 'select'"
+        ),
+        managed::APP_OWNER
+    );
+}

@@ -16,6 +16,7 @@ mod full_load;
 mod harness;
 mod hostile_names;
 mod kill_matrix;
+mod managed;
 mod offline_migration;
 mod online_migration;
 mod plan_errors;

@@ -172,9 +172,22 @@ fn missing_privileges_are_found_with_the_fix() {
         "{}",
         show(&out)
     );
+    // Owning neither table nor allowed to create in the database, it could not publish them.
+    assert!(
+        err.contains(&format!(
+            "source role {role} does not own 2 selected table(s)"
+        )),
+        "{}",
+        show(&out)
+    );
     assert_eq!(
         checks(&findings(&plan), "error"),
-        vec!["privileges", "replication_privilege"]
+        vec![
+            "privileges",
+            "replication_privilege",
+            "source_ownership",
+            "source_publication"
+        ]
     );
 }
 

@@ -591,8 +591,8 @@ fn rehearsal_and_reset_from_12_to_18() {
 }
 
 /// A target role that is not a superuser: on PostgreSQL 15+ a grant of SET on
-/// `session_replication_role` is enough for the online apply, and preflight says nothing; on 14 it
-/// warns, and its hint does not offer a grant that version lacks.
+/// `session_replication_role` is enough for the replica apply mode; on 14 preflight says cdc will
+/// apply in the managed mode, and its hint does not offer a grant that version lacks.
 #[test]
 fn preflight_knows_grant_set_on_parameter_is_15_and_later() {
     for (target, grant) in [(18, true), (14, false)] {
@@ -631,8 +631,14 @@ fn preflight_knows_grant_set_on_parameter_is_15_and_later() {
         let out = plan.run(&["run", "--until", "pre"]);
         assert_eq!(out.status.code(), Some(0), "{}", show(&out));
         let stderr = String::from_utf8_lossy(&out.stderr);
-        let warned = stderr.contains("cannot set session_replication_role = replica");
+        let warned = stderr.contains("apply mode: managed");
         assert_eq!(warned, !grant, "PostgreSQL {target}:\n{}", show(&out));
+        assert_eq!(
+            stderr.contains("apply mode: replica"),
+            grant,
+            "PostgreSQL {target}:\n{}",
+            show(&out)
+        );
         if warned {
             assert!(
                 !stderr.contains("GRANT SET ON PARAMETER"),
@@ -781,4 +787,98 @@ fn statistics_are_carried_over_from_18_to_18() {
         detail,
         "true [\"public.audit\", \"public.events\", \"public.events_2024\", \"public.events_2025\", \"public.items\", \"public.kinds\", \"public.orders\"]"
     );
+}
+
+/// The managed services' roles on both sides (`tests/support/managed.rs`), on the oldest and the
+/// newest supported versions: cdc applies in the managed mode, holding a foreign key, a trigger and
+/// a partitioned table's row trigger (whose copies on the partitions are internal triggers before
+/// 13, so it is dropped and created again there, disabled from 13 on); the triggers must not fire
+/// on the replicated rows, and everything is back and equal after the cutover.
+#[test]
+fn managed_roles_on_the_oldest_and_newest_versions() {
+    use crate::support::managed::{self, APP_WRITER};
+    for v in [12, 18] {
+        let Some(p) = clusters(v, v) else {
+            return;
+        };
+        let s = p.source.fresh_database("ver_managed_src");
+        let t = format!("{s}_tgt");
+        p.source.psql(
+            &s,
+            "CREATE TABLE public.parent (id int PRIMARY KEY, v text);
+             CREATE TABLE public.child (id int PRIMARY KEY, parent int REFERENCES public.parent, v text);
+             CREATE TABLE public.audit (n bigserial PRIMARY KEY, what text);
+             CREATE TABLE public.events (id int, k int, v text, PRIMARY KEY (id, k)) PARTITION BY LIST (k);
+             CREATE TABLE public.events_1 PARTITION OF public.events FOR VALUES IN (1);
+             CREATE TABLE public.events_2 PARTITION OF public.events FOR VALUES IN (2);
+             CREATE FUNCTION public.audit() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN INSERT INTO public.audit (what) VALUES (TG_TABLE_NAME || ' ' || TG_OP); RETURN NULL; END $$;
+             CREATE TRIGGER audit AFTER INSERT OR UPDATE ON public.child FOR EACH ROW EXECUTE PROCEDURE public.audit();
+             CREATE TRIGGER audit AFTER INSERT OR UPDATE ON public.events FOR EACH ROW EXECUTE PROCEDURE public.audit();
+             INSERT INTO public.parent SELECT g, 'p' || g FROM generate_series(1, 50) g;
+             INSERT INTO public.child SELECT g, 1 + g % 50, 'c' || g FROM generate_series(1, 200) g;
+             INSERT INTO public.events SELECT g, 1 + g % 2, 'e' || g FROM generate_series(1, 100) g;",
+        );
+        managed::make_managed_source(&p.source, &s);
+        let plan = managed::managed_plan(
+            &p,
+            "ver_managed",
+            &s,
+            &t,
+            "[stages.schema]\nkind = \"schema_dump\"\nno_owner = true\nno_privileges = true\n\n\
+             [stages.provision]\nkind = \"provision\"\nafter = [\"schema\"]\n\n\
+             [stages.load]\nkind = \"full_load\"\nafter = [\"provision\"]\n\n\
+             [stages.indexes]\nkind = \"post_data\"\nafter = [\"load\"]\n\n\
+             [stages.cdc]\nkind = \"cdc\"\nafter = [\"indexes\"]\n\n\
+             [stages.cutover]\nkind = \"cutover\"\nafter = [\"cdc\"]\napproval = \"manual\"\nfence = \"read_only\"\n\n\
+             [stages.sequences]\nkind = \"sequence_reset\"\nafter = [\"cutover\"]\n",
+        );
+        let mut child = plan.spawn(&["run"]);
+        managed::wait_for_database(&p.target, &t);
+        plan.wait_until_cdc_ready(&p, &mut child);
+        managed::psql_as(
+            &p.source,
+            APP_WRITER,
+            &s,
+            "INSERT INTO public.parent VALUES (100, 'new');
+             INSERT INTO public.child VALUES (1000, 100, 'new child');
+             UPDATE public.child SET v = 'changed' WHERE id <= 20;
+             INSERT INTO public.events VALUES (500, 1, 'new'), (501, 2, 'new');
+             UPDATE public.events SET v = 'changed' WHERE id <= 10;",
+        )
+        .expect("the application's changes");
+        let out = plan.run(&["cutover"]);
+        assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+        let out = child.wait_with_output().expect("the run");
+        assert_eq!(out.status.code(), Some(0), "PostgreSQL {v}: {}", show(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("cdc applies to"),
+            "PostgreSQL {v}: not in the managed mode: {}",
+            show(&out)
+        );
+        for table in [
+            "public.parent",
+            "public.child",
+            "public.audit",
+            "public.events_1",
+            "public.events_2",
+        ] {
+            assert_eq!(
+                support::row_digest(&p.target, &t, table),
+                support::row_digest(&p.source, &s, table),
+                "PostgreSQL {v}: {table} (a trigger fired on replicated rows?)"
+            );
+        }
+        let facts = "SELECT (SELECT string_agg(tgrelid::regclass::text || ' ' || tgname || ' ' || tgenabled::text, ',' ORDER BY tgrelid::regclass::text) FROM pg_trigger WHERE tgname = 'audit') \
+                     || ' | ' || (SELECT count(*) FROM pg_constraint WHERE contype = 'f' AND convalidated)";
+        assert_eq!(
+            p.target.psql(&t, facts),
+            p.source.psql(&s, facts),
+            "PostgreSQL {v}: the triggers and foreign keys are back as on the source"
+        );
+        assert_eq!(
+            p.target.psql(&t, "SELECT count(*) FROM pgferry.cdc_held"),
+            "0"
+        );
+    }
 }

@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod compare;
 pub mod corpus;
 pub mod gate;
+pub mod managed;
 pub mod plan;
 pub mod require;
 

@@ -1,8 +1,10 @@
 //! Applying decoded pgoutput changes to one target database, on one session, in commit order.
 //!
 //! - The session runs with `session_replication_role = replica`, so target triggers and foreign keys
-//!   do not fire (the source already enforced them). A role that may not set it is refused with a
-//!   clear error; running without it is not supported yet.
+//!   do not fire (the source already enforced them). A role that may not set it (a managed
+//!   service's admin) applies in the *managed* mode instead ([`managed`]): the target's user
+//!   triggers are disabled and its foreign keys dropped while cdc applies, recorded, and put back by
+//!   the cutover.
 //! - The applied position lives in the target database, in `<state schema>.cdc_applied` (`slot`,
 //!   `lsn`), and is updated in the same transaction as the changes it covers: a crash either keeps
 //!   both or loses both, so a restart never applies a change twice.
@@ -49,6 +51,7 @@ use crate::pg::pgoutput::{OldTuple, Relation, ReplicaIdentity, TupleData, TupleV
 
 use super::changeset::{ChangeSet, Row, Run, TableQueue, Val, encode_key};
 use super::identity;
+use super::managed;
 
 /// One target column of a replicated relation, in the Relation message's order.
 struct Col {
@@ -263,6 +266,9 @@ pub struct Applier {
     tx_max_commit: Lsn,
     /// Set when a grouped statement failed: re-apply up to this commit LSN in strict mode.
     grouped_failed: Option<Lsn>,
+    /// The managed mode ([`managed`]): what the apply holds on the target because it may not set
+    /// `session_replication_role`; `None` in replica mode.
+    pub held: Option<managed::Held>,
 }
 
 fn value_param(v: &TupleValue) -> Result<Option<&str>> {
@@ -291,15 +297,29 @@ impl Applier {
         state_schema: &str,
         slot: &str,
         copied: HashMap<String, Lsn>,
+        allow_managed: bool,
     ) -> Result<(Applier, Option<Lsn>)> {
         let client = conn.connect("cdc apply").await?;
-        client
-            .batch_execute("SET session_replication_role = replica")
-            .await
-            .map_err(|e| {
-                Error::pg(&e, "setting session_replication_role = replica on the target")
-                    .hint("cdc applies changes without firing target triggers and foreign keys, which needs a superuser (or, on PostgreSQL 15+, a role granted SET on session_replication_role); applying as an ordinary role is not supported yet")
-            })?;
+        // Replica mode when the role may set it; else the managed mode holds the target's triggers
+        // and foreign keys instead (below, once the state schema exists), where allowed.
+        let replica = managed::can_set_replication_role(&client).await?;
+        if !replica && !allow_managed {
+            return Err(Error::permanent(
+                "the apply role may not set session_replication_role = replica on this database",
+            )
+            .hint("this stream applies with target triggers and foreign keys quiet, which needs a superuser (or, on PostgreSQL 15+, a role granted SET on session_replication_role); the managed mode, which holds them instead, is for the forward cdc only"));
+        }
+        if replica {
+            client
+                .batch_execute("SET session_replication_role = replica")
+                .await
+                .map_err(|e| {
+                    Error::pg(
+                        &e,
+                        "setting session_replication_role = replica on the target",
+                    )
+                })?;
+        }
         let schema = quote_ident(state_schema);
         let position_table = format!("{schema}.cdc_applied");
         client
@@ -312,6 +332,11 @@ impl Applier {
             ))
             .await
             .map_err(|e| Error::pg(&e, format!("creating {position_table} on the target")))?;
+        let held = if replica {
+            None
+        } else {
+            Some(managed::hold(&client, state_schema).await?)
+        };
         let row = client
             .query_opt(
                 &format!("SELECT lsn::text FROM {position_table} WHERE slot = $1"),
@@ -336,6 +361,7 @@ impl Applier {
                 strict: false,
                 tx_max_commit: Lsn::INVALID,
                 grouped_failed: None,
+                held,
             },
             applied,
         ))

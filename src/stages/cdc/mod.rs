@@ -41,6 +41,7 @@ pub mod apply;
 pub mod changeset;
 pub mod ddl;
 pub mod identity;
+pub mod managed;
 mod sample;
 
 use std::collections::HashMap;
@@ -463,6 +464,40 @@ impl<'a> DbStream<'a> {
         }
     }
 
+    /// Records the managed apply mode in the store: counters for `status` and `report`, and an
+    /// event the first time the objects are held.
+    async fn record_held(&self, held: managed::Held) -> Result<()> {
+        let db = &self.db.name;
+        self.cx
+            .store
+            .set_counters(&[
+                (db.clone(), "managedApply".into(), 1),
+                (
+                    db.clone(),
+                    "heldTriggers".into(),
+                    held.triggers + held.rules,
+                ),
+                (db.clone(), "heldForeignKeys".into(), held.foreign_keys),
+            ])
+            .await?;
+        if held.new > 0 {
+            let msg = format!(
+                "the target role may not set session_replication_role: cdc applies to {} in managed mode, with {} user trigger(s), {} rule(s) disabled and {} foreign key(s) dropped until the cutover puts them back (recorded in {})",
+                self.db.target,
+                held.triggers,
+                held.rules,
+                held.foreign_keys,
+                managed::record_table(&self.env.plan.state.schema)
+            );
+            tracing::warn!(database = %db, "{msg}");
+            self.cx
+                .store
+                .event(Some(&self.cx.stage), "warn", &msg)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// One streaming session: `None` when drained, `Some((lsn, error))` when a grouped statement
     /// failed and the stream must be applied again change by change up to `lsn`.
     async fn stream(&mut self, on_ready: &mut impl FnMut()) -> Result<Option<(Lsn, Error)>> {
@@ -470,8 +505,20 @@ impl<'a> DbStream<'a> {
         let slot = self.route.slot.clone();
         let publication = self.route.publication.clone();
         let copied = self.copied_lsns().await?;
-        let (mut ap, applied) =
-            Applier::open(&self.route.to, &plan.state.schema, &slot, copied).await?;
+        // The managed mode (no session_replication_role) holds the target's triggers and foreign
+        // keys until the cutover puts them back: forward only (nothing puts them back on the
+        // source after a fallback stream).
+        let (mut ap, applied) = Applier::open(
+            &self.route.to,
+            &plan.state.schema,
+            &slot,
+            copied,
+            self.route.forward,
+        )
+        .await?;
+        if let Some(held) = ap.held {
+            self.record_held(held).await?;
+        }
         if let Some(origin) = &self.route.apply_origin
             && let Err(e) = ap.use_origin(origin).await
         {
