@@ -563,7 +563,6 @@ fn preflight_refuses_replicate_where_the_source_cannot_capture() {
 /// target equals the source (its schema as the 18 server prints it).
 #[test]
 fn ddl_is_replayed_from_14_to_18() {
-    crate::support::plan::PG_BINDIR.get_or_init(crate::support::cluster::newest_tools_bindir);
     let (old, new) = std::thread::scope(|scope| {
         let s = scope.spawn(|| Cluster::start_version(14, "ddl14src"));
         let t = scope.spawn(|| Cluster::start_version(18, "ddl18tgt"));

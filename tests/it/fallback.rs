@@ -6,7 +6,6 @@
 //! on the source stops the reverse apply exactly there), and across versions (16 -> 18, where the
 //! stream also filters by replication origin).
 
-use crate::support;
 
 use std::process::Child;
 use std::sync::Arc;
@@ -506,7 +505,6 @@ fn rollback_from_an_18_target_to_a_12_source() {
 }
 
 fn across_versions(source: u32, target: u32) {
-    support::plan::PG_BINDIR.get_or_init(support::cluster::newest_tools_bindir);
     let (s, t) = std::thread::scope(|scope| {
         let s = scope.spawn(|| Cluster::start_version(source, &format!("fb{source}src")));
         let t = scope.spawn(|| Cluster::start_version(target, &format!("fb{target}tgt")));

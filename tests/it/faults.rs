@@ -515,6 +515,7 @@ fn preflight_finds_wal_level_and_no_free_slots() {
         name: "pf_wal".into(),
         source_db: s.clone(),
         target_db: t.clone(),
+        bindir: None,
     };
     let out = plan.run(&["run"]);
     assert_eq!(out.status.code(), Some(1), "{}", show(&out));

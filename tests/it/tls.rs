@@ -318,6 +318,7 @@ fn an_online_plan_runs_over_verify_full() {
         name: "tls_plan".into(),
         source_db: s.clone(),
         target_db: t.clone(),
+        bindir: None,
     };
     let out = plan.run(&["run"]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));

