@@ -6,7 +6,6 @@
 //! on the source stops the reverse apply exactly there), and across versions (16 -> 18, where the
 //! stream also filters by replication origin).
 
-
 use std::process::Child;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
