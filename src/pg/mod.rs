@@ -13,6 +13,7 @@ pub mod names;
 pub mod pgoutput;
 pub mod post_data_script;
 pub mod privileges;
+pub mod publication;
 pub mod replication;
 pub mod sql_lexer;
 pub mod tools;

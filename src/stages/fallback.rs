@@ -305,42 +305,10 @@ pub async fn arm(
     let publication = fallback_publication_name(&env.plan.name);
     let slot = fallback_slot_name(&env.plan.name, &db.name);
     let by_root = version.publishes_partitioned_tables();
-    let tables: Vec<String> = target_tables(env, db, &target)
-        .await?
-        .iter()
-        .filter(|t| !t.unlogged)
-        .filter(|t| {
-            if by_root {
-                t.root.is_none()
-            } else {
-                t.kind == "r"
-            }
-        })
-        .map(|t| t.name.quoted())
-        .collect();
-    let exists: bool = target
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1)",
-            &[&publication],
-        )
-        .await
-        .map_err(|e| Error::pg(&e, "looking up the fallback publication"))?
-        .get(0);
-    if !exists {
-        let options = if by_root {
-            "publish = 'insert, update, delete, truncate', publish_via_partition_root = true"
-        } else {
-            "publish = 'insert, update, delete, truncate'"
-        };
-        let q = quote_ident(&publication);
-        let sql = if tables.is_empty() {
-            format!("CREATE PUBLICATION {q} WITH ({options})")
-        } else {
-            format!(
-                "CREATE PUBLICATION {q} FOR TABLE {} WITH ({options})",
-                tables.join(", ")
-            )
-        };
+    let tables =
+        crate::pg::publication::tables_to_publish(&target_tables(env, db, &target).await?, by_root);
+    if !crate::pg::publication::exists(&target, &publication, "the fallback publication").await? {
+        let sql = crate::pg::publication::create_sql(&publication, &tables, by_root);
         target.batch_execute(&sql).await.map_err(|e| {
             Error::pg(
                 &e,

@@ -39,6 +39,7 @@ use crate::error::{Error, Result};
 use crate::pg::catalog::{self, TableInfo};
 use crate::pg::ident::{QualifiedName, quote_ident, quote_literal};
 use crate::pg::names::publication_name;
+use crate::pg::publication;
 use crate::pg::tools;
 use crate::pg::version::ServerVersion;
 use crate::plan::StageKind;
@@ -517,40 +518,11 @@ impl Provision {
                 unlogged.join(", ")
             );
         }
-        let tables: Vec<String> = selected
-            .iter()
-            .filter(|t| !t.unlogged)
-            .filter(|t| {
-                if by_root {
-                    t.root.is_none()
-                } else {
-                    t.kind == "r"
-                }
-            })
-            .map(|t| t.name.quoted())
-            .collect();
-        let exists: bool = source
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1)",
-                &[&name],
-            )
-            .await
-            .map_err(|e| Error::pg(&e, "looking up the publication"))?
-            .get(0);
-        let options = if by_root {
-            "publish = 'insert, update, delete, truncate', publish_via_partition_root = true"
-        } else {
-            "publish = 'insert, update, delete, truncate'"
-        };
+        let tables = publication::tables_to_publish(selected, by_root);
+        let exists = publication::exists(source, &name, "the publication").await?;
+        let options = publication::options(by_root);
         let sql = if !exists {
-            if tables.is_empty() {
-                format!("CREATE PUBLICATION {q} WITH ({options})")
-            } else {
-                format!(
-                    "CREATE PUBLICATION {q} FOR TABLE {} WITH ({options})",
-                    tables.join(", ")
-                )
-            }
+            publication::create_sql(&name, &tables, by_root)
         } else {
             let set = if tables.is_empty() {
                 // SET TABLE needs at least one table: drop the current ones instead.
