@@ -17,7 +17,6 @@ use crate::executor::Selection;
 use crate::plan::Plan;
 use crate::plan::StageKind;
 use crate::stages::Env;
-use crate::state::StateStore;
 
 pub async fn run(scale: u32, keep: bool, port_base: Option<u16>) -> u8 {
     let scale = scale.max(1);
