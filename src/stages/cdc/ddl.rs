@@ -93,8 +93,22 @@ pub struct Captured {
     /// into it).
     #[serde(default)]
     pub unpublished: Vec<Vec<String>>,
+    /// The columns, by number, of the tables an `ALTER TABLE` touched, as they were right after
+    /// it (absent from captures installed by pgferry 0.1 before this field).
+    #[serde(default)]
+    pub columns: Vec<TableColumns>,
     #[serde(default)]
     pub error: Option<String>,
+}
+
+/// A table an `ALTER TABLE` touched: its OID on the source and its columns' numbers by name.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TableColumns {
+    pub schema: String,
+    pub table: String,
+    pub rel: i64,
+    #[serde(default)]
+    pub cols: std::collections::HashMap<String, i16>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -559,7 +573,11 @@ impl DbStream<'_> {
                             )
                             .await?;
                         }
-                        self.resync_columns(&client, schema, table, &added)
+                        let then = c
+                            .columns
+                            .iter()
+                            .find(|x| &x.schema == schema && &x.table == table);
+                        self.resync_columns(&client, schema, table, &added, then)
                             .await
                             .map_err(|e| {
                                 e.context(format!(
@@ -866,44 +884,136 @@ async fn rewritten_columns(
         .collect())
 }
 
+/// A column's name on the source now and on the target at this point of the stream.
+type Names = (String, String);
+
 impl DbStream<'_> {
     /// Gives the target's rows of `schema.table` the source's values of the columns `cols`, by key
     /// (the source's primary key or replica identity index), in the open target transaction. The
     /// values are the source's current ones, which may be newer than the statement: every later
     /// change of such a row is in the stream after it and carries the column, so the target
     /// converges to the source as those changes are applied.
+    ///
+    /// The target's names are the ones at this point of the stream; the source may have renamed
+    /// the table or its columns, or dropped them, since. With the capture's record of the table
+    /// (`then`: its OID and column numbers right after the statement) they are found by number: a
+    /// column dropped since is skipped (the stream drops it on the target later, and every change
+    /// in between carries its values), a renamed one read under its new name.
     async fn resync_columns(
         &self,
         target: &tokio_postgres::Client,
         schema: &str,
         table: &str,
         cols: &[String],
+        then: Option<&TableColumns>,
     ) -> Result<()> {
         use futures_util::{StreamExt, pin_mut};
         let source = self.env.source_for(self.db).connect("cdc ddl").await?;
-        let keys: Vec<String> = source
-            .query(
-                "SELECT a.attname::text FROM pg_catalog.pg_index i \
+        let key_sql = "SELECT a.attnum, a.attname::text FROM pg_catalog.pg_index i \
                    JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) \
-                  WHERE i.indrelid = pg_catalog.format('%I.%I', $1::text, $2::text)::regclass \
+                  WHERE i.indrelid = $1::bigint::pg_catalog.oid \
                     AND (i.indisreplident OR (i.indisprimary AND NOT EXISTS ( \
                          SELECT 1 FROM pg_catalog.pg_index r WHERE r.indrelid = i.indrelid AND r.indisreplident))) \
-                  ORDER BY pg_catalog.array_position(i.indkey::int2[], a.attnum)",
-                &[&schema, &table],
-            )
-            .await
-            .map_err(|e| Error::pg(&e, "reading the table's key on the source"))?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+                  ORDER BY pg_catalog.array_position(i.indkey::int2[], a.attnum)";
+        // (source name, target name) of the key columns and of the columns to copy.
+        let (source_table, keys, copy): (String, Vec<Names>, Vec<Names>) = match then {
+            Some(then) => {
+                let Some(row) = source
+                    .query_opt(
+                        "SELECT n.nspname::text, c.relname::text FROM pg_catalog.pg_class c \
+                               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                              WHERE c.oid = $1::bigint::pg_catalog.oid AND c.relkind IN ('r', 'p')",
+                        &[&then.rel],
+                    )
+                    .await
+                    .map_err(|e| Error::pg(&e, "finding the table on the source"))?
+                else {
+                    tracing::info!(database = %self.db.name, table = %format!("{schema}.{table}"), "cdc: the table was dropped on the source since; its new column(s) keep the target's values until the stream drops it");
+                    return Ok(());
+                };
+                let now: std::collections::HashMap<i16, String> = source
+                        .query(
+                            "SELECT a.attnum, a.attname::text FROM pg_catalog.pg_attribute a \
+                              WHERE a.attrelid = $1::bigint::pg_catalog.oid AND a.attnum > 0 AND NOT a.attisdropped",
+                            &[&then.rel],
+                        )
+                        .await
+                        .map_err(|e| Error::pg(&e, "reading the table's columns on the source"))?
+                        .iter()
+                        .map(|r| (r.get(0), r.get(1)))
+                        .collect();
+                let name_then = |num: i16| {
+                    then.cols
+                        .iter()
+                        .find(|(_, n)| **n == num)
+                        .map(|(name, _)| name.clone())
+                };
+                let mut keys = Vec::new();
+                for r in source
+                    .query(key_sql, &[&then.rel])
+                    .await
+                    .map_err(|e| Error::pg(&e, "reading the table's key on the source"))?
+                {
+                    let (num, name): (i16, String) = (r.get(0), r.get(1));
+                    let Some(at_target) = name_then(num) else {
+                        return Err(Error::permanent(format!(
+                            "the key of {schema}.{table} on the source (column {name}) was added after the statement, so the values the source computed for its new column(s) cannot be matched to the target's rows"
+                        )));
+                    };
+                    keys.push((name, at_target));
+                }
+                let mut copy = Vec::new();
+                for col in cols {
+                    match then.cols.get(col).and_then(|n| now.get(n)) {
+                        Some(name) => copy.push((name.clone(), col.clone())),
+                        None => {
+                            tracing::info!(database = %self.db.name, table = %format!("{schema}.{table}"), column = %col, "cdc: the column was dropped on the source since; it keeps the target's values until the stream drops it");
+                        }
+                    }
+                }
+                let (s, t): (String, String) = (row.get(0), row.get(1));
+                (
+                    format!("{}.{}", quote_ident(&s), quote_ident(&t)),
+                    keys,
+                    copy,
+                )
+            }
+            None => {
+                // A capture installed before the column numbers were recorded: by name.
+                let rel: i64 = source
+                        .query_one(
+                            "SELECT pg_catalog.format('%I.%I', $1::text, $2::text)::regclass::oid::bigint",
+                            &[&schema, &table],
+                        )
+                        .await
+                        .map_err(|e| Error::pg(&e, "finding the table on the source"))?
+                        .get(0);
+                let keys = source
+                    .query(key_sql, &[&rel])
+                    .await
+                    .map_err(|e| Error::pg(&e, "reading the table's key on the source"))?
+                    .iter()
+                    .map(|r| (r.get::<_, String>(1), r.get::<_, String>(1)))
+                    .collect();
+                let copy = cols.iter().map(|c| (c.clone(), c.clone())).collect();
+                (
+                    format!("{}.{}", quote_ident(schema), quote_ident(table)),
+                    keys,
+                    copy,
+                )
+            }
+        };
         if keys.is_empty() {
             return Err(Error::permanent(format!(
                 "{schema}.{table} has no primary key or replica identity index on the source, so the values the source computed for its new column(s) cannot be matched to the target's rows"
             )));
         }
-        let all: Vec<&String> = keys.iter().chain(cols).collect();
+        if copy.is_empty() {
+            return Ok(());
+        }
+        let all: Vec<&(String, String)> = keys.iter().chain(&copy).collect();
         let mut types = Vec::new();
-        for c in &all {
+        for (_, c) in &all {
             let ty: String = target
                 .query_one(
                     "SELECT pg_catalog.format_type(a.atttypid, a.atttypmod) FROM pg_catalog.pg_attribute a \
@@ -917,9 +1027,9 @@ impl DbStream<'_> {
         }
         let quoted = format!("{}.{}", quote_ident(schema), quote_ident(table));
         let select = format!(
-            "SELECT {} FROM {quoted}",
+            "SELECT {} FROM {source_table}",
             all.iter()
-                .map(|c| format!("{}::text", quote_ident(c)))
+                .map(|(c, _)| format!("{}::text", quote_ident(c)))
                 .collect::<Vec<_>>()
                 .join(", ")
         );
@@ -928,12 +1038,12 @@ impl DbStream<'_> {
         let conds: Vec<String> = keys
             .iter()
             .enumerate()
-            .map(|(i, k)| format!("t.{} = u.a{}::{}", quote_ident(k), i + 1, types[i]))
+            .map(|(i, (_, k))| format!("t.{} = u.a{}::{}", quote_ident(k), i + 1, types[i]))
             .collect();
-        let sets: Vec<String> = cols
+        let sets: Vec<String> = copy
             .iter()
             .enumerate()
-            .map(|(j, c)| {
+            .map(|(j, (_, c))| {
                 let i = keys.len() + j;
                 format!("{} = u.a{}::{}", quote_ident(c), i + 1, types[i])
             })
@@ -1074,6 +1184,7 @@ mod tests {
                 })
                 .collect(),
             published: Vec::new(),
+            columns: Vec::new(),
             identity_full: Vec::new(),
             unpublished: Vec::new(),
             error: None,
