@@ -179,6 +179,20 @@ BEGIN
     'unpublished', coalesce(outside, '[]'),
     'columns', coalesce(cols, '[]'),
     'error', failure)::text);
+  IF tag IN ('CREATE TABLE AS', 'SELECT INTO') THEN
+    -- The new table's rows were written before it was published, so the stream would not carry
+    -- them: written again now that it is, after the statement's message (cdc creates the table
+    -- first) and a TRUNCATE the stream carries too (it empties what the target computed). The
+    -- table is new in this transaction: no trigger, index, rule or reference sees this.
+    PERFORM set_config('pgferry.capture_off', 'on', true);
+    FOR t IN SELECT * FROM jsonb_array_elements(coalesce(tabs, '[]')) LOOP
+      EXECUTE format('CREATE TEMPORARY TABLE pgferry_ctas_rows ON COMMIT DROP AS SELECT * FROM %I.%I', t->>0, t->>1);
+      EXECUTE format('TRUNCATE %I.%I', t->>0, t->>1);
+      EXECUTE format('INSERT INTO %I.%I SELECT * FROM pg_temp.pgferry_ctas_rows', t->>0, t->>1);
+      DROP TABLE pg_temp.pgferry_ctas_rows;
+    END LOOP;
+    PERFORM set_config('pgferry.capture_off', 'off', true);
+  END IF;
 END
 $pgferry$;
 REVOKE ALL ON FUNCTION {capture}(text, text, text) FROM PUBLIC;

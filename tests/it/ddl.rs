@@ -810,3 +810,51 @@ fn new_columns_with_volatile_defaults_converge_when_the_backlog_later_renames_or
         "every row has the source's random value"
     );
 }
+
+#[test]
+fn a_table_created_with_its_rows_reaches_the_target_with_them() {
+    // `CREATE TABLE AS` / `SELECT INTO` write the new table's rows before the capture can publish
+    // it: the capture writes them again once it has, and cdc replays the statement.
+    let p = pair();
+    let s = p.source.fresh_database("ddl_ctas_src");
+    let t = p.target.fresh_database("ddl_ctas_tgt");
+    p.source.psql(&s, SETUP);
+    let plan = TestPlan::new(p, "ddl_ctas", &s, &t, &stages("", ""));
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+
+    migrate(
+        &p.source,
+        &s,
+        // Volatile values: computed again on the target, they would differ.
+        "CREATE TABLE public.snapshot AS SELECT id, balance, random() AS r FROM public.accounts WHERE id <= 50;\n\
+         ALTER TABLE public.snapshot ADD PRIMARY KEY (id);\n\
+         UPDATE public.snapshot SET balance = -balance WHERE id <= 10;\n\
+         SELECT id, clock_timestamp() AS at INTO public.stamped FROM public.accounts WHERE id % 7 = 0;\n\
+         INSERT INTO public.stamped VALUES (1000, now());\n\
+         BEGIN;\n\
+         CREATE TABLE public.empty_now AS SELECT * FROM public.accounts WITH NO DATA;\n\
+         INSERT INTO public.empty_now SELECT * FROM public.accounts WHERE id = 1;\n\
+         COMMIT;",
+    );
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    for table in ["public.snapshot", "public.stamped", "public.empty_now"] {
+        assert_same_rows(&p.source, &s, &p.target, &t, table);
+    }
+    assert_eq!(
+        p.target.psql(&t, "SELECT count(*) FROM public.snapshot"),
+        "50"
+    );
+    assert_eq!(
+        p.target.psql(&t, "SELECT count(*) FROM public.stamped"),
+        "29"
+    );
+    assert_eq!(
+        p.target.psql(
+            &t,
+            "SELECT string_agg(tag, ', ' ORDER BY lsn) FROM pgferry.cdc_ddl WHERE status = 'applied'"
+        ),
+        "CREATE TABLE AS, ALTER TABLE, SELECT INTO, CREATE TABLE AS"
+    );
+}

@@ -223,7 +223,9 @@ pub fn decide(
         if matches!(first, "SET" | "RESET") {
             continue;
         }
-        if !REPLAYABLE.contains(&first) {
+        // `SELECT ... INTO t` creates a table (tag SELECT INTO); any other SELECT is data.
+        let select_into = first == "SELECT" && c.tag == "SELECT INTO";
+        if !REPLAYABLE.contains(&first) && !select_into {
             return Decision::Refuse(if statements.len() == 1 {
                 format!(
                     "the DDL ran inside a `{first}` statement (a function, a DO block or a data-changing statement): replaying it would run its data changes twice"
@@ -290,9 +292,15 @@ pub fn decide(
         let (s, t) = tables[0];
         return Decision::Ignore(format!("{s}.{t} is not selected"));
     }
-    if matches!(c.tag.as_str(), "CREATE TABLE AS" | "SELECT INTO") && selected {
+    // A selected table created with its rows (`CREATE TABLE AS` / `SELECT INTO`) is replayed as
+    // it is: the capture wrote its rows again once it was published, after a TRUNCATE, so the
+    // stream empties what the target computed and carries the source's rows.
+    if matches!(c.tag.as_str(), "CREATE TABLE AS" | "SELECT INTO")
+        && selected
+        && c.published.is_empty()
+    {
         return Decision::Refuse(
-            "a table created with its rows (CREATE TABLE AS / SELECT INTO) got them before it was published, so the stream does not carry them".into(),
+            "a table created with its rows (CREATE TABLE AS / SELECT INTO) was not published by the capture (a capture installed by an earlier pgferry), so the stream does not carry its rows".into(),
         );
     }
     let concurrently = replay.len() == 1
@@ -1271,6 +1279,25 @@ mod tests {
                 &[("pg_temp_3", "x")]
             ),
             Decision::Ignore(_)
+        ));
+        // A selected table with its rows: replayed when the capture published it (and wrote its
+        // rows again), refused when it could not.
+        let mut ctas = captured(
+            "CREATE TABLE AS",
+            "CREATE TABLE app.totals AS SELECT 1 AS n",
+            &[("app", "totals")],
+        );
+        assert!(matches!(
+            decide(&ctas, &sel, |_, _| false),
+            Decision::Refuse(_)
+        ));
+        ctas.published = vec![vec!["app".into(), "totals".into()]];
+        assert!(matches!(
+            decide(&ctas, &sel, |_, _| false),
+            Decision::Replay {
+                concurrently: false,
+                ..
+            }
         ));
         assert!(matches!(
             d(
