@@ -770,9 +770,9 @@ fn the_stop_policy_names_the_column_difference_and_resumes_after_the_same_change
 }
 
 #[test]
-fn new_columns_with_volatile_defaults_converge_when_the_backlog_later_renames_or_drops_them() {
-    // cdc replays an ADD COLUMN with a volatile default and then copies the values the source
-    // computed. When the stream is replayed from a backlog, the source may have renamed or dropped
+fn volatile_values_converge_when_the_backlog_later_renames_or_drops_their_columns() {
+    // cdc replays an ADD COLUMN with a volatile default, or an ALTER COLUMN TYPE with a USING
+    // expression, and then copies the values the source computed. When the stream is replayed from a backlog, the source may have renamed or dropped
     // the column (or renamed its table) since: the copy must find them by what they were then.
     let p = pair();
     let s = p.source.fresh_database("ddl_later_src");
@@ -792,6 +792,7 @@ fn new_columns_with_volatile_defaults_converge_when_the_backlog_later_renames_or
          ALTER TABLE public.accounts RENAME COLUMN token TO secret;\n\
          ALTER TABLE public.accounts RENAME COLUMN id TO account_id;\n\
          ALTER TABLE public.accounts DROP COLUMN gone;\n\
+         ALTER TABLE public.accounts ALTER COLUMN balance TYPE numeric USING balance + random();\n\
          ALTER TABLE public.events ADD COLUMN weight float8 DEFAULT random();\n\
          ALTER TABLE public.events RENAME TO journal;\n\
          INSERT INTO public.journal (account, note) VALUES (7, 'renamed');",

@@ -159,6 +159,135 @@ fn leading_words(stmt: &str, n: usize) -> Vec<String> {
     out
 }
 
+/// The columns an `ALTER TABLE` statement changes the type of with a `USING` expression, as the
+/// catalog spells them (a quoted name as written, another folded to lower case).
+fn retyped_with_using(stmt: &str) -> Vec<String> {
+    // Tokens of each top-level, comma-separated part: (upper-cased word or symbol, catalog name).
+    let mut parts: Vec<Vec<(String, String)>> = vec![Vec::new()];
+    let b = stmt.as_bytes();
+    let (mut i, mut depth) = (0usize, 0i32);
+    while i < b.len() {
+        let c = b[i] as char;
+        let rest = &stmt[i..];
+        if c.is_whitespace() {
+            i += 1;
+        } else if rest.starts_with("--") {
+            i += rest.find('\n').unwrap_or(rest.len());
+        } else if rest.starts_with("/*") {
+            i += rest.find("*/").map_or(rest.len(), |e| e + 2);
+        } else if c == '\'' {
+            // A string ('' inside it doubles the quote).
+            let mut j = i + 1;
+            while j < b.len() {
+                if b[j] == b'\'' {
+                    if b.get(j + 1) == Some(&b'\'') {
+                        j += 2;
+                        continue;
+                    }
+                    break;
+                }
+                j += 1;
+            }
+            i = j + 1;
+            if let Some(p) = parts.last_mut() {
+                p.push(("'".into(), String::new()));
+            }
+        } else if c == '$' {
+            // A dollar-quoted string, or a parameter.
+            let tag_end = rest[1..].find('$').map(|e| e + 2);
+            match tag_end {
+                Some(e)
+                    if rest[1..e - 1]
+                        .chars()
+                        .all(|x| x.is_alphanumeric() || x == '_') =>
+                {
+                    let tag = &rest[..e];
+                    i += e + rest[e..]
+                        .find(tag)
+                        .map_or(rest.len() - e, |x| x + tag.len());
+                }
+                _ => i += 1,
+            }
+        } else if c == '"' {
+            let mut j = i + 1;
+            let mut name = String::new();
+            while j < b.len() {
+                if b[j] == b'"' {
+                    if b.get(j + 1) == Some(&b'"') {
+                        name.push('"');
+                        j += 2;
+                        continue;
+                    }
+                    break;
+                }
+                let ch = stmt[j..].chars().next().unwrap_or(' ');
+                name.push(ch);
+                j += ch.len_utf8();
+            }
+            i = j + 1;
+            if let Some(p) = parts.last_mut() {
+                p.push(("\"".into(), name));
+            }
+        } else if c.is_alphanumeric() || c == '_' {
+            let end = rest
+                .find(|x: char| !(x.is_alphanumeric() || x == '_' || x == '$'))
+                .unwrap_or(rest.len());
+            let word = &rest[..end];
+            if let Some(p) = parts.last_mut() {
+                p.push((word.to_uppercase(), word.to_lowercase()));
+            }
+            i += end;
+        } else {
+            match c {
+                '(' => depth += 1,
+                ')' => depth -= 1,
+                ',' if depth == 0 => parts.push(Vec::new()),
+                _ => {}
+            }
+            if depth == 0
+                && c != '('
+                && c != ')'
+                && c != ','
+                && let Some(p) = parts.last_mut()
+            {
+                p.push((c.to_string(), String::new()));
+            }
+            i += c.len_utf8();
+        }
+    }
+    let mut out = Vec::new();
+    for part in &parts {
+        let w: Vec<&str> = part.iter().map(|(u, _)| u.as_str()).collect();
+        if !w.contains(&"USING") {
+            continue;
+        }
+        for k in 0..w.len() {
+            if w[k] != "ALTER" {
+                continue;
+            }
+            let at = if w.get(k + 1) == Some(&"COLUMN") {
+                k + 2
+            } else {
+                k + 1
+            };
+            let Some((word, name)) = part.get(at) else {
+                continue;
+            };
+            // `ALTER TABLE name ...` is the statement's head, not a column.
+            if word == "TABLE" || name.is_empty() {
+                continue;
+            }
+            let next = w.get(at + 1..at + 4).unwrap_or(&[]);
+            if (next.first() == Some(&"TYPE") || next.starts_with(&["SET", "DATA", "TYPE"]))
+                && !out.contains(name)
+            {
+                out.push(name.clone());
+            }
+        }
+    }
+    out
+}
+
 /// Statements that change the schema and can be replayed as they are.
 const REPLAYABLE: &[&str] = &[
     "CREATE", "ALTER", "DROP", "COMMENT", "GRANT", "REVOKE", "SECURITY", "REFRESH",
@@ -554,9 +683,25 @@ impl DbStream<'_> {
                     .map_err(|e| {
                         Error::pg(&e, "restoring the apply session after a DDL statement")
                     })?;
+                // `ALTER COLUMN ... TYPE ... USING <expression>`: the expression may be volatile
+                // (or read other tables), so the source's results are copied like a new column's.
+                let retyped = if tables.len() == 1 {
+                    retyped_with_using(&sql)
+                } else {
+                    Vec::new()
+                };
                 for ((schema, table), before) in tables.iter().zip(&before) {
+                    let Some(before) = before else {
+                        continue;
+                    };
                     let added = rewritten_columns(&client, schema, table, before).await?;
-                    if !added.is_empty() {
+                    let mut copy = added.clone();
+                    for col in &retyped {
+                        if !copy.contains(col) {
+                            copy.push(col.clone());
+                        }
+                    }
+                    if !copy.is_empty() {
                         // A GENERATED ALWAYS identity takes the source's values only BY DEFAULT
                         // (until the cutover, as for every such column cdc writes).
                         let always: Vec<String> = client
@@ -585,12 +730,12 @@ impl DbStream<'_> {
                             .columns
                             .iter()
                             .find(|x| &x.schema == schema && &x.table == table);
-                        self.resync_columns(&client, schema, table, &added, then)
+                        self.resync_columns(&client, schema, table, &copy, then)
                             .await
                             .map_err(|e| {
                                 e.context(format!(
-                                    "copying the values of {schema}.{table}'s new column(s) {} from the source (replayed at {})",
-                                    added.join(", "),
+                                    "copying the values of {schema}.{table}'s new or retyped column(s) {} from the source (replayed at {})",
+                                    copy.join(", "),
                                     m.lsn
                                 ))
                             })?;
@@ -844,24 +989,24 @@ fn touched_tables(c: &Captured, selection: &Selection) -> Vec<(String, String)> 
     out
 }
 
+/// The column numbers of `schema.table` on the target; `None` when there is no such table yet (the
+/// statement creates it, or renames or moves a table to that name: it adds no column then).
 async fn column_numbers(
     client: &tokio_postgres::Client,
     schema: &str,
     table: &str,
-) -> Result<Vec<i16>> {
-    Ok(client
-        .query(
-            "SELECT a.attnum FROM pg_catalog.pg_attribute a \
-               JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
-               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-              WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
+) -> Result<Option<Vec<i16>>> {
+    let row = client
+        .query_opt(
+            "SELECT ARRAY(SELECT a.attnum FROM pg_catalog.pg_attribute a \
+                           WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped) \
+               FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+              WHERE n.nspname = $1 AND c.relname = $2",
             &[&schema, &table],
         )
         .await
-        .map_err(|e| Error::pg(&e, format!("reading the columns of {schema}.{table}")))?
-        .iter()
-        .map(|r| r.get(0))
-        .collect())
+        .map_err(|e| Error::pg(&e, format!("reading the columns of {schema}.{table}")))?;
+    Ok(row.map(|r| r.get(0)))
 }
 
 /// The columns a replayed statement added whose values were computed row by row: a default that
@@ -1018,6 +1163,11 @@ impl DbStream<'_> {
         }
         if copy.is_empty() {
             return Ok(());
+        }
+        if let Some((_, k)) = keys.iter().find(|(_, k)| copy.iter().any(|(_, c)| c == k)) {
+            return Err(Error::permanent(format!(
+                "the statement computed new values of {schema}.{table}'s key column {k} (ALTER COLUMN ... TYPE ... USING): the target's rows cannot be matched to the source's by that key"
+            )));
         }
         let all: Vec<&(String, String)> = keys.iter().chain(&copy).collect();
         let mut types = Vec::new();
@@ -1280,6 +1430,22 @@ mod tests {
             ),
             Decision::Ignore(_)
         ));
+        assert_eq!(
+            retyped_with_using(
+                "ALTER TABLE public.t ALTER COLUMN a TYPE bigint USING a * random()::int, \
+                 ALTER \"Odd, name\" SET DATA TYPE text USING (\"Odd, name\" || 'x, y'), \
+                 ALTER COLUMN b TYPE bigint, ADD COLUMN c int"
+            ),
+            vec!["a".to_string(), "Odd, name".to_string()]
+        );
+        assert_eq!(
+            retyped_with_using("ALTER TABLE type ALTER COLUMN a TYPE int -- USING later\n"),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            retyped_with_using("ALTER TABLE ONLY s.t ALTER id TYPE uuid USING gen_random_uuid();"),
+            vec!["id".to_string()]
+        );
         // A selected table with its rows: replayed when the capture published it (and wrote its
         // rows again), refused when it could not.
         let mut ctas = captured(
