@@ -94,7 +94,7 @@ impl Provision {
             .batch_execute("SET search_path = pg_catalog")
             .await
             .map_err(|e| Error::pg(&e, "configuring the session").context(source_label.clone()))?;
-        let all = catalog::tables(&source, &self.env.plan.state.schema)
+        let all = catalog::tables_unsized(&source, &self.env.plan.state.schema)
             .await
             .map_err(|e| e.context(source_label.clone()))?;
         let selected: Vec<TableInfo> =

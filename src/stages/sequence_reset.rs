@@ -74,7 +74,7 @@ impl SequenceReset {
             .map_err(|e| {
                 Error::pg(&e, "configuring a read-only session").context(source_label.clone())
             })?;
-        let all = catalog::tables(&source, &self.env.plan.state.schema)
+        let all = catalog::tables_unsized(&source, &self.env.plan.state.schema)
             .await
             .map_err(|e| e.context(source_label.clone()))?;
         let selection = Selection::new(&db.tables, &db.exclude);
