@@ -50,7 +50,6 @@ impl SchemaDump {
         cx: &StageContext,
         i: usize,
         db: &Database,
-        tools: &PgTools,
     ) -> Result<serde_json::Value> {
         let opts = self.options(i);
         let purpose = format!("schema_dump {}", cx.stage);
@@ -89,6 +88,10 @@ impl SchemaDump {
             }
             Err(e) => return Err(e.context("reading the target server's version")),
         };
+        // Searched for since the stage started (see `run`); found once per process.
+        let tools: &PgTools = tokio::task::spawn_blocking(tools::find)
+            .await
+            .map_err(|e| Error::permanent(format!("internal: {e}")))??;
         tools.check_can_dump(source_version, target_version)?;
         tracing::info!(stage = %cx.stage, database = %db.name, "source PostgreSQL {source_version}, target PostgreSQL {target_version}: dumping with {}", tools.describe());
 
@@ -315,23 +318,19 @@ impl Stage for SchemaDump {
     }
 
     async fn run(&self, cx: &StageContext) -> Result<()> {
-        // Found once, when a database needs them.
-        let found: tokio::sync::OnceCell<&PgTools> = tokio::sync::OnceCell::new();
-        let found = &found;
+        // The client programs are searched for (pg_config, `pg_dump --version` of every candidate
+        // directory: ~90 ms with Debian's wrapper scripts) while the first database's sessions
+        // open; `dump_database` waits for the result, which is kept for the process.
+        drop(tokio::task::spawn_blocking(|| {
+            let _ = tools::find();
+        }));
         cx.for_each_database(
             self.env.plan.databases.iter().enumerate(),
             |i, db| async move {
-                let t = *found
-                    .get_or_try_init(|| async {
-                        tokio::task::spawn_blocking(tools::find)
-                            .await
-                            .map_err(|e| Error::permanent(format!("internal: {e}")))?
-                    })
-                    .await?;
                 // Stopping drops the work: child processes are killed, connections closed (the
                 // server then aborts their statements), the temporary directory removed.
                 tokio::select! {
-                    r = self.dump_database(cx, i, db, t) => {
+                    r = self.dump_database(cx, i, db) => {
                         r.map_err(|e| e.context(format!("source database `{}`", db.name)))
                     }
                     _ = cx.cancel.cancelled() => Err(Error::interrupted()),
