@@ -33,6 +33,19 @@ fn stages(cdc_extra: &str, rest: &str) -> String {
     )
 }
 
+/// A migration of [`SETUP`] whose cdc (`ddl = "replicate"`) has caught up once and stopped, so what
+/// the source runs next is a backlog at the next `run`: (clusters, source db, target db, plan).
+fn caught_up(name: &str) -> (&'static crate::support::Pair, String, String, TestPlan) {
+    let p = pair();
+    let s = p.source.fresh_database(&format!("{name}_src"));
+    let t = p.target.fresh_database(&format!("{name}_tgt"));
+    p.source.psql(&s, SETUP);
+    let plan = TestPlan::new(p, name, &s, &t, &stages("", ""));
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    (p, s, t, plan)
+}
+
 /// Runs SQL the way a migration tool does: one statement at a time (`psql -f`).
 fn migrate(c: &Cluster, db: &str, sql: &str) {
     let file = tempfile::NamedTempFile::new().expect("a temporary file");
@@ -284,13 +297,7 @@ fn an_application_migration_during_cdc_is_replayed_and_the_cutover_is_exact() {
 
 #[test]
 fn a_kill_in_a_transaction_holding_ddl_applies_it_exactly_once() {
-    let p = pair();
-    let s = p.source.fresh_database("ddl_kill_src");
-    let t = p.target.fresh_database("ddl_kill_tgt");
-    p.source.psql(&s, SETUP);
-    let plan = TestPlan::new(p, "ddl_kill", &s, &t, &stages("", ""));
-    let out = plan.run(&["run"]);
-    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let (p, s, t, plan) = caught_up("ddl_kill");
 
     // The transaction's DDL is replayed, then its row waits at the gate inside the same target
     // transaction when the runner is killed.
@@ -772,15 +779,10 @@ fn the_stop_policy_names_the_column_difference_and_resumes_after_the_same_change
 #[test]
 fn volatile_values_converge_when_the_backlog_later_renames_or_drops_their_columns() {
     // cdc replays an ADD COLUMN with a volatile default, or an ALTER COLUMN TYPE with a USING
-    // expression, and then copies the values the source computed. When the stream is replayed from a backlog, the source may have renamed or dropped
-    // the column (or renamed its table) since: the copy must find them by what they were then.
-    let p = pair();
-    let s = p.source.fresh_database("ddl_later_src");
-    let t = p.target.fresh_database("ddl_later_tgt");
-    p.source.psql(&s, SETUP);
-    let plan = TestPlan::new(p, "ddl_later", &s, &t, &stages("", ""));
-    let out = plan.run(&["run"]);
-    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    // expression, and then copies the values the source computed. When the stream is replayed from
+    // a backlog, the source may have renamed or dropped the column (or renamed its table) since:
+    // the copy must find them by what they were then.
+    let (p, s, t, plan) = caught_up("ddl_later");
 
     // Written while no runner follows the stream: all of it is a backlog at the next run.
     migrate(
@@ -816,13 +818,7 @@ fn volatile_values_converge_when_the_backlog_later_renames_or_drops_their_column
 fn a_table_created_with_its_rows_reaches_the_target_with_them() {
     // `CREATE TABLE AS` / `SELECT INTO` write the new table's rows before the capture can publish
     // it: the capture writes them again once it has, and cdc replays the statement.
-    let p = pair();
-    let s = p.source.fresh_database("ddl_ctas_src");
-    let t = p.target.fresh_database("ddl_ctas_tgt");
-    p.source.psql(&s, SETUP);
-    let plan = TestPlan::new(p, "ddl_ctas", &s, &t, &stages("", ""));
-    let out = plan.run(&["run"]);
-    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let (p, s, t, plan) = caught_up("ddl_ctas");
 
     migrate(
         &p.source,
