@@ -190,7 +190,7 @@ pub async fn run(args: &PlanArgs, json: bool) -> u8 {
                 .filter(|t| t.kind != "p")
                 .map(|t| t.estimated_rows)
                 .sum();
-            let bytes: i64 = r.tables.iter().map(|t| t.total_bytes).sum();
+            let bytes: i64 = r.tables.iter().map(|t| t.total_bytes.unwrap_or(0)).sum();
             let _ = writeln!(
                 out,
                 "  {} table(s) selected, ~{rows} rows, {}",
@@ -198,7 +198,7 @@ pub async fn run(args: &PlanArgs, json: bool) -> u8 {
                 human_bytes(bytes.max(0) as u64)
             );
             let mut by_size: Vec<_> = r.tables.iter().collect();
-            by_size.sort_by_key(|t| std::cmp::Reverse(t.total_bytes));
+            by_size.sort_by_key(|t| std::cmp::Reverse(t.total_bytes.unwrap_or(0)));
             let width = by_size
                 .iter()
                 .take(25)
@@ -212,7 +212,7 @@ pub async fn run(args: &PlanArgs, json: bool) -> u8 {
                     "    {:width$}  ~{:>10} rows  {:>9}{kind}",
                     t.name.to_string(),
                     t.estimated_rows,
-                    human_bytes(t.total_bytes.max(0) as u64)
+                    human_bytes(t.total_bytes.unwrap_or(0).max(0) as u64)
                 );
             }
             if by_size.len() > 25 {

@@ -17,7 +17,9 @@ pub struct TableInfo {
     /// For a partition, the partitioned table at the top of its tree.
     pub root: Option<QualifiedName>,
     pub estimated_rows: i64,
-    pub total_bytes: i64,
+    /// `pg_total_relation_size` (0 for a partitioned table); `None` when read by
+    /// [`tables_unsized`].
+    pub total_bytes: Option<i64>,
     pub has_primary_key: bool,
     /// `d` default (primary key), `n` nothing, `f` full, `i` index.
     pub replica_identity: String,
@@ -97,13 +99,30 @@ pub async fn setting(client: &Client, name: &str) -> Result<String> {
 }
 
 /// Every user table of the database, partitions included, extension-owned tables and `skip_schema`
-/// (the checkpoint store) excluded.
+/// (the checkpoint store) excluded, with their sizes.
 pub async fn tables(client: &Client, skip_schema: &str) -> Result<Vec<TableInfo>> {
+    tables_where(client, skip_schema, true).await
+}
+
+/// [`tables`] without their sizes (`total_bytes` is `None`), for the stages that only need names,
+/// kinds and keys: `pg_total_relation_size` opens every table, its TOAST table and its indexes, which
+/// costs a fresh session ~60 ms on a database of 600 small tables (PostgreSQL's regression
+/// database) against ~2 ms without it.
+pub async fn tables_unsized(client: &Client, skip_schema: &str) -> Result<Vec<TableInfo>> {
+    tables_where(client, skip_schema, false).await
+}
+
+async fn tables_where(client: &Client, skip_schema: &str, sizes: bool) -> Result<Vec<TableInfo>> {
+    let size = if sizes {
+        "CASE WHEN c.relkind = 'p' THEN 0 ELSE pg_catalog.pg_total_relation_size(c.oid) END"
+    } else {
+        "NULL::bigint"
+    };
     let rows = client
         .query(
-            "SELECT n.nspname::text, c.relname::text, c.relkind::text, rn.nspname::text, rc.relname::text, \
+            &format!("SELECT n.nspname::text, c.relname::text, c.relkind::text, rn.nspname::text, rc.relname::text, \
                     greatest(c.reltuples, 0)::bigint, \
-                    CASE WHEN c.relkind = 'p' THEN 0 ELSE pg_catalog.pg_total_relation_size(c.oid) END, \
+                    {size}, \
                     EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisprimary), \
                     c.relreplident::text, c.relpersistence = 'u', \
                     pg_catalog.has_table_privilege(c.oid, 'SELECT'), \
@@ -121,7 +140,7 @@ pub async fn tables(client: &Client, skip_schema: &str) -> Result<Vec<TableInfo>
                AND n.nspname <> $1 \
                AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d \
                                WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e') \
-             ORDER BY 1, 2",
+             ORDER BY 1, 2"),
             &[&skip_schema],
         )
         .await

@@ -50,7 +50,6 @@ impl SchemaDump {
         cx: &StageContext,
         i: usize,
         db: &Database,
-        tools: &PgTools,
     ) -> Result<serde_json::Value> {
         let opts = self.options(i);
         let purpose = format!("schema_dump {}", cx.stage);
@@ -89,11 +88,15 @@ impl SchemaDump {
             }
             Err(e) => return Err(e.context("reading the target server's version")),
         };
+        // Searched for since the stage started (see `run`); found once per process.
+        let tools: &PgTools = tokio::task::spawn_blocking(tools::find)
+            .await
+            .map_err(|e| Error::permanent(format!("internal: {e}")))??;
         tools.check_can_dump(source_version, target_version)?;
         tracing::info!(stage = %cx.stage, database = %db.name, "source PostgreSQL {source_version}, target PostgreSQL {target_version}: dumping with {}", tools.describe());
 
         let state_schema = &self.env.plan.state.schema;
-        let all = catalog::tables(&client, state_schema).await?;
+        let all = catalog::tables_unsized(&client, state_schema).await?;
         let selection = Selection::new(&db.tables, &db.exclude);
         let (selected, unselected): (Vec<QualifiedName>, Vec<QualifiedName>) = {
             let chosen: std::collections::HashSet<&QualifiedName> =
@@ -173,9 +176,10 @@ impl SchemaDump {
         std::fs::write(&list, &filtered.list)
             .map_err(|e| Error::permanent(format!("writing {}: {e}", list.display())))?;
 
-        let mut sections = Vec::new();
-        for section in ["pre-data", "post-data"] {
-            cx.check_cancelled()?;
+        // The two sections are written by two pg_restore processes at once (each reads the whole
+        // archive; ~60 ms apiece on PostgreSQL's regression database).
+        cx.check_cancelled()?;
+        let write_section = |section: &'static str| {
             let file = dir.path().join(format!("{section}.sql"));
             let mut cmd = Command::new(tools.pg_restore());
             cmd.arg(format!("--use-list={}", list.display()))
@@ -188,22 +192,26 @@ impl SchemaDump {
                 cmd.arg("--no-privileges");
             }
             cmd.arg(&archive);
-            let out = tools::run_tool(cmd, None, &cx.cancel).await?;
-            if !out.status.success() {
-                return Err(tools::tool_failure(
-                    "pg_restore",
-                    &out,
-                    &format!(
-                        "writing the {section} schema of source database `{}`",
-                        db.name
-                    ),
-                ));
+            async move {
+                let out = tools::run_tool(cmd, None, &cx.cancel).await?;
+                if !out.status.success() {
+                    return Err(tools::tool_failure(
+                        "pg_restore",
+                        &out,
+                        &format!(
+                            "writing the {section} schema of source database `{}`",
+                            db.name
+                        ),
+                    ));
+                }
+                let sql = std::fs::read(&file)
+                    .map_err(|e| Error::permanent(format!("reading {}: {e}", file.display())))?;
+                // A pg_dump newer than the target writes settings the target may not know.
+                Ok::<_, Error>(version::script_for_target(&sql, target_version))
             }
-            let sql = std::fs::read(&file)
-                .map_err(|e| Error::permanent(format!("reading {}: {e}", file.display())))?;
-            // A pg_dump newer than the target writes settings the target may not know.
-            sections.push(version::script_for_target(&sql, target_version));
-        }
+        };
+        let (pre, post) = tokio::try_join!(write_section("pre-data"), write_section("post-data"))?;
+        let sections = [pre, post];
         cx.check_cancelled()?;
         cx.store
             .put_artifact(&pre_data_artifact(db), &sections[0])
@@ -310,23 +318,19 @@ impl Stage for SchemaDump {
     }
 
     async fn run(&self, cx: &StageContext) -> Result<()> {
-        // Found once, when a database needs them.
-        let found: tokio::sync::OnceCell<&PgTools> = tokio::sync::OnceCell::new();
-        let found = &found;
+        // The client programs are searched for (pg_config, `pg_dump --version` of every candidate
+        // directory: ~90 ms with Debian's wrapper scripts) while the first database's sessions
+        // open; `dump_database` waits for the result, which is kept for the process.
+        drop(tokio::task::spawn_blocking(|| {
+            let _ = tools::find();
+        }));
         cx.for_each_database(
             self.env.plan.databases.iter().enumerate(),
             |i, db| async move {
-                let t = *found
-                    .get_or_try_init(|| async {
-                        tokio::task::spawn_blocking(tools::find)
-                            .await
-                            .map_err(|e| Error::permanent(format!("internal: {e}")))?
-                    })
-                    .await?;
                 // Stopping drops the work: child processes are killed, connections closed (the
                 // server then aborts their statements), the temporary directory removed.
                 tokio::select! {
-                    r = self.dump_database(cx, i, db, t) => {
+                    r = self.dump_database(cx, i, db) => {
                         r.map_err(|e| e.context(format!("source database `{}`", db.name)))
                     }
                     _ = cx.cancel.cancelled() => Err(Error::interrupted()),
