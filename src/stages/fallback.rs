@@ -550,9 +550,10 @@ impl Fallback {
         lsn: Lsn,
         fenced_at_ms: i64,
     ) -> Result<serde_json::Value> {
-        // Once the source holds everything (resync, sequences) and the slot is gone, a checkpoint
-        // says so: a resumed rollback must not set the sequences again after the unfence (the
-        // application may have moved them on) nor stream from the dropped slot.
+        // Once the source holds everything (resync, sequences), a checkpoint says so, before the
+        // slot is dropped: a resumed rollback must not set the sequences again after the unfence
+        // (the application may have moved them on) nor stream from a slot a kill right after its
+        // drop left missing. The drop is repeated by a resumed rollback (missing objects are fine).
         let synced_key = synced_key(&db.name);
         let synced = match cx.store.checkpoint(&cx.stage, &synced_key).await? {
             Some(v) => v,
@@ -573,7 +574,6 @@ impl Fallback {
                         .map_err(|e| {
                             e.context("setting the source's sequences from the target's")
                         })?;
-                drop_objects(&self.env, db).await?;
                 let v = serde_json::json!({
                     "sequences": sequences,
                     "sequences_changed": changed,
@@ -583,6 +583,7 @@ impl Fallback {
                 v
             }
         };
+        drop_objects(&self.env, db).await?;
         let field = |k: &str| synced.get(k).cloned().unwrap_or(serde_json::Value::Null);
         let source = self
             .env
@@ -662,7 +663,7 @@ impl Fallback {
                 .await?
                 .is_some()
         {
-            // Killed after the slot was dropped: only the unfence is left.
+            // Killed after the source got everything: the slot's drop (again) and the unfence are left.
             let detail = self.finish_rollback(cx, db, lsn, fenced_at).await?;
             record_phase(cx, db, "rolled_back").await?;
             return cx.mark_done(&key, detail).await;

@@ -327,12 +327,14 @@ fn scenario(p: &'static Pair, prefix: &str, kill: bool, origin: bool) -> String 
         wait_for(
             "the rollback to fence the target",
             Duration::from_secs(60),
+            // The fence ends sessions on the target, this poll's among them: a failed poll is
+            // "not yet".
             || {
-                p.target.psql(&t, "SHOW default_transaction_read_only") == "on"
-                && p.target.psql(
+                p.target.try_psql(&t, "SHOW default_transaction_read_only").as_deref() == Ok("on")
+                && p.target.try_psql(
                     &t,
                     &format!("SELECT count(*) FROM pgferry.checkpoints WHERE migration = '{prefix}' AND stage = 'fallback' AND key = 'drain:{s}'"),
-                ) == "1"
+                ).as_deref() == Ok("1")
             },
         );
         let _ = child.kill();

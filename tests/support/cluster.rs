@@ -218,22 +218,28 @@ impl Cluster {
     /// `PGPASSWORD`) and returns its stdout, minus the final newline.
     /// Panics with stderr on failure.
     pub fn psql(&self, db: &str, sql: &str) -> String {
+        self.try_psql(db, sql).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Cluster::psql`] that returns its failure instead of panicking: for polling while a fence
+    /// may end the session (`terminating connection due to administrator command`).
+    pub fn try_psql(&self, db: &str, sql: &str) -> Result<String, String> {
         let mut cmd = self.psql_command(db);
         cmd.arg("-c").arg(sql);
         let out = run(&mut cmd, "psql");
         if !out.status.success() {
-            panic!(
+            return Err(format!(
                 "psql on cluster {:?} database {db:?} failed ({}) running:\n{sql}\n--- stderr ---\n{}",
                 self.name,
                 out.status,
                 String::from_utf8_lossy(&out.stderr)
-            );
+            ));
         }
         let mut stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         if stdout.ends_with('\n') {
             stdout.pop();
         }
-        stdout
+        Ok(stdout)
     }
 
     /// Runs an SQL file with `psql -X -v ON_ERROR_STOP=1 -At -q -f <path>`.
