@@ -83,6 +83,7 @@ DECLARE
   t jsonb;
   fulls jsonb := '[]';
   outside jsonb;
+  cols jsonb;
   failure text;
 BEGIN
   IF event = 'sql_drop' THEN
@@ -131,6 +132,20 @@ BEGIN
        AND NOT EXISTS (SELECT 1 FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
                         WHERE p.pubname = {publication} AND pr.prrelid = t.oid)
        AND {selected};
+    -- The columns of the tables an ALTER TABLE touched, by number: a later rename or drop on the
+    -- source does not lose cdc the column whose values it copies (a volatile default).
+    IF tag = 'ALTER TABLE' THEN
+      SELECT jsonb_agg(jsonb_build_object(
+               'schema', n.nspname, 'table', t.relname, 'rel', t.oid::bigint,
+               'cols', (SELECT jsonb_object_agg(a.attname, a.attnum) FROM pg_attribute a
+                         WHERE a.attrelid = t.oid AND a.attnum > 0 AND NOT a.attisdropped)))
+        INTO cols
+        FROM (SELECT DISTINCT coalesce(pg_partition_root(c.objid), c.objid) AS rel
+                FROM pg_event_trigger_ddl_commands() c
+               WHERE c.classid = 'pg_class'::regclass AND NOT c.in_extension) o
+        JOIN pg_class t ON t.oid = o.rel AND t.relkind IN ('r', 'p')
+        JOIN pg_namespace n ON n.oid = t.relnamespace;
+    END IF;
     BEGIN
       PERFORM set_config('pgferry.capture_off', 'on', true);
       FOR t IN SELECT * FROM jsonb_array_elements(coalesce(tabs, '[]')) LOOP
@@ -162,7 +177,22 @@ BEGIN
     'published', coalesce(tabs, '[]'),
     'identity_full', fulls,
     'unpublished', coalesce(outside, '[]'),
+    'columns', coalesce(cols, '[]'),
     'error', failure)::text);
+  IF tag IN ('CREATE TABLE AS', 'SELECT INTO') THEN
+    -- The new table's rows were written before it was published, so the stream would not carry
+    -- them: written again now that it is, after the statement's message (cdc creates the table
+    -- first) and a TRUNCATE the stream carries too (it empties what the target computed). The
+    -- table is new in this transaction: no trigger, index, rule or reference sees this.
+    PERFORM set_config('pgferry.capture_off', 'on', true);
+    FOR t IN SELECT * FROM jsonb_array_elements(coalesce(tabs, '[]')) LOOP
+      EXECUTE format('CREATE TEMPORARY TABLE pgferry_ctas_rows ON COMMIT DROP AS SELECT * FROM %I.%I', t->>0, t->>1);
+      EXECUTE format('TRUNCATE %I.%I', t->>0, t->>1);
+      EXECUTE format('INSERT INTO %I.%I SELECT * FROM pg_temp.pgferry_ctas_rows', t->>0, t->>1);
+      DROP TABLE pg_temp.pgferry_ctas_rows;
+    END LOOP;
+    PERFORM set_config('pgferry.capture_off', 'off', true);
+  END IF;
 END
 $pgferry$;
 REVOKE ALL ON FUNCTION {capture}(text, text, text) FROM PUBLIC;

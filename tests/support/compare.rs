@@ -205,3 +205,31 @@ pub fn assert_same_on(p: &Pair, sdb: &str, tdb: &str) -> Snapshot {
     );
     source
 }
+
+/// Asserts that `table` holds the same rows in both databases; when it does not, the message shows
+/// the rows only one side has (at most 20 of each), not only two digests.
+pub fn assert_same_rows(source: &Cluster, sdb: &str, target: &Cluster, tdb: &str, table: &str) {
+    let (a, b) = (
+        row_digest(source, sdb, table),
+        row_digest(target, tdb, table),
+    );
+    if a == b {
+        return;
+    }
+    let sql = format!("SELECT t::text FROM {table} t ORDER BY 1");
+    let (x, y) = (source.psql(sdb, &sql), target.psql(tdb, &sql));
+    let (xs, ys): (Vec<&str>, Vec<&str>) = (x.lines().collect(), y.lines().collect());
+    let only = |v: &[&str], other: &[&str]| -> String {
+        v.iter()
+            .filter(|l| !other.contains(l))
+            .take(20)
+            .copied()
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    panic!(
+        "{table} differs: source {a}, target {b}\n--- only on the source ---\n{}\n--- only on the target ---\n{}",
+        only(&xs, &ys),
+        only(&ys, &xs)
+    );
+}

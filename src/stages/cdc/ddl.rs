@@ -93,8 +93,22 @@ pub struct Captured {
     /// into it).
     #[serde(default)]
     pub unpublished: Vec<Vec<String>>,
+    /// The columns, by number, of the tables an `ALTER TABLE` touched, as they were right after
+    /// it (absent from captures installed by pgferry 0.1 before this field).
+    #[serde(default)]
+    pub columns: Vec<TableColumns>,
     #[serde(default)]
     pub error: Option<String>,
+}
+
+/// A table an `ALTER TABLE` touched: its OID on the source and its columns' numbers by name.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TableColumns {
+    pub schema: String,
+    pub table: String,
+    pub rel: i64,
+    #[serde(default)]
+    pub cols: std::collections::HashMap<String, i16>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -141,6 +155,135 @@ fn leading_words(stmt: &str, n: usize) -> Vec<String> {
         }
         out.push(rest[..end].to_ascii_uppercase());
         rest = &rest[end..];
+    }
+    out
+}
+
+/// The columns an `ALTER TABLE` statement changes the type of with a `USING` expression, as the
+/// catalog spells them (a quoted name as written, another folded to lower case).
+fn retyped_with_using(stmt: &str) -> Vec<String> {
+    // Tokens of each top-level, comma-separated part: (upper-cased word or symbol, catalog name).
+    let mut parts: Vec<Vec<(String, String)>> = vec![Vec::new()];
+    let b = stmt.as_bytes();
+    let (mut i, mut depth) = (0usize, 0i32);
+    while i < b.len() {
+        let c = b[i] as char;
+        let rest = &stmt[i..];
+        if c.is_whitespace() {
+            i += 1;
+        } else if rest.starts_with("--") {
+            i += rest.find('\n').unwrap_or(rest.len());
+        } else if rest.starts_with("/*") {
+            i += rest.find("*/").map_or(rest.len(), |e| e + 2);
+        } else if c == '\'' {
+            // A string ('' inside it doubles the quote).
+            let mut j = i + 1;
+            while j < b.len() {
+                if b[j] == b'\'' {
+                    if b.get(j + 1) == Some(&b'\'') {
+                        j += 2;
+                        continue;
+                    }
+                    break;
+                }
+                j += 1;
+            }
+            i = j + 1;
+            if let Some(p) = parts.last_mut() {
+                p.push(("'".into(), String::new()));
+            }
+        } else if c == '$' {
+            // A dollar-quoted string, or a parameter.
+            let tag_end = rest[1..].find('$').map(|e| e + 2);
+            match tag_end {
+                Some(e)
+                    if rest[1..e - 1]
+                        .chars()
+                        .all(|x| x.is_alphanumeric() || x == '_') =>
+                {
+                    let tag = &rest[..e];
+                    i += e + rest[e..]
+                        .find(tag)
+                        .map_or(rest.len() - e, |x| x + tag.len());
+                }
+                _ => i += 1,
+            }
+        } else if c == '"' {
+            let mut j = i + 1;
+            let mut name = String::new();
+            while j < b.len() {
+                if b[j] == b'"' {
+                    if b.get(j + 1) == Some(&b'"') {
+                        name.push('"');
+                        j += 2;
+                        continue;
+                    }
+                    break;
+                }
+                let ch = stmt[j..].chars().next().unwrap_or(' ');
+                name.push(ch);
+                j += ch.len_utf8();
+            }
+            i = j + 1;
+            if let Some(p) = parts.last_mut() {
+                p.push(("\"".into(), name));
+            }
+        } else if c.is_alphanumeric() || c == '_' {
+            let end = rest
+                .find(|x: char| !(x.is_alphanumeric() || x == '_' || x == '$'))
+                .unwrap_or(rest.len());
+            let word = &rest[..end];
+            if let Some(p) = parts.last_mut() {
+                p.push((word.to_uppercase(), word.to_lowercase()));
+            }
+            i += end;
+        } else {
+            match c {
+                '(' => depth += 1,
+                ')' => depth -= 1,
+                ',' if depth == 0 => parts.push(Vec::new()),
+                _ => {}
+            }
+            if depth == 0
+                && c != '('
+                && c != ')'
+                && c != ','
+                && let Some(p) = parts.last_mut()
+            {
+                p.push((c.to_string(), String::new()));
+            }
+            i += c.len_utf8();
+        }
+    }
+    let mut out = Vec::new();
+    for part in &parts {
+        let w: Vec<&str> = part.iter().map(|(u, _)| u.as_str()).collect();
+        if !w.contains(&"USING") {
+            continue;
+        }
+        for k in 0..w.len() {
+            if w[k] != "ALTER" {
+                continue;
+            }
+            let at = if w.get(k + 1) == Some(&"COLUMN") {
+                k + 2
+            } else {
+                k + 1
+            };
+            let Some((word, name)) = part.get(at) else {
+                continue;
+            };
+            // `ALTER TABLE name ...` is the statement's head, not a column.
+            if word == "TABLE" || name.is_empty() {
+                continue;
+            }
+            let next = w.get(at + 1..at + 4).unwrap_or(&[]);
+            if (next.first() == Some(&"TYPE") || next.starts_with(&["SET", "DATA", "TYPE"]))
+                && !out.contains(name)
+            {
+                out.push(name.clone());
+            }
+        }
     }
     out
 }
@@ -209,7 +352,9 @@ pub fn decide(
         if matches!(first, "SET" | "RESET") {
             continue;
         }
-        if !REPLAYABLE.contains(&first) {
+        // `SELECT ... INTO t` creates a table (tag SELECT INTO); any other SELECT is data.
+        let select_into = first == "SELECT" && c.tag == "SELECT INTO";
+        if !REPLAYABLE.contains(&first) && !select_into {
             return Decision::Refuse(if statements.len() == 1 {
                 format!(
                     "the DDL ran inside a `{first}` statement (a function, a DO block or a data-changing statement): replaying it would run its data changes twice"
@@ -276,9 +421,15 @@ pub fn decide(
         let (s, t) = tables[0];
         return Decision::Ignore(format!("{s}.{t} is not selected"));
     }
-    if matches!(c.tag.as_str(), "CREATE TABLE AS" | "SELECT INTO") && selected {
+    // A selected table created with its rows (`CREATE TABLE AS` / `SELECT INTO`) is replayed as
+    // it is: the capture wrote its rows again once it was published, after a TRUNCATE, so the
+    // stream empties what the target computed and carries the source's rows.
+    if matches!(c.tag.as_str(), "CREATE TABLE AS" | "SELECT INTO")
+        && selected
+        && c.published.is_empty()
+    {
         return Decision::Refuse(
-            "a table created with its rows (CREATE TABLE AS / SELECT INTO) got them before it was published, so the stream does not carry them".into(),
+            "a table created with its rows (CREATE TABLE AS / SELECT INTO) was not published by the capture (a capture installed by an earlier pgferry), so the stream does not carry its rows".into(),
         );
     }
     let concurrently = replay.len() == 1
@@ -532,9 +683,25 @@ impl DbStream<'_> {
                     .map_err(|e| {
                         Error::pg(&e, "restoring the apply session after a DDL statement")
                     })?;
+                // `ALTER COLUMN ... TYPE ... USING <expression>`: the expression may be volatile
+                // (or read other tables), so the source's results are copied like a new column's.
+                let retyped = if tables.len() == 1 {
+                    retyped_with_using(&sql)
+                } else {
+                    Vec::new()
+                };
                 for ((schema, table), before) in tables.iter().zip(&before) {
+                    let Some(before) = before else {
+                        continue;
+                    };
                     let added = rewritten_columns(&client, schema, table, before).await?;
-                    if !added.is_empty() {
+                    let mut copy = added.clone();
+                    for col in &retyped {
+                        if !copy.contains(col) {
+                            copy.push(col.clone());
+                        }
+                    }
+                    if !copy.is_empty() {
                         // A GENERATED ALWAYS identity takes the source's values only BY DEFAULT
                         // (until the cutover, as for every such column cdc writes).
                         let always: Vec<String> = client
@@ -559,12 +726,16 @@ impl DbStream<'_> {
                             )
                             .await?;
                         }
-                        self.resync_columns(&client, schema, table, &added)
+                        let then = c
+                            .columns
+                            .iter()
+                            .find(|x| &x.schema == schema && &x.table == table);
+                        self.resync_columns(&client, schema, table, &copy, then)
                             .await
                             .map_err(|e| {
                                 e.context(format!(
-                                    "copying the values of {schema}.{table}'s new column(s) {} from the source (replayed at {})",
-                                    added.join(", "),
+                                    "copying the values of {schema}.{table}'s new or retyped column(s) {} from the source (replayed at {})",
+                                    copy.join(", "),
                                     m.lsn
                                 ))
                             })?;
@@ -818,24 +989,24 @@ fn touched_tables(c: &Captured, selection: &Selection) -> Vec<(String, String)> 
     out
 }
 
+/// The column numbers of `schema.table` on the target; `None` when there is no such table yet (the
+/// statement creates it, or renames or moves a table to that name: it adds no column then).
 async fn column_numbers(
     client: &tokio_postgres::Client,
     schema: &str,
     table: &str,
-) -> Result<Vec<i16>> {
-    Ok(client
-        .query(
-            "SELECT a.attnum FROM pg_catalog.pg_attribute a \
-               JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
-               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-              WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
+) -> Result<Option<Vec<i16>>> {
+    let row = client
+        .query_opt(
+            "SELECT ARRAY(SELECT a.attnum FROM pg_catalog.pg_attribute a \
+                           WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped) \
+               FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+              WHERE n.nspname = $1 AND c.relname = $2",
             &[&schema, &table],
         )
         .await
-        .map_err(|e| Error::pg(&e, format!("reading the columns of {schema}.{table}")))?
-        .iter()
-        .map(|r| r.get(0))
-        .collect())
+        .map_err(|e| Error::pg(&e, format!("reading the columns of {schema}.{table}")))?;
+    Ok(row.map(|r| r.get(0)))
 }
 
 /// The columns a replayed statement added whose values were computed row by row: a default that
@@ -866,44 +1037,141 @@ async fn rewritten_columns(
         .collect())
 }
 
+/// A column's name on the source now and on the target at this point of the stream.
+type Names = (String, String);
+
 impl DbStream<'_> {
     /// Gives the target's rows of `schema.table` the source's values of the columns `cols`, by key
     /// (the source's primary key or replica identity index), in the open target transaction. The
     /// values are the source's current ones, which may be newer than the statement: every later
     /// change of such a row is in the stream after it and carries the column, so the target
     /// converges to the source as those changes are applied.
+    ///
+    /// The target's names are the ones at this point of the stream; the source may have renamed
+    /// the table or its columns, or dropped them, since. With the capture's record of the table
+    /// (`then`: its OID and column numbers right after the statement) they are found by number: a
+    /// column dropped since is skipped (the stream drops it on the target later, and every change
+    /// in between carries its values), a renamed one read under its new name.
     async fn resync_columns(
         &self,
         target: &tokio_postgres::Client,
         schema: &str,
         table: &str,
         cols: &[String],
+        then: Option<&TableColumns>,
     ) -> Result<()> {
         use futures_util::{StreamExt, pin_mut};
         let source = self.env.source_for(self.db).connect("cdc ddl").await?;
-        let keys: Vec<String> = source
-            .query(
-                "SELECT a.attname::text FROM pg_catalog.pg_index i \
+        let key_sql = "SELECT a.attnum, a.attname::text FROM pg_catalog.pg_index i \
                    JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) \
-                  WHERE i.indrelid = pg_catalog.format('%I.%I', $1::text, $2::text)::regclass \
+                  WHERE i.indrelid = $1::bigint::pg_catalog.oid \
                     AND (i.indisreplident OR (i.indisprimary AND NOT EXISTS ( \
                          SELECT 1 FROM pg_catalog.pg_index r WHERE r.indrelid = i.indrelid AND r.indisreplident))) \
-                  ORDER BY pg_catalog.array_position(i.indkey::int2[], a.attnum)",
-                &[&schema, &table],
-            )
-            .await
-            .map_err(|e| Error::pg(&e, "reading the table's key on the source"))?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+                  ORDER BY pg_catalog.array_position(i.indkey::int2[], a.attnum)";
+        // (source name, target name) of the key columns and of the columns to copy.
+        let (source_table, keys, copy): (String, Vec<Names>, Vec<Names>) = match then {
+            Some(then) => {
+                let Some(row) = source
+                    .query_opt(
+                        "SELECT n.nspname::text, c.relname::text FROM pg_catalog.pg_class c \
+                               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                              WHERE c.oid = $1::bigint::pg_catalog.oid AND c.relkind IN ('r', 'p')",
+                        &[&then.rel],
+                    )
+                    .await
+                    .map_err(|e| Error::pg(&e, "finding the table on the source"))?
+                else {
+                    tracing::info!(database = %self.db.name, table = %format!("{schema}.{table}"), "cdc: the table was dropped on the source since; its new column(s) keep the target's values until the stream drops it");
+                    return Ok(());
+                };
+                let now: std::collections::HashMap<i16, String> = source
+                        .query(
+                            "SELECT a.attnum, a.attname::text FROM pg_catalog.pg_attribute a \
+                              WHERE a.attrelid = $1::bigint::pg_catalog.oid AND a.attnum > 0 AND NOT a.attisdropped",
+                            &[&then.rel],
+                        )
+                        .await
+                        .map_err(|e| Error::pg(&e, "reading the table's columns on the source"))?
+                        .iter()
+                        .map(|r| (r.get(0), r.get(1)))
+                        .collect();
+                let name_then = |num: i16| {
+                    then.cols
+                        .iter()
+                        .find(|(_, n)| **n == num)
+                        .map(|(name, _)| name.clone())
+                };
+                let mut keys = Vec::new();
+                for r in source
+                    .query(key_sql, &[&then.rel])
+                    .await
+                    .map_err(|e| Error::pg(&e, "reading the table's key on the source"))?
+                {
+                    let (num, name): (i16, String) = (r.get(0), r.get(1));
+                    let Some(at_target) = name_then(num) else {
+                        return Err(Error::permanent(format!(
+                            "the key of {schema}.{table} on the source (column {name}) was added after the statement, so the values the source computed for its new column(s) cannot be matched to the target's rows"
+                        )));
+                    };
+                    keys.push((name, at_target));
+                }
+                let mut copy = Vec::new();
+                for col in cols {
+                    match then.cols.get(col).and_then(|n| now.get(n)) {
+                        Some(name) => copy.push((name.clone(), col.clone())),
+                        None => {
+                            tracing::info!(database = %self.db.name, table = %format!("{schema}.{table}"), column = %col, "cdc: the column was dropped on the source since; it keeps the target's values until the stream drops it");
+                        }
+                    }
+                }
+                let (s, t): (String, String) = (row.get(0), row.get(1));
+                (
+                    format!("{}.{}", quote_ident(&s), quote_ident(&t)),
+                    keys,
+                    copy,
+                )
+            }
+            None => {
+                // A capture installed before the column numbers were recorded: by name.
+                let rel: i64 = source
+                        .query_one(
+                            "SELECT pg_catalog.format('%I.%I', $1::text, $2::text)::regclass::oid::bigint",
+                            &[&schema, &table],
+                        )
+                        .await
+                        .map_err(|e| Error::pg(&e, "finding the table on the source"))?
+                        .get(0);
+                let keys = source
+                    .query(key_sql, &[&rel])
+                    .await
+                    .map_err(|e| Error::pg(&e, "reading the table's key on the source"))?
+                    .iter()
+                    .map(|r| (r.get::<_, String>(1), r.get::<_, String>(1)))
+                    .collect();
+                let copy = cols.iter().map(|c| (c.clone(), c.clone())).collect();
+                (
+                    format!("{}.{}", quote_ident(schema), quote_ident(table)),
+                    keys,
+                    copy,
+                )
+            }
+        };
         if keys.is_empty() {
             return Err(Error::permanent(format!(
                 "{schema}.{table} has no primary key or replica identity index on the source, so the values the source computed for its new column(s) cannot be matched to the target's rows"
             )));
         }
-        let all: Vec<&String> = keys.iter().chain(cols).collect();
+        if copy.is_empty() {
+            return Ok(());
+        }
+        if let Some((_, k)) = keys.iter().find(|(_, k)| copy.iter().any(|(_, c)| c == k)) {
+            return Err(Error::permanent(format!(
+                "the statement computed new values of {schema}.{table}'s key column {k} (ALTER COLUMN ... TYPE ... USING): the target's rows cannot be matched to the source's by that key"
+            )));
+        }
+        let all: Vec<&(String, String)> = keys.iter().chain(&copy).collect();
         let mut types = Vec::new();
-        for c in &all {
+        for (_, c) in &all {
             let ty: String = target
                 .query_one(
                     "SELECT pg_catalog.format_type(a.atttypid, a.atttypmod) FROM pg_catalog.pg_attribute a \
@@ -917,9 +1185,9 @@ impl DbStream<'_> {
         }
         let quoted = format!("{}.{}", quote_ident(schema), quote_ident(table));
         let select = format!(
-            "SELECT {} FROM {quoted}",
+            "SELECT {} FROM {source_table}",
             all.iter()
-                .map(|c| format!("{}::text", quote_ident(c)))
+                .map(|(c, _)| format!("{}::text", quote_ident(c)))
                 .collect::<Vec<_>>()
                 .join(", ")
         );
@@ -928,12 +1196,12 @@ impl DbStream<'_> {
         let conds: Vec<String> = keys
             .iter()
             .enumerate()
-            .map(|(i, k)| format!("t.{} = u.a{}::{}", quote_ident(k), i + 1, types[i]))
+            .map(|(i, (_, k))| format!("t.{} = u.a{}::{}", quote_ident(k), i + 1, types[i]))
             .collect();
-        let sets: Vec<String> = cols
+        let sets: Vec<String> = copy
             .iter()
             .enumerate()
-            .map(|(j, c)| {
+            .map(|(j, (_, c))| {
                 let i = keys.len() + j;
                 format!("{} = u.a{}::{}", quote_ident(c), i + 1, types[i])
             })
@@ -1074,6 +1342,7 @@ mod tests {
                 })
                 .collect(),
             published: Vec::new(),
+            columns: Vec::new(),
             identity_full: Vec::new(),
             unpublished: Vec::new(),
             error: None,
@@ -1160,6 +1429,41 @@ mod tests {
                 &[("pg_temp_3", "x")]
             ),
             Decision::Ignore(_)
+        ));
+        assert_eq!(
+            retyped_with_using(
+                "ALTER TABLE public.t ALTER COLUMN a TYPE bigint USING a * random()::int, \
+                 ALTER \"Odd, name\" SET DATA TYPE text USING (\"Odd, name\" || 'x, y'), \
+                 ALTER COLUMN b TYPE bigint, ADD COLUMN c int"
+            ),
+            vec!["a".to_string(), "Odd, name".to_string()]
+        );
+        assert_eq!(
+            retyped_with_using("ALTER TABLE type ALTER COLUMN a TYPE int -- USING later\n"),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            retyped_with_using("ALTER TABLE ONLY s.t ALTER id TYPE uuid USING gen_random_uuid();"),
+            vec!["id".to_string()]
+        );
+        // A selected table with its rows: replayed when the capture published it (and wrote its
+        // rows again), refused when it could not.
+        let mut ctas = captured(
+            "CREATE TABLE AS",
+            "CREATE TABLE app.totals AS SELECT 1 AS n",
+            &[("app", "totals")],
+        );
+        assert!(matches!(
+            decide(&ctas, &sel, |_, _| false),
+            Decision::Refuse(_)
+        ));
+        ctas.published = vec![vec!["app".into(), "totals".into()]];
+        assert!(matches!(
+            decide(&ctas, &sel, |_, _| false),
+            Decision::Replay {
+                concurrently: false,
+                ..
+            }
         ));
         assert!(matches!(
             d(
