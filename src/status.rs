@@ -9,8 +9,8 @@ use crate::pg::lsn::Lsn;
 use crate::plan::Plan;
 use crate::plan::StageKind;
 use crate::stages::validate::report::Report;
+use crate::state::LockHolder;
 use crate::state::RunRecord;
-use crate::state::postgres::LockHolder;
 use crate::state::{StageRecord, StageState, TableProgress, TableState, Timestamp};
 
 /// The progress entry full_load keeps for a database's large objects (not a table).

@@ -4,8 +4,7 @@
 use super::{EXIT_FAILED, EXIT_OK, EXIT_USAGE, load, open_store, report};
 use crate::cli::PlanArgs;
 use crate::plan::StageOptions;
-use crate::state::StateStore;
-use crate::state::postgres::hostname;
+use crate::state::hostname;
 
 pub async fn run(args: &PlanArgs) -> u8 {
     let plan = match load(args) {

@@ -17,7 +17,6 @@ use crate::executor::Selection;
 use crate::plan::Plan;
 use crate::plan::StageKind;
 use crate::stages::Env;
-use crate::state::StateStore;
 
 pub async fn run(scale: u32, keep: bool, port_base: Option<u16>) -> u8 {
     let scale = scale.max(1);
@@ -79,8 +78,14 @@ pub async fn run(scale: u32, keep: bool, port_base: Option<u16>) -> u8 {
         source.keep();
         target.keep();
         println!("\nThe clusters keep running (--keep). Connect with:");
-        println!("  source: {}", source.psql_command(demo_plan::DATABASE));
-        println!("  target: {}", target.psql_command(demo_plan::DATABASE));
+        println!(
+            "  source: {}",
+            cluster::psql_command(&source, demo_plan::DATABASE)
+        );
+        println!(
+            "  target: {}",
+            cluster::psql_command(&target, demo_plan::DATABASE)
+        );
         let pw = source.dir.join(demo_plan::PASSWORD_FILE);
         println!(
             "  status: {}=$(cat {pw}) {}=$(cat {pw}) pgferry status {}",
@@ -91,8 +96,8 @@ pub async fn run(scale: u32, keep: bool, port_base: Option<u16>) -> u8 {
         );
         println!(
             "Stop them with: pg_ctl -D {} stop; pg_ctl -D {} stop; then remove both directories",
-            source.data_dir().display(),
-            target.data_dir().display()
+            source.data_dir.display(),
+            target.data_dir.display()
         );
         return code;
     }

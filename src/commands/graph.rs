@@ -4,7 +4,6 @@ use std::collections::HashMap;
 
 use super::{EXIT_FAILED, EXIT_OK, load, open_store, report};
 use crate::cli::{GraphFormat, PlanArgs};
-use crate::state::StateStore;
 
 pub async fn run(args: &PlanArgs, format: GraphFormat, with_state: bool) -> u8 {
     let plan = match load(args) {

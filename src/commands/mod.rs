@@ -23,6 +23,7 @@ use crate::error::Error;
 use crate::pg::connect::ConnInfo;
 use crate::plan::diagnostic::{closest, render_all};
 use crate::plan::{CompileOptions, Plan, compile_file};
+use crate::state::StateStore;
 use crate::state::postgres::PgStore;
 
 pub const EXIT_OK: u8 = 0;
@@ -154,13 +155,21 @@ pub fn store_conn(plan: &Plan) -> Result<ConnInfo, Error> {
         .map_err(|e| e.context("[state]"))
 }
 
-/// Opens the existing store of a plan; `Ok(None)` when there is none yet.
-pub async fn open_store(plan: &Plan) -> Result<Option<PgStore>, Error> {
+/// Opens the existing store of a plan; `Ok(None)` when there is none yet. With
+/// [`create_store`], the one place the commands construct a store: everything past it goes
+/// through the [`StateStore`] trait.
+pub async fn open_store(plan: &Plan) -> Result<Option<Box<dyn StateStore>>, Error> {
     let conn = store_conn(plan)?;
     match PgStore::open(conn.clone(), &plan.state.schema, &plan.name).await {
-        Ok(s) => Ok(s),
+        Ok(s) => Ok(s.map(|s| Box::new(s) as Box<dyn StateStore>)),
         // The store's database does not exist yet: nothing has run.
         Err(e) if e.sqlstate.as_deref() == Some("3D000") => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// Opens the store of a plan, creating its database and schema (and upgrading it) as needed.
+pub async fn create_store(plan: &Plan) -> Result<Box<dyn StateStore>, Error> {
+    let store = PgStore::open_or_create(store_conn(plan)?, &plan.state.schema, &plan.name).await?;
+    Ok(Box::new(store))
 }

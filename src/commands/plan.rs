@@ -11,7 +11,6 @@ use crate::plan::StageKind;
 use crate::plan::units::human_bytes;
 use crate::stages::preflight::{Level, inspect};
 use crate::stages::{self, Env};
-use crate::state::StateStore;
 
 /// Which way the target gets its planner statistics (see `stages::statistics`), for `plan`.
 async fn statistics_path(

@@ -33,7 +33,7 @@ pub async fn run(
             return EXIT_FAILED;
         }
     };
-    let reports = match gather(&plan, &store, run, compare).await {
+    let reports = match gather(&plan, store.as_ref(), run, compare).await {
         Ok(r) => r,
         Err(e) => {
             print_error(&e.context("pgferry report"));

@@ -15,7 +15,7 @@
 
 use std::io::{BufRead, IsTerminal, Write};
 
-use super::{EXIT_FAILED, EXIT_OK, EXIT_USAGE, load, open_store, report, store_conn};
+use super::{EXIT_FAILED, EXIT_OK, EXIT_USAGE, create_store, load, open_store, report};
 use crate::cli::PlanArgs;
 use crate::error::{Error, Result};
 use crate::pg::ident::quote_ident;
@@ -23,7 +23,6 @@ use crate::plan::Plan;
 use crate::plan::StageKind;
 use crate::stages::Env;
 use crate::state::StateStore;
-use crate::state::postgres::PgStore;
 
 /// A target database reset will drop.
 struct TargetDrop {
@@ -109,7 +108,7 @@ pub async fn run(args: &PlanArgs, yes: bool, keep_target: bool) -> u8 {
     let drops = if keep_target {
         Vec::new()
     } else {
-        match target_drops(&plan, &env, store.as_ref()).await {
+        match target_drops(&plan, &env, store.as_deref()).await {
             Ok(d) => d,
             Err(e) => {
                 report(&e);
@@ -153,7 +152,7 @@ pub async fn run(args: &PlanArgs, yes: bool, keep_target: bool) -> u8 {
     // own back (recorded in the store, which is forgotten below).
     if !failed && let Some(store) = &store {
         for db in &plan.databases {
-            match restore_fence(&env, db, store).await {
+            match restore_fence(&env, db, store.as_ref()).await {
                 Ok(lines) => {
                     for l in lines {
                         println!("{l}");
@@ -164,7 +163,8 @@ pub async fn run(args: &PlanArgs, yes: bool, keep_target: bool) -> u8 {
                     failed = true;
                 }
             }
-            match crate::stages::cleanup::restore_source_identities(&env, db, store).await {
+            match crate::stages::cleanup::restore_source_identities(&env, db, store.as_ref()).await
+            {
                 Ok(lines) => {
                     for l in lines {
                         println!("{l}");
@@ -252,7 +252,11 @@ pub async fn run(args: &PlanArgs, yes: bool, keep_target: bool) -> u8 {
 /// The target databases to drop: those that exist and that pgferry created. Refuses (before
 /// anything is changed) when one exists that pgferry has no record of creating, or when the store
 /// would go with a database it shares with other migrations.
-async fn target_drops(plan: &Plan, env: &Env, store: Option<&PgStore>) -> Result<Vec<TargetDrop>> {
+async fn target_drops(
+    plan: &Plan,
+    env: &Env,
+    store: Option<&dyn StateStore>,
+) -> Result<Vec<TargetDrop>> {
     let admin = env
         .target
         .with_dbname("postgres")
@@ -264,12 +268,7 @@ async fn target_drops(plan: &Plan, env: &Env, store: Option<&PgStore>) -> Result
         Some(s) => s.created_database().await?,
         None => None,
     };
-    let store_home = store.map(|s| {
-        (
-            s.conn_info().server_key(),
-            s.conn_info().dbname().to_string(),
-        )
-    });
+    let store_home = store.and_then(|s| s.home());
     let provision = plan
         .stages
         .iter()
@@ -396,7 +395,7 @@ async fn drop_database(admin: &crate::pg::connect::ConnInfo, name: &str) -> Resu
 /// create the store again (in a new, empty database of that name) and put the kept rows back.
 async fn recreate_store_database(
     plan: &Plan,
-    store: PgStore,
+    store: Box<dyn StateStore>,
     admin: &crate::pg::connect::ConnInfo,
     database: &str,
 ) -> Result<Vec<String>> {
@@ -433,7 +432,7 @@ async fn recreate_store_database(
     drop_database(admin, database)
         .await
         .map_err(|e| e.context(backup_note()))?;
-    let store = PgStore::open_or_create(store_conn(plan)?, &plan.state.schema, &plan.name)
+    let store = create_store(plan)
         .await
         .map_err(|e| e.context(backup_note()))?;
     store
@@ -456,7 +455,7 @@ async fn recreate_store_database(
 async fn restore_fence(
     env: &Env,
     db: &crate::plan::Database,
-    store: &PgStore,
+    store: &dyn StateStore,
 ) -> Result<Vec<String>> {
     let client = match env.source_for(db).past_fence().connect("reset").await {
         Ok(c) => c,

@@ -10,8 +10,7 @@ use crate::cli::PlanArgs;
 use crate::plan::Plan;
 use crate::stages::cdc::drain_key;
 use crate::stages::fallback::{ROLLBACK_REQUEST, STOP_REQUEST};
-use crate::state::postgres::{PgStore, hostname};
-use crate::state::{StageState, StateStore};
+use crate::state::{StageState, StateStore, hostname};
 
 /// The plan's fallback stage, or the usage error that says it has none.
 fn fallback_stage(plan: &Plan) -> Result<String, u8> {
@@ -31,7 +30,7 @@ fn fallback_stage(plan: &Plan) -> Result<String, u8> {
     }
 }
 
-async fn store_of(plan: &Plan, path: &str) -> Result<PgStore, u8> {
+async fn store_of(plan: &Plan, path: &str) -> Result<Box<dyn StateStore>, u8> {
     match open_store(plan).await {
         Ok(Some(s)) => Ok(s),
         Ok(None) => {
@@ -60,7 +59,7 @@ fn requester() -> String {
 /// its detail; `None` for a database not finished yet.
 async fn outcomes(
     plan: &Plan,
-    store: &PgStore,
+    store: &dyn StateStore,
     stage: &str,
 ) -> crate::error::Result<Vec<(String, Option<serde_json::Value>)>> {
     let mut out = Vec::new();
@@ -105,7 +104,7 @@ pub async fn rollback(args: &PlanArgs, wait: bool) -> u8 {
             );
             return Ok(EXIT_FAILED);
         }
-        let done = outcomes(&plan, &store, &stage).await?;
+        let done = outcomes(&plan, store.as_ref(), &stage).await?;
         if let Some((db, _)) = done
             .iter()
             .find(|(_, v)| v.as_ref().is_some_and(|v| outcome(v) == "stopped"))
@@ -134,7 +133,7 @@ pub async fn rollback(args: &PlanArgs, wait: bool) -> u8 {
         let mut said_fence = std::collections::BTreeSet::new();
         let mut said_no_runner = false;
         loop {
-            let done = outcomes(&plan, &store, &stage).await?;
+            let done = outcomes(&plan, store.as_ref(), &stage).await?;
             for db in &plan.databases {
                 if said_fence.contains(&db.name) {
                     continue;

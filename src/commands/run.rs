@@ -6,8 +6,8 @@ use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    EXIT_DATA_DIFFERS, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, load, report, stage_arg,
-    store_conn,
+    EXIT_DATA_DIFFERS, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, create_store, load,
+    report, stage_arg, store_conn,
 };
 use crate::cli::PlanArgs;
 use crate::error::ErrorKind;
@@ -15,7 +15,6 @@ use crate::executor::{Executor, Node, Outcome, Selection};
 use crate::plan::Plan;
 use crate::stages::{self, Env};
 use crate::state::StateStore;
-use crate::state::postgres::PgStore;
 
 pub async fn run(
     args: &PlanArgs,
@@ -81,15 +80,13 @@ pub(crate) async fn execute(
         built[i] = Some(stages::build(&env, i));
     }
 
-    let conn = match store_conn(&plan) {
-        Ok(c) => c,
-        Err(e) => {
-            report(&e);
-            return EXIT_USAGE;
-        }
-    };
-    let store = match PgStore::open_or_create(conn, &plan.state.schema, &plan.name).await {
-        Ok(s) => Arc::new(s),
+    // An unusable `[state]` endpoint is a usage error, as before the store is reached.
+    if let Err(e) = store_conn(&plan) {
+        report(&e);
+        return EXIT_USAGE;
+    }
+    let store: Arc<dyn StateStore> = match create_store(&plan).await {
+        Ok(s) => Arc::from(s),
         Err(e) => {
             report(&e);
             return EXIT_FAILED;
@@ -168,7 +165,7 @@ pub(crate) async fn execute(
     for (i, n) in nodes.iter_mut().enumerate() {
         n.stage = built[i].take();
     }
-    let executor = Executor::new(nodes, store.clone() as Arc<dyn StateStore>, cancel.clone());
+    let executor = Executor::new(nodes, store.clone(), cancel.clone());
     let started = Instant::now();
     tracing::info!(migration = %plan.name, run = run_id, "run started; checkpoints in {}", store.describe());
     let bars = spawn_bars(&plan, store.clone());
@@ -227,7 +224,7 @@ pub(crate) async fn execute(
     if let Err(e) = store.end_run(run_id, outcome).await {
         tracing::warn!("could not record the end of the run: {e}");
     }
-    keep_report(&plan, &store, run_id).await;
+    keep_report(&plan, store.as_ref(), run_id).await;
     code
 }
 
@@ -247,7 +244,7 @@ fn error_exit_code(e: &crate::error::Error) -> u8 {
 
 /// Snapshots the run's report into the store (`pgferry report`). Never fails the run: a report
 /// that cannot be written is a warning.
-async fn keep_report(plan: &Plan, store: &PgStore, run_id: i64) {
+async fn keep_report(plan: &Plan, store: &dyn StateStore, run_id: i64) {
     let kept = async {
         let report = crate::report::collect::collect(plan, store, run_id).await?;
         let value = serde_json::to_value(&report)
@@ -265,7 +262,7 @@ async fn keep_report(plan: &Plan, store: &PgStore, run_id: i64) {
 /// in-process registry of tables being copied, until the returned token is cancelled.
 fn spawn_bars(
     plan: &Arc<Plan>,
-    store: Arc<PgStore>,
+    store: Arc<dyn StateStore>,
 ) -> Option<(CancellationToken, tokio::task::JoinHandle<()>)> {
     let mut bars = crate::progress::Bars::new()?;
     let stop = CancellationToken::new();

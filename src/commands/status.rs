@@ -227,7 +227,7 @@ pub async fn watch(args: &PlanArgs, interval: std::time::Duration) -> u8 {
     };
     loop {
         let body = match open_store(&plan).await {
-            Ok(Some(store)) => match compact(&plan, &store, env.as_ref()).await {
+            Ok(Some(store)) => match compact(&plan, store.as_ref(), env.as_ref()).await {
                 Ok(text) => text,
                 Err(e) => format!("error: {e}\n"),
             },
@@ -260,7 +260,7 @@ pub async fn watch(args: &PlanArgs, interval: std::time::Duration) -> u8 {
 /// Stages, table counts, cdc lag per database and counters, in a few lines.
 async fn compact(
     plan: &crate::plan::Plan,
-    store: &crate::state::postgres::PgStore,
+    store: &dyn StateStore,
     env: Option<&crate::stages::Env>,
 ) -> crate::error::Result<String> {
     use std::fmt::Write as _;

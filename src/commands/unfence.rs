@@ -29,7 +29,7 @@ pub async fn run(args: &PlanArgs) -> u8 {
         .iter()
         .any(|s| s.kind == crate::plan::StageKind::Fallback)
         && let Ok(Some(store)) = super::open_store(&plan).await
-        && let Some(reason) = fallback_active(&plan, &store).await
+        && let Some(reason) = fallback_active(&plan, store.as_ref()).await
     {
         eprintln!(
             "error: {reason}\n  hint: `pgferry rollback {path}` goes back to the source keeping the target's writes; `pgferry fallback-stop {path}` ends the stream, after which `pgferry unfence {path}` makes the source writable without them",
@@ -50,7 +50,7 @@ pub async fn run(args: &PlanArgs) -> u8 {
         if let Some(store) = &store {
             let given = async {
                 let client = env.source_for(db).past_fence().connect("unfence").await?;
-                crate::stages::fence::restore(&client, store, &db.name).await
+                crate::stages::fence::restore(&client, store.as_ref(), &db.name).await
             }
             .await;
             match given {
@@ -110,9 +110,8 @@ pub async fn run(args: &PlanArgs) -> u8 {
 /// rollback or stop has ended yet.
 async fn fallback_active(
     plan: &crate::plan::Plan,
-    store: &crate::state::postgres::PgStore,
+    store: &dyn crate::state::StateStore,
 ) -> Option<String> {
-    use crate::state::StateStore;
     let stage = plan
         .stages
         .iter()

@@ -52,7 +52,7 @@ pub async fn run(
         },
         None => None,
     };
-    let store: Option<Arc<dyn StateStore>> = pg_store.map(|s| Arc::new(s) as Arc<dyn StateStore>);
+    let store: Option<Arc<dyn StateStore>> = pg_store.map(Arc::from);
     let sync = match SnapshotSync::detect(&env, store.as_ref()).await {
         Ok(s) => s,
         Err(e) => {

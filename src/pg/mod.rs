@@ -2,6 +2,7 @@
 //! names of the objects pgferry creates on servers.
 
 pub mod catalog;
+pub mod cluster;
 pub mod connect;
 pub mod copy;
 pub mod dump;

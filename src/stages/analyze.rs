@@ -13,9 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Env;
 use crate::error::{Error, Result};
-use crate::pg::catalog;
 use crate::plan::Database;
-use crate::select::Selection;
 use crate::state::Timestamp;
 
 /// The checkpoint key of the cutover stage recording the statistics of `db`.
@@ -34,10 +32,10 @@ pub async fn analyze(
 ) -> Result<serde_json::Value> {
     let started = Instant::now();
     let target = env.target_for(db).connect("cutover analyze").await?;
-    let selection = Selection::new(&db.tables, &db.exclude);
-    let all = catalog::tables(&target, &env.plan.state.schema).await?;
     // Roots and plain tables: ANALYZE of a partitioned table also analyzes its partitions.
-    let tables: Vec<_> = catalog::select(&all, &selection)
+    let tables: Vec<_> = env
+        .selected_tables(&target, db)
+        .await?
         .into_iter()
         .filter(|t| t.root.is_none())
         .collect();

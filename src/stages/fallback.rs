@@ -47,7 +47,6 @@ use crate::pg::ident::quote_ident;
 use crate::pg::names::{fallback_publication_name, fallback_slot_name, slot_name};
 use crate::pg::pgoutput::Lsn;
 use crate::plan::{Database, StageKind, StageOptions};
-use crate::select::Selection;
 use crate::state::Timestamp;
 
 /// The operator requests the stage answers (`pgferry rollback`, `pgferry fallback-stop`).
@@ -154,12 +153,7 @@ async fn target_tables(
     db: &Database,
     target: &Client,
 ) -> Result<Vec<catalog::TableInfo>> {
-    let all = catalog::tables(target, &env.plan.state.schema).await?;
-    let selection = Selection::new(&db.tables, &db.exclude);
-    Ok(catalog::select(&all, &selection)
-        .into_iter()
-        .cloned()
-        .collect())
+    env.selected_tables(target, db).await
 }
 
 /// Refuses a fallback the target cannot carry: a selected table without a replica identity would

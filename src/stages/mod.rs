@@ -27,6 +27,7 @@ use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
+use crate::pg::catalog;
 use crate::pg::connect::ConnInfo;
 use crate::plan::{Database, Plan, StageKind};
 use crate::state::StateStore;
@@ -161,6 +162,22 @@ impl Env {
 
     pub fn target_for(&self, db: &Database) -> ConnInfo {
         self.target.with_dbname(&db.target)
+    }
+
+    /// The tables `db` selects as `client`'s database has them (source or target; the checkpoint
+    /// store's schema left out): the catalog read ([`catalog::tables`]) with the plan's selection
+    /// applied ([`catalog::select`]), as every stage that works on the selection reads it.
+    pub async fn selected_tables(
+        &self,
+        client: &tokio_postgres::Client,
+        db: &Database,
+    ) -> Result<Vec<catalog::TableInfo>> {
+        let all = catalog::tables(client, &self.plan.state.schema).await?;
+        let selection = crate::select::Selection::new(&db.tables, &db.exclude);
+        Ok(catalog::select(&all, &selection)
+            .into_iter()
+            .cloned()
+            .collect())
     }
 }
 

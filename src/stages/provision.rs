@@ -36,7 +36,7 @@ use tokio_postgres::error::SqlState;
 use super::replica_identity::{self, Mode};
 use super::{Env, Stage, StageContext, pre_data_artifact};
 use crate::error::{Error, Result};
-use crate::pg::catalog::{self, TableInfo};
+use crate::pg::catalog::TableInfo;
 use crate::pg::ident::{QualifiedName, quote_ident, quote_literal};
 use crate::pg::names::publication_name;
 use crate::pg::publication;
@@ -94,14 +94,11 @@ impl Provision {
             .batch_execute("SET search_path = pg_catalog")
             .await
             .map_err(|e| Error::pg(&e, "configuring the session").context(source_label.clone()))?;
-        let all = catalog::tables(&source, &self.env.plan.state.schema)
+        let selected: Vec<TableInfo> = self
+            .env
+            .selected_tables(&source, db)
             .await
             .map_err(|e| e.context(source_label.clone()))?;
-        let selected: Vec<TableInfo> =
-            catalog::select(&all, &Selection::new(&db.tables, &db.exclude))
-                .into_iter()
-                .cloned()
-                .collect();
         let mode = replica_identity::mode(&self.env.plan, i);
         if online && mode == Mode::Refuse {
             check_identities(&selected).map_err(|e| e.context(source_label.clone()))?;

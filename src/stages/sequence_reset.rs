@@ -23,7 +23,6 @@ use crate::error::{Error, Result};
 use crate::pg::catalog;
 use crate::pg::ident::QualifiedName;
 use crate::plan::Database;
-use crate::select::Selection;
 
 /// Sequences read per query.
 const CHUNK: usize = 500;
@@ -74,11 +73,11 @@ impl SequenceReset {
             .map_err(|e| {
                 Error::pg(&e, "configuring a read-only session").context(source_label.clone())
             })?;
-        let all = catalog::tables(&source, &self.env.plan.state.schema)
+        let selected = self
+            .env
+            .selected_tables(&source, db)
             .await
             .map_err(|e| e.context(source_label.clone()))?;
-        let selection = Selection::new(&db.tables, &db.exclude);
-        let selected = catalog::select(&all, &selection);
         let sequences = sequences_of(&source, &selected)
             .await
             .map_err(|e| e.context(source_label.clone()))?;
@@ -144,10 +143,16 @@ impl SequenceReset {
 /// column defaults, and standalone ones in their schemas; extension members excluded.
 pub(crate) async fn sequences_of(
     client: &Client,
-    selected: &[&catalog::TableInfo],
+    selected: &[impl std::borrow::Borrow<catalog::TableInfo>],
 ) -> Result<Vec<QualifiedName>> {
-    let schemas: Vec<String> = selected.iter().map(|t| t.name.schema.clone()).collect();
-    let tables: Vec<String> = selected.iter().map(|t| t.name.name.clone()).collect();
+    let schemas: Vec<String> = selected
+        .iter()
+        .map(|t| t.borrow().name.schema.clone())
+        .collect();
+    let tables: Vec<String> = selected
+        .iter()
+        .map(|t| t.borrow().name.name.clone())
+        .collect();
     let rows = client
         .query(
             "WITH sel AS (SELECT c.oid, c.relnamespace \

@@ -51,12 +51,11 @@ pub async fn resync(env: &Env, db: &Database, cancel: &CancellationToken) -> Res
     }
 
     // Unlogged tables (leaves), selected by their own or their root's name.
-    let unlogged: HashSet<String> = catalog::tables(&source, skip)
+    let unlogged: HashSet<String> = env
+        .selected_tables(&source, db)
         .await?
         .iter()
-        .filter(|t| {
-            t.unlogged && selection.selects(&t.selection_name().schema, &t.selection_name().name)
-        })
+        .filter(|t| t.unlogged)
         .map(|t| t.name.to_string())
         .collect();
     if !unlogged.is_empty() {

@@ -2,15 +2,20 @@
 //! positions, a `running` state counting an attempt, `reset_stage` forgetting the stage's
 //! checkpoints and progress, a second request of a name keeping the first), kept in a mutex. What
 //! it holds is gone with the value: it is for tests of the executor and of code above the store
-//! that need no server.
+//! that need no server. Its runner lock is a flag shared by the values the store hands out, so a
+//! second runner on the same store is refused while the first guard lives; `forget_migration`
+//! keeps runs, reports and samples, and `kept_rows`/`restore_kept` carry them as JSON, as `reset`
+//! does with the PostgreSQL store.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
 
 use super::{
-    KeptReport, LagSample, RunRecord, StageRecord, StageState, StateStore, TableProgress, Timestamp,
+    KeptReport, LagSample, LockHolder, MODE_KEY, RUN_STAGE, RunRecord, RunnerLock, STORE_STAGE,
+    StageRecord, StageState, StateStore, TableProgress, Timestamp, hostname,
 };
 use crate::error::{Error, Result};
 use crate::pg::lsn::Lsn;
@@ -36,6 +41,56 @@ struct Inner {
 #[derive(Default)]
 pub struct MemoryStore {
     inner: Mutex<Inner>,
+    /// The runner lock's holder, shared with the guard that releases it when dropped.
+    runner: Arc<Mutex<Option<LockHolder>>>,
+}
+
+/// What holds the in-memory runner lock: dropping it releases the lock.
+struct Held(Arc<Mutex<Option<LockHolder>>>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        // A poisoned flag is released all the same.
+        let mut guard = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *guard = None;
+    }
+}
+
+/// What [`StateStore::kept_rows`] returns for this store.
+#[derive(Default, Serialize, Deserialize)]
+struct Kept {
+    runs: Vec<KeptRun>,
+    reports: Vec<KeptReportRow>,
+    samples: Vec<KeptSample>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct KeptRun {
+    id: i64,
+    started_at: Option<f64>,
+    ended_at: Option<f64>,
+    host: Option<String>,
+    pid: Option<i32>,
+    outcome: Option<String>,
+    args: Option<String>,
+    mode: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct KeptReportRow {
+    run_id: i64,
+    mode: String,
+    created_at: f64,
+    report: serde_json::Value,
+}
+
+#[derive(Serialize, Deserialize)]
+struct KeptSample {
+    run_id: i64,
+    sample: LagSample,
 }
 
 impl MemoryStore {
@@ -56,13 +111,14 @@ impl MemoryStore {
 impl StateStore for MemoryStore {
     async fn begin_run(&self, args: &str) -> Result<i64> {
         self.with(|s| {
-            let id = s.runs.len() as i64 + 1;
+            // After the highest id, as the PostgreSQL store's sequence (set past restored runs).
+            let id = s.runs.iter().map(|(r, _)| r.id).max().unwrap_or(0) + 1;
             s.runs.push((
                 RunRecord {
                     id,
                     started_at: Some(Timestamp::now()),
                     ended_at: None,
-                    host: Some("memory".into()),
+                    host: Some(hostname()),
                     pid: Some(std::process::id() as i32),
                     outcome: None,
                     args: Some(args.to_string()),
@@ -379,6 +435,162 @@ impl StateStore for MemoryStore {
                 .collect()
         })
     }
+
+    fn describe(&self) -> String {
+        "an in-memory store".into()
+    }
+
+    fn home(&self) -> Option<(String, String)> {
+        None
+    }
+
+    async fn acquire_runner_lock(&self) -> Result<std::result::Result<RunnerLock, LockHolder>> {
+        let mut held = self
+            .runner
+            .lock()
+            .map_err(|_| Error::permanent("internal: the in-memory runner lock was poisoned"))?;
+        if let Some(holder) = held.as_ref() {
+            return Ok(Err(holder.clone()));
+        }
+        let pid = std::process::id();
+        *held = Some(LockHolder {
+            host: Some(hostname()),
+            pid: i32::try_from(pid).ok(),
+            since: Some(Timestamp::now().rfc3339()),
+            backend_pid: 0,
+            application: format!("runner (in memory) host={} pid={pid}", hostname()),
+        });
+        Ok(Ok(RunnerLock::new(Held(self.runner.clone()))))
+    }
+
+    async fn runner(&self) -> Result<Option<LockHolder>> {
+        self.runner
+            .lock()
+            .map(|h| h.clone())
+            .map_err(|_| Error::permanent("internal: the in-memory runner lock was poisoned"))
+    }
+
+    async fn set_run_mode(&self, run: i64, mode: &str) -> Result<()> {
+        self.with(|s| {
+            if let Some((_, m)) = s.runs.iter_mut().find(|(r, _)| r.id == run) {
+                *m = mode.to_string();
+            }
+        })?;
+        self.put_checkpoint(
+            RUN_STAGE,
+            MODE_KEY,
+            &serde_json::json!({ "mode": mode, "run_id": run }),
+        )
+        .await
+    }
+
+    /// Nothing to upgrade: the layout is this build's.
+    async fn upgrade(&self) -> Result<()> {
+        Ok(())
+    }
+
+    async fn forget_migration(&self) -> Result<()> {
+        self.with(|s| {
+            s.stages.clear();
+            s.tables.clear();
+            s.counters.clear();
+            s.positions.clear();
+            s.artifacts.clear();
+            s.events.clear();
+            s.requests.clear();
+            s.checkpoints.retain(|(stage, _), _| stage == STORE_STAGE);
+        })
+    }
+
+    /// None: an in-memory store holds one migration.
+    async fn other_migrations(&self) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+
+    async fn kept_rows(&self) -> Result<serde_json::Value> {
+        let kept = self.with(|s| Kept {
+            runs: s
+                .runs
+                .iter()
+                .map(|(r, mode)| KeptRun {
+                    id: r.id,
+                    started_at: r.started_at.map(|t| t.0),
+                    ended_at: r.ended_at.map(|t| t.0),
+                    host: r.host.clone(),
+                    pid: r.pid,
+                    outcome: r.outcome.clone(),
+                    args: r.args.clone(),
+                    mode: mode.clone(),
+                })
+                .collect(),
+            reports: s
+                .reports
+                .iter()
+                .map(|r| KeptReportRow {
+                    run_id: r.run_id,
+                    mode: r.mode.clone(),
+                    created_at: r.created_at.0,
+                    report: r.report.clone(),
+                })
+                .collect(),
+            samples: s
+                .samples
+                .iter()
+                .map(|(run_id, sample)| KeptSample {
+                    run_id: *run_id,
+                    sample: sample.clone(),
+                })
+                .collect(),
+        })?;
+        serde_json::to_value(kept)
+            .map_err(|e| Error::permanent(format!("serializing the kept runs and reports: {e}")))
+    }
+
+    /// As the PostgreSQL store: a run or report already there is kept as it is.
+    async fn restore_kept(&self, kept: &serde_json::Value) -> Result<()> {
+        let kept: Kept = serde_json::from_value(kept.clone())
+            .map_err(|e| Error::permanent(format!("reading the kept runs and reports: {e}")))?;
+        self.with(|s| {
+            for r in kept.runs {
+                if s.runs.iter().any(|(x, _)| x.id == r.id) {
+                    continue;
+                }
+                s.runs.push((
+                    RunRecord {
+                        id: r.id,
+                        started_at: r.started_at.map(Timestamp),
+                        ended_at: r.ended_at.map(Timestamp),
+                        host: r.host,
+                        pid: r.pid,
+                        outcome: r.outcome,
+                        args: r.args,
+                    },
+                    r.mode,
+                ));
+            }
+            s.runs.sort_by_key(|(r, _)| r.id);
+            for r in kept.reports {
+                if s.reports.iter().any(|x| x.run_id == r.run_id) {
+                    continue;
+                }
+                s.reports.push(KeptReport {
+                    run_id: r.run_id,
+                    mode: r.mode,
+                    created_at: Timestamp(r.created_at),
+                    report: r.report,
+                });
+            }
+            for x in kept.samples {
+                if !s
+                    .samples
+                    .iter()
+                    .any(|(run, y)| *run == x.run_id && *y == x.sample)
+                {
+                    s.samples.push((x.run_id, x.sample));
+                }
+            }
+        })
+    }
 }
 
 #[cfg(test)]
@@ -418,5 +630,138 @@ mod tests {
         let first = store.requested("cutover").await.unwrap();
         store.request("cutover", "you").await.unwrap();
         assert_eq!(store.requested("cutover").await.unwrap(), first);
+    }
+
+    #[tokio::test]
+    async fn a_second_runner_is_refused_until_the_first_lets_go() {
+        let store = MemoryStore::new();
+        assert!(store.runner().await.unwrap().is_none());
+        let first = store.acquire_runner_lock().await.unwrap();
+        let Ok(first) = first else {
+            panic!("the first runner must get the lock")
+        };
+        let holder = store.runner().await.unwrap().expect("a holder while held");
+        assert_eq!(holder.pid, i32::try_from(std::process::id()).ok());
+        match store.acquire_runner_lock().await.unwrap() {
+            Ok(_) => panic!("a second runner must be refused while the first holds the lock"),
+            Err(h) => assert_eq!(h.pid, holder.pid),
+        }
+        drop(first);
+        assert!(store.runner().await.unwrap().is_none());
+        assert!(store.acquire_runner_lock().await.unwrap().is_ok());
+    }
+
+    #[tokio::test]
+    async fn the_checkpoints_take_the_mode_of_the_run() {
+        let store = MemoryStore::new();
+        assert_eq!(store.checkpoints_mode().await.unwrap(), None);
+        // Stages recorded before modes existed count as a real run.
+        store
+            .set_stage("s", "sql", StageState::Done, "f", None)
+            .await
+            .unwrap();
+        assert_eq!(
+            store.checkpoints_mode().await.unwrap().as_deref(),
+            Some("run")
+        );
+        let run = store.begin_run("run --rehearsal").await.unwrap();
+        store.set_run_mode(run, "rehearsal").await.unwrap();
+        assert_eq!(
+            store.checkpoints_mode().await.unwrap().as_deref(),
+            Some("rehearsal")
+        );
+        assert_eq!(
+            store.run_with_mode(run).await.unwrap().map(|(_, m)| m),
+            Some("rehearsal".to_string())
+        );
+    }
+
+    #[tokio::test]
+    async fn forgetting_a_migration_keeps_its_runs_reports_and_samples() {
+        let store = MemoryStore::new();
+        let run = store.begin_run("run").await.unwrap();
+        store.set_run_mode(run, "rehearsal").await.unwrap();
+        store
+            .set_stage("load", "full_load", StageState::Done, "f", None)
+            .await
+            .unwrap();
+        store
+            .put_checkpoint("load", "database:app", &serde_json::json!({"done": true}))
+            .await
+            .unwrap();
+        store
+            .put_checkpoint(
+                STORE_STAGE,
+                super::super::CREATED_DATABASE_KEY,
+                &serde_json::json!({"server": "h:5432", "database": "app"}),
+            )
+            .await
+            .unwrap();
+        store
+            .advance_position("cdc:app", "0/10".parse().unwrap())
+            .await
+            .unwrap();
+        store.add_counter("app", "applied", 3).await.unwrap();
+        store.put_artifact("dump", b"x").await.unwrap();
+        store.event(None, "info", "hello").await.unwrap();
+        store.request("cutover", "me").await.unwrap();
+        let sample = LagSample {
+            stage: "cdc".into(),
+            database: "app".into(),
+            at: 1.0,
+            lag_bytes: Some(8),
+            latency_ms: None,
+            incoming: None,
+            applied: Some(3),
+        };
+        store.add_sample(&sample).await.unwrap();
+        store
+            .put_report(run, "rehearsal", &serde_json::json!({"version": 1}))
+            .await
+            .unwrap();
+        store.end_run(run, "done").await.unwrap();
+
+        store.forget_migration().await.unwrap();
+        assert!(store.stages().await.unwrap().is_empty());
+        assert_eq!(
+            store.checkpoint("load", "database:app").await.unwrap(),
+            None
+        );
+        assert_eq!(store.checkpoints_mode().await.unwrap(), None);
+        assert!(store.positions().await.unwrap().is_empty());
+        assert!(store.counters().await.unwrap().is_empty());
+        assert_eq!(store.artifact("dump").await.unwrap(), None);
+        assert!(store.events(10).await.unwrap().is_empty());
+        assert_eq!(store.requested("cutover").await.unwrap(), None);
+        // Kept: the store's own record, the run, its report and its samples.
+        assert_eq!(
+            store.created_database().await.unwrap(),
+            Some(("h:5432".to_string(), "app".to_string()))
+        );
+        assert_eq!(store.runs(10).await.unwrap().len(), 1);
+        assert_eq!(store.samples(run).await.unwrap(), vec![sample.clone()]);
+        assert_eq!(
+            store.latest_report("rehearsal").await.unwrap().map(|r| r.0),
+            Some(run)
+        );
+
+        // What reset carries across a store created again: the same runs, reports and samples,
+        // and the next run numbered after them.
+        let kept = store.kept_rows().await.unwrap();
+        let again = MemoryStore::new();
+        again.restore_kept(&kept).await.unwrap();
+        again.restore_kept(&kept).await.unwrap();
+        let runs = again.runs(10).await.unwrap();
+        assert_eq!(runs.len(), 1);
+        assert_eq!(runs[0].outcome.as_deref(), Some("done"));
+        assert_eq!(
+            again.run_with_mode(run).await.unwrap().map(|(_, m)| m),
+            Some("rehearsal".to_string())
+        );
+        assert_eq!(again.samples(run).await.unwrap(), vec![sample]);
+        assert_eq!(again.reports(None, None, 10).await.unwrap().len(), 1);
+        assert_eq!(again.begin_run("run").await.unwrap(), run + 1);
+        assert!(again.other_migrations().await.unwrap().is_empty());
+        assert!(again.home().is_none());
     }
 }

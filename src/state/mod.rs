@@ -4,8 +4,11 @@
 //! trait; [`postgres::PgStore`] keeps it all in a PostgreSQL schema so any machine can resume or
 //! report a migration.
 
+mod lock;
 pub mod memory;
 pub mod postgres;
+
+pub use lock::{LockHolder, RunnerLock, hostname};
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -14,6 +17,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::pg::lsn::Lsn;
+
+/// The pseudo-stage of the store's own records: which database it created for itself.
+pub(crate) const STORE_STAGE: &str = "(store)";
+pub(crate) const CREATED_DATABASE_KEY: &str = "created_database";
+/// The pseudo-stage of what the migration's checkpoints belong to (`run` or `rehearsal`).
+pub(crate) const RUN_STAGE: &str = "(run)";
+pub(crate) const MODE_KEY: &str = "mode";
 
 /// A stage's lifecycle: `pending -> running -> done | failed`; a continuous stage (cdc) is also
 /// `ready` once it has caught up, which satisfies its dependents while it keeps running.
@@ -180,6 +190,61 @@ pub trait StateStore: Send + Sync {
         mode: Option<&str>,
         limit: i64,
     ) -> Result<Vec<KeptReport>>;
+
+    // The runner lock, the mode of the checkpoints, and what `reset` needs.
+
+    /// Where the store lives, for messages.
+    fn describe(&self) -> String;
+    /// The server and database the store lives in (`(server key, database)`), when it lives in a
+    /// database: `reset` must know whether a target database it drops holds the store.
+    fn home(&self) -> Option<(String, String)>;
+    /// Takes the runner lock (one runner per migration), held for as long as the returned guard
+    /// lives, or says who holds it.
+    async fn acquire_runner_lock(&self) -> Result<std::result::Result<RunnerLock, LockHolder>>;
+    /// Who holds the runner lock right now, if anyone.
+    async fn runner(&self) -> Result<Option<LockHolder>>;
+    /// Records the mode of a run (`run` or `rehearsal`): in the run's record and as the mode of the
+    /// checkpoints ([`StateStore::checkpoints_mode`]).
+    async fn set_run_mode(&self, run: i64, mode: &str) -> Result<()>;
+    /// Brings an existing store up to the current version (opening it does not).
+    async fn upgrade(&self) -> Result<()>;
+    /// Removes this migration's stage states, checkpoints, progress, counters, positions,
+    /// artifacts, run log and requests: everything but its runs, reports and cdc lag samples (kept
+    /// so rehearsals can be compared) and the record of the database the store created.
+    async fn forget_migration(&self) -> Result<()>;
+    /// Other migrations kept in the same store.
+    async fn other_migrations(&self) -> Result<Vec<String>>;
+    /// What `reset` keeps of this migration (runs, reports, cdc lag samples), as JSON: written to a
+    /// file while the store's database is dropped, and given to [`StateStore::restore_kept`].
+    async fn kept_rows(&self) -> Result<serde_json::Value>;
+    /// Puts back what [`StateStore::kept_rows`] read (into a store created again by `reset`).
+    async fn restore_kept(&self, kept: &serde_json::Value) -> Result<()>;
+
+    /// What the stage states and checkpoints of this migration belong to: `run` or `rehearsal`
+    /// (`None`: nothing recorded; a store from before rehearsals holding stages counts as `run`).
+    async fn checkpoints_mode(&self) -> Result<Option<String>> {
+        let v = self.checkpoint(RUN_STAGE, MODE_KEY).await?;
+        if let Some(m) = v
+            .as_ref()
+            .and_then(|v| v.get("mode"))
+            .and_then(serde_json::Value::as_str)
+        {
+            return Ok(Some(m.to_string()));
+        }
+        Ok((!self.stages().await?.is_empty()).then(|| "run".to_string()))
+    }
+
+    /// The database this store created on first use (its own), as `(server, database)`.
+    async fn created_database(&self) -> Result<Option<(String, String)>> {
+        let v = self.checkpoint(STORE_STAGE, CREATED_DATABASE_KEY).await?;
+        let field = |k: &str| {
+            v.as_ref()
+                .and_then(|v| v.get(k))
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_string)
+        };
+        Ok(field("server").zip(field("database")))
+    }
 
     /// The latest kept report of a run of `mode`: run id, when, report.
     async fn latest_report(

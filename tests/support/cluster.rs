@@ -1,26 +1,21 @@
-//! Throwaway PostgreSQL clusters for integration tests.
+//! Throwaway PostgreSQL clusters for integration tests, launched by the library's
+//! [`pgferry::pg::cluster`] (the same launcher as `pgferry demo`: its own directory, 127.0.0.1 on a
+//! free port and a private Unix socket, logical replication, `runuser -u postgres` when root).
 //!
-//! Each cluster lives in its own directory under `/tmp`, listens on
-//! `127.0.0.1` on a free port (and on a Unix socket inside its own
-//! directory), and is configured for logical replication. A detached
-//! "reaper" shell loop watches the test process and, once it is gone (normal
-//! exit, panic or SIGKILL), stops the server and removes the directory.
-//!
-//! PostgreSQL refuses to run as root, so when the tests run as root every
-//! server-side tool (initdb, pg_ctl and therefore postgres) runs as the
-//! `postgres` OS user through `runuser`.
+//! What is test-only lives here: each cluster's directory under `/tmp`, a fixed password, a
+//! detached "reaper" shell loop that watches the test process and, once it is gone (normal exit,
+//! panic or SIGKILL), stops the server and removes the directory; the shared pair, per-test
+//! databases, version packages, psql helpers that panic with context, Pagila.
 
-use std::ffi::CString;
-use std::fs::{self, File, OpenOptions};
-use std::io::Write as _;
-use std::net::TcpListener;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::fs;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
+
+use pgferry::pg::cluster as launcher;
 
 /// Password of the `postgres` superuser in every test cluster.
 ///
@@ -29,36 +24,32 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 pub const PASSWORD: &str = "ferry-Secret-7x!";
 
 /// Database superuser created by initdb.
-const SUPERUSER: &str = "postgres";
+const SUPERUSER: &str = launcher::SUPERUSER;
 /// OS user the server runs as when the tests run as root.
-const OS_USER: &str = "postgres";
-/// How many ports to try before giving up on starting a cluster.
-const START_ATTEMPTS: usize = 5;
+const OS_USER: &str = launcher::OS_USER;
 /// Longest identifier PostgreSQL keeps without truncating (NAMEDATALEN - 1).
 const MAX_IDENT_LEN: usize = 63;
 
 static DB_COUNTER: AtomicU64 = AtomicU64::new(0);
-static DIR_COUNTER: AtomicU64 = AtomicU64::new(0);
 
-/// One running throwaway PostgreSQL cluster.
+/// One running throwaway PostgreSQL cluster. The launcher's fields (`port`, `dir`, `data_dir`,
+/// `bindir`, `major`, `name`) and methods (`server_log`, ...) are reached through `Deref`.
 #[derive(Debug)]
 pub struct Cluster {
-    /// TCP port on 127.0.0.1.
-    pub port: u16,
-    /// Temporary root directory (data dir, log, Unix socket live in here).
-    pub dir: PathBuf,
-    /// The cluster's data directory (`<dir>/data`).
-    pub data_dir: PathBuf,
-    /// Directory holding initdb, pg_ctl, postgres (and, for the system installation, psql).
-    pub bindir: PathBuf,
+    /// The launched server.
+    server: launcher::Cluster,
     /// Directory of the client programs (psql, pg_dump, ...) the tests use on this cluster: the
     /// server's own when it has them, else the newest installation that has them (a client is
     /// compatible with older servers, never the other way round).
     pub tools_bindir: PathBuf,
-    /// The server's major version (12, 13, ..., 18).
-    pub major: u32,
-    /// Name given to [`Cluster::start`]; used for directory naming and logs.
-    pub name: String,
+}
+
+impl std::ops::Deref for Cluster {
+    type Target = launcher::Cluster;
+
+    fn deref(&self) -> &launcher::Cluster {
+        &self.server
+    }
 }
 
 /// The source and target clusters shared by all tests of one test binary.
@@ -94,53 +85,53 @@ impl Cluster {
 
     fn start_in(bindir: PathBuf, name: &str, extra_conf: &str, files: &[(&str, &[u8])]) -> Cluster {
         let started = Instant::now();
-        let major = server_major(&bindir);
         let tools_bindir = if bindir.join("psql").is_file() && bindir.join("pg_dump").is_file() {
             bindir.clone()
         } else {
             newest_tools_bindir()
         };
-        let dir = make_temp_root(name);
-        let data_dir = dir.join("data");
-        // Arrange for cleanup before anything else can fail.
-        spawn_reaper(&bindir, &dir, &data_dir);
-        if is_root() {
-            chown_to_os_user(&dir);
-        }
-
-        let cluster = Cluster {
-            port: 0,
-            dir,
-            data_dir,
-            bindir,
-            tools_bindir,
-            major,
-            name: name.to_string(),
+        let fail = |what: &str, e: pgferry::error::Error| -> ! {
+            panic!("{what} of cluster {name:?} failed: {e}")
         };
-        cluster.initdb();
-        cluster.configure();
+        let server = launcher::Cluster::create(&bindir, Path::new("/tmp"), "pgferry-test", name)
+            .unwrap_or_else(|e| fail("creating the directory", e));
+        // Arrange for cleanup before anything else can fail.
+        spawn_reaper(&bindir, &server.dir, &server.data_dir);
+        let mut cluster = Cluster {
+            server,
+            tools_bindir,
+        };
+        let server = &mut cluster.server;
+        server
+            .initdb(PASSWORD)
+            .unwrap_or_else(|e| fail("initdb", e));
+        server
+            .configure(
+                "pgferry's test support",
+                "max_replication_slots = 32\n\
+                 max_wal_senders = 32\n\
+                 max_connections = 200\n",
+            )
+            .unwrap_or_else(|e| fail("configuring", e));
         for (file, contents) in files {
-            let path = cluster.data_dir.join(file);
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&path)
-                .unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
-            f.write_all(contents)
-                .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
-            if is_root() {
-                chown_to_os_user(&path);
-            }
+            server
+                .write_data_file(file, contents)
+                .unwrap_or_else(|e| fail("writing a file into the data directory", e));
         }
         if !extra_conf.is_empty() {
-            append(
-                &cluster.data_dir.join("postgresql.conf"),
-                &format!("\n# --- extra settings of this test ---\n{extra_conf}\n"),
+            server
+                .append_conf(&format!(
+                    "\n# --- extra settings of this test ---\n{extra_conf}\n"
+                ))
+                .unwrap_or_else(|e| fail("configuring", e));
+        }
+        if let Err(e) = server.start(0) {
+            panic!(
+                "starting cluster {name:?} failed: {e}\n--- tail of server log {} ---\n{}",
+                server.log_file().display(),
+                server.log_tail(40).join("\n")
             );
         }
-        let cluster = cluster.start_on_free_port();
         eprintln!(
             "[support] cluster {:?} started on 127.0.0.1:{} in {:.2?} (dir {})",
             cluster.name,
@@ -266,12 +257,17 @@ impl Cluster {
     /// when root), e.g. `&["restart", "-m", "fast"]`. Panics on failure with
     /// pg_ctl's output and the tail of the server log.
     pub fn pg_ctl(&self, args: &[&str]) {
-        if let Err(msg) = self.try_pg_ctl(args) {
-            panic!("{msg}");
+        let mut all = args.to_vec();
+        all.extend(["-w", "-t", "60"]);
+        if let Err(e) = self.server.pg_ctl(&all) {
+            panic!(
+                "{e}\n--- tail of server log {} ---\n{}",
+                self.log_file().display(),
+                self.log_tail(40).join("\n")
+            );
         }
     }
 
-    /// Contents of the server log file (empty if it doesn't exist yet).
     /// Runs a client program of this cluster's installation (pg_dump, pg_restore, ...) against
     /// `db` over TCP with the test password, ignoring any libpq settings of the environment;
     /// returns its stdout, panicking with its stderr when it fails.
@@ -306,36 +302,6 @@ impl Cluster {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    pub fn server_log(&self) -> String {
-        match fs::read(self.log_file()) {
-            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
-            Err(_) => String::new(),
-        }
-    }
-
-    // ----- internals -------------------------------------------------------
-
-    fn log_file(&self) -> PathBuf {
-        self.dir.join("server.log")
-    }
-
-    /// A command for a server-side tool in `bindir`, run as the `postgres`
-    /// OS user when we are root.
-    fn server_tool(&self, tool: &str) -> Command {
-        let exe = self.bindir.join(tool);
-        let mut cmd = if is_root() {
-            let mut c = Command::new("runuser");
-            c.arg("-u").arg(OS_USER).arg("--").arg(exe);
-            c
-        } else {
-            Command::new(exe)
-        };
-        // A directory the server user can enter, so tools don't warn about
-        // being unable to chdir back to the caller's cwd.
-        cmd.current_dir(&self.dir).stdin(Stdio::null());
-        cmd
-    }
-
     pub(crate) fn psql_command(&self, db: &str) -> Command {
         let mut cmd = Command::new(self.tools_bindir.join("psql"));
         cmd.arg("-X")
@@ -359,171 +325,7 @@ impl Cluster {
             conninfo_quote(db)
         )
     }
-
-    fn initdb(&self) {
-        let pwfile = self.dir.join("pwfile");
-        {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&pwfile)
-                .unwrap_or_else(|e| panic!("creating {}: {e}", pwfile.display()));
-            writeln!(f, "{PASSWORD}").expect("writing password file");
-        }
-        if is_root() {
-            chown_to_os_user(&pwfile);
-        }
-        let mut cmd = self.server_tool("initdb");
-        cmd.arg("-D")
-            .arg(&self.data_dir)
-            .arg("-U")
-            .arg(SUPERUSER)
-            .arg("--auth-local=trust")
-            .arg("--auth-host=scram-sha-256")
-            .arg(format!("--pwfile={}", pwfile.display()))
-            .arg("-E")
-            .arg("UTF8")
-            .arg("--locale=C")
-            .arg("--no-sync");
-        if self.major >= 14 {
-            // 14+ only; older initdbs refuse the option.
-            cmd.arg("--no-instructions");
-        }
-        let out = run(&mut cmd, "initdb");
-        let _ = fs::remove_file(&pwfile);
-        if !out.status.success() {
-            panic!(
-                "initdb for cluster {:?} failed ({}):\n--- stdout ---\n{}\n--- stderr ---\n{}",
-                self.name,
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-    }
-
-    /// Appends the test settings to postgresql.conf and makes sure pg_hba.conf
-    /// allows password (SCRAM) connections, normal and replication, from
-    /// 127.0.0.1.
-    fn configure(&self) {
-        let conf = format!(
-            "\n# --- added by pgferry's test support ---\n\
-             include_if_exists = '{port_conf}'\n\
-             listen_addresses = '127.0.0.1'\n\
-             unix_socket_directories = '{socket_dir}'\n\
-             wal_level = logical\n\
-             max_replication_slots = 32\n\
-             max_wal_senders = 32\n\
-             fsync = off\n\
-             synchronous_commit = off\n\
-             full_page_writes = off\n\
-             shared_buffers = 128MB\n\
-             max_connections = 200\n\
-             log_min_messages = warning\n",
-            port_conf = PORT_CONF,
-            socket_dir = conf_quote(&self.dir.display().to_string()),
-        );
-        append(&self.data_dir.join("postgresql.conf"), &conf);
-
-        let hba_path = self.data_dir.join("pg_hba.conf");
-        let hba = fs::read_to_string(&hba_path)
-            .unwrap_or_else(|e| panic!("reading {}: {e}", hba_path.display()));
-        let mut missing = String::new();
-        for wanted in [
-            "host all all 127.0.0.1/32 scram-sha-256",
-            "host replication all 127.0.0.1/32 scram-sha-256",
-        ] {
-            let present = hba.lines().any(|line| {
-                let line = line.split('#').next().unwrap_or("");
-                line.split_whitespace().collect::<Vec<_>>().join(" ") == wanted
-            });
-            if !present {
-                missing.push_str(wanted);
-                missing.push('\n');
-            }
-        }
-        if !missing.is_empty() {
-            append(
-                &hba_path,
-                &format!("\n# added by pgferry's test support\n{missing}"),
-            );
-        }
-    }
-
-    /// Picks a free port, writes it to the port include file and starts the
-    /// server; retries with another port if the chosen one got taken.
-    fn start_on_free_port(mut self) -> Cluster {
-        for attempt in 1..=START_ATTEMPTS {
-            self.port = free_port();
-            let port_conf = self.data_dir.join(PORT_CONF);
-            fs::write(&port_conf, format!("port = {}\n", self.port))
-                .unwrap_or_else(|e| panic!("writing {}: {e}", port_conf.display()));
-            if is_root() {
-                chown_to_os_user(&port_conf);
-            }
-            let log_before = self.server_log().len();
-            match self.try_pg_ctl(&["start"]) {
-                Ok(()) => return self,
-                Err(msg) => {
-                    let log = self.server_log();
-                    let new_log = log.get(log_before..).unwrap_or(&log);
-                    let port_taken = new_log.contains("Address already in use")
-                        || new_log.contains("could not bind")
-                        || new_log.contains("could not create any TCP/IP sockets");
-                    if port_taken && attempt < START_ATTEMPTS {
-                        eprintln!(
-                            "[support] cluster {:?}: port {} was taken, retrying on another port",
-                            self.name, self.port
-                        );
-                        continue;
-                    }
-                    panic!("starting cluster {:?} failed: {msg}", self.name);
-                }
-            }
-        }
-        unreachable!("the last start attempt either returns or panics")
-    }
-
-    fn try_pg_ctl(&self, args: &[&str]) -> Result<(), String> {
-        // pg_ctl's output goes to a file, never to our (cargo's) pipes: the
-        // postmaster it forks must not hold them open.
-        let out_path = self.dir.join("pg_ctl.out");
-        let out_file = File::create(&out_path)
-            .unwrap_or_else(|e| panic!("creating {}: {e}", out_path.display()));
-        let err_file = out_file.try_clone().expect("cloning pg_ctl output file");
-        let mut cmd = self.server_tool("pg_ctl");
-        cmd.arg("-D")
-            .arg(&self.data_dir)
-            .arg("-l")
-            .arg(self.log_file())
-            .args(args)
-            .arg("-w")
-            .arg("-t")
-            .arg("60")
-            .stdout(Stdio::from(out_file))
-            .stderr(Stdio::from(err_file));
-        let status = cmd
-            .status()
-            .unwrap_or_else(|e| panic!("running pg_ctl for cluster {:?}: {e}", self.name));
-        if status.success() {
-            return Ok(());
-        }
-        let output = fs::read_to_string(&out_path).unwrap_or_default();
-        Err(format!(
-            "`pg_ctl {}` on cluster {:?} (port {}) failed ({status}):\n{}\n--- tail of server log {} ---\n{}",
-            args.join(" "),
-            self.name,
-            self.port,
-            output.trim_end(),
-            self.log_file().display(),
-            tail(&self.server_log(), 40)
-        ))
-    }
 }
-
-/// Name of the file (inside the data dir) holding `port = N`.
-const PORT_CONF: &str = "pgferry_test_port.conf";
 
 /// The shared source+target pair for this test binary, started lazily (both
 /// clusters in parallel) on first use. Safe to call from many threads; if
@@ -674,82 +476,14 @@ pub fn row_digest(cluster: &Cluster, db: &str, table: &str) -> String {
 
 // ----- helpers --------------------------------------------------------------
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// uid/gid of the `postgres` OS user (only needed when running as root).
-fn os_user_ids() -> (u32, u32) {
-    static IDS: OnceLock<(u32, u32)> = OnceLock::new();
-    *IDS.get_or_init(|| {
-        let name = CString::new(OS_USER).expect("user name has no NUL");
-        // SAFETY: `name` is a valid C string; the returned record is read
-        // immediately, and the OnceLock serializes calls from this module.
-        let pw = unsafe { libc::getpwnam(name.as_ptr()) };
-        if pw.is_null() {
-            panic!(
-                "running as root, but there is no `{OS_USER}` OS user to run PostgreSQL as \
-                 (PostgreSQL refuses to run as root). Install the server with \
-                 `apt-get install -y postgresql`, which creates that user."
-            );
-        }
-        // SAFETY: checked non-null above.
-        unsafe { ((*pw).pw_uid, (*pw).pw_gid) }
-    })
-}
-
-fn chown_to_os_user(path: &Path) {
-    let (uid, gid) = os_user_ids();
-    std::os::unix::fs::chown(path, Some(uid), Some(gid))
-        .unwrap_or_else(|e| panic!("chown {} to {OS_USER}: {e}", path.display()));
-}
-
-/// `pg_config --bindir` if it has initdb, else the highest-versioned
-/// `/usr/lib/postgresql/*/bin`.
+/// The server binaries the library's launcher finds ([`launcher::find_bindir`]: `PGFERRY_PG_BINDIR`,
+/// `pg_config --bindir`, the newest `/usr/lib/postgresql/*/bin`, ...), found once.
 pub fn find_bindir() -> PathBuf {
     static BINDIR: OnceLock<PathBuf> = OnceLock::new();
     BINDIR
         .get_or_init(|| {
-            let has_server = |dir: &Path| {
-                dir.join("initdb").is_file()
-                    && dir.join("pg_ctl").is_file()
-                    && dir.join("postgres").is_file()
-            };
-            if let Ok(out) = Command::new("pg_config")
-                .arg("--bindir")
-                .stdin(Stdio::null())
-                .output()
-                && out.status.success()
-            {
-                let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-                if has_server(&dir) {
-                    return dir;
-                }
-            }
-            let mut best: Option<(Vec<u64>, PathBuf)> = None;
-            if let Ok(entries) = fs::read_dir("/usr/lib/postgresql") {
-                for entry in entries.flatten() {
-                    let version: Vec<u64> = entry
-                        .file_name()
-                        .to_string_lossy()
-                        .split('.')
-                        .map(|part| part.parse().unwrap_or(0))
-                        .collect();
-                    let bin = entry.path().join("bin");
-                    if has_server(&bin) && best.as_ref().is_none_or(|(v, _)| version > *v) {
-                        best = Some((version, bin));
-                    }
-                }
-            }
-            match best {
-                Some((_, bin)) => bin,
-                None => panic!(
-                    "no PostgreSQL server binaries found (neither `pg_config --bindir` nor \
-                     /usr/lib/postgresql/*/bin has initdb, pg_ctl and postgres). \
-                     Install them with: apt-get install -y postgresql"
-                ),
-            }
+            launcher::find_bindir()
+                .unwrap_or_else(|e| panic!("{e}. Install them with: apt-get install -y postgresql"))
         })
         .clone()
 }
@@ -765,11 +499,7 @@ pub fn versions_dir() -> PathBuf {
 /// `<versions_dir>/<major>/bin`, else `/usr/lib/postgresql/<major>/bin`. `None` after a loud
 /// SKIPPED line when none has the server; under `CI=true` a panic with the install command.
 pub fn version_bindir(major: u32) -> Option<PathBuf> {
-    let has_server = |dir: &Path| {
-        dir.join("initdb").is_file()
-            && dir.join("pg_ctl").is_file()
-            && dir.join("postgres").is_file()
-    };
+    let has_server = |dir: &Path| launcher::has_server(dir);
     let mut candidates = Vec::new();
     if let Some(dir) = std::env::var_os(format!("PGFERRY_PG{major}_BINDIR")) {
         candidates.push(PathBuf::from(dir));
@@ -799,22 +529,6 @@ pub fn version_bindir(major: u32) -> Option<PathBuf> {
         ),
     );
     None
-}
-
-/// The major version `postgres --version` in `bindir` reports.
-fn server_major(bindir: &Path) -> u32 {
-    let exe = bindir.join("postgres");
-    let out = Command::new(&exe)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("running {} --version: {e}", exe.display()));
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.split_whitespace()
-        .last()
-        .and_then(|v| v.split('.').next())
-        .and_then(|m| m.parse().ok())
-        .unwrap_or_else(|| panic!("cannot read the version of {}: {text:?}", exe.display()))
 }
 
 /// The client programs of the newest installation that has psql and pg_dump: the version
@@ -855,47 +569,10 @@ pub fn newest_tools_bindir() -> PathBuf {
     .clone()
 }
 
-/// Creates a fresh directory under /tmp (which the `postgres` user can
-/// traverse) for one cluster.
-fn make_temp_root(name: &str) -> PathBuf {
-    let base = Path::new("/tmp");
-    let label = match sanitize(name) {
-        s if s.is_empty() => "cluster".to_string(),
-        mut s => {
-            s.truncate(20);
-            s
-        }
-    };
-    for _ in 0..100 {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let n = DIR_COUNTER.fetch_add(1, Ordering::SeqCst);
-        let dir = base.join(format!(
-            "pgferry-test-{label}-{}-{n}-{nanos:08x}",
-            std::process::id()
-        ));
-        match fs::create_dir(&dir) {
-            Ok(()) => {
-                fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
-                    .unwrap_or_else(|e| panic!("chmod {}: {e}", dir.display()));
-                return dir;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => panic!("creating {}: {e}", dir.display()),
-        }
-    }
-    panic!(
-        "could not create a unique directory under {}",
-        base.display()
-    );
-}
-
 /// Starts a detached shell loop (own session, stdio on /dev/null) that waits
 /// for this process to disappear, then stops the cluster and deletes `dir`.
 fn spawn_reaper(bindir: &Path, dir: &Path, data_dir: &Path) {
-    let as_server_user = if is_root() {
+    let as_server_user = if launcher::is_root() {
         format!("runuser -u {OS_USER} -- ")
     } else {
         String::new()
@@ -937,22 +614,6 @@ fn spawn_reaper(bindir: &Path, dir: &Path, data_dir: &Path) {
 fn run(cmd: &mut Command, what: &str) -> Output {
     cmd.output()
         .unwrap_or_else(|e| panic!("could not run {what} ({cmd:?}): {e}"))
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("finding a free port on 127.0.0.1: {e}"))
-}
-
-fn append(path: &Path, text: &str) {
-    let mut f = OpenOptions::new()
-        .append(true)
-        .open(path)
-        .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
-    f.write_all(text.as_bytes())
-        .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
 }
 
 /// Drops libpq environment variables that could redirect or alter psql's
@@ -1008,18 +669,8 @@ fn conninfo_quote(s: &str) -> String {
     format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
-/// Escapes a value for a single-quoted postgresql.conf string.
-fn conf_quote(s: &str) -> String {
-    s.replace('\'', "''")
-}
-
 fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {

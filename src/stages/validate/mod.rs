@@ -35,7 +35,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Env, Stage, StageContext};
 use crate::error::{Error, Result};
-use crate::pg::catalog;
 use crate::plan::StageKind;
 use crate::plan::raw::ValidateOptions;
 use crate::plan::{Database, StageOptions};
@@ -644,9 +643,7 @@ async fn compare_sequences(env: &Env, db: &Database) -> Result<(usize, Vec<Misma
         .connect("validate sequences")
         .await
         .map_err(|e| e.context("source"))?;
-    let all = catalog::tables(&source, &env.plan.state.schema).await?;
-    let selection = Selection::new(&db.tables, &db.exclude);
-    let selected = catalog::select(&all, &selection);
+    let selected = env.selected_tables(&source, db).await?;
     let sequences = sequences_of(&source, &selected).await?;
     if sequences.is_empty() {
         return Ok((0, Vec::new()));

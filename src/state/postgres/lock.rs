@@ -7,35 +7,7 @@ use tokio_postgres::Client;
 
 use super::PgStore;
 use crate::error::{Error, Result};
-
-/// Who holds a migration's runner lock.
-#[derive(Debug, Clone)]
-pub struct LockHolder {
-    pub host: Option<String>,
-    pub pid: Option<i32>,
-    pub since: Option<String>,
-    pub backend_pid: i32,
-    pub application: String,
-}
-
-impl std::fmt::Display for LockHolder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match (&self.host, self.pid) {
-            (Some(h), Some(p)) => write!(f, "pgferry on host {h}, pid {p}")?,
-            _ => write!(f, "session `{}`", self.application)?,
-        }
-        if let Some(s) = &self.since {
-            write!(f, ", since {s}")?;
-        }
-        write!(f, " (server backend pid {})", self.backend_pid)
-    }
-}
-
-/// The runner lock: held for as long as this value (and its dedicated session) lives. A killed runner
-/// loses it with its connection.
-pub struct RunnerLock {
-    _client: Client,
-}
+use crate::state::lock::{LockHolder, RunnerLock, hostname};
 
 impl PgStore {
     /// The advisory lock key of a migration.
@@ -47,7 +19,9 @@ impl PgStore {
     }
 
     /// Takes the runner lock on a session of its own, or says who holds it.
-    pub async fn acquire_runner_lock(&self) -> Result<std::result::Result<RunnerLock, LockHolder>> {
+    pub(super) async fn try_runner_lock(
+        &self,
+    ) -> Result<std::result::Result<RunnerLock, LockHolder>> {
         let host = hostname();
         let pid = std::process::id();
         // The stem, not the name itself: `application_name` keeps ASCII only (and 63 bytes), and
@@ -68,7 +42,7 @@ impl PgStore {
             .map_err(|e| Error::pg(&e, "taking the runner lock"))?
             .get(0);
         if got {
-            return Ok(Ok(RunnerLock { _client: client }));
+            return Ok(Ok(RunnerLock::new(client)));
         }
         Ok(Err(self.lock_holder(&client, key).await?.unwrap_or(
             LockHolder {
@@ -82,7 +56,7 @@ impl PgStore {
     }
 
     /// Who holds the runner lock right now, if anyone.
-    pub async fn runner(&self) -> Result<Option<LockHolder>> {
+    pub(super) async fn runner_holder(&self) -> Result<Option<LockHolder>> {
         let client = self.client().await?;
         self.lock_holder(&client, self.lock_key()).await
     }
@@ -118,13 +92,4 @@ impl PgStore {
             application,
         }))
     }
-}
-
-pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .ok()
-        .filter(|s| !s.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "unknown".into())
 }

@@ -13,7 +13,10 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 use tokio_postgres::Client;
 
-use super::{LagSample, StageRecord, StageState, StateStore, TableProgress, TableState, Timestamp};
+use super::{
+    CREATED_DATABASE_KEY, LagSample, LockHolder, MODE_KEY, RUN_STAGE, RunnerLock, STORE_STAGE,
+    StageRecord, StageState, StateStore, TableProgress, TableState, Timestamp, hostname,
+};
 use crate::error::{Error, Result};
 use crate::pg::connect::ConnInfo;
 use crate::pg::ident::{quote_ident, quote_literal};
@@ -24,14 +27,8 @@ mod migrations;
 mod runs;
 
 pub use crate::state::{KeptReport, RunRecord};
-pub use lock::{LockHolder, RunnerLock, hostname};
 use migrations::{ensure_database, migrate};
 
-const STORE_STAGE: &str = "(store)";
-const CREATED_DATABASE_KEY: &str = "created_database";
-/// The pseudo-stage of what the migration's checkpoints belong to (`run` or `rehearsal`).
-const RUN_STAGE: &str = "(run)";
-const MODE_KEY: &str = "mode";
 /// What `reset` keeps of a migration.
 const KEPT_TABLES: &[&str] = &["runs", "reports", "samples"];
 
@@ -106,98 +103,12 @@ impl PgStore {
         Ok(store)
     }
 
-    /// Brings an existing store up to the current version (`open` does not).
-    pub async fn upgrade(&self) -> Result<()> {
-        let client = self.client().await?;
-        migrate(&client, &self.schema)
-            .await
-            .map_err(|e| e.context("checkpoint store"))
+    pub fn conn_info(&self) -> &ConnInfo {
+        &self.conn
     }
 
-    /// The database this store created on first use (its own), as `(server, database)`.
-    pub async fn created_database(&self) -> Result<Option<(String, String)>> {
-        let v = self.checkpoint(STORE_STAGE, CREATED_DATABASE_KEY).await?;
-        let field = |k: &str| {
-            v.as_ref()
-                .and_then(|v| v.get(k))
-                .and_then(serde_json::Value::as_str)
-                .map(str::to_string)
-        };
-        Ok(field("server").zip(field("database")))
-    }
-
-    /// What the stage states and checkpoints of this migration belong to: `run` or `rehearsal`
-    /// (`None`: nothing recorded; a store from before rehearsals holding stages counts as `run`).
-    pub async fn checkpoints_mode(&self) -> Result<Option<String>> {
-        let v = self.checkpoint(RUN_STAGE, MODE_KEY).await?;
-        if let Some(m) = v
-            .as_ref()
-            .and_then(|v| v.get("mode"))
-            .and_then(serde_json::Value::as_str)
-        {
-            return Ok(Some(m.to_string()));
-        }
-        Ok((!self.stages().await?.is_empty()).then(|| "run".to_string()))
-    }
-
-    /// Records the mode of a run: in the run log (`runs.mode`) and as the mode of the checkpoints.
-    pub async fn set_run_mode(&self, run: i64, mode: &str) -> Result<()> {
-        let client = self.client().await?;
-        let sql = format!("UPDATE {} SET mode = $2 WHERE id = $1", self.t("runs"));
-        client
-            .execute(&sql, &[&run, &mode])
-            .await
-            .map_err(|e| Error::pg(&e, "recording the mode of the run"))?;
-        self.put_checkpoint(
-            RUN_STAGE,
-            MODE_KEY,
-            &serde_json::json!({ "mode": mode, "run_id": run }),
-        )
-        .await
-    }
-
-    /// What `reset` keeps of this migration (runs, reports, cdc lag samples), as JSON rows.
-    pub async fn kept_rows(&self) -> Result<serde_json::Value> {
-        let client = self.client().await?;
-        let mut out = serde_json::Map::new();
-        for t in KEPT_TABLES {
-            let sql = format!(
-                "SELECT coalesce(jsonb_agg(to_jsonb(r)), '[]'::jsonb) FROM {} r WHERE migration = $1",
-                self.t(t)
-            );
-            let rows: serde_json::Value = client
-                .query_one(&sql, &[&self.migration])
-                .await
-                .map_err(|e| Error::pg(&e, format!("reading the {t} to keep")))?
-                .get(0);
-            out.insert(t.to_string(), rows);
-        }
-        Ok(serde_json::Value::Object(out))
-    }
-
-    /// Puts back what [`PgStore::kept_rows`] read (into a store created again by `reset`).
-    pub async fn restore_kept(&self, kept: &serde_json::Value) -> Result<()> {
-        let client = self.client().await?;
-        for t in KEPT_TABLES {
-            let Some(rows) = kept.get(*t) else { continue };
-            let sql = format!(
-                "INSERT INTO {t} SELECT * FROM jsonb_populate_recordset(NULL::{t}, $1) ON CONFLICT DO NOTHING",
-                t = self.t(t)
-            );
-            client
-                .execute(&sql, &[rows])
-                .await
-                .map_err(|e| Error::pg(&e, format!("restoring the kept {t}")))?;
-        }
-        let sql = format!(
-            "SELECT setval(pg_get_serial_sequence($1, 'id'), greatest((SELECT max(id) FROM {}), 1))",
-            self.t("runs")
-        );
-        client
-            .execute(&sql, &[&self.t("runs")])
-            .await
-            .map_err(|e| Error::pg(&e, "restoring the run ids"))?;
-        Ok(())
+    pub fn schema(&self) -> &str {
+        &self.schema
     }
 
     fn with_client(conn: ConnInfo, schema: &str, migration: &str, client: Client) -> PgStore {
@@ -208,18 +119,6 @@ impl PgStore {
             client: Mutex::new(Arc::new(client)),
             run: std::sync::atomic::AtomicI64::new(0),
         }
-    }
-
-    pub fn describe(&self) -> String {
-        format!("{} (schema {})", self.conn.describe(), self.schema)
-    }
-
-    pub fn conn_info(&self) -> &ConnInfo {
-        &self.conn
-    }
-
-    pub fn schema(&self) -> &str {
-        &self.schema
     }
 
     /// A live client, reconnecting when the previous session was lost.
@@ -266,51 +165,6 @@ impl PgStore {
             .await
             .map_err(|e| Error::pg(&e, "updating counters"))?;
         Ok(())
-    }
-
-    /// Removes this migration's stage states, checkpoints, progress, counters, positions,
-    /// artifacts, run log and requests: everything but its runs, reports and cdc lag samples (kept
-    /// so rehearsals can be compared) and the record of the database the store created.
-    pub async fn forget_migration(&self) -> Result<()> {
-        let client = self.client().await?;
-        let m = quote_literal(&self.migration);
-        let mut sql = String::from("BEGIN;");
-        for t in [
-            "stages",
-            "tables",
-            "counters",
-            "positions",
-            "artifacts",
-            "events",
-            "requests",
-        ] {
-            sql.push_str(&format!("DELETE FROM {} WHERE migration = {m};", self.t(t)));
-        }
-        sql.push_str(&format!(
-            "DELETE FROM {} WHERE migration = {m} AND stage <> {};",
-            self.t("checkpoints"),
-            quote_literal(STORE_STAGE)
-        ));
-        sql.push_str("COMMIT;");
-        client
-            .batch_execute(&sql)
-            .await
-            .map_err(|e| Error::pg(&e, "removing the migration's checkpoints"))?;
-        Ok(())
-    }
-
-    /// Other migrations kept in the same store.
-    pub async fn other_migrations(&self) -> Result<Vec<String>> {
-        let client = self.client().await?;
-        let sql = format!(
-            "SELECT DISTINCT migration FROM {} WHERE migration <> $1 ORDER BY 1",
-            self.t("runs")
-        );
-        let rows = client
-            .query(&sql, &[&self.migration])
-            .await
-            .map_err(|e| Error::pg(&e, "reading the checkpoint store"))?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 }
 
@@ -818,5 +672,134 @@ impl StateStore for PgStore {
         limit: i64,
     ) -> Result<Vec<KeptReport>> {
         self.select_reports(run, mode, limit).await
+    }
+
+    fn describe(&self) -> String {
+        format!("{} (schema {})", self.conn.describe(), self.schema)
+    }
+
+    fn home(&self) -> Option<(String, String)> {
+        Some((self.conn.server_key(), self.conn.dbname().to_string()))
+    }
+
+    async fn acquire_runner_lock(&self) -> Result<std::result::Result<RunnerLock, LockHolder>> {
+        self.try_runner_lock().await
+    }
+
+    async fn runner(&self) -> Result<Option<LockHolder>> {
+        self.runner_holder().await
+    }
+
+    /// Brings an existing store up to the current version (`open` does not).
+    async fn upgrade(&self) -> Result<()> {
+        let client = self.client().await?;
+        migrate(&client, &self.schema)
+            .await
+            .map_err(|e| e.context("checkpoint store"))
+    }
+
+    /// Records the mode of a run: in the run log (`runs.mode`) and as the mode of the checkpoints.
+    async fn set_run_mode(&self, run: i64, mode: &str) -> Result<()> {
+        let client = self.client().await?;
+        let sql = format!("UPDATE {} SET mode = $2 WHERE id = $1", self.t("runs"));
+        client
+            .execute(&sql, &[&run, &mode])
+            .await
+            .map_err(|e| Error::pg(&e, "recording the mode of the run"))?;
+        self.put_checkpoint(
+            RUN_STAGE,
+            MODE_KEY,
+            &serde_json::json!({ "mode": mode, "run_id": run }),
+        )
+        .await
+    }
+
+    /// What `reset` keeps of this migration (runs, reports, cdc lag samples), as JSON rows.
+    async fn kept_rows(&self) -> Result<serde_json::Value> {
+        let client = self.client().await?;
+        let mut out = serde_json::Map::new();
+        for t in KEPT_TABLES {
+            let sql = format!(
+                "SELECT coalesce(jsonb_agg(to_jsonb(r)), '[]'::jsonb) FROM {} r WHERE migration = $1",
+                self.t(t)
+            );
+            let rows: serde_json::Value = client
+                .query_one(&sql, &[&self.migration])
+                .await
+                .map_err(|e| Error::pg(&e, format!("reading the {t} to keep")))?
+                .get(0);
+            out.insert(t.to_string(), rows);
+        }
+        Ok(serde_json::Value::Object(out))
+    }
+
+    /// Puts back what [`PgStore::kept_rows`] read (into a store created again by `reset`).
+    async fn restore_kept(&self, kept: &serde_json::Value) -> Result<()> {
+        let client = self.client().await?;
+        for t in KEPT_TABLES {
+            let Some(rows) = kept.get(*t) else { continue };
+            let sql = format!(
+                "INSERT INTO {t} SELECT * FROM jsonb_populate_recordset(NULL::{t}, $1) ON CONFLICT DO NOTHING",
+                t = self.t(t)
+            );
+            client
+                .execute(&sql, &[rows])
+                .await
+                .map_err(|e| Error::pg(&e, format!("restoring the kept {t}")))?;
+        }
+        let sql = format!(
+            "SELECT setval(pg_get_serial_sequence($1, 'id'), greatest((SELECT max(id) FROM {}), 1))",
+            self.t("runs")
+        );
+        client
+            .execute(&sql, &[&self.t("runs")])
+            .await
+            .map_err(|e| Error::pg(&e, "restoring the run ids"))?;
+        Ok(())
+    }
+
+    /// Removes this migration's stage states, checkpoints, progress, counters, positions,
+    /// artifacts, run log and requests: everything but its runs, reports and cdc lag samples (kept
+    /// so rehearsals can be compared) and the record of the database the store created.
+    async fn forget_migration(&self) -> Result<()> {
+        let client = self.client().await?;
+        let m = quote_literal(&self.migration);
+        let mut sql = String::from("BEGIN;");
+        for t in [
+            "stages",
+            "tables",
+            "counters",
+            "positions",
+            "artifacts",
+            "events",
+            "requests",
+        ] {
+            sql.push_str(&format!("DELETE FROM {} WHERE migration = {m};", self.t(t)));
+        }
+        sql.push_str(&format!(
+            "DELETE FROM {} WHERE migration = {m} AND stage <> {};",
+            self.t("checkpoints"),
+            quote_literal(STORE_STAGE)
+        ));
+        sql.push_str("COMMIT;");
+        client
+            .batch_execute(&sql)
+            .await
+            .map_err(|e| Error::pg(&e, "removing the migration's checkpoints"))?;
+        Ok(())
+    }
+
+    /// Other migrations kept in the same store.
+    async fn other_migrations(&self) -> Result<Vec<String>> {
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT DISTINCT migration FROM {} WHERE migration <> $1 ORDER BY 1",
+            self.t("runs")
+        );
+        let rows = client
+            .query(&sql, &[&self.migration])
+            .await
+            .map_err(|e| Error::pg(&e, "reading the checkpoint store"))?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 }
