@@ -5,6 +5,9 @@
 //!   replication (`CREATE SUBSCRIPTION ... WITH (copy_data = false)`, disabled during the backlog);
 //!   prints both times and native / pgferry (target >= 1.5). All three databases are compared
 //!   afterwards.
+//! - `drain-pagila`: the same with a backlog of Pagila writer transactions (a rental and its
+//!   payment, a customer update, an actor update, a film_actor row deleted and put back: the soak
+//!   benchmark's transaction), every table of Pagila published.
 //! - `bigtx`: one source transaction of `--rows` rows applied by a running cdc stage; samples the
 //!   runner's RSS every 50 ms (target: peak < 200 MB).
 //! - `cutover`: Pagila with a concurrent writer, auto cutover with `fence = "read_only"`; the write
@@ -14,6 +17,7 @@
 //!
 //! ```sh
 //! cargo bench --bench cdc -- drain --scale 10 --tx 200000 --clients 4 --repeat 2
+//! cargo bench --bench cdc -- drain-pagila --tx 20000 --repeat 2
 //! cargo bench --bench cdc -- bigtx --rows 1000000
 //! cargo bench --bench cdc -- cutover --rate 200
 //! cargo bench --bench cdc -- cutover-managed --rate 200
@@ -70,7 +74,9 @@ fn args() -> Args {
             "--rows" => a.rows = num(a.rows),
             "--rate" => a.rate = num(a.rate).max(1),
             "--wal-sender-timeout" => a.wal_sender_timeout = it.next(),
-            "drain" | "bigtx" | "cutover" | "cutover-managed" | "all" => a.what = x,
+            "drain" | "drain-pagila" | "bigtx" | "cutover" | "cutover-managed" | "all" => {
+                a.what = x
+            }
             _ => {}
         }
     }
@@ -243,7 +249,44 @@ fn pgbench(src: &Cluster, db: &str, args: &[&str]) -> Duration {
     )
 }
 
-fn drain_round(a: &Args, p: &Pair, src: &str, round: u32) -> DrainRound {
+/// What the drain's backlog is made of.
+#[derive(Clone, Copy, PartialEq)]
+enum Workload {
+    /// `pgbench -n -c N -j 2 -t T/N` (TPC-B-like) on `pgbench -i -s scale`.
+    Pgbench,
+    /// The soak benchmark's Pagila transaction, `--tx` times from one session.
+    Pagila,
+}
+
+/// `--tx` Pagila writer transactions in one session (a DO block committing each): the soak
+/// benchmark's five statements, with keys drawn at random.
+fn pagila_backlog(src: &Cluster, db: &str, tx: u32) -> Duration {
+    let t = Instant::now();
+    src.psql(
+        db,
+        &format!(
+            "DO $$ DECLARE inv int; cust int; act int; fil int; BEGIN \
+               FOR i IN 1..{tx} LOOP \
+                 inv := 1 + floor(random() * 4581)::int; cust := 1 + floor(random() * 599)::int; \
+                 act := 1 + floor(random() * 200)::int; fil := 1 + floor(random() * 1000)::int; \
+                 WITH r AS (INSERT INTO public.rental (rental_date, inventory_id, customer_id, staff_id) \
+                   VALUES (clock_timestamp(), inv, cust, 1) RETURNING rental_id, customer_id) \
+                 INSERT INTO public.payment (customer_id, staff_id, rental_id, amount, payment_date) \
+                   SELECT customer_id, 1, rental_id, 4.99, timestamptz '2022-07-20 00:00+00' FROM r; \
+                 UPDATE public.customer SET email = 'drain_' || i || '@example.org' WHERE customer_id = cust; \
+                 UPDATE public.actor SET last_update = now() WHERE actor_id = act; \
+                 WITH d AS (DELETE FROM public.film_actor WHERE actor_id = act AND film_id = \
+                   (SELECT min(film_id) FROM public.film_actor WHERE actor_id = act AND film_id >= fil) \
+                   RETURNING actor_id, film_id) \
+                 INSERT INTO public.film_actor (actor_id, film_id) SELECT actor_id, film_id FROM d; \
+                 COMMIT; \
+               END LOOP; END $$"
+        ),
+    );
+    t.elapsed()
+}
+
+fn drain_round(a: &Args, p: &Pair, src: &str, round: u32, w: Workload) -> DrainRound {
     let migration = format!("cdcdrain{round}");
     let tf = "drain_ferry";
     let tn = "drain_native";
@@ -275,9 +318,17 @@ fn drain_round(a: &Args, p: &Pair, src: &str, round: u32) -> DrainRound {
         "[bench]   native target by pg_dump | psql: {:.1}s",
         d.as_secs_f64()
     );
+    let tables: Vec<String> = match w {
+        Workload::Pgbench => PGBENCH_TABLES.split(", ").map(str::to_string).collect(),
+        Workload::Pagila => user_tables(&p.source, src),
+    };
+    let published = match w {
+        Workload::Pgbench => format!("TABLE {PGBENCH_TABLES}"),
+        Workload::Pagila => "ALL TABLES".to_string(),
+    };
     p.source.psql(
         src,
-        &format!("DROP PUBLICATION IF EXISTS bench_native; CREATE PUBLICATION bench_native FOR TABLE {PGBENCH_TABLES}"),
+        &format!("DROP PUBLICATION IF EXISTS bench_native; CREATE PUBLICATION bench_native FOR {published}"),
     );
     p.target.psql(
         tn,
@@ -313,24 +364,28 @@ fn drain_round(a: &Args, p: &Pair, src: &str, round: u32) -> DrainRound {
     // One backlog for both.
     let per_client = (a.tx / a.clients).max(1);
     let total = per_client * a.clients;
-    let d = pgbench(
-        &p.source,
-        src,
-        &[
-            "-n",
-            "-c",
-            &a.clients.to_string(),
-            "-j",
-            "2",
-            "-t",
-            &per_client.to_string(),
-        ],
-    );
+    let d = match w {
+        Workload::Pgbench => pgbench(
+            &p.source,
+            src,
+            &[
+                "-n",
+                "-c",
+                &a.clients.to_string(),
+                "-j",
+                "2",
+                "-t",
+                &per_client.to_string(),
+            ],
+        ),
+        Workload::Pagila => pagila_backlog(&p.source, src, total),
+    };
     // The insert position: with synchronous_commit = off (the harness's setting) acknowledged
     // commits can lie beyond pg_current_wal_lsn(), the write position.
     let l = sdb.one("SELECT pg_current_wal_insert_lsn()");
     eprintln!(
-        "[bench]   backlog: {total} pgbench transactions in {:.1}s ({:.0} tx/s), source at {l}; retained WAL: {}",
+        "[bench]   backlog: {total} {} transactions in {:.1}s ({:.0} tx/s), source at {l}; retained WAL: {}",
+        w.name(),
         d.as_secs_f64(),
         f64::from(total) / d.as_secs_f64(),
         sdb.one(&format!(
@@ -455,7 +510,7 @@ fn drain_round(a: &Args, p: &Pair, src: &str, round: u32) -> DrainRound {
     }
 
     // Both targets must equal the source.
-    for table in PGBENCH_TABLES.split(", ") {
+    for table in &tables {
         let s = hash_digest(&p.source, src, table);
         let f = hash_digest(&p.target, tf, table);
         let n = hash_digest(&p.target, tn, table);
@@ -483,31 +538,55 @@ fn drain_round(a: &Args, p: &Pair, src: &str, round: u32) -> DrainRound {
     }
 }
 
-fn drain(a: &Args) {
+impl Workload {
+    fn name(self) -> &'static str {
+        match self {
+            Workload::Pgbench => "pgbench (TPC-B-like)",
+            Workload::Pagila => "Pagila writer",
+        }
+    }
+}
+
+fn drain(a: &Args, w: Workload) {
     let p = pair();
-    let src = "drain_src";
+    let src = match w {
+        Workload::Pgbench => "drain_src",
+        Workload::Pagila => "drain_pagila_src",
+    };
     p.source
         .psql("postgres", &format!("DROP DATABASE IF EXISTS {src}"));
     p.source.psql("postgres", &format!("CREATE DATABASE {src}"));
     let t = Instant::now();
-    pgbench(&p.source, src, &["-i", "-q", "-s", &a.scale.to_string()]);
-    // pgbench_history has no key; pgferry refuses to publish such a table (its UPDATEs and DELETEs
-    // would fail on the source). pgbench only inserts into it, and REPLICA IDENTITY FULL changes
-    // nothing in the WAL of an INSERT: the same backlog for both sides.
-    p.source.psql(
-        src,
-        "ALTER TABLE public.pgbench_history REPLICA IDENTITY FULL",
-    );
+    match w {
+        Workload::Pgbench => {
+            pgbench(&p.source, src, &["-i", "-q", "-s", &a.scale.to_string()]);
+            // pgbench_history has no key; pgferry refuses to publish such a table (its UPDATEs
+            // and DELETEs would fail on the source). pgbench only inserts into it, and REPLICA
+            // IDENTITY FULL changes nothing in the WAL of an INSERT: the same backlog for both.
+            p.source.psql(
+                src,
+                "ALTER TABLE public.pgbench_history REPLICA IDENTITY FULL",
+            );
+        }
+        Workload::Pagila => {
+            if !load_pagila(&p.source, src) {
+                let msg = "drain-pagila: Pagila not found (put it under ../shared/data/pagila)";
+                assert!(std::env::var("CI").as_deref() != Ok("true"), "{msg}");
+                println!("\n{msg}: SKIPPED");
+                return;
+            }
+        }
+    }
     p.source.psql(src, "VACUUM ANALYZE");
     eprintln!(
-        "[bench] drain: pgbench -i -s {} in {:.1?}",
-        a.scale,
+        "[bench] drain: {} data set loaded in {:.1?}",
+        w.name(),
         t.elapsed()
     );
     let mut rounds = Vec::new();
     for r in 0..a.repeat {
         eprintln!("[bench] drain round {}", r + 1);
-        rounds.push(drain_round(a, p, src, r));
+        rounds.push(drain_round(a, p, src, r, w));
     }
     let total = f64::from((a.tx / a.clients).max(1) * a.clients);
     let best = |f: fn(&DrainRound) -> f64| rounds.iter().map(f).fold(f64::INFINITY, f64::min);
@@ -516,11 +595,19 @@ fn drain(a: &Args) {
     let exited = best(|r| r.ferry_exit);
     let idle = best(|r| r.ferry_idle);
     println!(
-        "\ndrain: {total} pgbench (TPC-B-like) transactions, {} changes, scale {}, built in {:.1}s by {} clients; best of {} round(s)",
-        total * 4.0,
-        a.scale,
+        "\ndrain: {total} {} transactions, {} changes{}, built in {:.1}s; best of {} round(s)",
+        w.name(),
+        if w == Workload::Pagila {
+            format!("up to {}", total * 6.0)
+        } else {
+            format!("{}", total * 4.0)
+        },
+        if w == Workload::Pagila {
+            String::new()
+        } else {
+            format!(", scale {}, {} clients", a.scale, a.clients)
+        },
         best(|r| r.backlog_secs),
-        a.clients,
         a.repeat
     );
     println!("{:<48} {:>9} {:>10}", "", "seconds", "tx/s");
@@ -1094,14 +1181,16 @@ fn cutover_managed(a: &Args) {
 fn main() {
     let a = args();
     match a.what.as_str() {
-        "drain" => drain(&a),
+        "drain" => drain(&a, Workload::Pgbench),
+        "drain-pagila" => drain(&a, Workload::Pagila),
         "bigtx" => bigtx(&a),
         "cutover" => {
             cutover(&a, false);
         }
         "cutover-managed" => cutover_managed(&a),
         _ => {
-            drain(&a);
+            drain(&a, Workload::Pgbench);
+            drain(&a, Workload::Pagila);
             bigtx(&a);
             cutover(&a, false);
             cutover(&a, true);

@@ -25,8 +25,11 @@
 //!   one multi-row INSERT).
 //! - Statements are pipelined: each is sent at once and its result checked later, in order, with
 //!   at most [`MAX_IN_FLIGHT`] statements and [`MAX_ROWS_IN_FLIGHT`] rows awaiting their result.
-//!   Everything in flight is settled before a catalog query, a TRUNCATE and the commit, so nothing
-//!   is committed past a failed change (the target transaction is aborted by it).
+//!   Everything in flight is settled before a catalog query and a TRUNCATE. The commit is
+//!   pipelined too ([`Applier::commit`]: `BEGIN`, `COMMIT` and the position's upsert are prepared
+//!   once): a failed change aborts its target transaction, whose `COMMIT` then rolls back the
+//!   position with it, and the next transaction begins only once that `COMMIT` has been answered,
+//!   so nothing is committed past a failed change.
 //! - Rows are found by the old key tuple (`K`), else by the new tuple's key columns; with REPLICA
 //!   IDENTITY FULL (`O`) by every column (`=`, or `IS NULL` for NULLs, NULLs being part of the
 //!   statement's shape), and exactly one matching row is changed (`(tableoid, ctid) = (SELECT ...
@@ -238,6 +241,8 @@ struct InFlight {
     rows: usize,
     /// A set-based statement of grouped changes (see [`super::changeset`]).
     grouped: bool,
+    /// The `COMMIT` of a target transaction that makes this applied position durable.
+    commits: Option<Lsn>,
 }
 
 /// The most rows that may await their result at once (bounds memory with multi-row inserts).
@@ -251,7 +256,6 @@ pub struct Applier {
     pending: Pending,
     inserts: Option<InsertBatch>,
     rows_in_flight: usize,
-    position_table: String,
     state_schema: String,
     slot: String,
     rels: HashMap<u32, Rel>,
@@ -269,6 +273,20 @@ pub struct Applier {
     /// The managed mode ([`managed`]): what the apply holds on the target because it may not set
     /// `session_replication_role`; `None` in replica mode.
     pub held: Option<managed::Held>,
+    /// `BEGIN`, the position's upsert and `COMMIT`, prepared once: a target transaction is sent
+    /// without waiting for any answer (see [`Applier::commit`]).
+    begin: Statement,
+    position: Statement,
+    commit: Statement,
+    /// A `COMMIT` was sent and its answer is not checked yet.
+    committing: bool,
+    /// The highest source commit LSN of the transaction whose `COMMIT` is in flight.
+    committing_max: Lsn,
+    /// The highest applied position whose target commit has been answered: the only one the slot
+    /// may be told.
+    confirmed: Lsn,
+    /// A statement failed: nothing committed after it counts (its transaction rolled back).
+    failed: bool,
 }
 
 fn value_param(v: &TupleValue) -> Result<Option<&str>> {
@@ -345,13 +363,32 @@ impl Applier {
             .await
             .map_err(|e| Error::pg(&e, "reading the applied position"))?;
         let applied = crate::pg::lsn::parse_opt(row.map(|r| r.get(0)))?;
+        let prepare = |sql: String, types: &'static [Type]| {
+            let client = &client;
+            async move {
+                client
+                    .prepare_typed(&sql, types)
+                    .await
+                    .map_err(|e| Error::pg(&e, format!("preparing `{sql}` on the target")))
+            }
+        };
+        let begin = prepare("BEGIN".into(), &[]).await?;
+        let commit = prepare("COMMIT".into(), &[]).await?;
+        let position = prepare(
+            format!(
+                "INSERT INTO {t} (slot, lsn) VALUES ($1, $2::text::pg_lsn) \
+                 ON CONFLICT (slot) DO UPDATE SET lsn = GREATEST({t}.lsn, excluded.lsn), applied_at = now()",
+                t = position_table
+            ),
+            &[Type::TEXT, Type::TEXT],
+        )
+        .await?;
         Ok((
             Applier {
                 client: Arc::new(client),
                 pending: FuturesOrdered::new(),
                 inserts: None,
                 rows_in_flight: 0,
-                position_table,
                 state_schema: state_schema.to_string(),
                 slot: slot.to_string(),
                 rels: HashMap::new(),
@@ -362,6 +399,13 @@ impl Applier {
                 tx_max_commit: Lsn::INVALID,
                 grouped_failed: None,
                 held,
+                begin,
+                position,
+                commit,
+                committing: false,
+                committing_max: Lsn::INVALID,
+                confirmed: applied.unwrap_or(Lsn::INVALID),
+                failed: false,
             },
             applied,
         ))
@@ -610,15 +654,63 @@ impl Applier {
             .max())
     }
 
+    /// Opens a target transaction when none is open. Its `BEGIN` is pipelined (sent, answered
+    /// later); a `COMMIT` still in flight is answered first, so that nothing of a new transaction
+    /// is sent before the previous one is known to have committed (after a failed statement the
+    /// `COMMIT` rolls back, and the next transaction must not commit behind it).
     async fn begin_if_needed(&mut self) -> Result<()> {
         if !self.in_tx {
-            self.client
-                .batch_execute("BEGIN")
-                .await
-                .map_err(|e| Error::pg(&e, "beginning a target transaction"))?;
+            if self.committing {
+                self.settle_in_flight().await?;
+            }
+            let stmt = self.begin.clone();
+            self.pipeline(stmt, "begin", None);
+            self.poll_ready()?;
             self.in_tx = true;
         }
         Ok(())
+    }
+
+    /// Queues a statement without parameters (`BEGIN`, `COMMIT`) behind the changes in flight.
+    fn pipeline(&mut self, stmt: Statement, what: &'static str, commits: Option<Lsn>) {
+        let client = self.client.clone();
+        let info = InFlight {
+            table: Arc::from(what),
+            what,
+            commit_lsn: commits.unwrap_or(Lsn::INVALID),
+            rows: 0,
+            grouped: false,
+            commits,
+        };
+        self.pending
+            .push_back(async move { (client.execute(&stmt, &[]).await, info) }.boxed());
+    }
+
+    /// Sends what is queued and checks the answers already in, without waiting.
+    pub fn poll_ready(&mut self) -> Result<()> {
+        while let Some(Some(r)) = self.pending.next().now_or_never() {
+            self.check(r)?;
+        }
+        Ok(())
+    }
+
+    /// The highest applied position whose target transaction is known to have committed (the
+    /// answers in so far; see [`Applier::poll_ready`]).
+    pub fn confirmed(&self) -> Lsn {
+        self.confirmed
+    }
+
+    /// Waits for the next answer of the target and checks it (cancellation-safe).
+    pub async fn next_answer(&mut self) -> Result<()> {
+        match self.pending.next().await {
+            Some(r) => self.check(r),
+            None => Ok(()),
+        }
+    }
+
+    /// Nothing sent awaits its answer.
+    pub fn idle(&self) -> bool {
+        self.pending.is_empty()
     }
 
     pub fn in_tx(&self) -> bool {
@@ -656,37 +748,46 @@ impl Applier {
         &self.slot
     }
 
-    /// Makes the changes applied so far durable together with the position `lsn`.
+    /// Makes the changes applied so far durable together with the position `lsn`: sends what is
+    /// gathered, the position and `COMMIT`, without waiting for their answers. The commit counts
+    /// once answered ([`Applier::confirmed`], after [`Applier::poll_ready`] or
+    /// [`Applier::settle`]); a statement that failed before it is reported then, and its
+    /// transaction (position included) is rolled back: exactly once either way.
     pub async fn commit(&mut self, lsn: Lsn) -> Result<()> {
-        self.settle().await?;
+        self.flush_inserts().await?;
+        self.send_changes().await?;
         self.begin_if_needed().await?;
-        self.write_position(lsn).await?;
-        self.client
-            .batch_execute("COMMIT")
-            .await
-            .map_err(|e| Error::pg(&e, "committing applied changes"))?;
+        let client = self.client.clone();
+        let stmt = self.position.clone();
+        let (slot, at) = (self.slot.clone(), lsn.to_string());
+        let info = InFlight {
+            table: Arc::from("position"),
+            what: "position",
+            commit_lsn: lsn,
+            rows: 0,
+            grouped: false,
+            commits: None,
+        };
+        self.pending
+            .push_back(async move { (client.execute(&stmt, &[&slot, &at]).await, info) }.boxed());
+        let stmt = self.commit.clone();
+        self.pipeline(stmt, "commit", Some(lsn));
         self.in_tx = false;
+        self.committing = true;
+        self.committing_max = self.tx_max_commit;
         self.tx_max_commit = Lsn::INVALID;
-        Ok(())
+        self.poll_ready()
     }
 
     /// Records `lsn` as applied outside a batch (nothing pending: the stream is idle there).
     pub async fn advance_idle(&mut self, lsn: Lsn) -> Result<()> {
         debug_assert!(!self.in_tx);
         self.settle().await?;
-        self.write_position(lsn).await
-    }
-
-    async fn write_position(&mut self, lsn: Lsn) -> Result<()> {
-        let sql = format!(
-            "INSERT INTO {t} (slot, lsn) VALUES ($1, $2::text::pg_lsn) \
-             ON CONFLICT (slot) DO UPDATE SET lsn = GREATEST({t}.lsn, excluded.lsn), applied_at = now()",
-            t = self.position_table
-        );
         self.client
-            .execute(&sql, &[&self.slot, &lsn.to_string()])
+            .execute(&self.position, &[&self.slot, &lsn.to_string()])
             .await
             .map_err(|e| Error::pg(&e, "recording the applied position"))?;
+        self.confirmed = self.confirmed.max(lsn);
         Ok(())
     }
 
@@ -697,6 +798,27 @@ impl Applier {
     ) -> Result<()> {
         let (r, f) = result;
         self.rows_in_flight -= f.rows;
+        if r.is_err() {
+            self.failed = true;
+        }
+        if let Some(lsn) = f.commits {
+            self.committing = false;
+            return match r {
+                Ok(_) if !self.failed => {
+                    self.confirmed = self.confirmed.max(lsn);
+                    Ok(())
+                }
+                // The transaction was rolled back by the error already reported.
+                Ok(_) => Ok(()),
+                Err(e) => Err(Error::pg(&e, "committing applied changes")
+                    .context(format!("source transactions up to {lsn}"))),
+            };
+        }
+        if matches!(f.what, "begin" | "position") {
+            return r
+                .map(|_| ())
+                .map_err(|e| Error::pg(&e, format!("applying changes ({})", f.what)));
+        }
         match r {
             Ok(n) if f.what != "insert" && n < f.rows as u64 => {
                 if f.grouped {
@@ -715,7 +837,7 @@ impl Applier {
                 // A lost session or a serialization failure is retried as it is; anything else
                 // is re-applied in source order, where the failing change is named precisely.
                 if !err.is_transient() {
-                    self.grouped_failed = Some(self.tx_max_commit);
+                    self.grouped_failed = Some(self.tx_max_commit.max(self.committing_max));
                 }
                 Err(err)
             }
@@ -1003,6 +1125,7 @@ impl Applier {
             commit_lsn,
             rows,
             grouped,
+            commits: None,
         };
         self.rows_in_flight += rows;
         let fut = async move {

@@ -11,9 +11,16 @@
 //!   changes (default 10000) or `batch_delay` (default 100ms) of waiting; a large source transaction
 //!   is applied as it streams, in one target transaction (never buffered in memory).
 //! - The applied position (the last applied commit's end LSN) is written in the same target
-//!   transaction as the changes: exactly once across crashes. The slot is told (standby status
-//!   update) only what is durably applied, after each target commit, on keepalives that ask for a
-//!   reply and at least every 10 s. When nothing is pending, a keepalive's position counts as applied
+//!   transaction as the changes: exactly once across crashes. A target transaction is sent whole
+//!   without waiting (`BEGIN`, statements, position, `COMMIT`, pipelined); it counts once the
+//!   target has answered its `COMMIT` (and every statement before it), and nothing of the next
+//!   transaction is sent before that answer. The slot is told (standby status update) only what
+//!   the target has answered, on keepalives, on the 500 ms tick and at least every 10 s.
+//! - Under a live stream a batch is committed at a source commit as soon as the target has
+//!   answered everything sent and the stream has paused (see [`DbStream::commit_now`]): the
+//!   applied position moves as the walsender decodes, not only at its keepalive after each
+//!   stretch of WAL the source flushed. In a backlog the stream never pauses and batches grow to
+//!   `batch_changes`. When nothing is pending, a keepalive's position counts as applied
 //!   (nothing before it is still to come), so the slot advances while idle too.
 //! - Ready once the stream has passed the source's WAL position of the moment it started and
 //!   nothing is pending. Then it keeps running until cancelled (parked) or drained for a cutover:
@@ -50,6 +57,7 @@ use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use futures_util::FutureExt;
 
 use super::hold::{self, Hold};
 use super::{Env, Stage, StageContext};
@@ -70,7 +78,7 @@ use apply::Applier;
 /// walsender without a status update for `wal_sender_timeout`, or it ends the stream.
 macro_rules! alive {
     ($self:ident, $repl:ident, $st:ident, $fut:expr) => {{
-        let (since, applied) = ($st.last_status, $st.applied);
+        let (since, applied) = ($st.last_status, $st.durable);
         let (result, sent) = keep_alive(
             &mut $repl,
             &$self.route.key,
@@ -331,7 +339,10 @@ fn parse_pg_duration(v: &str) -> Option<Duration> {
 
 /// Where the apply loop is.
 struct Loop {
+    /// The position of the last target commit sent (its answer may still be due).
     applied: Lsn,
+    /// The position of the last target commit answered: what the slot and the store are told.
+    durable: Lsn,
     /// In a source transaction (between Begin and Commit).
     in_source_tx: bool,
     skip_tx: bool,
@@ -607,6 +618,7 @@ impl<'a> DbStream<'a> {
 
             let mut st = Loop {
                 applied: start,
+                durable: start,
                 in_source_tx: false,
                 skip_tx: false,
                 commit_lsn: Lsn::INVALID,
@@ -637,6 +649,9 @@ impl<'a> DbStream<'a> {
             tokio::pin!(sleep);
             let mut sampler =
                 sample::Sampler::new(self.route.from.clone(), &self.cx.stage, &self.route.key);
+            // A stream message read ahead to see whether the stream had paused (see
+            // [`DbStream::commit_now`]).
+            let mut read_ahead: Option<Result<ReplicationMessage>> = None;
             loop {
                 if last_drain_check.elapsed() >= DRAIN_CHECK_EVERY {
                     last_drain_check = Instant::now();
@@ -646,7 +661,7 @@ impl<'a> DbStream<'a> {
                         }
                         drain = Some(target);
                         // Ask for a keepalive: it lets an idle stream reach the target.
-                        repl.send_status(st.applied, st.applied, st.applied, true)
+                        repl.send_status(st.durable, st.durable, st.durable, true)
                             .await?;
                     }
                     let incoming = if st.batch_open || st.in_source_tx {
@@ -663,7 +678,7 @@ impl<'a> DbStream<'a> {
                     }
                     self.publish_oldest().await?;
                     let gauges = sample::Gauges {
-                        applied: st.applied,
+                        applied: st.durable,
                         oldest_unapplied_ms: self.oldest_unapplied_ms.load(Ordering::Relaxed),
                         incoming,
                         applied_changes: self.applied_changes.load(Ordering::Relaxed),
@@ -674,7 +689,7 @@ impl<'a> DbStream<'a> {
                     hold = self.pending_hold().await?;
                     if hold.is_some() && hold != was {
                         tracing::info!(database = %self.route.key, at = %hold.unwrap_or_default(), "cdc asked to hold for validation");
-                        repl.send_status(st.applied, st.applied, st.applied, true)
+                        repl.send_status(st.durable, st.durable, st.durable, true)
                             .await?;
                     }
                 }
@@ -683,7 +698,8 @@ impl<'a> DbStream<'a> {
                     && !st.batch_open
                     && st.applied >= target
                 {
-                    repl.send_status(st.applied, st.applied, st.applied, false)
+                    alive!(self, repl, st, self.settle(&mut ap, &mut st))?;
+                    repl.send_status(st.durable, st.durable, st.durable, false)
                         .await?;
                     self.store_position(&mut st, true).await?;
                     self.cx
@@ -720,6 +736,7 @@ impl<'a> DbStream<'a> {
                         if st.batch_open && !st.in_source_tx {
                             alive!(self, repl, st, self.flush(&mut ap, &mut st))?;
                         }
+                        alive!(self, repl, st, self.settle(&mut ap, &mut st))?;
                         self.store_position(&mut st, true).await?;
                         // An unfinished source transaction is rolled back with the session.
                         return Err(Error::interrupted());
@@ -727,18 +744,42 @@ impl<'a> DbStream<'a> {
                     _ = &mut sleep => {
                         if st.batch_open && !st.in_source_tx && Instant::now() >= st.batch_deadline {
                             alive!(self, repl, st, self.flush(&mut ap, &mut st))?;
-                            repl.send_status(st.applied, st.applied, st.applied, false).await?;
+                            repl.send_status(st.durable, st.durable, st.durable, false).await?;
                             st.last_status = Instant::now();
-                            st.reported = st.applied;
+                            st.reported = st.durable;
                             let at = st.applied;
                             self.mark_ready(&mut st, at, ready_at, on_ready);
                         }
-                        if st.last_status.elapsed() >= self.status_every {
-                            repl.send_status(st.applied, st.applied, st.applied, false).await?;
+                        // A commit sent at the last keepalive has been answered by now: the slot
+                        // follows it also when the source has gone quiet.
+                        self.confirm(&mut ap, &mut st)?;
+                        if !st.batch_open && !st.in_source_tx {
+                            let at = st.applied;
+                            self.mark_ready(&mut st, at, ready_at, on_ready);
+                        }
+                        if st.durable > st.reported || st.last_status.elapsed() >= self.status_every {
+                            repl.send_status(st.durable, st.durable, st.durable, false).await?;
                             st.last_status = Instant::now();
+                            st.reported = st.durable;
                         }
                     }
-                    m = repl.next_message() => {
+                    r = ap.next_answer(), if st.batch_open && !st.in_source_tx && !ap.idle() => {
+                        r?;
+                        self.confirm(&mut ap, &mut st)?;
+                        if Self::commit_now(&mut ap, &mut repl, &mut read_ahead) {
+                            alive!(self, repl, st, self.flush(&mut ap, &mut st))?;
+                        }
+                        if !st.batch_open {
+                            let at = st.applied;
+                            self.mark_ready(&mut st, at, ready_at, on_ready);
+                        }
+                    }
+                    m = async {
+                        match read_ahead.take() {
+                            Some(m) => m,
+                            None => repl.next_message().await,
+                        }
+                    } => {
                         match m.map_err(explain_missing)? {
                             ReplicationMessage::Keepalive(k) => {
                                 // The walsender has sent everything: commit what is batched now
@@ -746,7 +787,15 @@ impl<'a> DbStream<'a> {
                                 // source transaction, so a commit carries no bookkeeping of its
                                 // own: counters and the store's copy of the position are written
                                 // at most every second and every 100 ms.
-                                if !st.in_source_tx && st.batch_open {
+                                // The commit is pipelined (its answer comes with a later poll): the
+                                // next position is recorded by the next commit, not here.
+                                // While the target still works on the previous commit, the batch
+                                // grows and is committed when it answers (see the branch above).
+                                let flushed = !st.in_source_tx && st.batch_open && {
+                                    self.confirm(&mut ap, &mut st)?;
+                                    ap.idle()
+                                };
+                                if flushed {
                                     alive!(self, repl, st, self.flush(&mut ap, &mut st))?;
                                 }
                                 if !st.in_source_tx && !st.batch_open {
@@ -756,11 +805,17 @@ impl<'a> DbStream<'a> {
                                     // applied. Recorded at most every 100 ms under a live stream
                                     // (a keepalive follows nearly every transaction), at once while
                                     // a cutover drains or before cdc is ready.
+                                    // Not while a commit just sent is pending: it moves the
+                                    // position anyway.
+                                    self.confirm(&mut ap, &mut st)?;
                                     if k.wal_end > st.applied
-                                        && (drain.is_some() || !st.ready || st.idle_at.elapsed() >= STORED_POSITION_EVERY)
+                                        && (drain.is_some()
+                                            || !st.ready
+                                            || (!flushed && ap.idle() && st.idle_at.elapsed() >= STORED_POSITION_EVERY))
                                     {
-                                        ap.advance_idle(k.wal_end).await?;
+                                        alive!(self, repl, st, ap.advance_idle(k.wal_end))?;
                                         st.applied = k.wal_end;
+                                        st.durable = st.durable.max(ap.confirmed());
                                         st.idle_at = Instant::now();
                                         self.store_position(&mut st, drain.is_some()).await?;
                                         // Caught up with nothing to apply: no lag.
@@ -771,10 +826,11 @@ impl<'a> DbStream<'a> {
                                 // The slot follows the apply: a position applied since the last
                                 // report goes to the source now, so it retains no more WAL than
                                 // needed, also once the source is idle.
-                                if k.reply_requested || st.applied > st.reported || st.last_status.elapsed() >= self.status_every {
-                                    repl.send_status(st.applied, st.applied, st.applied, false).await?;
+                                self.confirm(&mut ap, &mut st)?;
+                                if k.reply_requested || st.durable > st.reported || st.last_status.elapsed() >= self.status_every {
+                                    repl.send_status(st.durable, st.durable, st.durable, false).await?;
                                     st.last_status = Instant::now();
-                                    st.reported = st.applied;
+                                    st.reported = st.durable;
                                 }
                             }
                             ReplicationMessage::XLogData(x) => {
@@ -787,14 +843,20 @@ impl<'a> DbStream<'a> {
                                         continue;
                                     }
                                 }
+                                let x_commit = matches!(x.data, PgOutputMessage::Commit(_));
                                 alive!(self, repl, st, self.handle(&mut ap, &mut st, x.data))?;
                                 if !st.in_source_tx && st.batch_open
                                     && (st.batch_count >= self.batch_changes || Instant::now() >= st.batch_deadline)
                                 {
                                     alive!(self, repl, st, self.flush(&mut ap, &mut st))?;
-                                    repl.send_status(st.applied, st.applied, st.applied, false).await?;
+                                    repl.send_status(st.durable, st.durable, st.durable, false).await?;
                                     st.last_status = Instant::now();
-                                    st.reported = st.applied;
+                                    st.reported = st.durable;
+                                } else if !st.in_source_tx && st.batch_open && x_commit {
+                                    self.confirm(&mut ap, &mut st)?;
+                                    if Self::commit_now(&mut ap, &mut repl, &mut read_ahead) {
+                                        alive!(self, repl, st, self.flush(&mut ap, &mut st))?;
+                                    }
                                 }
                                 // Under a steady stream the batch may be open at every keepalive:
                                 // caught up is also when a commit past the start is applied.
@@ -860,9 +922,11 @@ impl<'a> DbStream<'a> {
         if st.batch_open {
             self.flush(ap, st).await?;
         }
+        self.settle(ap, st).await?;
         if target > st.applied {
             ap.advance_idle(target).await?;
             st.applied = target;
+            st.durable = st.durable.max(ap.confirmed());
             self.cx
                 .store
                 .advance_position(&applied_position(&self.route.key), target)
@@ -905,7 +969,9 @@ impl<'a> DbStream<'a> {
         if st.batch_open {
             self.flush(ap, st).await?;
         }
-        repl.send_status(st.applied, st.applied, st.applied, false)
+        // The target snapshot validation takes next must hold every commit sent.
+        self.settle(ap, st).await?;
+        repl.send_status(st.durable, st.durable, st.durable, false)
             .await?;
         st.last_status = Instant::now();
         let store = &self.cx.store;
@@ -930,7 +996,7 @@ impl<'a> DbStream<'a> {
                 return Ok(None);
             }
             if st.last_status.elapsed() >= self.status_every {
-                repl.send_status(st.applied, st.applied, st.applied, false)
+                repl.send_status(st.durable, st.durable, st.durable, false)
                     .await?;
                 st.last_status = Instant::now();
             }
@@ -1065,6 +1131,10 @@ impl<'a> DbStream<'a> {
         if st.batch_end > st.applied || ap.in_tx() {
             ap.commit(st.batch_end.max(st.applied)).await?;
         }
+        // Replayed DDL: what runs after the commit (and the record of it) waits for its answer.
+        if st.ddl_in_tx || !st.deferred.is_empty() || !st.ddl_log.is_empty() {
+            self.settle(ap, st).await?;
+        }
         self.after_commit(ap, st).await?;
         st.applied = st.applied.max(st.batch_end);
         st.batch_open = false;
@@ -1082,17 +1152,62 @@ impl<'a> DbStream<'a> {
             }
         }
         self.applied_changes.fetch_add(sum, Ordering::Relaxed);
-        if !st.in_source_tx {
-            // Everything received is applied: nothing is waiting, the lag in seconds is 0.
+        // Everything received applied and answered: the lag in seconds is 0 (else once answered).
+        self.confirmed(ap, st);
+        self.write_counters(false).await
+    }
+
+    /// Whether to commit the open batch now, at a source commit, instead of at the next keepalive:
+    /// when the target has answered everything sent (it would otherwise sit idle) and the stream
+    /// has paused (no message can be read without waiting; one that can is kept in `read_ahead`).
+    /// Under a live stream this commits as the walsender decodes, like native's apply worker,
+    /// instead of after the whole stretch the source flushed at once; in a backlog the stream
+    /// never pauses and batches stay large.
+    fn commit_now(
+        ap: &mut Applier,
+        repl: &mut ReplicationClient,
+        read_ahead: &mut Option<Result<ReplicationMessage>>,
+    ) -> bool {
+        if !ap.idle() || read_ahead.is_some() {
+            return false;
+        }
+        match repl.next_message().now_or_never() {
+            Some(m) => {
+                *read_ahead = Some(m);
+                false
+            }
+            None => true,
+        }
+    }
+
+    /// Takes the answers of the target that are in (pipelined commits) without waiting.
+    fn confirm(&self, ap: &mut Applier, st: &mut Loop) -> Result<()> {
+        ap.poll_ready()?;
+        self.confirmed(ap, st);
+        Ok(())
+    }
+
+    /// Waits for every answer of the target: what was committed is durable.
+    async fn settle(&self, ap: &mut Applier, st: &mut Loop) -> Result<()> {
+        ap.settle().await?;
+        self.confirmed(ap, st);
+        Ok(())
+    }
+
+    /// Takes the applier's answered position; once everything received is committed and
+    /// answered, nothing is waiting: the lag in seconds is 0.
+    fn confirmed(&self, ap: &Applier, st: &mut Loop) {
+        st.durable = st.durable.max(ap.confirmed());
+        if st.durable >= st.applied && !st.in_source_tx && !st.batch_open {
             self.oldest_unapplied_ms.store(0, Ordering::Relaxed);
         }
-        self.write_counters(false).await
     }
 
     /// Reports cdc ready once, when everything up to `at` is applied and `at` has reached the
     /// position the source was at when streaming started.
+    /// Only what the target has answered counts (a pipelined commit may still be waiting there).
     fn mark_ready(&self, st: &mut Loop, at: Lsn, ready_at: Lsn, on_ready: &mut impl FnMut()) {
-        if !st.ready && at >= ready_at {
+        if !st.ready && at >= ready_at && st.durable >= st.applied {
             st.ready = true;
             tracing::info!(database = %self.route.key, applied = %st.applied, "cdc caught up");
             on_ready();
@@ -1102,14 +1217,14 @@ impl<'a> DbStream<'a> {
     /// Copies the applied position to the store: at most every [`STORED_POSITION_EVERY`], or now
     /// with `force`.
     async fn store_position(&self, st: &mut Loop, force: bool) -> Result<()> {
-        if st.applied <= st.stored || (!force && st.stored_at.elapsed() < STORED_POSITION_EVERY) {
+        if st.durable <= st.stored || (!force && st.stored_at.elapsed() < STORED_POSITION_EVERY) {
             return Ok(());
         }
         self.cx
             .store
-            .advance_position(&applied_position(&self.route.key), st.applied)
+            .advance_position(&applied_position(&self.route.key), st.durable)
             .await?;
-        st.stored = st.applied;
+        st.stored = st.durable;
         st.stored_at = Instant::now();
         Ok(())
     }
