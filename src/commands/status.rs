@@ -384,7 +384,7 @@ async fn source_position(env: &crate::stages::Env, db: &crate::plan::Database) -
         client
             .query_one(
                 "SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.pg_last_wal_replay_lsn() \
-                 ELSE pg_catalog.pg_current_wal_lsn() END::text",
+                 ELSE pg_catalog.pg_current_wal_insert_lsn() END::text",
                 &[],
             )
             .await

@@ -733,3 +733,46 @@ fn a_steady_writer_is_followed_with_bounded_lag() {
     let _ = child.wait();
     assert_same_data(&s, &t);
 }
+
+#[test]
+fn ready_waits_for_commits_the_source_has_not_flushed_yet() {
+    // With `synchronous_commit = off` (these clusters, and many production sources) a commit is in
+    // the WAL before it is flushed, and the walsender sends only flushed WAL. cdc is caught up when
+    // it has applied every commit made before it started: it must wait for them to be flushed and
+    // sent, not stop at the flush position of that moment. A source whose WAL writer flushes every
+    // 5 s makes the window wide.
+    let (source, target) = std::thread::scope(|scope| {
+        let s = scope.spawn(|| {
+            Cluster::start_with(
+                "lazywal_src",
+                "wal_writer_delay = 5s\nwal_writer_flush_after = 1GB\n",
+                &[],
+            )
+        });
+        let t = scope.spawn(|| Cluster::start("lazywal_tgt"));
+        (s.join().expect("source"), t.join().expect("target"))
+    });
+    let p = crate::support::Pair { source, target };
+    let s = p.source.fresh_database("lazywal_src");
+    let t = p.target.fresh_database("lazywal_tgt");
+    p.source.psql(&s, SETUP);
+    let plan = TestPlan::new(&p, "lazywal", &s, &t, STAGES);
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+
+    p.source.psql(
+        &s,
+        "INSERT INTO public.items SELECT g, 'late ' || g FROM generate_series(1001, 1100) g",
+    );
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(
+        p.target.psql(&t, "SELECT count(*) FROM public.items WHERE id > 1000"),
+        "100",
+        "the run ended before the commit made before it started was applied"
+    );
+    assert_eq!(
+        row_digest(&p.source, &s, "public.items"),
+        row_digest(&p.target, &t, "public.items")
+    );
+}

@@ -578,11 +578,20 @@ impl<'a> DbStream<'a> {
             {
                 self.status_every = (t / 4).clamp(Duration::from_millis(500), STATUS_EVERY);
             }
-            let sys = repl.simple_query("IDENTIFY_SYSTEM").await?;
+            // Caught up once past every commit made before the stream starts: the WAL *insert*
+            // position (on a standby, what it has replayed). Not IDENTIFY_SYSTEM's flush position,
+            // which trails commits made with `synchronous_commit = off` by up to the WAL writer's
+            // delay: cdc reported ready (and a run ended) before applying them.
+            let sys = repl
+                .simple_query(
+                    "SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.pg_last_wal_replay_lsn() \
+                            ELSE pg_catalog.pg_current_wal_insert_lsn() END::text AS at",
+                )
+                .await?;
             let ready_at: Lsn = sys
                 .first()
-                .and_then(|r| r.get("xlogpos"))
-                .ok_or_else(|| Error::permanent("IDENTIFY_SYSTEM returned no xlogpos"))?
+                .and_then(|r| r.get("at"))
+                .ok_or_else(|| Error::permanent("the source returned no WAL position"))?
                 .parse()?;
             let mut options = StreamOptions::new(&publication);
             // Backward, on a 16+ target: nothing written under a replication origin (the forward

@@ -260,11 +260,14 @@ async fn exported(
         .query_one(
             "SELECT pg_catalog.pg_export_snapshot(), \
                     CASE WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.pg_last_wal_replay_lsn() \
-                         ELSE pg_catalog.pg_current_wal_lsn() END::text",
+                         ELSE pg_catalog.pg_current_wal_insert_lsn() END::text",
             &[],
         )
         .await
         .map_err(|e| Error::pg(&e, "exporting a snapshot"))?;
+    // The insert position, not pg_current_wal_lsn() (the write position): a commit made with
+    // `synchronous_commit = off` is visible to the snapshot before the WAL writer writes it, and
+    // cdc held at the write position would not have applied it yet.
     let lsn = if source {
         lsn::parse_opt(row.get(1))?
     } else {
