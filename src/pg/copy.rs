@@ -127,3 +127,78 @@ pub async fn copy_tables(client: &Client, skip_schema: &str) -> Result<Vec<CopyT
         })
         .collect())
 }
+
+/// The tables of `tables` whose copied columns (by name; generated ones left out) differ in
+/// the target database, or that it lacks: one line each, at most `limit` lines. For a target made
+/// from the source's dump, a difference is DDL that ran on the source after the dump.
+pub async fn columns_differ(
+    target: &Client,
+    tables: &[CopyTable],
+    limit: usize,
+) -> Result<Vec<String>> {
+    let (schemas, names): (Vec<String>, Vec<String>) = tables
+        .iter()
+        .map(|t| (t.name.schema.clone(), t.name.name.clone()))
+        .unzip();
+    let rows = target
+        .query(
+            "SELECT u.s, u.t, coalesce(array_agg(a.attname::text ORDER BY a.attnum) FILTER (WHERE a.attgenerated = ''), '{}'), \
+                    bool_or(c.oid IS NOT NULL) \
+               FROM unnest($1::text[], $2::text[]) AS u(s, t) \
+               LEFT JOIN pg_catalog.pg_namespace n ON n.nspname = u.s \
+               LEFT JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = u.t AND c.relkind IN ('r', 'p') \
+               LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+              GROUP BY u.s, u.t",
+            &[&schemas, &names],
+        )
+        .await
+        .map_err(|e| Error::pg(&e, "reading the target's columns of the tables to copy"))?;
+    let on_target: std::collections::HashMap<(String, String), (Vec<String>, bool)> = rows
+        .iter()
+        .map(|r| {
+            (
+                (r.get(0), r.get(1)),
+                (r.get(2), r.get::<_, Option<bool>>(3) == Some(true)),
+            )
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tables {
+        let key = (t.name.schema.clone(), t.name.name.clone());
+        let line = match on_target.get(&key) {
+            Some((_, false)) | None => format!("{}: not in the target database", t.name),
+            Some((cols, true)) => {
+                // COPY names its columns: their order may differ (inheritance children and
+                // partitions are dumped in their parent's order).
+                let only = |a: &[String], b: &[String]| -> Vec<String> {
+                    a.iter().filter(|c| !b.contains(c)).cloned().collect()
+                };
+                let (source_only, target_only) = (only(&t.columns, cols), only(cols, &t.columns));
+                if source_only.is_empty() && target_only.is_empty() {
+                    continue;
+                }
+                let mut line = format!("{}:", t.name);
+                if !source_only.is_empty() {
+                    line.push_str(&format!(
+                        " only the source has ({})",
+                        source_only.join(", ")
+                    ));
+                }
+                if !target_only.is_empty() {
+                    line.push_str(&format!(
+                        " only the target has ({})",
+                        target_only.join(", ")
+                    ));
+                }
+                line
+            }
+        };
+        if out.len() < limit {
+            out.push(line);
+        } else {
+            out.push("...".into());
+            break;
+        }
+    }
+    Ok(out)
+}

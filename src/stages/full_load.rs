@@ -278,6 +278,20 @@ async fn load_database(
     tables.sort_by_key(|t| std::cmp::Reverse(t.bytes));
     let total = tables.len();
     tables.retain(|t| !done.contains(&t.name.to_string()));
+    // A target made from the source's dump must have the same columns: DDL that ran on the source
+    // after schema_dump and before this snapshot is in neither the dump nor the stream.
+    if env.plan.has_kind(StageKind::SchemaDump) && !tables.is_empty() {
+        let target = target_conn.connect("load schema check").await?;
+        let differ = copy::columns_differ(&target, &tables, 10).await?;
+        if !differ.is_empty() {
+            return Err(Error::permanent(format!(
+                "database {}: the source's tables changed after schema_dump (DDL ran between the schema dump and the load's snapshot, so it is in neither): {}",
+                db.name,
+                differ.join("; ")
+            ))
+            .hint("start the migration over so the schema is dumped again: `pgferry reset PLAN --yes` (it drops a target database pgferry created; for one it did not, empty it yourself and use `--keep-target`), then `pgferry run PLAN`; or make the target's tables match the source's by hand and run the plan again"));
+        }
+    }
     let lo_count: i64 = snap_client
         .query_one(
             "SELECT count(*) FROM pg_catalog.pg_largeobject_metadata",

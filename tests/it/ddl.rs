@@ -855,3 +855,50 @@ fn a_table_created_with_its_rows_reaches_the_target_with_them() {
         "CREATE TABLE AS, ALTER TABLE, SELECT INTO, CREATE TABLE AS"
     );
 }
+
+#[test]
+fn ddl_between_the_schema_dump_and_the_load_stops_the_load_with_how_to_start_over() {
+    // The capture and the slot start after schema_dump: a column added in between is in neither
+    // the dump nor the stream. The load's snapshot sees it, and the load stops instead of copying
+    // into a target without it.
+    let p = pair();
+    let s = p.source.fresh_database("ddl_gap_src");
+    let t = p.target.fresh_database("ddl_gap_tgt");
+    p.source.psql(&s, SETUP);
+    let plan = TestPlan::new(p, "ddl_gap", &s, &t, &stages("", ""));
+    let out = plan.run(&["run", "--until", "provision"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    migrate(
+        &p.source,
+        &s,
+        "ALTER TABLE public.accounts DROP COLUMN legacy;\n\
+         ALTER TABLE public.events ADD COLUMN at timestamptz DEFAULT clock_timestamp();",
+    );
+    let out = plan.run(&["run"]);
+    assert_ne!(out.status.code(), Some(0), "{}", show(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the source's tables changed after schema_dump")
+            && stderr.contains("public.accounts: only the target has (legacy)")
+            && stderr.contains("public.events: only the source has (at)")
+            && stderr.contains("pgferry reset"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(
+        p.target.psql(&t, "SELECT count(*) FROM public.accounts"),
+        "0"
+    );
+
+    // The way on the message names: start over, the schema dumped again (this target database
+    // existed before pgferry: emptied by hand, and kept).
+    p.target
+        .psql(&t, "DROP SCHEMA public CASCADE; CREATE SCHEMA public");
+    let out = plan.run(&["reset", "--yes", "--keep-target"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    for table in ["public.accounts", "public.events"] {
+        assert_same_rows(&p.source, &s, &p.target, &t, table);
+    }
+}
