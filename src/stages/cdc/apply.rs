@@ -10,7 +10,8 @@
 //!   both or loses both, so a restart never applies a change twice.
 //! - Every value is sent as text and cast to the target column's type
 //!   (`$1::text::<format_type>`); statements are prepared once per relation and shape (which columns
-//!   are set, how the row is found).
+//!   are set, how the row is found), and the session keeps their generic plans
+//!   (`plan_cache_mode = force_generic_plan`: see [`Applier::open`]).
 //! - Changes are gathered per table for the open target transaction ([`super::changeset`]) and
 //!   sent as set-based statements of up to [`MAX_INSERT_ROWS`] rows: `INSERT ... SELECT ... FROM
 //!   unnest($1::text[], ...)`, `UPDATE ... FROM unnest(...)` with the updates of one key merged,
