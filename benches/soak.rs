@@ -21,7 +21,13 @@
 //! cargo bench --bench soak -- --workload pagila --rates 200,800,max --seconds 300 --clients 4
 //! cargo bench --bench soak -- --workload pgbench --rates 800 --seconds 300
 //! cargo bench --bench soak -- --rates max --seconds 60 --batch-delay 20ms   # the cdc option
+//! cargo bench --bench soak -- --rates 800 --seconds 60 --profile   # where the target's time goes
 //! ```
+//!
+//! `--profile` loads `pg_stat_statements` (with `track_planning`) on the target cluster and prints,
+//! for the writer's run, each follower's statements on the target (calls, rows, planning and
+//! execution time) and the CPU time of pgferry, its target sessions, native's apply worker and
+//! both walsenders (from `/proc`).
 
 mod common;
 #[path = "../tests/support/mod.rs"]
@@ -42,6 +48,8 @@ struct Args {
     clients: u32,
     /// The cdc stage's `batch_delay`, when given.
     batch_delay: Option<String>,
+    /// Profile the target side (`--profile`).
+    profile: bool,
 }
 
 fn args() -> Args {
@@ -51,6 +59,7 @@ fn args() -> Args {
         seconds: 300,
         clients: 4,
         batch_delay: None,
+        profile: false,
     };
     let mut it = std::env::args().skip(1).filter(|x| x != "--bench");
     while let Some(x) = it.next() {
@@ -65,6 +74,7 @@ fn args() -> Args {
                 }
             }
             "--batch-delay" => a.batch_delay = it.next(),
+            "--profile" => a.profile = true,
             "--seconds" => a.seconds = it.next().and_then(|v| v.parse().ok()).unwrap_or(300),
             "--clients" => a.clients = it.next().and_then(|v| v.parse().ok()).unwrap_or(4).max(1),
             _ => {}
@@ -328,6 +338,9 @@ fn round(a: &Args, p: &Pair, src: &str, n: usize, rate: Option<u32>) {
     );
     let ferry_applied = "SELECT coalesce(max(lsn)::text, '0/0') FROM pgferry.cdc_applied";
 
+    let prof = a
+        .profile
+        .then(|| Profile::begin(p, src, &tf, &tn, child.id()));
     // The writer, and the samples.
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
@@ -394,6 +407,9 @@ fn round(a: &Args, p: &Pair, src: &str, n: usize, rate: Option<u32>) {
         let _ = pb.wait();
     }
     let elapsed = start.elapsed().as_secs_f64();
+    if let Some(prof) = prof {
+        prof.end(p, &tf, &tn, elapsed);
+    }
     let tx = done.load(Ordering::Relaxed);
     let wal = history.last().map_or(0, |h| h.1) - history.first().map_or(0, |h| h.1);
     eprintln!(
@@ -469,9 +485,115 @@ fn round(a: &Args, p: &Pair, src: &str, n: usize, rate: Option<u32>) {
     );
 }
 
+/// `--profile`: the target's statements and the CPU of each process of both followers while the
+/// writer runs.
+struct Profile {
+    /// (what, pid, CPU seconds at the start).
+    procs: Vec<(String, u32, f64)>,
+}
+
+/// User + system CPU seconds of a process (all its threads), 0 when it is gone.
+fn proc_cpu(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command (which may hold spaces): state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+impl Profile {
+    fn begin(p: &Pair, src: &str, tf: &str, tn: &str, ferry_pid: u32) -> Profile {
+        p.target.psql(
+            "postgres",
+            "CREATE EXTENSION IF NOT EXISTS pg_stat_statements",
+        );
+        p.target
+            .psql("postgres", "SELECT pg_stat_statements_reset()");
+        let rows = |c: &Cluster, db: &str, sql: &str| -> Vec<(String, u32)> {
+            c.psql(db, sql)
+                .lines()
+                .filter_map(|l| {
+                    let (what, pid) = l.rsplit_once('|')?;
+                    Some((what.to_string(), pid.trim().parse().ok()?))
+                })
+                .collect()
+        };
+        let mut procs = vec![("pgferry process".to_string(), ferry_pid)];
+        for (db, who) in [(tf, "pgferry"), (tn, "native")] {
+            for (what, pid) in rows(
+                &p.target,
+                "postgres",
+                &format!(
+                    "SELECT '{who} target: ' || backend_type || ' ' || coalesce(application_name, ''), pid                      FROM pg_stat_activity WHERE datname = '{db}'                      AND coalesce(application_name, '') <> 'pgferry-tests'"
+                ),
+            ) {
+                procs.push((what, pid));
+            }
+        }
+        for (what, pid) in rows(
+            &p.source,
+            src,
+            "SELECT 'walsender ' || application_name, pid FROM pg_stat_replication",
+        ) {
+            procs.push((what, pid));
+        }
+        let procs = procs
+            .into_iter()
+            .map(|(w, pid)| {
+                let c = proc_cpu(pid);
+                (w, pid, c)
+            })
+            .collect();
+        Profile { procs }
+    }
+
+    fn end(self, p: &Pair, tf: &str, tn: &str, elapsed: f64) {
+        eprintln!("[soak]   profile, CPU over the writer's {elapsed:.0} s:");
+        for (what, pid, c0) in &self.procs {
+            let c = proc_cpu(*pid) - c0;
+            eprintln!(
+                "[soak]     {what:<60} {c:>6.2} s ({:.0}% of a core)",
+                100.0 * c / elapsed
+            );
+        }
+        for db in [tf, tn] {
+            eprintln!(
+                "[soak]   target statements in {db} (calls | rows | plans | plan ms | exec ms | exec us/call | query):"
+            );
+            let out = p.target.psql(
+                "postgres",
+                &format!(
+                    "SELECT calls, rows, plans, round(total_plan_time::numeric, 1),                      round(total_exec_time::numeric, 1), round((1000 * total_exec_time / calls)::numeric, 1),                      left(regexp_replace(query, '\\s+', ' ', 'g'), 160)                      FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid                      WHERE d.datname = '{db}' ORDER BY total_exec_time + total_plan_time DESC LIMIT 25"
+                ),
+            );
+            for l in out.lines() {
+                eprintln!("[soak]     {l}");
+            }
+        }
+    }
+}
+
 fn main() {
     let a = args();
     let p = pair();
+    if a.profile {
+        p.target.psql(
+            "postgres",
+            "ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'",
+        );
+        p.target.pg_ctl(&["restart", "-m", "fast"]);
+        // Known once the library is loaded.
+        for set in [
+            "ALTER SYSTEM SET pg_stat_statements.track_planning = on",
+            "ALTER SYSTEM SET pg_stat_statements.track = 'all'",
+            "SELECT pg_reload_conf()",
+        ] {
+            p.target.psql("postgres", set);
+        }
+    }
     let src = "soak_src";
     p.source.psql(
         "postgres",
