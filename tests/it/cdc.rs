@@ -767,13 +767,16 @@ fn ready_waits_for_commits_the_source_has_not_flushed_yet() {
     let out = plan.run(&["run"]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     assert_eq!(
-        p.target.psql(&t, "SELECT count(*) FROM public.items WHERE id > 1000"),
+        p.target
+            .psql(&t, "SELECT count(*) FROM public.items WHERE id > 1000"),
         "100",
         "the run ended before the commit made before it started was applied"
     );
     assert_eq!(
         row_digest(&p.source, &s, "public.items"),
         row_digest(&p.target, &t, "public.items")
+    );
+}
 
 /// The apply session keeps the generic plans of its prepared statements: a grouped statement's
 /// `unnest` of parameter arrays made the planner choose (and pay for) a fresh custom plan at every
