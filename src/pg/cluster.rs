@@ -18,10 +18,9 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write as _;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Error, Result};
 use crate::pg::tools::BINDIR_VAR;
@@ -35,8 +34,6 @@ const SERVER_PROGRAMS: [&str; 3] = ["initdb", "pg_ctl", "postgres"];
 const PORT_CONF: &str = "pgferry_port.conf";
 /// How many free ports to try before giving up on starting a cluster.
 const START_ATTEMPTS: usize = 5;
-
-static DIR_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// Whether `dir` has the server programs.
 pub fn has_server(dir: &Path) -> bool {
@@ -506,36 +503,7 @@ fn make_dir(base: &Path, prefix: &str, name: &str) -> Result<PathBuf> {
     } else {
         label
     };
-    for _ in 0..100 {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let n = DIR_COUNTER.fetch_add(1, Ordering::SeqCst);
-        let dir = base.join(format!(
-            "{prefix}-{label}-{}-{n}-{nanos:08x}",
-            std::process::id()
-        ));
-        match fs::create_dir(&dir) {
-            Ok(()) => {
-                fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
-                    .map_err(|e| Error::permanent(format!("chmod {}: {e}", dir.display())))?;
-                return Ok(dir);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => {
-                return Err(Error::permanent(format!(
-                    "creating a directory under {}: {e}",
-                    base.display()
-                ))
-                .hint("set TMPDIR to a writable directory"));
-            }
-        }
-    }
-    Err(Error::permanent(format!(
-        "could not create a unique directory under {}",
-        base.display()
-    )))
+    crate::pg::tools::create_private_dir(base, &format!("{prefix}-{label}"))
 }
 
 fn free_port() -> Result<u16> {

@@ -268,6 +268,37 @@ fn from_bindir(bindir: PathBuf) -> std::result::Result<PgTools, Error> {
 
 // ----- a private temporary directory ------------------------------------------------------------
 
+/// Creates a new directory under `base`, mode 0700, named `{stem}-{pid}-{n}-{nanos}` so that
+/// concurrent processes and calls never share one. The caller owns it (nothing removes it).
+pub fn create_private_dir(base: &Path, stem: &str) -> Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    for _ in 0..100 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path = base.join(format!("{stem}-{}-{n}-{nanos:08x}", std::process::id()));
+        match std::fs::DirBuilder::new().mode(0o700).create(&path) {
+            Ok(()) => return Ok(path),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => {
+                return Err(Error::permanent(format!(
+                    "cannot create a directory in {}: {e}",
+                    base.display()
+                ))
+                .hint("check that the directory (TMPDIR, or /tmp, for temporary ones) exists, is writable and has free space"));
+            }
+        }
+    }
+    Err(Error::permanent(format!(
+        "cannot create a unique directory in {}",
+        base.display()
+    )))
+}
+
 /// A directory under the system temp dir, mode 0700, removed (with its contents) on drop.
 pub struct PrivateTempDir {
     path: PathBuf,
@@ -275,33 +306,9 @@ pub struct PrivateTempDir {
 
 impl PrivateTempDir {
     pub fn new(prefix: &str) -> Result<PrivateTempDir> {
-        use std::os::unix::fs::DirBuilderExt;
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let base = std::env::temp_dir();
-        for _ in 0..100 {
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.subsec_nanos())
-                .unwrap_or(0);
-            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-            let path = base.join(format!("{prefix}-{}-{n}-{nanos:08x}", std::process::id()));
-            match std::fs::DirBuilder::new().mode(0o700).create(&path) {
-                Ok(()) => return Ok(PrivateTempDir { path }),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => {
-                    return Err(Error::permanent(format!(
-                        "cannot create a temporary directory in {}: {e}",
-                        base.display()
-                    ))
-                    .hint("check that TMPDIR (or /tmp) exists, is writable and has free space"));
-                }
-            }
-        }
-        Err(Error::permanent(format!(
-            "cannot create a unique temporary directory in {}",
-            base.display()
-        )))
+        Ok(PrivateTempDir {
+            path: create_private_dir(&std::env::temp_dir(), prefix)?,
+        })
     }
 
     pub fn path(&self) -> &Path {
