@@ -296,6 +296,13 @@ pub(crate) fn tokens(stmt: &str) -> Vec<Tok> {
                 upper: word.to_ascii_uppercase(),
             });
             i = end;
+        } else if let Some(tag_len) = dollar_tag(&b[i..]) {
+            // A dollar-quoted string: its body up to the same tag.
+            let tag = &stmt[i..i + tag_len];
+            let body = i + tag_len;
+            let close = stmt[body..].find(tag).map_or(b.len(), |e| body + e);
+            out.push(Tok::Str(stmt[body..close].to_string()));
+            i = (close + tag_len).min(b.len());
         } else if c.is_ascii_digit() {
             let end = b[i..]
                 .iter()
@@ -310,6 +317,20 @@ pub(crate) fn tokens(stmt: &str) -> Vec<Tok> {
         }
     }
     out
+}
+
+/// The length of the dollar-quote tag (`$$`, `$body$`) `b` starts with; `None` for anything else
+/// (a parameter such as `$1`: a tag does not start with a digit).
+fn dollar_tag(b: &[u8]) -> Option<usize> {
+    if b.first() != Some(&b'$') {
+        return None;
+    }
+    let name = b[1..]
+        .iter()
+        .position(|&c| !(c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80))
+        .unwrap_or(b.len() - 1);
+    (b.get(1 + name) == Some(&b'$') && !b.get(1).is_some_and(u8::is_ascii_digit))
+        .then_some(name + 2)
 }
 
 /// Recursive-descent helpers over [`Tok`]s.

@@ -162,125 +162,57 @@ fn leading_words(stmt: &str, n: usize) -> Vec<String> {
 /// The columns an `ALTER TABLE` statement changes the type of with a `USING` expression, as the
 /// catalog spells them (a quoted name as written, another folded to lower case).
 fn retyped_with_using(stmt: &str) -> Vec<String> {
-    // Tokens of each top-level, comma-separated part: (upper-cased word or symbol, catalog name).
-    let mut parts: Vec<Vec<(String, String)>> = vec![Vec::new()];
-    let b = stmt.as_bytes();
-    let (mut i, mut depth) = (0usize, 0i32);
-    while i < b.len() {
-        let c = b[i] as char;
-        let rest = &stmt[i..];
-        if c.is_whitespace() {
-            i += 1;
-        } else if rest.starts_with("--") {
-            i += rest.find('\n').unwrap_or(rest.len());
-        } else if rest.starts_with("/*") {
-            i += rest.find("*/").map_or(rest.len(), |e| e + 2);
-        } else if c == '\'' {
-            // A string ('' inside it doubles the quote).
-            let mut j = i + 1;
-            while j < b.len() {
-                if b[j] == b'\'' {
-                    if b.get(j + 1) == Some(&b'\'') {
-                        j += 2;
-                        continue;
-                    }
-                    break;
+    use crate::pg::sql_lexer::{Tok, tokens};
+    // The statement's top-level, comma-separated parts (its subcommands).
+    let mut parts: Vec<Vec<Tok>> = vec![Vec::new()];
+    let mut depth = 0i32;
+    for t in tokens(stmt) {
+        match t {
+            Tok::Sym('(') => depth += 1,
+            Tok::Sym(')') => depth -= 1,
+            Tok::Sym(',') if depth == 0 => parts.push(Vec::new()),
+            t if depth == 0 => {
+                if let Some(p) = parts.last_mut() {
+                    p.push(t);
                 }
-                j += 1;
             }
-            i = j + 1;
-            if let Some(p) = parts.last_mut() {
-                p.push(("'".into(), String::new()));
-            }
-        } else if c == '$' {
-            // A dollar-quoted string, or a parameter.
-            let tag_end = rest[1..].find('$').map(|e| e + 2);
-            match tag_end {
-                Some(e)
-                    if rest[1..e - 1]
-                        .chars()
-                        .all(|x| x.is_alphanumeric() || x == '_') =>
-                {
-                    let tag = &rest[..e];
-                    i += e + rest[e..]
-                        .find(tag)
-                        .map_or(rest.len() - e, |x| x + tag.len());
-                }
-                _ => i += 1,
-            }
-        } else if c == '"' {
-            let mut j = i + 1;
-            let mut name = String::new();
-            while j < b.len() {
-                if b[j] == b'"' {
-                    if b.get(j + 1) == Some(&b'"') {
-                        name.push('"');
-                        j += 2;
-                        continue;
-                    }
-                    break;
-                }
-                let ch = stmt[j..].chars().next().unwrap_or(' ');
-                name.push(ch);
-                j += ch.len_utf8();
-            }
-            i = j + 1;
-            if let Some(p) = parts.last_mut() {
-                p.push(("\"".into(), name));
-            }
-        } else if c.is_alphanumeric() || c == '_' {
-            let end = rest
-                .find(|x: char| !(x.is_alphanumeric() || x == '_' || x == '$'))
-                .unwrap_or(rest.len());
-            let word = &rest[..end];
-            if let Some(p) = parts.last_mut() {
-                p.push((word.to_uppercase(), word.to_lowercase()));
-            }
-            i += end;
-        } else {
-            match c {
-                '(' => depth += 1,
-                ')' => depth -= 1,
-                ',' if depth == 0 => parts.push(Vec::new()),
-                _ => {}
-            }
-            if depth == 0
-                && c != '('
-                && c != ')'
-                && c != ','
-                && let Some(p) = parts.last_mut()
-            {
-                p.push((c.to_string(), String::new()));
-            }
-            i += c.len_utf8();
+            _ => {}
         }
     }
+    let upper = |t: Option<&Tok>| match t {
+        Some(Tok::Word { upper, .. }) => upper.clone(),
+        _ => String::new(),
+    };
     let mut out = Vec::new();
     for part in &parts {
-        let w: Vec<&str> = part.iter().map(|(u, _)| u.as_str()).collect();
-        if !w.contains(&"USING") {
+        if !part.iter().any(|t| upper(Some(t)) == "USING") {
             continue;
         }
-        for k in 0..w.len() {
-            if w[k] != "ALTER" {
+        for k in 0..part.len() {
+            if upper(part.get(k)) != "ALTER" {
                 continue;
             }
-            let at = if w.get(k + 1) == Some(&"COLUMN") {
+            let at = if upper(part.get(k + 1)) == "COLUMN" {
                 k + 2
             } else {
                 k + 1
             };
-            let Some((word, name)) = part.get(at) else {
+            // `ALTER TABLE name ...` is the statement's head, not a column.
+            let Some(Tok::Word {
+                text: name,
+                upper: word,
+            }) = part.get(at)
+            else {
                 continue;
             };
-            // `ALTER TABLE name ...` is the statement's head, not a column.
-            if word == "TABLE" || name.is_empty() {
+            if word == "TABLE" {
                 continue;
             }
-            let next = w.get(at + 1..at + 4).unwrap_or(&[]);
-            if (next.first() == Some(&"TYPE") || next.starts_with(&["SET", "DATA", "TYPE"]))
-                && !out.contains(name)
-            {
+            let retyped = upper(part.get(at + 1)) == "TYPE"
+                || (upper(part.get(at + 1)) == "SET"
+                    && upper(part.get(at + 2)) == "DATA"
+                    && upper(part.get(at + 3)) == "TYPE");
+            if retyped && !out.contains(name) {
                 out.push(name.clone());
             }
         }
@@ -1441,6 +1373,12 @@ mod tests {
         assert_eq!(
             retyped_with_using("ALTER TABLE type ALTER COLUMN a TYPE int -- USING later\n"),
             Vec::<String>::new()
+        );
+        assert_eq!(
+            retyped_with_using(
+                "ALTER TABLE t ALTER a TYPE text USING a || $x$, ALTER b TYPE int$x$, ALTER c TYPE int"
+            ),
+            vec!["a".to_string()]
         );
         assert_eq!(
             retyped_with_using("ALTER TABLE ONLY s.t ALTER id TYPE uuid USING gen_random_uuid();"),
