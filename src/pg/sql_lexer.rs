@@ -235,54 +235,14 @@ pub(crate) fn tokens(stmt: &str) -> Vec<Tok> {
             i = stmt[i..].find("*/").map_or(b.len(), |e| i + e + 2);
             out.push(Tok::Other);
         } else if c == b'"' {
-            let mut j = i + 1;
-            let mut value = String::new();
-            loop {
-                match stmt[j..].find('"') {
-                    None => {
-                        value.push_str(&stmt[j..]);
-                        j = b.len();
-                        break;
-                    }
-                    Some(e) => {
-                        value.push_str(&stmt[j..j + e]);
-                        j += e + 1;
-                        if b.get(j) == Some(&b'"') {
-                            value.push('"');
-                            j += 1;
-                        } else {
-                            break;
-                        }
-                    }
-                }
-            }
+            let (value, j) = quoted(stmt, i);
             out.push(Tok::Word {
                 text: value,
                 upper: String::new(),
             });
             i = j;
         } else if c == b'\'' {
-            let mut j = i + 1;
-            let mut value = String::new();
-            loop {
-                match stmt[j..].find('\'') {
-                    None => {
-                        value.push_str(&stmt[j..]);
-                        j = b.len();
-                        break;
-                    }
-                    Some(e) => {
-                        value.push_str(&stmt[j..j + e]);
-                        j += e + 1;
-                        if b.get(j) == Some(&b'\'') {
-                            value.push('\'');
-                            j += 1;
-                        } else {
-                            break;
-                        }
-                    }
-                }
-            }
+            let (value, j) = quoted(stmt, i);
             out.push(Tok::Str(value));
             i = j;
         } else if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 {
@@ -317,6 +277,32 @@ pub(crate) fn tokens(stmt: &str) -> Vec<Tok> {
         }
     }
     out
+}
+
+/// The value of the quoted identifier or string literal starting at `i` (its quote character
+/// doubled inside stands for itself), and the position after its closing quote.
+fn quoted(stmt: &str, i: usize) -> (String, usize) {
+    let q = &stmt[i..i + 1];
+    let mut j = i + 1;
+    let mut value = String::new();
+    loop {
+        match stmt[j..].find(q) {
+            None => {
+                value.push_str(&stmt[j..]);
+                return (value, stmt.len());
+            }
+            Some(e) => {
+                value.push_str(&stmt[j..j + e]);
+                j += e + 1;
+                if stmt[j..].starts_with(q) {
+                    value.push_str(q);
+                    j += 1;
+                } else {
+                    return (value, j);
+                }
+            }
+        }
+    }
 }
 
 /// The length of the dollar-quote tag (`$$`, `$body$`) `b` starts with; `None` for anything else
