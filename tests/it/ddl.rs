@@ -626,13 +626,7 @@ fn ddl_is_replayed_from_14_to_18() {
 #[test]
 fn an_index_built_after_its_transaction_survives_a_kill() {
     use std::io::Write as _;
-    let p = pair();
-    let s = p.source.fresh_database("ddl_cic_src");
-    let t = p.target.fresh_database("ddl_cic_tgt");
-    p.source.psql(&s, SETUP);
-    let plan = TestPlan::new(p, "ddl_cic", &s, &t, &stages("", ""));
-    let out = plan.run(&["run"]);
-    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let (p, s, t, plan) = caught_up("ddl_cic");
 
     // A session on the target holds the lock CREATE INDEX CONCURRENTLY waits for.
     let mut holder = p
