@@ -10,6 +10,14 @@
 //! 4. everything else (triggers, rules, policies, comments, privileges, ...) in file order;
 //! 5. materialized view refreshes, in file order.
 //!
+//! When the stage runs beside a full_load that is still copying (the executor's overlap contract,
+//! see `executor.rs`), phase 1 does not wait for the load: an object starts as soon as the load has
+//! checkpointed its table copied, and every ordinary table under it (inheritance children and
+//! partitions, which a constraint recurses into and a partitioned index covers); an object whose
+//! table cannot be read waits for the whole load. The builds use their `jobs` sessions while the
+//! load uses its own (measured: a share of them was slower). Phases 2-5 start once the load of the
+//! database is over.
+//!
 //! In the parallel phases two objects never run at the same time when their locks would make one
 //! wait for (or deadlock with) the other: index builds on one table share it, but a constraint or a
 //! foreign key has its tables to itself. Each session gets the script's session settings (the
@@ -291,8 +299,9 @@ impl PostData {
     /// running, and returns the first real error. Returns (built, found already built).
     ///
     /// With `gate` (a load running beside this stage), only the objects whose tables the load has
-    /// copied are started, at most [`limit_during_load`] at a time while it runs; the others wait
-    /// in the gate until a checkpoint of the load lets them in.
+    /// copied are started, `limit` at a time as always (the load keeps its own `jobs`: giving the
+    /// builds only half the sessions while it runs was slower, see benches/README.md); the others
+    /// wait in the gate until a checkpoint of the load lets them in.
     #[allow(clippy::too_many_arguments)]
     async fn run_phase(
         &self,
@@ -311,23 +320,14 @@ impl PostData {
             g.waiting = std::mem::take(&mut queue);
             queue = g.admit(run.cx, run.db, items, sizes).await?;
         }
-        let slots = limit.min(run.clients.len());
-        let mut free: Vec<usize> = (0..slots).rev().collect();
+        let mut free: Vec<usize> = (0..limit.min(run.clients.len())).rev().collect();
         let mut busy: Vec<(usize, usize)> = Vec::new(); // (slot, item)
         let mut running = FuturesUnordered::new();
         let mut first_err: Option<Error> = None;
         let (mut built, mut existed) = (0, 0);
         loop {
-            // While the load runs, the builds take only a share of the sessions.
-            let allowed = match gate.as_deref() {
-                Some(g) if !g.loaded => limit_during_load(slots),
-                _ => slots,
-            };
             if !stop.is_cancelled() {
                 while let Some(&slot) = free.last() {
-                    if busy.len() >= allowed {
-                        break;
-                    }
                     let next = queue.iter().position(|&n| {
                         busy.iter()
                             .all(|&(_, m)| post_data_script::compatible(&locks[&n], &locks[&m]))
@@ -948,8 +948,13 @@ impl Stage for PostData {
             .map(|(i, db)| {
                 let o = self.options(i);
                 let jobs = Self::jobs(&o);
+                let overlap = if self.env.plan.overlaps(self.index).is_empty() {
+                    String::new()
+                } else {
+                    " (each table's as soon as full_load has copied it, while the load goes on)".to_string()
+                };
                 format!(
-                    "on target database {}: builds the post-data schema dumped by schema_dump: indexes and constraints {jobs} at a time \
+                    "on target database {}: builds the post-data schema dumped by schema_dump: indexes and constraints {jobs} at a time{overlap} \
                      (maintenance_work_mem {}), partition index attachments, foreign keys {jobs} at a time, then triggers, rules, \
                      policies, comments and privileges, and refreshes materialized views last",
                     db.target,
@@ -982,18 +987,6 @@ impl Stage for PostData {
         )
         .await
     }
-}
-
-/// How many objects of phase 1 are built at a time while the load still copies: the load keeps
-/// its own `jobs` sessions, and on a small machine builds beside every one of them only make both
-/// wait for the CPU (measured on the regression database, see benches/README.md).
-fn limit_during_load(slots: usize) -> usize {
-    if let Ok(v) = std::env::var("PGFERRY_H13C_SHARE")
-        && let Ok(n) = v.parse::<usize>()
-    {
-        return n.clamp(1, slots.max(1));
-    }
-    slots.div_ceil(2).max(1)
 }
 
 /// Whether the load `upstream` is over for `db`: the stage done, or its checkpoint for `db`.
