@@ -452,7 +452,10 @@ fn parse_graph(
             "edge {a} {arrow} {b} twice in:\n{out}"
         );
     }
-    let overlapping = overlapping.iter().map(|(a, b)| (name(a), name(b))).collect();
+    let overlapping = overlapping
+        .iter()
+        .map(|(a, b)| (name(a), name(b)))
+        .collect();
     (nodes, set, overlapping)
 }
 
