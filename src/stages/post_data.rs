@@ -1167,7 +1167,7 @@ impl LoadFeed {
     /// Waits until the load of `db` is over (before the phases that need every table).
     async fn wait_loaded(&mut self, cx: &StageContext, db: &Database) -> Result<()> {
         if !self.loaded {
-            tracing::info!(stage = %cx.stage, database = %db.name, "waiting for {} to finish the load", self.upstream.stage);
+            tracing::info!(stage = %cx.stage, database = %db.name, "waiting for stage `{}` to finish loading the database", self.upstream.stage);
         }
         while !self.loaded && !load_finished(cx, &self.upstream, db).await? {
             tokio::select! {

@@ -521,10 +521,12 @@ fn killed_during_post_data_then_resumed() {
         ) == "t"
     };
     wait_for(
-        "post_data running with an object checkpointed and an index being built",
+        "post_data running after the load with an object checkpointed and an index being built",
         Duration::from_secs(120),
         || {
             store_exists(&plan)
+                // post_data starts beside the load; this kill is meant for post_data alone.
+                && stage_state(&plan, "load") == "done"
                 && stage_state(&plan, "indexes") == "running"
                 && post_data_items_done(&plan) >= 1
                 && building()
