@@ -951,7 +951,7 @@ impl Stage for PostData {
                 let overlap = if self.env.plan.overlaps(self.index).is_empty() {
                     String::new()
                 } else {
-                    " (each table's as soon as full_load has copied it, while the load goes on)".to_string()
+                    ", each table's as soon as full_load has copied it".to_string()
                 };
                 format!(
                     "on target database {}: builds the post-data schema dumped by schema_dump: indexes and constraints {jobs} at a time{overlap} \
