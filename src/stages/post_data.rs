@@ -141,6 +141,11 @@ impl PostData {
             tracing::info!(stage = %cx.stage, database = %db.name, "{skipped} of {total} post-data objects already built, resuming");
         }
         if pending.is_empty() {
+            // Built in an earlier run beside a load that is not over: what follows this database
+            // (its statistics, the next database) still waits for the load.
+            if let Some(mut upstream) = self.load_feed(cx, db).await? {
+                wait_load_finished(cx, &mut upstream, db).await?;
+            }
             return Ok(
                 json!({ "objects": total, "built": 0, "already_existed": 0, "skipped": skipped }),
             );
@@ -1167,17 +1172,30 @@ impl LoadFeed {
     /// Waits until the load of `db` is over (before the phases that need every table).
     async fn wait_loaded(&mut self, cx: &StageContext, db: &Database) -> Result<()> {
         if !self.loaded {
-            tracing::info!(stage = %cx.stage, database = %db.name, "waiting for stage `{}` to finish loading the database", self.upstream.stage);
-        }
-        while !self.loaded && !load_finished(cx, &self.upstream, db).await? {
-            tokio::select! {
-                r = self.upstream.changed() => { r?; }
-                _ = cx.cancel.cancelled() => return Err(Error::interrupted()),
-            }
+            wait_load_finished(cx, &mut self.upstream, db).await?;
         }
         self.loaded = true;
         Ok(())
     }
+}
+
+/// Waits until the load `upstream` is over for `db`.
+async fn wait_load_finished(
+    cx: &StageContext,
+    upstream: &mut Upstream,
+    db: &Database,
+) -> Result<()> {
+    if load_finished(cx, upstream, db).await? {
+        return Ok(());
+    }
+    tracing::info!(stage = %cx.stage, database = %db.name, "waiting for stage `{}` to finish loading the database", upstream.stage);
+    while !load_finished(cx, upstream, db).await? {
+        tokio::select! {
+            r = upstream.changed() => { r?; }
+            _ = cx.cancel.cancelled() => return Err(Error::interrupted()),
+        }
+    }
+    Ok(())
 }
 
 /// The item's SQL with its first statement (`ALTER TABLE ... ADD CONSTRAINT ... FOREIGN KEY ...;`)
