@@ -6,7 +6,7 @@
 //! stages are `dyn Stage`, the store is `dyn StateStore`.
 //!
 //! **Overlap.** A stage may declare that it can run beside some of its dependencies
-//! ([`Node::overlaps`]; the plan decides which kinds, `plan::Stage::overlaps`). Such a stage starts
+//! ([`Node::overlaps`]; the plan decides which kinds, `plan::StageKind::overlaps`). Such a stage starts
 //! as soon as those dependencies are *running* (its other dependencies still `done` or `ready`), and
 //! its context holds an [`Upstream`] for each one still running: a signal the executor sets to
 //! `done` once it has recorded the dependency done (or `stopped` when it failed or was
