@@ -14,8 +14,13 @@
 //!   transaction as the changes: exactly once across crashes. A target transaction is sent whole
 //!   without waiting (`BEGIN`, statements, position, `COMMIT`, pipelined); it counts once the
 //!   target has answered its `COMMIT` (and every statement before it), and nothing of the next
-//!   transaction is sent before that answer. The slot is told (standby status update) only what
-//!   the target has answered, on keepalives, on the 500 ms tick and at least every 10 s.
+//!   transaction is sent before that answer. The apply session commits with
+//!   `synchronous_commit = off`, like native's apply worker, and the slot is told (standby status
+//!   update) only what the target has *flushed* ([`apply::Applier::flushed`]: WAL probes, and a
+//!   synchronous position write at drains, holds, stops and after [`apply::FLUSH_WAIT`] of
+//!   waiting), on keepalives, on the 500 ms tick, when a probe moves it and at least every 10 s:
+//!   a target crash that loses its last commits loses their positions too, and the slot still
+//!   has them.
 //! - Under a live stream a batch is committed at a source commit as soon as the target has
 //!   answered everything sent and the stream has paused (see [`DbStream::commit_now`]): the
 //!   applied position moves as the walsender decodes, not only at its keepalive after each
