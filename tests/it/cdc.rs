@@ -1024,3 +1024,71 @@ fn a_target_crash_loses_no_change_the_slot_was_told() {
         "rows differ after the target's crash"
     );
 }
+
+/// Several target transactions may be committing at once. When one fails (here a trigger on the
+/// target refuses a row, after a second, while the next source transactions are sent behind it),
+/// its `COMMIT` rolls back, and the chained position write of each transaction behind it fails
+/// too: none commits past the failed one, so the re-run applies them all, in order.
+#[test]
+fn a_transaction_behind_a_failed_one_never_commits() {
+    let (source, target) = std::thread::scope(|scope| {
+        let s = scope.spawn(|| Cluster::start("chain_src"));
+        let t = scope.spawn(|| Cluster::start("chain_tgt"));
+        (s.join().expect("source"), t.join().expect("target"))
+    });
+    let p = crate::support::Pair { source, target };
+    let (s, t) = ("chain_src", "chain_tgt");
+    p.source.psql("postgres", &format!("CREATE DATABASE {s}"));
+    p.target.psql("postgres", &format!("CREATE DATABASE {t}"));
+    p.source.psql(s, SETUP);
+    // One target transaction per source transaction.
+    let stages = STAGES.replace("batch_changes = 500", "batch_changes = 1");
+    let plan = TestPlan::new(&p, "chain", s, t, &stages);
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+
+    p.target.psql(
+        t,
+        "CREATE FUNCTION public.refuse() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF NEW.name = 'refused' THEN PERFORM pg_sleep(1); RAISE EXCEPTION 'refused by the test'; END IF; RETURN NEW; END $$;\n\
+         CREATE TRIGGER refuse BEFORE INSERT ON public.items FOR EACH ROW EXECUTE FUNCTION public.refuse();\n\
+         ALTER TABLE public.items ENABLE ALWAYS TRIGGER refuse;",
+    );
+    // Inserts only: a statement of a new shape would wait for everything in flight (it is
+    // prepared first) and find the failure before the transactions behind are sent.
+    let mut sql = "BEGIN; INSERT INTO public.items VALUES (2001, 'refused'); COMMIT;\n".to_string();
+    for i in 2002..2010 {
+        sql.push_str(&format!(
+            "BEGIN; INSERT INTO public.items VALUES ({i}, 'behind'); COMMIT;\n"
+        ));
+    }
+    p.source.psql(s, &sql);
+    let out = plan.run(&["run"]);
+    assert_ne!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(
+        show(&out).contains("refused by the test"),
+        "the failure is the refused row's: {}",
+        show(&out)
+    );
+    assert_eq!(
+        p.target
+            .psql(t, "SELECT count(*) FROM public.items WHERE id > 2000"),
+        "0",
+        "a transaction behind the failed one committed"
+    );
+    // The transactions behind were sent before the failure was known, and their chained position
+    // writes failed on the server.
+    let log = std::fs::read_to_string(p.target.log_file()).unwrap_or_default();
+    assert!(
+        log.contains("division by zero"),
+        "no transaction was in flight behind the failed one: nothing was tested"
+    );
+
+    p.target.psql(t, "DROP TRIGGER refuse ON public.items");
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(
+        row_digest(&p.source, s, "public.items"),
+        row_digest(&p.target, t, "public.items")
+    );
+}
