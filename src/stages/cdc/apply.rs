@@ -29,10 +29,8 @@
 //!   Everything in flight is settled before a catalog query and a TRUNCATE. The commit is
 //!   pipelined too ([`Applier::commit`]: `BEGIN`, `COMMIT` and the position's upsert are prepared
 //!   once): a failed change aborts its target transaction, whose `COMMIT` then rolls back the
-//!   position with it. The next transaction begins without waiting for that answer (up to
-//!   [`MAX_COMMITS_IN_FLIGHT`] `COMMIT`s in flight), its position write chained to the previous
-//!   one's (it fails unless the stored position is what the previous transaction wrote), so
-//!   nothing is committed past a failed change.
+//!   position with it, and the next transaction begins only once that `COMMIT` has been answered,
+//!   so nothing is committed past a failed change.
 //! - Rows are found by the old key tuple (`K`), else by the new tuple's key columns; with REPLICA
 //!   IDENTITY FULL (`O`) by every column (`=`, or `IS NULL` for NULLs, NULLs being part of the
 //!   statement's shape), and exactly one matching row is changed (`(tableoid, ctid) = (SELECT ...
@@ -285,16 +283,9 @@ pub struct Applier {
     begin: Statement,
     position: Statement,
     commit: Statement,
-    /// The position write of a transaction after the first, chained to the one before: it fails
-    /// (and its transaction with it) unless the stored position is the one the previous
-    /// transaction wrote, so a transaction can never commit behind one that rolled back.
-    chained: Statement,
-    /// What the stored position is once every position write sent has committed (`None`: no
-    /// row yet, the first write inserts it).
-    expected: Option<Lsn>,
-    /// `COMMIT`s sent whose answer is not checked yet (at most [`MAX_COMMITS_IN_FLIGHT`]).
-    commits_in_flight: usize,
-    /// The highest source commit LSN of the transactions sent.
+    /// A `COMMIT` was sent and its answer is not checked yet.
+    committing: bool,
+    /// The highest source commit LSN of the transaction whose `COMMIT` is in flight.
     committing_max: Lsn,
     /// The highest applied position whose target commit has been answered.
     confirmed: Lsn,
@@ -314,9 +305,6 @@ pub struct Applier {
     /// A statement failed: nothing committed after it counts (its transaction rolled back).
     failed: bool,
 }
-
-/// How many target transactions may be committing at once (their `COMMIT` sent, not answered).
-pub const MAX_COMMITS_IN_FLIGHT: usize = 4;
 
 /// How often at most a WAL probe is sent while commits wait to be flushed.
 const PROBE_EVERY: Duration = Duration::from_millis(100);
@@ -434,14 +422,6 @@ impl Applier {
         )
         .await?;
         let commit = prepare("COMMIT".into(), &[]).await?;
-        let chained = prepare(
-            format!(
-                "WITH u AS (UPDATE {t} SET lsn = $3::text::pg_lsn, applied_at = now()                  WHERE slot = $1 AND lsn = $2::text::pg_lsn RETURNING 1)                  SELECT 1 / (SELECT count(*)::int FROM u)",
-                t = position_table
-            ),
-            &[Type::TEXT, Type::TEXT, Type::TEXT],
-        )
-        .await?;
         let position = prepare(
             format!(
                 "INSERT INTO {t} (slot, lsn) VALUES ($1, $2::text::pg_lsn) \
@@ -469,9 +449,7 @@ impl Applier {
             begin,
             position,
             commit,
-            chained,
-            expected: applied,
-            commits_in_flight: 0,
+            committing: false,
             committing_max: Lsn::INVALID,
             confirmed: applied.unwrap_or(Lsn::INVALID),
             // What the target has on record survived whatever came before this session.
@@ -735,17 +713,13 @@ impl Applier {
     }
 
     /// Opens a target transaction when none is open. Its `BEGIN` is pipelined (sent, answered
-    /// later), also while earlier transactions' `COMMIT`s are in flight (at most
-    /// [`MAX_COMMITS_IN_FLIGHT`]): after a failed statement its `COMMIT` rolls back, and the
-    /// chained position write of every later transaction fails ([`Applier::commit`]), so none
-    /// commits behind it.
+    /// later); a `COMMIT` still in flight is answered first, so that nothing of a new transaction
+    /// is sent before the previous one is known to have committed (after a failed statement the
+    /// `COMMIT` rolls back, and the next transaction must not commit behind it).
     async fn begin_if_needed(&mut self) -> Result<()> {
         if !self.in_tx {
-            while self.commits_in_flight >= MAX_COMMITS_IN_FLIGHT {
-                match self.pending.next().await {
-                    Some(r) => self.check(r)?,
-                    None => break,
-                }
+            if self.committing {
+                self.settle_in_flight().await?;
             }
             let stmt = self.begin.clone();
             self.pipeline(stmt, "begin", None);
@@ -798,11 +772,6 @@ impl Applier {
         self.pending.is_empty()
     }
 
-    /// Another target transaction may be committed without waiting for an answer.
-    pub fn may_commit(&self) -> bool {
-        self.commits_in_flight < MAX_COMMITS_IN_FLIGHT
-    }
-
     pub fn in_tx(&self) -> bool {
         self.in_tx
     }
@@ -848,22 +817,8 @@ impl Applier {
         self.send_changes().await?;
         self.begin_if_needed().await?;
         let client = self.client.clone();
-        let slot = self.slot.clone();
-        // Chained to the write of the transaction before (see [`Applier::begin_if_needed`]).
-        let (stmt, params) = match self.expected {
-            Some(prev) => {
-                let at = prev.max(lsn);
-                self.expected = Some(at);
-                (
-                    self.chained.clone(),
-                    vec![slot, prev.to_string(), at.to_string()],
-                )
-            }
-            None => {
-                self.expected = Some(lsn);
-                (self.position.clone(), vec![slot, lsn.to_string()])
-            }
-        };
+        let stmt = self.position.clone();
+        let (slot, at) = (self.slot.clone(), lsn.to_string());
         let info = InFlight {
             table: Arc::from("position"),
             what: "position",
@@ -873,19 +828,13 @@ impl Applier {
             commits: None,
             wal: None,
         };
-        self.pending.push_back(
-            async move {
-                let refs: Vec<&(dyn ToSql + Sync)> =
-                    params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
-                (client.execute(&stmt, &refs).await, info)
-            }
-            .boxed(),
-        );
+        self.pending
+            .push_back(async move { (client.execute(&stmt, &[&slot, &at]).await, info) }.boxed());
         let stmt = self.commit.clone();
         self.pipeline(stmt, "commit", Some(lsn));
         self.in_tx = false;
-        self.commits_in_flight += 1;
-        self.committing_max = self.committing_max.max(self.tx_max_commit);
+        self.committing = true;
+        self.committing_max = self.tx_max_commit;
         self.tx_max_commit = Lsn::INVALID;
         self.probe_if_due();
         self.poll_ready()
@@ -899,7 +848,6 @@ impl Applier {
             .execute(&self.position, &[&self.slot, &lsn.to_string()])
             .await
             .map_err(|e| Error::pg(&e, "recording the applied position"))?;
-        self.expected = Some(self.expected.map_or(lsn, |e| e.max(lsn)));
         self.answered(lsn);
         self.probe_if_due();
         self.poll_ready()
@@ -936,7 +884,7 @@ impl Applier {
     /// against the flush position), with the probe standing in for the commit's end, which a
     /// client is not told.
     pub fn probe_if_due(&mut self) {
-        let waiting = self.commits_in_flight > 0 || self.confirmed > self.flushed;
+        let waiting = self.committing || self.confirmed > self.flushed;
         if self.in_tx || self.probing || !waiting || self.probed_at.elapsed() < PROBE_EVERY {
             return;
         }
@@ -1011,7 +959,6 @@ impl Applier {
             let _ = self.client.batch_execute("ROLLBACK").await;
             return Err(Error::pg(&e, "flushing the applied position on the target"));
         }
-        self.expected = Some(self.expected.map_or(lsn, |e| e.max(lsn)));
         self.confirmed = self.confirmed.max(lsn);
         self.flushed_to(self.confirmed);
         self.unflushed.clear();
@@ -1029,7 +976,7 @@ impl Applier {
             self.failed = true;
         }
         if let Some(lsn) = f.commits {
-            self.commits_in_flight = self.commits_in_flight.saturating_sub(1);
+            self.committing = false;
             return match r {
                 Ok(_) if !self.failed => {
                     self.answered(lsn);
@@ -1064,15 +1011,6 @@ impl Applier {
                 self.flushed_to(pos);
             }
             return Ok(());
-        }
-        if f.what == "position"
-            && let Err(e) = &r
-            && e.code() == Some(&tokio_postgres::error::SqlState::DIVISION_BY_ZERO)
-        {
-            return Err(Error::permanent(format!(
-                "the applied position on the target is not the one this apply session wrote last (source transactions up to {}): is another apply writing it?",
-                f.commit_lsn
-            )));
         }
         if matches!(f.what, "begin" | "position") {
             return r

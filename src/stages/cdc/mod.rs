@@ -13,19 +13,16 @@
 //! - The applied position (the last applied commit's end LSN) is written in the same target
 //!   transaction as the changes: exactly once across crashes. A target transaction is sent whole
 //!   without waiting (`BEGIN`, statements, position, `COMMIT`, pipelined); it counts once the
-//!   target has answered its `COMMIT` (and every statement before it). Up to
-//!   [`apply::MAX_COMMITS_IN_FLIGHT`] transactions may be committing at once: each one's position
-//!   write is chained to the one before (it fails unless the stored position is the one the
-//!   previous transaction wrote), so a transaction never commits behind one that rolled back.
-//!   The apply session commits with
+//!   target has answered its `COMMIT` (and every statement before it), and nothing of the next
+//!   transaction is sent before that answer. The apply session commits with
 //!   `synchronous_commit = off`, like native's apply worker, and the slot is told (standby status
 //!   update) only what the target has *flushed* ([`apply::Applier::flushed`]: WAL probes, and a
 //!   synchronous position write at drains, holds, stops and after [`apply::FLUSH_WAIT`] of
 //!   waiting), on keepalives, on the 500 ms tick, when a probe moves it and at least every 10 s:
 //!   a target crash that loses its last commits loses their positions too, and the slot still
 //!   has them.
-//! - Under a live stream a batch is committed at a source commit as soon as fewer than
-//!   [`apply::MAX_COMMITS_IN_FLIGHT`] commits are in flight and the stream has paused (see [`DbStream::commit_now`]): the
+//! - Under a live stream a batch is committed at a source commit as soon as the target has
+//!   answered everything sent and the stream has paused (see [`DbStream::commit_now`]): the
 //!   applied position moves as the walsender decodes, not only at its keepalive after each
 //!   stretch of WAL the source flushed. In a backlog the stream never pauses and batches grow to
 //!   `batch_changes`. When nothing is pending, a keepalive's position counts as applied
@@ -832,7 +829,7 @@ impl<'a> DbStream<'a> {
                                 // grows and is committed when it answers (see the branch above).
                                 let flushed = !st.in_source_tx && st.batch_open && {
                                     self.confirm(&mut ap, &mut st)?;
-                                    ap.may_commit()
+                                    ap.idle()
                                 };
                                 if flushed {
                                     alive!(self, repl, st, self.flush(&mut ap, &mut st))?;
@@ -1198,7 +1195,7 @@ impl<'a> DbStream<'a> {
     }
 
     /// Whether to commit the open batch now, at a source commit, instead of at the next keepalive:
-    /// when another commit may be in flight ([`Applier::may_commit`]) and the stream
+    /// when the target has answered everything sent (it would otherwise sit idle) and the stream
     /// has paused (no message can be read without waiting; one that can is kept in `read_ahead`).
     /// Under a live stream this commits as the walsender decodes, like native's apply worker,
     /// instead of after the whole stretch the source flushed at once; in a backlog the stream
@@ -1208,7 +1205,7 @@ impl<'a> DbStream<'a> {
         repl: &mut ReplicationClient,
         read_ahead: &mut Option<Result<ReplicationMessage>>,
     ) -> bool {
-        if !ap.may_commit() || read_ahead.is_some() {
+        if !ap.idle() || read_ahead.is_some() {
             return false;
         }
         match repl.next_message().now_or_never() {
