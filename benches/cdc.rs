@@ -3,7 +3,7 @@
 //! - `drain`: a backlog of pgbench transactions built while nothing applies, then drained by
 //!   pgferry (`pgferry run`, start-up included) and, separately, by PostgreSQL's native logical
 //!   replication (`CREATE SUBSCRIPTION ... WITH (copy_data = false)`, disabled during the backlog);
-//!   prints both times and native / pgferry (target >= 1.5). All three databases are compared
+//!   prints both times and native / pgferry (target >= 2, issue 14). All three databases are compared
 //!   afterwards.
 //! - `drain-pagila`: the same with a backlog of Pagila writer transactions (a rental and its
 //!   payment, a customer update, an actor update, a film_actor row deleted and put back: the soak
@@ -208,9 +208,19 @@ fn stage_state(db: &Db, migration: &str, stage: &str) -> String {
 }
 
 fn applied_at_least(db: &Db, lsn: &str) -> bool {
+    applied(db, lsn, ">=")
+}
+
+/// Past `lsn`: the applied position is a commit's end, so past a position read inside a
+/// transaction means that transaction (or a later one) is applied.
+fn applied_past(db: &Db, lsn: &str) -> bool {
+    applied(db, lsn, ">")
+}
+
+fn applied(db: &Db, lsn: &str, op: &str) -> bool {
     db.is("SELECT to_regclass('pgferry.cdc_applied') IS NOT NULL")
         && db.is(&format!(
-            "SELECT coalesce(bool_and(lsn >= '{lsn}'::pg_lsn), false) FROM pgferry.cdc_applied"
+            "SELECT coalesce(bool_and(lsn {op} '{lsn}'::pg_lsn), false) FROM pgferry.cdc_applied"
         ))
 }
 
@@ -222,7 +232,10 @@ fn mb(kb: u64) -> f64 {
 
 struct DrainRound {
     backlog_secs: f64,
+    /// ENABLE to the origin's remote_lsn past the backlog (applied).
     native: f64,
+    /// ENABLE to the slot's confirmed_flush_lsn past the backlog (what the drain measured before).
+    native_confirmed: f64,
     ferry_applied: f64,
     ferry_exit: f64,
     ferry_idle: f64,
@@ -330,6 +343,16 @@ fn drain_round(a: &Args, p: &Pair, src: &str, round: u32, w: Workload) -> DrainR
         src,
         &format!("DROP PUBLICATION IF EXISTS bench_native; CREATE PUBLICATION bench_native FOR {published}"),
     );
+    // The launcher starts a subscription's apply worker at most once per
+    // `wal_retrieve_retry_interval` (default 5 s): the ENABLE of the timed drain, a few seconds
+    // after this setup's start, would otherwise wait up to 5 s for a worker (measured: native's
+    // drain of 20,000 Pagila transactions took 6.0 s, of which its worker used 0.8 s of CPU).
+    // A DBA enabling a subscription once does not meet that wait; the benchmark must not either.
+    p.target.psql(
+        "postgres",
+        "ALTER SYSTEM SET wal_retrieve_retry_interval = '50ms'",
+    );
+    p.target.psql("postgres", "SELECT pg_reload_conf()");
     p.target.psql(
         tn,
         &format!(
@@ -380,9 +403,22 @@ fn drain_round(a: &Args, p: &Pair, src: &str, round: u32, w: Workload) -> DrainR
         ),
         Workload::Pagila => pagila_backlog(&p.source, src, total),
     };
-    // The insert position: with synchronous_commit = off (the harness's setting) acknowledged
-    // commits can lie beyond pg_current_wal_lsn(), the write position.
+    // The end of the backlog, the same for both followers: one marker transaction after it (an
+    // update that changes nothing), whose WAL insert position is read inside it, before its COMMIT.
+    // A follower has applied the whole backlog once its applied position (pgferry's stored
+    // `cdc_applied`, native's origin `remote_lsn`: both the end of the last applied commit) is
+    // past that position, which only the marker's commit record can be. The slot's confirmed
+    // position is not a measure of "applied": native reports only what its target has flushed,
+    // up to a WAL-writer cycle later. The insert position, not pg_current_wal_lsn() (the write
+    // position, which acknowledged asynchronous commits can lie beyond).
+    let marker = match w {
+        Workload::Pgbench => "UPDATE public.pgbench_branches SET bbalance = bbalance WHERE bid = 1",
+        Workload::Pagila => "UPDATE public.country SET country = country WHERE country_id = 1",
+    };
+    sdb.one("BEGIN");
+    sdb.one(marker);
     let l = sdb.one("SELECT pg_current_wal_insert_lsn()");
+    sdb.one("COMMIT");
     eprintln!(
         "[bench]   backlog: {total} {} transactions in {:.1}s ({:.0} tx/s), source at {l}; retained WAL: {}",
         w.name(),
@@ -395,14 +431,19 @@ fn drain_round(a: &Args, p: &Pair, src: &str, round: u32, w: Workload) -> DrainR
     let backlog_secs = d.as_secs_f64();
 
     let ndb = Db::connect(&p.target, tn);
-    let run_native = || -> f64 {
+    let run_native = || -> (f64, f64) {
         p.source.psql(src, "CHECKPOINT");
         p.target.psql("postgres", "CHECKPOINT");
         let mut cpu = CpuWatch::default();
+        let mut started = None;
+        let origin = format!(
+            "SELECT coalesce(remote_lsn > '{l}'::pg_lsn, false) FROM pg_replication_origin_status \
+             WHERE external_id = (SELECT 'pg_' || oid FROM pg_subscription WHERE subname = '{sub}')"
+        );
         let t = Instant::now();
         ndb.one(&format!("ALTER SUBSCRIPTION {sub} ENABLE"));
         poll(
-            "the native subscription to drain",
+            "the native subscription to apply the backlog",
             Duration::from_secs(3600),
             POLL,
             || {
@@ -415,25 +456,38 @@ fn drain_round(a: &Args, p: &Pair, src: &str, round: u32, w: Workload) -> DrainR
                         ),
                     ),
                 );
-                cpu.watch(
-                    "apply worker",
-                    pid_of(
-                        &ndb,
-                        &format!("SELECT pid FROM pg_stat_subscription WHERE subname = '{sub}' AND relid IS NULL"),
+                let worker = pid_of(
+                    &ndb,
+                    &format!(
+                        "SELECT pid FROM pg_stat_subscription WHERE subname = '{sub}' AND relid IS NULL"
                     ),
                 );
-                sdb.is(&format!(
-                    "SELECT coalesce(confirmed_flush_lsn >= '{l}'::pg_lsn, false) FROM pg_replication_slots WHERE slot_name = '{sub}'"
-                ))
+                if worker.is_some() && started.is_none() {
+                    started = Some(t.elapsed().as_secs_f64());
+                }
+                cpu.watch("apply worker", worker);
+                ndb.is(&origin)
             },
         );
         let took = t.elapsed().as_secs_f64();
+        poll(
+            "the native slot to be confirmed past the backlog",
+            Duration::from_secs(3600),
+            POLL,
+            || {
+                sdb.is(&format!(
+                    "SELECT coalesce(confirmed_flush_lsn > '{l}'::pg_lsn, false) FROM pg_replication_slots WHERE slot_name = '{sub}'"
+                ))
+            },
+        );
+        let confirmed = t.elapsed().as_secs_f64();
         ndb.one(&format!("ALTER SUBSCRIPTION {sub} DISABLE"));
         eprintln!(
-            "[bench]   native drain: {took:.1}s; CPU (last sampled): {}",
+            "[bench]   native drain: apply worker seen after {:.2}s, applied past {l} after {took:.1}s, slot confirmed after {confirmed:.1}s; CPU (last sampled): {}",
+            started.unwrap_or(f64::NAN),
             cpu.report()
         );
-        took
+        (took, confirmed)
     };
     let run_ferry = || -> (f64, f64) {
         p.source.psql(src, "CHECKPOINT");
@@ -466,14 +520,14 @@ fn drain_round(a: &Args, p: &Pair, src: &str, round: u32, w: Workload) -> DrainR
             );
             if let Ok(Some(status)) = child.try_wait() {
                 // It may have finished between two polls; the position decides.
-                if !applied_at_least(&tdb, &l) {
+                if !applied_past(&tdb, &l) {
                     panic!(
                         "pgferry exited ({status:?}) before applying up to {l}\n{}",
                         tail(&log, 60)
                     );
                 }
             }
-            applied_at_least(&tdb, &l)
+            applied_past(&tdb, &l)
         });
         let applied = t.elapsed().as_secs_f64();
         expect_exit(&mut child, 0, &log, "pgferry drain run");
@@ -489,7 +543,7 @@ fn drain_round(a: &Args, p: &Pair, src: &str, round: u32, w: Workload) -> DrainR
         }
         (applied, exited)
     };
-    let (native, (ferry_applied, ferry_exit)) = if round.is_multiple_of(2) {
+    let ((native, native_confirmed), (ferry_applied, ferry_exit)) = if round.is_multiple_of(2) {
         let f = run_ferry();
         (run_native(), f)
     } else {
@@ -532,6 +586,7 @@ fn drain_round(a: &Args, p: &Pair, src: &str, round: u32, w: Workload) -> DrainR
     DrainRound {
         backlog_secs,
         native,
+        native_confirmed,
         ferry_applied,
         ferry_exit,
         ferry_idle,
@@ -611,14 +666,20 @@ fn drain(a: &Args, w: Workload) {
         a.repeat
     );
     println!("{:<48} {:>9} {:>10}", "", "seconds", "tx/s");
+    let native_confirmed = best(|r| r.native_confirmed);
     println!(
         "{:<48} {native:>9.1} {:>10.0}",
-        "native subscription (ENABLE to confirmed >= L)",
+        "native subscription (ENABLE to applied > L)",
         total / native
     );
     println!(
+        "{:<48} {native_confirmed:>9.1} {:>10.0}",
+        "native subscription (ENABLE to slot confirmed > L)",
+        total / native_confirmed
+    );
+    println!(
         "{:<48} {applied:>9.1} {:>10.0}",
-        "pgferry run (start to applied >= L)",
+        "pgferry run (start to applied > L)",
         total / applied
     );
     println!(
@@ -630,9 +691,9 @@ fn drain(a: &Args, w: Workload) {
         "pgferry run with nothing to drain (fixed cost)", "-"
     );
     println!(
-        "ratio native / pgferry: {:.2}x (target >= 1.5x: {})",
+        "ratio native / pgferry: {:.2}x (target >= 2x: {})",
         native / applied,
-        if native / applied >= 1.5 {
+        if native / applied >= 2.0 {
             "met"
         } else {
             "NOT met"
@@ -640,9 +701,10 @@ fn drain(a: &Args, w: Workload) {
     );
     for (i, r) in rounds.iter().enumerate() {
         println!(
-            "  round {}: native {:.1}s, pgferry {:.1}s -> {:.2}x",
+            "  round {}: native {:.1}s (slot confirmed {:.1}s), pgferry {:.1}s -> {:.2}x",
             i + 1,
             r.native,
+            r.native_confirmed,
             r.ferry_applied,
             r.native / r.ferry_applied
         );

@@ -807,13 +807,14 @@ fn the_apply_plans_a_grouped_statement_once_not_per_execution() {
     let out = plan.run(&["run"]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
 
-    // Each transaction deletes a row and puts it back (the Pagila writer's film_actor change):
-    // the DELETE cannot be merged with the next transaction's, so it runs once per transaction.
+    // Each transaction deletes a row, puts it back and updates it: the update run between two
+    // transactions' deletes keeps them apart, so the DELETE runs once per transaction.
     p.source.psql(
         s,
         "DO $$ BEGIN FOR i IN 1..200 LOOP \
            DELETE FROM public.pairs WHERE a = i AND b = i; \
            INSERT INTO public.pairs VALUES (i, i, 'again ' || i); \
+           UPDATE public.pairs SET note = note || '!' WHERE a = i AND b = i; \
            COMMIT; END LOOP; END $$;",
     );
     p.target.psql(
@@ -856,6 +857,47 @@ fn the_apply_plans_a_grouped_statement_once_not_per_execution() {
     assert!(
         (0..=2).contains(&plans),
         "the apply planned its DELETE {plans} times for {calls} executions (generic plans expected)"
+    );
+    assert_eq!(
+        row_digest(&p.source, s, "public.pairs"),
+        row_digest(&p.target, t, "public.pairs")
+    );
+
+    // The Pagila writer's film_actor change alone: each transaction deletes a row and puts it
+    // back. Gathered, the deletes join one run before the inserts: a few DELETEs for 400 source
+    // transactions, not one each. Some keys come back in later transactions (i % 150), which
+    // must start a new run: the digest checks the order held.
+    p.target
+        .psql("postgres", "SELECT pg_stat_statements_reset()");
+    p.source.psql(
+        s,
+        "DO $$ BEGIN FOR i IN 1..400 LOOP \
+           DELETE FROM public.pairs WHERE a = i % 150 + 1 AND b = i % 150 + 1; \
+           INSERT INTO public.pairs VALUES (i % 150 + 1, i % 150 + 1, 'back ' || i); \
+           COMMIT; END LOOP; END $$;",
+    );
+    let lsn = current_lsn(&p.source, s);
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let applied = p.target.psql(
+        t,
+        &format!(
+            "SELECT coalesce(bool_and(lsn >= '{lsn}'::pg_lsn), false) FROM pgferry.cdc_applied"
+        ),
+    );
+    assert_eq!(applied, "t", "applied position below {lsn}");
+    let deletes = p.target.psql(
+        "postgres",
+        &format!(
+            "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements s \
+             JOIN pg_database d ON d.oid = s.dbid \
+             WHERE d.datname = '{t}' AND s.query LIKE 'DELETE FROM \"public\".\"pairs\"%'"
+        ),
+    );
+    let deletes: i64 = deletes.parse().unwrap_or(-1);
+    assert!(
+        (1..=30).contains(&deletes),
+        "400 deletes put back in 400 transactions took {deletes} DELETE statements (a few expected)"
     );
     assert_eq!(
         row_digest(&p.source, s, "public.pairs"),

@@ -1085,8 +1085,8 @@ impl Applier {
         let lsn = self.tx_max_commit;
         for run in q.runs {
             match run {
-                Run::Insert(rows) => {
-                    let mut rows = rows.into_iter().peekable();
+                Run::Insert(run) => {
+                    let mut rows = run.rows.into_iter().peekable();
                     while rows.peek().is_some() {
                         let chunk: Vec<Row> = rows.by_ref().take(MAX_INSERT_ROWS).collect();
                         let n = chunk.len();
@@ -1368,8 +1368,9 @@ impl Applier {
         if !self.strict {
             if !self.rel(oid)?.ordered {
                 self.flush_inserts().await?;
+                let key = Self::key_of(self.rel(oid)?, new).map(|(k, _)| k);
                 let row: Row = params.into_iter().map(|v| v.map(str::to_string)).collect();
-                let n = self.changes.insert(oid, row);
+                let n = self.changes.insert(oid, key, row);
                 return self.bound(oid, n).await;
             }
             self.send_changes().await?;

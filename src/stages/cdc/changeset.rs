@@ -11,7 +11,12 @@
 //! - updates that keep the row's key are merged per key: the row ends with the last value of each
 //!   column (an unchanged-TOAST column keeps the value an earlier update of the same row set, or
 //!   is left alone), which is the state the sequence leaves behind;
-//! - deletes are a set of keys.
+//! - deletes are a set of keys;
+//! - a delete that follows an insert run none of whose rows has its key joins the delete run
+//!   before that insert run (it finds a different row by a unique key, so the two commute): the
+//!   common "delete a row and put it back" (or a row replaced by key) stays two statements per
+//!   batch, `DELETE` of every key then `INSERT` of every row, instead of two per source
+//!   transaction.
 //!
 //! What is *not* equivalent is a transient conflict: set-based statements do not change rows in
 //! source order, so a unique constraint on other columns (two rows swapping a unique value) or an
@@ -50,6 +55,15 @@ pub struct UpdateRun {
     index: HashMap<String, usize>,
 }
 
+/// Inserts in source order, with the keys of their rows when every row has one (see
+/// [`ChangeSet::delete`]).
+#[derive(Debug, Default)]
+pub struct InsertRun {
+    pub rows: Vec<Row>,
+    /// The rows' keys; `None` once a row without a known key joined the run.
+    keys: Option<HashSet<String>>,
+}
+
 /// Deletes of distinct keys (key column values only, in the relation's key order).
 #[derive(Debug, Default)]
 pub struct DeleteRun {
@@ -59,7 +73,7 @@ pub struct DeleteRun {
 
 #[derive(Debug)]
 pub enum Run {
-    Insert(Vec<Row>),
+    Insert(InsertRun),
     Update(UpdateRun),
     Delete(DeleteRun),
 }
@@ -136,18 +150,29 @@ impl ChangeSet {
         &mut self.tables[i]
     }
 
-    /// Queues an insert; returns the number of rows of the table's last run.
-    pub fn insert(&mut self, oid: u32, row: Row) -> usize {
+    /// Queues an insert of a row with key `key` (see [`encode_key`]; `None` when it has no
+    /// usable key); returns the number of rows of the table's last run.
+    pub fn insert(&mut self, oid: u32, key: Option<String>, row: Row) -> usize {
         self.rows += 1;
         self.bytes += row_bytes(&row);
         let q = self.queue(oid);
-        if let Some(Run::Insert(rows)) = q.runs.last_mut() {
-            rows.push(row);
-            rows.len()
-        } else {
-            q.runs.push(Run::Insert(vec![row]));
-            1
+        if !matches!(q.runs.last(), Some(Run::Insert(_))) {
+            q.runs.push(Run::Insert(InsertRun {
+                rows: Vec::new(),
+                keys: Some(HashSet::new()),
+            }));
         }
+        let Some(Run::Insert(run)) = q.runs.last_mut() else {
+            return 0;
+        };
+        match (key, &mut run.keys) {
+            (Some(k), Some(keys)) => {
+                keys.insert(k);
+            }
+            _ => run.keys = None,
+        }
+        run.rows.push(row);
+        run.rows.len()
     }
 
     /// Queues an update that keeps the row's key `key` (see [`encode_key`]); returns the number
@@ -187,10 +212,18 @@ impl ChangeSet {
     pub fn delete(&mut self, oid: u32, key: String, values: Row) -> usize {
         let added = row_bytes(&values);
         let q = self.queue(oid);
-        if !matches!(q.runs.last(), Some(Run::Delete(_))) {
+        let n = q.runs.len();
+        // After `Delete, Insert` runs: the delete joins the first when no row of the insert run
+        // has its key (then neither statement can touch the other's row) and the first does not
+        // hold it already (a key deleted twice in one run would be deleted once).
+        let hoist = n >= 2
+            && matches!(&q.runs[n - 1], Run::Insert(i) if i.keys.as_ref().is_some_and(|k| !k.contains(&key)))
+            && matches!(&q.runs[n - 2], Run::Delete(d) if !d.index.contains(&key));
+        if !hoist && !matches!(q.runs.last(), Some(Run::Delete(_))) {
             q.runs.push(Run::Delete(DeleteRun::default()));
         }
-        let Some(Run::Delete(run)) = q.runs.last_mut() else {
+        let at = if hoist { n - 2 } else { q.runs.len() - 1 };
+        let Some(Run::Delete(run)) = q.runs.get_mut(at) else {
             return 0;
         };
         let fresh = run.index.insert(key);
@@ -224,9 +257,9 @@ impl ChangeSet {
         }
         for run in &q.runs {
             match run {
-                Run::Insert(rows) => {
-                    self.rows -= rows.len();
-                    let held: usize = rows.iter().map(row_bytes).sum();
+                Run::Insert(run) => {
+                    self.rows -= run.rows.len();
+                    let held: usize = run.rows.iter().map(row_bytes).sum();
                     self.bytes = self.bytes.saturating_sub(held);
                 }
                 Run::Update(u) => {
@@ -294,12 +327,12 @@ mod tests {
     #[test]
     fn runs_keep_the_order_within_a_table() {
         let mut c = ChangeSet::default();
-        c.insert(1, vec![Some("1".into())]);
-        c.insert(2, vec![Some("9".into())]);
-        c.insert(1, vec![Some("2".into())]);
+        c.insert(1, Some(key("1")), vec![Some("1".into())]);
+        c.insert(2, Some(key("9")), vec![Some("9".into())]);
+        c.insert(1, Some(key("2")), vec![Some("2".into())]);
         c.delete(1, key("1"), vec![Some("1".into())]);
         c.delete(1, key("1"), vec![Some("1".into())]);
-        c.insert(1, vec![Some("1".into())]);
+        c.insert(1, Some(key("1")), vec![Some("1".into())]);
         c.update(1, key("1"), vec![t("1")]);
         let q = c.take();
         assert_eq!(q.iter().map(|t| t.oid).collect::<Vec<_>>(), vec![1, 2]);
@@ -307,7 +340,7 @@ mod tests {
             .runs
             .iter()
             .map(|r| match r {
-                Run::Insert(rows) => format!("I{}", rows.len()),
+                Run::Insert(i) => format!("I{}", i.rows.len()),
                 Run::Update(u) => format!("U{}", u.rows.len()),
                 Run::Delete(d) => format!("D{}", d.keys.len()),
             })
@@ -315,23 +348,80 @@ mod tests {
         assert_eq!(kinds, vec!["I2", "D1", "I1", "U1"]);
     }
 
+    fn kinds(q: &TableQueue) -> Vec<String> {
+        q.runs
+            .iter()
+            .map(|r| match r {
+                Run::Insert(i) => format!("I{}", i.rows.len()),
+                Run::Update(u) => format!("U{}", u.rows.len()),
+                Run::Delete(d) => format!("D{}", d.keys.len()),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rows_deleted_and_put_back_become_one_delete_and_one_insert() {
+        let mut c = ChangeSet::default();
+        for k in ["1", "2", "3"] {
+            c.delete(1, key(k), vec![Some(k.into())]);
+            c.insert(1, Some(key(k)), vec![Some(k.into())]);
+        }
+        let q = c.take();
+        assert_eq!(kinds(&q[0]), vec!["D3", "I3"]);
+        let Run::Delete(d) = &q[0].runs[0] else {
+            panic!("not a delete run");
+        };
+        assert_eq!(
+            d.keys,
+            vec![
+                vec![Some("1".to_string())],
+                vec![Some("2".into())],
+                vec![Some("3".into())]
+            ]
+        );
+
+        // A key the insert run holds, or one the delete run holds, starts a new run: the row
+        // put back must be deleted after it was inserted.
+        let mut c = ChangeSet::default();
+        c.delete(1, key("1"), vec![Some("1".into())]);
+        c.insert(1, Some(key("1")), vec![Some("1".into())]);
+        c.delete(1, key("1"), vec![Some("1".into())]);
+        c.insert(1, Some(key("1")), vec![Some("1".into())]);
+        assert_eq!(kinds(&c.take()[0]), vec!["D1", "I1", "D1", "I1"]);
+
+        // An insert whose key is not known blocks the move.
+        let mut c = ChangeSet::default();
+        c.delete(1, key("1"), vec![Some("1".into())]);
+        c.insert(1, None, vec![Some("1".into())]);
+        c.delete(1, key("2"), vec![Some("2".into())]);
+        assert_eq!(kinds(&c.take()[0]), vec!["D1", "I1", "D1"]);
+
+        // Not across an update run either.
+        let mut c = ChangeSet::default();
+        c.delete(1, key("1"), vec![Some("1".into())]);
+        c.update(1, key("5"), vec![t("5")]);
+        c.delete(1, key("2"), vec![Some("2".into())]);
+        assert_eq!(kinds(&c.take()[0]), vec!["D1", "U1", "D1"]);
+        assert_eq!(c.rows(), 0);
+    }
+
     #[test]
     fn taking_one_table_leaves_the_others() {
         let mut c = ChangeSet::default();
-        c.insert(1, vec![Some("1".into())]);
-        c.insert(2, vec![Some("2".into())]);
-        c.insert(3, vec![Some("3".into())]);
+        c.insert(1, Some(key("1")), vec![Some("1".into())]);
+        c.insert(2, Some(key("2")), vec![Some("2".into())]);
+        c.insert(3, Some(key("3")), vec![Some("3".into())]);
         let q = c.take_table(2).map(|q| q.oid);
         assert_eq!(q, Some(2));
         assert_eq!(c.rows(), 2);
         assert!(c.has(3) && c.has(1) && !c.has(2));
         assert!(c.take_table(2).is_none());
-        c.insert(3, vec![Some("4".into())]);
+        c.insert(3, None, vec![Some("4".into())]);
         let rest = c.take();
         assert_eq!(rest.iter().map(|t| t.oid).collect::<Vec<_>>(), vec![1, 3]);
-        let Run::Insert(rows) = &rest[1].runs[0] else {
+        let Run::Insert(i) = &rest[1].runs[0] else {
             panic!("not an insert run");
         };
-        assert_eq!(rows.len(), 2);
+        assert_eq!(i.rows.len(), 2);
     }
 }
