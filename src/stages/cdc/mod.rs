@@ -861,8 +861,16 @@ impl<'a> DbStream<'a> {
                                 }
                                 // The slot follows the apply: a position applied since the last
                                 // report goes to the source now, so it retains no more WAL than
-                                // needed, also once the source is idle.
+                                // needed, also once the source is idle. Flushed positions only:
+                                // asked for here too, as keepalives may come faster than the
+                                // tick (a stopping walsender asks for a reply after each one and
+                                // waits until the slot is told everything it sent).
                                 self.confirm(&mut ap, &mut st)?;
+                                if !st.batch_open && !st.in_source_tx && ap.flush_overdue() {
+                                    alive!(self, repl, st, self.make_durable(&mut ap, &mut st))?;
+                                } else if !ap.in_tx() {
+                                    ap.probe_if_due();
+                                }
                                 if k.reply_requested || st.flushed > st.reported || st.last_status.elapsed() >= self.status_every {
                                     repl.send_status(st.flushed, st.flushed, st.flushed, false).await?;
                                     st.last_status = Instant::now();
