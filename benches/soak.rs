@@ -22,7 +22,14 @@
 //! cargo bench --bench soak -- --workload pgbench --rates 800 --seconds 300
 //! cargo bench --bench soak -- --rates max --seconds 60 --batch-delay 20ms   # the cdc option
 //! cargo bench --bench soak -- --rates 800 --seconds 60 --profile   # where the target's time goes
+//! cargo bench --bench soak -- --rates 800 --seconds 60 --target-synchronous-commit on --source-wal-writer-delay 10
 //! ```
+//!
+//! `--target-synchronous-commit on|off` sets the target cluster's `synchronous_commit` (the
+//! harness's clusters run `off`; production targets usually `on`), `--source-wal-writer-delay MS`
+//! the source's `wal_writer_delay` (200 ms by default: with asynchronous commits the source's WAL
+//! reaches both followers in stretches of this period). Both by `ALTER SYSTEM` and a reload, and
+//! printed with the figures.
 //!
 //! `--profile` loads `pg_stat_statements` (with `track_planning`) on the target cluster and prints,
 //! for the writer's run, each follower's statements on the target (calls, rows, planning and
@@ -50,6 +57,13 @@ struct Args {
     batch_delay: Option<String>,
     /// Profile the target side (`--profile`).
     profile: bool,
+    /// `synchronous_commit` of the target cluster (`--target-synchronous-commit on|off`; the
+    /// harness's clusters run `off`, production targets usually `on`).
+    target_synchronous_commit: Option<String>,
+    /// `wal_writer_delay` of the source cluster in ms (`--source-wal-writer-delay`; 200 by
+    /// default): with asynchronous commits on the source, both followers receive its WAL in
+    /// stretches of this period.
+    source_wal_writer_delay: Option<u32>,
 }
 
 fn args() -> Args {
@@ -60,6 +74,8 @@ fn args() -> Args {
         clients: 4,
         batch_delay: None,
         profile: false,
+        target_synchronous_commit: None,
+        source_wal_writer_delay: None,
     };
     let mut it = std::env::args().skip(1).filter(|x| x != "--bench");
     while let Some(x) = it.next() {
@@ -75,6 +91,21 @@ fn args() -> Args {
             }
             "--batch-delay" => a.batch_delay = it.next(),
             "--profile" => a.profile = true,
+            "--target-synchronous-commit" => {
+                a.target_synchronous_commit = it.next().filter(|v| v == "on" || v == "off");
+                assert!(
+                    a.target_synchronous_commit.is_some(),
+                    "--target-synchronous-commit takes on or off"
+                );
+            }
+            "--source-wal-writer-delay" => {
+                a.source_wal_writer_delay = it.next().and_then(|v| v.parse().ok());
+                assert!(
+                    a.source_wal_writer_delay
+                        .is_some_and(|v| (1..=10_000).contains(&v)),
+                    "--source-wal-writer-delay takes milliseconds, 1 to 10000"
+                );
+            }
             "--seconds" => a.seconds = it.next().and_then(|v| v.parse().ok()).unwrap_or(300),
             "--clients" => a.clients = it.next().and_then(|v| v.parse().ok()).unwrap_or(4).max(1),
             _ => {}
@@ -594,6 +625,25 @@ fn main() {
             p.target.psql("postgres", set);
         }
     }
+    if let Some(v) = &a.target_synchronous_commit {
+        p.target.psql(
+            "postgres",
+            &format!("ALTER SYSTEM SET synchronous_commit = {v}"),
+        );
+        p.target.psql("postgres", "SELECT pg_reload_conf()");
+    }
+    if let Some(ms) = a.source_wal_writer_delay {
+        p.source.psql(
+            "postgres",
+            &format!("ALTER SYSTEM SET wal_writer_delay = '{ms}ms'"),
+        );
+        p.source.psql("postgres", "SELECT pg_reload_conf()");
+    }
+    eprintln!(
+        "[soak] target synchronous_commit = {}, source wal_writer_delay = {}",
+        p.target.psql("postgres", "SHOW synchronous_commit"),
+        p.source.psql("postgres", "SHOW wal_writer_delay")
+    );
     let src = "soak_src";
     p.source.psql(
         "postgres",

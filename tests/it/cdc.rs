@@ -904,3 +904,165 @@ fn the_apply_plans_a_grouped_statement_once_not_per_execution() {
         row_digest(&p.target, t, "public.pairs")
     );
 }
+
+/// The apply commits asynchronously (like native's apply worker) and tells the slot only what the
+/// target has flushed. A target whose commits are synchronous at server level but whose WAL
+/// writer waits 10 s keeps the apply's last commits in its WAL buffers; an immediate stop loses
+/// them. Had the slot been told those positions, the resumed stream would start past them and
+/// their rows would never arrive. The store lives on the source here, so that nothing else on the
+/// target flushes its WAL.
+#[test]
+fn a_target_crash_loses_no_change_the_slot_was_told() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    let (source, target) = std::thread::scope(|scope| {
+        let s = scope.spawn(|| Cluster::start("crashtgt_src"));
+        let t = scope.spawn(|| {
+            Cluster::start_with(
+                "crashtgt_tgt",
+                "synchronous_commit = on\nwal_writer_delay = 10s\nwal_writer_flush_after = 1GB\nautovacuum = off\n",
+                &[],
+            )
+        });
+        (s.join().expect("source"), t.join().expect("target"))
+    });
+    let p = crate::support::Pair { source, target };
+    let (s, t, store) = ("crash_src", "crash_tgt", "crash_store");
+    for db in [s, store] {
+        p.source.psql("postgres", &format!("CREATE DATABASE {db}"));
+    }
+    p.target.psql("postgres", &format!("CREATE DATABASE {t}"));
+    p.source.psql(
+        s,
+        "CREATE TABLE public.t (id bigint PRIMARY KEY, v text, n int NOT NULL DEFAULT 0);\n\
+         INSERT INTO public.t SELECT g, 'seed ' || g FROM generate_series(1, 100) g;",
+    );
+    let stages = format!(
+        "[state]\nurl = \"postgres://postgres@127.0.0.1:{}/{store}?sslmode=disable\"\npassword = \"{{{{ env.{} }}}}\"\n\n\
+         {STAGES}\n[stages.cutover]\nkind = \"cutover\"\nafter = [\"cdc\"]\n",
+        p.source.port,
+        crate::support::PASSWORD_VAR
+    );
+    let plan = TestPlan::new(&p, "crashtgt", s, t, &stages);
+    let cdc_ready = |child: &mut std::process::Child| {
+        wait_for("cdc to be ready", Duration::from_secs(60), || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("the runner stopped early: {status:?}");
+            }
+            p.source
+                .psql(store, "SELECT to_regclass('pgferry.stages') IS NOT NULL")
+                == "t"
+                && p.source.psql(
+                    store,
+                    "SELECT count(*) FROM pgferry.stages WHERE stage = 'cdc' AND state = 'ready'",
+                ) == "1"
+        })
+    };
+    let mut child = plan.spawn(&["run"]);
+    cdc_ready(&mut child);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicU64::new(0));
+    let port = p.source.port;
+    let writer = {
+        let (stop, written) = (stop.clone(), written.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let mut config = tokio_postgres::Config::new();
+                config
+                    .host("127.0.0.1")
+                    .port(port)
+                    .user("postgres")
+                    .password(crate::support::PASSWORD)
+                    .dbname(s);
+                let (client, conn) = config
+                    .connect(tokio_postgres::NoTls)
+                    .await
+                    .expect("the writer connects");
+                tokio::spawn(conn);
+                let mut i: u64 = 1000;
+                while !stop.load(Ordering::SeqCst) {
+                    i += 1;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    client
+                        .batch_execute(&format!(
+                            "BEGIN; INSERT INTO public.t VALUES ({i}, 'w {i}'); \
+                             UPDATE public.t SET n = n + 1 WHERE id = {}; COMMIT;",
+                            i % 100 + 1
+                        ))
+                        .await
+                        .expect("the writer's transaction");
+                    written.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+        })
+    };
+    let applied = || -> String {
+        p.target.psql(
+            t,
+            "SELECT coalesce(max(lsn), '0/0') FROM pgferry.cdc_applied",
+        )
+    };
+    let lsn_ge = |c: &crate::support::Cluster, db: &str, a: &str, b: &str| {
+        c.psql(db, &format!("SELECT '{a}'::pg_lsn >= '{b}'::pg_lsn")) == "t"
+    };
+    // The apply follows the writer for a while, then pgferry dies, then the target does (with the
+    // apply's last commits only in its WAL buffers).
+    let begin = p.source.psql(s, "SELECT pg_current_wal_insert_lsn()");
+    wait_for(
+        "the apply to follow the writer",
+        Duration::from_secs(30),
+        || lsn_ge(&p.source, s, &applied(), &begin),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    child.kill().expect("SIGKILL the runner");
+    let _ = child.wait();
+    let before_crash = applied();
+    p.target.pg_ctl(&["stop", "-m", "immediate"]);
+    let told = p.source.psql(
+        s,
+        "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name LIKE 'pgferry%'",
+    );
+    p.target.pg_ctl(&["start"]);
+    let after_crash = applied();
+    stop.store(true, Ordering::SeqCst);
+    writer.join().expect("writer");
+    eprintln!(
+        "[test] {} writer transactions; applied {before_crash} before the crash, {after_crash} after; the slot was told {told}",
+        written.load(Ordering::SeqCst)
+    );
+    assert!(
+        !lsn_ge(&p.source, s, &after_crash, &before_crash),
+        "the target lost none of the apply's commits ({before_crash} before the crash, {after_crash} after): nothing was tested"
+    );
+    assert!(
+        lsn_ge(&p.source, s, &after_crash, &told),
+        "the slot was told {told}, past what the target kept ({after_crash}): the changes between are lost"
+    );
+
+    // Resumed: every row arrives.
+    let end = p.source.psql(s, "SELECT pg_current_wal_insert_lsn()");
+    let mut child = plan.spawn(&["run"]);
+    wait_for(
+        "the resumed apply to catch up",
+        Duration::from_secs(60),
+        || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("the runner stopped early: {status:?}");
+            }
+            lsn_ge(&p.source, s, &applied(), &end)
+        },
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        row_digest(&p.source, s, "public.t"),
+        row_digest(&p.target, t, "public.t"),
+        "rows differ after the target's crash"
+    );
+}

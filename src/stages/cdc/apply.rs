@@ -38,8 +38,9 @@
 //!   hash index on one column while cdc applies ([`identity::lookup_index`]), so a change is not a
 //!   scan of the table.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesOrdered;
@@ -49,7 +50,7 @@ use tokio_postgres::{Client, Statement};
 
 use crate::error::{Error, Result};
 use crate::pg::connect::ConnInfo;
-use crate::pg::ident::{QualifiedName, quote_ident};
+use crate::pg::ident::{QualifiedName, quote_ident, quote_literal};
 use crate::pg::lsn::Lsn;
 use crate::pg::pgoutput::{OldTuple, Relation, ReplicaIdentity, TupleData, TupleValue};
 
@@ -244,6 +245,9 @@ struct InFlight {
     grouped: bool,
     /// The `COMMIT` of a target transaction that makes this applied position durable.
     commits: Option<Lsn>,
+    /// A WAL probe ([`Applier::probe`]): the target's WAL flush and insert positions, filled in
+    /// by its answer.
+    wal: Option<(Lsn, Lsn)>,
 }
 
 /// The most rows that may await their result at once (bounds memory with multi-row inserts).
@@ -283,12 +287,32 @@ pub struct Applier {
     committing: bool,
     /// The highest source commit LSN of the transaction whose `COMMIT` is in flight.
     committing_max: Lsn,
-    /// The highest applied position whose target commit has been answered: the only one the slot
-    /// may be told.
+    /// The highest applied position whose target commit has been answered.
     confirmed: Lsn,
+    /// The highest applied position whose target commit is flushed to the target's WAL: the only
+    /// one the slot may be told (see [`Applier::probe`]).
+    flushed: Lsn,
+    /// `SELECT pg_current_wal_flush_lsn(), pg_current_wal_insert_lsn()`, prepared once.
+    probe: Statement,
+    /// A probe is in flight, and when the last one was sent.
+    probing: bool,
+    probed_at: Instant,
+    /// Answered positions waiting for the target's WAL to be flushed: (the target's WAL insert
+    /// position a probe read after their commits, the position), oldest first.
+    unflushed: VecDeque<(Lsn, Lsn)>,
+    /// Since when `confirmed` has been ahead of `flushed` (see [`Applier::flush_overdue`]).
+    behind_since: Option<Instant>,
     /// A statement failed: nothing committed after it counts (its transaction rolled back).
     failed: bool,
 }
+
+/// How often at most a WAL probe is sent while commits wait to be flushed.
+const PROBE_EVERY: Duration = Duration::from_millis(100);
+
+/// How long an answered commit may wait for the target's WAL writer before the apply flushes it
+/// itself ([`Applier::make_durable`]), so that the slot follows within about a second even when
+/// the target's `wal_writer_delay` is long or the WAL ends on a page boundary.
+pub const FLUSH_WAIT: Duration = Duration::from_secs(1);
 
 fn value_param(v: &TupleValue) -> Result<Option<&str>> {
     match v {
@@ -344,10 +368,18 @@ impl Applier {
         // so the planner's cost comparison kept choosing a fresh custom plan for every execution
         // (a Pagila DELETE ... USING unnest: 34 us planning against 8 us executing, per call). The
         // generic plan finds rows by key, as the apply wants at any batch size. Since 12.
+        // Commits are asynchronous, like native's apply worker (the subscription's default): the
+        // slot is told only positions whose commit the target has flushed ([`Applier::probe`]),
+        // so a target that crashes and loses its last commits has them streamed again.
         client
-            .batch_execute("SET plan_cache_mode = force_generic_plan")
+            .batch_execute("SET plan_cache_mode = force_generic_plan; SET synchronous_commit = off")
             .await
-            .map_err(|e| Error::pg(&e, "setting plan_cache_mode on the target"))?;
+            .map_err(|e| {
+                Error::pg(
+                    &e,
+                    "setting plan_cache_mode and synchronous_commit on the target",
+                )
+            })?;
         let schema = quote_ident(state_schema);
         let position_table = format!("{schema}.cdc_applied");
         client
@@ -383,6 +415,12 @@ impl Applier {
             }
         };
         let begin = prepare("BEGIN".into(), &[]).await?;
+        // Both functions exist on every supported version (10+).
+        let probe = prepare(
+            "SELECT pg_catalog.pg_current_wal_flush_lsn()::text, pg_catalog.pg_current_wal_insert_lsn()::text".into(),
+            &[],
+        )
+        .await?;
         let commit = prepare("COMMIT".into(), &[]).await?;
         let position = prepare(
             format!(
@@ -393,32 +431,42 @@ impl Applier {
             &[Type::TEXT, Type::TEXT],
         )
         .await?;
-        Ok((
-            Applier {
-                client: Arc::new(client),
-                pending: FuturesOrdered::new(),
-                inserts: None,
-                rows_in_flight: 0,
-                state_schema: state_schema.to_string(),
-                slot: slot.to_string(),
-                rels: HashMap::new(),
-                copied,
-                in_tx: false,
-                changes: ChangeSet::default(),
-                strict: false,
-                tx_max_commit: Lsn::INVALID,
-                grouped_failed: None,
-                held,
-                begin,
-                position,
-                commit,
-                committing: false,
-                committing_max: Lsn::INVALID,
-                confirmed: applied.unwrap_or(Lsn::INVALID),
-                failed: false,
-            },
-            applied,
-        ))
+        let mut ap = Applier {
+            client: Arc::new(client),
+            pending: FuturesOrdered::new(),
+            inserts: None,
+            rows_in_flight: 0,
+            state_schema: state_schema.to_string(),
+            slot: slot.to_string(),
+            rels: HashMap::new(),
+            copied,
+            in_tx: false,
+            changes: ChangeSet::default(),
+            strict: false,
+            tx_max_commit: Lsn::INVALID,
+            grouped_failed: None,
+            held,
+            begin,
+            position,
+            commit,
+            committing: false,
+            committing_max: Lsn::INVALID,
+            confirmed: applied.unwrap_or(Lsn::INVALID),
+            // What the target has on record survived whatever came before this session.
+            flushed: applied.unwrap_or(Lsn::INVALID),
+            probe,
+            probing: false,
+            probed_at: Instant::now(),
+            unflushed: VecDeque::new(),
+            behind_since: None,
+            failed: false,
+        };
+        // The position on record may come from an asynchronous commit of an earlier session that
+        // the target has not flushed yet: made durable before the slot is told it.
+        if let Some(at) = applied {
+            ap.sync_position(at).await?;
+        }
+        Ok((ap, applied))
     }
 
     /// Tags every transaction this session commits with the replication origin `name` (created
@@ -691,6 +739,7 @@ impl Applier {
             rows: 0,
             grouped: false,
             commits,
+            wal: None,
         };
         self.pending
             .push_back(async move { (client.execute(&stmt, &[]).await, info) }.boxed());
@@ -777,6 +826,7 @@ impl Applier {
             rows: 0,
             grouped: false,
             commits: None,
+            wal: None,
         };
         self.pending
             .push_back(async move { (client.execute(&stmt, &[&slot, &at]).await, info) }.boxed());
@@ -786,6 +836,7 @@ impl Applier {
         self.committing = true;
         self.committing_max = self.tx_max_commit;
         self.tx_max_commit = Lsn::INVALID;
+        self.probe_if_due();
         self.poll_ready()
     }
 
@@ -797,7 +848,120 @@ impl Applier {
             .execute(&self.position, &[&self.slot, &lsn.to_string()])
             .await
             .map_err(|e| Error::pg(&e, "recording the applied position"))?;
+        self.answered(lsn);
+        self.probe_if_due();
+        self.poll_ready()
+    }
+
+    /// The highest applied position whose target commit is flushed to the target's WAL (what a
+    /// crash of the target keeps): the only one the slot may be told.
+    pub fn flushed(&self) -> Lsn {
+        self.flushed
+    }
+
+    /// A commit of `lsn` was answered.
+    fn answered(&mut self, lsn: Lsn) {
         self.confirmed = self.confirmed.max(lsn);
+        if self.confirmed > self.flushed && self.behind_since.is_none() {
+            self.behind_since = Some(Instant::now());
+        }
+    }
+
+    /// Positions up to `lsn` are flushed on the target.
+    fn flushed_to(&mut self, lsn: Lsn) {
+        self.flushed = self.flushed.max(lsn.min(self.confirmed));
+        if self.flushed >= self.confirmed {
+            self.behind_since = None;
+        }
+    }
+
+    /// Sends a WAL probe (pipelined, outside a target transaction) when commits wait to be
+    /// flushed and none was sent in the last [`PROBE_EVERY`]. Its answer ([`Applier::check`])
+    /// holds the target's WAL insert position, which is past the end of every commit answered
+    /// before it (they are ahead of it on this session), and its flush position: a position is
+    /// flushed once a probe's flush position reaches the insert position read after its commit.
+    /// This is how native's apply worker decides what it reports (the end of each local commit
+    /// against the flush position), with the probe standing in for the commit's end, which a
+    /// client is not told.
+    pub fn probe_if_due(&mut self) {
+        let waiting = self.committing || self.confirmed > self.flushed;
+        if self.in_tx || self.probing || !waiting || self.probed_at.elapsed() < PROBE_EVERY {
+            return;
+        }
+        self.probing = true;
+        self.probed_at = Instant::now();
+        let client = self.client.clone();
+        let stmt = self.probe.clone();
+        let info = InFlight {
+            table: Arc::from("probe"),
+            what: "probe",
+            commit_lsn: Lsn::INVALID,
+            rows: 0,
+            grouped: false,
+            commits: None,
+            wal: None,
+        };
+        self.pending.push_back(
+            async move {
+                let mut info = info;
+                match client.query_one(&stmt, &[]).await {
+                    Ok(row) => {
+                        let lsn = |i: usize| {
+                            row.get::<_, Option<String>>(i)
+                                .and_then(|v| v.parse::<Lsn>().ok())
+                                .unwrap_or(Lsn::INVALID)
+                        };
+                        info.wal = Some((lsn(0), lsn(1)));
+                        (Ok(1), info)
+                    }
+                    Err(e) => (Err(e), info),
+                }
+            }
+            .boxed(),
+        );
+    }
+
+    /// Commits waited longer than [`FLUSH_WAIT`] for the target to flush them.
+    pub fn flush_overdue(&self) -> bool {
+        self.behind_since.is_some_and(|t| t.elapsed() >= FLUSH_WAIT)
+    }
+
+    /// Makes every answered commit durable now: everything in flight is settled, then the position
+    /// is written again in a transaction committed with `synchronous_commit = on`, which flushes
+    /// the target's WAL up to its own commit and so past every earlier one. For the end of a drain
+    /// (the cutover hands the target over), a validation hold, a stop, and an idle stream whose
+    /// commits the target's WAL writer has not flushed within [`FLUSH_WAIT`].
+    /// Nothing happens inside an open target transaction (an unfinished source transaction): its
+    /// commit would carry changes without their position.
+    pub async fn make_durable(&mut self) -> Result<()> {
+        if self.in_tx {
+            return Ok(());
+        }
+        self.settle().await?;
+        if self.confirmed > self.flushed {
+            let at = self.confirmed;
+            self.sync_position(at).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes the position `lsn` (never lowering it) in a synchronously committed transaction:
+    /// on return, the target's WAL is flushed past every commit made before.
+    async fn sync_position(&mut self, lsn: Lsn) -> Result<()> {
+        let t = format!("{}.cdc_applied", quote_ident(&self.state_schema));
+        let sql = format!(
+            "BEGIN; SET LOCAL synchronous_commit = on;              INSERT INTO {t} (slot, lsn) VALUES ({slot}, {at}::pg_lsn)              ON CONFLICT (slot) DO UPDATE SET lsn = GREATEST({t}.lsn, excluded.lsn); COMMIT",
+            slot = quote_literal(&self.slot),
+            at = quote_literal(&lsn.to_string()),
+        );
+        if let Err(e) = self.client.batch_execute(&sql).await {
+            // A failure inside the transaction leaves it open (aborted): end it.
+            let _ = self.client.batch_execute("ROLLBACK").await;
+            return Err(Error::pg(&e, "flushing the applied position on the target"));
+        }
+        self.confirmed = self.confirmed.max(lsn);
+        self.flushed_to(self.confirmed);
+        self.unflushed.clear();
         Ok(())
     }
 
@@ -815,7 +979,7 @@ impl Applier {
             self.committing = false;
             return match r {
                 Ok(_) if !self.failed => {
-                    self.confirmed = self.confirmed.max(lsn);
+                    self.answered(lsn);
                     Ok(())
                 }
                 // The transaction was rolled back by the error already reported.
@@ -823,6 +987,30 @@ impl Applier {
                 Err(e) => Err(Error::pg(&e, "committing applied changes")
                     .context(format!("source transactions up to {lsn}"))),
             };
+        }
+        if f.what == "probe" {
+            self.probing = false;
+            let (flush, insert) = match (r, f.wal) {
+                (Ok(_), Some(w)) => w,
+                (Err(e), _) => return Err(Error::pg(&e, "reading the target's WAL positions")),
+                (Ok(_), None) => return Ok(()),
+            };
+            // Every commit answered so far was ahead of the probe on this session.
+            if self.confirmed > self.flushed
+                && self
+                    .unflushed
+                    .back()
+                    .is_none_or(|(_, p)| *p < self.confirmed)
+            {
+                self.unflushed.push_back((insert, self.confirmed));
+            }
+            while let Some((at, pos)) = self.unflushed.front().copied()
+                && at <= flush
+            {
+                self.unflushed.pop_front();
+                self.flushed_to(pos);
+            }
+            return Ok(());
         }
         if matches!(f.what, "begin" | "position") {
             return r
@@ -1136,6 +1324,7 @@ impl Applier {
             rows,
             grouped,
             commits: None,
+            wal: None,
         };
         self.rows_in_flight += rows;
         let fut = async move {

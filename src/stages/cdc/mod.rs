@@ -14,8 +14,13 @@
 //!   transaction as the changes: exactly once across crashes. A target transaction is sent whole
 //!   without waiting (`BEGIN`, statements, position, `COMMIT`, pipelined); it counts once the
 //!   target has answered its `COMMIT` (and every statement before it), and nothing of the next
-//!   transaction is sent before that answer. The slot is told (standby status update) only what
-//!   the target has answered, on keepalives, on the 500 ms tick and at least every 10 s.
+//!   transaction is sent before that answer. The apply session commits with
+//!   `synchronous_commit = off`, like native's apply worker, and the slot is told (standby status
+//!   update) only what the target has *flushed* ([`apply::Applier::flushed`]: WAL probes, and a
+//!   synchronous position write at drains, holds, stops and after [`apply::FLUSH_WAIT`] of
+//!   waiting), on keepalives, on the 500 ms tick, when a probe moves it and at least every 10 s:
+//!   a target crash that loses its last commits loses their positions too, and the slot still
+//!   has them.
 //! - Under a live stream a batch is committed at a source commit as soon as the target has
 //!   answered everything sent and the stream has paused (see [`DbStream::commit_now`]): the
 //!   applied position moves as the walsender decodes, not only at its keepalive after each
@@ -78,7 +83,7 @@ use apply::Applier;
 /// walsender without a status update for `wal_sender_timeout`, or it ends the stream.
 macro_rules! alive {
     ($self:ident, $repl:ident, $st:ident, $fut:expr) => {{
-        let (since, applied) = ($st.last_status, $st.durable);
+        let (since, applied) = ($st.last_status, $st.flushed);
         let (result, sent) = keep_alive(
             &mut $repl,
             &$self.route.key,
@@ -341,8 +346,13 @@ fn parse_pg_duration(v: &str) -> Option<Duration> {
 struct Loop {
     /// The position of the last target commit sent (its answer may still be due).
     applied: Lsn,
-    /// The position of the last target commit answered: what the slot and the store are told.
-    durable: Lsn,
+    /// The position of the last target commit answered: what the store is told, and what counts
+    /// for `ready` (the changes are visible on the target).
+    answered: Lsn,
+    /// The position of the last target commit flushed on the target ([`Applier::flushed`]): the
+    /// only one the slot is told, so that a target crash that loses asynchronous commits never
+    /// leaves the slot past them.
+    flushed: Lsn,
     /// In a source transaction (between Begin and Commit).
     in_source_tx: bool,
     skip_tx: bool,
@@ -627,7 +637,8 @@ impl<'a> DbStream<'a> {
 
             let mut st = Loop {
                 applied: start,
-                durable: start,
+                answered: start,
+                flushed: start,
                 in_source_tx: false,
                 skip_tx: false,
                 commit_lsn: Lsn::INVALID,
@@ -670,7 +681,7 @@ impl<'a> DbStream<'a> {
                         }
                         drain = Some(target);
                         // Ask for a keepalive: it lets an idle stream reach the target.
-                        repl.send_status(st.durable, st.durable, st.durable, true)
+                        repl.send_status(st.flushed, st.flushed, st.flushed, true)
                             .await?;
                     }
                     let incoming = if st.batch_open || st.in_source_tx {
@@ -687,7 +698,7 @@ impl<'a> DbStream<'a> {
                     }
                     self.publish_oldest().await?;
                     let gauges = sample::Gauges {
-                        applied: st.durable,
+                        applied: st.answered,
                         oldest_unapplied_ms: self.oldest_unapplied_ms.load(Ordering::Relaxed),
                         incoming,
                         applied_changes: self.applied_changes.load(Ordering::Relaxed),
@@ -698,7 +709,7 @@ impl<'a> DbStream<'a> {
                     hold = self.pending_hold().await?;
                     if hold.is_some() && hold != was {
                         tracing::info!(database = %self.route.key, at = %hold.unwrap_or_default(), "cdc asked to hold for validation");
-                        repl.send_status(st.durable, st.durable, st.durable, true)
+                        repl.send_status(st.flushed, st.flushed, st.flushed, true)
                             .await?;
                     }
                 }
@@ -708,7 +719,9 @@ impl<'a> DbStream<'a> {
                     && st.applied >= target
                 {
                     alive!(self, repl, st, self.settle(&mut ap, &mut st))?;
-                    repl.send_status(st.durable, st.durable, st.durable, false)
+                    // The cutover hands the target over: what was applied is flushed there first.
+                    alive!(self, repl, st, self.make_durable(&mut ap, &mut st))?;
+                    repl.send_status(st.flushed, st.flushed, st.flushed, false)
                         .await?;
                     self.store_position(&mut st, true).await?;
                     self.cx
@@ -746,6 +759,8 @@ impl<'a> DbStream<'a> {
                             alive!(self, repl, st, self.flush(&mut ap, &mut st))?;
                         }
                         alive!(self, repl, st, self.settle(&mut ap, &mut st))?;
+                        alive!(self, repl, st, self.make_durable(&mut ap, &mut st))?;
+                        repl.send_status(st.flushed, st.flushed, st.flushed, false).await?;
                         self.store_position(&mut st, true).await?;
                         // An unfinished source transaction is rolled back with the session.
                         return Err(Error::interrupted());
@@ -753,34 +768,46 @@ impl<'a> DbStream<'a> {
                     _ = &mut sleep => {
                         if st.batch_open && !st.in_source_tx && Instant::now() >= st.batch_deadline {
                             alive!(self, repl, st, self.flush(&mut ap, &mut st))?;
-                            repl.send_status(st.durable, st.durable, st.durable, false).await?;
+                            repl.send_status(st.flushed, st.flushed, st.flushed, false).await?;
                             st.last_status = Instant::now();
-                            st.reported = st.durable;
+                            st.reported = st.flushed;
                             let at = st.applied;
                             self.mark_ready(&mut st, at, ready_at, on_ready);
                         }
                         // A commit sent at the last keepalive has been answered by now: the slot
-                        // follows it also when the source has gone quiet.
+                        // follows it also when the source has gone quiet, once the target has
+                        // flushed it (a probe asks; after FLUSH_WAIT the apply flushes itself).
                         self.confirm(&mut ap, &mut st)?;
+                        if !st.batch_open && !st.in_source_tx && ap.flush_overdue() {
+                            alive!(self, repl, st, self.make_durable(&mut ap, &mut st))?;
+                        } else if !ap.in_tx() {
+                            ap.probe_if_due();
+                        }
                         if !st.batch_open && !st.in_source_tx {
                             let at = st.applied;
                             self.mark_ready(&mut st, at, ready_at, on_ready);
                         }
-                        if st.durable > st.reported || st.last_status.elapsed() >= self.status_every {
-                            repl.send_status(st.durable, st.durable, st.durable, false).await?;
+                        if st.flushed > st.reported || st.last_status.elapsed() >= self.status_every {
+                            repl.send_status(st.flushed, st.flushed, st.flushed, false).await?;
                             st.last_status = Instant::now();
-                            st.reported = st.durable;
+                            st.reported = st.flushed;
                         }
                     }
-                    r = ap.next_answer(), if st.batch_open && !st.in_source_tx && !ap.idle() => {
+                    r = ap.next_answer(), if !st.in_source_tx && !ap.idle() => {
                         r?;
                         self.confirm(&mut ap, &mut st)?;
-                        if Self::commit_now(&mut ap, &mut repl, &mut read_ahead) {
+                        if st.batch_open && Self::commit_now(&mut ap, &mut repl, &mut read_ahead) {
                             alive!(self, repl, st, self.flush(&mut ap, &mut st))?;
                         }
                         if !st.batch_open {
                             let at = st.applied;
                             self.mark_ready(&mut st, at, ready_at, on_ready);
+                        }
+                        // A probe's answer moved what the target has flushed: the slot follows.
+                        if st.flushed > st.reported {
+                            repl.send_status(st.flushed, st.flushed, st.flushed, false).await?;
+                            st.last_status = Instant::now();
+                            st.reported = st.flushed;
                         }
                     }
                     m = async {
@@ -824,7 +851,7 @@ impl<'a> DbStream<'a> {
                                     {
                                         alive!(self, repl, st, ap.advance_idle(k.wal_end))?;
                                         st.applied = k.wal_end;
-                                        st.durable = st.durable.max(ap.confirmed());
+                                        self.confirmed(&ap, &mut st);
                                         st.idle_at = Instant::now();
                                         self.store_position(&mut st, drain.is_some()).await?;
                                         // Caught up with nothing to apply: no lag.
@@ -834,12 +861,20 @@ impl<'a> DbStream<'a> {
                                 }
                                 // The slot follows the apply: a position applied since the last
                                 // report goes to the source now, so it retains no more WAL than
-                                // needed, also once the source is idle.
+                                // needed, also once the source is idle. Flushed positions only:
+                                // asked for here too, as keepalives may come faster than the
+                                // tick (a stopping walsender asks for a reply after each one and
+                                // waits until the slot is told everything it sent).
                                 self.confirm(&mut ap, &mut st)?;
-                                if k.reply_requested || st.durable > st.reported || st.last_status.elapsed() >= self.status_every {
-                                    repl.send_status(st.durable, st.durable, st.durable, false).await?;
+                                if !st.batch_open && !st.in_source_tx && ap.flush_overdue() {
+                                    alive!(self, repl, st, self.make_durable(&mut ap, &mut st))?;
+                                } else if !ap.in_tx() {
+                                    ap.probe_if_due();
+                                }
+                                if k.reply_requested || st.flushed > st.reported || st.last_status.elapsed() >= self.status_every {
+                                    repl.send_status(st.flushed, st.flushed, st.flushed, false).await?;
                                     st.last_status = Instant::now();
-                                    st.reported = st.durable;
+                                    st.reported = st.flushed;
                                 }
                             }
                             ReplicationMessage::XLogData(x) => {
@@ -858,9 +893,9 @@ impl<'a> DbStream<'a> {
                                     && (st.batch_count >= self.batch_changes || Instant::now() >= st.batch_deadline)
                                 {
                                     alive!(self, repl, st, self.flush(&mut ap, &mut st))?;
-                                    repl.send_status(st.durable, st.durable, st.durable, false).await?;
+                                    repl.send_status(st.flushed, st.flushed, st.flushed, false).await?;
                                     st.last_status = Instant::now();
-                                    st.reported = st.durable;
+                                    st.reported = st.flushed;
                                 } else if !st.in_source_tx && st.batch_open && x_commit {
                                     self.confirm(&mut ap, &mut st)?;
                                     if Self::commit_now(&mut ap, &mut repl, &mut read_ahead) {
@@ -935,7 +970,7 @@ impl<'a> DbStream<'a> {
         if target > st.applied {
             ap.advance_idle(target).await?;
             st.applied = target;
-            st.durable = st.durable.max(ap.confirmed());
+            self.confirmed(ap, st);
             self.cx
                 .store
                 .advance_position(&applied_position(&self.route.key), target)
@@ -980,7 +1015,8 @@ impl<'a> DbStream<'a> {
         }
         // The target snapshot validation takes next must hold every commit sent.
         self.settle(ap, st).await?;
-        repl.send_status(st.durable, st.durable, st.durable, false)
+        self.make_durable(ap, st).await?;
+        repl.send_status(st.flushed, st.flushed, st.flushed, false)
             .await?;
         st.last_status = Instant::now();
         let store = &self.cx.store;
@@ -1005,7 +1041,7 @@ impl<'a> DbStream<'a> {
                 return Ok(None);
             }
             if st.last_status.elapsed() >= self.status_every {
-                repl.send_status(st.durable, st.durable, st.durable, false)
+                repl.send_status(st.flushed, st.flushed, st.flushed, false)
                     .await?;
                 st.last_status = Instant::now();
             }
@@ -1196,9 +1232,16 @@ impl<'a> DbStream<'a> {
         Ok(())
     }
 
-    /// Waits for every answer of the target: what was committed is durable.
+    /// Waits for every answer of the target: what was committed is answered (visible there).
     async fn settle(&self, ap: &mut Applier, st: &mut Loop) -> Result<()> {
         ap.settle().await?;
+        self.confirmed(ap, st);
+        Ok(())
+    }
+
+    /// Waits until every answered commit is flushed on the target ([`Applier::make_durable`]).
+    async fn make_durable(&self, ap: &mut Applier, st: &mut Loop) -> Result<()> {
+        ap.make_durable().await?;
         self.confirmed(ap, st);
         Ok(())
     }
@@ -1206,8 +1249,9 @@ impl<'a> DbStream<'a> {
     /// Takes the applier's answered position; once everything received is committed and
     /// answered, nothing is waiting: the lag in seconds is 0.
     fn confirmed(&self, ap: &Applier, st: &mut Loop) {
-        st.durable = st.durable.max(ap.confirmed());
-        if st.durable >= st.applied && !st.in_source_tx && !st.batch_open {
+        st.answered = st.answered.max(ap.confirmed());
+        st.flushed = st.flushed.max(ap.flushed());
+        if st.answered >= st.applied && !st.in_source_tx && !st.batch_open {
             self.oldest_unapplied_ms.store(0, Ordering::Relaxed);
         }
     }
@@ -1216,7 +1260,7 @@ impl<'a> DbStream<'a> {
     /// position the source was at when streaming started.
     /// Only what the target has answered counts (a pipelined commit may still be waiting there).
     fn mark_ready(&self, st: &mut Loop, at: Lsn, ready_at: Lsn, on_ready: &mut impl FnMut()) {
-        if !st.ready && at >= ready_at && st.durable >= st.applied {
+        if !st.ready && at >= ready_at && st.answered >= st.applied {
             st.ready = true;
             tracing::info!(database = %self.route.key, applied = %st.applied, "cdc caught up");
             on_ready();
@@ -1226,14 +1270,14 @@ impl<'a> DbStream<'a> {
     /// Copies the applied position to the store: at most every [`STORED_POSITION_EVERY`], or now
     /// with `force`.
     async fn store_position(&self, st: &mut Loop, force: bool) -> Result<()> {
-        if st.durable <= st.stored || (!force && st.stored_at.elapsed() < STORED_POSITION_EVERY) {
+        if st.answered <= st.stored || (!force && st.stored_at.elapsed() < STORED_POSITION_EVERY) {
             return Ok(());
         }
         self.cx
             .store
-            .advance_position(&applied_position(&self.route.key), st.durable)
+            .advance_position(&applied_position(&self.route.key), st.answered)
             .await?;
-        st.stored = st.durable;
+        st.stored = st.answered;
         st.stored_at = Instant::now();
         Ok(())
     }
