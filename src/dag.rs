@@ -164,11 +164,13 @@ impl Dag {
         level
     }
 
-    /// Graphviz DOT. `label(i)` names a node; `state(i)`, when given, colours it.
+    /// Graphviz DOT. `label(i)` names a node; `state(i)`, when given, colours it; an edge `d -> i`
+    /// for which `overlaps(d, i)` holds (i starts while d still runs) is dashed and labelled.
     pub fn to_dot(
         &self,
         label: &dyn Fn(NodeId) -> String,
         state: &dyn Fn(NodeId) -> Option<String>,
+        overlaps: &dyn Fn(NodeId, NodeId) -> bool,
     ) -> String {
         let mut out = String::from(
             "digraph pgferry {\n  rankdir=LR;\n  node [shape=box, style=\"rounded,filled\", fillcolor=\"#ffffff\", fontname=\"Helvetica\"];\n",
@@ -188,18 +190,23 @@ impl Dag {
         }
         for i in self.order() {
             for d in self.dependents(i) {
-                let _ = writeln!(out, "  n{i} -> n{d};");
+                if overlaps(i, d) {
+                    let _ = writeln!(out, "  n{i} -> n{d} [style=dashed, label=\"overlaps\"];");
+                } else {
+                    let _ = writeln!(out, "  n{i} -> n{d};");
+                }
             }
         }
         out.push_str("}\n");
         out
     }
 
-    /// Mermaid flowchart.
+    /// Mermaid flowchart (edges as in [`Dag::to_dot`]).
     pub fn to_mermaid(
         &self,
         label: &dyn Fn(NodeId) -> String,
         state: &dyn Fn(NodeId) -> Option<String>,
+        overlaps: &dyn Fn(NodeId, NodeId) -> bool,
     ) -> String {
         let mut out = String::from("flowchart LR\n");
         let mut classes: HashMap<&'static str, Vec<NodeId>> = HashMap::new();
@@ -213,7 +220,11 @@ impl Dag {
         }
         for i in self.order() {
             for d in self.dependents(i) {
-                let _ = writeln!(out, "  n{i} --> n{d}");
+                if overlaps(i, d) {
+                    let _ = writeln!(out, "  n{i} -. overlaps .-> n{d}");
+                } else {
+                    let _ = writeln!(out, "  n{i} --> n{d}");
+                }
             }
         }
         let mut names: Vec<_> = classes.keys().copied().collect();
@@ -287,13 +298,18 @@ mod tests {
 
     #[test]
     fn draws() {
-        let dag = Dag::new(&[vec![], vec![0]]);
-        let m = dag.to_mermaid(&|i| format!("s{i}"), &|i| {
-            (i == 0).then(|| "done".to_string())
-        });
+        let dag = Dag::new(&[vec![], vec![0], vec![1]]);
+        let overlaps = |d: usize, i: usize| (d, i) == (1, 2);
+        let m = dag.to_mermaid(
+            &|i| format!("s{i}"),
+            &|i| (i == 0).then(|| "done".to_string()),
+            &overlaps,
+        );
         assert!(m.contains("n0 --> n1"));
+        assert!(m.contains("n1 -. overlaps .-> n2"));
         assert!(m.contains("class n0 done"));
-        let d = dag.to_dot(&|i| format!("s{i}"), &|_| None);
+        let d = dag.to_dot(&|i| format!("s{i}"), &|_| None, &overlaps);
         assert!(d.contains("n0 -> n1;"));
+        assert!(d.contains("n1 -> n2 [style=dashed, label=\"overlaps\"];"));
     }
 }

@@ -4,18 +4,32 @@
 //! done and resumes what was running; a done stage whose configuration changed is refused unless it is
 //! rerun on purpose. Transient failures are retried with backoff. It knows nothing of PostgreSQL:
 //! stages are `dyn Stage`, the store is `dyn StateStore`.
+//!
+//! **Overlap.** A stage may declare that it can run beside some of its dependencies
+//! ([`Node::overlaps`]; the plan decides which kinds, `plan::StageKind::overlaps`). Such a stage starts
+//! as soon as those dependencies are *running* (its other dependencies still `done` or `ready`), and
+//! its context holds an [`Upstream`] for each one still running: a signal the executor sets to
+//! `done` once it has recorded the dependency done (or `stopped` when it failed or was
+//! interrupted), and a counter the dependency bumps through its [`Progress`] after each
+//! checkpoint it writes (`StageContext::mark_done` bumps it too). What the dependency has finished
+//! is read from the store, where it is checkpointed anyway, so a resumed run sees the same thing.
+//! The contract for the dependent: it touches only what the dependency's checkpoints say is
+//! finished, stops when the signal says `stopped` (or its token is cancelled: a failure anywhere
+//! cancels every stage), and is never `done` before the dependency: after its `run` returns, the
+//! executor waits for every upstream's `done` before recording it. Stages that do not declare
+//! the overlap wait for `done` as always.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::dag::Dag;
 use crate::error::{Error, ErrorKind, Result};
-use crate::stages::{Stage, StageContext};
+use crate::stages::{Progress, Stage, StageContext, Upstream, UpstreamSignal, UpstreamState};
 use crate::state::{StageState, StateStore};
 
 /// One stage as the executor sees it.
@@ -26,6 +40,9 @@ pub struct Node {
     pub deps: Vec<usize>,
     pub retries: u32,
     pub continuous: bool,
+    /// Dependencies (a subset of `deps`) this stage may run beside: it starts once they are
+    /// running, and learns through [`Upstream`] what they finished and when they are done.
+    pub overlaps: Vec<usize>,
     /// `None` for stages outside the run's selection (they are never started).
     pub stage: Option<Arc<dyn Stage>>,
 }
@@ -224,6 +241,24 @@ impl Executor {
             }
         }
 
+        // Each stage's signal to the stages that run beside it (see the module doc).
+        let signals: Vec<Arc<watch::Sender<UpstreamSignal>>> = self
+            .nodes
+            .iter()
+            .map(|_| {
+                Arc::new(
+                    watch::channel(UpstreamSignal {
+                        state: UpstreamState::Running,
+                        progress: 0,
+                    })
+                    .0,
+                )
+            })
+            .collect();
+        let signal = |i: usize, state: UpstreamState| {
+            signals[i].send_modify(|s| s.state = state);
+        };
+
         let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<String>();
         let mut tasks: JoinSet<(usize, Result<()>)> = JoinSet::new();
         let mut tokens: HashMap<usize, CancellationToken> = HashMap::new();
@@ -240,10 +275,11 @@ impl Executor {
                     if state[i] != S::Pending {
                         continue;
                     }
-                    let deps_ok = self.nodes[i]
-                        .deps
-                        .iter()
-                        .all(|&d| matches!(state[d], S::Done | S::Ready));
+                    let node = &self.nodes[i];
+                    let deps_ok = node.deps.iter().all(|&d| {
+                        matches!(state[d], S::Done | S::Ready)
+                            || (state[d] == S::Running && node.overlaps.contains(&d))
+                    });
                     if !deps_ok {
                         continue;
                     }
@@ -272,9 +308,22 @@ impl Executor {
                     let store = self.store.clone();
                     let ready = node.continuous.then(|| ready_tx.clone());
                     let (id, retries, backoff) = (node.id.clone(), node.retries, self.backoff);
+                    let upstreams: Vec<Upstream> = node
+                        .deps
+                        .iter()
+                        .filter(|&&d| state[d] == S::Running)
+                        .map(|&d| Upstream::new(&self.nodes[d].id, signals[d].subscribe()))
+                        .collect();
+                    if !upstreams.is_empty() {
+                        let names: Vec<&str> = upstreams.iter().map(|u| u.stage.as_str()).collect();
+                        tracing::info!(stage = %node.id, "started beside {}, still running", names.join(", "));
+                    }
+                    let overlap = (Progress::new(signals[i].clone()), upstreams);
                     tasks.spawn(async move {
-                        let r = run_with_retries(stage, &id, retries, store, token, ready, backoff)
-                            .await;
+                        let r = run_with_retries(
+                            stage, &id, retries, store, token, ready, backoff, overlap,
+                        )
+                        .await;
                         (i, r)
                     });
                 }
@@ -312,6 +361,7 @@ impl Executor {
                         Ok(()) => {
                             state[i] = S::Done;
                             self.store.set_stage(&node.id, &node.kind, StageState::Done, &node.fingerprint, None).await?;
+                            signal(i, UpstreamState::Done);
                             self.store.event(Some(&node.id), "info", "done").await?;
                             tracing::info!(stage = %node.id, "stage done");
                         }
@@ -319,9 +369,11 @@ impl Executor {
                             if parked.contains(&i) {
                                 // Stopped while ready: stays ready, the next run resumes it.
                                 state[i] = S::Ready;
+                                signal(i, UpstreamState::Stopped);
                                 self.store.event(Some(&node.id), "info", "paused while ready").await?;
                             } else {
                                 state[i] = S::Pending;
+                                signal(i, UpstreamState::Stopped);
                                 interrupted = true;
                                 self.store.set_stage(&node.id, &node.kind, StageState::Pending, &node.fingerprint, Some("interrupted; the next run resumes it")).await?;
                                 self.store.event(Some(&node.id), "warn", "interrupted").await?;
@@ -332,6 +384,7 @@ impl Executor {
                             let e = e.context(format!("stage `{}`", node.id));
                             let text = e.to_string();
                             state[i] = S::Pending;
+                            signal(i, UpstreamState::Stopped);
                             self.store.set_stage(&node.id, &node.kind, StageState::Failed, &node.fingerprint, Some(&text)).await?;
                             self.store.event(Some(&node.id), "error", &text).await?;
                             tracing::error!(stage = %node.id, "stage failed: {text}");
@@ -381,6 +434,7 @@ impl Executor {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_with_retries(
     stage: Arc<dyn Stage>,
     id: &str,
@@ -389,15 +443,27 @@ async fn run_with_retries(
     cancel: CancellationToken,
     ready: Option<mpsc::UnboundedSender<String>>,
     backoff: fn(u32) -> std::time::Duration,
+    (progress, upstreams): (Progress, Vec<Upstream>),
 ) -> Result<()> {
     let mut attempt = 1;
     loop {
-        let cx = StageContext::new(id, attempt, store.clone(), cancel.clone(), ready.clone());
+        let cx = StageContext::new(id, attempt, store.clone(), cancel.clone(), ready.clone())
+            .with_overlap(progress.clone(), upstreams.clone());
         let started = Instant::now();
         let result = stage.run(&cx).await;
         match result {
             Ok(()) => {
                 tracing::debug!(stage = %id, elapsed = ?started.elapsed(), "stage finished");
+                // Never done before a dependency it ran beside.
+                for mut u in upstreams {
+                    if u.state() != UpstreamState::Done {
+                        tracing::debug!(stage = %id, "waiting for {} to be done", u.stage);
+                    }
+                    tokio::select! {
+                        r = u.done() => r?,
+                        _ = cancel.cancelled() => return Err(Error::interrupted()),
+                    }
+                }
                 return Ok(());
             }
             Err(e) if e.is_transient() && attempt <= retries && !cancel.is_cancelled() => {

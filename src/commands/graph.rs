@@ -57,9 +57,11 @@ pub async fn run(args: &PlanArgs, format: GraphFormat, with_state: bool) -> u8 {
             None
         }
     };
+    // post_data starts while full_load still runs (the executor's overlap contract).
+    let overlaps = |d: usize, i: usize| plan.overlaps(i).contains(&d);
     let out = match format {
-        GraphFormat::Dot => plan.dag.to_dot(&label, &state),
-        GraphFormat::Mermaid => plan.dag.to_mermaid(&label, &state),
+        GraphFormat::Dot => plan.dag.to_dot(&label, &state, &overlaps),
+        GraphFormat::Mermaid => plan.dag.to_mermaid(&label, &state, &overlaps),
     };
     print!("{out}");
     EXIT_OK

@@ -110,10 +110,17 @@ pub async fn run(args: &PlanArgs, json: bool) -> u8 {
     let _ = writeln!(out, "\nstages, in order:");
     for (n, i) in plan.dag.order().into_iter().enumerate() {
         let s = &plan.stages[i];
-        let after: Vec<&str> = s
+        let overlaps = plan.overlaps(i);
+        let after: Vec<String> = s
             .after
             .iter()
-            .map(|&d| plan.stages[d].id.as_str())
+            .map(|&d| {
+                if overlaps.contains(&d) {
+                    format!("{} (starts while it runs)", plan.stages[d].id)
+                } else {
+                    plan.stages[d].id.clone()
+                }
+            })
             .collect();
         let state = records
             .iter()

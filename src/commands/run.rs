@@ -315,13 +315,15 @@ fn spawn_bars(
 fn nodes(plan: &crate::plan::Plan) -> Vec<Node> {
     plan.stages
         .iter()
-        .map(|s| Node {
+        .enumerate()
+        .map(|(i, s)| Node {
             id: s.id.clone(),
             kind: s.kind.to_string(),
             fingerprint: s.fingerprint.clone(),
             deps: s.after.clone(),
             retries: s.retries,
             continuous: s.is_continuous(),
+            overlaps: plan.overlaps(i),
             stage: None,
         })
         .collect()

@@ -49,6 +49,23 @@ enum Does {
     Meet(Arc<tokio::sync::Barrier>),
     /// Records a checkpoint per key, skipping those done before.
     Checkpoints(&'static [&'static str]),
+    /// Records checkpoint `first`, waits until the stage running beside it has seen it (the
+    /// barrier), then records `second`, or fails when `fail_after` is set.
+    Produce {
+        first: &'static str,
+        second: &'static str,
+        seen: Arc<tokio::sync::Barrier>,
+        fail_after: bool,
+    },
+    /// Runs beside `upstream`: waits for each of its checkpoints `keys` in turn (meeting the
+    /// producer at the barrier after the first), then ends.
+    Consume {
+        upstream: &'static str,
+        keys: &'static [&'static str],
+        seen: Arc<tokio::sync::Barrier>,
+    },
+    /// Succeeds when `stage` is recorded done in the store, fails otherwise.
+    SeeDone(&'static str),
 }
 
 struct Fake {
@@ -89,6 +106,65 @@ impl Stage for Fake {
                 .await
                 .map(drop)
                 .map_err(|_| Error::permanent("the other stage never ran alongside")),
+            Does::Produce {
+                first,
+                second,
+                seen,
+                fail_after,
+            } => {
+                cx.mark_done(first, serde_json::json!({})).await?;
+                tokio::time::timeout(Duration::from_secs(2), seen.wait())
+                    .await
+                    .map_err(|_| Error::permanent("nothing ran beside the producer"))?;
+                if *fail_after {
+                    Err(Error::permanent("the producer broke"))
+                } else {
+                    cx.mark_done(second, serde_json::json!({})).await?;
+                    // Still running after its last checkpoint: a stage beside it must not be
+                    // recorded done before this one.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Ok(())
+                }
+            }
+            Does::Consume {
+                upstream,
+                keys,
+                seen,
+            } => {
+                let Some(mut up) = cx.upstream(upstream) else {
+                    return Err(Error::permanent("started without the upstream running"));
+                };
+                for (n, key) in keys.iter().enumerate() {
+                    loop {
+                        let done = cx
+                            .store
+                            .checkpoint(upstream, key)
+                            .await?
+                            .is_some_and(|v| v["done"] == true);
+                        if done {
+                            break;
+                        }
+                        tokio::select! {
+                            r = up.changed() => { r?; }
+                            _ = cx.cancel.cancelled() => return Err(Error::interrupted()),
+                        }
+                    }
+                    self.log.push(format!("saw {} {key}", self.id));
+                    if n == 0 {
+                        seen.wait().await;
+                    }
+                }
+                Ok(())
+            }
+            Does::SeeDone(stage) => {
+                match cx.store.stages().await?.iter().find(|r| r.stage == *stage) {
+                    Some(r) if r.state == StageState::Done => Ok(()),
+                    r => Err(Error::permanent(format!(
+                        "{stage} is {:?}",
+                        r.map(|r| r.state)
+                    ))),
+                }
+            }
             Does::Checkpoints(keys) => {
                 for key in *keys {
                     cx.check_cancelled()?;
@@ -114,6 +190,8 @@ struct Spec {
     does: Does,
     fingerprint: &'static str,
     retries: u32,
+    /// Dependencies it may run beside.
+    overlaps: &'static [&'static str],
 }
 
 fn spec(id: &'static str, after: &'static [&'static str], does: Does) -> Spec {
@@ -123,6 +201,7 @@ fn spec(id: &'static str, after: &'static [&'static str], does: Does) -> Spec {
         does,
         fingerprint: "f1",
         retries: 0,
+        overlaps: &[],
     }
 }
 
@@ -146,6 +225,11 @@ fn executor(
                 .collect(),
             retries: s.retries,
             continuous: matches!(s.does, Does::Continuous),
+            overlaps: s
+                .overlaps
+                .iter()
+                .map(|a| ids.iter().position(|i| i == a).expect("known stage"))
+                .collect(),
             stage: Some(Arc::new(Fake {
                 id: s.id,
                 does: s.does,
@@ -483,4 +567,131 @@ async fn until_runs_a_stage_and_what_it_needs_only() {
     assert_eq!(out, done(&["a", "b"], &[]));
     assert_eq!(state_of(&store, "other").await, None);
     assert_eq!(state_of(&store, "c").await, None);
+}
+
+/// The overlap contract: `use` runs beside `load` and sees its checkpoints as they are written;
+/// `seq`, which does not overlap, waits for `load` to be done; `use` is recorded done only after
+/// `load` (`check`, after `use` alone, finds `load` done).
+#[tokio::test]
+async fn an_overlapping_stage_runs_beside_its_dependency_and_is_done_after_it() {
+    let (store, cancel, log) = (
+        Arc::new(MemoryStore::new()),
+        CancellationToken::new(),
+        Log::default(),
+    );
+    let seen = Arc::new(tokio::sync::Barrier::new(2));
+    let mut use_ = spec(
+        "use",
+        &["load"],
+        Does::Consume {
+            upstream: "load",
+            keys: &["t1", "t2"],
+            seen: seen.clone(),
+        },
+    );
+    use_.overlaps = &["load"];
+    let ex = executor(
+        vec![
+            spec("prep", &[], Does::Succeed),
+            spec(
+                "load",
+                &["prep"],
+                Does::Produce {
+                    first: "t1",
+                    second: "t2",
+                    seen,
+                    fail_after: false,
+                },
+            ),
+            use_,
+            spec("seq", &["load"], Does::Succeed),
+            spec("check", &["use"], Does::SeeDone("load")),
+        ],
+        &store,
+        &cancel,
+        &log,
+    );
+    let out = run(&ex, Selection::default()).await.expect("run");
+    assert!(matches!(out, Outcome::Done { .. }), "{out:?}");
+    assert!(log.index("end prep") < log.index("start use 1"));
+    assert!(log.index("start use 1") < log.index("end load"));
+    assert!(log.index("saw use t1") < log.index("end load"));
+    assert!(log.index("end load") < log.index("start seq 1"));
+    for id in ["prep", "load", "use", "seq", "check"] {
+        assert_eq!(state_of(&store, id).await, Some(StageState::Done), "{id}");
+    }
+
+    // Without the overlap, `use` starts after `load` is done (and finds no upstream to watch).
+    let (store, log) = (Arc::new(MemoryStore::new()), Log::default());
+    let ex = executor(
+        vec![
+            spec("load", &[], Does::Checkpoints(&["t1", "t2"])),
+            spec(
+                "use",
+                &["load"],
+                Does::Consume {
+                    upstream: "load",
+                    keys: &["t1"],
+                    seen: Arc::new(tokio::sync::Barrier::new(1)),
+                },
+            ),
+        ],
+        &store,
+        &cancel,
+        &log,
+    );
+    let out = run(&ex, Selection::default()).await.expect("run");
+    assert!(
+        matches!(&out, Outcome::Failed { stage, error, .. } if stage == "use" && error.contains("without the upstream")),
+        "{out:?}"
+    );
+}
+
+/// The dependency failing stops the stage running beside it at its next checkpoint: it is left
+/// pending (resumable), not failed, and the run reports the dependency's failure.
+#[tokio::test]
+async fn a_failing_dependency_stops_the_stage_running_beside_it() {
+    let (store, cancel, log) = (
+        Arc::new(MemoryStore::new()),
+        CancellationToken::new(),
+        Log::default(),
+    );
+    let seen = Arc::new(tokio::sync::Barrier::new(2));
+    let mut use_ = spec(
+        "use",
+        &["load"],
+        Does::Consume {
+            upstream: "load",
+            keys: &["t1", "t2"],
+            seen: seen.clone(),
+        },
+    );
+    use_.overlaps = &["load"];
+    let ex = executor(
+        vec![
+            spec(
+                "load",
+                &[],
+                Does::Produce {
+                    first: "t1",
+                    second: "t2",
+                    seen,
+                    fail_after: true,
+                },
+            ),
+            use_,
+        ],
+        &store,
+        &cancel,
+        &log,
+    );
+    let out = run(&ex, Selection::default()).await.expect("run");
+    assert!(
+        matches!(&out, Outcome::Failed { stage, .. } if stage == "load"),
+        "{out:?}"
+    );
+    log.index("saw use t1");
+    assert_eq!(state_of(&store, "load").await, Some(StageState::Failed));
+    assert_eq!(state_of(&store, "use").await, Some(StageState::Pending));
+    assert!(!log.lines().contains(&"saw use t2".to_string()));
 }

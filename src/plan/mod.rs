@@ -87,6 +87,15 @@ impl Stage {
     }
 }
 
+impl StageKind {
+    /// Whether a stage of this kind may run beside a dependency of kind `dep` while `dep` is still
+    /// running (the executor's overlap contract): post_data builds each table's indexes and
+    /// constraints as soon as full_load has copied the table.
+    pub fn overlaps(self, dep: StageKind) -> bool {
+        matches!((self, dep), (StageKind::PostData, StageKind::FullLoad))
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub name: String,
@@ -105,6 +114,16 @@ pub struct Plan {
 impl Plan {
     pub fn stage_index(&self, id: &str) -> Option<usize> {
         self.stages.iter().position(|s| s.id == id)
+    }
+
+    /// The dependencies of stage `i` it may run beside (see [`StageKind::overlaps`]).
+    pub fn overlaps(&self, i: usize) -> Vec<usize> {
+        let s = &self.stages[i];
+        s.after
+            .iter()
+            .copied()
+            .filter(|&d| s.kind.overlaps(self.stages[d].kind))
+            .collect()
     }
 
     pub fn has_kind(&self, kind: StageKind) -> bool {

@@ -145,6 +145,8 @@ struct Load {
     snapshot: String,
     stage: String,
     database: String,
+    /// Tells a post_data running beside the load that tables were checkpointed `copied`.
+    signal: super::Progress,
 }
 
 impl Load {
@@ -427,6 +429,7 @@ async fn load_database(
         snapshot,
         stage: cx.stage.clone(),
         database: db.name.clone(),
+        signal: cx.progress(),
     });
     // Every table queued, the empty ones copied already: one pipelined write.
     let marks: Vec<_> = (0..load.tables.len())
@@ -440,6 +443,7 @@ async fn load_database(
         })
         .collect();
     cx.store.upsert_tables(&marks).await?;
+    load.signal.notify();
     if !empty.is_empty() {
         tracing::debug!(database = %db.name, "{} table(s) empty in the snapshot: nothing to copy", empty.len());
     }
@@ -690,6 +694,7 @@ async fn load_tables(
     load.rows.fetch_add(rows, Ordering::Relaxed);
     tracing::debug!(tables = group.len(), first = %load.display(group[0]), rows, elapsed = ?started.elapsed(), "copied");
     store.upsert_tables(&done).await?;
+    load.signal.notify();
     load.tables_done
         .fetch_add(group.len() as u64, Ordering::Relaxed);
     Ok(())
@@ -747,6 +752,7 @@ async fn load_range(
         store
             .upsert_table(&load.progress(t.name.to_string(), TableState::Copied, r, b, None))
             .await?;
+        load.signal.notify();
         load.tables_done.fetch_add(1, Ordering::Relaxed);
     }
     Ok(())

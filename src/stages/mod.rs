@@ -40,6 +40,95 @@ pub struct StageContext {
     pub store: Arc<dyn StateStore>,
     pub cancel: CancellationToken,
     ready: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+    /// Tells the stages that run beside this one (see [`Upstream`]) that it recorded progress.
+    progress: Progress,
+    /// The dependencies this stage was started beside, while they were still running.
+    upstreams: Vec<Upstream>,
+}
+
+/// Where a dependency that a stage runs beside stands (see [`Upstream`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamState {
+    Running,
+    /// Recorded `done` by the executor: every checkpoint it will ever write is written.
+    Done,
+    /// Ended without finishing (failed, interrupted): the dependent stops at its next checkpoint.
+    Stopped,
+}
+
+/// What the executor tells a stage about a dependency it runs beside: its state, and a counter the
+/// dependency bumps each time it records progress in the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamSignal {
+    pub state: UpstreamState,
+    pub progress: u64,
+}
+
+/// A dependency that this stage was started beside (the executor's overlap contract, see
+/// `executor.rs`): the dependency's checkpoints in the store say *what* it has finished; this says
+/// *when* to look again and whether it is done.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub stage: String,
+    rx: tokio::sync::watch::Receiver<UpstreamSignal>,
+}
+
+impl Upstream {
+    pub fn new(stage: &str, rx: tokio::sync::watch::Receiver<UpstreamSignal>) -> Upstream {
+        Upstream {
+            stage: stage.to_string(),
+            rx,
+        }
+    }
+
+    pub fn state(&self) -> UpstreamState {
+        self.rx.borrow().state
+    }
+
+    /// Waits until the dependency records progress or ends, and returns its state then; the
+    /// dependency stopping without finishing (or the executor going away) is `Interrupted`.
+    pub async fn changed(&mut self) -> Result<UpstreamState> {
+        let state = if self.rx.changed().await.is_err() {
+            UpstreamState::Stopped
+        } else {
+            self.rx.borrow_and_update().state
+        };
+        match state {
+            UpstreamState::Stopped => Err(Error::interrupted()),
+            s => Ok(s),
+        }
+    }
+
+    /// Waits until the dependency is done; `Interrupted` when it stops without finishing.
+    pub async fn done(&mut self) -> Result<()> {
+        loop {
+            match self.state() {
+                UpstreamState::Done => return Ok(()),
+                UpstreamState::Stopped => return Err(Error::interrupted()),
+                UpstreamState::Running => {
+                    self.changed().await?;
+                }
+            }
+        }
+    }
+}
+
+/// A stage's side of [`Upstream`]: bumps the progress counter its dependents watch. Cheap to
+/// clone into worker tasks; does nothing when no stage runs beside this one.
+#[derive(Debug, Clone, Default)]
+pub struct Progress(Option<Arc<tokio::sync::watch::Sender<UpstreamSignal>>>);
+
+impl Progress {
+    pub fn new(tx: Arc<tokio::sync::watch::Sender<UpstreamSignal>>) -> Progress {
+        Progress(Some(tx))
+    }
+
+    /// Call after a checkpoint write that stages running beside this one may want to see.
+    pub fn notify(&self) {
+        if let Some(tx) = &self.0 {
+            tx.send_modify(|s| s.progress += 1);
+        }
+    }
 }
 
 impl StageContext {
@@ -56,7 +145,27 @@ impl StageContext {
             store,
             cancel,
             ready,
+            progress: Progress::default(),
+            upstreams: Vec::new(),
         }
+    }
+
+    /// The executor's overlap contract: `progress` is this stage's own signal to the stages that
+    /// run beside it, `upstreams` the dependencies it was started beside.
+    pub fn with_overlap(mut self, progress: Progress, upstreams: Vec<Upstream>) -> StageContext {
+        self.progress = progress;
+        self.upstreams = upstreams;
+        self
+    }
+
+    /// The dependency `stage`, when this stage was started beside it (it was still running).
+    pub fn upstream(&self, stage: &str) -> Option<Upstream> {
+        self.upstreams.iter().find(|u| u.stage == stage).cloned()
+    }
+
+    /// The handle that tells stages running beside this one that it recorded progress.
+    pub fn progress(&self) -> Progress {
+        self.progress.clone()
     }
 
     /// Returns `Interrupted` when the run is stopping; call it at every checkpoint.
@@ -115,7 +224,9 @@ impl StageContext {
         if let (Some(obj), serde_json::Value::Object(extra)) = (value.as_object_mut(), detail) {
             obj.extend(extra);
         }
-        self.store.put_checkpoint(&self.stage, key, &value).await
+        self.store.put_checkpoint(&self.stage, key, &value).await?;
+        self.progress.notify();
+        Ok(())
     }
 }
 

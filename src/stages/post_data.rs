@@ -10,6 +10,14 @@
 //! 4. everything else (triggers, rules, policies, comments, privileges, ...) in file order;
 //! 5. materialized view refreshes, in file order.
 //!
+//! When the stage runs beside a full_load that is still copying (the executor's overlap contract,
+//! see `executor.rs`), phase 1 does not wait for the load: an object starts as soon as the load has
+//! checkpointed its table copied, and every ordinary table under it (inheritance children and
+//! partitions, which a constraint recurses into and a partitioned index covers); an object whose
+//! table cannot be read waits for the whole load. The builds use their `jobs` sessions while the
+//! load uses its own (measured: a share of them was slower). Phases 2-5 start once the load of the
+//! database is over.
+//!
 //! In the parallel phases two objects never run at the same time when their locks would make one
 //! wait for (or deadlock with) the other: index builds on one table share it, but a constraint or a
 //! foreign key has its tables to itself. Each session gets the script's session settings (the
@@ -33,13 +41,13 @@ use serde_json::json;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
-use super::{Env, Stage, StageContext, post_data_artifact};
+use super::{Env, Stage, StageContext, Upstream, UpstreamState, post_data_artifact};
 use crate::error::{Error, ErrorKind, Result};
 use crate::pg::ident::QualifiedName;
 use crate::pg::post_data_script::{self, Item, ObjectKind, Phase, TableObject};
 use crate::plan::raw::PostDataOptions;
 use crate::plan::units::{ByteSize, human_bytes};
-use crate::plan::{Database, StageOptions};
+use crate::plan::{Database, StageKind, StageOptions};
 use crate::state::{TableProgress, TableState};
 
 const MAX_JOBS: u32 = 256;
@@ -133,6 +141,11 @@ impl PostData {
             tracing::info!(stage = %cx.stage, database = %db.name, "{skipped} of {total} post-data objects already built, resuming");
         }
         if pending.is_empty() {
+            // Built in an earlier run beside a load that is not over: what follows this database
+            // (its statistics, the next database) still waits for the load.
+            if let Some(mut upstream) = self.load_feed(cx, db).await? {
+                wait_load_finished(cx, &mut upstream, db).await?;
+            }
             return Ok(
                 json!({ "objects": total, "built": 0, "already_existed": 0, "skipped": skipped }),
             );
@@ -193,9 +206,28 @@ impl PostData {
             applied,
         };
 
+        // A load still running beside this stage: phase 1 builds each table's objects once the
+        // load has checkpointed the table (and its inheritance children) copied; the later phases
+        // wait for the whole load.
+        let mut feed = match self.load_feed(cx, db).await? {
+            Some(upstream) => {
+                let tables = data_tables(&run.clients[0])
+                    .await
+                    .map_err(|e| e.context(label.clone()))?;
+                Some(LoadFeed::new(upstream, &tables, &script.items, &pending))
+            }
+            None => None,
+        };
+
         let mut built = 0;
         let mut existed = 0;
         for phase in Phase::ALL {
+            if phase != Phase::Indexes
+                && let Some(f) = feed.as_mut()
+            {
+                f.wait_loaded(cx, db).await?;
+                feed = None;
+            }
             let mut items: Vec<usize> = pending
                 .iter()
                 .copied()
@@ -226,10 +258,15 @@ impl PostData {
             };
             tracing::info!(stage = %cx.stage, database = %db.name,
                 "building {} {} ({} at a time)", items.len(), phase.describe(), limit);
+            let gate = if phase == Phase::Indexes {
+                feed.as_mut()
+            } else {
+                None
+            };
             let (b, e) = if matches!(phase, Phase::Attach | Phase::Other) {
                 self.run_grouped(&run, &script.items, &keys, &items).await?
             } else {
-                self.run_phase(&run, &script.items, &keys, &items, limit)
+                self.run_phase(&run, &script.items, &keys, &items, limit, gate, &sizes)
                     .await?
             };
             built += b;
@@ -265,6 +302,12 @@ impl PostData {
     /// Builds `order` (indices into `items`) at most `limit` at a time, never two whose locks
     /// conflict. Stops starting new objects at the first failure or on cancellation, cancels what is
     /// running, and returns the first real error. Returns (built, found already built).
+    ///
+    /// With `gate` (a load running beside this stage), only the objects whose tables the load has
+    /// copied are started, `limit` at a time as always (the load keeps its own `jobs`: giving the
+    /// builds only half the sessions while it runs was slower, see benches/README.md); the others
+    /// wait in the gate until a checkpoint of the load lets them in.
+    #[allow(clippy::too_many_arguments)]
     async fn run_phase(
         &self,
         run: &DbRun<'_>,
@@ -272,10 +315,16 @@ impl PostData {
         keys: &[String],
         order: &[usize],
         limit: usize,
+        mut gate: Option<&mut LoadFeed>,
+        sizes: &HashMap<QualifiedName, i64>,
     ) -> Result<(usize, usize)> {
         let stop = run.cx.cancel.child_token();
         let locks: HashMap<usize, _> = order.iter().map(|&n| (n, items[n].locks())).collect();
         let mut queue: Vec<usize> = order.to_vec();
+        if let Some(g) = gate.as_deref_mut() {
+            g.waiting = std::mem::take(&mut queue);
+            queue = g.admit(run.cx, run.db, items, sizes).await?;
+        }
         let mut free: Vec<usize> = (0..limit.min(run.clients.len())).rev().collect();
         let mut busy: Vec<(usize, usize)> = Vec::new(); // (slot, item)
         let mut running = FuturesUnordered::new();
@@ -299,7 +348,39 @@ impl PostData {
                     });
                 }
             }
-            let Some((slot, n, r)) = running.next().await else {
+            let waiting = gate.as_deref().is_some_and(|g| !g.waiting.is_empty());
+            let next = tokio::select! {
+                r = running.next(), if !running.is_empty() => r,
+                changed = async {
+                    match gate.as_deref_mut() {
+                        Some(g) => g.upstream.changed().await,
+                        None => std::future::pending().await,
+                    }
+                }, if waiting && !stop.is_cancelled() => {
+                    let admitted = match changed {
+                        Ok(_) => match gate.as_deref_mut() {
+                            Some(g) => g.admit(run.cx, run.db, items, sizes).await,
+                            None => Ok(Vec::new()),
+                        },
+                        Err(e) => Err(e),
+                    };
+                    match admitted {
+                        Ok(more) => {
+                            queue.extend(more);
+                        }
+                        Err(e) => {
+                            stop.cancel();
+                            if first_err.as_ref().is_none_or(|f| f.kind == ErrorKind::Interrupted) {
+                                first_err = Some(e);
+                            }
+                        }
+                    }
+                    continue;
+                }
+                _ = stop.cancelled(), if waiting && running.is_empty() && !stop.is_cancelled() => continue,
+                else => None,
+            };
+            let Some((slot, n, r)) = next else {
                 break;
             };
             busy.retain(|&(s, _)| s != slot);
@@ -327,10 +408,29 @@ impl PostData {
         if let Some(e) = first_err {
             return Err(e);
         }
-        if !queue.is_empty() {
+        if !queue.is_empty() || gate.is_some_and(|g| !g.waiting.is_empty()) {
             return Err(Error::interrupted());
         }
         Ok((built, existed))
+    }
+
+    /// The full_load this stage runs beside for `db`: a dependency still running that has not
+    /// finished `db`. `None`: the load of `db` is over (or this stage does not overlap one).
+    async fn load_feed(&self, cx: &StageContext, db: &Database) -> Result<Option<Upstream>> {
+        let plan = &self.env.plan;
+        for &d in &plan.stages[self.index].after {
+            let dep = &plan.stages[d];
+            if dep.kind != StageKind::FullLoad {
+                continue;
+            }
+            let Some(upstream) = cx.upstream(&dep.id) else {
+                continue;
+            };
+            if !load_finished(cx, &upstream, db).await? {
+                return Ok(Some(upstream));
+            }
+        }
+        Ok(None)
     }
 
     /// Builds the objects of a serial phase (in `order`) in groups: consecutive objects with the
@@ -853,8 +953,13 @@ impl Stage for PostData {
             .map(|(i, db)| {
                 let o = self.options(i);
                 let jobs = Self::jobs(&o);
+                let overlap = if self.env.plan.overlaps(self.index).is_empty() {
+                    String::new()
+                } else {
+                    ", each table's as soon as full_load has copied it".to_string()
+                };
                 format!(
-                    "on target database {}: builds the post-data schema dumped by schema_dump: indexes and constraints {jobs} at a time \
+                    "on target database {}: builds the post-data schema dumped by schema_dump: indexes and constraints {jobs} at a time{overlap} \
                      (maintenance_work_mem {}), partition index attachments, foreign keys {jobs} at a time, then triggers, rules, \
                      policies, comments and privileges, and refreshes materialized views last",
                     db.target,
@@ -887,6 +992,210 @@ impl Stage for PostData {
         )
         .await
     }
+}
+
+/// Whether the load `upstream` is over for `db`: the stage done, or its checkpoint for `db`.
+async fn load_finished(cx: &StageContext, upstream: &Upstream, db: &Database) -> Result<bool> {
+    if upstream.state() == UpstreamState::Done {
+        return Ok(true);
+    }
+    Ok(cx
+        .store
+        .checkpoint(&upstream.stage, &super::database_key(&db.name))
+        .await?
+        .and_then(|v| v.get("done").and_then(serde_json::Value::as_bool))
+        .unwrap_or(false))
+}
+
+/// The target's tables: each one's kind (`r`, `p`, `m`, `f`) and inheritance children (partitions
+/// included), to tell which copied tables an object needs.
+struct DataTables {
+    kinds: HashMap<QualifiedName, String>,
+    children: HashMap<QualifiedName, Vec<QualifiedName>>,
+}
+
+impl DataTables {
+    /// The tables with rows of their own that must be copied before an object on `table` is
+    /// built: the table itself when it is an ordinary one, and every ordinary table under it (a
+    /// constraint recurses into inheritance children; an index on a partitioned table needs its
+    /// partitions). `None` when the table is not in the catalog.
+    fn needs(&self, table: &QualifiedName) -> Option<Vec<String>> {
+        self.kinds.get(table)?;
+        let mut out = Vec::new();
+        let mut stack = vec![table.clone()];
+        let mut seen = std::collections::HashSet::new();
+        while let Some(t) = stack.pop() {
+            if !seen.insert(t.clone()) {
+                continue;
+            }
+            if self.kinds.get(&t).map(String::as_str) == Some("r") {
+                out.push(t.to_string());
+            }
+            if let Some(c) = self.children.get(&t) {
+                stack.extend(c.iter().cloned());
+            }
+        }
+        Some(out)
+    }
+}
+
+async fn data_tables(client: &Client) -> Result<DataTables> {
+    let rows = client
+        .query(
+            "SELECT n.nspname::text, c.relname::text, c.relkind::text              FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace              WHERE c.relkind IN ('r', 'p', 'm', 'f') AND n.nspname NOT IN ('pg_catalog', 'information_schema')",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::pg(&e, "listing the target's tables"))?;
+    let kinds = rows
+        .iter()
+        .map(|r| {
+            (
+                QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+                r.get::<_, String>(2),
+            )
+        })
+        .collect();
+    let rows = client
+        .query(
+            "SELECT pn.nspname::text, p.relname::text, cn.nspname::text, c.relname::text              FROM pg_catalog.pg_inherits i              JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid JOIN pg_catalog.pg_namespace cn ON cn.oid = c.relnamespace              JOIN pg_catalog.pg_class p ON p.oid = i.inhparent JOIN pg_catalog.pg_namespace pn ON pn.oid = p.relnamespace              WHERE c.relkind IN ('r', 'p', 'f')",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::pg(&e, "listing the target's inheritance (pg_inherits)"))?;
+    let mut children: HashMap<QualifiedName, Vec<QualifiedName>> = HashMap::new();
+    for r in &rows {
+        children
+            .entry(QualifiedName::new(
+                r.get::<_, String>(0),
+                r.get::<_, String>(1),
+            ))
+            .or_default()
+            .push(QualifiedName::new(
+                r.get::<_, String>(2),
+                r.get::<_, String>(3),
+            ));
+    }
+    Ok(DataTables { kinds, children })
+}
+
+/// Phase 1 beside a running load: which objects still wait for tables to be copied.
+struct LoadFeed {
+    upstream: Upstream,
+    /// Per waiting object (index into the script's items): the tables it needs copied, `None`
+    /// for the whole load (its table could not be read or found).
+    needs: HashMap<usize, Option<Vec<String>>>,
+    /// Objects of phase 1 not started yet because their tables are not copied.
+    waiting: Vec<usize>,
+    /// The load of this database is over: everything may start.
+    loaded: bool,
+}
+
+impl LoadFeed {
+    fn new(upstream: Upstream, tables: &DataTables, items: &[Item], pending: &[usize]) -> LoadFeed {
+        let needs = pending
+            .iter()
+            .filter(|&&n| items[n].phase() == Phase::Indexes)
+            .map(|&n| {
+                let needs = items[n].table_object().and_then(|o| tables.needs(&o.table));
+                (n, needs)
+            })
+            .collect();
+        LoadFeed {
+            upstream,
+            needs,
+            waiting: Vec::new(),
+            loaded: false,
+        }
+    }
+
+    /// Takes out of `waiting` the objects whose tables the load has checkpointed copied (all of
+    /// them once the load is over), the largest tables first.
+    async fn admit(
+        &mut self,
+        cx: &StageContext,
+        db: &Database,
+        items: &[Item],
+        sizes: &HashMap<QualifiedName, i64>,
+    ) -> Result<Vec<usize>> {
+        if !self.loaded && load_finished(cx, &self.upstream, db).await? {
+            self.loaded = true;
+        }
+        let copied: HashMap<String, i64> = if self.loaded {
+            HashMap::new()
+        } else {
+            cx.store
+                .tables(Some(&self.upstream.stage))
+                .await?
+                .into_iter()
+                .filter(|t| t.database == db.name && t.state == TableState::Copied)
+                .map(|t| (t.table, t.bytes))
+                .collect()
+        };
+        let ready = |n: &usize| {
+            self.loaded
+                || self
+                    .needs
+                    .get(n)
+                    .and_then(|t| t.as_ref())
+                    .is_some_and(|t| t.iter().all(|t| copied.contains_key(t)))
+        };
+        let (mut admitted, waiting): (Vec<usize>, Vec<usize>) =
+            self.waiting.iter().copied().partition(ready);
+        self.waiting = waiting;
+        // The longest builds first: the table's size (the load's bytes while the target's size was
+        // read before the copy) weighted by how costly the index method is to build.
+        let cost = |n: usize| {
+            let item = &items[n];
+            let table = item.table_object().map(|o| o.table);
+            let size = table
+                .as_ref()
+                .map(|t| {
+                    sizes
+                        .get(t)
+                        .copied()
+                        .unwrap_or(0)
+                        .max(copied.get(&t.to_string()).copied().unwrap_or(0))
+                })
+                .unwrap_or(0)
+                .max(0) as u128;
+            size * build_weight(&item.statements) / 4
+        };
+        admitted.sort_by_key(|&n| (std::cmp::Reverse(cost(n)), n));
+        if !admitted.is_empty() {
+            tracing::debug!(stage = %cx.stage, database = %db.name,
+                "{} object(s) of tables the load has copied may start, {} wait", admitted.len(), self.waiting.len());
+        }
+        Ok(admitted)
+    }
+
+    /// Waits until the load of `db` is over (before the phases that need every table).
+    async fn wait_loaded(&mut self, cx: &StageContext, db: &Database) -> Result<()> {
+        if !self.loaded {
+            wait_load_finished(cx, &mut self.upstream, db).await?;
+        }
+        self.loaded = true;
+        Ok(())
+    }
+}
+
+/// Waits until the load `upstream` is over for `db`.
+async fn wait_load_finished(
+    cx: &StageContext,
+    upstream: &mut Upstream,
+    db: &Database,
+) -> Result<()> {
+    if load_finished(cx, upstream, db).await? {
+        return Ok(());
+    }
+    tracing::info!(stage = %cx.stage, database = %db.name, "waiting for stage `{}` to finish loading the database", upstream.stage);
+    while !load_finished(cx, upstream, db).await? {
+        tokio::select! {
+            r = upstream.changed() => { r?; }
+            _ = cx.cancel.cancelled() => return Err(Error::interrupted()),
+        }
+    }
+    Ok(())
 }
 
 /// The item's SQL with its first statement (`ALTER TABLE ... ADD CONSTRAINT ... FOREIGN KEY ...;`)

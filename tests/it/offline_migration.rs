@@ -353,6 +353,128 @@ fn killed_during_full_load_then_resumed() {
     assert_eq!(p.target.psql(&t, INDEXES), p.source.psql(&s, INDEXES));
 }
 
+/// post_data runs beside full_load: Pagila's indexes and constraints are built while
+/// `public.big` is held at a gate on the target in the middle of its copy, `public.big`'s own
+/// primary key waits for its copy, and a SIGKILL while both stages run resumes to the same target
+/// (rows, sequences, large objects, schema, every index once and valid).
+#[test]
+fn index_builds_overlap_the_load_and_a_kill_during_both_resumes() {
+    let p = pair();
+    let Some(s) = pagila_source("om_overlap_src") else {
+        return;
+    };
+    p.source.psql(
+        &s,
+        "CREATE TABLE public.big (id bigint NOT NULL, pad text NOT NULL);
+         INSERT INTO public.big SELECT g, lpad(g::text, 64, 'pgferry-') FROM generate_series(1, 100000) g;
+         ALTER TABLE public.big ADD CONSTRAINT big_pkey PRIMARY KEY (id);
+         CREATE INDEX big_pad_idx ON public.big (pad);
+         ANALYZE public.big;",
+    );
+    let t = new_target(&s);
+    let plan = TestPlan::new(p, "om_overlap", &s, &t, &offline_stages(2, 2));
+    let out = plan.run(&["run", "--until", "provision"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    Gate::install(&p.target, &t, "public.big");
+    let gate = Gate::close(&p.target, &t);
+
+    let mut child = plan.spawn(&["run"]);
+    let built = |object: &str| {
+        store(
+            &plan,
+            &format!(
+                "SELECT count(*) FROM pgferry.checkpoints WHERE migration = '{}' AND stage = 'indexes' \
+                 AND key = 'database:{s}:item:{object}' AND (value->>'done')::bool",
+                plan.name
+            ),
+        ) == "1"
+    };
+    let big_state = || {
+        store(
+            &plan,
+            &format!(
+                "SELECT coalesce((SELECT state FROM pgferry.tables WHERE migration = '{}' AND stage = 'load' AND table_name = 'public.big'), 'absent')",
+                plan.name
+            ),
+        )
+    };
+    // The condition is made, not raced: public.big cannot finish its copy while the gate is closed.
+    wait_for(
+        "Pagila's primary keys built while public.big is being copied",
+        Duration::from_secs(90),
+        || {
+            store_exists(&plan)
+                && built("CONSTRAINT:public.actor actor_pkey")
+                && built("CONSTRAINT:public.rental rental_pkey")
+                && big_state() == "copying"
+        },
+    );
+    assert_eq!(stage_state(&plan, "load"), "running");
+    assert_eq!(stage_state(&plan, "indexes"), "running");
+    assert!(
+        !built("CONSTRAINT:public.big big_pkey") && !built("INDEX:public.big_pad_idx"),
+        "public.big's objects wait for its copy"
+    );
+    // ... and are not even started (they would wait for the copy's lock, holding a session).
+    assert_eq!(
+        p.target.psql(
+            "postgres",
+            &format!(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = '{t}' \
+                 AND application_name LIKE 'pgferry post_data%' AND query LIKE '%public.big%'"
+            ),
+        ),
+        "0",
+        "no post_data session works on public.big while it is copied"
+    );
+    // Foreign keys wait for the whole load.
+    assert_eq!(
+        store(
+            &plan,
+            &format!(
+                "SELECT count(*) FROM pgferry.checkpoints WHERE migration = '{}' AND stage = 'indexes' \
+                 AND key LIKE 'database:%:item:FK CONSTRAINT:%'",
+                plan.name
+            ),
+        ),
+        "0"
+    );
+    child.kill().expect("SIGKILL pgferry");
+    let killed = child.wait_with_output().expect("wait for pgferry");
+    assert_ne!(killed.status.code(), Some(0), "{}", show(&killed));
+    gate.open();
+    wait_for_sessions_to_end(&plan);
+    assert_ne!(big_state(), "copied");
+    let done_before = post_data_items_done(&plan);
+    eprintln!(
+        "[test] killed with full_load and post_data running, {done_before} post-data object(s) built"
+    );
+    let invalid = "SELECT coalesce(string_agg(indexrelid::regclass::text, ','), '') FROM pg_index WHERE NOT indisvalid OR NOT indisready";
+    // Nothing half-built; a partitioned table's index stays invalid until its partitions' indexes
+    // are attached (phase 2), as in pg_restore.
+    let half_built = "SELECT coalesce(string_agg(indexrelid::regclass::text, ','), '') FROM pg_index i \
+        JOIN pg_class c ON c.oid = i.indexrelid WHERE c.relkind <> 'I' AND (NOT indisvalid OR NOT indisready)";
+    assert_eq!(p.target.psql(&t, half_built), "");
+
+    let out = run_to_completion(&plan);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("ran load, indexes, sequences; already done: preflight, schema, provision"),
+        "{}",
+        show(&out)
+    );
+    // Objects built before the kill were not built again.
+    assert!(post_data_items_done(&plan) > done_before);
+    Gate::uninstall(&p.target, &t, "public.big");
+    assert_same(&s, &t);
+    assert_eq!(p.target.psql(&t, invalid), "");
+    assert_eq!(p.target.psql(&t, INDEXES), p.source.psql(&s, INDEXES));
+    assert_eq!(
+        p.target.psql(&t, CONSTRAINTS),
+        p.source.psql(&s, CONSTRAINTS)
+    );
+}
+
 /// Pagila plus a table with a few indexes and a small table whose indexes call a function that is
 /// slow on the target (about 1.5 s per index; instant on the source, so the setup stays quick), so
 /// that post_data lasts long enough to be killed halfway.
@@ -399,10 +521,12 @@ fn killed_during_post_data_then_resumed() {
         ) == "t"
     };
     wait_for(
-        "post_data running with an object checkpointed and an index being built",
+        "post_data running after the load with an object checkpointed and an index being built",
         Duration::from_secs(120),
         || {
             store_exists(&plan)
+                // post_data starts beside the load; this kill is meant for post_data alone.
+                && stage_state(&plan, "load") == "done"
                 && stage_state(&plan, "indexes") == "running"
                 && post_data_items_done(&plan) >= 1
                 && building()

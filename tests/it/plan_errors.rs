@@ -384,6 +384,18 @@ fn after_edges(path: &str) -> BTreeSet<(String, String)> {
     out
 }
 
+/// The `after` edges whose waiting stage starts while the stage waited for still runs: a
+/// post_data stage after a full_load (the executor's overlap contract).
+fn overlap_edges(path: &str) -> BTreeSet<(String, String)> {
+    let plan = parse_toml(path);
+    let stages = plan["stages"].as_table().expect("[stages]");
+    let kind = |id: &str| stages[id]["kind"].as_str().unwrap_or("").to_string();
+    after_edges(path)
+        .into_iter()
+        .filter(|(dep, id)| kind(dep) == "full_load" && kind(id) == "post_data")
+        .collect()
+}
+
 fn stage_ids(path: &str) -> BTreeSet<String> {
     parse_toml(path)["stages"]
         .as_table()
@@ -393,15 +405,31 @@ fn stage_ids(path: &str) -> BTreeSet<String> {
         .collect()
 }
 
-/// Parses graph output into (node id -> stage id, edges between stage ids).
+/// Parses graph output into (node id -> stage id, edges between stage ids, the edges drawn as
+/// overlaps: `-. overlaps .->` in Mermaid, `[style=dashed, label="overlaps"]` in DOT).
+#[allow(clippy::type_complexity)]
 fn parse_graph(
     out: &str,
     node_label: impl Fn(&str) -> Option<(String, String)>,
     arrow: &str,
-) -> (BTreeMap<String, String>, BTreeSet<(String, String)>) {
+) -> (
+    BTreeMap<String, String>,
+    BTreeSet<(String, String)>,
+    BTreeSet<(String, String)>,
+) {
     let mut nodes = BTreeMap::new();
     let mut edges = Vec::new();
+    let mut overlapping = Vec::new();
     for line in out.lines() {
+        let plain = line
+            .replace(" -. overlaps .-> ", " --> ")
+            .replace(" [style=dashed, label=\"overlaps\"]", "");
+        if plain != line
+            && let Some((a, b)) = plain.trim().trim_end_matches(';').split_once(arrow)
+        {
+            overlapping.push((a.trim().to_string(), b.trim().to_string()));
+        }
+        let line = plain.as_str();
         if let Some((node, stage)) = node_label(line) {
             assert!(
                 nodes.insert(node.clone(), stage).is_none(),
@@ -424,7 +452,11 @@ fn parse_graph(
             "edge {a} {arrow} {b} twice in:\n{out}"
         );
     }
-    (nodes, set)
+    let overlapping = overlapping
+        .iter()
+        .map(|(a, b)| (name(a), name(b)))
+        .collect();
+    (nodes, set, overlapping)
 }
 
 fn check_graph(format: &str) {
@@ -432,7 +464,7 @@ fn check_graph(format: &str) {
         let vars = env_vars_of(&plan);
         let run = pgferry(&["graph", &plan, "--format", format], &env_for(&vars));
         assert_eq!(run.code, 0, "graph {plan} --format {format}: {run:?}");
-        let (nodes, edges) = match format {
+        let (nodes, edges, overlapping) = match format {
             "mermaid" => {
                 assert!(run.stdout.starts_with("flowchart LR\n"), "{run:?}");
                 // `  n3["load<br/>full_load"]`
@@ -465,6 +497,11 @@ fn check_graph(format: &str) {
             edges,
             after_edges(&plan),
             "{plan} --format {format}: edges (waited for, waiting) in {run:?}"
+        );
+        assert_eq!(
+            overlapping,
+            overlap_edges(&plan),
+            "{plan} --format {format}: edges drawn as overlaps in {run:?}"
         );
     }
 }
