@@ -131,12 +131,11 @@ impl Provision {
             .compare_existing(i, db, &source, &target, &names)
             .await
             .map_err(|e| e.context(target_label.clone()))?;
-        drop(target);
         let schema = if present {
             tracing::info!(stage = %cx.stage, database = %db.name, "all {} selected table(s) already exist on target database {} and match the source; not applying the pre-data schema again", names.len(), db.target);
             "already present"
         } else {
-            self.apply_pre_data(cx, db, &purpose)
+            self.apply_pre_data(cx, db, &purpose, target)
                 .await
                 .map_err(|e| e.context(target_label.clone()))?;
             "applied"
@@ -427,8 +426,16 @@ impl Provision {
         )))
     }
 
-    /// Runs the stored pre-data SQL on the target database with psql, in one transaction.
-    async fn apply_pre_data(&self, cx: &StageContext, db: &Database, purpose: &str) -> Result<()> {
+    /// Runs the stored pre-data SQL on the target database in one transaction: sent whole, as
+    /// one simple-query message, on `target` when the script allows it ([`one_message`]), else
+    /// (and to name the failing statement when that fails) with psql.
+    async fn apply_pre_data(
+        &self,
+        cx: &StageContext,
+        db: &Database,
+        purpose: &str,
+        target: Client,
+    ) -> Result<()> {
         let name = pre_data_artifact(db);
         let sql = cx.store.artifact(&name).await?.ok_or_else(|| {
             Error::permanent(format!(
@@ -437,6 +444,29 @@ impl Provision {
             ))
             .hint("run a schema_dump stage before provision (put it in provision's `after`)")
         })?;
+        if let Some(script) = std::str::from_utf8(&sql).ok().and_then(one_message) {
+            let started = std::time::Instant::now();
+            let r = tokio::select! {
+                r = target.batch_execute(&script) => r,
+                _ = cx.cancel.cancelled() => {
+                    // The message is one transaction: cancelled, none of it stays.
+                    let _ = target.cancel_token().cancel_query(tokio_postgres::NoTls).await;
+                    return Err(Error::interrupted());
+                }
+            };
+            match r {
+                Ok(()) => {
+                    tracing::info!(stage = %cx.stage, database = %db.name, elapsed_ms = started.elapsed().as_millis() as u64, "pre-data schema applied to target database {} (one message)", db.target);
+                    return Ok(());
+                }
+                // Nothing of it was applied (one implicit transaction): psql runs it again
+                // statement by statement and names the one that fails, with its line.
+                Err(e) => {
+                    tracing::info!(stage = %cx.stage, database = %db.name, "the pre-data schema sent as one message failed ({e}); applying it with psql to find the failing statement");
+                }
+            }
+        }
+        drop(target);
         let tools = tokio::task::spawn_blocking(tools::find)
             .await
             .map_err(|e| Error::permanent(format!("internal: {e}")))??;
@@ -849,9 +879,58 @@ impl Stage for Provision {
     }
 }
 
+/// The pre-data script as one simple-query message, when it can be sent so: every line that
+/// starts with a backslash is one of pg_dump's `\restrict` / `\unrestrict` guards (psql
+/// meta-commands, which only psql understands; dropped here, they protect psql's input only), and
+/// the script's client encoding is UTF8 (the connection's; a script in another encoding goes to
+/// psql, which converts). Sent whole, the server runs the statements as one implicit
+/// transaction, as psql's `--single-transaction` does, without a round trip per statement.
+fn one_message(sql: &str) -> Option<String> {
+    let mut out = String::with_capacity(sql.len());
+    let mut utf8 = false;
+    for line in sql.split_inclusive('\n') {
+        if line.starts_with('\\') {
+            let command = line.split_whitespace().next().unwrap_or("");
+            if command == "\\restrict" || command == "\\unrestrict" {
+                continue;
+            }
+            return None;
+        }
+        if let Some(rest) = line.trim_end().strip_prefix("SET client_encoding = ") {
+            utf8 = rest == "'UTF8';";
+            if !utf8 {
+                return None;
+            }
+        }
+        out.push_str(line);
+    }
+    utf8.then_some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pre_data_script_is_sent_as_one_message_only_without_other_meta_commands() {
+        let script = "\\restrict abc\nSET client_encoding = 'UTF8';\nCREATE TABLE t (a int);\n\\unrestrict abc\n";
+        assert_eq!(
+            one_message(script).as_deref(),
+            Some("SET client_encoding = 'UTF8';\nCREATE TABLE t (a int);\n")
+        );
+        // A backslash line inside a statement is not at a line start after pg_dump's quoting,
+        // but any other meta-command sends the script to psql.
+        assert_eq!(
+            one_message("SET client_encoding = 'UTF8';\n\\connect other\n"),
+            None
+        );
+        assert_eq!(
+            one_message("SET client_encoding = 'LATIN1';\nCREATE TABLE t ();\n"),
+            None
+        );
+        // No encoding line: not known to be UTF8.
+        assert_eq!(one_message("CREATE TABLE t ();\n"), None);
+    }
 
     fn col(name: &str, ty: &str, not_null: bool, position: i64) -> Column {
         Column {
