@@ -131,6 +131,13 @@ fn pagila_schema_arrives_intact() {
         started.elapsed()
     );
     no_password(&out);
+    // pg_dump's script (UTF8, only its \restrict guards as meta-commands) goes as one message,
+    // not through psql.
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("pre-data schema applied to target database") && log.contains("(one message)"),
+        "provision did not send the pre-data schema as one message:\n{log}"
+    );
 
     let source = pre_data(&p.source, &s);
     let target = pre_data(&p.target, &t);
