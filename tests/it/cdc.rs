@@ -807,6 +807,19 @@ fn the_apply_plans_a_grouped_statement_once_not_per_execution() {
     let out = plan.run(&["run"]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
 
+    // A run of the plan that applies everything the source has committed.
+    let run_to_source = || {
+        let lsn = current_lsn(&p.source, s);
+        let out = plan.run(&["run"]);
+        assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+        let applied = p.target.psql(
+            t,
+            &format!(
+                "SELECT coalesce(bool_and(lsn >= '{lsn}'::pg_lsn), false) FROM pgferry.cdc_applied"
+            ),
+        );
+        assert_eq!(applied, "t", "applied position below {lsn}");
+    };
     // Each transaction deletes a row, puts it back and updates it: the update run between two
     // transactions' deletes keeps them apart, so the DELETE runs once per transaction.
     p.source.psql(
@@ -823,16 +836,7 @@ fn the_apply_plans_a_grouped_statement_once_not_per_execution() {
     );
     p.target
         .psql("postgres", "SELECT pg_stat_statements_reset()");
-    let lsn = current_lsn(&p.source, s);
-    let out = plan.run(&["run"]);
-    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
-    let applied = p.target.psql(
-        t,
-        &format!(
-            "SELECT coalesce(bool_and(lsn >= '{lsn}'::pg_lsn), false) FROM pgferry.cdc_applied"
-        ),
-    );
-    assert_eq!(applied, "t", "applied position below {lsn}");
+    run_to_source();
     let stats = p.target.psql(
         "postgres",
         &format!(
@@ -876,16 +880,7 @@ fn the_apply_plans_a_grouped_statement_once_not_per_execution() {
            INSERT INTO public.pairs VALUES (i % 150 + 1, i % 150 + 1, 'back ' || i); \
            COMMIT; END LOOP; END $$;",
     );
-    let lsn = current_lsn(&p.source, s);
-    let out = plan.run(&["run"]);
-    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
-    let applied = p.target.psql(
-        t,
-        &format!(
-            "SELECT coalesce(bool_and(lsn >= '{lsn}'::pg_lsn), false) FROM pgferry.cdc_applied"
-        ),
-    );
-    assert_eq!(applied, "t", "applied position below {lsn}");
+    run_to_source();
     let deletes = p.target.psql(
         "postgres",
         &format!(
