@@ -240,16 +240,11 @@ impl PostData {
                 // The longest builds first, so the short ones fill in around them: the table's size
                 // weighted by how costly the index method is to build (GIN and GiST far more than
                 // B-tree; BRIN far less).
-                let cost = |n: usize| {
-                    let item = &script.items[n];
-                    let size = item
-                        .locks()
+                longest_first(&mut items, &script.items, |item| {
+                    item.locks()
                         .and_then(|l| l.first().and_then(|(t, _)| sizes.get(t).copied()))
                         .unwrap_or(0)
-                        .max(0) as u128;
-                    size * build_weight(&item.statements) / 4
-                };
-                items.sort_by_key(|&n| (std::cmp::Reverse(cost(n)), n));
+                });
             }
             let limit = if phase.parallel() {
                 run.clients.len()
@@ -902,6 +897,17 @@ fn item_keys(db: &str, items: &[Item]) -> Vec<String> {
         .collect()
 }
 
+/// Orders `order` (indices into `items`) with the longest builds first, so the short ones fill in
+/// around them: the bytes of the object's table (`table_bytes`) weighted by how costly the index
+/// method is to build ([`build_weight`]).
+fn longest_first(order: &mut [usize], items: &[Item], table_bytes: impl Fn(&Item) -> i64) {
+    let cost = |n: usize| {
+        let item = &items[n];
+        table_bytes(item).max(0) as u128 * build_weight(&item.statements) / 4
+    };
+    order.sort_by_key(|&n| (std::cmp::Reverse(cost(n)), n));
+}
+
 /// How much costlier an index is to build than a B-tree over the same table, in quarters: measured
 /// on 1M-row tables, a GIN (jsonb_path_ops) build took about 8x a B-tree's, GiST several times.
 fn build_weight(statements: &[String]) -> u128 {
@@ -1145,23 +1151,17 @@ impl LoadFeed {
         self.waiting = waiting;
         // The longest builds first: the table's size (the load's bytes while the target's size was
         // read before the copy) weighted by how costly the index method is to build.
-        let cost = |n: usize| {
-            let item = &items[n];
-            let table = item.table_object().map(|o| o.table);
-            let size = table
-                .as_ref()
-                .map(|t| {
+        longest_first(&mut admitted, items, |item| {
+            item.table_object()
+                .map(|o| {
                     sizes
-                        .get(t)
+                        .get(&o.table)
                         .copied()
                         .unwrap_or(0)
-                        .max(copied.get(&t.to_string()).copied().unwrap_or(0))
+                        .max(copied.get(&o.table.to_string()).copied().unwrap_or(0))
                 })
                 .unwrap_or(0)
-                .max(0) as u128;
-            size * build_weight(&item.statements) / 4
-        };
-        admitted.sort_by_key(|&n| (std::cmp::Reverse(cost(n)), n));
+        });
         if !admitted.is_empty() {
             tracing::debug!(stage = %cx.stage, database = %db.name,
                 "{} object(s) of tables the load has copied may start, {} wait", admitted.len(), self.waiting.len());
