@@ -768,9 +768,7 @@ impl<'a> DbStream<'a> {
                     _ = &mut sleep => {
                         if st.batch_open && !st.in_source_tx && Instant::now() >= st.batch_deadline {
                             alive!(self, repl, st, self.flush(&mut ap, &mut st))?;
-                            repl.send_status(st.flushed, st.flushed, st.flushed, false).await?;
-                            st.last_status = Instant::now();
-                            st.reported = st.flushed;
+                            report_flushed(&mut repl, &mut st).await?;
                             let at = st.applied;
                             self.mark_ready(&mut st, at, ready_at, on_ready);
                         }
@@ -778,19 +776,13 @@ impl<'a> DbStream<'a> {
                         // follows it also when the source has gone quiet, once the target has
                         // flushed it (a probe asks; after FLUSH_WAIT the apply flushes itself).
                         self.confirm(&mut ap, &mut st)?;
-                        if !st.batch_open && !st.in_source_tx && ap.flush_overdue() {
-                            alive!(self, repl, st, self.make_durable(&mut ap, &mut st))?;
-                        } else if !ap.in_tx() {
-                            ap.probe_if_due();
-                        }
+                        self.flush_or_probe(&mut ap, &mut repl, &mut st).await?;
                         if !st.batch_open && !st.in_source_tx {
                             let at = st.applied;
                             self.mark_ready(&mut st, at, ready_at, on_ready);
                         }
                         if st.flushed > st.reported || st.last_status.elapsed() >= self.status_every {
-                            repl.send_status(st.flushed, st.flushed, st.flushed, false).await?;
-                            st.last_status = Instant::now();
-                            st.reported = st.flushed;
+                            report_flushed(&mut repl, &mut st).await?;
                         }
                     }
                     r = ap.next_answer(), if !st.in_source_tx && !ap.idle() => {
@@ -805,9 +797,7 @@ impl<'a> DbStream<'a> {
                         }
                         // A probe's answer moved what the target has flushed: the slot follows.
                         if st.flushed > st.reported {
-                            repl.send_status(st.flushed, st.flushed, st.flushed, false).await?;
-                            st.last_status = Instant::now();
-                            st.reported = st.flushed;
+                            report_flushed(&mut repl, &mut st).await?;
                         }
                     }
                     m = async {
@@ -866,15 +856,9 @@ impl<'a> DbStream<'a> {
                                 // tick (a stopping walsender asks for a reply after each one and
                                 // waits until the slot is told everything it sent).
                                 self.confirm(&mut ap, &mut st)?;
-                                if !st.batch_open && !st.in_source_tx && ap.flush_overdue() {
-                                    alive!(self, repl, st, self.make_durable(&mut ap, &mut st))?;
-                                } else if !ap.in_tx() {
-                                    ap.probe_if_due();
-                                }
+                                self.flush_or_probe(&mut ap, &mut repl, &mut st).await?;
                                 if k.reply_requested || st.flushed > st.reported || st.last_status.elapsed() >= self.status_every {
-                                    repl.send_status(st.flushed, st.flushed, st.flushed, false).await?;
-                                    st.last_status = Instant::now();
-                                    st.reported = st.flushed;
+                                    report_flushed(&mut repl, &mut st).await?;
                                 }
                             }
                             ReplicationMessage::XLogData(x) => {
@@ -893,9 +877,7 @@ impl<'a> DbStream<'a> {
                                     && (st.batch_count >= self.batch_changes || Instant::now() >= st.batch_deadline)
                                 {
                                     alive!(self, repl, st, self.flush(&mut ap, &mut st))?;
-                                    repl.send_status(st.flushed, st.flushed, st.flushed, false).await?;
-                                    st.last_status = Instant::now();
-                                    st.reported = st.flushed;
+                                    report_flushed(&mut repl, &mut st).await?;
                                 } else if !st.in_source_tx && st.batch_open && x_commit {
                                     self.confirm(&mut ap, &mut st)?;
                                     if Self::commit_now(&mut ap, &mut repl, &mut read_ahead) {
@@ -1239,6 +1221,22 @@ impl<'a> DbStream<'a> {
         Ok(())
     }
 
+    /// Between batches, commits that have waited [`apply::FLUSH_WAIT`] to be flushed are flushed
+    /// now ([`DbStream::make_durable`]); otherwise a WAL probe is sent when one is due.
+    async fn flush_or_probe(
+        &self,
+        ap: &mut Applier,
+        mut repl: &mut ReplicationClient,
+        st: &mut Loop,
+    ) -> Result<()> {
+        if !st.batch_open && !st.in_source_tx && ap.flush_overdue() {
+            alive!(self, repl, st, self.make_durable(ap, st))?;
+        } else if !ap.in_tx() {
+            ap.probe_if_due();
+        }
+        Ok(())
+    }
+
     /// Waits until every answered commit is flushed on the target ([`Applier::make_durable`]).
     async fn make_durable(&self, ap: &mut Applier, st: &mut Loop) -> Result<()> {
         ap.make_durable().await?;
@@ -1343,6 +1341,15 @@ impl<'a> DbStream<'a> {
 
 /// The hint for a slot or publication that no longer exists on the source (SQLSTATE 42704): it was
 /// dropped outside pgferry, and the changes the slot held cannot be streamed any more.
+/// Tells the slot the flushed position (a standby status update) and notes when and what.
+async fn report_flushed(repl: &mut ReplicationClient, st: &mut Loop) -> Result<()> {
+    repl.send_status(st.flushed, st.flushed, st.flushed, false)
+        .await?;
+    st.last_status = Instant::now();
+    st.reported = st.flushed;
+    Ok(())
+}
+
 fn explain_missing(e: Error) -> Error {
     if e.sqlstate.as_deref() != Some("42704") || e.hint.is_some() {
         return e;
