@@ -1,8 +1,8 @@
 //! Soak: can cdc keep up with a live stream? A steady writer runs against the source at a fixed
 //! rate while pgferry's cdc and PostgreSQL's native logical replication (a subscription into a
 //! second target database, same clusters, same run, same WAL) both follow it. Every 250 ms the
-//! bench reads the source's WAL insert position and each follower's applied position, measured
-//! the same way for both:
+//! bench reads the source's WAL insert position and then both followers' applied positions in one
+//! query on the target (the same moment for both), measured the same way for both:
 //!
 //! - pgferry: the applied LSN it stores with each commit (`pgferry.cdc_applied`);
 //! - native: `pg_replication_origin_status.remote_lsn` of the subscription's origin.
@@ -30,6 +30,9 @@
 //! the source's `wal_writer_delay` (200 ms by default: with asynchronous commits the source's WAL
 //! reaches both followers in stretches of this period). Both by `ALTER SYSTEM` and a reload, and
 //! printed with the figures.
+//!
+//! `--samples FILE` writes every sample to `FILE.<rate>` as CSV: seconds since the writer
+//! started, the source's WAL insert position, pgferry's and native's applied positions (bytes).
 //!
 //! `--profile` loads `pg_stat_statements` (with `track_planning`) on the target cluster and prints,
 //! for the writer's run, each follower's statements on the target (calls, rows, planning and
@@ -64,6 +67,8 @@ struct Args {
     /// default): with asynchronous commits on the source, both followers receive its WAL in
     /// stretches of this period.
     source_wal_writer_delay: Option<u32>,
+    /// Every sample as CSV (`--samples FILE`: seconds, source, pgferry and native positions).
+    samples: Option<String>,
 }
 
 fn args() -> Args {
@@ -76,6 +81,7 @@ fn args() -> Args {
         profile: false,
         target_synchronous_commit: None,
         source_wal_writer_delay: None,
+        samples: None,
     };
     let mut it = std::env::args().skip(1).filter(|x| x != "--bench");
     while let Some(x) = it.next() {
@@ -106,6 +112,7 @@ fn args() -> Args {
                     "--source-wal-writer-delay takes milliseconds, 1 to 10000"
                 );
             }
+            "--samples" => a.samples = it.next(),
             "--seconds" => a.seconds = it.next().and_then(|v| v.parse().ok()).unwrap_or(300),
             "--clients" => a.clients = it.next().and_then(|v| v.parse().ok()).unwrap_or(4).max(1),
             _ => {}
@@ -166,6 +173,19 @@ fn growth(v: &[f64]) -> String {
     let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64 + 65536.0;
     let r = mean(&v[v.len() - n..]) / mean(&v[..n]);
     format!("x{r:.2} ({})", if r > 1.5 { "GROWS" } else { "bounded" })
+}
+
+/// pgferry's and native's applied positions read by one query on the target, so that both are
+/// taken at the same moment: both followers write to the same cluster, and the origin's status is
+/// shared memory, readable from pgferry's database. Two queries in a row favoured the one read
+/// second (by the WAL written during the first round trip, which on a loaded machine is several
+/// kB at 800 tx/s).
+fn both_applied(tdb: &Db, origin: &str, ferry_applied: &str) -> (u64, u64) {
+    let row = tdb.one(&format!(
+        "SELECT coalesce(({ferry_applied}), '0/0') || ' ' || coalesce(({origin}), '0/0')"
+    ));
+    let (f, n) = row.split_once(' ').unwrap_or(("0/0", "0/0"));
+    (lsn(f), lsn(n))
 }
 
 fn lsn(s: &str) -> u64 {
@@ -403,12 +423,25 @@ fn round(a: &Args, p: &Pair, src: &str, n: usize, rate: Option<u32>) {
     // Samples count once both followers have applied a transaction of the writer's (native has no
     // remote position before its first one).
     let begin = lsn(&sdb.one("SELECT pg_current_wal_insert_lsn()::text"));
+    let mut samples = a.samples.as_ref().map(|path| {
+        let path = format!("{path}.{}", rate_s.replace([' ', '/'], ""));
+        eprintln!("[soak]   samples to {path}");
+        std::io::BufWriter::new(std::fs::File::create(&path).expect("samples file"))
+    });
     while start.elapsed() < Duration::from_secs(a.seconds) {
         let t = start.elapsed().as_secs_f64();
-        let src_lsn = lsn(&sdb.one("SELECT pg_current_wal_insert_lsn()::text"));
-        let f = lsn(&tdb.one(ferry_applied));
-        let nl = lsn(&ndb.one(&origin));
+        let src_row = sdb.one(&format!(
+            "SELECT pg_current_wal_insert_lsn()::text || ' ' || coalesce((SELECT max(sent_lsn) FROM pg_stat_replication WHERE application_name <> '{sub}')::text, '0/0') || ' ' || coalesce((SELECT max(sent_lsn) FROM pg_stat_replication WHERE application_name = '{sub}')::text, '0/0')"
+        ));
+        let mut src_parts = src_row.split(' ').map(lsn);
+        let src_lsn = src_parts.next().unwrap_or(0);
+        let (sent_f, sent_n) = (src_parts.next().unwrap_or(0), src_parts.next().unwrap_or(0));
+        let (f, nl) = both_applied(&tdb, &origin, ferry_applied);
         history.push((t, src_lsn));
+        if let Some(w) = samples.as_mut() {
+            use std::io::Write;
+            writeln!(w, "{t:.3},{src_lsn},{f},{nl},{sent_f},{sent_n}").expect("samples file");
+        }
         if ferry.bytes.is_empty() && (f < begin || nl < begin) {
             std::thread::sleep(SAMPLE_EVERY);
             continue;
