@@ -853,6 +853,29 @@ impl Applier {
         self.poll_ready()
     }
 
+    /// [`Applier::advance_idle`] without waiting: the position write is sent behind nothing (the
+    /// applier is idle) and counts once answered, like a commit. For the steady stream's idle
+    /// keepalives: a synchronous round trip there held back the next stretch of the stream.
+    pub fn advance_idle_pipelined(&mut self, lsn: Lsn) -> Result<()> {
+        debug_assert!(!self.in_tx && self.idle());
+        let client = self.client.clone();
+        let stmt = self.position.clone();
+        let (slot, at) = (self.slot.clone(), lsn.to_string());
+        let info = InFlight {
+            table: Arc::from("position"),
+            what: "position",
+            commit_lsn: lsn,
+            rows: 0,
+            grouped: false,
+            commits: Some(lsn),
+            wal: None,
+        };
+        self.pending
+            .push_back(async move { (client.execute(&stmt, &[&slot, &at]).await, info) }.boxed());
+        self.probe_if_due();
+        self.poll_ready()
+    }
+
     /// The highest applied position whose target commit is flushed to the target's WAL (what a
     /// crash of the target keeps): the only one the slot may be told.
     pub fn flushed(&self) -> Lsn {

@@ -830,7 +830,12 @@ impl<'a> DbStream<'a> {
                                             || !st.ready
                                             || (!flushed && ap.idle() && st.idle_at.elapsed() >= book::POSITION_EVERY))
                                     {
-                                        alive!(self, repl, st, ap.advance_idle(k.wal_end))?;
+                                        if drain.is_none() && st.ready && ap.idle() {
+                                            // Answered later, like a commit: the loop reads on.
+                                            ap.advance_idle_pipelined(k.wal_end)?;
+                                        } else {
+                                            alive!(self, repl, st, ap.advance_idle(k.wal_end))?;
+                                        }
                                         st.applied = k.wal_end;
                                         self.confirmed(&ap, &mut st);
                                         st.idle_at = Instant::now();
