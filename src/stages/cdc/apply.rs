@@ -50,7 +50,7 @@ use tokio_postgres::{Client, Statement};
 
 use crate::error::{Error, Result};
 use crate::pg::connect::ConnInfo;
-use crate::pg::ident::{QualifiedName, quote_ident, quote_literal};
+use crate::pg::ident::{QualifiedName, quote_ident};
 use crate::pg::lsn::Lsn;
 use crate::pg::pgoutput::{OldTuple, Relation, ReplicaIdentity, TupleData, TupleValue};
 
@@ -816,20 +816,7 @@ impl Applier {
         self.flush_inserts().await?;
         self.send_changes().await?;
         self.begin_if_needed().await?;
-        let client = self.client.clone();
-        let stmt = self.position.clone();
-        let (slot, at) = (self.slot.clone(), lsn.to_string());
-        let info = InFlight {
-            table: Arc::from("position"),
-            what: "position",
-            commit_lsn: lsn,
-            rows: 0,
-            grouped: false,
-            commits: None,
-            wal: None,
-        };
-        self.pending
-            .push_back(async move { (client.execute(&stmt, &[&slot, &at]).await, info) }.boxed());
+        self.queue_position(lsn, None);
         let stmt = self.commit.clone();
         self.pipeline(stmt, "commit", Some(lsn));
         self.in_tx = false;
@@ -858,6 +845,15 @@ impl Applier {
     /// keepalives: a synchronous round trip there held back the next stretch of the stream.
     pub fn advance_idle_pipelined(&mut self, lsn: Lsn) -> Result<()> {
         debug_assert!(!self.in_tx && self.idle());
+        // Outside a transaction the write commits by itself: it is answered as a commit.
+        self.queue_position(lsn, Some(lsn));
+        self.probe_if_due();
+        self.poll_ready()
+    }
+
+    /// Queues the prepared position upsert of `lsn` behind what is in flight; `commits` when it
+    /// is a commit of its own (outside a target transaction).
+    fn queue_position(&mut self, lsn: Lsn, commits: Option<Lsn>) {
         let client = self.client.clone();
         let stmt = self.position.clone();
         let (slot, at) = (self.slot.clone(), lsn.to_string());
@@ -867,13 +863,11 @@ impl Applier {
             commit_lsn: lsn,
             rows: 0,
             grouped: false,
-            commits: Some(lsn),
+            commits,
             wal: None,
         };
         self.pending
             .push_back(async move { (client.execute(&stmt, &[&slot, &at]).await, info) }.boxed());
-        self.probe_if_due();
-        self.poll_ready()
     }
 
     /// The highest applied position whose target commit is flushed to the target's WAL (what a
@@ -971,13 +965,19 @@ impl Applier {
     /// Writes the position `lsn` (never lowering it) in a synchronously committed transaction:
     /// on return, the target's WAL is flushed past every commit made before.
     async fn sync_position(&mut self, lsn: Lsn) -> Result<()> {
-        let t = format!("{}.cdc_applied", quote_ident(&self.state_schema));
-        let sql = format!(
-            "BEGIN; SET LOCAL synchronous_commit = on;              INSERT INTO {t} (slot, lsn) VALUES ({slot}, {at}::pg_lsn)              ON CONFLICT (slot) DO UPDATE SET lsn = GREATEST({t}.lsn, excluded.lsn); COMMIT",
-            slot = quote_literal(&self.slot),
-            at = quote_literal(&lsn.to_string()),
-        );
-        if let Err(e) = self.client.batch_execute(&sql).await {
+        // The prepared upsert every commit sends, in a transaction of its own that commits
+        // synchronously (`SET LOCAL`: the session keeps `synchronous_commit = off`).
+        let written = async {
+            self.client
+                .batch_execute("BEGIN; SET LOCAL synchronous_commit = on")
+                .await?;
+            self.client
+                .execute(&self.position, &[&self.slot, &lsn.to_string()])
+                .await?;
+            self.client.batch_execute("COMMIT").await
+        }
+        .await;
+        if let Err(e) = written {
             // A failure inside the transaction leaves it open (aborted): end it.
             let _ = self.client.batch_execute("ROLLBACK").await;
             return Err(Error::pg(&e, "flushing the applied position on the target"));
