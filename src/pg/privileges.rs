@@ -36,24 +36,29 @@ pub async fn sessions_it_cannot_end(client: &Client, db: &str) -> Result<Vec<(St
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
-/// Ends every other client session of `db` this role may end. Returns how many it signalled.
-pub async fn end_sessions(client: &Client, db: &str) -> Result<i64> {
-    Ok(client
-        .query_one(
+/// Ends every other client session of `db` this role may end. Returns the pids it signalled.
+pub async fn end_sessions(client: &Client, db: &str) -> Result<Vec<i32>> {
+    // The sessions are chosen first (MATERIALIZED, 12+: every supported version), then signalled.
+    let rows = client
+        .query(
             &format!(
-                "SELECT count(pg_catalog.pg_terminate_backend(a.pid)) {OTHER_SESSIONS} AND ({MAY_END})"
+                "WITH s AS MATERIALIZED (SELECT a.pid {OTHER_SESSIONS} AND ({MAY_END})) \
+                 SELECT pid FROM s WHERE pg_catalog.pg_terminate_backend(pid)"
             ),
             &[&db],
         )
         .await
-        .map_err(|e| Error::pg(&e, "terminating the source database's sessions"))?
-        .get(0))
+        .map_err(|e| Error::pg(&e, "terminating the source database's sessions"))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// How many other client sessions `db` still has.
-pub async fn other_sessions(client: &Client, db: &str) -> Result<i64> {
+/// How many of the sessions `pids` are still there.
+pub async fn sessions_left(client: &Client, pids: &[i32]) -> Result<i64> {
     Ok(client
-        .query_one(&format!("SELECT count(*) {OTHER_SESSIONS}"), &[&db])
+        .query_one(
+            "SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE pid = ANY($1)",
+            &[&pids],
+        )
         .await
         .map_err(|e| Error::pg(&e, "waiting for the source's sessions to end"))?
         .get(0))

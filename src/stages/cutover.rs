@@ -308,12 +308,16 @@ impl Cutover {
                 ))
                 .hint("end those sessions first (or stop their application), or GRANT pg_signal_backend (or the roles themselves) to the migration role; preflight lists the roles"));
             }
-            privileges::end_sessions(source, &db.name).await?;
+            let ended = privileges::end_sessions(source, &db.name).await?;
             // pg_terminate_backend only signals: a session in the middle of its COMMIT may still
-            // write its commit record. Wait (briefly) until they are gone before taking the target.
+            // write its commit record. Wait (briefly) until those sessions are gone before taking
+            // the target. Only those: an application that reconnects at once opens sessions that
+            // start read-only, and waiting for every session kept the fence waiting its whole
+            // 10 s (seen in the cutover benchmark, whose writer reconnects: 10.3 s of downtime
+            // in 2 runs of 4, 0.5 s in the others).
             let gone_by = Instant::now() + Duration::from_secs(10);
             loop {
-                let left = privileges::other_sessions(source, &db.name).await?;
+                let left = privileges::sessions_left(source, &ended).await?;
                 if left == 0 || Instant::now() > gone_by {
                     break;
                 }
