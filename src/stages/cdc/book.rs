@@ -13,11 +13,12 @@
 //!   [`POSITION_EVERY`];
 //! - writes the lag gauge ([`crate::lag::OLDEST_UNAPPLIED_GAUGE`]) when it changed, within
 //!   [`POSITION_EVERY`] (also while the apply is blocked on the target: `status` sees it behind);
-//! - adds the per-table change counters every [`COUNTERS_EVERY`], and the gauge of changes in
-//!   flight when it changed;
-//! - runs the 10 s progress sample ([`super::sample`]);
+//! - adds the per-table change counters every [`COUNTERS_EVERY`]; writes the gauge of changes in
+//!   flight when it changed, and runs the lag sample and 10 s progress log ([`super::sample`]),
+//!   every [`GAUGES_EVERY`];
 //! - reads the cutover's drain request and validation's hold request every [`REQUESTS_EVERY`] and
-//!   wakes the apply loop when either changed ([`Book::changed`]).
+//!   wakes the apply loop when either changed ([`Book::changed`]); the cutover's write downtime
+//!   includes that wait.
 //!
 //! A store error ends the task; the apply loop takes it ([`Book::take_failure`]) and fails the
 //! stage with it, as when it wrote itself. Where the store must be up to date before the next
@@ -43,8 +44,12 @@ pub const POSITION_EVERY: Duration = Duration::from_millis(100);
 /// How often the change counters go to the store (kept in memory between: a write per applied
 /// batch cost the target more CPU than the apply itself under a live stream).
 pub const COUNTERS_EVERY: Duration = Duration::from_secs(1);
-/// How often the drain and hold requests are read from the store.
-pub const REQUESTS_EVERY: Duration = Duration::from_millis(250);
+/// How often the drain and hold requests are read from the store (the cutover's write downtime
+/// waits for the drain request to be seen).
+pub const REQUESTS_EVERY: Duration = Duration::from_millis(100);
+/// How often the `incomingChanges` gauge is written (when it changed) and the progress sample is
+/// considered.
+pub const GAUGES_EVERY: Duration = Duration::from_millis(500);
 
 /// Per-table change counts: inserts, updates, deletes.
 pub type Counts = HashMap<String, [i64; 3]>;
@@ -284,8 +289,8 @@ impl Bookkeeper {
         let task = tokio::spawn(async move {
             let key = route.key.clone();
             let mut counters_at = Instant::now();
-            let mut requests_at = Instant::now() - REQUESTS_EVERY;
-            let mut tick = tokio::time::interval(POSITION_EVERY);
+            let mut gauges_at = Instant::now() - GAUGES_EVERY;
+            let mut tick = tokio::time::interval(REQUESTS_EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
@@ -300,30 +305,32 @@ impl Bookkeeper {
                         counters_at = Instant::now();
                         book.write_counters(store.as_ref(), &key).await?;
                     }
-                    if requests_at.elapsed() >= REQUESTS_EVERY {
-                        requests_at = Instant::now();
+                    // Every round (the tick is REQUESTS_EVERY): the drain and hold requests.
+                    let n = book.reads_started.fetch_add(1, Ordering::AcqRel) + 1;
+                    let drain = read_drain(store.as_ref(), &route, &db).await?;
+                    let hold = Hold::new(store.as_ref(), &key).pending().await?;
+                    let mut changed = false;
+                    for (slot, now) in [(&book.drain, drain), (&book.hold, hold)] {
+                        let mut was = slot.lock().unwrap_or_else(|e| e.into_inner());
+                        if *was != now {
+                            *was = now;
+                            changed = true;
+                        }
+                    }
+                    book.reads_done.store(n, Ordering::Release);
+                    if changed {
+                        book.changed.notify_one();
+                    }
+                    if gauges_at.elapsed() >= GAUGES_EVERY {
+                        gauges_at = Instant::now();
                         book.write_incoming(store.as_ref(), &key).await?;
-                        let n = book.reads_started.fetch_add(1, Ordering::AcqRel) + 1;
-                        let drain = read_drain(store.as_ref(), &route, &db).await?;
-                        let hold = Hold::new(store.as_ref(), &key).pending().await?;
-                        let mut changed = false;
-                        for (slot, now) in [(&book.drain, drain), (&book.hold, hold)] {
-                            let mut was = slot.lock().unwrap_or_else(|e| e.into_inner());
-                            if *was != now {
-                                *was = now;
-                                changed = true;
-                            }
-                        }
-                        book.reads_done.store(n, Ordering::Release);
-                        if changed {
-                            book.changed.notify_one();
-                        }
                         let gauges = sample::Gauges {
                             applied: Lsn(book.answered.load(Ordering::Relaxed)),
                             oldest_unapplied_ms: book.oldest_unapplied_ms.load(Ordering::Relaxed),
                             incoming: book.incoming.load(Ordering::Relaxed),
                             applied_changes: book.applied_changes.load(Ordering::Relaxed),
-                            draining: book.draining.load(Ordering::Relaxed),
+                            // The drain just read counts: no new source session once it is asked.
+                            draining: drain.is_some() || book.draining.load(Ordering::Relaxed),
                         };
                         sampler.tick(store.as_ref(), &gauges).await;
                     }
