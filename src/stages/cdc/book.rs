@@ -45,8 +45,8 @@ pub const POSITION_EVERY: Duration = Duration::from_millis(100);
 /// batch cost the target more CPU than the apply itself under a live stream).
 pub const COUNTERS_EVERY: Duration = Duration::from_secs(1);
 /// How often the drain and hold requests are read from the store (the cutover's write downtime
-/// waits for the drain request to be seen).
-pub const REQUESTS_EVERY: Duration = Duration::from_millis(100);
+/// waits for the drain request to be seen; 100 ms measured no shorter a downtime than 250 ms).
+pub const REQUESTS_EVERY: Duration = Duration::from_millis(250);
 /// How often the `incomingChanges` gauge is written (when it changed) and the progress sample is
 /// considered.
 pub const GAUGES_EVERY: Duration = Duration::from_millis(500);
@@ -290,7 +290,8 @@ impl Bookkeeper {
             let key = route.key.clone();
             let mut counters_at = Instant::now();
             let mut gauges_at = Instant::now() - GAUGES_EVERY;
-            let mut tick = tokio::time::interval(REQUESTS_EVERY);
+            let mut requests_at = Instant::now() - REQUESTS_EVERY;
+            let mut tick = tokio::time::interval(POSITION_EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
@@ -305,21 +306,23 @@ impl Bookkeeper {
                         counters_at = Instant::now();
                         book.write_counters(store.as_ref(), &key).await?;
                     }
-                    // Every round (the tick is REQUESTS_EVERY): the drain and hold requests.
-                    let n = book.reads_started.fetch_add(1, Ordering::AcqRel) + 1;
-                    let drain = read_drain(store.as_ref(), &route, &db).await?;
-                    let hold = Hold::new(store.as_ref(), &key).pending().await?;
-                    let mut changed = false;
-                    for (slot, now) in [(&book.drain, drain), (&book.hold, hold)] {
-                        let mut was = slot.lock().unwrap_or_else(|e| e.into_inner());
-                        if *was != now {
-                            *was = now;
-                            changed = true;
+                    if requests_at.elapsed() >= REQUESTS_EVERY {
+                        requests_at = Instant::now();
+                        let n = book.reads_started.fetch_add(1, Ordering::AcqRel) + 1;
+                        let drain = read_drain(store.as_ref(), &route, &db).await?;
+                        let hold = Hold::new(store.as_ref(), &key).pending().await?;
+                        let mut changed = false;
+                        for (slot, now) in [(&book.drain, drain), (&book.hold, hold)] {
+                            let mut was = slot.lock().unwrap_or_else(|e| e.into_inner());
+                            if *was != now {
+                                *was = now;
+                                changed = true;
+                            }
                         }
-                    }
-                    book.reads_done.store(n, Ordering::Release);
-                    if changed {
-                        book.changed.notify_one();
+                        book.reads_done.store(n, Ordering::Release);
+                        if changed {
+                            book.changed.notify_one();
+                        }
                     }
                     if gauges_at.elapsed() >= GAUGES_EVERY {
                         gauges_at = Instant::now();
@@ -330,7 +333,8 @@ impl Bookkeeper {
                             incoming: book.incoming.load(Ordering::Relaxed),
                             applied_changes: book.applied_changes.load(Ordering::Relaxed),
                             // The drain just read counts: no new source session once it is asked.
-                            draining: drain.is_some() || book.draining.load(Ordering::Relaxed),
+                            draining: book.drain().is_some()
+                                || book.draining.load(Ordering::Relaxed),
                         };
                         sampler.tick(store.as_ref(), &gauges).await;
                     }
