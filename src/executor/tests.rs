@@ -569,6 +569,22 @@ async fn until_runs_a_stage_and_what_it_needs_only() {
     assert_eq!(state_of(&store, "c").await, None);
 }
 
+/// `use`, after `load` and declared to run beside it, consuming `load`'s checkpoints `t1` and `t2`
+/// (meeting the test at `seen` once it has seen `t1`).
+fn consumer_beside_load(seen: &Arc<tokio::sync::Barrier>) -> Spec {
+    let mut use_ = spec(
+        "use",
+        &["load"],
+        Does::Consume {
+            upstream: "load",
+            keys: &["t1", "t2"],
+            seen: seen.clone(),
+        },
+    );
+    use_.overlaps = &["load"];
+    use_
+}
+
 /// The overlap contract: `use` runs beside `load` and sees its checkpoints as they are written;
 /// `seq`, which does not overlap, waits for `load` to be done; `use` is recorded done only after
 /// `load` (`check`, after `use` alone, finds `load` done).
@@ -580,16 +596,7 @@ async fn an_overlapping_stage_runs_beside_its_dependency_and_is_done_after_it() 
         Log::default(),
     );
     let seen = Arc::new(tokio::sync::Barrier::new(2));
-    let mut use_ = spec(
-        "use",
-        &["load"],
-        Does::Consume {
-            upstream: "load",
-            keys: &["t1", "t2"],
-            seen: seen.clone(),
-        },
-    );
-    use_.overlaps = &["load"];
+    let use_ = consumer_beside_load(&seen);
     let ex = executor(
         vec![
             spec("prep", &[], Does::Succeed),
@@ -657,16 +664,7 @@ async fn a_failing_dependency_stops_the_stage_running_beside_it() {
         Log::default(),
     );
     let seen = Arc::new(tokio::sync::Barrier::new(2));
-    let mut use_ = spec(
-        "use",
-        &["load"],
-        Does::Consume {
-            upstream: "load",
-            keys: &["t1", "t2"],
-            seen: seen.clone(),
-        },
-    );
-    use_.overlaps = &["load"];
+    let use_ = consumer_beside_load(&seen);
     let ex = executor(
         vec![
             spec(
