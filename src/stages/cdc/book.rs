@@ -136,6 +136,11 @@ impl Book {
         self.stored.fetch_max(at.0, Ordering::Relaxed);
     }
 
+    /// Whether the store has `at` already (written by the task or the loop).
+    pub fn is_stored(&self, at: Lsn) -> bool {
+        self.stored.load(Ordering::Relaxed) >= at.0
+    }
+
     pub fn set_incoming(&self, n: i64) {
         self.incoming.store(n, Ordering::Relaxed);
     }
@@ -234,7 +239,7 @@ impl Book {
     /// Copies the answered position to the store when it moved past the stored one.
     async fn write_position(&self, store: &dyn StateStore, db: &str) -> Result<()> {
         let answered = self.answered.load(Ordering::Relaxed);
-        if answered <= self.stored.load(Ordering::Relaxed) {
+        if self.is_stored(Lsn(answered)) {
             return Ok(());
         }
         store

@@ -358,8 +358,6 @@ struct Loop {
     last_status: Instant,
     /// The applied position the source was last told in a status update from the keepalive path.
     reported: Lsn,
-    /// The applied position the loop last wrote to the store itself.
-    stored: Lsn,
     /// The answered position at which a keepalive was last asked for (see the end of the loop).
     asked: Lsn,
     /// When a keepalive last moved the applied position with nothing pending.
@@ -647,7 +645,6 @@ impl<'a> DbStream<'a> {
                 uncounted: std::collections::VecDeque::new(),
                 last_status: Instant::now(),
                 reported: start,
-                stored: start,
                 asked: start,
                 idle_at: Instant::now(),
                 ready: false,
@@ -690,14 +687,12 @@ impl<'a> DbStream<'a> {
                         hold = self.book.hold();
                         if hold.is_some() && hold != was {
                             tracing::info!(database = %self.route.key, at = %hold.unwrap_or_default(), "cdc asked to hold for validation");
-                            repl.send_status(st.flushed, st.flushed, st.flushed, true)
-                                .await?;
+                            ask_keepalive(&mut repl, &mut st).await?;
                         }
                     }
                     if drain.is_some() {
                         // Ask for a keepalive: it lets an idle stream reach the target.
-                        repl.send_status(st.flushed, st.flushed, st.flushed, true)
-                            .await?;
+                        ask_keepalive(&mut repl, &mut st).await?;
                     }
                     self.book.set_draining(drain.is_some());
                     self.book.set_incoming(if st.batch_open || st.in_source_tx {
@@ -716,7 +711,7 @@ impl<'a> DbStream<'a> {
                     alive!(self, repl, st, self.make_durable(&mut ap, &mut st))?;
                     repl.send_status(st.flushed, st.flushed, st.flushed, false)
                         .await?;
-                    self.store_position(&mut st).await?;
+                    self.store_position(&st).await?;
                     self.cx
                         .store
                         .event(
@@ -758,7 +753,7 @@ impl<'a> DbStream<'a> {
                         alive!(self, repl, st, self.settle(&mut ap, &mut st))?;
                         alive!(self, repl, st, self.make_durable(&mut ap, &mut st))?;
                         repl.send_status(st.flushed, st.flushed, st.flushed, false).await?;
-                        self.store_position(&mut st).await?;
+                        self.store_position(&st).await?;
                         // An unfinished source transaction is rolled back with the session.
                         return Err(Error::interrupted());
                     }
@@ -843,7 +838,7 @@ impl<'a> DbStream<'a> {
                                         self.confirmed(&ap, &mut st);
                                         st.idle_at = Instant::now();
                                         if drain.is_some() {
-                                            self.store_position(&mut st).await?;
+                                            self.store_position(&st).await?;
                                         }
                                         // Caught up with nothing to apply: no lag.
                                         self.book.oldest_unapplied_ms.store(0, Ordering::Relaxed);
@@ -908,9 +903,7 @@ impl<'a> DbStream<'a> {
                     && st.asked < st.answered
                 {
                     st.asked = st.answered;
-                    repl.send_status(st.flushed, st.flushed, st.flushed, true)
-                        .await?;
-                    st.last_status = Instant::now();
+                    ask_keepalive(&mut repl, &mut st).await?;
                 }
             }
         }
@@ -969,10 +962,7 @@ impl<'a> DbStream<'a> {
             ap.advance_idle(target).await?;
             st.applied = target;
             self.confirmed(ap, st);
-            self.cx
-                .store
-                .advance_position(&applied_position(&self.route.key), target)
-                .await?;
+            self.store_position(st).await?;
         }
         Ok(())
     }
@@ -1256,22 +1246,19 @@ impl<'a> DbStream<'a> {
 
     /// Copies the answered position to the store now (a drain, a stop): the bookkeeping copies it
     /// at most every [`book::POSITION_EVERY`] otherwise.
-    async fn store_position(&self, st: &mut Loop) -> Result<()> {
-        if st.answered <= st.stored {
+    async fn store_position(&self, st: &Loop) -> Result<()> {
+        if self.book.is_stored(st.answered) {
             return Ok(());
         }
         self.cx
             .store
             .advance_position(&applied_position(&self.route.key), st.answered)
             .await?;
-        st.stored = st.answered;
         self.book.stored(st.answered);
         Ok(())
     }
 }
 
-/// The hint for a slot or publication that no longer exists on the source (SQLSTATE 42704): it was
-/// dropped outside pgferry, and the changes the slot held cannot be streamed any more.
 /// Tells the slot the flushed position (a standby status update) and notes when and what.
 async fn report_flushed(repl: &mut ReplicationClient, st: &mut Loop) -> Result<()> {
     repl.send_status(st.flushed, st.flushed, st.flushed, false)
@@ -1281,6 +1268,17 @@ async fn report_flushed(repl: &mut ReplicationClient, st: &mut Loop) -> Result<(
     Ok(())
 }
 
+/// Tells the slot the flushed position and asks the walsender to answer with a keepalive at once
+/// (its position lets an idle stream reach a target: ready, a drain, a hold).
+async fn ask_keepalive(repl: &mut ReplicationClient, st: &mut Loop) -> Result<()> {
+    repl.send_status(st.flushed, st.flushed, st.flushed, true)
+        .await?;
+    st.last_status = Instant::now();
+    Ok(())
+}
+
+/// The hint for a slot or publication that no longer exists on the source (SQLSTATE 42704): it was
+/// dropped outside pgferry, and the changes the slot held cannot be streamed any more.
 fn explain_missing(e: Error) -> Error {
     if e.sqlstate.as_deref() != Some("42704") || e.hint.is_some() {
         return e;
