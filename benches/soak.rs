@@ -31,6 +31,9 @@
 //! reaches both followers in stretches of this period). Both by `ALTER SYSTEM` and a reload, and
 //! printed with the figures.
 //!
+//! `--sample-every MS` samples every MS milliseconds instead of 250 (to see how each follower
+//! takes a stretch of WAL: more samples, slightly more load on both clusters, the same for both).
+//!
 //! `--samples FILE` writes every sample to `FILE.<rate>` as CSV: seconds since the writer
 //! started, the source's WAL insert position, pgferry's and native's applied positions (bytes).
 //!
@@ -69,6 +72,9 @@ struct Args {
     source_wal_writer_delay: Option<u32>,
     /// Every sample as CSV (`--samples FILE`: seconds, source, pgferry and native positions).
     samples: Option<String>,
+    /// Time between samples (`--sample-every MS`, 250 by default): shorter to see how the two
+    /// followers take each stretch of WAL (more samples, a little more load on both clusters).
+    sample_every: Duration,
 }
 
 fn args() -> Args {
@@ -82,6 +88,7 @@ fn args() -> Args {
         target_synchronous_commit: None,
         source_wal_writer_delay: None,
         samples: None,
+        sample_every: SAMPLE_EVERY,
     };
     let mut it = std::env::args().skip(1).filter(|x| x != "--bench");
     while let Some(x) = it.next() {
@@ -113,6 +120,14 @@ fn args() -> Args {
                 );
             }
             "--samples" => a.samples = it.next(),
+            "--sample-every" => {
+                let ms = it.next().and_then(|v| v.parse::<u64>().ok());
+                assert!(
+                    ms.is_some_and(|m| (1..=10_000).contains(&m)),
+                    "--sample-every takes milliseconds, 1 to 10000"
+                );
+                a.sample_every = Duration::from_millis(ms.unwrap_or(250));
+            }
             "--seconds" => a.seconds = it.next().and_then(|v| v.parse().ok()).unwrap_or(300),
             "--clients" => a.clients = it.next().and_then(|v| v.parse().ok()).unwrap_or(4).max(1),
             _ => {}
@@ -443,7 +458,7 @@ fn round(a: &Args, p: &Pair, src: &str, n: usize, rate: Option<u32>) {
             writeln!(w, "{t:.3},{src_lsn},{f},{nl},{sent_f},{sent_n}").expect("samples file");
         }
         if ferry.bytes.is_empty() && (f < begin || nl < begin) {
-            std::thread::sleep(SAMPLE_EVERY);
+            std::thread::sleep(a.sample_every);
             continue;
         }
         for (lags, applied) in [(&mut ferry, f), (&mut native, nl)] {
@@ -461,7 +476,7 @@ fn round(a: &Args, p: &Pair, src: &str, n: usize, rate: Option<u32>) {
                 native.secs.last().unwrap_or(&0.0),
             );
         }
-        std::thread::sleep(SAMPLE_EVERY);
+        std::thread::sleep(a.sample_every);
     }
     stop.store(true, Ordering::SeqCst);
     if let Some(w) = writer {

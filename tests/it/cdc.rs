@@ -228,6 +228,124 @@ fn sigkill_during_apply_applies_nothing_twice() {
     assert_same_data(&s, &t);
 }
 
+/// A target transaction sent behind a `COMMIT` still in flight (the apply does not wait for one
+/// commit's answer before sending the next) must not commit when the one before it rolled back:
+/// its guarded position update fails and takes it down too. Here the first transaction waits at a
+/// gate on the target and then fails a CHECK only the target has; the second, already sent
+/// behind it, must leave no row and no position.
+#[test]
+fn a_transaction_sent_behind_a_failing_one_rolls_back_with_it() {
+    let p = pair();
+    let s = p.source.fresh_database("cdc_behind_src");
+    let t = p.target.fresh_database("cdc_behind_tgt");
+    p.source.psql(
+        &s,
+        "CREATE TABLE public.a (id int PRIMARY KEY, v text);\n\
+         CREATE TABLE public.b (id int PRIMARY KEY, v text);\n\
+         INSERT INTO public.b VALUES (0, 'loaded');\n",
+    );
+    let plan = TestPlan::new(p, "cdc_behind", &s, &t, STAGES);
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    // A change streamed and applied: the target has the slot's position row (a transaction is
+    // sent behind another only once that row exists).
+    p.source
+        .psql(&s, "INSERT INTO public.b VALUES (2, 'streamed');");
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(
+        p.target
+            .psql(&t, "SELECT count(*) FROM pgferry.cdc_applied"),
+        "1",
+        "no applied position after the second run"
+    );
+
+    // The first transaction stops at the gate, then fails the target's CHECK.
+    Gate::install_when(&p.target, &t, "public.a", "NEW.v = 'fail'");
+    p.target.psql(
+        &t,
+        "ALTER TABLE public.a ADD CONSTRAINT a_target_only CHECK (v <> 'fail')",
+    );
+    // A change of b first, in the same session, prepares b's statement: the one behind the gate
+    // needs no preparing (which waits for everything in flight).
+    p.source
+        .psql(&s, "INSERT INTO public.b VALUES (3, 'prepared');");
+    let prepared = current_lsn(&p.source, &s);
+    p.source
+        .psql(&s, "INSERT INTO public.a VALUES (1, 'fail');");
+    p.source
+        .psql(&s, "INSERT INTO public.b VALUES (1, 'behind');");
+    let end = current_lsn(&p.source, &s);
+    let gate = Gate::close(&p.target, &t);
+    let mut child = plan
+        .command(&["run"])
+        .env("RUST_LOG", "pgferry=debug")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn pgferry");
+    gate.wait_blocked(&p.target, "pgferry cdc apply", Duration::from_secs(60));
+    // Both transactions are in the slot: the second reaches the apply within milliseconds of
+    // the first, while the first waits at the gate.
+    std::thread::sleep(Duration::from_secs(2));
+    gate.open();
+    wait_for("the run to fail", Duration::from_secs(60), || {
+        matches!(child.try_wait(), Ok(Some(_)))
+    });
+    let out = child.wait_with_output().expect("runner output");
+    assert_ne!(out.status.code(), Some(0), "{}", show(&out));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("sent behind a commit in flight"),
+        "the second transaction was not sent behind the first, nothing was tested:\n{}",
+        show(&out)
+    );
+    assert!(
+        log.contains("a_target_only"),
+        "the run should fail on the target's CHECK:\n{}",
+        show(&out)
+    );
+    assert_eq!(
+        p.target
+            .psql(&t, "SELECT count(*) FROM public.b WHERE id = 1"),
+        "0",
+        "the transaction behind the failed one was committed"
+    );
+    assert_eq!(p.target.psql(&t, "SELECT count(*) FROM public.a"), "0");
+    // The change before the gate is applied, and the position is not past it.
+    assert_eq!(
+        p.target.psql(&t, "SELECT v FROM public.b WHERE id = 3"),
+        "prepared"
+    );
+    assert_eq!(
+        p.target.psql(
+            &t,
+            &format!("SELECT lsn <= '{prepared}'::pg_lsn FROM pgferry.cdc_applied")
+        ),
+        "t",
+        "the applied position moved past the failed transaction"
+    );
+
+    // Without the target's CHECK, the stream applies both, once.
+    Gate::uninstall(&p.target, &t, "public.a");
+    p.target
+        .psql(&t, "ALTER TABLE public.a DROP CONSTRAINT a_target_only");
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(caught_up(&t, &end), "applied position below {end}");
+    for table in ["public.a", "public.b"] {
+        assert_eq!(
+            row_digest(&p.source, &s, table),
+            row_digest(&p.target, &t, table),
+            "table {table} differs"
+        );
+    }
+    assert_eq!(
+        p.target.psql(&t, "SELECT v FROM public.b WHERE id = 1"),
+        "behind"
+    );
+}
+
 #[test]
 fn manual_cutover_fences_the_source_and_finishes() {
     let p = pair();

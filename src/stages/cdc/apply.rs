@@ -97,6 +97,9 @@ enum Find<'a> {
 /// How many changes may await their result at once.
 pub const MAX_IN_FLIGHT: usize = 512;
 
+/// How many commits may be in flight at once (see [`Applier::may_commit`]).
+pub const COMMITS_IN_FLIGHT: usize = 4;
+
 /// The most rows one multi-row INSERT (or grouped UPDATE / DELETE) carries.
 pub const MAX_INSERT_ROWS: usize = 1000;
 
@@ -282,9 +285,18 @@ pub struct Applier {
     /// without waiting for any answer (see [`Applier::commit`]).
     begin: Statement,
     position: Statement,
+    /// The position's update once the slot's row exists: it fails (and so rolls its transaction
+    /// back) unless the position on record has reached the one given with it, the position of a
+    /// commit still in flight before it (see [`Applier::may_commit`]); `0/0` when there is none.
+    update_position: Statement,
     commit: Statement,
-    /// A `COMMIT` was sent and its answer is not checked yet.
-    committing: bool,
+    /// Commits (`COMMIT`s, and position writes outside a transaction) sent and not answered yet.
+    commits_in_flight: usize,
+    /// The position the last of them writes.
+    last_sent: Lsn,
+    /// The target has a row for this slot in its position table (read at open, or written by an
+    /// answered commit): what a guarded position update needs.
+    row_known: bool,
     /// The highest source commit LSN of the transaction whose `COMMIT` is in flight.
     committing_max: Lsn,
     /// The highest applied position whose target commit has been answered.
@@ -431,6 +443,17 @@ impl Applier {
             &[Type::TEXT, Type::TEXT],
         )
         .await?;
+        // `lsn` is NOT NULL: a transaction sent behind an unanswered one fails here when that one
+        // did not commit (its changes, rolled back, must come before this one's).
+        let update_position = prepare(
+            format!(
+                "UPDATE {t} SET lsn = CASE WHEN lsn >= $3::text::pg_lsn THEN GREATEST(lsn, $2::text::pg_lsn) END, \
+                 applied_at = now() WHERE slot = $1",
+                t = position_table
+            ),
+            &[Type::TEXT, Type::TEXT, Type::TEXT],
+        )
+        .await?;
         let mut ap = Applier {
             client: Arc::new(client),
             pending: FuturesOrdered::new(),
@@ -449,7 +472,10 @@ impl Applier {
             begin,
             position,
             commit,
-            committing: false,
+            update_position,
+            commits_in_flight: 0,
+            last_sent: applied.unwrap_or(Lsn::INVALID),
+            row_known: applied.is_some(),
             committing_max: Lsn::INVALID,
             confirmed: applied.unwrap_or(Lsn::INVALID),
             // What the target has on record survived whatever came before this session.
@@ -715,10 +741,21 @@ impl Applier {
     /// Opens a target transaction when none is open. Its `BEGIN` is pipelined (sent, answered
     /// later); a `COMMIT` still in flight is answered first, so that nothing of a new transaction
     /// is sent before the previous one is known to have committed (after a failed statement the
-    /// `COMMIT` rolls back, and the next transaction must not commit behind it).
+    /// `COMMIT` rolls back, and the next transaction must not commit behind it). For the
+    /// statements outside the stream's changes (identity columns, lookup index, TRUNCATE).
     async fn begin_if_needed(&mut self) -> Result<()> {
+        if !self.in_tx && self.commits_in_flight > 0 {
+            self.settle_in_flight().await?;
+        }
+        self.begin_pipelined().await
+    }
+
+    /// [`Applier::begin_if_needed`] for the stream's changes: the new transaction may be sent
+    /// behind one `COMMIT` still in flight, as its position update is guarded (see
+    /// [`Applier::may_commit`]); behind more, or without a guard, they are answered first.
+    async fn begin_pipelined(&mut self) -> Result<()> {
         if !self.in_tx {
-            if self.committing {
+            if self.commits_in_flight > 0 && !self.can_guard() {
                 self.settle_in_flight().await?;
             }
             let stmt = self.begin.clone();
@@ -772,6 +809,30 @@ impl Applier {
         self.pending.is_empty()
     }
 
+    /// Whether to commit the open batch of `changes` changes now: when the target has answered
+    /// everything sent, or when the batch is at least as large as what the target still works
+    /// on (and fewer than [`COMMITS_IN_FLIGHT`] commits are in flight). The second rule makes a
+    /// stretch of WAL that arrives at once commit in batches that double (1, 1, 2, 4, ... source
+    /// transactions), each sent behind the last without waiting for its answer: the applied
+    /// position climbs through the stretch instead of jumping once at its end, and the target
+    /// goes from one commit to the next without a round trip between them. In a backlog the
+    /// batches still grow to what arrives while the target works.
+    ///
+    /// A transaction sent behind a commit in flight has a guarded position update: it fails
+    /// unless the position on record has reached the one the commit before it writes, so when
+    /// that one rolled back (a failed statement) this one rolls back too, and every one behind
+    /// it: nothing commits out of order.
+    pub fn may_commit(&self, changes: usize) -> bool {
+        self.idle() || (self.can_guard() && changes >= self.rows_in_flight)
+    }
+
+    /// A transaction can be sent behind the commits in flight (see [`Applier::may_commit`]):
+    /// not in source order mode (a stretch being re-applied goes one answered commit at a time),
+    /// and the position table has this slot's row for the guarded update to find.
+    fn can_guard(&self) -> bool {
+        !self.strict && self.row_known && self.commits_in_flight < COMMITS_IN_FLIGHT
+    }
+
     pub fn in_tx(&self) -> bool {
         self.in_tx
     }
@@ -815,12 +876,22 @@ impl Applier {
     pub async fn commit(&mut self, lsn: Lsn) -> Result<()> {
         self.flush_inserts().await?;
         self.send_changes().await?;
-        self.begin_if_needed().await?;
-        self.queue_position(lsn, None);
+        self.begin_pipelined().await?;
+        // Behind a commit in flight only with a guard that can tell whether it committed: the
+        // position must move past the one on record.
+        if self.commits_in_flight > 0 && (!self.can_guard() || lsn <= self.last_sent) {
+            self.settle_in_flight().await?;
+        }
+        let after = (self.commits_in_flight > 0).then_some(self.last_sent);
+        if let Some(after) = after {
+            tracing::debug!(position = %lsn, %after, "cdc apply: transaction sent behind a commit in flight");
+        }
+        self.queue_position(lsn, None, after);
         let stmt = self.commit.clone();
         self.pipeline(stmt, "commit", Some(lsn));
         self.in_tx = false;
-        self.committing = true;
+        self.commits_in_flight += 1;
+        self.last_sent = self.last_sent.max(lsn);
         self.committing_max = self.tx_max_commit;
         self.tx_max_commit = Lsn::INVALID;
         self.probe_if_due();
@@ -846,17 +917,20 @@ impl Applier {
     pub fn advance_idle_pipelined(&mut self, lsn: Lsn) -> Result<()> {
         debug_assert!(!self.in_tx && self.idle());
         // Outside a transaction the write commits by itself: it is answered as a commit.
-        self.queue_position(lsn, Some(lsn));
+        self.queue_position(lsn, Some(lsn), None);
+        self.commits_in_flight += 1;
+        self.last_sent = self.last_sent.max(lsn);
         self.probe_if_due();
         self.poll_ready()
     }
 
-    /// Queues the prepared position upsert of `lsn` behind what is in flight; `commits` when it
-    /// is a commit of its own (outside a target transaction).
-    fn queue_position(&mut self, lsn: Lsn, commits: Option<Lsn>) {
+    /// Queues the position write of `lsn` behind what is in flight; `commits` when it is a commit
+    /// of its own (outside a target transaction); `after`: the position of a commit still in
+    /// flight before it, which must be on record for this write to succeed (see
+    /// [`Applier::may_commit`]). Once the slot's row is known to exist it is the prepared UPDATE
+    /// (a third of the upsert's cost on the target); before, the upsert that creates it.
+    fn queue_position(&mut self, lsn: Lsn, commits: Option<Lsn>, after: Option<Lsn>) {
         let client = self.client.clone();
-        let stmt = self.position.clone();
-        let (slot, at) = (self.slot.clone(), lsn.to_string());
         let info = InFlight {
             table: Arc::from("position"),
             what: "position",
@@ -866,8 +940,20 @@ impl Applier {
             commits,
             wal: None,
         };
-        self.pending
-            .push_back(async move { (client.execute(&stmt, &[&slot, &at]).await, info) }.boxed());
+        let (slot, at) = (self.slot.clone(), lsn.to_string());
+        if self.row_known {
+            let stmt = self.update_position.clone();
+            let after = after.unwrap_or(Lsn::INVALID).to_string();
+            self.pending.push_back(
+                async move { (client.execute(&stmt, &[&slot, &at, &after]).await, info) }.boxed(),
+            );
+        } else {
+            debug_assert!(after.is_none());
+            let stmt = self.position.clone();
+            self.pending.push_back(
+                async move { (client.execute(&stmt, &[&slot, &at]).await, info) }.boxed(),
+            );
+        }
     }
 
     /// The highest applied position whose target commit is flushed to the target's WAL (what a
@@ -901,7 +987,7 @@ impl Applier {
     /// against the flush position), with the probe standing in for the commit's end, which a
     /// client is not told.
     pub fn probe_if_due(&mut self) {
-        let waiting = self.committing || self.confirmed > self.flushed;
+        let waiting = self.commits_in_flight > 0 || self.confirmed > self.flushed;
         if self.in_tx || self.probing || !waiting || self.probed_at.elapsed() < PROBE_EVERY {
             return;
         }
@@ -998,10 +1084,22 @@ impl Applier {
         if r.is_err() {
             self.failed = true;
         }
+        if f.commits.is_some() {
+            self.commits_in_flight = self.commits_in_flight.saturating_sub(1);
+        }
+        if f.what == "position" && matches!(r, Ok(0)) {
+            // The UPDATE found no row: the state schema's position row was removed under the run.
+            self.failed = true;
+            return Err(Error::permanent(format!(
+                "the applied position of slot {} is missing from {}.cdc_applied on the target",
+                self.slot, self.state_schema
+            ))
+            .hint("the state schema was changed while cdc ran (leave it to pgferry during a migration): a new cdc session would start again from the load's position, so run the migration again from its load"));
+        }
         if let Some(lsn) = f.commits {
-            self.committing = false;
             return match r {
                 Ok(_) if !self.failed => {
+                    self.row_known = true;
                     self.answered(lsn);
                     Ok(())
                 }
@@ -1313,7 +1411,7 @@ impl Applier {
         commit_lsn: Lsn,
         grouped: bool,
     ) -> Result<()> {
-        self.begin_if_needed().await?;
+        self.begin_pipelined().await?;
         let prepared = self.rel(oid)?.statements.contains_key(&shape);
         if !prepared {
             // Preparing waits for its answer: settle what is in flight first.

@@ -13,16 +13,19 @@
 //! - The applied position (the last applied commit's end LSN) is written in the same target
 //!   transaction as the changes: exactly once across crashes. A target transaction is sent whole
 //!   without waiting (`BEGIN`, statements, position, `COMMIT`, pipelined); it counts once the
-//!   target has answered its `COMMIT` (and every statement before it), and nothing of the next
-//!   transaction is sent before that answer. The apply session commits with
+//!   target has answered its `COMMIT` (and every statement before it). One more transaction may
+//!   be sent behind a `COMMIT` still in flight (never more): its position update fails unless the
+//!   one before it is on record, so when that one rolled back, this one rolls back too (see
+//!   [`apply::Applier::may_commit`]). The apply session commits with
 //!   `synchronous_commit = off`, like native's apply worker, and the slot is told (standby status
 //!   update) only what the target has *flushed* ([`apply::Applier::flushed`]: WAL probes, and a
 //!   synchronous position write at drains, holds, stops and after [`apply::FLUSH_WAIT`] of
 //!   waiting), on keepalives, on the 500 ms tick, when a probe moves it and at least every 10 s:
 //!   a target crash that loses its last commits loses their positions too, and the slot still
 //!   has them.
-//! - A batch is committed at a source commit as soon as the target has answered everything sent
-//!   (see [`DbStream::commit_now`]), and then holds what arrived while the target worked: under a
+//! - A batch is committed at a source commit as soon as the target has answered everything sent,
+//!   or works on only one commit (see [`DbStream::commit_now`]), and then holds what arrived while
+//!   the target worked: under a
 //!   live stream the applied position moves as the walsender decodes (the first transaction of a
 //!   stretch of WAL the source flushed is committed alone), not only at its keepalive after the
 //!   stretch; in a backlog the target is always busy and batches grow to what arrives during one
@@ -780,7 +783,7 @@ impl<'a> DbStream<'a> {
                     r = ap.next_answer(), if !st.in_source_tx && !ap.idle() => {
                         r?;
                         self.confirm(&mut ap, &mut st)?;
-                        if st.batch_open && Self::commit_now(&ap) {
+                        if st.batch_open && Self::commit_now(&ap, &st) {
                             alive!(self, repl, st, self.flush(&mut ap, &mut st))?;
                         }
                         if !st.batch_open {
@@ -806,7 +809,7 @@ impl<'a> DbStream<'a> {
                                 // grows and is committed when it answers (see the branch above).
                                 let flushed = !st.in_source_tx && st.batch_open && {
                                     self.confirm(&mut ap, &mut st)?;
-                                    ap.idle()
+                                    Self::commit_now(&ap, &st)
                                 };
                                 if flushed {
                                     alive!(self, repl, st, self.flush(&mut ap, &mut st))?;
@@ -878,7 +881,7 @@ impl<'a> DbStream<'a> {
                                     report_flushed(&mut repl, &mut st).await?;
                                 } else if !st.in_source_tx && st.batch_open && x_commit {
                                     self.confirm(&mut ap, &mut st)?;
-                                    if Self::commit_now(&ap) {
+                                    if Self::commit_now(&ap, &st) {
                                         alive!(self, repl, st, self.flush(&mut ap, &mut st))?;
                                     }
                                 }
@@ -1166,14 +1169,16 @@ impl<'a> DbStream<'a> {
     }
 
     /// Whether to commit the open batch now, at a source commit, instead of at the next keepalive:
-    /// when the target has answered everything sent (it would otherwise sit idle). Under a live
+    /// when the target has answered everything sent (it would otherwise sit idle), or has one
+    /// commit left to answer (this one follows it without a round trip between them, see
+    /// [`Applier::may_commit`]). Under a live
     /// stream this commits as the walsender decodes, like native's apply worker; while the target
     /// works, the next batch gathers what arrives, so in a backlog batches grow by themselves.
     /// (Waiting also for the stream to pause, as before, left the first transactions of each
     /// stretch the source flushed waiting for its last: 18 kB behind native on average at 800
     /// tx/s against 14 kB, and no faster in the drains.)
-    fn commit_now(ap: &Applier) -> bool {
-        ap.idle()
+    fn commit_now(ap: &Applier, st: &Loop) -> bool {
+        ap.may_commit(st.batch_count as usize)
     }
 
     /// Takes the answers of the target that are in (pipelined commits) without waiting.
