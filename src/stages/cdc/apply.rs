@@ -751,8 +751,9 @@ impl Applier {
     }
 
     /// [`Applier::begin_if_needed`] for the stream's changes: the new transaction may be sent
-    /// behind one `COMMIT` still in flight, as its position update is guarded (see
-    /// [`Applier::may_commit`]); behind more, or without a guard, they are answered first.
+    /// behind `COMMIT`s still in flight, as its position update is guarded (see
+    /// [`Applier::may_commit`]); behind [`COMMITS_IN_FLIGHT`] of them, or without a guard, they
+    /// are answered first.
     async fn begin_pipelined(&mut self) -> Result<()> {
         if !self.in_tx {
             if self.commits_in_flight > 0 && !self.can_guard() {

@@ -13,10 +13,10 @@
 //! - The applied position (the last applied commit's end LSN) is written in the same target
 //!   transaction as the changes: exactly once across crashes. A target transaction is sent whole
 //!   without waiting (`BEGIN`, statements, position, `COMMIT`, pipelined); it counts once the
-//!   target has answered its `COMMIT` (and every statement before it). One more transaction may
-//!   be sent behind a `COMMIT` still in flight (never more): its position update fails unless the
-//!   one before it is on record, so when that one rolled back, this one rolls back too (see
-//!   [`apply::Applier::may_commit`]). The apply session commits with
+//!   target has answered its `COMMIT` (and every statement before it). Transactions may be
+//!   sent behind `COMMIT`s still in flight (at most [`apply::COMMITS_IN_FLIGHT`]): each one's
+//!   position update fails unless the one before it is on record, so when one rolls back, every
+//!   one behind it rolls back too (see [`apply::Applier::may_commit`]). The apply session commits with
 //!   `synchronous_commit = off`, like native's apply worker, and the slot is told (standby status
 //!   update) only what the target has *flushed* ([`apply::Applier::flushed`]: WAL probes, and a
 //!   synchronous position write at drains, holds, stops and after [`apply::FLUSH_WAIT`] of
@@ -24,9 +24,8 @@
 //!   a target crash that loses its last commits loses their positions too, and the slot still
 //!   has them.
 //! - A batch is committed at a source commit as soon as the target has answered everything sent,
-//!   or works on only one commit (see [`DbStream::commit_now`]), and then holds what arrived while
-//!   the target worked: under a
-//!   live stream the applied position moves as the walsender decodes (the first transaction of a
+//!   or once it holds as many changes as the target still works on (see [`DbStream::commit_now`]),
+//!   and then holds what arrived while the target worked: under a live stream the applied position moves as the walsender decodes (the first transaction of a
 //!   stretch of WAL the source flushed is committed alone), not only at its keepalive after the
 //!   stretch; in a backlog the target is always busy and batches grow to what arrives during one
 //!   commit, up to `batch_changes`. When nothing is pending, a keepalive's position counts as
@@ -1169,10 +1168,10 @@ impl<'a> DbStream<'a> {
     }
 
     /// Whether to commit the open batch now, at a source commit, instead of at the next keepalive:
-    /// when the target has answered everything sent (it would otherwise sit idle), or has one
-    /// commit left to answer (this one follows it without a round trip between them, see
-    /// [`Applier::may_commit`]). Under a live
-    /// stream this commits as the walsender decodes, like native's apply worker; while the target
+    /// when the target has answered everything sent (it would otherwise sit idle), or when the
+    /// batch is as large as what the target still works on (it follows the commits in flight
+    /// without a round trip between them, see [`Applier::may_commit`]). Under a live stream this
+    /// commits as the walsender decodes, like native's apply worker; while the target
     /// works, the next batch gathers what arrives, so in a backlog batches grow by themselves.
     /// (Waiting also for the stream to pause, as before, left the first transactions of each
     /// stretch the source flushed waiting for its last: 18 kB behind native on average at 800
