@@ -294,9 +294,6 @@ pub struct Applier {
     commits_in_flight: usize,
     /// The position the last of them writes.
     last_sent: Lsn,
-    /// The target has a row for this slot in its position table (read at open, or written by an
-    /// answered commit): what a guarded position update needs.
-    row_known: bool,
     /// The highest source commit LSN of the transaction whose `COMMIT` is in flight.
     committing_max: Lsn,
     /// The highest applied position whose target commit has been answered.
@@ -475,7 +472,6 @@ impl Applier {
             update_position,
             commits_in_flight: 0,
             last_sent: applied.unwrap_or(Lsn::INVALID),
-            row_known: applied.is_some(),
             committing_max: Lsn::INVALID,
             confirmed: applied.unwrap_or(Lsn::INVALID),
             // What the target has on record survived whatever came before this session.
@@ -781,6 +777,16 @@ impl Applier {
         };
         self.pending
             .push_back(async move { (client.execute(&stmt, &[]).await, info) }.boxed());
+        self.sent(commits);
+    }
+
+    /// A statement was queued; `commits`: it commits that position, and is in flight until
+    /// [`Applier::check`] takes its answer (which counts it out).
+    fn sent(&mut self, commits: Option<Lsn>) {
+        if let Some(lsn) = commits {
+            self.commits_in_flight += 1;
+            self.last_sent = self.last_sent.max(lsn);
+        }
     }
 
     /// Sends what is queued and checks the answers already in, without waiting.
@@ -831,7 +837,14 @@ impl Applier {
     /// not in source order mode (a stretch being re-applied goes one answered commit at a time),
     /// and the position table has this slot's row for the guarded update to find.
     fn can_guard(&self) -> bool {
-        !self.strict && self.row_known && self.commits_in_flight < COMMITS_IN_FLIGHT
+        !self.strict && self.row_known() && self.commits_in_flight < COMMITS_IN_FLIGHT
+    }
+
+    /// The target has a row for this slot in its position table: a position is confirmed only
+    /// once it was read there at open or a write of it (in an answered commit, or synchronous)
+    /// succeeded. What a guarded position update needs.
+    fn row_known(&self) -> bool {
+        self.confirmed != Lsn::INVALID
     }
 
     pub fn in_tx(&self) -> bool {
@@ -891,8 +904,6 @@ impl Applier {
         let stmt = self.commit.clone();
         self.pipeline(stmt, "commit", Some(lsn));
         self.in_tx = false;
-        self.commits_in_flight += 1;
-        self.last_sent = self.last_sent.max(lsn);
         self.committing_max = self.tx_max_commit;
         self.tx_max_commit = Lsn::INVALID;
         self.probe_if_due();
@@ -919,8 +930,6 @@ impl Applier {
         debug_assert!(!self.in_tx && self.idle());
         // Outside a transaction the write commits by itself: it is answered as a commit.
         self.queue_position(lsn, Some(lsn), None);
-        self.commits_in_flight += 1;
-        self.last_sent = self.last_sent.max(lsn);
         self.probe_if_due();
         self.poll_ready()
     }
@@ -942,7 +951,7 @@ impl Applier {
             wal: None,
         };
         let (slot, at) = (self.slot.clone(), lsn.to_string());
-        if self.row_known {
+        if self.row_known() {
             let stmt = self.update_position.clone();
             let after = after.unwrap_or(Lsn::INVALID).to_string();
             self.pending.push_back(
@@ -955,6 +964,7 @@ impl Applier {
                 async move { (client.execute(&stmt, &[&slot, &at]).await, info) }.boxed(),
             );
         }
+        self.sent(commits);
     }
 
     /// The highest applied position whose target commit is flushed to the target's WAL (what a
@@ -1100,7 +1110,6 @@ impl Applier {
         if let Some(lsn) = f.commits {
             return match r {
                 Ok(_) if !self.failed => {
-                    self.row_known = true;
                     self.answered(lsn);
                     Ok(())
                 }

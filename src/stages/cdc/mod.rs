@@ -25,9 +25,9 @@
 //!   has them.
 //! - A batch is committed at a source commit as soon as the target has answered everything sent,
 //!   or once it holds as many changes as the target still works on (see [`DbStream::commit_now`]),
-//!   and then holds what arrived while the target worked: under a live stream the applied position moves as the walsender decodes (the first transaction of a
-//!   stretch of WAL the source flushed is committed alone), not only at its keepalive after the
-//!   stretch; in a backlog the target is always busy and batches grow to what arrives during one
+//!   and then holds what arrived while the target worked: under a live stream the applied
+//!   position moves as the walsender decodes (the first transaction of a stretch of WAL the
+//!   source flushed is committed alone), not only at its keepalive after the stretch; in a backlog the target is always busy and batches grow to what arrives during one
 //!   commit, up to `batch_changes`. When nothing is pending, a keepalive's position counts as
 //!   applied (nothing before it is still to come), so the slot advances while idle too.
 //! - The store's copy of the position, the counters, the lag gauge, the progress sample and the
@@ -804,8 +804,9 @@ impl<'a> DbStream<'a> {
                                 // at most every second and every 100 ms.
                                 // The commit is pipelined (its answer comes with a later poll): the
                                 // next position is recorded by the next commit, not here.
-                                // While the target still works on the previous commit, the batch
-                                // grows and is committed when it answers (see the branch above).
+                                // While the target still works on more than the batch holds, the
+                                // batch grows and is committed at a later answer (see the branch
+                                // above) or behind the commits in flight once large enough.
                                 let flushed = !st.in_source_tx && st.batch_open && {
                                     self.confirm(&mut ap, &mut st)?;
                                     Self::commit_now(&ap, &st)
