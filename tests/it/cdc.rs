@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::support::{Cluster, Gate, TestPlan, pair, row_digest, show, wait_for};
+use crate::support::{Cluster, Gate, TestPlan, pair, row_digest, show, wait_for, wait_for_exit};
 
 const STAGES: &str = "[stages.schema]\nkind = \"schema_dump\"\n\n\
     [stages.provision]\nkind = \"provision\"\nafter = [\"schema\"]\n\n\
@@ -277,7 +277,7 @@ fn a_transaction_sent_behind_a_failing_one_rolls_back_with_it() {
         .psql(&s, "INSERT INTO public.b VALUES (1, 'behind');");
     let end = current_lsn(&p.source, &s);
     let gate = Gate::close(&p.target, &t);
-    let mut child = plan
+    let child = plan
         .command(&["run"])
         .env("RUST_LOG", "pgferry=debug")
         .stdout(std::process::Stdio::piped())
@@ -289,10 +289,7 @@ fn a_transaction_sent_behind_a_failing_one_rolls_back_with_it() {
     // the first, while the first waits at the gate.
     std::thread::sleep(Duration::from_secs(2));
     gate.open();
-    wait_for("the run to fail", Duration::from_secs(60), || {
-        matches!(child.try_wait(), Ok(Some(_)))
-    });
-    let out = child.wait_with_output().expect("runner output");
+    let out = wait_for_exit(child, "the run to fail", Duration::from_secs(60));
     assert_ne!(out.status.code(), Some(0), "{}", show(&out));
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -362,10 +359,7 @@ fn manual_cutover_fences_the_source_and_finishes() {
     );
     let out = plan.run(&["cutover"]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
-    wait_for("the run to finish", Duration::from_secs(60), || {
-        matches!(child.try_wait(), Ok(Some(_)))
-    });
-    let out = child.wait_with_output().expect("runner output");
+    let out = wait_for_exit(child, "the run to finish", Duration::from_secs(60));
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     assert_eq!(
         p.source.psql(&s, "SHOW default_transaction_read_only"),

@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::support::compare::{assert_same, assert_same_rows};
-use crate::support::{Cluster, Gate, PASSWORD, TestPlan, pair, row_digest, show, wait_for};
+use crate::support::{
+    Cluster, Gate, PASSWORD, TestPlan, pair, row_digest, show, wait_for, wait_for_exit,
+};
 
 const SETUP: &str = "\
     CREATE TYPE public.mood AS ENUM ('calm', 'busy');\n\
@@ -206,10 +208,7 @@ fn an_application_migration_during_cdc_is_replayed_and_the_cutover_is_exact() {
 
     let out = plan.run(&["cutover"]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
-    wait_for("the run to finish", Duration::from_secs(120), || {
-        matches!(child.try_wait(), Ok(Some(_)))
-    });
-    let out = child.wait_with_output().expect("runner output");
+    let out = wait_for_exit(child, "the run to finish", Duration::from_secs(120));
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     assert!(
         !capture_installed(&p.source, &s),
@@ -605,10 +604,7 @@ fn ddl_is_replayed_from_14_to_18() {
     );
     let out = plan.run(&["cutover"]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
-    wait_for("the run to finish", Duration::from_secs(120), || {
-        matches!(child.try_wait(), Ok(Some(_)))
-    });
-    let out = child.wait_with_output().expect("runner output");
+    let out = wait_for_exit(child, "the run to finish", Duration::from_secs(120));
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     crate::support::compare::assert_same_on(&p, &s, &t);
     assert_eq!(

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use crate::support::{Cluster, TestPlan, pair, row_digest, show, wait_for};
+use crate::support::{Cluster, TestPlan, pair, row_digest, show, wait_for_exit};
 
 const SCHEMA: &str = r#""x""; DROP TABLE y; --""#;
 
@@ -163,10 +163,7 @@ fn online_plan_with_cdc_and_cutover_migrates_hostile_names() {
     p.source.psql(&s, &changes_sql());
     let out = plan.run(&["cutover"]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
-    wait_for("the run to finish", Duration::from_secs(60), || {
-        matches!(child.try_wait(), Ok(Some(_)))
-    });
-    let out = child.wait_with_output().expect("runner output");
+    let out = wait_for_exit(child, "the run to finish", Duration::from_secs(60));
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     assert_same(&s, &t);
     assert_eq!(sequence_value(&p.source, &s), "301 true");
@@ -221,10 +218,7 @@ fn online_plan_as_managed_roles_migrates_hostile_names() {
     managed::psql_as(&p.source, APP_WRITER, &s, &changes_sql()).expect("the application's changes");
     let out = plan.run(&["cutover"]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
-    wait_for("the run to finish", Duration::from_secs(60), || {
-        matches!(child.try_wait(), Ok(Some(_)))
-    });
-    let out = child.wait_with_output().expect("runner output");
+    let out = wait_for_exit(child, "the run to finish", Duration::from_secs(60));
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     // The trigger fired on the source only; cdc carried its result, not a second firing.
     assert_eq!(

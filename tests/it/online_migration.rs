@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::support::compare::assert_same;
-use crate::support::{Gate, TestPlan, pair, row_digest, show, wait_for};
+use crate::support::{Gate, TestPlan, pair, row_digest, show, wait_for, wait_for_exit};
 
 const ONLINE: &str = "[stages.schema]\nkind = \"schema_dump\"\n\n\
     [stages.provision]\nkind = \"provision\"\nafter = [\"schema\"]\n\n\
@@ -354,10 +354,7 @@ fn an_approved_cutover_waits_for_the_lag_and_says_why() {
         "fenced while cdc was behind"
     );
     gate.open();
-    wait_for("the run to finish", Duration::from_secs(300), || {
-        matches!(child.try_wait(), Ok(Some(_)))
-    });
-    let out = child.wait_with_output().expect("runner output");
+    let out = wait_for_exit(child, "the run to finish", Duration::from_secs(300));
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     assert_eq!(
         row_digest(&p.target, &t, "public.logs"),

@@ -20,6 +20,6 @@ pub use cluster::{
 #[allow(unused_imports)]
 pub use gate::Gate;
 #[allow(unused_imports)]
-pub use plan::{PASSWORD_VAR, TestPlan, show, wait_for};
+pub use plan::{PASSWORD_VAR, TestPlan, show, wait_for, wait_for_exit};
 #[allow(unused_imports)]
 pub use require::{missing, under_ci};

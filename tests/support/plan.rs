@@ -136,6 +136,13 @@ impl TestPlan {
     }
 }
 
+/// Waits (at most `timeout`, for `what`) until the runner `child` exits, and returns its output.
+pub fn wait_for_exit(child: Child, what: &str, timeout: Duration) -> Output {
+    let mut child = child;
+    wait_for(what, timeout, || matches!(child.try_wait(), Ok(Some(_))));
+    child.wait_with_output().expect("runner output")
+}
+
 /// stdout and stderr of a finished command, for assertion messages.
 pub fn show(out: &Output) -> String {
     format!(
