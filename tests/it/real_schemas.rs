@@ -383,6 +383,66 @@ fn full_identity_changes_do_not_scan_the_target_per_change() {
     );
 }
 
+/// A keyless append-only table (REPLICA IDENTITY FULL, no index): its inserts are applied without
+/// cdc giving the target table a lookup index (nothing would use it, and every insert would
+/// maintain it); the first UPDATE and DELETE get one, on the column with the most distinct
+/// values (`id`), not the first column (`kind`, three values).
+#[test]
+fn full_identity_lookup_index_waits_for_the_first_update_and_takes_the_most_distinct_column() {
+    let p = pair();
+    let s = p.source.fresh_database("lazylookup_src");
+    let t = p.target.fresh_database("lazylookup_tgt");
+    p.source.psql(
+        &s,
+        "CREATE TABLE public.log (kind int, id int, note text);\n\
+         ALTER TABLE public.log REPLICA IDENTITY FULL;\n\
+         INSERT INTO public.log SELECT g % 3, g, 'row ' || g FROM generate_series(1, 1000) g;\n",
+    );
+    let plan = TestPlan::new(p, "lazylookup", &s, &t, CDC_STAGES);
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let lookup = |db: &str| {
+        p.target.psql(
+            db,
+            "SELECT coalesce(string_agg(indexdef, '; '), '') FROM pg_indexes \
+              WHERE tablename = 'log' AND indexname LIKE 'pgferry_cdc_%'",
+        )
+    };
+    p.source.psql(
+        &s,
+        "INSERT INTO public.log SELECT g % 3, g, 'row ' || g FROM generate_series(1001, 6000) g;",
+    );
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(
+        row_digest(&p.source, &s, "public.log"),
+        row_digest(&p.target, &t, "public.log")
+    );
+    assert_eq!(lookup(&t), "", "inserts alone made a lookup index");
+    p.source.psql(
+        &s,
+        "UPDATE public.log SET note = 'changed' WHERE id = 4500;\n\
+         DELETE FROM public.log WHERE id = 17;\n\
+         INSERT INTO public.log VALUES (1, 6001, 'after');\n",
+    );
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(
+        row_digest(&p.source, &s, "public.log"),
+        row_digest(&p.target, &t, "public.log")
+    );
+    let def = lookup(&t);
+    assert!(
+        def.ends_with("USING hash (id)"),
+        "the lookup index should be on the most distinct column, id: {def:?}"
+    );
+    assert!(
+        show(&out).contains("lookup index created"),
+        "the run should say it made the index: {}",
+        show(&out)
+    );
+}
+
 fn assert_same_big(s: &str, t: &str) {
     let p = pair();
     assert_eq!(

@@ -46,45 +46,76 @@ pub fn create_sql(state_schema: &str) -> String {
     )
 }
 
+/// How many rows of the target table [`lookup_index`] reads to pick its column.
+pub const LOOKUP_SAMPLE_ROWS: i64 = 10_000;
+
 /// For a REPLICA IDENTITY FULL table: when target table `schema.table` has no index at all, creates
-/// a hash index on the first of `candidates` (columns compared with a hashable `=`) that has one,
-/// recorded with it, so the apply finds a row without scanning the table. Run inside the apply
-/// transaction. Returns the index's name when it made one.
+/// a hash index on one of `candidates` (columns compared with a hashable `=`), recorded with it, so
+/// the apply finds a row without scanning the table. The column is the one with the most distinct
+/// values among the first [`LOOKUP_SAMPLE_ROWS`] rows (the first in column order on a tie, or when
+/// the table is empty): a hash index on a column with few values (a status, a type code) would
+/// make every lookup walk a long bucket chain. Run inside the apply transaction, before the first
+/// change that finds a row by its values (an insert-only table never pays for the index). Returns
+/// the index's name and column when it made one.
 pub async fn lookup_index(
     client: &Client,
     state_schema: &str,
     schema: &str,
     table: &str,
     candidates: &[String],
-) -> Result<Option<String>> {
+) -> Result<Option<(String, String)>> {
     let q = QualifiedName::new(schema.to_string(), table.to_string());
     let row = client
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid), \
-                    (SELECT a.attname::text FROM pg_catalog.pg_attribute a \
+                    ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a \
                       WHERE a.attrelid = c.oid AND a.attname = ANY ($3::text[]) \
                         AND EXISTS (SELECT 1 FROM pg_catalog.pg_opclass oc JOIN pg_catalog.pg_am am ON am.oid = oc.opcmethod \
                                      WHERE am.amname = 'hash' AND oc.opcdefault AND oc.opcintype = a.atttypid) \
-                      ORDER BY a.attnum LIMIT 1) \
+                      ORDER BY a.attnum), \
+                    left('pgferry_cdc_' || c.oid::text, 63) \
                FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
               WHERE n.nspname = $1 AND c.relname = $2",
             &[&schema, &table, &candidates],
         )
         .await
         .map_err(|e| Error::pg(&e, format!("reading the indexes of target table {q}")))?;
-    let (indexed, column): (bool, Option<String>) = (row.get(0), row.get(1));
-    let Some(column) = column.filter(|_| !indexed) else {
+    let (indexed, hashable, name): (bool, Vec<String>, String) =
+        (row.get(0), row.get(1), row.get(2));
+    if indexed || hashable.is_empty() {
         return Ok(None);
+    }
+    let column = if hashable.len() == 1 {
+        hashable[0].clone()
+    } else {
+        // Distinct values per column in a bounded sample; `::text` works for every type.
+        let counts = hashable
+            .iter()
+            .map(|c| format!("count(DISTINCT {}::text)", quote_ident(c)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let cols = hashable
+            .iter()
+            .map(|c| quote_ident(c))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "SELECT ARRAY[{counts}]::bigint[] FROM (SELECT {cols} FROM {} LIMIT {LOOKUP_SAMPLE_ROWS}) s",
+            q.quoted()
+        );
+        let distinct: Vec<i64> = client
+            .query_one(&sql, &[])
+            .await
+            .map_err(|e| Error::pg(&e, format!("sampling target table {q} for a lookup index")))?
+            .get(0);
+        let mut best: Option<(&String, i64)> = None;
+        for (c, n) in hashable.iter().zip(distinct) {
+            if best.is_none_or(|(_, most)| n > most) {
+                best = Some((c, n));
+            }
+        }
+        best.map_or_else(|| hashable[0].clone(), |(c, _)| c.clone())
     };
-    let name: String = client
-        .query_one(
-            "SELECT left('pgferry_cdc_' || c.oid::text, 63) FROM pg_catalog.pg_class c \
-               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2",
-            &[&schema, &table],
-        )
-        .await
-        .map_err(|e| Error::pg(&e, format!("naming a lookup index for {q}")))?
-        .get(0);
     client
         .execute(
             &format!(
@@ -105,7 +136,7 @@ pub async fn lookup_index(
         .batch_execute(&sql)
         .await
         .map_err(|e| Error::pg(&e, format!("target table {q}: `{sql}`")))?;
-    Ok(Some(name))
+    Ok(Some((name, column)))
 }
 
 /// Makes the `GENERATED ALWAYS` identity `columns` of target table `schema.table`

@@ -518,14 +518,27 @@ impl<'a> DbStream<'a> {
         // The managed mode (no session_replication_role) holds the target's triggers and foreign
         // keys until the cutover puts them back: forward only (nothing puts them back on the
         // source after a fallback stream).
-        let (mut ap, applied) = Applier::open(
-            &self.route.to,
-            &plan.state.schema,
-            &slot,
-            copied,
-            self.route.forward,
-        )
-        .await?;
+        // The target's apply session and the source's replication connection are opened
+        // together: each costs a few round trips of authentication, and neither needs the other.
+        let (opened, repl) = tokio::join!(
+            Applier::open(
+                &self.route.to,
+                &plan.state.schema,
+                &slot,
+                copied,
+                self.route.forward,
+            ),
+            ReplicationClient::connect(
+                &self.route.from,
+                if self.route.forward {
+                    "cdc"
+                } else {
+                    "fallback"
+                }
+            ),
+        );
+        let (mut ap, applied) = opened?;
+        let mut repl = repl?;
         if let Some(held) = ap.held {
             self.record_held(held).await?;
         }
@@ -572,7 +585,6 @@ impl<'a> DbStream<'a> {
             sample::Sampler::new(self.route.from.clone(), &self.cx.stage, &self.route.key),
         );
         let result: Result<()> = async {
-            let mut repl = ReplicationClient::connect(&self.route.from, if self.route.forward { "cdc" } else { "fallback" }).await?;
             // A walsender that hears nothing for wal_sender_timeout ends the stream: answer well
             // within it, also while a long apply keeps the loop busy.
             if let Ok(rows) = repl.simple_query("SHOW wal_sender_timeout").await
