@@ -539,6 +539,16 @@ impl WireClient {
         Ok(())
     }
 
+    /// Whether a whole message has been read already and waits in the buffer: the next read
+    /// returns it without waiting on the socket.
+    pub fn has_buffered_message(&self) -> bool {
+        if self.buf.len() < 5 {
+            return false;
+        }
+        let len = i32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
+        usize::try_from(len).is_ok_and(|l| l >= 4 && self.buf.len() > l)
+    }
+
     /// Whether the session is in copy-both mode.
     pub fn is_streaming(&self) -> bool {
         self.mode == Mode::Streaming

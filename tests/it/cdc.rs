@@ -228,6 +228,132 @@ fn sigkill_during_apply_applies_nothing_twice() {
     assert_same_data(&s, &t);
 }
 
+/// SIGKILL while the most commits are in flight (`apply::COMMITS_IN_FLIGHT`, 4): the first waits at a
+/// gate on the target, three more (holding 1, 2 and 4 source transactions) are sent behind it.
+/// Whatever the target does with what it already received (roll everything back when it notices
+/// the dead client, or commit what reached it), each source transaction on the target must be
+/// there exactly when the applied position is past it, and the resumed run must apply the rest
+/// once (the primary key would refuse a second insert).
+#[test]
+fn a_kill_with_four_commits_in_flight_applies_each_transaction_once() {
+    let p = pair();
+    let s = p.source.fresh_database("cdc_inflight_src");
+    let t = p.target.fresh_database("cdc_inflight_tgt");
+    p.source.psql(
+        &s,
+        "CREATE TABLE public.a (id int PRIMARY KEY, v text);\n\
+         CREATE TABLE public.b (id int PRIMARY KEY, v text);\n\
+         INSERT INTO public.b VALUES (0, 'loaded');\n",
+    );
+    let plan = TestPlan::new(p, "cdc_inflight", &s, &t, STAGES);
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    p.source
+        .psql(&s, "INSERT INTO public.b VALUES (2, 'streamed');");
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+
+    Gate::install_when(&p.target, &t, "public.a", "NEW.v = 'gate'");
+    p.source
+        .psql(&s, "INSERT INTO public.b VALUES (3, 'prepared');");
+    // (id, WAL position before its transaction): a source transaction is applied exactly when
+    // the applied position is past its start.
+    let mut txs: Vec<(String, i32, String)> = Vec::new();
+    txs.push(("public.a".into(), 1, current_lsn(&p.source, &s)));
+    p.source
+        .psql(&s, "INSERT INTO public.a VALUES (1, 'gate');");
+    for id in 10..17 {
+        txs.push(("public.b".into(), id, current_lsn(&p.source, &s)));
+        p.source.psql(
+            &s,
+            &format!("INSERT INTO public.b VALUES ({id}, 'behind');"),
+        );
+    }
+    let end = current_lsn(&p.source, &s);
+    let gate = Gate::close(&p.target, &t);
+    let log_path = plan.dir.path().join("inflight.log");
+    let log_file = std::fs::File::create(&log_path).expect("log file");
+    let mut child = plan
+        .command(&["run"])
+        .env("RUST_LOG", "pgferry=debug")
+        .stdout(log_file.try_clone().expect("log file"))
+        .stderr(log_file)
+        .spawn()
+        .expect("spawn pgferry");
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    wait_for(
+        "three transactions sent behind the gated commit",
+        Duration::from_secs(60),
+        || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("the runner stopped early ({status:?}):\n{}", log());
+            }
+            log().matches("sent behind a commit in flight").count() >= 3
+        },
+    );
+    gate.wait_blocked(&p.target, "pgferry cdc apply", Duration::from_secs(60));
+    // The fourth commit in flight is the limit: nothing more goes out while the gate holds.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        log().matches("sent behind a commit in flight").count(),
+        3,
+        "more than 4 commits in flight:\n{}",
+        log()
+    );
+    child.kill().expect("SIGKILL the runner");
+    let _ = child.wait();
+    gate.open();
+    // The target is done with the dead session (committed or rolled back what it had).
+    wait_for(
+        "the apply session to end on the target",
+        Duration::from_secs(30),
+        || {
+            p.target.psql(
+                &t,
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgferry cdc apply'",
+            ) == "0"
+        },
+    );
+    let position = p
+        .target
+        .psql(&t, "SELECT lsn::text FROM pgferry.cdc_applied");
+    for (table, id, before) in &txs {
+        let present = p
+            .target
+            .psql(&t, &format!("SELECT count(*) FROM {table} WHERE id = {id}"));
+        let past = p.target.psql(
+            &t,
+            &format!("SELECT '{position}'::pg_lsn > '{before}'::pg_lsn"),
+        );
+        assert_eq!(
+            present,
+            if past == "t" { "1" } else { "0" },
+            "{table} row {id}: on the target {present} time(s), but the applied position {position} is {} its transaction (after {before})",
+            if past == "t" { "past" } else { "before" }
+        );
+    }
+    eprintln!(
+        "[in flight] after the kill: applied position {position}, {} of {} transactions on the target",
+        p.target
+            .psql(&t, "SELECT count(*) FROM public.b WHERE id >= 10")
+            .parse::<usize>()
+            .unwrap_or(0)
+            + p.target
+                .psql(&t, "SELECT count(*) FROM public.a")
+                .parse::<usize>()
+                .unwrap_or(0),
+        txs.len()
+    );
+
+    Gate::uninstall(&p.target, &t, "public.a");
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(caught_up(&t, &end), "applied position below {end}");
+    for table in ["public.a", "public.b"] {
+        crate::support::compare::assert_same_rows(&p.source, &s, &p.target, &t, table);
+    }
+}
+
 /// A target transaction sent behind a `COMMIT` still in flight (the apply does not wait for one
 /// commit's answer before sending the next) must not commit when the one before it rolled back:
 /// its guarded position update fails and takes it down too. Here the first transaction waits at a
