@@ -228,6 +228,35 @@ fn sigkill_during_apply_applies_nothing_twice() {
     assert_same_data(&s, &t);
 }
 
+/// Databases `<name>_src` / `<name>_tgt` with keyed tables `a` and `b`, migrated online, and one
+/// change streamed and applied: the target has the slot's position row (a transaction is sent
+/// behind another only once that row exists).
+fn two_tables_streaming(name: &str) -> (String, String, TestPlan) {
+    let p = pair();
+    let s = p.source.fresh_database(&format!("{name}_src"));
+    let t = p.target.fresh_database(&format!("{name}_tgt"));
+    p.source.psql(
+        &s,
+        "CREATE TABLE public.a (id int PRIMARY KEY, v text);\n\
+         CREATE TABLE public.b (id int PRIMARY KEY, v text);\n\
+         INSERT INTO public.b VALUES (0, 'loaded');\n",
+    );
+    let plan = TestPlan::new(p, name, &s, &t, STAGES);
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    p.source
+        .psql(&s, "INSERT INTO public.b VALUES (2, 'streamed');");
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(
+        p.target
+            .psql(&t, "SELECT count(*) FROM pgferry.cdc_applied"),
+        "1",
+        "no applied position after the second run"
+    );
+    (s, t, plan)
+}
+
 /// SIGKILL while the most commits are in flight (`apply::COMMITS_IN_FLIGHT`, 4): the first waits at a
 /// gate on the target, three more (holding 1, 2 and 4 source transactions) are sent behind it.
 /// Whatever the target does with what it already received (roll everything back when it notices
@@ -237,21 +266,7 @@ fn sigkill_during_apply_applies_nothing_twice() {
 #[test]
 fn a_kill_with_four_commits_in_flight_applies_each_transaction_once() {
     let p = pair();
-    let s = p.source.fresh_database("cdc_inflight_src");
-    let t = p.target.fresh_database("cdc_inflight_tgt");
-    p.source.psql(
-        &s,
-        "CREATE TABLE public.a (id int PRIMARY KEY, v text);\n\
-         CREATE TABLE public.b (id int PRIMARY KEY, v text);\n\
-         INSERT INTO public.b VALUES (0, 'loaded');\n",
-    );
-    let plan = TestPlan::new(p, "cdc_inflight", &s, &t, STAGES);
-    let out = plan.run(&["run"]);
-    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
-    p.source
-        .psql(&s, "INSERT INTO public.b VALUES (2, 'streamed');");
-    let out = plan.run(&["run"]);
-    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let (s, t, plan) = two_tables_streaming("cdc_inflight");
 
     Gate::install_when(&p.target, &t, "public.a", "NEW.v = 'gate'");
     p.source
@@ -362,29 +377,7 @@ fn a_kill_with_four_commits_in_flight_applies_each_transaction_once() {
 #[test]
 fn a_transaction_sent_behind_a_failing_one_rolls_back_with_it() {
     let p = pair();
-    let s = p.source.fresh_database("cdc_behind_src");
-    let t = p.target.fresh_database("cdc_behind_tgt");
-    p.source.psql(
-        &s,
-        "CREATE TABLE public.a (id int PRIMARY KEY, v text);\n\
-         CREATE TABLE public.b (id int PRIMARY KEY, v text);\n\
-         INSERT INTO public.b VALUES (0, 'loaded');\n",
-    );
-    let plan = TestPlan::new(p, "cdc_behind", &s, &t, STAGES);
-    let out = plan.run(&["run"]);
-    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
-    // A change streamed and applied: the target has the slot's position row (a transaction is
-    // sent behind another only once that row exists).
-    p.source
-        .psql(&s, "INSERT INTO public.b VALUES (2, 'streamed');");
-    let out = plan.run(&["run"]);
-    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
-    assert_eq!(
-        p.target
-            .psql(&t, "SELECT count(*) FROM pgferry.cdc_applied"),
-        "1",
-        "no applied position after the second run"
-    );
+    let (s, t, plan) = two_tables_streaming("cdc_behind");
 
     // The first transaction stops at the gate, then fails the target's CHECK.
     Gate::install_when(&p.target, &t, "public.a", "NEW.v = 'fail'");
