@@ -81,21 +81,14 @@ impl PgStore {
 
     /// Connects to the store, creating its database and schema (and upgrading it) as needed.
     pub async fn open_or_create(conn: ConnInfo, schema: &str, migration: &str) -> Result<PgStore> {
-        // The store's database usually exists: connect to it first, and go through the server's
-        // maintenance database (to create it) only when it does not (SQLSTATE 3D000). One
-        // connection less at the start of every command.
-        let (client, created) = match conn.connect("state").await {
-            Ok(client) => (client, false),
-            Err(e) if e.sqlstate.as_deref() == Some("3D000") => {
-                let created = ensure_database(&conn).await?;
-                let client = conn
-                    .connect("state")
-                    .await
-                    .map_err(|e| e.context("checkpoint store"))?;
-                (client, created)
-            }
-            Err(e) => return Err(e.context("checkpoint store")),
-        };
+        // Not a direct connection to the store's database first: when it does not exist yet (a
+        // first run, a run after `reset`) the server logs a FATAL for the attempt, which a DBA's
+        // log monitoring sees. The maintenance database says whether it exists.
+        let created = ensure_database(&conn).await?;
+        let client = conn
+            .connect("state")
+            .await
+            .map_err(|e| e.context("checkpoint store"))?;
         migrate(&client, schema)
             .await
             .map_err(|e| e.context("checkpoint store"))?;
