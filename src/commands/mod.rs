@@ -173,3 +173,11 @@ pub async fn create_store(plan: &Plan) -> Result<Box<dyn StateStore>, Error> {
     let store = PgStore::open_or_create(store_conn(plan)?, &plan.state.schema, &plan.name).await?;
     Ok(Box::new(store))
 }
+
+/// [`create_store`] for `run`, which takes the runner lock next: its session is opened with the
+/// store's.
+pub async fn create_store_for_run(plan: &Plan) -> Result<Box<dyn StateStore>, Error> {
+    let store =
+        PgStore::open_or_create_for_run(store_conn(plan)?, &plan.state.schema, &plan.name).await?;
+    Ok(Box::new(store))
+}

@@ -6,8 +6,8 @@ use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    EXIT_DATA_DIFFERS, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, create_store, load,
-    report, stage_arg, store_conn,
+    EXIT_DATA_DIFFERS, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, create_store_for_run,
+    load, report, stage_arg, store_conn,
 };
 use crate::cli::PlanArgs;
 use crate::error::ErrorKind;
@@ -85,7 +85,7 @@ pub(crate) async fn execute(
         report(&e);
         return EXIT_USAGE;
     }
-    let store: Arc<dyn StateStore> = match create_store(&plan).await {
+    let store: Arc<dyn StateStore> = match create_store_for_run(&plan).await {
         Ok(s) => Arc::from(s),
         Err(e) => {
             report(&e);

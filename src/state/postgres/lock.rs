@@ -9,6 +9,18 @@ use super::PgStore;
 use crate::error::{Error, Result};
 use crate::state::lock::{LockHolder, RunnerLock, hostname};
 
+/// The `application_name` of the session holding the runner lock of `migration`: who holds it is
+/// read back from it. The stem, not the name itself: `application_name` keeps ASCII only (and 63
+/// bytes), and the holder is read back from it word by word.
+pub(super) fn runner_application(migration: &str) -> String {
+    format!(
+        "runner {} host={} pid={}",
+        crate::pg::names::name_stem(migration),
+        hostname(),
+        std::process::id()
+    )
+}
+
 impl PgStore {
     /// The advisory lock key of a migration.
     fn lock_key(&self) -> i64 {
@@ -22,19 +34,15 @@ impl PgStore {
     pub(super) async fn try_runner_lock(
         &self,
     ) -> Result<std::result::Result<RunnerLock, LockHolder>> {
-        let host = hostname();
-        let pid = std::process::id();
-        // The stem, not the name itself: `application_name` keeps ASCII only (and 63 bytes), and
-        // the holder is read back from it word by word.
-        let app = format!(
-            "runner {} host={host} pid={pid}",
-            crate::pg::names::name_stem(&self.migration)
-        );
-        let client = self
-            .conn
-            .connect(&app)
-            .await
-            .map_err(|e| e.context("runner lock"))?;
+        let opened = self.lock_session.lock().await.take();
+        let client = match opened {
+            Some(client) if !client.is_closed() => client,
+            _ => self
+                .conn
+                .connect(&runner_application(&self.migration))
+                .await
+                .map_err(|e| e.context("runner lock"))?,
+        };
         let key = self.lock_key();
         let got: bool = client
             .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
