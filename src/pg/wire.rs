@@ -542,11 +542,18 @@ impl WireClient {
     /// Whether a whole message has been read already and waits in the buffer: the next read
     /// returns it without waiting on the socket.
     pub fn has_buffered_message(&self) -> bool {
-        if self.buf.len() < 5 {
-            return false;
-        }
-        let len = i32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
-        usize::try_from(len).is_ok_and(|l| l >= 4 && self.buf.len() > l)
+        self.head_frame()
+            .and_then(|(_, total)| total)
+            .is_some_and(|total| self.buf.len() >= total)
+    }
+
+    /// The message at the head of the read buffer, once its header (tag and length) is in: its
+    /// length field, and its whole size with the tag (`None` when the length is invalid).
+    fn head_frame(&self) -> Option<(i32, Option<usize>)> {
+        let header = self.buf.get(..5)?;
+        let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]);
+        let total = usize::try_from(len).ok().filter(|&l| l >= 4).map(|l| l + 1);
+        Some((len, total))
     }
 
     /// Whether the session is in copy-both mode.
@@ -622,10 +629,8 @@ impl WireClient {
     pub(super) async fn next_frame(&mut self) -> Result<(u8, Bytes)> {
         loop {
             let mut want = READ_CHUNK;
-            if self.buf.len() >= 5 {
-                let len = i32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
-                let Some(total) = usize::try_from(len).ok().filter(|&l| l >= 4).map(|l| l + 1)
-                else {
+            if let Some((len, total)) = self.head_frame() {
+                let Some(total) = total else {
                     return Err(Error::permanent(format!(
                         "replication protocol error from {}: invalid message length {len}",
                         self.describe

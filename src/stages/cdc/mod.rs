@@ -16,19 +16,20 @@
 //!   target has answered its `COMMIT` (and every statement before it). Transactions may be
 //!   sent behind `COMMIT`s still in flight (at most [`apply::COMMITS_IN_FLIGHT`]): each one's
 //!   position update fails unless the one before it is on record, so when one rolls back, every
-//!   one behind it rolls back too (see [`apply::Applier::may_commit`]). The apply session commits with
-//!   `synchronous_commit = off`, like native's apply worker, and the slot is told (standby status
-//!   update) only what the target has *flushed* ([`apply::Applier::flushed`]: WAL probes, and a
-//!   synchronous position write at drains, holds, stops and after [`apply::FLUSH_WAIT`] of
-//!   waiting), on keepalives, on the 500 ms tick, when a probe moves it and at least every 10 s:
-//!   a target crash that loses its last commits loses their positions too, and the slot still
-//!   has them.
+//!   one behind it rolls back too (see [`apply::Applier::may_commit`]). The apply session
+//!   commits with `synchronous_commit = off`, like native's apply worker, and the slot is told
+//!   (standby status update) only what the target has *flushed* ([`apply::Applier::flushed`]:
+//!   WAL probes, and a synchronous position write at drains, holds, stops and after
+//!   [`apply::FLUSH_WAIT`] of waiting), on keepalives, on the 500 ms tick, when a probe moves it
+//!   and at least every 10 s: a target crash that loses its last commits loses their positions
+//!   too, and the slot still has them.
 //! - A batch is committed at a source commit as soon as the target has answered everything sent,
 //!   or once it holds as many changes as the target still works on (see [`DbStream::commit_now`]),
 //!   and then holds what arrived while the target worked: under a live stream the applied
 //!   position moves as the walsender decodes (the first transaction of a stretch of WAL the
-//!   source flushed is committed alone), not only at its keepalive after the stretch; in a backlog the target is always busy and batches grow to what arrives during one
-//!   commit, up to `batch_changes`. When nothing is pending, a keepalive's position counts as
+//!   source flushed is committed alone), not only at its keepalive after the stretch; in a
+//!   backlog the target is always busy and batches grow to what arrives during one commit, up to
+//!   `batch_changes`. When nothing is pending, a keepalive's position counts as
 //!   applied (nothing before it is still to come), so the slot advances while idle too.
 //! - The store's copy of the position, the counters, the lag gauge, the progress sample and the
 //!   reading of drain and hold requests are done by a task beside the apply ([`book`]): the apply
