@@ -455,15 +455,8 @@ fn status_shows_each_azure_dms_state_in_order() {
     let load_gate = Gate::close(&p.source, &s);
     let apply_gate = Gate::close(&p.target, &t);
     // The runner's log goes to a file the test can read while it runs.
-    let log_path = plan.dir.path().join("run.log");
-    let log = std::fs::File::create(&log_path).expect("log file");
-    let mut child = plan
-        .command(&["run"])
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn pgferry");
-    let log_text = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let mut child = plan.spawn_logging(plan.command(&["run"]), "run.log");
+    let log_text = || plan.log("run.log");
 
     // FULL_LOAD: the load is done, the stage beside it holds everything after it.
     poll_states(

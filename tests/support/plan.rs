@@ -110,6 +110,21 @@ target = "{tdb}"
             .spawn()
             .expect("spawn pgferry")
     }
+
+    /// Starts `cmd` (from [`TestPlan::command`]) in the background with its log (stderr) in file
+    /// `log` of the plan's directory, which the test reads while it runs ([`TestPlan::log`]).
+    pub fn spawn_logging(&self, mut cmd: Command, log: &str) -> Child {
+        let file = std::fs::File::create(self.dir.path().join(log)).expect("log file");
+        cmd.stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn pgferry")
+    }
+
+    /// What a runner started by [`TestPlan::spawn_logging`] has logged to file `log` so far.
+    pub fn log(&self, log: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(log)).unwrap_or_default()
+    }
 }
 
 impl TestPlan {
