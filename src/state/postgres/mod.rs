@@ -120,11 +120,10 @@ impl PgStore {
                 .map_err(|e| e.context("checkpoint store"))?;
             Ok::<_, crate::error::Error>(client)
         };
-        let app = runner_application(migration);
         let lock = async {
             if lock_session {
                 // A failure here is reported by the lock itself, which connects again.
-                conn.connect(&app).await.ok()
+                conn.connect(&runner_application(migration)).await.ok()
             } else {
                 None
             }
