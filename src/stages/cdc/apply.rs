@@ -106,6 +106,35 @@ enum Find<'a> {
     Full(&'a TupleData),
 }
 
+/// The columns of target table `$1.$2` (schema, name), prepared once per session
+/// ([`Applier::relation`]): relkind, name, `format_type`, generated (or no column at all), compared
+/// as text (no hash or btree equality), `GENERATED ALWAYS` identity.
+const DESCRIBE_SQL: &str = "SELECT c.relkind::text, a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod), \
+                coalesce(a.attgenerated <> '', true), \
+                NOT EXISTS (SELECT 1 FROM pg_catalog.pg_operator o \
+                             JOIN pg_catalog.pg_amop ao ON ao.amopopr = o.oid AND ao.amopstrategy = 1 \
+                             JOIN pg_catalog.pg_am am ON am.oid = ao.amopmethod AND am.amname = 'hash' \
+                            WHERE o.oprname = '=' AND o.oprleft = a.atttypid AND o.oprright = a.atttypid) \
+                  AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_operator o \
+                             JOIN pg_catalog.pg_amop ao ON ao.amopopr = o.oid AND ao.amopstrategy = 3 \
+                             JOIN pg_catalog.pg_am am ON am.oid = ao.amopmethod AND am.amname = 'btree' \
+                            WHERE o.oprname = '=' AND o.oprleft = a.atttypid AND o.oprright = a.atttypid), \
+                coalesce(a.attidentity = 'a', false) \
+           FROM pg_catalog.pg_class c \
+           JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+           LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+          WHERE n.nspname = $1 AND c.relname = $2 ORDER BY a.attnum";
+
+/// Whether triggers or rules fire in replica mode on target table `$1.$2` or its partitions
+/// (`to_regclass`: a missing table is reported by [`DESCRIBE_SQL`]'s empty answer).
+const FIRES_SQL: &str = "WITH r AS (SELECT pg_catalog.to_regclass(pg_catalog.format('%I.%I', $1::text, $2::text)) AS oid), \
+              t AS (SELECT oid FROM r WHERE oid IS NOT NULL \
+                    UNION SELECT p.relid FROM r, pg_catalog.pg_partition_tree(r.oid) p) \
+         SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger g JOIN t ON g.tgrelid = t.oid \
+                         WHERE NOT g.tgisinternal AND g.tgenabled IN ('A', 'R')) \
+             OR EXISTS (SELECT 1 FROM pg_catalog.pg_rewrite w JOIN t ON w.ev_class = t.oid \
+                         WHERE w.rulename <> '_RETURN' AND w.ev_enabled IN ('A', 'R'))";
+
 /// How many changes may await their result at once.
 pub const MAX_IN_FLIGHT: usize = 512;
 
@@ -315,6 +344,10 @@ pub struct Applier {
     flushed: Lsn,
     /// `SELECT pg_current_wal_flush_lsn(), pg_current_wal_insert_lsn()`, prepared once.
     probe: Statement,
+    /// [`DESCRIBE_SQL`] and [`FIRES_SQL`], prepared once: a relation the stream describes costs
+    /// one round trip, not a parse and plan of two catalog queries.
+    describe: Statement,
+    fires: Statement,
     /// A probe is in flight, and when the last one was sent.
     probing: bool,
     probed_at: Instant,
@@ -354,6 +387,43 @@ fn mask(bits: impl Iterator<Item = bool>) -> String {
     bits.map(|b| if b { '1' } else { '0' }).collect()
 }
 
+/// One set-based statement of gathered changes, built before any is sent (see
+/// [`Applier::send_grouped`]).
+struct Grouped {
+    oid: u32,
+    /// The key of its prepared statement in [`Rel::statements`].
+    shape: String,
+    kind: GroupedKind,
+    /// One `text[]` per parameter.
+    params: Vec<Vec<Option<String>>>,
+    rows: usize,
+}
+
+enum GroupedKind {
+    Insert,
+    /// The columns set (the key columns never are).
+    Update(Vec<bool>),
+    Delete,
+}
+
+impl GroupedKind {
+    fn sql(&self, rel: &Rel) -> String {
+        match self {
+            GroupedKind::Insert => multi_insert_sql(rel),
+            GroupedKind::Update(set) => grouped_update_sql(rel, set),
+            GroupedKind::Delete => grouped_delete_sql(rel),
+        }
+    }
+
+    fn what(&self) -> &'static str {
+        match self {
+            GroupedKind::Insert => "insert",
+            GroupedKind::Update(_) => "update",
+            GroupedKind::Delete => "delete",
+        }
+    }
+}
+
 impl Applier {
     /// Opens the apply session on `conn` and reads the applied position of `slot`.
     pub async fn open(
@@ -364,25 +434,15 @@ impl Applier {
         allow_managed: bool,
     ) -> Result<(Applier, Option<Lsn>)> {
         let client = conn.connect("cdc apply").await?;
-        // Replica mode when the role may set it; else the managed mode holds the target's triggers
-        // and foreign keys instead (below, once the state schema exists), where allowed.
-        let replica = managed::can_set_replication_role(&client).await?;
+        // Replica mode when the role may set it (set here, in one round trip); else the managed
+        // mode holds the target's triggers and foreign keys instead (below, once the state schema
+        // exists), where allowed.
+        let replica = managed::set_replication_role(&client).await?;
         if !replica && !allow_managed {
             return Err(Error::permanent(
                 "the apply role may not set session_replication_role = replica on this database",
             )
             .hint("this stream applies with target triggers and foreign keys quiet, which needs a superuser (or, on PostgreSQL 15+, a role granted SET on session_replication_role); the managed mode, which holds them instead, is for the forward cdc only"));
-        }
-        if replica {
-            client
-                .batch_execute("SET session_replication_role = replica")
-                .await
-                .map_err(|e| {
-                    Error::pg(
-                        &e,
-                        "setting session_replication_role = replica on the target",
-                    )
-                })?;
         }
         // Generic plans for the prepared statements: a grouped statement's `unnest` of parameter
         // arrays is estimated at 10 rows in a generic plan and at its real length in a custom one,
@@ -392,40 +452,34 @@ impl Applier {
         // Commits are asynchronous, like native's apply worker (the subscription's default): the
         // slot is told only positions whose commit the target has flushed ([`Applier::probe`]),
         // so a target that crashes and loses its last commits has them streamed again.
-        client
-            .batch_execute("SET plan_cache_mode = force_generic_plan; SET synchronous_commit = off")
-            .await
-            .map_err(|e| {
-                Error::pg(
-                    &e,
-                    "setting plan_cache_mode and synchronous_commit on the target",
-                )
-            })?;
+        // The settings and the state tables are sent together (pipelined), each answer checked.
         let schema = quote_ident(state_schema);
         let position_table = format!("{schema}.cdc_applied");
-        client
-            .batch_execute(&format!(
-                "CREATE SCHEMA IF NOT EXISTS {schema}; \
-                 CREATE TABLE IF NOT EXISTS {position_table} (slot text PRIMARY KEY, lsn pg_lsn NOT NULL, applied_at timestamptz NOT NULL DEFAULT now()); \
-                 {}; {}",
-                identity::create_sql(state_schema),
-                super::ddl::create_sql(state_schema)
-            ))
-            .await
-            .map_err(|e| Error::pg(&e, format!("creating {position_table} on the target")))?;
+        let tables_sql = format!(
+            "CREATE SCHEMA IF NOT EXISTS {schema}; \
+             CREATE TABLE IF NOT EXISTS {position_table} (slot text PRIMARY KEY, lsn pg_lsn NOT NULL, applied_at timestamptz NOT NULL DEFAULT now()); \
+             {}; {}",
+            identity::create_sql(state_schema),
+            super::ddl::create_sql(state_schema)
+        );
+        let (settings, tables) = tokio::join!(
+            client.batch_execute(
+                "SET plan_cache_mode = force_generic_plan; SET synchronous_commit = off"
+            ),
+            client.batch_execute(&tables_sql),
+        );
+        settings.map_err(|e| {
+            Error::pg(
+                &e,
+                "setting plan_cache_mode and synchronous_commit on the target",
+            )
+        })?;
+        tables.map_err(|e| Error::pg(&e, format!("creating {position_table} on the target")))?;
         let held = if replica {
             None
         } else {
             Some(managed::hold(&client, state_schema).await?)
         };
-        let row = client
-            .query_opt(
-                &format!("SELECT lsn::text FROM {position_table} WHERE slot = $1"),
-                &[&slot],
-            )
-            .await
-            .map_err(|e| Error::pg(&e, "reading the applied position"))?;
-        let applied = crate::pg::lsn::parse_opt(row.map(|r| r.get(0)))?;
         let prepare = |sql: String, types: &'static [Type]| {
             let client = &client;
             async move {
@@ -435,34 +489,47 @@ impl Applier {
                     .map_err(|e| Error::pg(&e, format!("preparing `{sql}` on the target")))
             }
         };
-        let begin = prepare("BEGIN".into(), &[]).await?;
-        // Both functions exist on every supported version (10+).
-        let probe = prepare(
-            "SELECT pg_catalog.pg_current_wal_flush_lsn()::text, pg_catalog.pg_current_wal_insert_lsn()::text".into(),
-            &[],
-        )
-        .await?;
-        let commit = prepare("COMMIT".into(), &[]).await?;
-        let position = prepare(
-            format!(
-                "INSERT INTO {t} (slot, lsn) VALUES ($1, $2::text::pg_lsn) \
-                 ON CONFLICT (slot) DO UPDATE SET lsn = GREATEST({t}.lsn, excluded.lsn), applied_at = now()",
-                t = position_table
+        // The position and the session's statements, pipelined: one round trip.
+        let read_position = async {
+            client
+                .query_opt(
+                    &format!("SELECT lsn::text FROM {position_table} WHERE slot = $1"),
+                    &[&slot],
+                )
+                .await
+                .map_err(|e| Error::pg(&e, "reading the applied position"))
+        };
+        let (row, begin, probe, commit, position, update_position, describe, fires) = tokio::try_join!(
+            read_position,
+            prepare("BEGIN".into(), &[]),
+            // Both functions exist on every supported version (10+).
+            prepare(
+                "SELECT pg_catalog.pg_current_wal_flush_lsn()::text, pg_catalog.pg_current_wal_insert_lsn()::text".into(),
+                &[],
             ),
-            &[Type::TEXT, Type::TEXT],
-        )
-        .await?;
-        // `lsn` is NOT NULL: a transaction sent behind an unanswered one fails here when that one
-        // did not commit (its changes, rolled back, must come before this one's).
-        let update_position = prepare(
-            format!(
-                "UPDATE {t} SET lsn = CASE WHEN lsn >= $3::text::pg_lsn THEN GREATEST(lsn, $2::text::pg_lsn) END, \
-                 applied_at = now() WHERE slot = $1",
-                t = position_table
+            prepare("COMMIT".into(), &[]),
+            prepare(
+                format!(
+                    "INSERT INTO {t} (slot, lsn) VALUES ($1, $2::text::pg_lsn) \
+                     ON CONFLICT (slot) DO UPDATE SET lsn = GREATEST({t}.lsn, excluded.lsn), applied_at = now()",
+                    t = position_table
+                ),
+                &[Type::TEXT, Type::TEXT],
             ),
-            &[Type::TEXT, Type::TEXT, Type::TEXT],
-        )
-        .await?;
+            // `lsn` is NOT NULL: a transaction sent behind an unanswered one fails here when that
+            // one did not commit (its changes, rolled back, must come before this one's).
+            prepare(
+                format!(
+                    "UPDATE {t} SET lsn = CASE WHEN lsn >= $3::text::pg_lsn THEN GREATEST(lsn, $2::text::pg_lsn) END, \
+                     applied_at = now() WHERE slot = $1",
+                    t = position_table
+                ),
+                &[Type::TEXT, Type::TEXT, Type::TEXT],
+            ),
+            prepare(DESCRIBE_SQL.into(), &[Type::TEXT, Type::TEXT]),
+            prepare(FIRES_SQL.into(), &[Type::TEXT, Type::TEXT]),
+        )?;
+        let applied = crate::pg::lsn::parse_opt(row.map(|r| r.get(0)))?;
         let mut ap = Applier {
             client: Arc::new(client),
             pending: FuturesOrdered::new(),
@@ -489,6 +556,8 @@ impl Applier {
             // What the target has on record survived whatever came before this session.
             flushed: applied.unwrap_or(Lsn::INVALID),
             probe,
+            describe,
+            fires,
             probing: false,
             probed_at: Instant::now(),
             unflushed: VecDeque::new(),
@@ -538,30 +607,37 @@ impl Applier {
     /// Learns (or re-learns) a relation from its Relation message and checks it against the target
     /// table: the source's columns must be the target's non-generated columns.
     pub async fn relation(&mut self, r: &Relation) -> Result<()> {
-        self.settle().await?;
+        // A relation described again (a replayed DDL changed it) has its gathered changes sent in
+        // the old shape first; a new one leaves the other tables' gathered changes alone (they
+        // are sent together at the commit, their new statements prepared together). The catalog
+        // queries below wait for their answers: nothing may be in flight.
+        if self.rels.contains_key(&r.oid) {
+            self.settle().await?;
+        } else {
+            self.settle_in_flight().await?;
+        }
         let name = format!("{}.{}", r.namespace, r.name);
-        let rows = self
-            .client
-            .query(
-                "SELECT c.relkind::text, a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod), \
-                        coalesce(a.attgenerated <> '', true), \
-                        NOT EXISTS (SELECT 1 FROM pg_catalog.pg_operator o \
-                                     JOIN pg_catalog.pg_amop ao ON ao.amopopr = o.oid AND ao.amopstrategy = 1 \
-                                     JOIN pg_catalog.pg_am am ON am.oid = ao.amopmethod AND am.amname = 'hash' \
-                                    WHERE o.oprname = '=' AND o.oprleft = a.atttypid AND o.oprright = a.atttypid) \
-                          AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_operator o \
-                                     JOIN pg_catalog.pg_amop ao ON ao.amopopr = o.oid AND ao.amopstrategy = 3 \
-                                     JOIN pg_catalog.pg_am am ON am.oid = ao.amopmethod AND am.amname = 'btree' \
-                                    WHERE o.oprname = '=' AND o.oprleft = a.atttypid AND o.oprright = a.atttypid), \
-                        coalesce(a.attidentity = 'a', false) \
-                   FROM pg_catalog.pg_class c \
-                   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-                   LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
-                  WHERE n.nspname = $1 AND c.relname = $2 ORDER BY a.attnum",
-                &[&r.namespace, &r.name],
-            )
-            .await
-            .map_err(|e| Error::pg(&e, format!("reading the columns of target table {name}")))?;
+        // The columns, and whether triggers or rules fire in replica mode, in one round trip
+        // (`to_regclass`: a missing table is reported by the first query, below).
+        let (rows, ordered) = tokio::try_join!(
+            async {
+                self.client
+                    .query(&self.describe, &[&r.namespace, &r.name])
+                    .await
+                    .map_err(|e| {
+                        Error::pg(&e, format!("reading the columns of target table {name}"))
+                    })
+            },
+            async {
+                self.client
+                    .query_one(&self.fires, &[&r.namespace, &r.name])
+                    .await
+                    .map(|row| row.get::<_, bool>(0))
+                    .map_err(|e| {
+                        Error::pg(&e, format!("reading the triggers of target table {name}"))
+                    })
+            },
+        )?;
         if rows.is_empty() {
             return Err(Error::permanent(format!(
                 "table `{name}` is replicated from the source but does not exist in the target database"
@@ -569,20 +645,6 @@ impl Applier {
             .hint("create it on the target (same columns), then run the plan again: cdc resumes where it stopped"));
         }
         let partitioned = rows[0].get::<_, String>(0) == "p";
-        let ordered = self
-            .client
-            .query_one(
-                "WITH r AS (SELECT pg_catalog.format('%I.%I', $1::text, $2::text)::regclass AS oid), \
-                      t AS (SELECT oid FROM r UNION SELECT p.relid FROM r, pg_catalog.pg_partition_tree(r.oid) p) \
-                 SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger g JOIN t ON g.tgrelid = t.oid \
-                                 WHERE NOT g.tgisinternal AND g.tgenabled IN ('A', 'R')) \
-                     OR EXISTS (SELECT 1 FROM pg_catalog.pg_rewrite w JOIN t ON w.ev_class = t.oid \
-                                 WHERE w.rulename <> '_RETURN' AND w.ev_enabled IN ('A', 'R'))",
-                &[&r.namespace, &r.name],
-            )
-            .await
-            .map_err(|e| Error::pg(&e, format!("reading the triggers of target table {name}")))?
-            .get::<_, bool>(0);
         let mut target: HashMap<String, (String, bool)> = HashMap::new();
         let mut target_order = Vec::new();
         for row in &rows {
@@ -1098,19 +1160,18 @@ impl Applier {
     async fn sync_position(&mut self, lsn: Lsn) -> Result<()> {
         // The prepared upsert every commit sends, in a transaction of its own that commits
         // synchronously (`SET LOCAL`: the session keeps `synchronous_commit = off`).
-        let written = async {
+        // Pipelined: one round trip. The three are sent at the join's first poll, so the COMMIT
+        // ends the transaction whatever failed before it (a failed write aborts it, and the
+        // COMMIT then rolls it back).
+        let lsn_text = lsn.to_string();
+        let params: [&(dyn ToSql + Sync); 2] = [&self.slot, &lsn_text];
+        let written = tokio::try_join!(
             self.client
-                .batch_execute("BEGIN; SET LOCAL synchronous_commit = on")
-                .await?;
-            self.client
-                .execute(&self.position, &[&self.slot, &lsn.to_string()])
-                .await?;
-            self.client.batch_execute("COMMIT").await
-        }
-        .await;
+                .batch_execute("BEGIN; SET LOCAL synchronous_commit = on"),
+            self.client.execute(&self.position, &params),
+            self.client.batch_execute("COMMIT"),
+        );
         if let Err(e) = written {
-            // A failure inside the transaction leaves it open (aborted): end it.
-            let _ = self.client.batch_execute("ROLLBACK").await;
             return Err(Error::pg(&e, "flushing the applied position on the target"));
         }
         self.confirmed = self.confirmed.max(lsn);
@@ -1229,25 +1290,99 @@ impl Applier {
 
     /// Sends every gathered change (the statements' results are checked later).
     async fn send_changes(&mut self) -> Result<()> {
+        let mut statements = Vec::new();
         for q in self.changes.take() {
-            self.send_queue(q).await?;
+            self.grouped_statements(q, &mut statements)?;
         }
-        Ok(())
+        self.send_grouped(statements).await
     }
 
     /// Sends the gathered changes of one table.
     async fn send_table(&mut self, oid: u32) -> Result<()> {
         if let Some(q) = self.changes.take_table(oid) {
-            self.send_queue(q).await?;
+            let mut statements = Vec::new();
+            self.grouped_statements(q, &mut statements)?;
+            self.send_grouped(statements).await?;
         }
         Ok(())
     }
 
-    /// Sends one table's runs, in order, as set-based statements of at most [`MAX_INSERT_ROWS`]
-    /// rows.
-    async fn send_queue(&mut self, q: TableQueue) -> Result<()> {
-        let oid = q.oid;
+    /// Sends set-based statements in order. The shapes not prepared yet are prepared first, all
+    /// at once: the first batch of a stream (a statement per table and kind) waits for one round
+    /// trip instead of one per shape, each behind the execution of the statement before it.
+    async fn send_grouped(&mut self, statements: Vec<Grouped>) -> Result<()> {
+        self.prepare_grouped(&statements).await?;
         let lsn = self.tx_max_commit;
+        for g in statements {
+            let kind = g.kind;
+            let what = kind.what();
+            self.send(
+                g.oid,
+                g.shape,
+                move |rel| kind.sql(rel),
+                Type::TEXT_ARRAY,
+                g.params,
+                g.rows,
+                what,
+                lsn,
+                true,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Prepares the shapes of `statements` this session has not prepared yet, pipelined.
+    async fn prepare_grouped(&mut self, statements: &[Grouped]) -> Result<()> {
+        let mut missing: Vec<(u32, &str, String, usize)> = Vec::new();
+        for g in statements {
+            let rel = self.rel(g.oid)?;
+            if rel.statements.contains_key(&g.shape)
+                || missing
+                    .iter()
+                    .any(|(o, s, ..)| *o == g.oid && *s == g.shape)
+            {
+                continue;
+            }
+            missing.push((g.oid, &g.shape, g.kind.sql(rel), g.params.len()));
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        // Preparing waits for its answers: what is in flight is settled first (see `send`).
+        self.begin_pipelined().await?;
+        self.settle_in_flight().await?;
+        let client = self.client.clone();
+        let together = missing.len();
+        let prepared = futures_util::future::try_join_all(missing.iter().map(|(_, _, sql, n)| {
+            let client = &client;
+            async move {
+                tracing::debug!(%sql, together, "cdc apply: preparing");
+                let types = vec![Type::TEXT_ARRAY; *n];
+                client
+                    .prepare_typed(sql, &types)
+                    .await
+                    .map_err(|e| Error::pg(&e, format!("preparing `{sql}`")))
+            }
+        }))
+        .await?;
+        let done: Vec<(u32, String)> = missing
+            .iter()
+            .map(|(oid, shape, ..)| (*oid, shape.to_string()))
+            .collect();
+        for ((oid, shape), stmt) in done.into_iter().zip(prepared) {
+            if let Some(rel) = self.rels.get_mut(&oid) {
+                rel.statements.insert(shape, stmt);
+            }
+        }
+        Ok(())
+    }
+
+    /// One table's runs, in order, as set-based statements of at most [`MAX_INSERT_ROWS`] rows,
+    /// appended to `out`.
+    fn grouped_statements(&self, q: TableQueue, out: &mut Vec<Grouped>) -> Result<()> {
+        let oid = q.oid;
+        let rel = self.rel(oid)?;
         for run in q.runs {
             match run {
                 Run::Insert(run) => {
@@ -1255,25 +1390,18 @@ impl Applier {
                     while rows.peek().is_some() {
                         let chunk: Vec<Row> = rows.by_ref().take(MAX_INSERT_ROWS).collect();
                         let n = chunk.len();
-                        let columns =
-                            insert_arrays(columns_of(chunk, self.rel(oid)?.cols.len()), n);
-                        self.send(
+                        out.push(Grouped {
                             oid,
-                            "M".into(),
-                            multi_insert_sql,
-                            Type::TEXT_ARRAY,
-                            columns,
-                            n,
-                            "insert",
-                            lsn,
-                            true,
-                        )
-                        .await?;
+                            shape: "M".into(),
+                            kind: GroupedKind::Insert,
+                            params: insert_arrays(columns_of(chunk, rel.cols.len()), n),
+                            rows: n,
+                        });
                     }
                 }
                 Run::Update(run) => {
                     // One statement shape per set of changed columns.
-                    let keys: Vec<bool> = self.rel(oid)?.cols.iter().map(|c| c.key).collect();
+                    let keys: Vec<bool> = rel.cols.iter().map(|c| c.key).collect();
                     let mut shapes: Vec<(Vec<bool>, Vec<Vec<Val>>)> = Vec::new();
                     for row in run.rows {
                         let set: Vec<bool> = row
@@ -1312,19 +1440,13 @@ impl Applier {
                                     }
                                 }
                             }
-                            let mask_set = set.clone();
-                            self.send(
+                            out.push(Grouped {
                                 oid,
-                                format!("G{}", mask(set.iter().copied())),
-                                move |rel| grouped_update_sql(rel, &mask_set),
-                                Type::TEXT_ARRAY,
-                                columns,
-                                n,
-                                "update",
-                                lsn,
-                                true,
-                            )
-                            .await?;
+                                shape: format!("G{}", mask(set.iter().copied())),
+                                kind: GroupedKind::Update(set.clone()),
+                                params: columns,
+                                rows: n,
+                            });
                         }
                     }
                 }
@@ -1334,19 +1456,13 @@ impl Applier {
                     while keys.peek().is_some() {
                         let chunk: Vec<Row> = keys.by_ref().take(MAX_INSERT_ROWS).collect();
                         let n = chunk.len();
-                        let columns = columns_of(chunk, nkeys);
-                        self.send(
+                        out.push(Grouped {
                             oid,
-                            "X".into(),
-                            grouped_delete_sql,
-                            Type::TEXT_ARRAY,
-                            columns,
-                            n,
-                            "delete",
-                            lsn,
-                            true,
-                        )
-                        .await?;
+                            shape: "X".into(),
+                            kind: GroupedKind::Delete,
+                            params: columns_of(chunk, nkeys),
+                            rows: n,
+                        });
                     }
                 }
             }

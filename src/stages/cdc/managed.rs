@@ -62,21 +62,28 @@ pub struct Held {
 /// Whether the session on `client` may set `session_replication_role`: tries it (`SET`, then
 /// `RESET`), so the answer is the server's own. Only "permission denied" (42501) means no.
 pub async fn can_set_replication_role(client: &Client) -> Result<bool> {
+    let may = set_replication_role(client).await?;
+    if may {
+        client
+            .batch_execute("RESET session_replication_role")
+            .await
+            .map_err(|e| Error::pg(&e, "resetting session_replication_role"))?;
+    }
+    Ok(may)
+}
+
+/// Sets `session_replication_role = replica` on the session of `client` when its role may:
+/// `false` (nothing set) on "permission denied" (42501), the managed mode's cue.
+pub async fn set_replication_role(client: &Client) -> Result<bool> {
     match client
         .batch_execute("SET session_replication_role = replica")
         .await
     {
-        Ok(()) => {
-            client
-                .batch_execute("RESET session_replication_role")
-                .await
-                .map_err(|e| Error::pg(&e, "resetting session_replication_role"))?;
-            Ok(true)
-        }
+        Ok(()) => Ok(true),
         Err(e) if e.code().map(|c| c.code()) == Some("42501") => Ok(false),
         Err(e) => Err(Error::pg(
             &e,
-            "setting session_replication_role on the target",
+            "setting session_replication_role = replica on the target",
         )),
     }
 }
