@@ -401,6 +401,12 @@ fn full_identity_lookup_index_waits_for_the_first_update_and_takes_the_most_dist
     let plan = TestPlan::new(p, "lazylookup", &s, &t, CDC_STAGES);
     let out = plan.run(&["run"]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    // No planner statistics on the target, so the first rows decide (autovacuum would analyze
+    // the table at its own time).
+    p.target.psql(
+        &t,
+        "ALTER TABLE public.log SET (autovacuum_enabled = false)",
+    );
     let lookup = |db: &str| {
         p.target.psql(
             db,
@@ -439,6 +445,74 @@ fn full_identity_lookup_index_waits_for_the_first_update_and_takes_the_most_dist
     assert!(
         show(&out).contains("lookup index created"),
         "the run should say it made the index: {}",
+        show(&out)
+    );
+    assert!(
+        show(&out).contains("in the table's first rows"),
+        "with no statistics on the target, the first rows decide: {}",
+        show(&out)
+    );
+}
+
+/// The lookup index's column comes from the target's planner statistics when it has them: here
+/// the first 10,000 rows (physical order) make `batch` look the most distinct (every row its own
+/// value) while over the whole table it has 20 values and `id` 40,000. The first rows alone would
+/// pick `batch`.
+#[test]
+fn full_identity_lookup_index_takes_its_column_from_the_targets_statistics() {
+    let p = pair();
+    let s = p.source.fresh_database("statlookup_src");
+    let t = p.target.fresh_database("statlookup_tgt");
+    p.source.psql(
+        &s,
+        "CREATE TABLE public.ev (batch int, id int, note text);\n\
+         ALTER TABLE public.ev REPLICA IDENTITY FULL;\n\
+         INSERT INTO public.ev SELECT CASE WHEN g <= 10000 THEN -g ELSE g % 20 END, \
+                (g * 7919) % 40000, 'e' || g FROM generate_series(1, 40000) g;\n",
+    );
+    let plan = TestPlan::new(p, "statlookup", &s, &t, CDC_STAGES);
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    // The first 10,000 rows of the copy are the source's first 10,000 (one COPY, in order).
+    assert_eq!(
+        p.target.psql(
+            &t,
+            "SELECT count(DISTINCT batch) || ' ' || count(DISTINCT id) FROM (SELECT * FROM public.ev LIMIT 10000) f"
+        ),
+        "10000 10000",
+        "the target's first rows should favour batch (a tie goes to the first column)"
+    );
+    p.target.psql(&t, "ANALYZE public.ev");
+    assert_eq!(
+        p.target.psql(
+            &t,
+            "SELECT count(*) FROM pg_stats WHERE schemaname = 'public' AND tablename = 'ev' AND attname IN ('batch', 'id')"
+        ),
+        "2"
+    );
+    p.source.psql(
+        &s,
+        "UPDATE public.ev SET note = 'changed' WHERE id = 123;\n\
+         DELETE FROM public.ev WHERE id = 456;\n",
+    );
+    let out = plan.run(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(
+        row_digest(&p.source, &s, "public.ev"),
+        row_digest(&p.target, &t, "public.ev")
+    );
+    let def = p.target.psql(
+        &t,
+        "SELECT coalesce(string_agg(indexdef, '; '), '') FROM pg_indexes \
+          WHERE tablename = 'ev' AND indexname LIKE 'pgferry_cdc_%'",
+    );
+    assert!(
+        def.ends_with("USING hash (id)"),
+        "the statistics say id is the most distinct column: {def:?}"
+    );
+    assert!(
+        show(&out).contains("by the target's planner statistics"),
+        "the run should say how it chose: {}",
         show(&out)
     );
 }

@@ -798,8 +798,8 @@ impl Applier {
         )
         .await?;
         self.commit_own(own_tx, "the lookup index").await?;
-        if let Some((index, column)) = made {
-            tracing::info!(table = %format!("{}.{}", l.schema, l.table), %index, %column, "cdc: REPLICA IDENTITY FULL table without an index on the target: lookup index created until the cutover");
+        if let Some(made) = made {
+            tracing::info!(table = %format!("{}.{}", l.schema, l.table), index = %made.name, column = %made.column, chosen = made.chosen_by.describe(), "cdc: REPLICA IDENTITY FULL table without an index on the target: lookup index created until the cutover");
         }
         Ok(())
     }

@@ -52,9 +52,10 @@ pub const LOOKUP_SAMPLE_ROWS: i64 = 10_000;
 /// For a REPLICA IDENTITY FULL table: when target table `schema.table` has no index at all, creates
 /// a hash index on one of `candidates` (columns compared with a hashable `=`), recorded with it, so
 /// the apply finds a row without scanning the table. The column is the one with the most distinct
-/// values among the first [`LOOKUP_SAMPLE_ROWS`] rows (the first in column order on a tie, or when
-/// the table is empty): a hash index on a column with few values (a status, a type code) would
-/// make every lookup walk a long bucket chain. Run inside the apply transaction, before the first
+/// values: by the target's planner statistics when every candidate has them (a sample of the
+/// whole table), else among the first [`LOOKUP_SAMPLE_ROWS`] rows (the first in column order on a
+/// tie, or when the table is empty). A hash index on a column with few values (a status, a type
+/// code) would make every lookup walk a long bucket chain. Run inside the apply transaction, before the first
 /// change that finds a row by its values (an insert-only table never pays for the index). Returns
 /// the index's name and column when it made one.
 pub async fn lookup_index(
@@ -63,7 +64,7 @@ pub async fn lookup_index(
     schema: &str,
     table: &str,
     candidates: &[String],
-) -> Result<Option<(String, String)>> {
+) -> Result<Option<LookupIndex>> {
     let q = QualifiedName::new(schema.to_string(), table.to_string());
     let row = client
         .query_one(
@@ -85,8 +86,10 @@ pub async fn lookup_index(
     if indexed || hashable.is_empty() {
         return Ok(None);
     }
-    let column = if hashable.len() == 1 {
-        hashable[0].clone()
+    let (column, chosen_by) = if hashable.len() == 1 {
+        (hashable[0].clone(), ChosenBy::OnlyCandidate)
+    } else if let Some(c) = most_distinct_by_statistics(client, &q, &hashable).await? {
+        (c, ChosenBy::Statistics)
     } else {
         // Distinct values per column in a bounded sample; `::text` works for every type.
         let counts = hashable
@@ -114,7 +117,10 @@ pub async fn lookup_index(
                 best = Some((c, n));
             }
         }
-        best.map_or_else(|| hashable[0].clone(), |(c, _)| c.clone())
+        (
+            best.map_or_else(|| hashable[0].clone(), |(c, _)| c.clone()),
+            ChosenBy::FirstRows,
+        )
     };
     client
         .execute(
@@ -136,7 +142,86 @@ pub async fn lookup_index(
         .batch_execute(&sql)
         .await
         .map_err(|e| Error::pg(&e, format!("target table {q}: `{sql}`")))?;
-    Ok(Some((name, column)))
+    Ok(Some(LookupIndex {
+        name,
+        column,
+        chosen_by,
+    }))
+}
+
+/// A lookup index [`lookup_index`] made.
+#[derive(Debug)]
+pub struct LookupIndex {
+    pub name: String,
+    pub column: String,
+    pub chosen_by: ChosenBy,
+}
+
+/// How [`lookup_index`] chose the column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChosenBy {
+    /// The only column a hash index may serve.
+    OnlyCandidate,
+    /// The most distinct by the target's planner statistics (`pg_stats`: carried over from the
+    /// source, or gathered by ANALYZE or autovacuum since the load), a sample of the whole table.
+    Statistics,
+    /// The most distinct among the first [`LOOKUP_SAMPLE_ROWS`] rows (no statistics yet).
+    FirstRows,
+}
+
+impl ChosenBy {
+    pub fn describe(self) -> &'static str {
+        match self {
+            ChosenBy::OnlyCandidate => "the only hashable column",
+            ChosenBy::Statistics => "the most distinct by the target's planner statistics",
+            ChosenBy::FirstRows => {
+                "the most distinct in the table's first rows (no statistics yet)"
+            }
+        }
+    }
+}
+
+/// The column of `candidates` with the most distinct values by the planner statistics of target
+/// table `q` (`pg_stats.n_distinct`: a count, or minus a fraction of the rows), the first in
+/// `candidates`' order on a tie; `None` when some candidate has no statistics (the table was not
+/// analyzed since the load, or only partly).
+async fn most_distinct_by_statistics(
+    client: &Client,
+    q: &QualifiedName,
+    candidates: &[String],
+) -> Result<Option<String>> {
+    // `inherited`: a partitioned table's statistics cover its partitions.
+    let rows = client
+        .query(
+            "SELECT s.attname::text, \
+                    CASE WHEN s.n_distinct >= 0 THEN s.n_distinct::float8 \
+                         ELSE -s.n_distinct::float8 * greatest(c.reltuples, 0)::float8 END \
+               FROM pg_catalog.pg_stats s \
+               JOIN pg_catalog.pg_namespace n ON n.nspname = s.schemaname \
+               JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = s.tablename \
+              WHERE s.schemaname = $1 AND s.tablename = $2 AND s.attname = ANY ($3::text[]) \
+                AND s.inherited = (c.relkind = 'p')",
+            &[&q.schema, &q.name, &candidates],
+        )
+        .await
+        .map_err(|e| {
+            Error::pg(
+                &e,
+                format!("reading the planner statistics of target table {q}"),
+            )
+        })?;
+    let distinct: std::collections::HashMap<String, f64> =
+        rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let mut best: Option<(&String, f64)> = None;
+    for c in candidates {
+        let Some(&n) = distinct.get(c) else {
+            return Ok(None);
+        };
+        if best.is_none_or(|(_, most)| n > most) {
+            best = Some((c, n));
+        }
+    }
+    Ok(best.map(|(c, _)| c.clone()))
 }
 
 /// Makes the `GENERATED ALWAYS` identity `columns` of target table `schema.table`
