@@ -1006,22 +1006,20 @@ impl Applier {
         self.poll_ready()
     }
 
-    /// Records `lsn` as applied outside a batch (nothing pending: the stream is idle there).
+    /// Records `lsn` as applied outside a batch (nothing pending: the stream is idle there) and
+    /// waits for the target's answer: [`Applier::advance_idle_pipelined`] after everything in
+    /// flight, then settled (a stop or a hold at an exact position).
     pub async fn advance_idle(&mut self, lsn: Lsn) -> Result<()> {
         debug_assert!(!self.in_tx);
         self.settle().await?;
-        self.client
-            .execute(&self.position, &[&self.slot, &lsn.to_string()])
-            .await
-            .map_err(|e| Error::pg(&e, "recording the applied position"))?;
-        self.answered(lsn);
-        self.probe_if_due();
-        self.poll_ready()
+        self.advance_idle_pipelined(lsn)?;
+        self.settle_in_flight().await
     }
 
-    /// [`Applier::advance_idle`] without waiting: the position write is sent behind nothing (the
-    /// applier is idle) and counts once answered, like a commit. For the steady stream's idle
-    /// keepalives: a synchronous round trip there held back the next stretch of the stream.
+    /// Records `lsn` as applied outside a batch without waiting: the position write is sent
+    /// behind nothing (the applier is idle) and counts once answered, like a commit. For the
+    /// steady stream's idle keepalives: a synchronous round trip there held back the next stretch
+    /// of the stream.
     pub fn advance_idle_pipelined(&mut self, lsn: Lsn) -> Result<()> {
         debug_assert!(!self.in_tx && self.idle());
         // Outside a transaction the write commits by itself: it is answered as a commit.
