@@ -622,6 +622,8 @@ impl DbStream<'_> {
                 } else {
                     Vec::new()
                 };
+                // One source session for every table of the statement that needs its values.
+                let mut source = None;
                 for ((schema, table), before) in tables.iter().zip(&before) {
                     let Some(before) = before else {
                         continue;
@@ -662,7 +664,7 @@ impl DbStream<'_> {
                             .columns
                             .iter()
                             .find(|x| &x.schema == schema && &x.table == table);
-                        self.resync_columns(&client, schema, table, &copy, then)
+                        self.resync_columns(&client, &mut source, schema, table, &copy, then)
                             .await
                             .map_err(|e| {
                                 e.context(format!(
@@ -984,16 +986,21 @@ impl DbStream<'_> {
     /// (`then`: its OID and column numbers right after the statement) they are found by number: a
     /// column dropped since is skipped (the stream drops it on the target later, and every change
     /// in between carries its values), a renamed one read under its new name.
+    #[allow(clippy::too_many_arguments)]
     async fn resync_columns(
         &self,
         target: &tokio_postgres::Client,
+        source: &mut Option<tokio_postgres::Client>,
         schema: &str,
         table: &str,
         cols: &[String],
         then: Option<&TableColumns>,
     ) -> Result<()> {
         use futures_util::{StreamExt, pin_mut};
-        let source = self.env.source_for(self.db).connect("cdc ddl").await?;
+        let source = match source {
+            Some(c) => c,
+            None => source.insert(self.env.source_for(self.db).connect("cdc ddl").await?),
+        };
         let key_sql = "SELECT a.attnum, a.attname::text FROM pg_catalog.pg_index i \
                    JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) \
                   WHERE i.indrelid = $1::bigint::pg_catalog.oid \
