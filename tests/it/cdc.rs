@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use crate::support::{Cluster, Gate, TestPlan, pair, row_digest, show, wait_for, wait_for_exit};
+use crate::support::{
+    Cluster, Gate, TestPlan, Writer, WriterSpec, pair, row_digest, show, wait_for, wait_for_exit,
+};
 
 const STAGES: &str = "[stages.schema]\nkind = \"schema_dump\"\n\n\
     [stages.provision]\nkind = \"provision\"\nafter = [\"schema\"]\n\n\
@@ -812,8 +814,6 @@ fn random_workloads_apply_equal_with_grouping() {
 /// follows the apply within seconds once the writer stops, and the target equals the source.
 #[test]
 fn a_steady_writer_is_followed_with_bounded_lag() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::time::Instant;
 
     let p = pair();
@@ -841,39 +841,25 @@ fn a_steady_writer_is_followed_with_bounded_lag() {
     std::thread::sleep(Duration::from_millis(1500));
     let (store_before, app_before) = (rows_written("pgferry"), rows_written("public"));
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let written = Arc::new(AtomicU64::new(0));
-    let writer = {
-        let (stop, written, s) = (stop.clone(), written.clone(), s.clone());
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                let client = pair().source.client(&s).await;
-                let every = Duration::from_millis(10);
-                let mut due = tokio::time::Instant::now();
-                let mut i: u64 = 0;
-                while !stop.load(Ordering::SeqCst) {
-                    i += 1;
-                    due = (due + every).max(tokio::time::Instant::now());
-                    tokio::time::sleep_until(due).await;
-                    client
-                        .batch_execute(&format!(
-                            "BEGIN; INSERT INTO public.logs VALUES ({i}, 'steady {i}'); \
-                             UPDATE public.items SET name = 'steady {i}' WHERE id = {}; \
-                             DELETE FROM public.logs WHERE n = {} AND v LIKE 'steady %'; COMMIT;",
-                            i % 100 + 2,
-                            i.saturating_sub(50)
-                        ))
-                        .await
-                        .expect("the writer's transaction");
-                    written.fetch_add(1, Ordering::SeqCst);
-                }
-            });
-        })
-    };
+    let mut writer = Writer::start(
+        WriterSpec {
+            name: "the steady writer",
+            port: p.source.port,
+            db: s.clone(),
+            user: None,
+            every: Duration::from_millis(10),
+            fenced_by: &[],
+        },
+        |i| {
+            format!(
+                "BEGIN; INSERT INTO public.logs VALUES ({i}, 'steady {i}'); \
+                 UPDATE public.items SET name = 'steady {i}' WHERE id = {}; \
+                 DELETE FROM public.logs WHERE n = {} AND v LIKE 'steady %'; COMMIT;",
+                i % 100 + 2,
+                i.saturating_sub(50)
+            )
+        },
+    );
     let lsn = |v: &str| -> u64 {
         let (hi, lo) = v.split_once('/').expect("an LSN");
         (u64::from_str_radix(hi, 16).expect("hex") << 32)
@@ -896,9 +882,7 @@ fn a_steady_writer_is_followed_with_bounded_lag() {
         lags.push(src.saturating_sub(applied) as f64);
         std::thread::sleep(Duration::from_millis(250));
     }
-    stop.store(true, Ordering::SeqCst);
-    writer.join().expect("writer");
-    let n = written.load(Ordering::SeqCst);
+    let n = writer.stop();
     let end = current_lsn(&p.source, &s);
     wait_for("cdc to catch up", Duration::from_secs(60), || {
         caught_up(&t, &end)
@@ -1123,9 +1107,6 @@ fn the_apply_plans_a_grouped_statement_once_not_per_execution() {
 /// target flushes its WAL.
 #[test]
 fn a_target_crash_loses_no_change_the_slot_was_told() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-
     let (source, target) = std::thread::scope(|scope| {
         let s = scope.spawn(|| Cluster::start("crashtgt_src"));
         let t = scope.spawn(|| {
@@ -1172,46 +1153,24 @@ fn a_target_crash_loses_no_change_the_slot_was_told() {
     let mut child = plan.spawn(&["run"]);
     cdc_ready(&mut child);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let written = Arc::new(AtomicU64::new(0));
-    let port = p.source.port;
-    let writer = {
-        let (stop, written) = (stop.clone(), written.clone());
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                let mut config = tokio_postgres::Config::new();
-                config
-                    .host("127.0.0.1")
-                    .port(port)
-                    .user("postgres")
-                    .password(crate::support::PASSWORD)
-                    .dbname(s);
-                let (client, conn) = config
-                    .connect(tokio_postgres::NoTls)
-                    .await
-                    .expect("the writer connects");
-                tokio::spawn(conn);
-                let mut i: u64 = 1000;
-                while !stop.load(Ordering::SeqCst) {
-                    i += 1;
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                    client
-                        .batch_execute(&format!(
-                            "BEGIN; INSERT INTO public.t VALUES ({i}, 'w {i}'); \
-                             UPDATE public.t SET n = n + 1 WHERE id = {}; COMMIT;",
-                            i % 100 + 1
-                        ))
-                        .await
-                        .expect("the writer's transaction");
-                    written.fetch_add(1, Ordering::SeqCst);
-                }
-            });
-        })
-    };
+    let mut writer = Writer::start(
+        WriterSpec {
+            name: "the writer",
+            port: p.source.port,
+            db: s.to_string(),
+            user: None,
+            every: Duration::from_millis(5),
+            fenced_by: &[],
+        },
+        |i| {
+            let i = i + 1000;
+            format!(
+                "BEGIN; INSERT INTO public.t VALUES ({i}, 'w {i}'); \
+                 UPDATE public.t SET n = n + 1 WHERE id = {}; COMMIT;",
+                i % 100 + 1
+            )
+        },
+    );
     let applied = || -> String {
         p.target.psql(
             t,
@@ -1240,11 +1199,9 @@ fn a_target_crash_loses_no_change_the_slot_was_told() {
     );
     p.target.pg_ctl(&["start"]);
     let after_crash = applied();
-    stop.store(true, Ordering::SeqCst);
-    writer.join().expect("writer");
     eprintln!(
         "[test] {} writer transactions; applied {before_crash} before the crash, {after_crash} after; the slot was told {told}",
-        written.load(Ordering::SeqCst)
+        writer.stop()
     );
     assert!(
         !lsn_ge(&p.source, s, &after_crash, &before_crash),

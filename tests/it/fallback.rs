@@ -7,12 +7,12 @@
 //! stream also filters by replication origin).
 
 use std::process::Child;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::support::compare::assert_same_on;
-use crate::support::{Cluster, Gate, Pair, TestPlan, pair, show, wait_for};
+use crate::support::{
+    Cluster, FENCE_CODES, Gate, Pair, TestPlan, Writer, WriterSpec, pair, show, wait_for,
+};
 
 const PLAN: &str = "[stages.schema]\nkind = \"schema_dump\"\n\n\
     [stages.provision]\nkind = \"provision\"\nafter = [\"schema\"]\n\n\
@@ -43,62 +43,48 @@ const FIXTURE: &str = "\
     CREATE MATERIALIZED VIEW public.kinds AS SELECT kind, count(*) AS n FROM public.events GROUP BY kind;\n\
     SELECT lo_from_bytea(0, convert_to(repeat('a large object; ', 500), 'UTF8'));\n";
 
-#[derive(Default)]
-struct Written {
-    transactions: AtomicU64,
-    fenced: AtomicBool,
+/// An application writing small transactions to `db` on the cluster at `port` (`tag` in what it
+/// writes) until a fence refuses it.
+fn writer(port: u16, db: String, tag: &'static str) -> Writer {
+    Writer::start(
+        WriterSpec {
+            name: if tag == "source" {
+                "the source writer"
+            } else {
+                "the target writer"
+            },
+            port,
+            db,
+            user: None,
+            every: Duration::from_millis(5),
+            fenced_by: FENCE_CODES,
+        },
+        move |i| step(tag, i as i64),
+    )
 }
 
-/// An application writing small transactions to `db` on `cluster` until a fence refuses it (or
-/// `stop`).
-fn writer(
-    cluster: &'static Cluster,
-    db: String,
-    tag: &'static str,
-    stop: Arc<AtomicBool>,
-    written: Arc<Written>,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            let client = cluster.client(&db).await;
-            let mut i: i64 = 0;
-            while !stop.load(Ordering::SeqCst) {
-                i += 1;
-                let sql = match i % 6 {
-                    0 => format!("INSERT INTO public.items (name, price) VALUES ('{tag} {i}', {i} % 100)"),
-                    1 => format!("UPDATE public.items SET price = price + 1 WHERE id = {}", (i % 500) + 1),
-                    2 => format!(
-                        "INSERT INTO public.events (at, kind, payload) VALUES (date '2024-06-01' + ({i} % 400), '{tag}', '{{\"i\": {i}}}')"
-                    ),
-                    3 => format!(
-                        "BEGIN; INSERT INTO public.orders (item_id, qty, note) VALUES ({}, 1, '{tag}'); UPDATE public.audit SET v = '{tag} {i}' WHERE id = {}; COMMIT",
-                        (i % 500) + 1,
-                        (i % 100) + 1
-                    ),
-                    4 => "DELETE FROM public.orders WHERE id = (SELECT min(id) FROM public.orders WHERE qty = 1)".into(),
-                    _ => "SELECT nextval('public.tickets')".into(),
-                };
-                match client.batch_execute(&sql).await {
-                    Ok(()) => {
-                        written.transactions.fetch_add(1, Ordering::SeqCst);
-                    }
-                    Err(e) => {
-                        let code = e.code().map(|c| c.code().to_string());
-                        if matches!(code.as_deref(), Some("25006") | Some("57P01")) || client.is_closed() {
-                            written.fenced.store(true, Ordering::SeqCst);
-                            return;
-                        }
-                        panic!("the {tag} writer failed on `{sql}`: {e:?}");
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        });
-    })
+/// The application's step `i`.
+fn step(tag: &str, i: i64) -> String {
+    match i % 6 {
+        0 => format!("INSERT INTO public.items (name, price) VALUES ('{tag} {i}', {i} % 100)"),
+        1 => format!(
+            "UPDATE public.items SET price = price + 1 WHERE id = {}",
+            (i % 500) + 1
+        ),
+        2 => format!(
+            "INSERT INTO public.events (at, kind, payload) VALUES (date '2024-06-01' + ({i} % 400), '{tag}', '{{\"i\": {i}}}')"
+        ),
+        3 => format!(
+            "BEGIN; INSERT INTO public.orders (item_id, qty, note) VALUES ({}, 1, '{tag}'); UPDATE public.audit SET v = '{tag} {i}' WHERE id = {}; COMMIT",
+            (i % 500) + 1,
+            (i % 100) + 1
+        ),
+        4 => {
+            "DELETE FROM public.orders WHERE id = (SELECT min(id) FROM public.orders WHERE qty = 1)"
+                .into()
+        }
+        _ => "SELECT nextval('public.tickets')".into(),
+    }
 }
 
 fn stage_state(p: &Pair, plan: &TestPlan, stage: &str) -> String {
@@ -208,21 +194,12 @@ fn scenario(p: &'static Pair, prefix: &str, kill: bool, origin: bool) -> String 
     let plan = TestPlan::new(p, prefix, &s, &t, PLAN);
 
     // The online migration, with an application writing to the source until the fence.
-    let stop = Arc::new(AtomicBool::new(false));
-    let on_source = Arc::new(Written::default());
-    let w = writer(
-        &p.source,
-        s.clone(),
-        "source",
-        stop.clone(),
-        on_source.clone(),
-    );
+    let mut on_source = writer(p.source.port, s.clone(), "source");
     let mut child = spawn(&plan, "run");
     wait_stage(p, &plan, &mut child, "cutover", "done");
-    stop.store(true, Ordering::SeqCst);
-    w.join().expect("the source writer");
+    on_source.stop();
     assert!(
-        on_source.fenced.load(Ordering::SeqCst),
+        on_source.fenced(),
         "the source writer was not stopped by the cutover's fence"
     );
     // The cutover armed the reverse stream: a slot on the target.
@@ -240,15 +217,7 @@ fn scenario(p: &'static Pair, prefix: &str, kill: bool, origin: bool) -> String 
     if origin {
         origin_filter(p, &plan);
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let on_target = Arc::new(Written::default());
-    let w = writer(
-        &p.target,
-        t.clone(),
-        "target",
-        stop.clone(),
-        on_target.clone(),
-    );
+    let mut on_target = writer(p.target.port, t.clone(), "target");
     p.target.psql(&t, ON_TARGET);
     // The reverse stream keeps the source in step while the target is written: the large
     // transaction reaches the source before any rollback.
@@ -365,10 +334,9 @@ fn scenario(p: &'static Pair, prefix: &str, kill: bool, origin: bool) -> String 
     }
     let code = finish(rollback, "rollback");
     assert_eq!(code, Some(0), "{}", log(&plan, "rollback"));
-    stop.store(true, Ordering::SeqCst);
-    w.join().expect("the target writer");
+    on_target.stop();
     assert!(
-        on_target.fenced.load(Ordering::SeqCst),
+        on_target.fenced(),
         "the target writer was not stopped by the rollback's fence"
     );
     let code = finish(child, "run");
@@ -422,7 +390,7 @@ fn scenario(p: &'static Pair, prefix: &str, kill: bool, origin: bool) -> String 
     );
     let stdout = log(&plan, "rollback");
     assert!(stdout.contains("write downtime"), "{stdout}");
-    let n = on_target.transactions.load(Ordering::SeqCst);
+    let n = on_target.transactions();
     eprintln!(
         "[test] {n} writer transactions on the target, {reverse_applied} changes applied back before the rollback\n{stdout}"
     );

@@ -4,15 +4,13 @@
 //! `session_replication_role`, so cdc applies in the managed mode (`src/stages/cdc/managed.rs`):
 //! user triggers disabled and foreign keys dropped while it applies, put back by the cutover.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::support::managed::{
     self, APP_WRITER, SOURCE_ROLE, TARGET_ADMIN, assert_same_managed, make_managed_source,
     managed_plan, psql_as,
 };
-use crate::support::{self, PASSWORD, pair, show};
+use crate::support::{self, PASSWORD, Writer, WriterSpec, pair, show};
 
 const ONLINE: &str = "[stages.schema]\nkind = \"schema_dump\"\nno_owner = true\nno_privileges = true\n\n\
     [stages.preflight]\nkind = \"preflight\"\n\n\
@@ -25,65 +23,25 @@ const ONLINE: &str = "[stages.schema]\nkind = \"schema_dump\"\nno_owner = true\n
     [stages.check]\nkind = \"validate\"\nafter = [\"sequences\"]\n\n\
     [stages.cleanup]\nkind = \"cleanup\"\nafter = [\"check\"]\n";
 
-#[derive(Default)]
-struct Written {
-    transactions: AtomicU64,
-    fenced: AtomicBool,
-}
+/// The fence's refusals of the application: read-only (25006), a session ended (57P01), and for
+/// `revoke_writes` a privilege it no longer has (42501).
+const FENCED_BY: &[&str] = &["25006", "57P01", "42501"];
 
 /// The application, writing to Pagila as [`APP_WRITER`] (DML privileges only) until the fence stops
 /// it: changes that would fire Pagila's `last_updated` triggers, and rows whose foreign keys the
 /// grouped apply reorders (a payment for a new customer, then the customer's deletion).
-fn writer(
-    db: String,
-    stop: Arc<AtomicBool>,
-    written: Arc<Written>,
-    statement: fn(i64) -> String,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            let mut config = tokio_postgres::Config::new();
-            config
-                .host("127.0.0.1")
-                .port(pair().source.port)
-                .user(APP_WRITER)
-                .password(PASSWORD)
-                .dbname(&db);
-            let (client, conn) = config
-                .connect(tokio_postgres::NoTls)
-                .await
-                .expect("the application connects");
-            tokio::spawn(conn);
-            let mut i: i64 = 0;
-            while !stop.load(Ordering::SeqCst) {
-                i += 1;
-                let sql = statement(i);
-                match client.batch_execute(&sql).await {
-                    Ok(()) => {
-                        written.transactions.fetch_add(1, Ordering::SeqCst);
-                    }
-                    Err(e) => {
-                        let code = e.code().map(|c| c.code().to_string());
-                        // 25006 read only, 57P01 ended by the fence, 42501 its privileges taken.
-                        if matches!(
-                            code.as_deref(),
-                            Some("25006") | Some("57P01") | Some("42501")
-                        ) || client.is_closed()
-                        {
-                            written.fenced.store(true, Ordering::SeqCst);
-                            return;
-                        }
-                        panic!("the application failed on `{sql}`: {e:?}");
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        });
-    })
+fn writer(db: String, statement: fn(i64) -> String) -> Writer {
+    Writer::start(
+        WriterSpec {
+            name: "the application",
+            port: pair().source.port,
+            db,
+            user: Some(APP_WRITER),
+            every: Duration::from_millis(10),
+            fenced_by: FENCED_BY,
+        },
+        move |i| statement(i as i64),
+    )
 }
 
 /// The application's statements on Pagila.
@@ -195,12 +153,9 @@ fn pagila_online(managed: bool) -> Option<Measured> {
         support::TestPlan::new(p, name, &s, &t, ONLINE)
     };
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let written = Arc::new(Written::default());
-    let w = writer(s.clone(), stop.clone(), written.clone(), pagila_statement);
+    let mut app = writer(s.clone(), pagila_statement);
     let out = plan.run(&["run"]);
-    stop.store(true, Ordering::SeqCst);
-    w.join().expect("the writer");
+    let n = app.stop();
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
     let mode = if managed {
@@ -209,11 +164,7 @@ fn pagila_online(managed: bool) -> Option<Measured> {
         "apply mode: replica"
     };
     assert!(stderr.contains(mode), "{stderr}");
-    assert!(
-        written.fenced.load(Ordering::SeqCst),
-        "the fence stopped the application"
-    );
-    let n = written.transactions.load(Ordering::SeqCst);
+    assert!(app.fenced(), "the fence stopped the application");
     assert!(n > 50, "the application wrote only {n} transactions");
 
     let owner = if managed { TARGET_ADMIN } else { "postgres" };
@@ -675,9 +626,7 @@ fn the_revoke_writes_fence_stops_an_application_it_cannot_disconnect() {
     let text = std::fs::read_to_string(&plan.path).expect("plan");
     std::fs::write(&plan.path, text.replace(SOURCE_ROLE, MINIMAL_SOURCE)).expect("plan");
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let written = Arc::new(Written::default());
-    let w = writer(s.clone(), stop.clone(), written.clone(), |i| {
+    let mut app = writer(s.clone(), |i| {
         format!(
             "BEGIN; INSERT INTO public.parent VALUES ({} + 1000, 'app'); UPDATE public.child SET v = 'app {i}' WHERE id = {}; COMMIT",
             i,
@@ -690,14 +639,10 @@ fn the_revoke_writes_fence_stops_an_application_it_cannot_disconnect() {
     let approve = plan.run(&["cutover"]);
     assert_eq!(approve.status.code(), Some(0), "{}", show(&approve));
     let out = child.wait_with_output().expect("the run");
-    stop.store(true, Ordering::SeqCst);
-    w.join().expect("the application");
+    let n = app.stop();
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
-    assert!(
-        written.fenced.load(Ordering::SeqCst),
-        "the application was refused by the fence"
-    );
-    assert!(written.transactions.load(Ordering::SeqCst) > 10);
+    assert!(app.fenced(), "the application was refused by the fence");
+    assert!(n > 10, "the application wrote only {n} transactions");
     // Fenced: nobody holds a write privilege; the database itself was not touched.
     assert_eq!(
         p.source.psql(&s, &format!("SELECT has_table_privilege('{APP_WRITER}', 'public.child', 'UPDATE')::text || has_table_privilege('{}', 'public.parent', 'INSERT')::text", managed::APP_OWNER)),

@@ -6,12 +6,13 @@
 
 use crate::support;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::support::compare::assert_same;
-use crate::support::{Gate, TestPlan, pair, row_digest, show, wait_for, wait_for_exit};
+use crate::support::{
+    FENCE_CODES, Gate, TestPlan, Writer, WriterSpec, pair, row_digest, show, wait_for,
+    wait_for_exit,
+};
 
 const ONLINE: &str = "[stages.schema]\nkind = \"schema_dump\"\n\n\
     [stages.provision]\nkind = \"provision\"\nafter = [\"schema\"]\n\n\
@@ -22,82 +23,42 @@ const ONLINE: &str = "[stages.schema]\nkind = \"schema_dump\"\n\n\
     [stages.sequences]\nkind = \"sequence_reset\"\nafter = [\"cutover\"]\n\n\
     [stages.cleanup]\nkind = \"cleanup\"\nafter = [\"sequences\"]\n";
 
-/// What the writer did.
-#[derive(Default)]
-struct Written {
-    transactions: AtomicU64,
-    /// Set once a write was refused by the fence (read-only, or the session ended by it).
-    fenced: AtomicBool,
-}
-
-/// Writes to the Pagila source like an application until the fence stops it (or `stop`).
-fn writer(db: String, stop: Arc<AtomicBool>, written: Arc<Written>) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            let client = pair().source.client(&db).await;
-            let lo: u32 = client
-                .query_one("SELECT min(oid) FROM pg_largeobject_metadata", &[])
-                .await
-                .expect("a large object")
-                .get(0);
-            let mut i: i64 = 0;
-            while !stop.load(Ordering::SeqCst) {
-                i += 1;
-                let customer = (i % 599) + 1;
-                let sql = match i % 9 {
-                    0 => format!(
-                        "INSERT INTO public.payment (customer_id, staff_id, rental_id, amount, payment_date) \
-                         VALUES ({customer}, 1, {}, 0.42, '2022-03-15 10:00:00+00')",
-                        (i % 16000) + 1
-                    ),
-                    1 => format!(
-                        "UPDATE public.customer SET email = 'writer{i}@example.com', active = {} WHERE customer_id = {customer}",
-                        i % 2
-                    ),
-                    // A row moving to another partition.
-                    2 => "UPDATE public.payment SET payment_date = '2022-05-10 10:00:00+00', amount = 0.43 \
-                          WHERE payment_id = (SELECT max(payment_id) FROM public.payment WHERE amount = 0.42)"
-                        .into(),
-                    3 => "DELETE FROM public.payment WHERE payment_id = (SELECT min(payment_id) FROM public.payment WHERE amount = 0.43)"
-                        .into(),
-                    4 => format!(
-                        "BEGIN; INSERT INTO public.scratch VALUES ({i} + 1000000, 'row {i}'); UPDATE public.film SET rental_rate = rental_rate + 0.01 WHERE film_id = {}; COMMIT",
-                        (i % 1000) + 1
-                    ),
-                    5 if i % 45 == 5 => "TRUNCATE public.scratch".into(),
-                    6 if i % 600 == 6 => format!(
-                        "INSERT INTO public.bulk SELECT g::bigint + {i}::bigint * 100000, md5(g::text) FROM generate_series(1, 5000) g"
-                    ),
-                    7 => format!(
-                        "SELECT lo_put({lo}, {}, '\\x41'::bytea); INSERT INTO public.cache VALUES ({i}, 'cached') ON CONFLICT (k) DO UPDATE SET v = 'again'",
-                        i % 100
-                    ),
-                    _ => format!(
-                        "INSERT INTO public.actor (first_name, last_name) VALUES ('Writer', 'No {i}')"
-                    ),
-                };
-                match client.batch_execute(&sql).await {
-                    Ok(()) => {
-                        written.transactions.fetch_add(1, Ordering::SeqCst);
-                    }
-                    Err(e) => {
-                        let code = e.code().map(|c| c.code().to_string());
-                        // 25006 read-only transaction; 57P01 terminated by the fence; or closed.
-                        if matches!(code.as_deref(), Some("25006") | Some("57P01")) || client.is_closed() {
-                            written.fenced.store(true, Ordering::SeqCst);
-                            return;
-                        }
-                        panic!("the writer failed on `{sql}`: {e:?}");
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        });
-    })
+/// The application's step `i` on the Pagila source (`lo`: a large object it writes into), until
+/// the fence stops it.
+fn pagila_step(lo: u32, i: i64) -> String {
+    let customer = (i % 599) + 1;
+    match i % 9 {
+        0 => format!(
+            "INSERT INTO public.payment (customer_id, staff_id, rental_id, amount, payment_date) \
+             VALUES ({customer}, 1, {}, 0.42, '2022-03-15 10:00:00+00')",
+            (i % 16000) + 1
+        ),
+        1 => format!(
+            "UPDATE public.customer SET email = 'writer{i}@example.com', active = {} WHERE customer_id = {customer}",
+            i % 2
+        ),
+        // A row moving to another partition.
+        2 => "UPDATE public.payment SET payment_date = '2022-05-10 10:00:00+00', amount = 0.43 \
+              WHERE payment_id = (SELECT max(payment_id) FROM public.payment WHERE amount = 0.42)"
+            .into(),
+        3 => "DELETE FROM public.payment WHERE payment_id = (SELECT min(payment_id) FROM public.payment WHERE amount = 0.43)"
+            .into(),
+        4 => format!(
+            "BEGIN; INSERT INTO public.scratch VALUES ({i} + 1000000, 'row {i}'); UPDATE public.film SET rental_rate = rental_rate + 0.01 WHERE film_id = {}; COMMIT",
+            (i % 1000) + 1
+        ),
+        5 if i % 45 == 5 => "TRUNCATE public.scratch".into(),
+        6 if i % 600 == 6 => format!(
+            "INSERT INTO public.bulk SELECT g::bigint + {i}::bigint * 100000, md5(g::text) FROM generate_series(1, 5000) g"
+        ),
+        7 => format!(
+            "SELECT lo_put({lo}, {}, '\\x41'::bytea); INSERT INTO public.cache VALUES ({i}, 'cached') ON CONFLICT (k) DO UPDATE SET v = 'again'",
+            i % 100
+        ),
+        _ => format!(
+            "INSERT INTO public.actor (first_name, last_name) VALUES ('Writer', 'No {i}')"
+        ),
+    }
 }
 
 fn checkpoint(plan: &TestPlan, stage: &str, key: &str, field: &str) -> String {
@@ -131,19 +92,31 @@ fn pagila_with_a_concurrent_writer_cuts_over_to_an_equal_copy() {
     let t = p.target.fresh_database("on_pagila_tgt");
     let plan = TestPlan::new(p, "on_pagila", &s, &t, ONLINE);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let written = Arc::new(Written::default());
-    let w = writer(s.clone(), stop.clone(), written.clone());
+    let lo: u32 = p
+        .source
+        .psql(&s, "SELECT min(oid) FROM pg_largeobject_metadata")
+        .parse()
+        .expect("a large object");
+    let mut writer = Writer::start(
+        WriterSpec {
+            name: "the writer",
+            port: p.source.port,
+            db: s.clone(),
+            user: None,
+            every: Duration::from_millis(10),
+            fenced_by: FENCE_CODES,
+        },
+        move |i| pagila_step(lo, i as i64),
+    );
     let out = plan.run(&["run"]);
-    stop.store(true, Ordering::SeqCst);
-    w.join().expect("the writer");
+    let n = writer.stop();
+    let fenced = writer.fenced();
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     eprintln!("{}", String::from_utf8_lossy(&out.stderr));
     assert!(
-        written.fenced.load(Ordering::SeqCst),
+        fenced,
         "the writer was still writing when the run ended: the fence did not stop it"
     );
-    let n = written.transactions.load(Ordering::SeqCst);
     assert!(n > 50, "the writer wrote only {n} transactions");
 
     // cdc carried changes (not only the load).

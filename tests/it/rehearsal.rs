@@ -5,11 +5,9 @@
 //! estimates from the latest rehearsal report, and reset refusing a target database it did not
 //! create (then `--keep-target`, and a real run allowed after the reset).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::support::{Cluster, TestPlan, pair, row_digest, show};
+use crate::support::{Cluster, TestPlan, Writer, WriterSpec, pair, row_digest, show};
 
 /// Validation while cdc runs (`check`), then the cutover (manual approval, which a rehearsal does
 /// not wait for), then a validation after it (`final`), which a rehearsal cannot do honestly.
@@ -32,76 +30,47 @@ const SETUP: &str = "\
 /// An application: transaction `n` inserts row `n` into seq_log (with the WAL insert position
 /// during the insert, before its commit) and sets tick to `n`, one transaction after the other on
 /// one session, so commit order is `n` order.
-struct Writer {
-    stop: Arc<AtomicBool>,
-    written: Arc<AtomicI64>,
-    failed: Arc<std::sync::Mutex<Option<String>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+struct App {
+    writer: Writer,
+    /// The `n` before its first transaction.
+    start: i64,
 }
 
-impl Writer {
-    fn start(db: &str) -> Writer {
-        let stop = Arc::new(AtomicBool::new(false));
-        let written = Arc::new(AtomicI64::new(0));
-        let failed = Arc::new(std::sync::Mutex::new(None));
-        let (s, w, f, db) = (
-            stop.clone(),
-            written.clone(),
-            failed.clone(),
-            db.to_string(),
+impl App {
+    fn start(db: &str) -> App {
+        let start: i64 = pair()
+            .source
+            .psql(db, "SELECT coalesce(max(n), 0) FROM public.seq_log")
+            .parse()
+            .expect("max n");
+        let writer = Writer::start(
+            WriterSpec {
+                name: "the application",
+                port: pair().source.port,
+                db: db.to_string(),
+                user: None,
+                every: Duration::from_millis(3),
+                fenced_by: &[],
+            },
+            move |i| {
+                let n = start + i as i64;
+                format!(
+                    "BEGIN; INSERT INTO public.seq_log VALUES ({n}, pg_current_wal_insert_lsn()); \
+                     UPDATE public.tick SET v = {n} WHERE id = 1; COMMIT"
+                )
+            },
         );
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                let client = pair().source.client(&db).await;
-                let start: i64 = client
-                    .query_one("SELECT coalesce(max(n), 0) FROM public.seq_log", &[])
-                    .await
-                    .expect("max n")
-                    .get(0);
-                let mut n = start;
-                while !s.load(Ordering::SeqCst) {
-                    n += 1;
-                    let sql = format!(
-                        "BEGIN; INSERT INTO public.seq_log VALUES ({n}, pg_current_wal_insert_lsn()); \
-                         UPDATE public.tick SET v = {n} WHERE id = 1; COMMIT"
-                    );
-                    if let Err(e) = client.batch_execute(&sql).await {
-                        *f.lock().expect("lock") = Some(format!("transaction {n}: {e}"));
-                        return;
-                    }
-                    w.store(n, Ordering::SeqCst);
-                    tokio::time::sleep(Duration::from_millis(3)).await;
-                }
-            });
-        });
-        Writer {
-            stop,
-            written,
-            failed,
-            thread: Some(thread),
-        }
+        App { writer, start }
     }
 
+    /// The last `n` committed.
     fn written(&self) -> i64 {
-        self.written.load(Ordering::SeqCst)
+        self.start + self.writer.transactions() as i64
     }
 
-    fn failure(&self) -> Option<String> {
-        self.failed.lock().expect("lock").clone()
-    }
-
-    /// Stops the writer; returns the last `n` committed.
+    /// Stops the application (its failure fails the test); returns the last `n` committed.
     fn stop(mut self) -> i64 {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            t.join().expect("writer thread");
-        }
-        assert_eq!(self.failure(), None, "the writer failed");
-        self.written()
+        self.start + self.writer.stop() as i64
     }
 }
 
@@ -138,7 +107,7 @@ fn assert_not_fenced(source: &Cluster, db: &str) {
 /// the rehearsal's wall-clock time.
 fn rehearse(plan: &TestPlan, s: &str, t: &str) -> Duration {
     let p = pair();
-    let writer = Writer::start(s);
+    let writer = App::start(s);
     let started = Instant::now();
     let out = plan.run(&["run", "--rehearsal"]);
     let took = started.elapsed();

@@ -6,8 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::support::{self, TestPlan, pair, row_digest, show};
@@ -74,40 +73,30 @@ fn run_online() -> Fixture {
     let plan = TestPlan::new(p, "report_online", &s, &t, STAGES);
 
     // A writer on public.events from before the run until the fence stops it.
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicU64::new(0));
-    let writer = {
-        let (stop, done, s) = (stop.clone(), done.clone(), s.clone());
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                let client = pair().source.client(&s).await;
-                let mut i: u64 = 0;
-                while !stop.load(Ordering::SeqCst) {
-                    i += 1;
-                    let sql = match i % 4 {
-                        0 => format!("UPDATE public.events SET v = 'updated {i}' WHERE id = {}", i % 5000 + 1),
-                        1 => "DELETE FROM public.events WHERE id = (SELECT min(id) FROM public.events)".to_string(),
-                        _ => format!("INSERT INTO public.events (v) SELECT 'w{i}-' || g FROM generate_series(1, 20) g"),
-                    };
-                    match client.batch_execute(&sql).await {
-                        Ok(()) => {
-                            done.fetch_add(1, Ordering::SeqCst);
-                        }
-                        // The fence: read-only (25006) or the session ended.
-                        Err(_) => return,
-                    }
-                    tokio::time::sleep(Duration::from_millis(15)).await;
-                }
-            });
-        })
-    };
+    let mut writer = support::Writer::start(
+        support::WriterSpec {
+            name: "the writer",
+            port: p.source.port,
+            db: s.clone(),
+            user: None,
+            every: Duration::from_millis(15),
+            fenced_by: support::FENCE_CODES,
+        },
+        |i| match i % 4 {
+            0 => format!(
+                "UPDATE public.events SET v = 'updated {i}' WHERE id = {}",
+                i % 5000 + 1
+            ),
+            1 => "DELETE FROM public.events WHERE id = (SELECT min(id) FROM public.events)"
+                .to_string(),
+            _ => format!(
+                "INSERT INTO public.events (v) SELECT 'w{i}-' || g FROM generate_series(1, 20) g"
+            ),
+        },
+    );
     // The writer is under way before the run starts (however long the run then takes).
     let started = Instant::now();
-    while done.load(Ordering::SeqCst) <= 20 {
+    while writer.transactions() <= 20 {
         assert!(
             started.elapsed() < Duration::from_secs(60),
             "the writer did not get going"
@@ -115,10 +104,8 @@ fn run_online() -> Fixture {
         std::thread::sleep(Duration::from_millis(10));
     }
     let out = plan.run(&["run"]);
-    stop.store(true, Ordering::SeqCst);
-    writer.join().expect("writer");
+    let writes = writer.stop();
     assert!(out.status.success(), "{}", show(&out));
-    let writes = done.load(Ordering::SeqCst);
     assert!(writes > 20, "the writer wrote only {writes} transactions");
 
     // Both sides equal, table by table.

@@ -24,7 +24,7 @@ use pgferry::pg::cluster as launcher;
 pub const PASSWORD: &str = "ferry-Secret-7x!";
 
 /// Database superuser created by initdb.
-const SUPERUSER: &str = launcher::SUPERUSER;
+pub const SUPERUSER: &str = launcher::SUPERUSER;
 /// OS user the server runs as when the tests run as root.
 const OS_USER: &str = launcher::OS_USER;
 /// Longest identifier PostgreSQL keeps without truncating (NAMEDATALEN - 1).

@@ -11,6 +11,7 @@ pub mod gate;
 pub mod managed;
 pub mod plan;
 pub mod require;
+pub mod writer;
 
 // Not every test binary uses every re-export.
 #[allow(unused_imports)]
@@ -23,3 +24,5 @@ pub use gate::Gate;
 pub use plan::{PASSWORD_VAR, TestPlan, show, wait_for, wait_for_exit};
 #[allow(unused_imports)]
 pub use require::{missing, under_ci};
+#[allow(unused_imports)]
+pub use writer::{FENCE_CODES, Writer, WriterSpec, Written};
