@@ -263,8 +263,10 @@ pub async fn run(args: &PlanArgs, json: bool) -> u8 {
     EXIT_OK
 }
 
-/// The estimates drawn from a rehearsal's report: each stage's duration and the write downtime
-/// of the real run. The report is read defensively (`stages[].id` or `name`, `stages[].seconds`;
+/// The estimates drawn from a rehearsal's report: each stage's duration (and when it ran, from the
+/// first stage's start, with the whole run's span: overlapping stages do not add up) and the write
+/// downtime of the real run. The report is read defensively (`stages[].id` or `name`,
+/// `stages[].seconds`, `started_at` and `ended_at` in epoch seconds;
 /// `cutover[].simulated_downtime_seconds` per database, or a top-level `downtime_seconds`): fields
 /// it lacks are left out.
 fn estimates(
@@ -279,7 +281,8 @@ fn estimates(
         "\nestimates from the latest rehearsal (run {run}, {}):",
         at.rfc3339()
     );
-    let stages: Vec<(String, f64)> = report
+    let num = |s: &serde_json::Value, k: &str| s.get(k).and_then(serde_json::Value::as_f64);
+    let stages: Vec<RehearsedStage> = report
         .get("stages")
         .and_then(serde_json::Value::as_array)
         .map(|a| {
@@ -289,24 +292,73 @@ fn estimates(
                         .get("name")
                         .or_else(|| s.get("id"))
                         .and_then(serde_json::Value::as_str)?;
-                    let seconds = s.get("seconds").and_then(serde_json::Value::as_f64)?;
-                    Some((name.to_string(), seconds))
+                    let seconds = num(s, "seconds")?;
+                    // A stage an earlier run did has times of its own: no place on this one's.
+                    let this_run = s.get("this_run").and_then(serde_json::Value::as_bool);
+                    let span = num(s, "started_at")
+                        .zip(num(s, "ended_at"))
+                        .filter(|_| this_run != Some(false));
+                    Some(RehearsedStage {
+                        id: name.to_string(),
+                        seconds,
+                        span,
+                    })
                 })
                 .collect()
         })
         .unwrap_or_default();
-    let mut shown = 0;
     let width = plan.stages.iter().map(|s| s.id.len()).max().unwrap_or(5);
-    for i in plan.dag.order() {
-        let id = &plan.stages[i].id;
-        let Some((_, seconds)) = stages.iter().find(|(n, _)| n == id) else {
-            continue;
+    let shown: Vec<&RehearsedStage> = plan
+        .dag
+        .order()
+        .into_iter()
+        .filter_map(|i| stages.iter().find(|s| s.id == plan.stages[i].id))
+        .collect();
+    // Where each stage ran in the rehearsal, from its first stage's start: stages that overlap
+    // (post_data beside the load) do not add up.
+    let first = shown
+        .iter()
+        .filter_map(|s| s.span.map(|(start, _)| start))
+        .reduce(f64::min);
+    for RehearsedStage { id, seconds, span } in shown.iter().copied() {
+        let when = match (first, span) {
+            (Some(first), Some((start, end))) => format!(
+                "  (+{} to +{})",
+                seconds_text(start - first),
+                seconds_text(end - first)
+            ),
+            _ => String::new(),
         };
-        let _ = writeln!(out, "  {id:width$}  ~{}", seconds_text(*seconds));
-        shown += 1;
+        let _ = writeln!(out, "  {id:width$}  ~{}{when}", seconds_text(*seconds));
     }
-    if shown == 0 {
+    if shown.is_empty() {
         let _ = writeln!(out, "  (the report has no stage durations)");
+    }
+    let spans: Vec<(f64, f64)> = shown.iter().filter_map(|s| s.span).collect();
+    if spans.len() == shown.len() && spans.len() > 1 {
+        let start = spans.iter().map(|(s, _)| *s).fold(f64::INFINITY, f64::min);
+        let end = spans
+            .iter()
+            .map(|(_, e)| *e)
+            .fold(f64::NEG_INFINITY, f64::max);
+        let added: f64 = shown.iter().map(|s| s.seconds).sum();
+        let whole = end - start;
+        if added > whole + 0.05 {
+            let _ = writeln!(
+                out,
+                "  {:width$}  ~{} from the first stage's start to the last one's end (their durations add up to {}: some ran beside others)",
+                "whole run",
+                seconds_text(whole),
+                seconds_text(added)
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "  {:width$}  ~{} from the first stage's start to the last one's end",
+                "whole run",
+                seconds_text(whole)
+            );
+        }
     }
     let downtime_of = |v: &serde_json::Value| {
         ["downtime_seconds", "simulated_downtime_seconds"]
@@ -351,6 +403,14 @@ fn estimates(
         let _ = writeln!(out, "  write downtime: not in the report");
     }
     out
+}
+
+/// A stage of a rehearsal's report, as [`estimates`] reads it.
+struct RehearsedStage {
+    id: String,
+    seconds: f64,
+    /// When it started and ended (epoch seconds), if the rehearsal ran it.
+    span: Option<(f64, f64)>,
 }
 
 fn seconds_text(s: f64) -> String {

@@ -304,7 +304,9 @@ fn rehearsal_reset_and_rehearse_again() {
     store_sql(
         &t,
         "INSERT INTO pgferry.reports (migration, run_id, mode, report) VALUES ('reh_main', 999999, 'rehearsal', \
-         '{\"stages\": [{\"id\": \"load\", \"seconds\": 1.25}, {\"id\": \"cutover\", \"seconds\": 3.5}, {\"id\": \"final\", \"seconds\": null}], \
+         '{\"stages\": [{\"id\": \"load\", \"seconds\": 1.25, \"started_at\": 1000.0, \"ended_at\": 1001.25}, \
+                        {\"id\": \"indexes\", \"seconds\": 1.5, \"started_at\": 1000.5, \"ended_at\": 1002.0}, \
+                        {\"id\": \"cutover\", \"seconds\": 3.5, \"started_at\": 1002.0, \"ended_at\": 1005.5}, {\"id\": \"final\", \"seconds\": null}], \
            \"cutover\": [{\"stage\": \"cutover\", \"database\": \"x\", \"fenced\": false, \"simulated_downtime_seconds\": 0.75}]}')",
     );
     let out = plan.run(&["plan"]);
@@ -322,13 +324,25 @@ fn rehearsal_reset_and_rehearse_again() {
     );
     assert_eq!(
         line("load").as_deref(),
-        Some("load ~1.2s"),
+        Some("load ~1.2s (+0.0s to +1.2s)"),
+        "{}",
+        show(&out)
+    );
+    // The index builds ran beside the load: the whole run is not the sum of the stages.
+    assert_eq!(
+        line("indexes").as_deref(),
+        Some("indexes ~1.5s (+0.5s to +2.0s)"),
         "{}",
         show(&out)
     );
     assert_eq!(
         line("cutover").as_deref(),
-        Some("cutover ~3.5s"),
+        Some("cutover ~3.5s (+2.0s to +5.5s)"),
+        "{}",
+        show(&out)
+    );
+    assert!(
+        text.contains("whole run  ~5.5s from the first stage's start to the last one's end (their durations add up to 6.2s: some ran beside others)"),
         "{}",
         show(&out)
     );
