@@ -407,13 +407,7 @@ fn full_identity_lookup_index_waits_for_the_first_update_and_takes_the_most_dist
         &t,
         "ALTER TABLE public.log SET (autovacuum_enabled = false)",
     );
-    let lookup = |db: &str| {
-        p.target.psql(
-            db,
-            "SELECT coalesce(string_agg(indexdef, '; '), '') FROM pg_indexes \
-              WHERE tablename = 'log' AND indexname LIKE 'pgferry_cdc_%'",
-        )
-    };
+    let lookup = |db: &str| lookup_indexes(db, "log");
     p.source.psql(
         &s,
         "INSERT INTO public.log SELECT g % 3, g, 'row ' || g FROM generate_series(1001, 6000) g;",
@@ -501,11 +495,7 @@ fn full_identity_lookup_index_takes_its_column_from_the_targets_statistics() {
         row_digest(&p.source, &s, "public.ev"),
         row_digest(&p.target, &t, "public.ev")
     );
-    let def = p.target.psql(
-        &t,
-        "SELECT coalesce(string_agg(indexdef, '; '), '') FROM pg_indexes \
-          WHERE tablename = 'ev' AND indexname LIKE 'pgferry_cdc_%'",
-    );
+    let def = lookup_indexes(&t, "ev");
     assert!(
         def.ends_with("USING hash (id)"),
         "the statistics say id is the most distinct column: {def:?}"
@@ -515,6 +505,17 @@ fn full_identity_lookup_index_takes_its_column_from_the_targets_statistics() {
         "the run should say how it chose: {}",
         show(&out)
     );
+}
+
+/// The definitions of the lookup indexes cdc made on target table `public.<table>` of `db`.
+fn lookup_indexes(db: &str, table: &str) -> String {
+    pair().target.psql(
+        db,
+        &format!(
+            "SELECT coalesce(string_agg(indexdef, '; '), '') FROM pg_indexes \
+              WHERE schemaname = 'public' AND tablename = '{table}' AND indexname LIKE 'pgferry_cdc_%'"
+        ),
+    )
 }
 
 fn assert_same_big(s: &str, t: &str) {
