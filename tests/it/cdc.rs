@@ -259,6 +259,76 @@ fn two_tables_streaming(name: &str) -> (String, String, TestPlan) {
     (s, t, plan)
 }
 
+/// The lag samples of cdc's first session count from the slot's consistent point (the position
+/// the copy covers) until its first commit is answered: a gate on the target holds that commit
+/// while the sampler writes its first samples, which must be at most the WAL written since that
+/// point (they once read the source's whole WAL as lag: the position was zero until an answer
+/// came, and a report's lag profile began with a sample of the cluster's whole WAL).
+#[test]
+fn lag_samples_count_from_the_consistent_point_before_the_first_commit() {
+    let p = pair();
+    let s = p.source.fresh_database("cdc_lagstart_src");
+    let t = p.target.fresh_database("cdc_lagstart_tgt");
+    p.source.psql(
+        &s,
+        "CREATE TABLE public.a (id int PRIMARY KEY, v text);\n\
+         INSERT INTO public.a VALUES (0, 'loaded');\n",
+    );
+    let plan = TestPlan::new(p, "cdc_lagstart", &s, &t, STAGES);
+    let out = plan.run(&["run", "--until", "load"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    Gate::install(&p.target, &t, "public.a");
+    p.source
+        .psql(&s, "INSERT INTO public.a VALUES (1, 'held');");
+    let gate = Gate::close(&p.target, &t);
+    let child = plan.spawn(&["run"]);
+    gate.wait_blocked(&p.target, "pgferry cdc apply", Duration::from_secs(60));
+    let run = p.target.psql(
+        &t,
+        "SELECT max(id) FROM pgferry.runs WHERE migration = 'cdc_lagstart'",
+    );
+    let samples = format!(
+        "FROM pgferry.samples WHERE migration = 'cdc_lagstart' AND run_id = {run} AND lag_bytes IS NOT NULL"
+    );
+    wait_for(
+        "a lag sample while the gate holds",
+        Duration::from_secs(30),
+        || p.target.psql(&t, &format!("SELECT count(*) {samples}")) != "0",
+    );
+    let most: i64 = p
+        .target
+        .psql(&t, &format!("SELECT max(lag_bytes) {samples}"))
+        .parse()
+        .expect("a lag");
+    // Nothing is applied yet: the slot is still at its consistent point.
+    let since: i64 = p
+        .source
+        .psql(
+            &s,
+            "SELECT (pg_current_wal_insert_lsn() - confirmed_flush_lsn)::int8 FROM pg_replication_slots \
+              WHERE slot_name LIKE 'pgferry%' AND database = current_database()",
+        )
+        .parse()
+        .expect("bytes");
+    assert_eq!(
+        p.target
+            .psql(&t, "SELECT count(*) FROM pgferry.cdc_applied"),
+        "0",
+        "the held commit is not applied"
+    );
+    assert!(
+        (0..=since).contains(&most),
+        "a lag sample of {most} bytes while at most {since} were written since the slot's consistent point"
+    );
+    gate.open();
+    let out = child.wait_with_output().expect("the run");
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(
+        row_digest(&p.source, &s, "public.a"),
+        row_digest(&p.target, &t, "public.a")
+    );
+}
+
 /// SIGKILL while the most commits are in flight (`apply::COMMITS_IN_FLIGHT`, 4): the first waits at a
 /// gate on the target, three more (holding 1, 2 and 4 source transactions) are sent behind it.
 /// Whatever the target does with what it already received (roll everything back when it notices

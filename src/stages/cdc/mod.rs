@@ -581,6 +581,10 @@ impl<'a> DbStream<'a> {
             .store
             .position(&strict_position(&self.route.key))
             .await?;
+        // The position on record is applied (the target's, or the slot's consistent point that
+        // the copy covers): the lag samples and the store count from it before the first commit
+        // of this session is answered (the first sample read the source's whole WAL as lag).
+        self.book.answered(start);
         let bookkeeper = book::Bookkeeper::start(
             self.book.clone(),
             self.cx.store.clone(),
