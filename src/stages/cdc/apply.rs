@@ -614,6 +614,8 @@ impl Applier {
         if self.rels.contains_key(&r.oid) {
             self.settle().await?;
         } else {
+            // The inserts of the ungrouped path (strict mode, ordered tables) still go first.
+            self.flush_inserts().await?;
             self.settle_in_flight().await?;
         }
         let name = format!("{}.{}", r.namespace, r.name);
