@@ -654,6 +654,12 @@ impl Workload {
 
 fn drain(a: &Args, w: Workload) {
     let p = pair();
+    // Both followers' target databases in the target's buffer cache at once: at scale 10 each
+    // one's `pgbench_accounts` is ~150 MB with its index, and with the harness's 128 MB the second
+    // drain of a round found its pages evicted by the first's (the order alternates per round).
+    p.target
+        .psql("postgres", "ALTER SYSTEM SET shared_buffers = '768MB'");
+    p.target.pg_ctl(&["restart", "-m", "fast"]);
     let src = match w {
         Workload::Pgbench => "drain_src",
         Workload::Pagila => "drain_pagila_src",
