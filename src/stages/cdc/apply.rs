@@ -388,7 +388,7 @@ fn mask(bits: impl Iterator<Item = bool>) -> String {
 }
 
 /// One set-based statement of gathered changes, built before any is sent (see
-/// [`Applier::send_grouped`]).
+/// [`Applier::send_queues`]).
 struct Grouped {
     oid: u32,
     /// The key of its prepared statement in [`Rel::statements`].
@@ -1290,27 +1290,28 @@ impl Applier {
 
     /// Sends every gathered change (the statements' results are checked later).
     async fn send_changes(&mut self) -> Result<()> {
-        let mut statements = Vec::new();
-        for q in self.changes.take() {
-            self.grouped_statements(q, &mut statements)?;
-        }
-        self.send_grouped(statements).await
+        let queues = self.changes.take();
+        self.send_queues(queues).await
     }
 
     /// Sends the gathered changes of one table.
     async fn send_table(&mut self, oid: u32) -> Result<()> {
-        if let Some(q) = self.changes.take_table(oid) {
-            let mut statements = Vec::new();
-            self.grouped_statements(q, &mut statements)?;
-            self.send_grouped(statements).await?;
-        }
-        Ok(())
+        let queue = self.changes.take_table(oid);
+        self.send_queues(queue).await
     }
 
-    /// Sends set-based statements in order. The shapes not prepared yet are prepared first, all
-    /// at once: the first batch of a stream (a statement per table and kind) waits for one round
-    /// trip instead of one per shape, each behind the execution of the statement before it.
-    async fn send_grouped(&mut self, statements: Vec<Grouped>) -> Result<()> {
+    /// Sends gathered changes as set-based statements, in order. The shapes not prepared yet are
+    /// prepared first, all at once: the first batch of a stream (a statement per table and kind)
+    /// waits for one round trip instead of one per shape, each behind the execution of the
+    /// statement before it.
+    async fn send_queues(&mut self, queues: impl IntoIterator<Item = TableQueue>) -> Result<()> {
+        let mut statements = Vec::new();
+        for q in queues {
+            self.grouped_statements(q, &mut statements)?;
+        }
+        if statements.is_empty() {
+            return Ok(());
+        }
         self.prepare_grouped(&statements).await?;
         let lsn = self.tx_max_commit;
         for g in statements {
@@ -1332,9 +1333,9 @@ impl Applier {
         Ok(())
     }
 
-    /// Prepares the shapes of `statements` this session has not prepared yet, pipelined.
+    /// Prepares the shapes of `statements` this session has not prepared yet, together.
     async fn prepare_grouped(&mut self, statements: &[Grouped]) -> Result<()> {
-        let mut missing: Vec<(u32, &str, String, usize)> = Vec::new();
+        let mut missing: Vec<(u32, String, String, Vec<Type>)> = Vec::new();
         for g in statements {
             let rel = self.rel(g.oid)?;
             if rel.statements.contains_key(&g.shape)
@@ -1344,33 +1345,40 @@ impl Applier {
             {
                 continue;
             }
-            missing.push((g.oid, &g.shape, g.kind.sql(rel), g.params.len()));
+            let types = vec![Type::TEXT_ARRAY; g.params.len()];
+            missing.push((g.oid, g.shape.clone(), g.kind.sql(rel), types));
         }
         if missing.is_empty() {
             return Ok(());
         }
-        // Preparing waits for its answers: what is in flight is settled first (see `send`).
         self.begin_pipelined().await?;
+        self.prepare_shapes(missing).await
+    }
+
+    /// Prepares statement shapes, `(relation, shape, SQL, parameter types)`, and keeps them with
+    /// their relations: all in one pipelined round trip, after what is in flight is settled (a
+    /// prepare waits for its answer, and the answers of the statements before it are read only
+    /// by polling theirs).
+    async fn prepare_shapes(
+        &mut self,
+        shapes: Vec<(u32, String, String, Vec<Type>)>,
+    ) -> Result<()> {
         self.settle_in_flight().await?;
         let client = self.client.clone();
-        let together = missing.len();
-        let prepared = futures_util::future::try_join_all(missing.iter().map(|(_, _, sql, n)| {
-            let client = &client;
-            async move {
-                tracing::debug!(%sql, together, "cdc apply: preparing");
-                let types = vec![Type::TEXT_ARRAY; *n];
-                client
-                    .prepare_typed(sql, &types)
-                    .await
-                    .map_err(|e| Error::pg(&e, format!("preparing `{sql}`")))
-            }
-        }))
-        .await?;
-        let done: Vec<(u32, String)> = missing
-            .iter()
-            .map(|(oid, shape, ..)| (*oid, shape.to_string()))
-            .collect();
-        for ((oid, shape), stmt) in done.into_iter().zip(prepared) {
+        let together = shapes.len();
+        let prepared =
+            futures_util::future::try_join_all(shapes.iter().map(|(_, _, sql, types)| {
+                let client = &client;
+                async move {
+                    tracing::debug!(%sql, together, "cdc apply: preparing");
+                    client
+                        .prepare_typed(sql, types)
+                        .await
+                        .map_err(|e| Error::pg(&e, format!("preparing `{sql}`")))
+                }
+            }))
+            .await?;
+        for ((oid, shape, ..), stmt) in shapes.into_iter().zip(prepared) {
             if let Some(rel) = self.rels.get_mut(&oid) {
                 rel.statements.insert(shape, stmt);
             }
@@ -1572,31 +1580,20 @@ impl Applier {
         grouped: bool,
     ) -> Result<()> {
         self.begin_pipelined().await?;
-        let prepared = self.rel(oid)?.statements.contains_key(&shape);
-        if !prepared {
-            // Preparing waits for its answer: settle what is in flight first.
-            self.settle_in_flight().await?;
+        let rel = self.rel(oid)?;
+        if !rel.statements.contains_key(&shape) {
+            let sql = build(rel);
+            let types = vec![ty; owned.len()];
+            self.prepare_shapes(vec![(oid, shape.clone(), sql, types)])
+                .await?;
         }
-        let rel = self.rels.get_mut(&oid).ok_or_else(|| {
+        let rel = self.rel(oid)?;
+        let stmt = rel.statements.get(&shape).cloned().ok_or_else(|| {
             Error::permanent(format!(
-                "a change refers to relation {oid}, which the stream has not described"
+                "internal: statement {shape} of {} was not prepared",
+                rel.name
             ))
         })?;
-        let stmt = match rel.statements.get(&shape) {
-            Some(s) => s.clone(),
-            None => {
-                let sql = build(rel);
-                tracing::debug!(%sql, "cdc apply: preparing");
-                let types = vec![ty; owned.len()];
-                let s = self
-                    .client
-                    .prepare_typed(&sql, &types)
-                    .await
-                    .map_err(|e| Error::pg(&e, format!("preparing `{sql}`")))?;
-                rel.statements.insert(shape, s.clone());
-                s
-            }
-        };
         let client = self.client.clone();
         let info = InFlight {
             table: rel.label.clone(),
