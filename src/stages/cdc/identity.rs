@@ -55,9 +55,9 @@ pub const LOOKUP_SAMPLE_ROWS: i64 = 10_000;
 /// values: by the target's planner statistics when every candidate has them (a sample of the
 /// whole table), else among the first [`LOOKUP_SAMPLE_ROWS`] rows (the first in column order on a
 /// tie, or when the table is empty). A hash index on a column with few values (a status, a type
-/// code) would make every lookup walk a long bucket chain. Run inside the apply transaction, before the first
-/// change that finds a row by its values (an insert-only table never pays for the index). Returns
-/// the index's name and column when it made one.
+/// code) would make every lookup walk a long bucket chain. Run inside the apply transaction,
+/// before the first change that finds a row by its values (an insert-only table never pays for
+/// the index). Returns the index's name and column when it made one.
 pub async fn lookup_index(
     client: &Client,
     state_schema: &str,
@@ -111,14 +111,8 @@ pub async fn lookup_index(
             .await
             .map_err(|e| Error::pg(&e, format!("sampling target table {q} for a lookup index")))?
             .get(0);
-        let mut best: Option<(&String, i64)> = None;
-        for (c, n) in hashable.iter().zip(distinct) {
-            if best.is_none_or(|(_, most)| n > most) {
-                best = Some((c, n));
-            }
-        }
         (
-            best.map_or_else(|| hashable[0].clone(), |(c, _)| c.clone()),
+            most_distinct(hashable.iter().zip(distinct)).unwrap_or_else(|| hashable[0].clone()),
             ChosenBy::FirstRows,
         )
     };
@@ -212,16 +206,27 @@ async fn most_distinct_by_statistics(
         })?;
     let distinct: std::collections::HashMap<String, f64> =
         rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    let mut best: Option<(&String, f64)> = None;
-    for c in candidates {
-        let Some(&n) = distinct.get(c) else {
-            return Ok(None);
-        };
-        if best.is_none_or(|(_, most)| n > most) {
+    let Some(counts) = candidates
+        .iter()
+        .map(|c| distinct.get(c).map(|&n| (c, n)))
+        .collect::<Option<Vec<_>>>()
+    else {
+        return Ok(None);
+    };
+    Ok(most_distinct(counts))
+}
+
+/// The column with the most distinct values of `(column, count)`, the first on a tie.
+fn most_distinct<'a, N: PartialOrd>(
+    counts: impl IntoIterator<Item = (&'a String, N)>,
+) -> Option<String> {
+    let mut best: Option<(&String, N)> = None;
+    for (c, n) in counts {
+        if best.as_ref().is_none_or(|(_, most)| n > *most) {
             best = Some((c, n));
         }
     }
-    Ok(best.map(|(c, _)| c.clone()))
+    best.map(|(c, _)| c.clone())
 }
 
 /// Makes the `GENERATED ALWAYS` identity `columns` of target table `schema.table`
