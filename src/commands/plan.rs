@@ -334,31 +334,29 @@ fn estimates(
     if shown.is_empty() {
         let _ = writeln!(out, "  (the report has no stage durations)");
     }
-    let spans: Vec<(f64, f64)> = shown.iter().filter_map(|s| s.span).collect();
-    if spans.len() == shown.len() && spans.len() > 1 {
-        let start = spans.iter().map(|(s, _)| *s).fold(f64::INFINITY, f64::min);
-        let end = spans
-            .iter()
-            .map(|(_, e)| *e)
-            .fold(f64::NEG_INFINITY, f64::max);
-        let added: f64 = shown.iter().map(|s| s.seconds).sum();
+    // The whole run's span, when every stage shown has its place on this run's clock.
+    let end = shown
+        .iter()
+        .map(|s| s.span.map(|(_, end)| end))
+        .collect::<Option<Vec<f64>>>()
+        .and_then(|ends| ends.into_iter().reduce(f64::max));
+    if let (Some(start), Some(end), true) = (first, end, shown.len() > 1) {
         let whole = end - start;
-        if added > whole + 0.05 {
-            let _ = writeln!(
-                out,
-                "  {:width$}  ~{} from the first stage's start to the last one's end (their durations add up to {}: some ran beside others)",
-                "whole run",
-                seconds_text(whole),
+        let added: f64 = shown.iter().map(|s| s.seconds).sum();
+        let overlap = if added > whole + 0.05 {
+            format!(
+                " (their durations add up to {}: some ran beside others)",
                 seconds_text(added)
-            );
+            )
         } else {
-            let _ = writeln!(
-                out,
-                "  {:width$}  ~{} from the first stage's start to the last one's end",
-                "whole run",
-                seconds_text(whole)
-            );
-        }
+            String::new()
+        };
+        let _ = writeln!(
+            out,
+            "  {:width$}  ~{} from the first stage's start to the last one's end{overlap}",
+            "whole run",
+            seconds_text(whole)
+        );
     }
     let downtime_of = |v: &serde_json::Value| {
         ["downtime_seconds", "simulated_downtime_seconds"]
