@@ -165,37 +165,13 @@ impl Cluster {
     /// Connects over TCP with the password and spawns the connection task on
     /// the current tokio runtime.
     pub async fn client(&self, db: &str) -> tokio_postgres::Client {
-        let mut config = tokio_postgres::Config::new();
-        config
-            .host("127.0.0.1")
-            .port(self.port)
-            .user(SUPERUSER)
-            .password(PASSWORD)
-            .dbname(db)
-            .application_name("pgferry-tests")
-            .connect_timeout(Duration::from_secs(15));
-        let (client, connection) =
-            config
-                .connect(tokio_postgres::NoTls)
-                .await
-                .unwrap_or_else(|e| {
-                    panic!(
-                        "connecting to cluster {:?} (127.0.0.1:{}) database {db:?} failed: {}",
-                        self.name,
-                        self.port,
-                        describe_error(&e)
-                    )
-                });
-        let label = format!("{}/{db}", self.name);
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                eprintln!(
-                    "[support] connection to {label} ended with error: {}",
-                    describe_error(&e)
-                );
-            }
-        });
-        client
+        connect_as(
+            &format!("cluster {:?}", self.name),
+            self.port,
+            SUPERUSER,
+            db,
+        )
+        .await
     }
 
     /// Creates a new, empty database named `{prefix}_{pid}_{counter}`
@@ -716,4 +692,38 @@ pub fn strip_restrict(dump: &str) -> String {
         .filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict"))
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// Connects to database `db` on 127.0.0.1:`port` as `user` (password [`PASSWORD`]) and spawns
+/// the connection task on the current tokio runtime; panics when it cannot. `label` names the
+/// cluster or the client in the panic and in the log line of a connection that ends in error.
+pub async fn connect_as(label: &str, port: u16, user: &str, db: &str) -> tokio_postgres::Client {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(port)
+        .user(user)
+        .password(PASSWORD)
+        .dbname(db)
+        .application_name("pgferry-tests")
+        .connect_timeout(Duration::from_secs(15));
+    let (client, connection) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "connecting to {label} (127.0.0.1:{port}) database {db:?} as {user} failed: {}",
+                describe_error(&e)
+            )
+        });
+    let label = format!("{label}/{db}");
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            eprintln!(
+                "[support] connection to {label} ended with error: {}",
+                describe_error(&e)
+            );
+        }
+    });
+    client
 }

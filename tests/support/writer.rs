@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::cluster::{PASSWORD, SUPERUSER};
+use super::cluster::{SUPERUSER, connect_as};
 
 /// What a [`Writer`] connects to and how it behaves.
 pub struct WriterSpec {
@@ -16,7 +16,7 @@ pub struct WriterSpec {
     /// The cluster's port (on 127.0.0.1).
     pub port: u16,
     pub db: String,
-    /// A role to write as (password [`PASSWORD`]); the cluster's superuser when `None`.
+    /// A role to write as (the test password); the cluster's superuser when `None`.
     pub user: Option<&'static str>,
     /// One step starts every `every` (later when a step takes longer).
     pub every: Duration,
@@ -59,20 +59,7 @@ impl Writer {
                 .expect("runtime");
             rt.block_on(async move {
                 let user = spec.user.unwrap_or(SUPERUSER);
-                let mut config = tokio_postgres::Config::new();
-                config
-                    .host("127.0.0.1")
-                    .port(spec.port)
-                    .user(user)
-                    .password(PASSWORD)
-                    .dbname(&spec.db)
-                    .application_name("pgferry-tests writer")
-                    .connect_timeout(Duration::from_secs(15));
-                let (client, conn) = config
-                    .connect(tokio_postgres::NoTls)
-                    .await
-                    .unwrap_or_else(|e| panic!("{} connects as {user}: {e}", spec.name));
-                tokio::spawn(conn);
+                let client = connect_as(spec.name, spec.port, user, &spec.db).await;
                 let mut due = tokio::time::Instant::now();
                 let mut i: u64 = 0;
                 while !s.load(Ordering::SeqCst) {
