@@ -332,14 +332,15 @@ fn lag_samples_count_from_the_consistent_point_before_the_first_commit() {
     );
 }
 
-/// SIGKILL while the most commits are in flight (`apply::COMMITS_IN_FLIGHT`, 4): the first waits at a
-/// gate on the target, three more (holding 1, 2 and 4 source transactions) are sent behind it.
-/// Whatever the target does with what it already received (roll everything back when it notices
-/// the dead client, or commit what reached it), each source transaction on the target must be
-/// there exactly when the applied position is past it, and the resumed run must apply the rest
-/// once (the primary key would refuse a second insert).
+/// SIGKILL while the most commits are in flight (`apply::COMMITS_IN_FLIGHT`, 8): the first waits at
+/// a gate on the target, seven more (holding 1, 2, 4, ... 64 source transactions: the batches
+/// double) are sent behind it, and the transactions after those wait for an answer. Whatever the
+/// target does with what it already received (roll everything back when it notices the dead
+/// client, or commit what reached it), each source transaction on the target must be there exactly
+/// when the applied position is past it, and the resumed run must apply the rest once (the primary
+/// key would refuse a second insert).
 #[test]
-fn a_kill_with_four_commits_in_flight_applies_each_transaction_once() {
+fn a_kill_with_the_most_commits_in_flight_applies_each_transaction_once() {
     let p = pair();
     let (s, t, plan) = two_tables_streaming("cdc_inflight");
 
@@ -352,13 +353,26 @@ fn a_kill_with_four_commits_in_flight_applies_each_transaction_once() {
     txs.push(("public.a".into(), 1, current_lsn(&p.source, &s)));
     p.source
         .psql(&s, "INSERT INTO public.a VALUES (1, 'gate');");
-    for id in 10..17 {
-        txs.push(("public.b".into(), id, current_lsn(&p.source, &s)));
-        p.source.psql(
-            &s,
-            &format!("INSERT INTO public.b VALUES ({id}, 'behind');"),
-        );
+    // 127 transactions fill the seven commits behind the gated one; 23 more must wait. One psql
+    // call: each `BEGIN ... COMMIT` is a transaction of its own, and the position before it is
+    // kept in a temporary table (not logged, so not in the stream).
+    let behind = 10..160;
+    let mut script = String::from("CREATE TEMP TABLE before_tx (id int, lsn pg_lsn);\n");
+    for id in behind.clone() {
+        script.push_str(&format!(
+            "INSERT INTO before_tx VALUES ({id}, pg_current_wal_insert_lsn());\n\
+             BEGIN; INSERT INTO public.b VALUES ({id}, 'behind'); COMMIT;\n"
+        ));
     }
+    script.push_str("SELECT string_agg(id || ' ' || lsn, ',' ORDER BY id) FROM before_tx;");
+    // psql 15+ shows every statement's result: the positions are the last line.
+    let out = p.source.psql(&s, &script);
+    let positions = out.lines().last().unwrap_or_default();
+    for pair in positions.split(',') {
+        let (id, lsn) = pair.split_once(' ').expect("id and position");
+        txs.push(("public.b".into(), id.parse().expect("id"), lsn.to_string()));
+    }
+    assert_eq!(txs.len(), 1 + behind.len(), "positions: {positions}");
     let end = current_lsn(&p.source, &s);
     let gate = Gate::close(&p.target, &t);
     let mut cmd = plan.command(&["run"]);
@@ -366,22 +380,22 @@ fn a_kill_with_four_commits_in_flight_applies_each_transaction_once() {
     let mut child = plan.spawn_logging(cmd, "inflight.log");
     let log = || plan.log("inflight.log");
     wait_for(
-        "three transactions sent behind the gated commit",
+        "seven commits sent behind the gated one",
         Duration::from_secs(60),
         || {
             if let Ok(Some(status)) = child.try_wait() {
                 panic!("the runner stopped early ({status:?}):\n{}", log());
             }
-            log().matches("sent behind a commit in flight").count() >= 3
+            log().matches("sent behind a commit in flight").count() >= 7
         },
     );
     gate.wait_blocked(&p.target, "pgferry cdc apply", Duration::from_secs(60));
-    // The fourth commit in flight is the limit: nothing more goes out while the gate holds.
+    // The eighth commit in flight is the limit: nothing more goes out while the gate holds.
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
         log().matches("sent behind a commit in flight").count(),
-        3,
-        "more than 4 commits in flight:\n{}",
+        7,
+        "more than 8 commits in flight:\n{}",
         log()
     );
     child.kill().expect("SIGKILL the runner");
@@ -401,22 +415,36 @@ fn a_kill_with_four_commits_in_flight_applies_each_transaction_once() {
     let position = p
         .target
         .psql(&t, "SELECT lsn::text FROM pgferry.cdc_applied");
+    // Every row of both tables on the target, and each transaction's start against the position,
+    // in one query each (the positions compared by the server).
+    let present = p.target.psql(
+        &t,
+        "SELECT 'public.a ' || id FROM public.a UNION ALL SELECT 'public.b ' || id FROM public.b",
+    );
+    let present: Vec<&str> = present.lines().collect();
+    let starts: Vec<String> = txs
+        .iter()
+        .map(|(_, _, before)| format!("('{position}'::pg_lsn > '{before}'::pg_lsn)::text"))
+        .collect();
+    let past = p.target.psql(
+        &t,
+        &format!("SELECT array_to_string(ARRAY[{}], ',')", starts.join(", ")),
+    );
+    let past: Vec<&str> = past.split(',').collect();
+    assert_eq!(past.len(), txs.len(), "one comparison per transaction");
     let mut on_target = 0;
-    for (table, id, before) in &txs {
-        let present = p
-            .target
-            .psql(&t, &format!("SELECT count(*) FROM {table} WHERE id = {id}"));
-        let past = p.target.psql(
-            &t,
-            &format!("SELECT '{position}'::pg_lsn > '{before}'::pg_lsn"),
-        );
+    for ((table, id, before), past) in txs.iter().zip(past) {
+        let count = present
+            .iter()
+            .filter(|r| **r == format!("{table} {id}"))
+            .count();
         assert_eq!(
-            present,
-            if past == "t" { "1" } else { "0" },
-            "{table} row {id}: on the target {present} time(s), but the applied position {position} is {} its transaction (after {before})",
-            if past == "t" { "past" } else { "before" }
+            count,
+            usize::from(past == "true"),
+            "{table} row {id}: on the target {count} time(s), but the applied position {position} is {} its transaction (after {before})",
+            if past == "true" { "past" } else { "before" }
         );
-        on_target += usize::from(past == "t");
+        on_target += usize::from(past == "true");
     }
     eprintln!(
         "[in flight] after the kill: applied position {position}, {on_target} of {} transactions on the target",

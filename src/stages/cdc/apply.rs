@@ -139,7 +139,7 @@ const FIRES_SQL: &str = "WITH r AS (SELECT pg_catalog.to_regclass(pg_catalog.for
 pub const MAX_IN_FLIGHT: usize = 512;
 
 /// How many commits may be in flight at once (see [`Applier::may_commit`]).
-pub const COMMITS_IN_FLIGHT: usize = 4;
+pub const COMMITS_IN_FLIGHT: usize = 8;
 
 /// The most rows one multi-row INSERT (or grouped UPDATE / DELETE) carries.
 pub const MAX_INSERT_ROWS: usize = 1000;
