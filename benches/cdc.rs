@@ -994,13 +994,8 @@ fn writer(
         .expect("runtime");
     rt.block_on(async move {
         let mut st = WriterStats::default();
-        let mut config = tokio_postgres::Config::new();
+        let mut config = support::cluster::config_as(port, user, &db);
         config
-            .host("127.0.0.1")
-            .port(port)
-            .user(user)
-            .password(PASSWORD)
-            .dbname(&db)
             .application_name("bench writer")
             .connect_timeout(Duration::from_secs(5));
         let mut client: Option<tokio_postgres::Client> = None;

@@ -101,14 +101,8 @@ fn writer(port: u16, db: String, rate: u32, stop: Arc<AtomicBool>) -> WriterStat
         .expect("runtime");
     rt.block_on(async move {
         let mut st = WriterStats::default();
-        let mut config = tokio_postgres::Config::new();
-        config
-            .host("127.0.0.1")
-            .port(port)
-            .user("postgres")
-            .password(PASSWORD)
-            .dbname(&db)
-            .application_name("bench writer");
+        let mut config = support::cluster::config_as(port, support::cluster::SUPERUSER, &db);
+        config.application_name("bench writer");
         let Ok((client, conn)) = config.connect(tokio_postgres::NoTls).await else {
             st.last_error = "cannot connect".into();
             return st;

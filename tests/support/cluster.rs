@@ -694,17 +694,26 @@ pub fn strip_restrict(dump: &str) -> String {
         .join("\n")
 }
 
-/// Connects to database `db` on 127.0.0.1:`port` as `user` (password [`PASSWORD`]) and spawns
-/// the connection task on the current tokio runtime; panics when it cannot. `label` names the
-/// cluster or the client in the panic and in the log line of a connection that ends in error.
-pub async fn connect_as(label: &str, port: u16, user: &str, db: &str) -> tokio_postgres::Client {
+/// The connection settings for database `db` on 127.0.0.1:`port` as `user` (password
+/// [`PASSWORD`]), for a client that connects (and reconnects) itself; [`connect_as`] adds the
+/// tests' application name and timeout.
+pub fn config_as(port: u16, user: &str, db: &str) -> tokio_postgres::Config {
     let mut config = tokio_postgres::Config::new();
     config
         .host("127.0.0.1")
         .port(port)
         .user(user)
         .password(PASSWORD)
-        .dbname(db)
+        .dbname(db);
+    config
+}
+
+/// Connects to database `db` on 127.0.0.1:`port` as `user` (password [`PASSWORD`]) and spawns
+/// the connection task on the current tokio runtime; panics when it cannot. `label` names the
+/// cluster or the client in the panic and in the log line of a connection that ends in error.
+pub async fn connect_as(label: &str, port: u16, user: &str, db: &str) -> tokio_postgres::Client {
+    let mut config = config_as(port, user, db);
+    config
         .application_name("pgferry-tests")
         .connect_timeout(Duration::from_secs(15));
     let (client, connection) = config
